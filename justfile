@@ -1,0 +1,32 @@
+# Recipes for the speech job scheduler. Needs only `uv` and `just` (pip install rust-just uv).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export UV_PYTHON_DOWNLOADS := "never"
+
+# list the recipes
+default:
+    @just --list
+
+# install the locked dependencies into .venv
+sync:
+    uv sync --frozen
+
+# run the daemon with embedded defaults (extra flags pass through: just run --ws-port 9000)
+run *ARGS: sync
+    uv run --frozen scheduler serve {{ARGS}}
+
+# run a reference worker node (just node --lang-pair zh:en --max-jobs 4)
+node *ARGS: sync
+    uv run --frozen scheduler node {{ARGS}}
+
+# stream a WAV file (just client --wav speech.wav --src zh --tgt en)
+client *ARGS: sync
+    uv run --frozen scheduler client {{ARGS}}
+
+# run the whole test suite (extra pytest flags pass through)
+test *ARGS: sync
+    uv run --frozen pytest {{ARGS}}
+
+# refresh uv.lock after editing pyproject.toml
+lock:
+    uv lock

@@ -1,0 +1,17 @@
+-- heartbeat: mark a registered node alive, stamp the time, store its load.
+--
+-- Reply: {"OK", current_jobs}. Errors: UNKNOWN_NODE (never registered, or its info expired).
+--
+-- KEYS[1] scheduler:node:info:{node_id}     hash
+-- KEYS[2] scheduler:node:runtime:{node_id}  hash
+local info_key = KEYS[1]
+local runtime_key = KEYS[2]
+-- ARGV[1] now_ms, ARGV[2] load_json
+local now_ms = ARGV[1]
+local load_json = ARGV[2]
+
+if redis.call('EXISTS', info_key) == 0 then
+  return redis.error_reply('UNKNOWN_NODE node is not registered')
+end
+redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json)
+return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}

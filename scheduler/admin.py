@@ -1,0 +1,71 @@
+"""Admin HTTP listener: ``/metrics``, ``/healthz``, ``/readyz`` (HTTP/1.1 via h11, one request per connection).
+
+``/healthz`` is 200 while the process runs. ``/readyz`` is 200 only while the last Redis
+health check succeeded and the daemon accepts sessions, else 503 with the reason in the body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import h11
+import trio
+
+from .metrics import Metrics
+
+log = logging.getLogger("scheduler.admin")
+
+MAX_REQUEST_BYTES = 16 * 1024
+REQUEST_TIMEOUT = 5.0
+
+
+class AdminServer:
+    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]]) -> None:
+        self._metrics = metrics
+        self._readiness = readiness
+
+    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render()
+        if path == "/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == "/readyz":
+            ready, why = self._readiness()
+            return (200 if ready else 503), "text/plain", (why + "\n").encode()
+        return 404, "text/plain", b"not found\n"
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                while True:
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        data = await stream.receive_some(4096)
+                        conn.receive_data(data)
+                        if not data:
+                            return
+                        continue
+                    if isinstance(ev, h11.Request):
+                        status, ctype, body = self.route(ev.method.decode(), ev.target.decode("latin-1"))
+                        headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
+                        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+                        if ev.method != b"HEAD":
+                            await stream.send_all(conn.send(h11.Data(data=body)))
+                        await stream.send_all(conn.send(h11.EndOfMessage()))
+                    return
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            await trio.serve_listeners(self.handle, listeners, handler_nursery=nursery)

@@ -1,0 +1,148 @@
+"""Command line: ``scheduler serve | node | client`` (also ``python -m scheduler``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__, config, logs
+
+DESCRIPTION = """\
+Real-time speech job scheduler. Clients stream audio over WebSocket (/v1/session); the
+daemon cuts it into utterances, dispatches jobs to worker nodes (/v1/node) through Lua
+scripts on Redis/Valkey, and streams results back in order.
+
+commands:
+  serve    run the daemon (embedded Valkey unless --redis-url is given)
+  node     run a reference worker node (fake transcription, for tests and demos)
+  client   stream a WAV file to the daemon and print the results
+
+Run 'scheduler COMMAND --help' for the options of each command.
+"""
+
+SERVE_EPILOG = """\
+Every option can also be set by its environment variable (shown in each help line);
+a flag wins over the environment, which wins over the default.
+Endpoints: ws://WS_HOST:WS_PORT/v1/session (clients), /v1/node (nodes);
+http://ADMIN_HOST:ADMIN_PORT/metrics, /healthz, /readyz.
+Signals: SIGTERM or SIGINT drains (sessions finish, bounded by --drain-timeout-ms), a second one exits at once.
+"""
+
+
+def _lang_pair(text: str) -> tuple[str, str]:
+    src, sep, tgt = text.partition(":")
+    if not sep or not src or not tgt:
+        raise argparse.ArgumentTypeError(f"expected SRC:TGT like zh:en, got {text!r}")
+    return src, tgt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scheduler", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon", description="Run the scheduler daemon.",
+                           epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(serve)
+
+    node = sub.add_parser("node", help="run a reference worker node",
+                          description="Reference worker node: answers each job with the audio duration and CRC-32 "
+                                      "after --delay-ms. Reconnects with backoff when the daemon goes away.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    node.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon WebSocket URL (/v1/node is appended)")
+    node.add_argument("--node-id", default=None, help="node id (default: node-<random>)")
+    node.add_argument("--lang-pair", action="append", type=_lang_pair, metavar="SRC:TGT",
+                      help="a language pair served, repeatable (default: zh:en)")
+    node.add_argument("--pool", action="append", metavar="NAME",
+                      help="pool to join, repeatable (default: one pool per pair named SRC-TGT)")
+    node.add_argument("--max-jobs", type=int, default=4, help="jobs held at once")
+    node.add_argument("--delay-ms", type=int, default=200, help="time to answer a job")
+    node.add_argument("--jitter-ms", type=int, default=0, help="random extra time per job, 0..JITTER")
+    node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error")
+    node.add_argument("--token", default=None, help="registration token (the daemon's --node-token)")
+    node.add_argument("--log-level", default="info", help="debug, info, warning, error")
+
+    client = sub.add_parser("client", help="stream a WAV file and print results",
+                            description="Stream a mono 16-bit PCM WAV file to the daemon and print every message "
+                                        "(finalized utterances, results with latency). Exits 0 when every "
+                                        "finalized utterance got its result and the session closed normally.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    client.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon WebSocket URL (/v1/session is appended)")
+    client.add_argument("--wav", required=True, help="mono 16-bit PCM WAV file")
+    client.add_argument("--src", default="zh", help="source language")
+    client.add_argument("--tgt", action="append", metavar="LANG", help="target language, repeatable (default: en)")
+    client.add_argument("--chunk-ms", type=int, default=100, help="audio per binary frame")
+    client.add_argument("--fast", action="store_true", help="send as fast as possible instead of real time")
+    client.add_argument("--json", action="store_true", help="print the daemon's messages as raw JSON lines")
+    client.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    try:
+        settings = config.from_sources({k: v for k, v in vars(args).items() if k != "command"})
+    except (config.ConfigError, ValueError) as exc:
+        print(f"scheduler: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level)
+    trio.run(serve, settings)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from .refnode import NodeFatal, NodeOptions, ReferenceNode
+
+    logs.setup(args.log_level)
+    kwargs = {"node_id": args.node_id} if args.node_id else {}
+    options = NodeOptions(url=args.url, lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
+                          pools=tuple(args.pool) if args.pool else None, max_jobs=args.max_jobs,
+                          delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
+                          token=args.token, **kwargs)
+    try:
+        trio.run(ReferenceNode(options).run)
+    except NodeFatal as exc:
+        print(f"scheduler node: refused by the daemon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from .refclient import WavError, print_line, read_wav, stream_session
+
+    logs.setup(args.log_level)
+    try:
+        pcm, rate = read_wav(args.wav)
+    except (OSError, WavError) as exc:
+        print(f"scheduler client: {exc}", file=sys.stderr)
+        return 2
+    try:
+        transcript = trio.run(lambda: stream_session(args.url, pcm, src_lang=args.src, tgt_langs=args.tgt or ["en"],
+                                                     sample_rate=rate, chunk_ms=args.chunk_ms, fast=args.fast,
+                                                     out=print_line, as_json=args.json))
+    except OSError as exc:
+        print(f"scheduler client: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0 if transcript.complete and not transcript.errors else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "node":
+        return _node(args)
+    if args.command == "client":
+        return _client(args)
+    parser.print_help()
+    return 2

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the daemon (names from design.md, base units, ``scheduler_`` prefix).
+
+One :class:`Metrics` per daemon, on its own ``CollectorRegistry`` (several daemons can run in
+one test process without clashing). Process metrics (CPU, RSS, fds) are included.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import PlatformCollector, ProcessCollector
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        p = "scheduler_"
+        self.session_actor_backlog_size = Histogram(
+            p + "session_actor_backlog_size", "Unprocessed client events in a session's inbox when it takes one",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.duplicate_finalize_suppressed_total = Counter(
+            p + "duplicate_finalize_suppressed_total", "Finalize triggers ignored because the utterance was already finalized (stale timer generation)", registry=r)
+        self.duplicate_job_blocked_total = Counter(
+            p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
+        self.result_gap_timeout_total = Counter(
+            p + "result_gap_timeout_total", "Translations marked SKIPPED at their result deadline", registry=r)
+        self.finalize_latency_seconds = Histogram(
+            p + "finalize_latency_seconds", "From the event that triggered a finalize to its jobs being queued for dispatch",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.finalize_total = Counter(p + "finalize_total", "Utterances finalized, by reason", ["reason"], registry=r)
+        self.sessions_active = Gauge(p + "sessions_active", "Live client sessions on this instance", registry=r)
+        self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
+        self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
+        self.jobs_total = Counter(p + "jobs_total", "Jobs by final status", ["status"], registry=r)
+        self.jobs_in_flight = Gauge(p + "jobs_in_flight", "Jobs placed on a node and not yet answered", registry=r)
+        self.jobs_waiting = Gauge(p + "jobs_waiting", "Jobs waiting for a free node slot", registry=r)
+        self.dispatch_errors_total = Counter(p + "dispatch_errors_total", "dispatch_task errors by code", ["code"], registry=r)
+        self.redispatch_total = Counter(p + "redispatch_total", "Jobs dispatched again with attempt + 1", registry=r)
+        self.stale_answers_dropped_total = Counter(
+            p + "stale_answers_dropped_total", "Node answers dropped (wrong node, old attempt, unknown or finished job)", ["code"], registry=r)
+        self.answers_undeliverable_total = Counter(
+            p + "answers_undeliverable_total", "Accepted answers whose session was gone or whose inbox was full", registry=r)
+        self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
+        self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
+        self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health check succeeded", registry=r)
+        self.redis_latency_seconds = Gauge(p + "redis_latency_seconds", "Round trip of the last Redis health check", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,284 @@
+"""Node gateway: one ``/v1/node`` WebSocket -> one registered worker node.
+
+Per connection: the first message must be ``register`` (token checked in constant time when
+``--node-token`` is set; a node id already connected here is refused with
+``DUPLICATE_NODE_ID``); then three tasks run in the connection's nursery: the reader
+(heartbeat, job_result, drain), the writer (``job_assign`` / ``job_cancel`` from the node's
+outbox) and a liveness watchdog that closes a node silent for ``node_ttl_ms``. Answers are
+accepted only through ``complete_task`` (right node, current attempt, once) and then routed
+to their session. When the socket closes the node is marked offline and its jobs are
+released and reported ``FAILED`` (``NODE_LOST``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from . import keys, wsutil
+from .config import Settings
+from .dispatcher import Dispatcher
+from .logs import event
+from .metrics import Metrics
+from .protocol import (
+    BAD_MESSAGE,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    DUPLICATE_NODE_ID,
+    NOT_REGISTERED,
+    UNAUTHORIZED,
+    Drain,
+    Heartbeat,
+    JobResult,
+    ProtocolError,
+    Register,
+    Registered,
+    Translation,
+    parse_node,
+)
+from .redis_adapter import RedisAdapter, RedisUnavailable, ScriptError, now_ms
+from .registry import SessionRegistry
+from .session import JobOutcome
+
+log = logging.getLogger("scheduler.node_gateway")
+
+
+class NodeConnection:
+    """A registered node on this instance. ``outbox`` holds messages for its writer.
+
+    Capacity: ``2 * max_jobs + 16`` (every held job can get an assign and a cancel). When
+    it is full the node is not reading: :meth:`send_nowait` returns False and the caller
+    treats the node as unreachable for that job.
+    """
+
+    def __init__(self, node_id: str, max_jobs: int) -> None:
+        self.node_id = node_id
+        self.max_jobs = max_jobs
+        self.draining = False
+        self.last_seen = trio.current_time()
+        self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
+
+    def send_nowait(self, msg: object) -> bool:
+        try:
+            self.outbox_send.send_nowait(msg)
+            return True
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+
+class NodeRegistry:
+    """node_id -> :class:`NodeConnection` held by this instance."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._nodes: dict[str, NodeConnection] = {}
+        self._metrics = metrics
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self._nodes
+
+    def get(self, node_id: str) -> NodeConnection | None:
+        return self._nodes.get(node_id)
+
+    def all(self) -> list[NodeConnection]:
+        return list(self._nodes.values())
+
+    def add(self, conn: NodeConnection) -> None:
+        self._nodes[conn.node_id] = conn
+        self._metrics.nodes_online.set(len(self._nodes))
+
+    def remove(self, conn: NodeConnection) -> None:
+        if self._nodes.get(conn.node_id) is conn:
+            del self._nodes[conn.node_id]
+        self._metrics.nodes_online.set(len(self._nodes))
+
+
+class NodeGateway:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis: RedisAdapter,
+        dispatcher: Dispatcher,
+        nodes: NodeRegistry,
+        sessions: SessionRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self._redis = redis
+        self._dispatcher = dispatcher
+        self._nodes = nodes
+        self._sessions = sessions
+        self._metrics = metrics
+
+    def _bad(self, code: str) -> None:
+        self._metrics.bad_messages_total.labels("node", code).inc()
+
+    async def handle(self, ws: WebSocketConnection) -> None:
+        peer = wsutil.peer(ws)
+        reg = await self._register(ws, peer)
+        if reg is None:
+            return
+        conn = NodeConnection(reg.node_id, reg.max_jobs)
+        self._nodes.add(conn)
+        event(log, "node_joined", node_id=reg.node_id, peer=peer, max_jobs=reg.max_jobs,
+              pools=",".join(sorted({p for p, _, _ in reg.pool_pairs()})))
+        reason = "disconnected"
+        try:
+            await wsutil.send(ws, Registered(node_id=reg.node_id, heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+                                             node_ttl_ms=self.settings.node_ttl_ms))
+            self._dispatcher.slot_freed()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wsutil.pump, ws, conn.outbox, peer)
+                nursery.start_soon(self._watchdog, ws, conn, nursery.cancel_scope)
+                reason = await self._reader(ws, conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                self._nodes.remove(conn)
+                conn.outbox_send.close()
+                await self._leave(conn, reason)
+
+    async def _leave(self, conn: NodeConnection, reason: str) -> None:
+        with trio.move_on_after(5):
+            try:
+                await self._redis.script("node_state", [keys.node_info(conn.node_id)], [self.settings.instance_id, "0", "0"])
+            except RedisUnavailable:
+                pass
+            await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
+        event(log, "node_left", node_id=conn.node_id, reason=reason)
+
+    async def _register(self, ws: WebSocketConnection, peer: str) -> Register | None:
+        while True:
+            try:
+                message = await ws.get_message()
+                wsutil.check_size(message, self.settings.max_frame_bytes)
+                if isinstance(message, bytes):
+                    raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
+                msg = parse_node(message)
+                if not isinstance(msg, Register):
+                    raise ProtocolError(NOT_REGISTERED, f"send register first, got {msg.TYPE}")
+                token = self.settings.node_token
+                if token is not None and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
+                    raise ProtocolError(UNAUTHORIZED, "register token missing or wrong", fatal=True, close_code=CLOSE_POLICY)
+                if msg.node_id in self._nodes:
+                    raise ProtocolError(DUPLICATE_NODE_ID, f"node {msg.node_id} is already connected",
+                                        fatal=True, close_code=CLOSE_POLICY)
+                await self._write_registration(msg)
+                return msg
+            except ProtocolError as err:
+                self._bad(err.code)
+                event(log, "node_error", peer=peer, code=err.code, fatal=err.fatal, message=err.message)
+                await wsutil.send_error(ws, err)
+                if err.fatal:
+                    return None
+            except ConnectionClosed:
+                return None
+
+    async def _write_registration(self, reg: Register) -> None:
+        entries = reg.pool_pairs()
+        try:
+            await self._redis.script(
+                "register_node",
+                [keys.node_info(reg.node_id), keys.node_runtime(reg.node_id), keys.nodes_all()]
+                + [keys.pool_members(pool) for pool, _, _ in entries]
+                + [keys.lang_pools(src, tgt) for _, src, tgt in entries],
+                [reg.node_id, json.dumps(reg.capabilities or {}), reg.max_jobs, now_ms(), self.settings.instance_id,
+                 len(entries)] + [pool for pool, _, _ in entries],
+            )
+        except RedisUnavailable as exc:
+            raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
+
+    async def _watchdog(self, ws: WebSocketConnection, conn: NodeConnection, scope: trio.CancelScope) -> None:
+        """Close the node when nothing arrived from it for ``node_ttl_ms``."""
+        ttl = self.settings.node_ttl_ms / 1000
+        while True:
+            deadline = conn.last_seen + ttl
+            if trio.current_time() >= deadline:
+                event(log, "node_heartbeat_timeout", logging.WARNING, node_id=conn.node_id)
+                await wsutil.send_error(ws, ProtocolError("HEARTBEAT_TIMEOUT", f"no message for {self.settings.node_ttl_ms} ms",
+                                                          fatal=True, close_code=CLOSE_POLICY))
+                scope.cancel()
+                return
+            await trio.sleep_until(deadline)
+
+    async def _reader(self, ws: WebSocketConnection, conn: NodeConnection) -> str:
+        limit = self.settings.max_frame_bytes
+        try:
+            while True:
+                message = await ws.get_message()
+                conn.last_seen = trio.current_time()
+                try:
+                    wsutil.check_size(message, limit)
+                    if isinstance(message, bytes):
+                        raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
+                    msg = parse_node(message)
+                    if isinstance(msg, Heartbeat):
+                        await self._heartbeat(conn, msg)
+                    elif isinstance(msg, JobResult):
+                        await self._job_result(conn, msg)
+                    elif isinstance(msg, Drain):
+                        await self._drain(conn)
+                    elif isinstance(msg, Register):
+                        raise ProtocolError(BAD_MESSAGE, "already registered")
+                    if conn.draining and not self._dispatcher.placements_on(conn.node_id):
+                        await wsutil.close(ws, CLOSE_GOING_AWAY, "drained")
+                        return "drained"
+                except ProtocolError as err:
+                    self._bad(err.code)
+                    event(log, "node_error", node_id=conn.node_id, code=err.code, fatal=err.fatal, message=err.message)
+                    await wsutil.send_error(ws, err)
+                    if err.fatal:
+                        return err.code
+        except ConnectionClosed:
+            return "disconnected"
+
+    async def _heartbeat(self, conn: NodeConnection, msg: Heartbeat) -> None:
+        try:
+            await self._redis.script("heartbeat", [keys.node_info(conn.node_id), keys.node_runtime(conn.node_id)],
+                                     [now_ms(), json.dumps(msg.load or {})])
+        except (RedisUnavailable, ScriptError) as exc:
+            event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(exc))
+
+    async def _drain(self, conn: NodeConnection) -> None:
+        conn.draining = True
+        try:
+            await self._redis.script("node_state", [keys.node_info(conn.node_id)], [self.settings.instance_id, "1", "1"])
+        except RedisUnavailable:
+            pass
+        event(log, "node_draining", node_id=conn.node_id, jobs=len(self._dispatcher.placements_on(conn.node_id)))
+
+    async def _job_result(self, conn: NodeConnection, msg: JobResult) -> None:
+        try:
+            reply = await self._redis.script(
+                "complete_task",
+                [keys.job(msg.job_id), keys.node_runtime(conn.node_id)],
+                [conn.node_id, msg.attempt, "finished" if msg.status == "ok" else "failed", now_ms()],
+            )
+        except ScriptError as exc:
+            self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
+            event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)
+            return
+        except RedisUnavailable as exc:
+            event(log, "answer_not_stored", logging.WARNING, node_id=conn.node_id, job_id=msg.job_id, error=str(exc))
+            return
+        _, session_id, job_key, utterance_index, tgt_lang = reply
+        self._dispatcher.forget(job_key)
+        self._dispatcher.slot_freed()
+        ok = msg.status == "ok"
+        self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
+        translation = Translation(
+            status="SUCCESS" if ok else "FAILED",
+            text=msg.text if ok else None,
+            node_id=conn.node_id,
+            error=None if ok else (msg.error or "NODE_ERROR"),
+        )
+        self._sessions.deliver(session_id, JobOutcome(int(utterance_index), tgt_lang, translation,
+                                                      msg.source_text if ok else None))
+

@@ -1,0 +1,416 @@
+"""Wire protocol v1: every message of ``docs/protocol.md`` as an attrs class.
+
+Parsing happens once, at the edge: :func:`parse_client` and :func:`parse_node` turn one
+text frame into a typed message or raise :class:`ProtocolError` (code ``BAD_MESSAGE``)
+with a message a human can act on. Types are checked strictly: ``"5"`` is not an int,
+``1`` is not a bool, a string is not a list. Unknown fields are ignored (forward
+compatibility); unknown ``type`` values are errors. :func:`encode` turns any message
+back into one compact JSON text frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, ClassVar, Literal
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.v import format_exception
+
+# ---------------------------------------------------------------- error codes
+
+BAD_MESSAGE = "BAD_MESSAGE"
+NOT_INITIALIZED = "NOT_INITIALIZED"
+UNSUPPORTED_LANG_PAIR = "UNSUPPORTED_LANG_PAIR"
+UNKNOWN_SESSION = "UNKNOWN_SESSION"
+FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+UNAUTHORIZED = "UNAUTHORIZED"
+SHUTTING_DOWN = "SHUTTING_DOWN"
+DUPLICATE_NODE_ID = "DUPLICATE_NODE_ID"
+NOT_REGISTERED = "NOT_REGISTERED"
+SLOW_CONSUMER = "SLOW_CONSUMER"
+INTERNAL = "INTERNAL"
+
+# WebSocket close codes (RFC 6455) used by the protocol.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+
+FINALIZE_REASONS = ("is_final", "pause", "timeout", "max_duration", "backlog", "close")
+FinalizeReason = Literal["is_final", "pause", "timeout", "max_duration", "backlog", "close"]
+TranslationStatus = Literal["SUCCESS", "FAILED", "SKIPPED"]
+
+
+class ProtocolError(Exception):
+    """A frame that breaks the contract. ``fatal`` errors close the connection."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False, close_code: int = CLOSE_POLICY):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+        self.close_code = close_code
+
+
+def _nonempty_str(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not (0 < len(value) <= 128):
+        raise ValueError(f"{attribute.name} must be a non-empty string of at most 128 characters")
+
+
+def _lang(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not (0 < len(value) <= 32) or ":" in value or "{" in value or "}" in value:
+        raise ValueError(f"{attribute.name} must be a language code of 1-32 characters without ':', '{{' or '}}'")
+
+
+# ---------------------------------------------------------------- client -> daemon
+
+
+@attrs.frozen
+class SessionInit:
+    TYPE: ClassVar[str] = "session_init"
+    src_lang: str = attrs.field(validator=_lang)
+    tgt_langs: list[str] = attrs.field()
+    sample_rate: int = attrs.field(default=16000)
+    session_id: str | None = attrs.field(default=None, validator=_nonempty_str)
+    resume_from: int | None = attrs.field(default=None)
+
+    @tgt_langs.validator
+    def _check_tgts(self, _attribute: attrs.Attribute, value: list[str]) -> None:
+        if not value:
+            raise ValueError("tgt_langs must be a non-empty list")
+        if len(value) > 16:
+            raise ValueError("tgt_langs may name at most 16 languages")
+        if len(set(value)) != len(value):
+            raise ValueError("tgt_langs must not repeat a language")
+        for lang in value:
+            _lang(None, _attribute, lang)
+
+    @sample_rate.validator
+    def _check_rate(self, _attribute: attrs.Attribute, value: int) -> None:
+        if not 4000 <= value <= 192000:
+            raise ValueError("sample_rate must be between 4000 and 192000")
+
+    @resume_from.validator
+    def _check_resume(self, _attribute: attrs.Attribute, value: int | None) -> None:
+        if value is not None and value < 0:
+            raise ValueError("resume_from must be >= 0")
+
+
+@attrs.frozen
+class AudioChunk:
+    """``audio_chunk``; ``pcm`` decodes ``data`` and raises ``ProtocolError`` on bad base64."""
+
+    TYPE: ClassVar[str] = "audio_chunk"
+    data: str
+    is_final: bool = False
+
+    @property
+    def pcm(self) -> bytes:
+        return _b64decode(self.data)
+
+
+@attrs.frozen
+class Finalize:
+    TYPE: ClassVar[str] = "finalize"
+
+
+@attrs.frozen
+class CloseSession:
+    TYPE: ClassVar[str] = "close_session"
+
+
+# ---------------------------------------------------------------- daemon -> client
+
+
+@attrs.frozen
+class SessionReady:
+    TYPE: ClassVar[str] = "session_ready"
+    session_id: str
+    resumed: bool
+    next_utterance_index: int
+    limits: dict[str, int]
+
+
+@attrs.frozen
+class UtteranceFinalized:
+    TYPE: ClassVar[str] = "utterance_finalized"
+    utterance_index: int
+    reason: str
+    turn_id: str
+    audio_ms: int
+
+
+@attrs.frozen
+class Translation:
+    status: str
+    text: str | None = None
+    node_id: str | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Result:
+    TYPE: ClassVar[str] = "result"
+    utterance_index: int
+    status: str
+    reason: str
+    turn_id: str
+    source_text: str | None
+    translations: dict[str, Translation]
+
+
+@attrs.frozen
+class Busy:
+    TYPE: ClassVar[str] = "busy"
+    backlog: int
+    action: str  # "merged" or "early_finalize"
+
+
+@attrs.frozen
+class Error:
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@attrs.frozen
+class SessionClosed:
+    TYPE: ClassVar[str] = "session_closed"
+    reason: str  # client_close, idle_timeout, shutdown
+    utterances: int
+
+
+# ---------------------------------------------------------------- node -> daemon
+
+
+@attrs.frozen
+class Register:
+    TYPE: ClassVar[str] = "register"
+    node_id: str = attrs.field(validator=_nonempty_str)
+    lang_pairs: list[list[str]] = attrs.field()
+    max_jobs: int = attrs.field()
+    pools: list[str] | None = attrs.field(default=None)
+    capabilities: dict[str, Any] | None = None
+    token: str | None = None
+
+    @lang_pairs.validator
+    def _check_pairs(self, attribute: attrs.Attribute, value: list[list[str]]) -> None:
+        if not value:
+            raise ValueError("lang_pairs must be a non-empty list of [src, tgt]")
+        for pair in value:
+            if len(pair) != 2:
+                raise ValueError("each lang pair must be [src, tgt]")
+            for lang in pair:
+                _lang(None, attribute, lang)
+
+    @max_jobs.validator
+    def _check_max_jobs(self, _attribute: attrs.Attribute, value: int) -> None:
+        if not 1 <= value <= 10000:
+            raise ValueError("max_jobs must be between 1 and 10000")
+
+    @pools.validator
+    def _check_pools(self, attribute: attrs.Attribute, value: list[str] | None) -> None:
+        if value is not None:
+            if not value:
+                raise ValueError("pools, when given, must be a non-empty list")
+            for pool in value:
+                _nonempty_str(None, attribute, pool)
+
+    def pool_pairs(self) -> list[tuple[str, str, str]]:
+        """``(pool, src, tgt)`` for each pool and pair this node serves."""
+        pairs = [(src, tgt) for src, tgt in self.lang_pairs]
+        if self.pools is None:
+            return [(f"{src}-{tgt}", src, tgt) for src, tgt in pairs]
+        return [(pool, src, tgt) for pool in self.pools for src, tgt in pairs]
+
+
+@attrs.frozen
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    load: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class JobResult:
+    TYPE: ClassVar[str] = "job_result"
+    job_id: str
+    attempt: int
+    status: Literal["ok", "error"]
+    source_text: str | None = None
+    text: str | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Drain:
+    TYPE: ClassVar[str] = "drain"
+
+
+# ---------------------------------------------------------------- daemon -> node
+
+
+@attrs.frozen
+class Registered:
+    TYPE: ClassVar[str] = "registered"
+    node_id: str
+    heartbeat_interval_ms: int
+    node_ttl_ms: int
+
+
+@attrs.frozen
+class JobAssign:
+    TYPE: ClassVar[str] = "job_assign"
+    job_id: str
+    attempt: int
+    job_key: str
+    session_id: str
+    utterance_index: int
+    job_type: str
+    src_lang: str
+    tgt_lang: str
+    turn_id: str
+    sample_rate: int
+    audio: str
+    deadline_ms: int
+
+
+@attrs.frozen
+class JobCancel:
+    TYPE: ClassVar[str] = "job_cancel"
+    job_id: str
+    attempt: int
+
+
+CLIENT_MESSAGES: dict[str, type] = {c.TYPE: c for c in (SessionInit, AudioChunk, Finalize, CloseSession)}
+NODE_MESSAGES: dict[str, type] = {c.TYPE: c for c in (Register, Heartbeat, JobResult, Drain)}
+DAEMON_TO_CLIENT: dict[str, type] = {
+    c.TYPE: c for c in (SessionReady, UtteranceFinalized, Result, Busy, Error, SessionClosed)
+}
+DAEMON_TO_NODE: dict[str, type] = {c.TYPE: c for c in (Registered, JobAssign, JobCancel, Error)}
+
+
+# ---------------------------------------------------------------- strict converter
+
+
+def _strict(kind: type, name: str):
+    def hook(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {name}, got a boolean")
+        if not isinstance(value, kind):
+            raise TypeError(f"expected {name}, got {type(value).__name__}")
+        return value
+
+    return hook
+
+
+def _float_hook(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=True)
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(bool, _strict(bool, "a boolean"))
+    conv.register_structure_hook(float, _float_hook)
+    conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict(dict, "an object"))
+    # A JSON string is iterable; never let it pass for a list.
+    list_hook = conv.get_structure_hook(list[str])
+    pairs_hook = conv.get_structure_hook(list[list[str]])
+
+    def strict_list(inner):
+        def hook(value: Any, type_: Any) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            if type_ == list[list[str]]:
+                for item in value:
+                    if not isinstance(item, list):
+                        raise TypeError(f"expected a list of lists, got an item of type {type(item).__name__}")
+            return inner(value, type_)
+
+        return hook
+
+    conv.register_structure_hook_func(lambda t: t == list[str], strict_list(list_hook))
+    conv.register_structure_hook_func(lambda t: t == list[list[str]], strict_list(pairs_hook))
+    return conv
+
+
+converter = _make_converter()
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, ValueError | TypeError) and str(exc) and "literal" not in str(exc):
+        return str(exc)
+    return format_exception(exc, type_)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClassValidationError):
+        return "; ".join(cattrs.transform_error(exc, format_exception=_format_exception))
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unexpected fields {sorted(exc.extra_fields)}"
+    return str(exc)
+
+
+def _b64decode(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(BAD_MESSAGE, "audio_chunk.data is not valid base64") from None
+
+
+def _parse(text: str | bytes, table: dict[str, type], side: str) -> Any:
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(BAD_MESSAGE, "text frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_MESSAGE, "a message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_MESSAGE, "a message needs a string field 'type'")
+    cls = table.get(kind)
+    if cls is None:
+        raise ProtocolError(BAD_MESSAGE, f"unknown message type {kind!r} for {side}; expected one of {sorted(table)}")
+    body = {k: v for k, v in obj.items() if k != "type"}
+    try:
+        msg = converter.structure(body, cls)
+    except Exception as exc:  # cattrs raises several exception types; all mean bad input
+        raise ProtocolError(BAD_MESSAGE, f"bad {kind}: {_describe(exc)}") from None
+    return msg
+
+
+def parse_client(text: str | bytes) -> Any:
+    """Parse one client text frame; raises :class:`ProtocolError` ``BAD_MESSAGE``."""
+    return _parse(text, CLIENT_MESSAGES, "/v1/session")
+
+
+def parse_node(text: str | bytes) -> Any:
+    """Parse one node text frame; raises :class:`ProtocolError` ``BAD_MESSAGE``."""
+    return _parse(text, NODE_MESSAGES, "/v1/node")
+
+
+def parse_from_daemon(text: str | bytes, side: Literal["client", "node"]) -> Any:
+    """Parse a message the daemon sent (used by the reference node and client)."""
+    table = DAEMON_TO_CLIENT if side == "client" else DAEMON_TO_NODE
+    return _parse(text, table, f"daemon->{side}")
+
+
+def encode(msg: Any) -> str:
+    """One message as a compact JSON text frame with its ``type`` first."""
+    body = converter.unstructure(msg)
+    return json.dumps({"type": msg.TYPE, **body}, separators=(",", ":"), ensure_ascii=False)
+
+
+def error(code: str, message: str, *, fatal: bool = False) -> Error:
+    return Error(code=code, message=message, fatal=fatal)

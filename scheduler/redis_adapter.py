@@ -1,0 +1,255 @@
+"""Redis adapter: synchronous redis-py, batched into pipelines, run in worker threads.
+
+Why batched: one redis-py caller does ~11 k EVALSHA/s, a 64-call pipeline ~65 k/s, while one
+``trio.to_thread.run_sync`` per call tops out near 4 k/s. So callers never touch redis-py:
+:meth:`RedisAdapter.script` and :meth:`RedisAdapter.command` put a call on a bounded queue
+and wait; ``pool_size`` batcher tasks each take whatever is queued (up to ``batch_max``
+calls), send it as one non-transactional pipeline in a worker thread (at most
+``pool_size`` threads, bounded by a ``CapacityLimiter``), and hand every caller its own
+reply or exception. Calls are independent: one failing script does not fail its batch
+neighbours.
+
+Scripts are read from ``luascripts/`` once, registered with ``register_script`` and always
+called by SHA; after a Redis restart (``NOSCRIPT``) they are loaded again and the affected
+calls retried once.
+
+Failure modes: a domain error reply of a script (``NO_AVAILABLE_NODE ...``) raises the
+matching :class:`ScriptError` subclass; a connection problem raises
+:class:`RedisUnavailable`. Cancelling a caller abandons its reply, not the command: a
+call already sent still runs on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import redis
+import trio
+from redis.commands.core import Script
+
+log = logging.getLogger("scheduler.redis")
+
+
+# ---------------------------------------------------------------- typed errors
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached or the connection broke mid-call."""
+
+
+class ScriptError(Exception):
+    """A script refused the call with a domain error code (first word of the reply)."""
+
+    code = "SCRIPT_ERROR"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _error(code: str) -> type[ScriptError]:
+    return type("".join(part.title() for part in code.split("_")), (ScriptError,), {"code": code})
+
+
+NoPoolForLangPair = _error("NO_POOL_FOR_LANG_PAIR")
+EmptyPool = _error("EMPTY_POOL")
+NoAvailableNode = _error("NO_AVAILABLE_NODE")
+NodeMismatch = _error("NODE_MISMATCH")
+StaleAttempt = _error("STALE_ATTEMPT")
+UnknownJob = _error("UNKNOWN_JOB")
+AlreadyCompleted = _error("ALREADY_COMPLETED")
+UnknownNode = _error("UNKNOWN_NODE")
+
+SCRIPT_ERRORS: dict[str, type[ScriptError]] = {
+    cls.code: cls
+    for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted, UnknownNode)
+}
+
+
+def _map_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.NoScriptError):
+        text = str(exc)
+        cls = SCRIPT_ERRORS.get(text.split(" ", 1)[0])
+        if cls is not None:
+            return cls(text)
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+        return RedisUnavailable(str(exc) or type(exc).__name__)
+    return exc
+
+
+# ---------------------------------------------------------------- scripts on disk
+
+
+def scripts_dir() -> Path:
+    """Where the Lua scripts are: inside the installed wheel, or ``luascripts/`` of a checkout."""
+    packaged = Path(str(resources.files("scheduler"))) / "luascripts"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "luascripts"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError("luascripts/ not found next to the scheduler package")
+
+
+def load_script_sources() -> dict[str, str]:
+    return {p.stem: p.read_text() for p in sorted(scripts_dir().glob("*.lua"))}
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+@attrs.define(eq=False)
+class _Call:
+    script: str | None  # script name, or None for a plain command
+    args: tuple[Any, ...]
+    nkeys: int = 0
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class RedisAdapter:
+    """Async context manager owning the batcher tasks; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        batch_max: int = 64,
+        queue_size: int = 4096,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.batch_max = batch_max
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=min(socket_timeout, 2.0),
+            max_connections=pool_size + 4,
+        )
+        self._scripts: dict[str, Script] = {
+            name: self._client.register_script(src) for name, src in load_script_sources().items()
+        }
+        self._limiter = trio.CapacityLimiter(pool_size)
+        # Close semantics: __aexit__ closes the send side; batchers drain what is queued,
+        # then exit. Capacity bounds the calls waiting for a batch.
+        self._send, self._receive = trio.open_memory_channel[_Call](queue_size)
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self.calls_total = 0
+        self.batches_total = 0
+
+    @property
+    def script_names(self) -> list[str]:
+        return sorted(self._scripts)
+
+    async def __aenter__(self) -> RedisAdapter:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        for _ in range(self.pool_size):
+            self._nursery.start_soon(self._batcher)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        await self._send.aclose()
+        try:
+            return await self._nursery_cm.__aexit__(*exc_info)
+        finally:
+            await trio.to_thread.run_sync(self._client.close)
+
+    # ------------------------------------------------------------ public calls
+
+    async def script(self, name: str, keys: list[str] | tuple[str, ...], args: list[Any] | tuple[Any, ...]) -> Any:
+        """Run script ``name`` by SHA with ``keys`` and ``args``; raises ScriptError/RedisUnavailable."""
+        if name not in self._scripts:
+            raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
+        return await self._submit(_Call(script=name, args=(*keys, *args), nkeys=len(keys)))
+
+    async def command(self, *args: Any) -> Any:
+        """Run one plain Redis command (``"HGETALL", key``) through the batcher."""
+        return await self._submit(_Call(script=None, args=args))
+
+    async def ping(self) -> float:
+        """Round trip through the batcher, in seconds; raises RedisUnavailable."""
+        start = time.perf_counter()
+        await self.command("PING")
+        return time.perf_counter() - start
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script now (also done lazily on NOSCRIPT)."""
+        await trio.to_thread.run_sync(self._load_scripts_sync, limiter=self._limiter)
+
+    # ------------------------------------------------------------ internals
+
+    async def _submit(self, call: _Call) -> Any:
+        try:
+            await self._send.send(call)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise RedisUnavailable("redis adapter is closed") from None
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    async def _batcher(self) -> None:
+        async for first in self._receive:
+            batch = [first]
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            try:
+                await trio.to_thread.run_sync(self._execute_sync, batch, limiter=self._limiter, abandon_on_cancel=False)
+            except BaseException as exc:  # the whole batch failed: tell every caller
+                for call in batch:
+                    if not call.done.is_set():
+                        call.error = _map_error(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                for call in batch:
+                    call.done.set()
+            self.batches_total += 1
+            self.calls_total += len(batch)
+
+    def _load_scripts_sync(self) -> None:
+        for script in self._scripts.values():
+            self._client.script_load(script.script)
+
+    def _run_pipeline(self, calls: list[_Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            if call.script is None:
+                pipe.execute_command(*call.args)
+            else:
+                pipe.evalsha(self._scripts[call.script].sha, call.nkeys, *call.args)
+        return pipe.execute(raise_on_error=False)
+
+    def _execute_sync(self, batch: list[_Call]) -> None:
+        """Worker thread: one pipeline; NOSCRIPT -> load scripts and retry those calls once."""
+        results = self._run_pipeline(batch)
+        retry = [c for c, r in zip(batch, results, strict=True) if isinstance(r, redis.exceptions.NoScriptError)]
+        if retry:
+            log.info("event=scripts_reloaded reason=NOSCRIPT calls=%d", len(retry))
+            self._load_scripts_sync()
+            redo = dict(zip(map(id, retry), self._run_pipeline(retry), strict=True))
+            results = [redo.get(id(c), r) for c, r in zip(batch, results, strict=True)]
+        for call, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                call.error = _map_error(result)
+            else:
+                call.result = result
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds, the time base of every timestamp stored in Redis."""
+    return int(time.time() * 1000)

@@ -1,0 +1,131 @@
+"""Reference worker node: registers, heartbeats, answers every job with a fake transcription.
+
+The answer is deterministic so tests can check it end to end: the duration of the job's
+audio and its CRC-32, tagged with the language (``[zh] 1200ms crc32=1a2b3c4d``). Jobs run
+concurrently (the daemon never sends more than ``max_jobs``), each after ``delay_ms``;
+``job_cancel`` cancels the job's task. The node reconnects with backoff when the socket
+drops, and stops on a fatal error (bad token, duplicate node id).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import uuid
+import zlib
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from .audio import pcm_ms
+from .logs import event
+from .protocol import Error, Heartbeat, JobAssign, JobCancel, JobResult, Register, Registered, encode, parse_from_daemon
+
+log = logging.getLogger("scheduler.node")
+
+FATAL_CODES = {"UNAUTHORIZED", "DUPLICATE_NODE_ID", "BAD_MESSAGE"}
+
+
+@attrs.frozen(kw_only=True)
+class NodeOptions:
+    url: str
+    node_id: str = attrs.field(factory=lambda: f"node-{uuid.uuid4().hex[:8]}")
+    lang_pairs: tuple[tuple[str, str], ...] = (("zh", "en"),)
+    pools: tuple[str, ...] | None = None
+    max_jobs: int = 4
+    delay_ms: int = 200
+    jitter_ms: int = 0
+    fail_rate: float = 0.0
+    token: str | None = None
+    reconnect: bool = True
+
+
+class NodeFatal(Exception):
+    """The daemon refused this node for good (e.g. UNAUTHORIZED); reconnecting would not help."""
+
+
+def fake_answer(job: JobAssign) -> tuple[str, str]:
+    """Deterministic (source_text, text) for a job: its audio duration and checksum."""
+    pcm = base64.b64decode(job.audio)
+    tag = f"{pcm_ms(len(pcm), job.sample_rate):.0f}ms crc32={zlib.crc32(pcm):08x}"
+    return f"[{job.src_lang}] {tag}", f"[{job.tgt_lang}] {tag}"
+
+
+class ReferenceNode:
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.jobs_done = 0
+        self.jobs_cancelled = 0
+        self._jobs: dict[tuple[str, int], trio.CancelScope] = {}
+
+    def _url(self) -> str:
+        url = self.options.url.rstrip("/")
+        return url if url.endswith("/v1/node") else url + "/v1/node"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, reconnect with backoff; ``task_status`` fires on the first registration."""
+        backoff = 0.2
+        while True:
+            try:
+                async with open_websocket_url(self._url()) as ws:
+                    backoff = 0.2
+                    await self._session(ws, task_status)
+                    task_status = trio.TASK_STATUS_IGNORED
+            except (ConnectionClosed, HandshakeError, OSError) as exc:
+                event(log, "node_disconnected", logging.WARNING, node_id=self.options.node_id, error=repr(exc))
+            if not self.options.reconnect:
+                return
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _session(self, ws, task_status) -> None:
+        o = self.options
+        await ws.send_message(encode(Register(node_id=o.node_id, lang_pairs=[list(p) for p in o.lang_pairs],
+                                              max_jobs=o.max_jobs, pools=list(o.pools) if o.pools else None,
+                                              capabilities={"engine": "fake"}, token=o.token)))
+        reply = parse_from_daemon(await ws.get_message(), "node")
+        if isinstance(reply, Error):
+            raise NodeFatal(f"{reply.code}: {reply.message}")
+        assert isinstance(reply, Registered)
+        event(log, "node_registered", node_id=o.node_id, url=self._url(), max_jobs=o.max_jobs)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeats, ws, reply.heartbeat_interval_ms / 1000)
+            while True:
+                msg = parse_from_daemon(await ws.get_message(), "node")
+                if isinstance(msg, JobAssign):
+                    nursery.start_soon(self._job, ws, msg)
+                elif isinstance(msg, JobCancel):
+                    scope = self._jobs.get((msg.job_id, msg.attempt))
+                    if scope is not None:
+                        scope.cancel()
+                        self.jobs_cancelled += 1
+                elif isinstance(msg, Error):
+                    event(log, "daemon_error", logging.WARNING, node_id=o.node_id, code=msg.code, message=msg.message)
+                    if msg.fatal and msg.code in FATAL_CODES:
+                        raise NodeFatal(f"{msg.code}: {msg.message}")
+
+    async def _heartbeats(self, ws, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await ws.send_message(encode(Heartbeat(load={"jobs": len(self._jobs)})))
+
+    async def _job(self, ws, job: JobAssign) -> None:
+        o = self.options
+        key = (job.job_id, job.attempt)
+        with trio.CancelScope() as scope:
+            self._jobs[key] = scope
+            try:
+                await trio.sleep((o.delay_ms + random.randint(0, o.jitter_ms)) / 1000)
+                if o.fail_rate and random.random() < o.fail_rate:
+                    result = JobResult(job_id=job.job_id, attempt=job.attempt, status="error", error="FAKE_FAILURE")
+                else:
+                    source_text, text = fake_answer(job)
+                    result = JobResult(job_id=job.job_id, attempt=job.attempt, status="ok", source_text=source_text, text=text)
+                await ws.send_message(encode(result))
+                self.jobs_done += 1
+            finally:
+                self._jobs.pop(key, None)
+

@@ -1,0 +1,55 @@
+"""Registry of the sessions this instance holds, and the router of job outcomes to them."""
+
+from __future__ import annotations
+
+import logging
+
+from trio_util import AsyncValue
+
+from .logs import event
+from .metrics import Metrics
+from .session import JobOutcome, SessionActor
+
+log = logging.getLogger("scheduler.registry")
+
+
+class SessionRegistry:
+    """session_id -> live :class:`SessionActor` of this instance."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._actors: dict[str, SessionActor] = {}
+        self._metrics = metrics
+        self.count = AsyncValue(0)  # live sessions, for "wait until all gone"
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._actors
+
+    def actors(self) -> list[SessionActor]:
+        return list(self._actors.values())
+
+    def add(self, actor: SessionActor) -> None:
+        self._actors[actor.session_id] = actor
+        self._changed()
+
+    def remove(self, actor: SessionActor) -> None:
+        if self._actors.get(actor.session_id) is actor:
+            del self._actors[actor.session_id]
+        self._changed()
+
+    def _changed(self) -> None:
+        self.count.value = len(self._actors)
+        self._metrics.sessions_active.set(len(self._actors))
+
+    def deliver(self, session_id: str, outcome: JobOutcome) -> bool:
+        """Hand an outcome to its session without blocking; False (counted, logged) if it cannot."""
+        actor = self._actors.get(session_id)
+        if actor is not None and actor.put_outcome_nowait(outcome):
+            return True
+        self._metrics.answers_undeliverable_total.inc()
+        event(log, "outcome_undeliverable", logging.DEBUG, session_id=session_id,
+              utterance_index=outcome.utterance_index, tgt_lang=outcome.tgt_lang,
+              session_present=actor is not None)
+        return False

@@ -1,0 +1,109 @@
+"""Results sequencer: one ``result`` per finalized utterance, in index order, never stuck.
+
+A plain data structure owned by one session actor (no tasks, no I/O, not thread-safe).
+Each utterance waits for one answer per target language until its deadline; past the
+deadline its missing translations become ``SKIPPED``. :meth:`pop_ready` releases results
+strictly in index order, so a result is held back only while an earlier index is still
+open, and no longer than that index's deadline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from .protocol import Result, Translation
+
+SUCCESS, FAILED, SKIPPED = "SUCCESS", "FAILED", "SKIPPED"
+
+
+@attrs.define
+class _Open:
+    index: int
+    reason: str
+    turn_id: str
+    deadline: float
+    tgt_langs: tuple[str, ...]
+    translations: dict[str, Translation] = attrs.Factory(dict)
+    source_text: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.translations) == len(self.tgt_langs)
+
+    def to_result(self) -> Result:
+        ordered = {tgt: self.translations[tgt] for tgt in self.tgt_langs}
+        status = next((t.status for t in ordered.values() if t.status != SUCCESS), SUCCESS)
+        return Result(
+            utterance_index=self.index,
+            status=status,
+            reason=self.reason,
+            turn_id=self.turn_id,
+            source_text=self.source_text,
+            translations=ordered,
+        )
+
+
+class ResultsSequencer:
+    """Tracks open utterances from ``next_to_deliver`` on; see the module docstring."""
+
+    def __init__(self, next_index: int = 0) -> None:
+        self.next_to_deliver = next_index
+        self._next_to_add = next_index
+        self._open: dict[int, _Open] = {}
+        self.skipped_total = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Finalized utterances whose result has not been released yet."""
+        return len(self._open)
+
+    def add(self, index: int, *, reason: str, turn_id: str, tgt_langs: tuple[str, ...], deadline: float) -> None:
+        if index != self._next_to_add:
+            raise ValueError(f"utterance {index} added out of order; expected {self._next_to_add}")
+        self._open[index] = _Open(index, reason, turn_id, deadline, tuple(tgt_langs))
+        self._next_to_add += 1
+
+    def record(self, index: int, tgt_lang: str, translation: Translation, source_text: str | None = None) -> bool:
+        """Store one answer. Returns False (and changes nothing) for an unknown or
+        already-released index, an unknown language, or a second answer for a language."""
+        utt = self._open.get(index)
+        if utt is None or tgt_lang not in utt.tgt_langs or tgt_lang in utt.translations:
+            return False
+        utt.translations[tgt_lang] = translation
+        if utt.source_text is None and translation.status == SUCCESS and source_text is not None:
+            utt.source_text = source_text
+        return True
+
+    def pending_languages(self, index: int) -> list[str]:
+        utt = self._open.get(index)
+        return [] if utt is None else [t for t in utt.tgt_langs if t not in utt.translations]
+
+    def open_indexes(self) -> list[int]:
+        return sorted(self._open)
+
+    def expire(self, now: float) -> int:
+        """Mark every missing translation of utterances past their deadline SKIPPED; returns how many."""
+        count = 0
+        for utt in self._open.values():
+            if utt.deadline <= now and not utt.complete:
+                for tgt in utt.tgt_langs:
+                    if tgt not in utt.translations:
+                        utt.translations[tgt] = Translation(status=SKIPPED, error="RESULT_DEADLINE")
+                        count += 1
+        self.skipped_total += count
+        return count
+
+    def pop_ready(self) -> list[Result]:
+        """Release, in index order, every complete utterance from ``next_to_deliver`` on."""
+        ready = []
+        while (utt := self._open.get(self.next_to_deliver)) is not None and utt.complete:
+            ready.append(utt.to_result())
+            del self._open[self.next_to_deliver]
+            self.next_to_deliver += 1
+        return ready
+
+    def next_deadline(self) -> float:
+        """Earliest deadline among incomplete utterances (``inf`` if none)."""
+        return min((u.deadline for u in self._open.values() if not u.complete), default=math.inf)

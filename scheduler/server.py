@@ -1,0 +1,221 @@
+"""``serve()``: the daemon. Reading this function tells you every task the daemon runs.
+
+Start-up: Redis (the configured URL, or an embedded valkey-server child) -> batching Redis
+adapter with the Lua scripts loaded -> dispatcher workers -> WebSocket listener
+(``/v1/session``, ``/v1/node``, anything else 404) -> admin HTTP listener -> Redis health
+check -> signal watcher. Shutdown (first SIGTERM/SIGINT, or :meth:`Running.shutdown`):
+``/readyz`` turns 503, newcomers get ``SHUTTING_DOWN``, every session finalizes what it
+buffered (reason ``close``) and delivers its results, bounded by ``drain_timeout_ms``;
+then everything is cancelled and the embedded Valkey stopped. A second signal skips the
+drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import urllib.parse
+
+import attrs
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from . import wsutil
+from .admin import AdminServer
+from .client_gateway import ClientGateway
+from .config import Settings
+from .dispatcher import Dispatcher
+from .embedded_redis import EmbeddedValkey
+from .logs import event
+from .metrics import Metrics
+from .node_gateway import NodeGateway, NodeRegistry
+from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
+from .redis_adapter import RedisAdapter, RedisUnavailable
+from .registry import SessionRegistry
+
+log = logging.getLogger("scheduler.server")
+
+HEALTH_INTERVAL = 1.0
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@attrs.define(eq=False)
+class Running:
+    """What :func:`serve` hands to ``nursery.start``: bound ports and handles for tests and tools."""
+
+    settings: Settings
+    ws_port: int
+    admin_port: int
+    redis_url: str
+    metrics: Metrics
+    sessions: SessionRegistry
+    nodes: NodeRegistry
+    redis: RedisAdapter
+    draining: bool = False
+    redis_ok: bool = True
+    _stop: trio.Event = attrs.field(factory=trio.Event)
+    _now: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.settings.ws_host}:{self.ws_port}"
+
+    def shutdown(self, *, immediate: bool = False) -> None:
+        """Begin the graceful drain (or, with ``immediate``, skip it)."""
+        self._stop.set()
+        if immediate:
+            self._now.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.redis_ok:
+            return False, "redis unreachable"
+        return True, "ready"
+
+
+async def serve(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    embedded: EmbeddedValkey | None = None
+    if settings.redis_url:
+        url = settings.redis_url
+    else:
+        embedded = EmbeddedValkey(settings.data_dir)
+        url = embedded.start()
+    try:
+        async with RedisAdapter(url, pool_size=settings.redis_pool_size) as redis:
+            try:
+                await redis.load_scripts()
+            except RedisUnavailable as exc:
+                raise SystemExit(f"cannot reach Redis at {redacted(url)}: {exc}") from None
+            await _serve(settings, redis, url, embedded, handle_signals, task_status)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve(
+    settings: Settings,
+    redis: RedisAdapter,
+    url: str,
+    embedded: EmbeddedValkey | None,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    metrics = Metrics()
+    sessions = SessionRegistry(metrics)
+    nodes = NodeRegistry(metrics)
+    dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms)
+    clients = ClientGateway(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics)
+    node_gw = NodeGateway(settings=settings, redis=redis, dispatcher=dispatcher, nodes=nodes, sessions=sessions, metrics=metrics)
+
+    async with trio.open_nursery() as nursery:
+        running: Running | None = None
+
+        async def route(request: WebSocketRequest) -> None:
+            path = request.path.split("?", 1)[0]
+            if path not in ("/v1/session", "/v1/node"):
+                await request.reject(404, body=b"unknown path; use /v1/session or /v1/node\n")
+                return
+            ws = await request.accept()
+            try:
+                if running is None or running.draining:
+                    await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
+                                                              fatal=True, close_code=CLOSE_GOING_AWAY))
+                elif path == "/v1/session":
+                    await clients.handle(ws)
+                else:
+                    await node_gw.handle(ws)
+            except Exception as exc:  # one connection's bug must never take the listener down
+                log.exception("event=connection_crashed path=%s", path)
+                await wsutil.send_error(ws, ProtocolError(INTERNAL, f"internal error: {type(exc).__name__}",
+                                                          fatal=True, close_code=CLOSE_INTERNAL))
+
+        await nursery.start(dispatcher.run)
+        ws_server = await nursery.start(
+            lambda task_status: serve_websocket(
+                route, settings.ws_host, settings.ws_port, None,
+                max_message_size=2 * settings.max_frame_bytes,
+                message_queue_size=4,
+                task_status=task_status,
+            )
+        )
+        admin = AdminServer(metrics, lambda: running.readiness() if running else (False, "starting"))
+        admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
+        running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
+                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis)
+        nursery.start_soon(_health_check, running)
+        if handle_signals:
+            nursery.start_soon(_watch_signals, running)
+        event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
+              admin=f"http://{settings.admin_host}:{admin_port}",
+              redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
+        task_status.started(running)
+
+        await running._stop.wait()
+        running.draining = True
+        await _drain(running)
+        nursery.cancel_scope.cancel()
+    event(log, "stopped", instance_id=settings.instance_id)
+
+
+async def _drain(running: Running) -> None:
+    """Ask every session to finish, wait for them (bounded), then return."""
+    deadline = trio.current_time() + running.settings.drain_timeout_ms / 1000
+    event(log, "draining", sessions=len(running.sessions), drain_timeout_ms=running.settings.drain_timeout_ms)
+    for actor in running.sessions.actors():
+        actor.shutdown_nowait()
+    with trio.move_on_at(deadline) as scope:
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(_wait_sessions_gone, running)
+            await running._now.wait()
+            waiters.cancel_scope.cancel()
+    if scope.cancelled_caught and len(running.sessions):
+        event(log, "drain_timeout", logging.WARNING, sessions_left=len(running.sessions))
+
+
+async def _wait_sessions_gone(running: Running) -> None:
+    await running.sessions.count.wait_value(0)
+    running._now.set()
+
+
+async def _health_check(running: Running) -> None:
+    """Ping Redis every second; drives ``/readyz`` and the redis_up / latency metrics."""
+    while True:
+        try:
+            with trio.fail_after(5):
+                latency = await running.redis.ping()
+            running.redis_ok = True
+            running.metrics.redis_latency_seconds.set(latency)
+        except (RedisUnavailable, trio.TooSlowError) as exc:
+            if running.redis_ok:
+                event(log, "redis_unreachable", logging.ERROR, error=str(exc) or type(exc).__name__)
+            running.redis_ok = False
+        running.metrics.redis_up.set(1 if running.redis_ok else 0)
+        await trio.sleep(HEALTH_INTERVAL)
+
+
+async def _watch_signals(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1:
+                event(log, "signal", signal=name, action="drain")
+                running.shutdown()
+            else:
+                event(log, "signal", signal=name, action="exit_now")
+                running.shutdown(immediate=True)

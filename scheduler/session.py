@@ -1,0 +1,410 @@
+"""The session actor: the only reader and writer of one client session's state.
+
+Inputs arrive on one fixed-capacity memory channel (``inbox``): client events (audio,
+finalize, close), timer fires and job outcomes. Capacity is ``max_pending_events`` for
+client events (a logical cap enforced by the ``client_slots`` semaphore the client gateway
+takes before each send) plus :data:`INTERNAL_RESERVE` for timer fires and job outcomes, so
+a client flooding its session cannot crowd out its answers.
+
+Outputs go to ``outbox`` (capacity ``outbox_size``), drained by the client gateway's writer.
+The actor never waits on the client: when the outbox is full the client is not reading and
+:class:`SlowClient` ends the session. Close semantics: the actor closes ``outbox_send`` when
+it exits; the writer sends what is left and returns.
+
+Guarantees (protocol.md, "Result ordering and completeness"):
+- ``utterance_index`` grows by exactly one per finalize, only on the finalize path; an
+  empty or all-silent utterance never takes an index.
+- Every timer is armed with the generation of the utterance it was armed for; the
+  generation changes whenever the open utterance is finalized or discarded, so a fire that
+  races another trigger is stale, ignored and counted.
+- One ``result`` per finalized index, in index order, never later than its result deadline
+  (see :mod:`scheduler.results`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import attrs
+import trio
+
+from . import audio
+from .config import Settings
+from .keys import job_key_for, job_type_for
+from .logs import event
+from .metrics import Metrics
+from .protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
+from .results import ResultsSequencer
+from .timers import GenerationTimer, TimerFired
+
+log = logging.getLogger("scheduler.session")
+
+INTERNAL_RESERVE = 256
+"""Inbox places beyond ``max_pending_events`` for timer fires and job outcomes."""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@attrs.frozen
+class AudioIn:
+    pcm: bytes
+    is_final: bool = False
+
+
+@attrs.frozen
+class FinalizeIn:
+    pass
+
+
+@attrs.frozen
+class CloseIn:
+    reason: str = "client_close"
+
+
+@attrs.frozen
+class ShutdownIn:
+    """The daemon is draining (not a client event: it takes no client slot)."""
+
+
+@attrs.frozen
+class JobOutcome:
+    """A job's answer (or its failure to be placed), routed to the session that owns it."""
+
+    utterance_index: int
+    tgt_lang: str
+    translation: Translation
+    source_text: str | None = None
+
+
+CLIENT_EVENTS = (AudioIn, FinalizeIn, CloseIn)
+
+
+# ---------------------------------------------------------------- the port to the scheduler
+
+
+@attrs.frozen
+class JobRequest:
+    job_key: str
+    session_id: str
+    utterance_index: int
+    src_lang: str
+    tgt_lang: str
+    turn_id: str
+    turn_action: str  # "keep" (max_duration), "end" (turn had affinity), "none"
+    turn_jobs: int  # jobs of this utterance (for "end")
+    sample_rate: int
+    audio: bytes
+    deadline: float  # trio clock: after this the answer is no longer wanted
+
+    @property
+    def job_type(self) -> str:
+        return job_type_for(self.tgt_lang)
+
+
+class JobPort(Protocol):
+    """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
+
+    ``submit`` queues a job and returns without waiting for placement; its outcome comes
+    back later as a :class:`JobOutcome` in the actor's inbox. ``cancel`` withdraws jobs
+    whose answers are no longer wanted (slots released, nodes told).
+    """
+
+    async def submit(self, request: JobRequest) -> None: ...
+
+    async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
+
+
+class SlowClient(Exception):
+    """The client does not read its results: the outbox is full."""
+
+
+# ---------------------------------------------------------------- the actor
+
+
+class SessionActor:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        src_lang: str,
+        tgt_langs: list[str] | tuple[str, ...],
+        sample_rate: int,
+        settings: Settings,
+        jobs: JobPort,
+        metrics: Metrics,
+        next_index: int = 0,
+        outbox_size: int = 1024,
+    ) -> None:
+        self.session_id = session_id
+        self.src_lang = src_lang
+        self.tgt_langs = tuple(tgt_langs)
+        self.sample_rate = sample_rate
+        self.settings = settings
+        self._jobs = jobs
+        self._metrics = metrics
+        self.inbox_send, self._inbox = trio.open_memory_channel(settings.max_pending_events + INTERNAL_RESERVE)
+        self.client_slots = trio.Semaphore(settings.max_pending_events)
+        self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
+        self.results = ResultsSequencer(next_index)
+        self.next_index = next_index
+        self.closing: str | None = None
+        self._silence_ms2 = audio.silence_threshold(settings.silence_dbfs)
+        self._bytes_per_ms = sample_rate * audio.BYTES_PER_SAMPLE / 1000.0
+        # the open utterance
+        self.generation = 0
+        self._chunks: list[bytes] = []
+        self._nbytes = 0
+        self._has_speech = False
+        self._trailing_silence_ms = 0.0
+        # turns
+        self._turn_seq = 0
+        self.turn_id = self._new_turn_id()
+        self._turn_kept = False
+        # timers (their tasks run in the actor's own nursery)
+        self._idle_gen = 0
+        self._result_gen = 0
+        self._timers = {k: GenerationTimer(k, self.inbox_send) for k in ("pause", "timeout", "idle", "result")}
+
+    # ------------------------------------------------------------ producers' API
+
+    async def put_client_event(self, ev: AudioIn | FinalizeIn | CloseIn) -> None:
+        """For the client gateway: waits while ``max_pending_events`` client events are queued."""
+        await self.client_slots.acquire()
+        await self.inbox_send.send(ev)
+
+    def put_outcome_nowait(self, outcome: JobOutcome) -> bool:
+        """For the answer router: never blocks; False when the session is gone or its reserve is full."""
+        return self._put_internal(outcome)
+
+    def shutdown_nowait(self) -> bool:
+        """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
+        return self._put_internal(ShutdownIn())
+
+    def _put_internal(self, ev: JobOutcome | ShutdownIn) -> bool:
+        try:
+            self.inbox_send.send_nowait(ev)
+            return True
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    @property
+    def backlog(self) -> int:
+        return self.settings.max_pending_events - self.client_slots.value
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> str:
+        """Process events until the session ends; returns the close reason.
+
+        Raises :class:`SlowClient` when the client stops reading. On any exit the audio
+        buffer is dropped, every timer invalidated, unanswered jobs cancelled and the
+        outbox closed.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                for timer in self._timers.values():
+                    nursery.start_soon(timer.run)
+                try:
+                    return await self._loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _loop(self) -> str:
+        self._touch_idle()
+        async for ev in self._inbox:
+            if isinstance(ev, CLIENT_EVENTS):
+                self._metrics.session_actor_backlog_size.observe(self.backlog)
+                self.client_slots.release()
+            await self._handle(ev)
+            if self.closing is not None and self.results.outstanding == 0:
+                self._emit(SessionClosed(reason=self.closing, utterances=self.next_index))
+                return self.closing
+        return "disconnected"  # pragma: no cover - the actor holds inbox_send, so never reached
+
+    async def _handle(self, ev: object) -> None:
+        match ev:
+            case AudioIn(pcm=pcm, is_final=is_final):
+                self._touch_idle()
+                if self.closing is None:
+                    await self._on_audio(pcm, is_final)
+            case FinalizeIn():
+                self._touch_idle()
+                if self.closing is None:
+                    await self._finalize("is_final", trio.current_time())
+            case CloseIn(reason=reason):
+                self._touch_idle()
+                await self._begin_close(reason)
+            case ShutdownIn():
+                await self._begin_close("shutdown")
+            case TimerFired():
+                await self._on_timer(ev)
+            case JobOutcome():
+                self._on_outcome(ev)
+            case _:
+                raise TypeError(f"session actor got an unknown event {ev!r}")
+
+    # ------------------------------------------------------------ audio and finalize
+
+    def _new_turn_id(self) -> str:
+        self._turn_seq += 1
+        return f"{self.session_id}:t{self._turn_seq}"
+
+    @property
+    def buffered_ms(self) -> float:
+        return self._nbytes / self._bytes_per_ms
+
+    async def _on_audio(self, pcm: bytes, is_final: bool) -> None:
+        now = trio.current_time()
+        if pcm:
+            if not self._chunks:
+                self._timers["timeout"].arm(now + self.settings.utterance_timeout_ms / 1000, self.generation)
+            self._chunks.append(pcm)
+            self._nbytes += len(pcm)
+            if audio.is_silent(pcm, self._silence_ms2):
+                self._trailing_silence_ms += len(pcm) / self._bytes_per_ms
+            else:
+                self._has_speech = True
+                self._trailing_silence_ms = 0.0
+            self._timers["pause"].arm(now + self.settings.pause_ms / 1000, self.generation)
+            if self.buffered_ms >= self.settings.max_utterance_ms:
+                await self._finalize("max_duration", now)
+            elif self._trailing_silence_ms >= self.settings.pause_ms:
+                # speech then enough silence: end of utterance; silence only: discard it
+                await self._finalize("pause", now)
+        if is_final:
+            await self._finalize("is_final", now)
+
+    def _reset_utterance(self) -> None:
+        self.generation += 1
+        self._chunks = []
+        self._nbytes = 0
+        self._has_speech = False
+        self._trailing_silence_ms = 0.0
+        self._timers["pause"].disarm()
+        self._timers["timeout"].disarm()
+
+    async def _finalize(self, reason: str, since: float) -> bool:
+        """Cut the open utterance. Returns False (no index taken) when it is empty or silent."""
+        if not self._has_speech:
+            if self._chunks:
+                self._reset_utterance()  # all silence: discarded, no message
+            return False
+        index = self.next_index
+        self.next_index += 1
+        pcm = b"".join(self._chunks)
+        audio_ms = round(self._nbytes / self._bytes_per_ms)
+        turn_id = self.turn_id
+        if reason == "max_duration":
+            turn_action = "keep"
+            self._turn_kept = True
+        else:
+            turn_action = "end" if self._turn_kept else "none"
+            self.turn_id = self._new_turn_id()
+            self._turn_kept = False
+        self._reset_utterance()
+
+        now = trio.current_time()
+        self._emit(UtteranceFinalized(utterance_index=index, reason=reason, turn_id=turn_id, audio_ms=audio_ms))
+        deadline = now + self.settings.result_deadline_ms / 1000
+        self.results.add(index, reason=reason, turn_id=turn_id, tgt_langs=self.tgt_langs, deadline=deadline)
+        self._arm_result_timer()
+        for tgt in self.tgt_langs:
+            await self._jobs.submit(
+                JobRequest(
+                    job_key=job_key_for(self.session_id, index, tgt),
+                    session_id=self.session_id,
+                    utterance_index=index,
+                    src_lang=self.src_lang,
+                    tgt_lang=tgt,
+                    turn_id=turn_id,
+                    turn_action=turn_action,
+                    turn_jobs=len(self.tgt_langs),
+                    sample_rate=self.sample_rate,
+                    audio=pcm,
+                    deadline=deadline,
+                )
+            )
+        self._metrics.finalize_total.labels(reason).inc()
+        self._metrics.finalize_latency_seconds.observe(max(0.0, trio.current_time() - since))
+        event(log, "utterance_finalized", logging.DEBUG, session_id=self.session_id, utterance_index=index,
+              reason=reason, audio_ms=audio_ms, turn_id=turn_id)
+        return True
+
+    # ------------------------------------------------------------ timers
+
+    def _touch_idle(self) -> None:
+        self._idle_gen += 1
+        self._timers["idle"].arm(trio.current_time() + self.settings.idle_timeout_ms / 1000, self._idle_gen)
+
+    def _arm_result_timer(self) -> None:
+        self._result_gen += 1
+        deadline = self.results.next_deadline()
+        if math.isinf(deadline):
+            self._timers["result"].disarm()
+        else:
+            self._timers["result"].arm(deadline, self._result_gen)
+
+    async def _on_timer(self, fired: TimerFired) -> None:
+        if fired.kind in ("pause", "timeout"):
+            if fired.generation != self.generation or self.closing is not None:
+                self._metrics.duplicate_finalize_suppressed_total.inc()
+                return
+            await self._finalize(fired.kind, trio.current_time())
+        elif fired.kind == "idle":
+            if fired.generation == self._idle_gen and self.closing is None:
+                await self._begin_close("idle_timeout")
+        elif fired.kind == "result":
+            if fired.generation == self._result_gen:
+                skipped = self.results.expire(trio.current_time())
+                if skipped:
+                    self._metrics.result_gap_timeout_total.inc(skipped)
+                self._flush_results()
+
+    # ------------------------------------------------------------ results and close
+
+    def _on_outcome(self, outcome: JobOutcome) -> None:
+        if not self.results.record(outcome.utterance_index, outcome.tgt_lang, outcome.translation, outcome.source_text):
+            self._metrics.stale_answers_dropped_total.labels("LATE").inc()
+            return
+        self._flush_results()
+
+    def _flush_results(self) -> None:
+        for result in self.results.pop_ready():
+            self._metrics.results_total.labels(result.status).inc()
+            self._emit(result)
+        self._arm_result_timer()
+
+    async def _begin_close(self, reason: str) -> None:
+        if self.closing is not None:
+            return
+        await self._finalize("close", trio.current_time())
+        self.closing = reason
+        self._reset_utterance()
+        self._timers["idle"].disarm()
+
+    def _emit(self, msg: UtteranceFinalized | Result | Busy | SessionClosed) -> None:
+        try:
+            self.outbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            raise SlowClient(f"client has {self.outbox.statistics().current_buffer_used} unread messages") from None
+
+    async def _cleanup(self) -> None:
+        self._reset_utterance()
+        for timer in self._timers.values():
+            timer.disarm()
+        unanswered = [
+            job_key_for(self.session_id, index, tgt)
+            for index in self.results.open_indexes()
+            for tgt in self.results.pending_languages(index)
+        ]
+        self._inbox.close()  # late producers now get BrokenResourceError instead of queueing
+        if unanswered:
+            with trio.move_on_after(5):
+                await self._jobs.cancel(self.session_id, unanswered)
+        self.outbox_send.close()

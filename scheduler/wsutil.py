@@ -1,0 +1,59 @@
+"""Small helpers shared by the client and node gateways (one WebSocket per peer)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .logs import event
+from .protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
+
+log = logging.getLogger("scheduler.ws")
+
+CLOSE_TIMEOUT = 2.0
+
+
+def peer(ws: WebSocketConnection) -> str:
+    remote = ws.remote
+    return f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
+
+
+async def send(ws: WebSocketConnection, msg: Any) -> bool:
+    """Send one message; False if the socket is already closed."""
+    try:
+        await ws.send_message(encode(msg))
+        return True
+    except ConnectionClosed:
+        return False
+
+
+async def close(ws: WebSocketConnection, code: int, reason: str | None = None) -> None:
+    """Close with ``code``, bounded in time and safe under cancellation."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        await ws.aclose(code, (reason or "")[:120] or None)
+
+
+async def send_error(ws: WebSocketConnection, err: ProtocolError) -> None:
+    """Send an ``error``; when fatal, close with the error's close code afterwards."""
+    await send(ws, Error(code=err.code, message=err.message, fatal=err.fatal))
+    if err.fatal:
+        await close(ws, err.close_code, err.code)
+
+
+def check_size(message: str | bytes, limit: int) -> None:
+    if len(message) > limit:
+        raise ProtocolError(
+            FRAME_TOO_LARGE, f"frame of {len(message)} bytes exceeds max_frame_bytes={limit}",
+            fatal=True, close_code=CLOSE_TOO_BIG,
+        )
+
+
+async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer: str) -> None:
+    """Writer task: send everything from ``outbox`` until it is closed (or the socket is)."""
+    async for msg in outbox:
+        if not await send(ws, msg):
+            event(log, "send_on_closed_socket", logging.DEBUG, peer=peer, type=msg.TYPE)
+            return

@@ -1,0 +1,72 @@
+"""Test helpers: a thin JSON-over-WebSocket peer and audio fixtures."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import open_websocket_url
+
+from scheduler.audio import silence, tone
+from scheduler.refnode import NodeOptions, ReferenceNode
+
+SPEECH_100MS = tone(100)
+SILENCE_100MS = silence(100)
+
+
+class Peer:
+    def __init__(self, ws):
+        self.ws = ws
+
+    async def send(self, **msg: Any) -> None:
+        await self.ws.send_message(json.dumps(msg))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.ws.send_message(data)
+
+    async def recv(self, timeout: float = 5.0) -> dict:
+        with trio.fail_after(timeout):
+            return json.loads(await self.ws.get_message())
+
+    async def recv_until(self, type_: str, timeout: float = 10.0) -> tuple[dict, list[dict]]:
+        """Receive until a message of ``type_``; returns it and everything before it."""
+        seen = []
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.recv(timeout)
+                if msg["type"] == type_:
+                    return msg, seen
+                seen.append(msg)
+
+    @property
+    def closed(self):
+        return self.ws.closed
+
+
+@asynccontextmanager
+async def peer(url: str):
+    async with open_websocket_url(url) as ws:
+        yield Peer(ws)
+
+
+@asynccontextmanager
+async def session(running, src="zh", tgts=("en",), **extra):
+    async with peer(running.ws_url + "/v1/session") as p:
+        await p.send(type="session_init", src_lang=src, tgt_langs=list(tgts), **extra)
+        ready = await p.recv()
+        assert ready["type"] == "session_ready", ready
+        p.ready = ready
+        yield p
+
+
+async def start_node(nursery, running, **options) -> ReferenceNode:
+    node = ReferenceNode(NodeOptions(url=running.ws_url, reconnect=False, **options))
+    await nursery.start(node.run)
+    return node
+
+
+async def speak(p: Peer, ms: int = 300) -> None:
+    for _ in range(ms // 100):
+        await p.send_raw(SPEECH_100MS)

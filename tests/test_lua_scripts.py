@@ -1,0 +1,169 @@
+"""Each Lua script and its error paths, through the real adapter, against real Valkey."""
+
+import pytest
+
+from scheduler import keys
+from scheduler.redis_adapter import (
+    AlreadyCompleted,
+    EmptyPool,
+    NoAvailableNode,
+    NodeMismatch,
+    NoPoolForLangPair,
+    RedisAdapter,
+    StaleAttempt,
+    UnknownJob,
+    UnknownNode,
+    now_ms,
+)
+
+
+@pytest.fixture
+async def adapter(redis_url):
+    async with RedisAdapter(redis_url) as a:
+        yield a
+
+
+async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1"):
+    entries = [(pool, s, t) for pool in pools for s, t in pairs] if pools else [(f"{s}-{t}", s, t) for s, t in pairs]
+    await a.script(
+        "register_node",
+        [keys.node_info(node_id), keys.node_runtime(node_id), keys.nodes_all()]
+        + [keys.pool_members(p) for p, _, _ in entries] + [keys.lang_pools(s, t) for _, s, t in entries],
+        [node_id, "{}", max_jobs, now_ms(), owner, len(entries)] + [p for p, _, _ in entries],
+    )
+
+
+async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
+    return await a.script(
+        "dispatch_task",
+        [keys.jobkey(job_key), keys.job_id_seq(), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt)],
+        [job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000, 6000, 3600, rand, turn_jobs, keys.PREFIX],
+    )
+
+
+async def complete(a, job_id, node_id, attempt=1, status="finished"):
+    return await a.script("complete_task", [keys.job(job_id), keys.node_runtime(node_id)], [node_id, attempt, status, now_ms()])
+
+
+def slots(redis_client, node_id):
+    return int(redis_client.hget(keys.node_runtime(node_id), "current_jobs"))
+
+
+async def test_register_writes_info_pools_and_lang_index(adapter, redis_client):
+    await register(adapter, "n1", max_jobs=3, pairs=(("zh", "en"), ("zh", "de")))
+    info = redis_client.hgetall(keys.node_info("n1"))
+    assert info["online"] == "1" and info["max_jobs"] == "3" and info["owner"] == "i1"
+    assert redis_client.smembers(keys.pool_members("zh-en")) == {"n1"}
+    assert redis_client.hkeys(keys.lang_pools("zh", "de")) == ["zh-de"]
+    assert slots(redis_client, "n1") == 0
+
+
+async def test_heartbeat_needs_registration(adapter, redis_client):
+    with pytest.raises(UnknownNode):
+        await adapter.script("heartbeat", [keys.node_info("ghost"), keys.node_runtime("ghost")], [now_ms(), "{}"])
+    await register(adapter, "n1")
+    reply = await adapter.script("heartbeat", [keys.node_info("n1"), keys.node_runtime("n1")], [now_ms(), '{"cpu":0.5}'])
+    assert reply == ["OK", 0]
+    assert redis_client.hget(keys.node_info("n1"), "load_json") == '{"cpu":0.5}'
+
+
+async def test_dispatch_errors(adapter, redis_client):
+    with pytest.raises(NoPoolForLangPair):
+        await dispatch(adapter, "s1:0:translate:en")
+    redis_client.hset(keys.lang_pools("zh", "en"), "empty", "1")
+    with pytest.raises(EmptyPool):
+        await dispatch(adapter, "s1:0:translate:en")
+    await register(adapter, "n1", max_jobs=1, pools=["empty"])
+    assert (await dispatch(adapter, "k0"))[0] == "OK"
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k1")
+    assert slots(redis_client, "n1") == 1
+
+
+async def test_dispatch_is_idempotent_per_job_key(adapter, redis_client):
+    await register(adapter, "n1", max_jobs=4)
+    first = await dispatch(adapter, "s1:0:translate:en")
+    again = await dispatch(adapter, "s1:0:translate:en")
+    assert first[0] == "OK" and again[:4] == ["EXISTS", first[1], "n1", 1]
+    assert slots(redis_client, "n1") == 1
+    job = redis_client.hgetall(keys.job(first[1]))
+    assert job["status"] == "dispatched" and job["job_key"] == "s1:0:translate:en" and job["attempt"] == "1"
+    assert redis_client.ttl(keys.job(first[1])) > 0 and redis_client.ttl(keys.jobkey("s1:0:translate:en")) > 0
+
+
+async def test_least_loaded_node_wins(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    await register(adapter, "b", max_jobs=2)
+    placed = [(await dispatch(adapter, f"k{i}", rand=i))[2] for i in range(6)]
+    # loads go a:1/4 or b:1/2 ...; at every step the chosen node had the lowest ratio
+    assert sorted(placed) == ["a"] * 4 + ["b"] * 2
+    assert slots(redis_client, "a") == 4 and slots(redis_client, "b") == 2
+
+
+async def test_offline_and_draining_nodes_are_skipped(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    await register(adapter, "b", max_jobs=4)
+    await adapter.script("node_state", [keys.node_info("a")], ["i1", "0", "0"])
+    await adapter.script("node_state", [keys.node_info("b")], ["i1", "1", "1"])
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k0")
+    assert await adapter.script("node_state", [keys.node_info("b")], ["other-instance", "1", "0"]) == ["NOT_OWNER", "i1"]
+    await adapter.script("node_state", [keys.node_info("b")], ["i1", "1", "0"])
+    assert (await dispatch(adapter, "k0"))[2] == "b"
+
+
+async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    redis_client.hset(keys.node_info("a"), "last_heartbeat_ts", now_ms() - 60_000)
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k0")
+
+
+async def test_turn_affinity_keeps_node_then_ends(adapter, redis_client):
+    await register(adapter, "a", max_jobs=10)
+    await register(adapter, "b", max_jobs=10)
+    first = await dispatch(adapter, "k0", turn_id="T", turn_action="keep", rand=1)
+    node = first[2]
+    assert redis_client.hget(keys.turn("T"), "affinity_node_id") == node
+    # without affinity the other (less loaded) node would win; with it the turn stays put
+    second = await dispatch(adapter, "k1", turn_id="T", turn_action="keep")
+    assert second[2] == node
+    third = await dispatch(adapter, "k2", turn_id="T", turn_action="end")
+    assert third[2] == node
+    assert not redis_client.exists(keys.turn("T"))
+
+
+async def test_complete_checks_node_attempt_and_releases_once(adapter, redis_client):
+    await register(adapter, "a", max_jobs=2)
+    await register(adapter, "b", max_jobs=2)
+    job_id, node = (await dispatch(adapter, "s1:0:translate:en"))[1:3]
+    other = "b" if node == "a" else "a"
+    with pytest.raises(NodeMismatch):
+        await complete(adapter, job_id, other)
+    with pytest.raises(StaleAttempt):
+        await complete(adapter, job_id, node, attempt=2)
+    with pytest.raises(UnknownJob):
+        await complete(adapter, "999", node)
+    assert await complete(adapter, job_id, node) == ["OK", "s1", "s1:0:translate:en", 0, "en"]
+    assert slots(redis_client, node) == 0
+    with pytest.raises(AlreadyCompleted):
+        await complete(adapter, job_id, node)
+    assert slots(redis_client, node) == 0
+
+
+async def test_slot_never_goes_below_zero(adapter, redis_client):
+    await register(adapter, "a", max_jobs=2)
+    job_id = (await dispatch(adapter, "k0"))[1]
+    await register(adapter, "a", max_jobs=2)  # reconnect resets runtime to 0
+    await complete(adapter, job_id, "a")
+    assert slots(redis_client, "a") == 0
+
+
+async def test_cancel_releases_once(adapter, redis_client):
+    await register(adapter, "a", max_jobs=2)
+    job_id = (await dispatch(adapter, "k0"))[1]
+    assert await adapter.script("cancel_task", [keys.job(job_id), keys.node_runtime("a")], [now_ms()]) == ["OK", "a", 1]
+    assert await adapter.script("cancel_task", [keys.job(job_id), keys.node_runtime("a")], [now_ms()]) == ["NOOP", "cancelled"]
+    assert slots(redis_client, "a") == 0
+    with pytest.raises(AlreadyCompleted):
+        await complete(adapter, job_id, "a")

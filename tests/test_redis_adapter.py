@@ -1,0 +1,64 @@
+import pytest
+import trio
+
+from scheduler.redis_adapter import RedisAdapter, RedisUnavailable, load_script_sources
+
+
+def test_every_script_binds_keys_and_argv_and_documents_its_contract():
+    sources = load_script_sources()
+    assert {"register_node", "heartbeat", "dispatch_task", "complete_task", "cancel_task", "node_state"} <= set(sources)
+    for name, src in sources.items():
+        assert src.startswith(f"-- {name}:"), name
+        assert "Reply:" in src, name
+        code = [line for line in src.splitlines() if line.strip() and not line.lstrip().startswith("--")]
+        assert code[0].startswith("local ") and code[0].endswith("= KEYS[1]"), name
+
+
+async def test_concurrent_calls_are_batched(redis_url):
+    async with RedisAdapter(redis_url, pool_size=2) as a:
+        results = {}
+
+        async def call(i):
+            results[i] = await a.command("ECHO", str(i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(500):
+                nursery.start_soon(call, i)
+        assert results == {i: str(i) for i in range(500)}
+        assert a.calls_total == 500
+        assert a.batches_total < 100  # many calls per pipeline
+
+
+async def test_one_bad_call_does_not_fail_its_batch(redis_url):
+    async with RedisAdapter(redis_url) as a:
+        await a.command("SET", "s", "x")
+        outcomes = {}
+
+        async def good():
+            outcomes["good"] = await a.command("GET", "s")
+
+        async def bad():
+            try:
+                await a.command("INCR", "s")
+            except Exception as exc:  # noqa: BLE001
+                outcomes["bad"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bad)
+            nursery.start_soon(good)
+        assert outcomes["good"] == "x"
+        assert "not an integer" in str(outcomes["bad"])
+
+
+async def test_scripts_reload_after_script_flush(redis_url):
+    async with RedisAdapter(redis_url) as a:
+        await a.load_scripts()
+        await a.command("SCRIPT", "FLUSH")
+        reply = await a.script("cancel_task", ["scheduler:job:{1}", "scheduler:node:runtime:{n}"], [0])
+        assert reply == ["NOOP", ""]
+
+
+async def test_unreachable_redis_raises_typed_error(tmp_path):
+    async with RedisAdapter(f"unix://{tmp_path}/nothing.sock", socket_timeout=0.5) as a:
+        with pytest.raises(RedisUnavailable):
+            await a.ping()
