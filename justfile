@@ -30,3 +30,7 @@ test *ARGS: sync
 # refresh uv.lock after editing pyproject.toml
 lock:
     uv lock
+
+# EVALSHA throughput: raw redis-py vs the Trio batching adapter (prints JSON)
+bench-adapter *ARGS: sync
+    uv run --frozen python bench/adapter_throughput.py {{ARGS}}

@@ -1,18 +1,22 @@
 """Dispatcher: places session jobs on nodes through ``dispatch_task`` and hands them to nodes.
 
-The session actor calls :meth:`Dispatcher.submit` and moves on; placement runs here, in
-``workers`` tasks that share the batching Redis adapter. Outcomes that are not a node's
-answer (no pool, nobody free before the deadline, node lost) go back to the session as a
+The session actor calls :meth:`Dispatcher.submit` and moves on; placement runs here. Jobs
+go into one *lane* per (src, tgt) language pair; each lane is one task that places its jobs
+strictly in submission order (FIFO per pool, as protocol.md asks), and lanes run in
+parallel, sharing the batching Redis adapter.
+
+Full pool: when the head of a lane gets ``NO_AVAILABLE_NODE`` (or ``EMPTY_POOL``, or Redis
+is unavailable), the lane waits until a slot frees on this instance, or ``retry_interval``
+passes (slots freed by other instances), then retries the head. Every job queued behind a
+blocked head is told to its session as waiting (:class:`~scheduler.session.JobWaiting`):
+if its deadline passes before it is placed, the session resolves it ``FAILED`` with that
+error; the lane drops it at the same deadline.
+
+Outcomes that are not a node's answer (no pool, node lost) go back to the session as a
 ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
 
-Full pool: a job that gets ``NO_AVAILABLE_NODE`` (or ``EMPTY_POOL``, or Redis unavailable)
-waits, FIFO per (src, tgt), and is retried when a slot frees on this instance or every
-``retry_interval`` seconds (slots freed by other instances), until its deadline; then the
-translation is ``FAILED`` with that error. Scheduling policy stays in Lua; this module only
-queues and retries.
-
-Queue semantics: ``submit`` waits while ``queue_size`` jobs are queued (global backpressure
-on finalizing sessions); :meth:`run` ends when cancelled.
+Bounds: at most ``queue_size`` jobs wait in all lanes together; ``submit`` waits for room
+(global backpressure on finalizing sessions). :meth:`run` ends when cancelled.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
 from .redis_adapter import EmptyPool, NoAvailableNode, NoPoolForLangPair, RedisAdapter, RedisUnavailable, now_ms
-from .session import JobOutcome, JobRequest
+from .session import JobOutcome, JobRequest, JobWaiting
 
 if TYPE_CHECKING:
     from .node_gateway import NodeRegistry
@@ -50,6 +54,17 @@ class Placement:
     request: JobRequest
 
 
+@attrs.define(eq=False)
+class _Lane:
+    """Jobs of one language pair, placed in order by one task."""
+
+    pair: tuple[str, str]
+    queue: collections.deque[JobRequest] = attrs.Factory(collections.deque)
+    wake: trio.Event = attrs.Factory(trio.Event)
+    blocked_code: str | None = None  # set while the head cannot be placed
+    told: set[str] = attrs.Factory(set)  # job keys whose session was told "waiting"
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -59,7 +74,6 @@ class Dispatcher:
         sessions: SessionRegistry,
         metrics: Metrics,
         node_ttl_ms: int,
-        workers: int = 32,
         queue_size: int = 4096,
         retry_interval: float = 0.25,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
@@ -69,50 +83,60 @@ class Dispatcher:
         self._sessions = sessions
         self._metrics = metrics
         self._node_ttl_ms = node_ttl_ms
-        self._workers = workers
         self._retry_interval = retry_interval
         self._rand = rand
-        self._send, self._receive = trio.open_memory_channel[JobRequest](queue_size)
-        self._waiting: dict[tuple[str, str], collections.deque[tuple[JobRequest, str]]] = {}
-        self._wakeup = trio.Event()
+        self._room = trio.Semaphore(queue_size)
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._slot_freed = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.placed: dict[str, Placement] = {}
 
     # ------------------------------------------------------------ the actor's port
 
     async def submit(self, request: JobRequest) -> None:
-        await self._send.send(request)
+        await self._room.acquire()
+        pair = (request.src_lang, request.tgt_lang)
+        lane = self._lanes.get(pair)
+        if lane is None:
+            lane = self._lanes[pair] = _Lane(pair)
+            assert self._nursery is not None, "Dispatcher.run() is not running"
+            self._nursery.start_soon(self._run_lane, lane)
+        lane.queue.append(request)
+        if lane.blocked_code is not None:
+            self._tell_waiting(lane, request, lane.blocked_code)
+        lane.wake.set()
+        self._update_waiting_gauge()
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
         wanted = set(job_keys)
-        for queue in self._waiting.values():
-            for item in [i for i in queue if i[0].job_key in wanted]:
-                queue.remove(item)
+        for lane in self._lanes.values():
+            for request in [r for r in lane.queue if r.job_key in wanted]:
+                lane.queue.remove(request)
+                lane.told.discard(request.job_key)
+                self._room.release()
+        self._update_waiting_gauge()
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
             if placement is None:
                 continue
+            self._metrics.jobs_in_flight.dec()
             try:
-                reply = await self._redis.script(
-                    "cancel_task",
-                    [keys.job(placement.job_id), keys.node_runtime(placement.node_id)],
-                    [now_ms()],
-                )
+                reply = await self._release(placement)
             except RedisUnavailable:
                 continue
             if reply[0] == "OK":
                 self._metrics.jobs_total.labels("cancelled").inc()
-                self._metrics.jobs_in_flight.dec()
+                self.slot_freed()
                 node = self._nodes.get(placement.node_id)
                 if node is not None:
                     node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
-                self.slot_freed()
-        self._update_waiting_gauge()
 
     # ------------------------------------------------------------ called by the node gateway
 
     def slot_freed(self) -> None:
-        """A slot may have become free (answer, cancel, node joined): retry waiting jobs."""
-        self._wakeup.set()
+        """A slot may have become free (answer, cancel, node joined): blocked lanes retry now."""
+        self._slot_freed.set()
+        self._slot_freed = trio.Event()
 
     def forget(self, job_key: str) -> Placement | None:
         """The job was answered: stop tracking it."""
@@ -132,56 +156,65 @@ class Dispatcher:
     # ------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the lane tasks (one per language pair seen). Runs until cancelled."""
         async with trio.open_nursery() as nursery:
-            for _ in range(self._workers):
-                nursery.start_soon(self._worker)
-            nursery.start_soon(self._retry_loop)
+            self._nursery = nursery
             task_status.started()
+            await trio.sleep_forever()
 
-    async def _worker(self) -> None:
-        async for request in self._receive:
-            await self._place(request)
-
-    async def _retry_loop(self) -> None:
+    async def _run_lane(self, lane: _Lane) -> None:
         while True:
-            with trio.move_on_after(self._retry_interval):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            now = trio.current_time()
-            for queue in list(self._waiting.values()):
-                # FIFO per lang pair: retry from the head, stop at the first that still waits
-                while queue:
-                    request, last_error = queue[0]
-                    if request.deadline <= now:
-                        queue.popleft()
-                        self._fail(request, last_error)
-                        continue
-                    if not await self._try_place(request, parked=True):
-                        break
-                    queue.popleft()
-            self._update_waiting_gauge()
+            if not lane.queue:
+                lane.wake = trio.Event()
+                await lane.wake.wait()
+                continue
+            request = lane.queue[0]
+            if request.deadline <= trio.current_time():
+                # never placed: the session resolves it FAILED(blocked code) at this same deadline
+                self._pop_head(lane)
+                self._metrics.jobs_total.labels("failed").inc()
+                continue
+            code = await self._try_place(request)
+            if code is None:
+                lane.blocked_code = None
+                was_told = request.job_key in lane.told
+                if lane.queue and lane.queue[0] is request:  # (cancel() may have removed it meanwhile)
+                    self._pop_head(lane)
+                if was_told:
+                    self._tell_waiting(lane, request, None)
+                continue
+            lane.blocked_code = code
+            for waiting in lane.queue:
+                if waiting.job_key not in lane.told:
+                    self._tell_waiting(lane, waiting, code)
+            freed = self._slot_freed
+            with trio.move_on_at(min(trio.current_time() + self._retry_interval, request.deadline)):
+                await freed.wait()
+
+    def _pop_head(self, lane: _Lane) -> None:
+        request = lane.queue.popleft()
+        lane.told.discard(request.job_key)
+        self._room.release()
+        self._update_waiting_gauge()
+
+    def _tell_waiting(self, lane: _Lane, request: JobRequest, code: str | None) -> None:
+        if code is not None:
+            lane.told.add(request.job_key)
+        self._sessions.deliver(request.session_id, JobWaiting(request.utterance_index, request.tgt_lang, code))
+
+    def _update_waiting_gauge(self) -> None:
+        self._metrics.jobs_waiting.set(sum(len(lane.queue) for lane in self._lanes.values()))
 
     # ------------------------------------------------------------ placement
 
-    async def _place(self, request: JobRequest) -> None:
-        pair = (request.src_lang, request.tgt_lang)
-        if self._waiting.get(pair):
-            self._park(request, "NO_AVAILABLE_NODE")  # keep FIFO order behind earlier waiters
-            return
-        await self._try_place(request, parked=False)
+    async def _release(self, placement: Placement) -> list:
+        return await self._redis.script(
+            "cancel_task", [keys.job(placement.job_id), keys.node_runtime(placement.node_id)], [now_ms()]
+        )
 
-    def _park(self, request: JobRequest, code: str) -> None:
-        self._waiting.setdefault((request.src_lang, request.tgt_lang), collections.deque()).append((request, code))
-        self._update_waiting_gauge()
-
-    def _update_waiting_gauge(self) -> None:
-        self._metrics.jobs_waiting.set(sum(len(q) for q in self._waiting.values()))
-
-    async def _try_place(self, request: JobRequest, *, parked: bool) -> bool:
-        """One dispatch_task call. Returns False when the job must (keep) wait(ing)."""
-        if request.deadline <= trio.current_time():
-            self._fail(request, "NO_AVAILABLE_NODE")
-            return True
+    async def _try_place(self, request: JobRequest) -> str | None:
+        """One dispatch_task call. Returns None when the job is done with (placed, duplicate or
+        failed for good), or the error code when it must wait for a node."""
         ms = now_ms()
         lease_ms = max(1000, int((request.deadline - trio.current_time()) * 1000))
         try:
@@ -200,22 +233,22 @@ class Dispatcher:
                     self._node_ttl_ms, keys.KEY_TTL_S, self._rand(), request.turn_jobs, keys.PREFIX,
                 ],
             )
-        except (NoAvailableNode, EmptyPool, RedisUnavailable) as exc:
-            code = getattr(exc, "code", "REDIS_UNAVAILABLE")
-            self._metrics.dispatch_errors_total.labels(code).inc()
-            if not parked:
-                self._park(request, code)
-            return False
+        except (NoAvailableNode, EmptyPool) as exc:
+            self._metrics.dispatch_errors_total.labels(exc.code).inc()
+            return exc.code
+        except RedisUnavailable:
+            self._metrics.dispatch_errors_total.labels("REDIS_UNAVAILABLE").inc()
+            return "REDIS_UNAVAILABLE"
         except NoPoolForLangPair as exc:
             self._metrics.dispatch_errors_total.labels(exc.code).inc()
             self._fail(request, exc.code)
-            return True
+            return None
 
         status, job_id, node_id, attempt = reply[0], str(reply[1]), reply[2], int(reply[3])
         if status == "EXISTS":
             self._metrics.duplicate_job_blocked_total.inc()
             event(log, "duplicate_job_blocked", logging.WARNING, job_key=request.job_key, job_id=job_id)
-            return True
+            return None
         placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request)
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()
@@ -238,15 +271,14 @@ class Dispatcher:
         if node is None or not node.send_nowait(assign):
             # The node left (or is not reading) between placement and hand-over.
             await self.node_lost_job(placement, "NODE_UNREACHABLE")
-        return True
+        return None
 
     async def node_lost_job(self, placement: Placement, code: str) -> None:
-        self.placed.pop(placement.request.job_key, None)
-        self._metrics.jobs_in_flight.dec()
+        if self.placed.pop(placement.request.job_key, None) is not None:
+            self._metrics.jobs_in_flight.dec()
         try:
-            await self._redis.script(
-                "cancel_task", [keys.job(placement.job_id), keys.node_runtime(placement.node_id)], [now_ms()]
-            )
+            await self._release(placement)
+            self.slot_freed()
         except RedisUnavailable:
             pass
         self._fail(placement.request, code)

@@ -21,7 +21,9 @@ call already sent still runs on the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 import time
 from importlib import resources
 from pathlib import Path
@@ -142,8 +144,6 @@ class RedisAdapter:
         # Close semantics: __aexit__ closes the send side; batchers drain what is queued,
         # then exit. Capacity bounds the calls waiting for a batch.
         self._send, self._receive = trio.open_memory_channel[_Call](queue_size)
-        self._nursery: trio.Nursery | None = None
-        self._nursery_cm: Any = None
         self.calls_total = 0
         self.batches_total = 0
 
@@ -151,19 +151,25 @@ class RedisAdapter:
     def script_names(self) -> list[str]:
         return sorted(self._scripts)
 
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[RedisAdapter]:
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.pool_size):
+                    nursery.start_soon(self._batcher)
+                try:
+                    yield self
+                finally:
+                    self._send.close()  # batchers finish what is queued, then return
+        finally:
+            self._client.close()
+
     async def __aenter__(self) -> RedisAdapter:
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        for _ in range(self.pool_size):
-            self._nursery.start_soon(self._batcher)
-        return self
+        self._cm = self._running()
+        return await self._cm.__aenter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        await self._send.aclose()
-        try:
-            return await self._nursery_cm.__aexit__(*exc_info)
-        finally:
-            await trio.to_thread.run_sync(self._client.close)
+        return await self._cm.__aexit__(*exc_info)
 
     # ------------------------------------------------------------ public calls
 
@@ -200,26 +206,27 @@ class RedisAdapter:
         return call.result
 
     async def _batcher(self) -> None:
-        async for first in self._receive:
-            batch = [first]
-            while len(batch) < self.batch_max:
+        """Shielded: a batcher outlives cancellation of the daemon, so that shielded cleanup
+        (cancelling jobs, marking a node offline) still gets its replies. It returns when the
+        adapter closes the queue on exit, after everything using the adapter has finished."""
+        with trio.CancelScope(shield=True):
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self.batch_max:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 try:
-                    batch.append(self._receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            try:
-                await trio.to_thread.run_sync(self._execute_sync, batch, limiter=self._limiter, abandon_on_cancel=False)
-            except BaseException as exc:  # the whole batch failed: tell every caller
-                for call in batch:
-                    if not call.done.is_set():
+                    await trio.to_thread.run_sync(self._execute_sync, batch, limiter=self._limiter)
+                except Exception as exc:  # the whole batch failed: tell every caller
+                    for call in batch:
                         call.error = _map_error(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                for call in batch:
-                    call.done.set()
-            self.batches_total += 1
-            self.calls_total += len(batch)
+                finally:
+                    for call in batch:
+                        call.done.set()
+                self.batches_total += 1
+                self.calls_total += len(batch)
 
     def _load_scripts_sync(self) -> None:
         for script in self._scripts.values():

@@ -8,7 +8,7 @@ from trio_util import AsyncValue
 
 from .logs import event
 from .metrics import Metrics
-from .session import JobOutcome, SessionActor
+from .session import JobOutcome, JobWaiting, SessionActor
 
 log = logging.getLogger("scheduler.registry")
 
@@ -43,7 +43,7 @@ class SessionRegistry:
         self.count.value = len(self._actors)
         self._metrics.sessions_active.set(len(self._actors))
 
-    def deliver(self, session_id: str, outcome: JobOutcome) -> bool:
+    def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
         """Hand an outcome to its session without blocking; False (counted, logged) if it cannot."""
         actor = self._actors.get(session_id)
         if actor is not None and actor.put_outcome_nowait(outcome):

@@ -27,6 +27,8 @@ class _Open:
     tgt_langs: tuple[str, ...]
     translations: dict[str, Translation] = attrs.Factory(dict)
     source_text: str | None = None
+    # what a missing answer becomes at the deadline instead of SKIPPED (job never placed)
+    fallback: dict[str, Translation] = attrs.Factory(dict)
 
     @property
     def complete(self) -> bool:
@@ -76,6 +78,17 @@ class ResultsSequencer:
             utt.source_text = source_text
         return True
 
+    def set_fallback(self, index: int, tgt_lang: str, error: str | None) -> None:
+        """While ``error`` is set, a missing answer for ``tgt_lang`` becomes FAILED(error) at the
+        deadline instead of SKIPPED (the job is waiting for a node). ``None`` clears it."""
+        utt = self._open.get(index)
+        if utt is None or tgt_lang not in utt.tgt_langs:
+            return
+        if error is None:
+            utt.fallback.pop(tgt_lang, None)
+        else:
+            utt.fallback[tgt_lang] = Translation(status=FAILED, error=error)
+
     def pending_languages(self, index: int) -> list[str]:
         utt = self._open.get(index)
         return [] if utt is None else [t for t in utt.tgt_langs if t not in utt.translations]
@@ -84,14 +97,16 @@ class ResultsSequencer:
         return sorted(self._open)
 
     def expire(self, now: float) -> int:
-        """Mark every missing translation of utterances past their deadline SKIPPED; returns how many."""
+        """Resolve every missing translation of utterances past their deadline: FAILED with the
+        fallback error if one is set, else SKIPPED. Returns how many became SKIPPED."""
         count = 0
         for utt in self._open.values():
             if utt.deadline <= now and not utt.complete:
                 for tgt in utt.tgt_langs:
                     if tgt not in utt.translations:
-                        utt.translations[tgt] = Translation(status=SKIPPED, error="RESULT_DEADLINE")
-                        count += 1
+                        fallback = utt.fallback.get(tgt)
+                        utt.translations[tgt] = fallback or Translation(status=SKIPPED, error="RESULT_DEADLINE")
+                        count += fallback is None
         self.skipped_total += count
         return count
 

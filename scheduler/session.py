@@ -79,6 +79,18 @@ class JobOutcome:
     source_text: str | None = None
 
 
+@attrs.frozen
+class JobWaiting:
+    """The job waits for a node (``error`` set, e.g. NO_AVAILABLE_NODE) or no longer does (None).
+
+    At the result deadline a still-waiting job's translation is FAILED with ``error``, not SKIPPED.
+    """
+
+    utterance_index: int
+    tgt_lang: str
+    error: str | None
+
+
 CLIENT_EVENTS = (AudioIn, FinalizeIn, CloseIn)
 
 
@@ -175,7 +187,7 @@ class SessionActor:
         await self.client_slots.acquire()
         await self.inbox_send.send(ev)
 
-    def put_outcome_nowait(self, outcome: JobOutcome) -> bool:
+    def put_outcome_nowait(self, outcome: JobOutcome | JobWaiting) -> bool:
         """For the answer router: never blocks; False when the session is gone or its reserve is full."""
         return self._put_internal(outcome)
 
@@ -183,7 +195,7 @@ class SessionActor:
         """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
         return self._put_internal(ShutdownIn())
 
-    def _put_internal(self, ev: JobOutcome | ShutdownIn) -> bool:
+    def _put_internal(self, ev: JobOutcome | JobWaiting | ShutdownIn) -> bool:
         try:
             self.inbox_send.send_nowait(ev)
             return True
@@ -203,14 +215,20 @@ class SessionActor:
         buffer is dropped, every timer invalidated, unanswered jobs cancelled and the
         outbox closed.
         """
+        slow: SlowClient | None = None
         try:
             async with trio.open_nursery() as nursery:
                 for timer in self._timers.values():
                     nursery.start_soon(timer.run)
                 try:
-                    return await self._loop()
+                    reason = await self._loop()
+                except SlowClient as exc:  # raised here, not inside the nursery's exception group
+                    slow = exc
                 finally:
                     nursery.cancel_scope.cancel()
+            if slow is not None:
+                raise slow
+            return reason
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -246,6 +264,8 @@ class SessionActor:
                 await self._on_timer(ev)
             case JobOutcome():
                 self._on_outcome(ev)
+            case JobWaiting(utterance_index=index, tgt_lang=tgt, error=error):
+                self.results.set_fallback(index, tgt, error)
             case _:
                 raise TypeError(f"session actor got an unknown event {ev!r}")
 

@@ -62,3 +62,24 @@ async def test_unreachable_redis_raises_typed_error(tmp_path):
     async with RedisAdapter(f"unix://{tmp_path}/nothing.sock", socket_timeout=0.5) as a:
         with pytest.raises(RedisUnavailable):
             await a.ping()
+
+
+async def test_shielded_cleanup_gets_replies_when_everything_is_cancelled(redis_url):
+    """Cancelling the daemon (adapter and its users alike) must not strand a shielded cleanup call."""
+    got = []
+
+    async def user(adapter):
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                got.append(await adapter.command("ECHO", "cleanup"))
+
+    with trio.fail_after(5):  # liveness: before the fix this waited forever
+        with trio.CancelScope() as everything:
+            async with RedisAdapter(redis_url) as a:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(user, a)
+                    await trio.sleep(0.05)
+                    everything.cancel()
+    assert got == ["cleanup"]

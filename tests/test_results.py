@@ -54,3 +54,15 @@ def test_status_is_first_non_success_in_target_order():
     seq.expire(100)
     (result,) = seq.pop_ready()
     assert result.status == "SKIPPED"  # de (SKIPPED) comes before fr (FAILED)
+
+
+def test_waiting_job_fails_instead_of_skipping_and_placement_clears_it():
+    seq = ResultsSequencer()
+    add(seq, 0, deadline=5.0, tgts=("en", "de"))
+    seq.set_fallback(0, "en", "NO_AVAILABLE_NODE")
+    seq.set_fallback(0, "de", "NO_AVAILABLE_NODE")
+    seq.set_fallback(0, "de", None)  # de got placed after all, then never answered
+    assert seq.expire(5.0) == 1
+    (result,) = seq.pop_ready()
+    assert result.translations["en"] == Translation(status="FAILED", error="NO_AVAILABLE_NODE")
+    assert result.translations["de"].status == "SKIPPED"

@@ -1,0 +1,148 @@
+"""End to end over real processes: `scheduler serve` (embedded Valkey) + 2 reference nodes +
+3 concurrent `scheduler client` processes, all on loopback.
+
+Every client must get results 0..n-1 exactly once, in order, each carrying the node's answer
+for exactly the bytes of that utterance (duration and CRC-32 of the WAV slice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from scheduler.audio import silence, tone
+from scheduler.refclient import write_wav
+
+pytestmark = pytest.mark.slow
+CMD = [sys.executable, "-m", "scheduler"]
+BYTES_PER_MS = 32  # 16 kHz, 16-bit mono
+
+
+class Daemon:
+    def __init__(self, tmp: Path, *flags: str):
+        self.log_path = tmp / "daemon.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([*CMD, "serve", "--ws-port", "0", "--admin-port", "0", *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text()
+            if m := re.search(r"event=listening ws=(ws://\S+) .*admin=(http://\S+)", text):
+                self.ws_url, self.admin_url = m.group(1), m.group(2)
+                self.valkey_pid = int(re.search(r"event=embedded_redis_started pid=(\d+)", text).group(1))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError("daemon did not start:\n" + self.log_path.read_text())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self.log.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def make_wav(path: Path, speech_ms: list[int]) -> bytes:
+    pcm = b"".join(tone(ms, freq=300 + 50 * i) + silence(1000) for i, ms in enumerate(speech_ms))
+    write_wav(str(path), pcm)
+    return pcm
+
+
+def check_transcript(lines: list[str], pcm: bytes, expected_utterances: int) -> None:
+    msgs = [json.loads(line) for line in lines if line.startswith("{")]
+    finalized = [m for m in msgs if m["type"] == "utterance_finalized"]
+    results = [m for m in msgs if m["type"] == "result"]
+    assert msgs[-1]["type"] == "session_closed" and msgs[-1]["reason"] == "client_close"
+    assert [m["utterance_index"] for m in finalized] == list(range(expected_utterances))
+    assert [r["utterance_index"] for r in results] == list(range(expected_utterances))
+    offset = 0
+    for fin, result in zip(finalized, results, strict=True):
+        chunk = pcm[offset : offset + fin["audio_ms"] * BYTES_PER_MS]
+        offset += len(chunk)
+        tag = f"{fin['audio_ms']}ms crc32={zlib.crc32(chunk):08x}"
+        assert result["status"] == "SUCCESS", result
+        assert result["source_text"] == f"[zh] {tag}"
+        assert result["translations"]["en"]["text"] == f"[en] {tag}"
+        assert result["translations"]["en"]["node_id"] in ("node-a", "node-b")
+        assert result["turn_id"] == fin["turn_id"] and result["reason"] == fin["reason"]
+    # every byte up to the last utterance went into exactly one utterance; what is left is the
+    # silence after the last pause cut, a silent utterance that is discarded without an index
+    rest = pcm[offset:]
+    assert len(rest) < 1000 * BYTES_PER_MS and rest == bytes(len(rest))
+
+
+def test_three_clients_two_nodes_real_processes(tmp_path):
+    daemon = Daemon(tmp_path)
+    nodes, clients = [], []
+    try:
+        for name in ("node-a", "node-b"):
+            nodes.append(subprocess.Popen([*CMD, "node", "--url", daemon.ws_url, "--node-id", name, "--max-jobs", "2",
+                                           "--delay-ms", "50", "--jitter-ms", "100", "--log-level", "warning"],
+                                          stdin=subprocess.DEVNULL))
+        time.sleep(1.0)  # let both register
+        plans = {"c0": ([700, 400, 900, 300], ["--fast"]), "c1": ([500] * 6, ["--fast"]), "c2": ([600, 800], [])}
+        pcms = {}
+        for name, (speech, extra) in plans.items():
+            wav = tmp_path / f"{name}.wav"
+            pcms[name] = make_wav(wav, speech)
+            clients.append((name, subprocess.Popen([*CMD, "client", "--url", daemon.ws_url, "--wav", str(wav),
+                                                    "--src", "zh", "--tgt", "en", "--json", *extra],
+                                                   stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)))
+        for name, proc in clients:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{out}"
+            check_transcript(out.splitlines(), pcms[name], len(plans[name][0]))
+    finally:
+        for node in nodes:
+            node.terminate()
+        for _, proc in clients:
+            proc.kill()
+        code = daemon.stop()
+    log = daemon.log_path.read_text()
+    assert code == 0, log
+    assert "event=stopped" in log and "event=embedded_redis_stopped" in log
+    assert not pid_alive(daemon.valkey_pid)
+    assert "Traceback" not in log, log
+
+
+def test_sigint_twice_exits_and_leaves_no_valkey(tmp_path):
+    daemon = Daemon(tmp_path)
+    daemon.proc.send_signal(signal.SIGINT)
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(timeout=20) == 0
+    daemon.log.close()
+    assert not pid_alive(daemon.valkey_pid)
+
+
+def test_external_redis_url_is_used(tmp_path, redis_url):
+    daemon_log = tmp_path / "d.log"
+    with open(daemon_log, "w") as log:
+        env = {**os.environ, "SCHEDULER_REDIS_URL": redis_url}
+        proc = subprocess.Popen([*CMD, "serve", "--ws-port", "0", "--admin-port", "0"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while "event=listening" not in daemon_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    text = daemon_log.read_text()
+    assert f"redis={redis_url}" in text and "embedded_redis_started" not in text

@@ -1,0 +1,232 @@
+"""The daemon's edges over real WebSockets on loopback, with real Valkey: errors and isolation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from scheduler.refnode import NodeFatal, NodeOptions, ReferenceNode
+
+from .helpers import SPEECH_100MS, peer, session, speak, start_node
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_unknown_path_is_rejected_with_404(daemon):
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(daemon.ws_url + "/v2/elsewhere"):
+            pass
+    assert info.value.status_code == 404
+
+
+async def test_admin_endpoints(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/healthz")
+    assert status == 200
+    status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/readyz")
+    assert (status, body.strip()) == (200, "ready")
+    status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/metrics")
+    assert status == 200
+    for name in ("scheduler_session_actor_backlog_size", "scheduler_duplicate_finalize_suppressed_total",
+                 "scheduler_duplicate_job_blocked_total", "scheduler_result_gap_timeout_total",
+                 "scheduler_finalize_latency_seconds_bucket", "scheduler_nodes_online 1.0", "process_resident_memory_bytes"):
+        assert name in body
+    assert (await trio.to_thread.run_sync(http_get, daemon.admin_port, "/nope"))[0] == 404
+
+
+async def test_bad_messages_keep_the_session_alive(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as s:
+        for bad in ["{", '{"type":"dance"}', '{"type":"audio_chunk","data":42}', '{"type":"session_init","src_lang":"zh","tgt_langs":["en"]}']:
+            await s.send_raw(bad)
+            err = await s.recv()
+            assert err["type"] == "error" and err["code"] == "BAD_MESSAGE" and err["fatal"] is False, err
+        await speak(s)
+        await s.send(type="audio_chunk", data=base64.b64encode(SPEECH_100MS).decode(), is_final=True)
+        fin = await s.recv()
+        assert fin["type"] == "utterance_finalized" and fin["utterance_index"] == 0 and fin["audio_ms"] == 400
+        result, _ = await s.recv_until("result")
+        assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"].startswith("[en] 400ms")
+
+
+async def test_audio_before_init_is_not_initialized_and_init_can_follow(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    async with peer(daemon.ws_url + "/v1/session") as p:
+        await p.send_raw(SPEECH_100MS)
+        assert (await p.recv())["code"] == "NOT_INITIALIZED"
+        await p.send(type="audio_chunk", data="AAAA")
+        assert (await p.recv())["code"] == "NOT_INITIALIZED"
+        await p.send(type="session_init", src_lang="zh", tgt_langs=[])
+        assert (await p.recv())["code"] == "BAD_MESSAGE"
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+        ready = await p.recv()
+        assert ready["type"] == "session_ready" and ready["next_utterance_index"] == 0 and ready["resumed"] is False
+        assert ready["limits"]["pause_ms"] == 200
+
+
+async def test_unsupported_lang_pair_is_fatal(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    async with peer(daemon.ws_url + "/v1/session") as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en", "xx"])
+        err = await p.recv()
+        assert err["code"] == "UNSUPPORTED_LANG_PAIR" and err["fatal"] is True and "zh->xx" in err["message"]
+        with pytest.raises(ConnectionClosed) as info:
+            await p.recv()
+        assert info.value.reason.code == 1008
+
+
+async def test_resume_of_unknown_session_is_fatal(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    async with peer(daemon.ws_url + "/v1/session") as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id="nope", resume_from=0)
+        assert (await p.recv())["code"] == "UNKNOWN_SESSION"
+        with pytest.raises(ConnectionClosed) as info:
+            await p.recv()
+        assert info.value.reason.code == 1008
+
+
+async def test_frame_too_large_closes_1009(start_daemon, nursery):
+    daemon = await start_daemon(max_frame_bytes=1000)
+    await start_node(nursery, daemon, node_id="n1")
+    async with session(daemon) as s:
+        await s.send_raw(b"\x01\x00" * 1000)
+        err = await s.recv()
+        assert err["code"] == "FRAME_TOO_LARGE" and err["fatal"] is True
+        with pytest.raises(ConnectionClosed) as info:
+            await s.recv()
+        assert info.value.reason.code == 1009
+
+
+async def test_one_bad_client_does_not_hurt_another(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as good, session(daemon) as bad:
+        await bad.send_raw(b"\x00" * (daemon.settings.max_frame_bytes + 10))  # fatal for `bad`
+        assert (await bad.recv())["code"] == "FRAME_TOO_LARGE"
+        await speak(good)
+        await good.send(type="finalize")
+        result, before = await good.recv_until("result")
+        assert [m["type"] for m in before] == ["utterance_finalized"] and result["status"] == "SUCCESS"
+
+
+async def test_node_token_is_enforced(start_daemon, nursery):
+    daemon = await start_daemon(node_token="s3cret")
+    with pytest.raises(NodeFatal, match="UNAUTHORIZED"):
+        await ReferenceNode(NodeOptions(url=daemon.ws_url, node_id="n1", token="wrong", reconnect=False)).run()
+    await start_node(nursery, daemon, node_id="n1", token="s3cret")
+    assert "n1" in daemon.nodes
+
+
+async def test_duplicate_node_id_is_refused(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    with pytest.raises(NodeFatal, match="DUPLICATE_NODE_ID"):
+        await ReferenceNode(NodeOptions(url=daemon.ws_url, node_id="n1", reconnect=False)).run()
+    assert "n1" in daemon.nodes
+
+
+async def test_node_must_register_first_and_bad_frames_are_not_fatal(daemon):
+    async with peer(daemon.ws_url + "/v1/node") as p:
+        await p.send(type="heartbeat")
+        assert (await p.recv())["code"] == "NOT_REGISTERED"
+        await p.send(type="register", node_id="n9", lang_pairs=[["zh", "en"]], max_jobs=1)
+        assert (await p.recv())["type"] == "registered"
+        await p.send_raw("garbage")
+        assert (await p.recv())["code"] == "BAD_MESSAGE"
+        await p.send(type="job_result", job_id="12345", attempt=1, status="ok", source_text="x", text="y")
+        await p.send(type="heartbeat", load={"cpu": 0.1})
+        await trio.sleep(0.2)
+        assert "n9" in daemon.nodes
+        assert 'scheduler_stale_answers_dropped_total{code="UNKNOWN_JOB"} 1.0' in daemon.metrics.render().decode()
+
+
+async def test_answers_from_the_wrong_node_are_dropped(daemon, nursery):
+    """A node answering a job it does not hold is ignored; the holder's answer is delivered."""
+    async with peer(daemon.ws_url + "/v1/node") as holder, peer(daemon.ws_url + "/v1/node") as intruder:
+        await holder.send(type="register", node_id="holder", lang_pairs=[["zh", "en"]], max_jobs=1)
+        await holder.recv()
+        await intruder.send(type="register", node_id="intruder", lang_pairs=[["de", "fr"]], max_jobs=1)
+        await intruder.recv()
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            job = await holder.recv()
+            assert job["type"] == "job_assign" and job["job_key"] == f"{s.ready['session_id']}:0:translate:en"
+            await intruder.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="FORGED")
+            await holder.send(type="job_result", job_id=job["job_id"], attempt=2, status="ok", text="OLD")
+            await holder.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="REAL")
+            await holder.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="AGAIN")
+            result, _ = await s.recv_until("result")
+            assert result["translations"]["en"]["text"] == "REAL"
+            await s.send(type="close_session")
+            closed, between = await s.recv_until("session_closed")
+            assert [m["type"] for m in between] == []
+        expected = [f'scheduler_stale_answers_dropped_total{{code="{code}"}} 1.0'
+                    for code in ("NODE_MISMATCH", "STALE_ATTEMPT", "ALREADY_COMPLETED")]
+        with trio.fail_after(5):  # the intruder's socket is read by another task: wait for it
+            while not all(line in daemon.metrics.render().decode() for line in expected):
+                await trio.sleep(0.02)
+
+
+async def test_no_node_free_until_deadline_gives_failed(start_daemon, nursery):
+    daemon = await start_daemon(result_deadline_ms=600)
+    async with peer(daemon.ws_url + "/v1/node") as silent_node:
+        await silent_node.send(type="register", node_id="busy", lang_pairs=[["zh", "en"]], max_jobs=1)
+        await silent_node.recv()
+        async with session(daemon) as s:
+            for _ in range(2):
+                await s.send_raw(SPEECH_100MS)
+                await s.send(type="finalize")
+            results = []
+            while len(results) < 2:
+                msg = await s.recv(timeout=5)
+                if msg["type"] == "result":
+                    results.append(msg)
+            assert [(r["utterance_index"], r["status"]) for r in results] == [(0, "SKIPPED"), (1, "FAILED")]
+            assert results[1]["translations"]["en"]["error"] == "NO_AVAILABLE_NODE"
+
+
+async def test_node_loss_fails_its_jobs(daemon, nursery):
+    async with peer(daemon.ws_url + "/v1/node") as node:
+        await node.send(type="register", node_id="n1", lang_pairs=[["zh", "en"]], max_jobs=2)
+        await node.recv()
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            assert (await node.recv())["type"] == "job_assign"
+            await node.ws.aclose()
+            result, _ = await s.recv_until("result")
+            assert result["status"] == "FAILED" and result["translations"]["en"]["error"] == "NODE_LOST"
+
+
+async def test_shutdown_drains_sessions_and_refuses_newcomers(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1", delay_ms=300)
+    async with session(daemon) as s:
+        await speak(s)
+        await trio.sleep(0.1)
+        daemon.shutdown()
+        status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/readyz")
+        assert status == 503 and "draining" in body
+        fin, _ = await s.recv_until("utterance_finalized")
+        assert fin["reason"] == "close"
+        async with peer(daemon.ws_url + "/v1/session") as late:
+            err = await late.recv()
+            assert err["code"] == "SHUTTING_DOWN" and err["fatal"]
+        result, _ = await s.recv_until("result")
+        assert result["status"] == "SUCCESS"
+        closed, _ = await s.recv_until("session_closed")
+        assert closed == {"type": "session_closed", "reason": "shutdown", "utterances": 1}
+        with pytest.raises(ConnectionClosed) as info:
+            await s.recv()
+        assert info.value.reason.code == 1001
+
+

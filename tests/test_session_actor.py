@@ -1,0 +1,213 @@
+"""The session actor alone: real actor, MockClock (autojump), a recording job port.
+
+The race-proof Hypothesis treatment lives in its own module; these are the named behaviours.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from scheduler.audio import silence, tone
+from scheduler.config import Settings
+from scheduler.metrics import Metrics
+from scheduler.protocol import Result, SessionClosed, Translation, UtteranceFinalized
+from scheduler.session import AudioIn, CloseIn, FinalizeIn, JobOutcome, SessionActor, SlowClient
+from scheduler.timers import TimerFired
+
+SPEECH = tone(100)  # 100 ms frames
+QUIET = silence(100)
+
+
+class RecordingPort:
+    def __init__(self):
+        self.requests = []
+        self.cancelled = []
+
+    async def submit(self, request):
+        self.requests.append(request)
+
+    async def cancel(self, session_id, job_keys):
+        self.cancelled.extend(job_keys)
+
+
+class Harness:
+    def __init__(self, nursery, outbox_size=1024, **overrides):
+        values = dict(pause_ms=800, utterance_timeout_ms=15000, max_utterance_ms=20000, result_deadline_ms=30000,
+                      idle_timeout_ms=60000, max_pending_events=128)
+        values.update(overrides)
+        self.port = RecordingPort()
+        self.metrics = Metrics()
+        self.actor = SessionActor(session_id="S", src_lang="zh", tgt_langs=("en",), sample_rate=16000,
+                                  settings=Settings(**values), jobs=self.port, metrics=self.metrics,
+                                  outbox_size=outbox_size)
+        self.outcome = None
+        self.done = trio.Event()
+        nursery.start_soon(self._run)
+
+    async def _run(self):
+        try:
+            self.outcome = await self.actor.run()
+        except SlowClient as exc:
+            self.outcome = exc
+        self.done.set()
+
+    async def send(self, ev):
+        await self.actor.put_client_event(ev)
+        await trio.testing.wait_all_tasks_blocked()
+
+    def drain(self):
+        out = []
+        while True:
+            try:
+                out.append(self.actor.outbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return out
+
+    def answer(self, index, text="ok", tgt="en"):
+        assert self.actor.put_outcome_nowait(
+            JobOutcome(index, tgt, Translation(status="SUCCESS", text=text, node_id="n"), f"src{index}"))
+
+
+def finalized(msgs):
+    return [(m.utterance_index, m.reason) for m in msgs if isinstance(m, UtteranceFinalized)]
+
+
+async def test_is_final_and_finalize_number_utterances(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn(SPEECH))
+    await h.send(FinalizeIn())
+    assert finalized(h.drain()) == [(0, "is_final"), (1, "is_final")]
+    assert [r.job_key for r in h.port.requests] == ["S:0:translate:en", "S:1:translate:en"]
+    assert h.port.requests[0].audio == SPEECH + SPEECH
+    assert h.port.requests[1].audio == SPEECH
+
+
+async def test_pause_after_no_audio(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH))
+    start = trio.current_time()
+    await trio.sleep(0.79)
+    assert finalized(h.drain()) == []
+    await trio.sleep(0.02)
+    assert finalized(h.drain()) == [(0, "pause")]
+    assert trio.current_time() - start >= 0.8
+
+
+async def test_pause_on_trailing_silence_in_stream(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH))
+    for _ in range(8):
+        await h.send(AudioIn(QUIET))
+    assert finalized(h.drain()) == [(0, "pause")]
+    assert h.port.requests[0].audio == SPEECH + QUIET * 8
+
+
+async def test_silent_or_empty_utterances_take_no_index(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(FinalizeIn())
+    await h.send(AudioIn(QUIET, is_final=True))
+    await h.send(AudioIn(QUIET))
+    await trio.sleep(5)  # pause fires on a silent utterance: discarded
+    await h.send(AudioIn(SPEECH, is_final=True))
+    assert finalized(h.drain()) == [(0, "is_final")]
+    assert len(h.port.requests) == 1
+
+
+async def test_timeout_on_old_utterance(nursery, autojump_clock):
+    h = Harness(nursery, utterance_timeout_ms=3000)
+    for _ in range(40):  # real-time speech, never a pause
+        await h.send(AudioIn(SPEECH))
+        await trio.sleep(0.1)
+    assert finalized(h.drain())[0] == (0, "timeout")
+
+
+async def test_max_duration_cuts_at_frame_and_keeps_turn(nursery, autojump_clock):
+    h = Harness(nursery, max_utterance_ms=1000)
+    for _ in range(15):
+        await h.send(AudioIn(SPEECH))
+    await h.send(FinalizeIn())
+    msgs = [m for m in h.drain() if isinstance(m, UtteranceFinalized)]
+    assert [(m.utterance_index, m.reason, m.audio_ms) for m in msgs] == [(0, "max_duration", 1000), (1, "is_final", 500)]
+    assert msgs[0].turn_id == msgs[1].turn_id
+    assert [r.turn_action for r in h.port.requests] == ["keep", "end"]
+    await h.send(AudioIn(SPEECH, is_final=True))
+    third = [m for m in h.drain() if isinstance(m, UtteranceFinalized)][0]
+    assert third.turn_id != msgs[0].turn_id and h.port.requests[-1].turn_action == "none"
+
+
+async def test_results_in_order_and_gap_skipped_at_deadline(nursery, autojump_clock):
+    h = Harness(nursery, result_deadline_ms=5000)
+    for _ in range(3):
+        await h.send(AudioIn(SPEECH, is_final=True))
+    h.answer(2)
+    h.answer(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [m for m in h.drain() if isinstance(m, Result)] == []
+    await trio.sleep(5.01)
+    results = [m for m in h.drain() if isinstance(m, Result)]
+    assert [(r.utterance_index, r.status) for r in results] == [(0, "SKIPPED"), (1, "SUCCESS"), (2, "SUCCESS")]
+    assert h.metrics.result_gap_timeout_total._value.get() == 1
+
+
+async def test_close_finalizes_buffer_and_waits_for_results(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH))
+    await h.send(CloseIn())
+    msgs = h.drain()
+    assert finalized(msgs) == [(0, "close")]
+    assert not h.done.is_set()
+    h.answer(0)
+    await h.done.wait()
+    msgs = h.drain()
+    assert isinstance(msgs[0], Result) and msgs[-1] == SessionClosed(reason="client_close", utterances=1)
+    assert h.outcome == "client_close"
+
+
+async def test_idle_timeout_closes(nursery, autojump_clock):
+    h = Harness(nursery, idle_timeout_ms=2000)
+    await trio.sleep(2.01)
+    await h.done.wait()
+    assert h.drain() == [SessionClosed(reason="idle_timeout", utterances=0)]
+
+
+async def test_stale_timer_fire_is_ignored_and_counted(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH, is_final=True))
+    stale_generation = h.actor.generation - 1
+    await h.send(AudioIn(SPEECH))
+    h.actor.inbox_send.send_nowait(TimerFired("pause", stale_generation))
+    await trio.testing.wait_all_tasks_blocked()
+    assert finalized(h.drain()) == [(0, "is_final")]
+    assert h.metrics.duplicate_finalize_suppressed_total._value.get() == 1
+
+
+async def test_slow_client_is_detected(nursery, autojump_clock):
+    h = Harness(nursery, outbox_size=2)
+    for _ in range(3):
+        await h.actor.put_client_event(AudioIn(SPEECH, is_final=True))
+    await h.done.wait()
+    assert isinstance(h.outcome, SlowClient)
+
+
+async def test_exit_cancels_unanswered_jobs(nursery, autojump_clock):
+    h = Harness(nursery)
+    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn(SPEECH, is_final=True))
+    h.answer(0)
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.cancel_scope.cancel()
+    await trio.sleep(0)
+    assert h.port.cancelled == ["S:1:translate:en"]
+
+
+@pytest.mark.parametrize("n", [1, 5])
+async def test_client_events_are_bounded_by_max_pending_events(nursery, autojump_clock, n):
+    settings_cap = 4
+    h = Harness(nursery, max_pending_events=settings_cap)
+    assert h.actor.client_slots.value == settings_cap
+    for _ in range(n):
+        await h.send(AudioIn(SPEECH))
+    assert h.actor.client_slots.value == settings_cap  # all processed, all slots back
