@@ -18,10 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import keys, wsutil
-from .config import Settings
-from .dispatcher import Dispatcher
 from .logs import event
-from .metrics import Metrics
 from .protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -38,31 +35,14 @@ from .protocol import (
     SessionReady,
     parse_client,
 )
-from .redis_adapter import RedisAdapter, RedisUnavailable
-from .registry import SessionRegistry
+from .redis_adapter import RedisUnavailable
 from .session import AudioIn, CloseIn, FinalizeIn, SessionActor, SlowClient
 
 log = logging.getLogger("scheduler.client_gateway")
 
 
-class ClientGateway:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        redis: RedisAdapter,
-        dispatcher: Dispatcher,
-        sessions: SessionRegistry,
-        metrics: Metrics,
-    ) -> None:
-        self.settings = settings
-        self._redis = redis
-        self._dispatcher = dispatcher
-        self._sessions = sessions
-        self._metrics = metrics
-
-    def _bad(self, code: str) -> None:
-        self._metrics.bad_messages_total.labels("client", code).inc()
+class ClientGateway(wsutil.Gateway):
+    side = "client"
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -120,9 +100,7 @@ class ClientGateway:
                 await self._check_pairs(msg)
                 return msg
             except ProtocolError as err:
-                self._bad(err.code)
-                event(log, "client_error", peer=peer, code=err.code, fatal=err.fatal, message=err.message)
-                await wsutil.send_error(ws, err)
+                await self.refuse(ws, err, peer=peer)
                 if err.fatal:
                     return None
             except ConnectionClosed:
@@ -186,10 +164,7 @@ class ClientGateway:
                     elif isinstance(msg, SessionInit):
                         raise ProtocolError(BAD_MESSAGE, "session already initialized")
                 except ProtocolError as err:
-                    self._bad(err.code)
-                    event(log, "client_error", session_id=actor.session_id, code=err.code, fatal=err.fatal,
-                          message=err.message)
-                    await wsutil.send_error(ws, err)
+                    await self.refuse(ws, err, session_id=actor.session_id)
                     if err.fatal:
                         scope.cancel()
                         return

@@ -92,9 +92,9 @@ class ConfigError(ValueError):
 
 
 _POSITIVE = (
-    "pause_ms utterance_timeout_ms max_utterance_ms result_deadline_ms idle_timeout_ms "
-    "max_pending_events max_frame_bytes heartbeat_interval_ms node_ttl_ms redis_pool_size"
-).split()
+    "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
+    "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "redis_pool_size",
+)
 
 
 def validate(s: Settings) -> list[str]:

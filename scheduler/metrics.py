@@ -6,8 +6,7 @@ one test process without clashing). Process metrics (CPU, RSS, fds) are included
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, generate_latest
 
 
 class Metrics:
@@ -20,7 +19,8 @@ class Metrics:
             p + "session_actor_backlog_size", "Unprocessed client events in a session's inbox when it takes one",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.duplicate_finalize_suppressed_total = Counter(
-            p + "duplicate_finalize_suppressed_total", "Finalize triggers ignored because the utterance was already finalized (stale timer generation)", registry=r)
+            p + "duplicate_finalize_suppressed_total",
+            "Finalize triggers ignored because their utterance was already finalized (stale timer generation)", registry=r)
         self.duplicate_job_blocked_total = Counter(
             p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
         self.result_gap_timeout_total = Counter(

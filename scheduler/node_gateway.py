@@ -15,13 +15,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import keys, wsutil
-from .config import Settings
-from .dispatcher import Dispatcher
 from .logs import event
 from .metrics import Metrics
 from .protocol import (
@@ -40,8 +39,7 @@ from .protocol import (
     Translation,
     parse_node,
 )
-from .redis_adapter import RedisAdapter, RedisUnavailable, ScriptError, now_ms
-from .registry import SessionRegistry
+from .redis_adapter import RedisUnavailable, ScriptError, now_ms
 from .session import JobOutcome
 
 log = logging.getLogger("scheduler.node_gateway")
@@ -99,26 +97,12 @@ class NodeRegistry:
         self._metrics.nodes_online.set(len(self._nodes))
 
 
-class NodeGateway:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        redis: RedisAdapter,
-        dispatcher: Dispatcher,
-        nodes: NodeRegistry,
-        sessions: SessionRegistry,
-        metrics: Metrics,
-    ) -> None:
-        self.settings = settings
-        self._redis = redis
-        self._dispatcher = dispatcher
-        self._nodes = nodes
-        self._sessions = sessions
-        self._metrics = metrics
+class NodeGateway(wsutil.Gateway):
+    side = "node"
 
-    def _bad(self, code: str) -> None:
-        self._metrics.bad_messages_total.labels("node", code).inc()
+    def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
+        super().__init__(**deps)
+        self._nodes = nodes
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -173,9 +157,7 @@ class NodeGateway:
                 await self._write_registration(msg)
                 return msg
             except ProtocolError as err:
-                self._bad(err.code)
-                event(log, "node_error", peer=peer, code=err.code, fatal=err.fatal, message=err.message)
-                await wsutil.send_error(ws, err)
+                await self.refuse(ws, err, peer=peer)
                 if err.fatal:
                     return None
             except ConnectionClosed:
@@ -231,9 +213,7 @@ class NodeGateway:
                         await wsutil.close(ws, CLOSE_GOING_AWAY, "drained")
                         return "drained"
                 except ProtocolError as err:
-                    self._bad(err.code)
-                    event(log, "node_error", node_id=conn.node_id, code=err.code, fatal=err.fatal, message=err.message)
-                    await wsutil.send_error(ws, err)
+                    await self.refuse(ws, err, node_id=conn.node_id)
                     if err.fatal:
                         return err.code
         except ConnectionClosed:

@@ -376,15 +376,13 @@ class SessionActor:
                 self._metrics.duplicate_finalize_suppressed_total.inc()
                 return
             await self._finalize(fired.kind, trio.current_time())
-        elif fired.kind == "idle":
-            if fired.generation == self._idle_gen and self.closing is None:
-                await self._begin_close("idle_timeout")
-        elif fired.kind == "result":
-            if fired.generation == self._result_gen:
-                skipped = self.results.expire(trio.current_time())
-                if skipped:
-                    self._metrics.result_gap_timeout_total.inc(skipped)
-                self._flush_results()
+        elif fired.kind == "idle" and fired.generation == self._idle_gen and self.closing is None:
+            await self._begin_close("idle_timeout")
+        elif fired.kind == "result" and fired.generation == self._result_gen:
+            skipped = self.results.expire(trio.current_time())
+            if skipped:
+                self._metrics.result_gap_timeout_total.inc(skipped)
+            self._flush_results()
 
     # ------------------------------------------------------------ results and close
 

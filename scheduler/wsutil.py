@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .logs import event
 from .protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .dispatcher import Dispatcher
+    from .metrics import Metrics
+    from .redis_adapter import RedisAdapter
+    from .registry import SessionRegistry
 
 log = logging.getLogger("scheduler.ws")
 
@@ -57,3 +64,30 @@ async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer:
         if not await send(ws, msg):
             event(log, "send_on_closed_socket", logging.DEBUG, peer=peer, type=msg.TYPE)
             return
+
+
+class Gateway:
+    """What the client and node gateways share: their dependencies and how they refuse a frame."""
+
+    side = "peer"  # "client" or "node": metrics label and log event prefix
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis: RedisAdapter,
+        dispatcher: Dispatcher,
+        sessions: SessionRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self._redis = redis
+        self._dispatcher = dispatcher
+        self._sessions = sessions
+        self._metrics = metrics
+
+    async def refuse(self, ws: WebSocketConnection, err: ProtocolError, **context: Any) -> None:
+        """Count, log and send ``err`` (closing the socket when it is fatal)."""
+        self._metrics.bad_messages_total.labels(self.side, err.code).inc()
+        event(log, f"{self.side}_error", code=err.code, fatal=err.fatal, message=err.message, **context)
+        await send_error(ws, err)

@@ -30,7 +30,7 @@ BYTES_PER_MS = 32  # 16 kHz, 16-bit mono
 class Daemon:
     def __init__(self, tmp: Path, *flags: str):
         self.log_path = tmp / "daemon.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([*CMD, "serve", "--ws-port", "0", "--admin-port", "0", *flags],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
