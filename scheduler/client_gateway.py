@@ -152,11 +152,11 @@ class ClientGateway(wsutil.Gateway):
                 try:
                     wsutil.check_size(message, limit)
                     if isinstance(message, bytes):
-                        await actor.put_client_event(AudioIn(message))
+                        await actor.put_client_event(AudioIn.of(message))
                         continue
                     msg = parse_client(message)
                     if isinstance(msg, AudioChunk):
-                        await actor.put_client_event(AudioIn(msg.pcm, msg.is_final))
+                        await actor.put_client_event(AudioIn.of(msg.pcm, msg.is_final))
                     elif isinstance(msg, Finalize):
                         await actor.put_client_event(FinalizeIn())
                     elif isinstance(msg, CloseSession):

@@ -1,24 +1,35 @@
 """The session actor: the only reader and writer of one client session's state.
 
-Inputs arrive on one fixed-capacity memory channel (``inbox``): client events (audio,
-finalize, close), timer fires and job outcomes. Capacity is ``max_pending_events`` for
-client events (a logical cap enforced by the ``client_slots`` semaphore the client gateway
-takes before each send) plus :data:`INTERNAL_RESERVE` for timer fires and job outcomes, so
-a client flooding its session cannot crowd out its answers.
+Inputs:
+- client events (audio, finalize, close) queue in the session's :class:`ClientBacklog`,
+  which merges audio past ``max_pending_events`` and bounds memory (see ``backlog.py``);
+- everything else arrives on the actor's fixed-capacity inbox channel
+  (:data:`INBOX_CAPACITY`): timer fires, job outcomes, "job is waiting" notes, shutdown,
+  and a wake token the backlog posts when it goes from empty to non-empty.
+The actor loop takes one inbox item, handles it, then handles up to :data:`CLIENT_BATCH`
+client events from the backlog, so answers and timers are never starved by a flood of audio.
 
 Outputs go to ``outbox`` (capacity ``outbox_size``), drained by the client gateway's writer.
-The actor never waits on the client: when the outbox is full the client is not reading and
-:class:`SlowClient` ends the session. Close semantics: the actor closes ``outbox_send`` when
-it exits; the writer sends what is left and returns.
+The actor never waits on the client: a full outbox means the client is not reading, and
+:class:`SlowClient` ends the session. The actor closes ``outbox_send`` when it exits.
 
 Guarantees (protocol.md, "Result ordering and completeness"):
 - ``utterance_index`` grows by exactly one per finalize, only on the finalize path; an
   empty or all-silent utterance never takes an index.
-- Every timer is armed with the generation of the utterance it was armed for; the
-  generation changes whenever the open utterance is finalized or discarded, so a fire that
-  races another trigger is stale, ignored and counted.
+- Timers carry the generation of the utterance they were armed for (``generation`` changes
+  whenever the open utterance is finalized or discarded) and their arming ``seq``: a fire
+  for a finished utterance is suppressed and counted; a fire whose timer was re-armed
+  meanwhile (new audio moved the pause deadline) is void.
 - One ``result`` per finalized index, in index order, never later than its result deadline
   (see :mod:`scheduler.results`).
+- Job audio is exactly the frames the client sent for the utterance, in order; frames are
+  never split, also when merged under backpressure.
+
+Backpressure: when the actor takes an audio event into which the backlog merged frames, it
+sends ``busy`` (once per episode: again only after the backlog fell below half the budget).
+If the backlog still holds at least half the budget after that event, merging was not
+enough: the open utterance is finalized at once with reason ``backlog``
+(``busy.action = "early_finalize"``; otherwise ``"merged"``).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import attrs
 import trio
 
 from . import audio
+from .backlog import AudioIn, ClientBacklog, ClientEvent, CloseIn, FinalizeIn
 from .config import Settings
 from .keys import job_key_for, job_type_for
 from .logs import event
@@ -41,27 +53,16 @@ from .timers import GenerationTimer, TimerFired
 
 log = logging.getLogger("scheduler.session")
 
-INTERNAL_RESERVE = 256
-"""Inbox places beyond ``max_pending_events`` for timer fires and job outcomes."""
+INBOX_CAPACITY = 512
+"""Places in the actor's inbox for timer fires, job outcomes, waiting notes and wake tokens."""
 
-
-# ---------------------------------------------------------------- inputs
-
-
-@attrs.frozen
-class AudioIn:
-    pcm: bytes
-    is_final: bool = False
+CLIENT_BATCH = 64
+"""Client events handled per inbox item, so that timers and answers interleave with a flood."""
 
 
 @attrs.frozen
-class FinalizeIn:
-    pass
-
-
-@attrs.frozen
-class CloseIn:
-    reason: str = "client_close"
+class ClientWake:
+    """The backlog went from empty to non-empty."""
 
 
 @attrs.frozen
@@ -91,7 +92,7 @@ class JobWaiting:
     error: str | None
 
 
-CLIENT_EVENTS = (AudioIn, FinalizeIn, CloseIn)
+__all__ = ["AudioIn", "CloseIn", "FinalizeIn", "JobOutcome", "JobRequest", "JobWaiting", "SessionActor", "SlowClient"]
 
 
 # ---------------------------------------------------------------- the port to the scheduler
@@ -157,14 +158,16 @@ class SessionActor:
         self.settings = settings
         self._jobs = jobs
         self._metrics = metrics
-        self.inbox_send, self._inbox = trio.open_memory_channel(settings.max_pending_events + INTERNAL_RESERVE)
-        self.client_slots = trio.Semaphore(settings.max_pending_events)
+        self.inbox_send, self._inbox = trio.open_memory_channel(INBOX_CAPACITY)
+        self._bytes_per_ms = sample_rate * audio.BYTES_PER_SAMPLE / 1000.0
+        max_utterance_bytes = int(settings.max_utterance_ms * self._bytes_per_ms)
+        self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._post_wake)
         self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
         self.results = ResultsSequencer(next_index)
         self.next_index = next_index
         self.closing: str | None = None
         self._silence_ms2 = audio.silence_threshold(settings.silence_dbfs)
-        self._bytes_per_ms = sample_rate * audio.BYTES_PER_SAMPLE / 1000.0
+        self._busy_sent = False
         # the open utterance
         self.generation = 0
         self._chunks: list[bytes] = []
@@ -182,29 +185,35 @@ class SessionActor:
 
     # ------------------------------------------------------------ producers' API
 
-    async def put_client_event(self, ev: AudioIn | FinalizeIn | CloseIn) -> None:
-        """For the client gateway: waits while ``max_pending_events`` client events are queued."""
-        await self.client_slots.acquire()
-        await self.inbox_send.send(ev)
+    async def put_client_event(self, ev: ClientEvent) -> None:
+        """For the client gateway: queue (or merge) a client event; waits at the memory bound."""
+        await self.backlog.put(ev)
 
     def put_outcome_nowait(self, outcome: JobOutcome | JobWaiting) -> bool:
-        """For the answer router: never blocks; False when the session is gone or its reserve is full."""
+        """For the answer router: never blocks; False when the session is gone or its inbox is full."""
         return self._put_internal(outcome)
 
     def shutdown_nowait(self) -> bool:
         """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
         return self._put_internal(ShutdownIn())
 
-    def _put_internal(self, ev: JobOutcome | JobWaiting | ShutdownIn) -> bool:
+    def _post_wake(self) -> None:
+        self._put_internal(ClientWake())  # a full inbox will be read anyway, and the backlog with it
+
+    def _put_internal(self, ev: object) -> bool:
         try:
             self.inbox_send.send_nowait(ev)
             return True
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
 
+    def timer_deadlines(self) -> dict[str, float]:
+        """When each timer fires next (``inf`` when disarmed); for tests and introspection."""
+        return {kind: timer.deadline for kind, timer in self._timers.items()}
+
     @property
-    def backlog(self) -> int:
-        return self.settings.max_pending_events - self.client_slots.value
+    def buffered_ms(self) -> float:
+        return self._nbytes / self._bytes_per_ms
 
     # ------------------------------------------------------------ main loop
 
@@ -235,39 +244,47 @@ class SessionActor:
 
     async def _loop(self) -> str:
         self._touch_idle()
-        async for ev in self._inbox:
-            if isinstance(ev, CLIENT_EVENTS):
-                self._metrics.session_actor_backlog_size.observe(self.backlog)
-                self.client_slots.release()
-            await self._handle(ev)
+        async for item in self._inbox:
+            await self._handle(item)
+            for _ in range(CLIENT_BATCH):
+                ev = self.backlog.take()
+                if ev is None:
+                    break
+                self._metrics.session_actor_backlog_size.observe(len(self.backlog) + 1)
+                await self._handle_client(ev)
+            else:
+                if len(self.backlog):
+                    self._post_wake()  # more queued: come back after what else is in the inbox
             if self.closing is not None and self.results.outstanding == 0:
                 self._emit(SessionClosed(reason=self.closing, utterances=self.next_index))
                 return self.closing
         return "disconnected"  # pragma: no cover - the actor holds inbox_send, so never reached
 
-    async def _handle(self, ev: object) -> None:
-        match ev:
-            case AudioIn(pcm=pcm, is_final=is_final):
-                self._touch_idle()
-                if self.closing is None:
-                    await self._on_audio(pcm, is_final)
-            case FinalizeIn():
-                self._touch_idle()
-                if self.closing is None:
-                    await self._finalize("is_final", trio.current_time())
-            case CloseIn(reason=reason):
-                self._touch_idle()
-                await self._begin_close(reason)
-            case ShutdownIn():
-                await self._begin_close("shutdown")
+    async def _handle(self, item: object) -> None:
+        match item:
+            case ClientWake():
+                pass  # the backlog is read after every inbox item
             case TimerFired():
-                await self._on_timer(ev)
+                await self._on_timer(item)
             case JobOutcome():
-                self._on_outcome(ev)
+                self._on_outcome(item)
             case JobWaiting(utterance_index=index, tgt_lang=tgt, error=error):
                 self.results.set_fallback(index, tgt, error)
+            case ShutdownIn():
+                await self._begin_close("shutdown")
             case _:
-                raise TypeError(f"session actor got an unknown event {ev!r}")
+                raise TypeError(f"session actor got an unknown event {item!r}")
+
+    async def _handle_client(self, ev: ClientEvent) -> None:
+        self._touch_idle()
+        if isinstance(ev, CloseIn):
+            await self._begin_close(ev.reason)
+        elif self.closing is not None:
+            return  # after close_session nothing more is taken
+        elif isinstance(ev, AudioIn):
+            await self._on_audio(ev)
+        else:
+            await self._finalize("is_final", trio.current_time())
 
     # ------------------------------------------------------------ audio and finalize
 
@@ -275,13 +292,11 @@ class SessionActor:
         self._turn_seq += 1
         return f"{self.session_id}:t{self._turn_seq}"
 
-    @property
-    def buffered_ms(self) -> float:
-        return self._nbytes / self._bytes_per_ms
-
-    async def _on_audio(self, pcm: bytes, is_final: bool) -> None:
+    async def _on_audio(self, ev: AudioIn) -> None:
         now = trio.current_time()
-        if pcm:
+        for pcm in ev.frames:
+            if not pcm:
+                continue
             if not self._chunks:
                 self._timers["timeout"].arm(now + self.settings.utterance_timeout_ms / 1000, self.generation)
             self._chunks.append(pcm)
@@ -297,8 +312,20 @@ class SessionActor:
             elif self._trailing_silence_ms >= self.settings.pause_ms:
                 # speech then enough silence: end of utterance; silence only: discard it
                 await self._finalize("pause", now)
-        if is_final:
+        if ev.merged:
+            await self._on_pressure(now)
+        elif self._busy_sent and len(self.backlog) < self.backlog.budget / 2:
+            self._busy_sent = False  # recovered: a new crossing gets a new busy
+        if ev.is_final:
             await self._finalize("is_final", now)
+
+    async def _on_pressure(self, now: float) -> None:
+        """The client got ``max_pending_events`` ahead and frames were merged."""
+        backlog = len(self.backlog)
+        early = backlog >= self.backlog.budget / 2 and await self._finalize("backlog", now)
+        if not self._busy_sent:
+            self._busy_sent = True
+            self._emit(Busy(backlog=backlog + 1, action="early_finalize" if early else "merged"))
 
     def _reset_utterance(self) -> None:
         self.generation += 1
@@ -370,12 +397,17 @@ class SessionActor:
         else:
             self._timers["result"].arm(deadline, self._result_gen)
 
+    def fire_is_valid(self, fired: TimerFired) -> bool:
+        """A finalize timer's fire counts only for the open utterance and its latest arming."""
+        return fired.generation == self.generation and self._timers[fired.kind].is_current(fired)
+
     async def _on_timer(self, fired: TimerFired) -> None:
         if fired.kind in ("pause", "timeout"):
-            if fired.generation != self.generation or self.closing is not None:
-                self._metrics.duplicate_finalize_suppressed_total.inc()
+            if self.closing is not None or fired.generation != self.generation:
+                self._metrics.duplicate_finalize_suppressed_total.inc()  # utterance already finalized
                 return
-            await self._finalize(fired.kind, trio.current_time())
+            if self.fire_is_valid(fired):
+                await self._finalize(fired.kind, trio.current_time())
         elif fired.kind == "idle" and fired.generation == self._idle_gen and self.closing is None:
             await self._begin_close("idle_timeout")
         elif fired.kind == "result" and fired.generation == self._result_gen:

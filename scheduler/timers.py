@@ -1,11 +1,17 @@
 """A generation-checked one-shot timer built on a cancel scope deadline.
 
-The owner arms it with ``(deadline, generation)``; when the deadline passes the timer's task
-sends ``TimerFired(kind, generation)`` into the owner's channel, once. Re-arming only moves
-the cancel scope's deadline (no task is started or cancelled). A fire can arrive after the
-owner has moved on (the owner armed a new generation, or already acted for another reason
-while the fire sat in its channel): the owner must compare ``generation`` with its own and
-ignore a stale fire. That check, not timing, is what makes races harmless.
+The owner arms it with ``(deadline, generation)``; when the deadline passes, the timer's task
+sends ``TimerFired(kind, generation, seq)`` into the owner's channel, once. Re-arming only
+moves the cancel scope's deadline (no task is started or cancelled).
+
+A fire can arrive after the owner has moved on, because it waits in the owner's channel
+while the owner handles events that were queued before it. Two checks make that harmless:
+
+- ``generation`` is the owner's generation (for the session actor: the utterance) at arming
+  time. A different current generation means the fire is for something already finished
+  (for a finalize timer: a duplicate finalize, to suppress and count).
+- ``seq`` identifies the arming. :meth:`GenerationTimer.is_current` is False when the timer
+  was re-armed or disarmed after this fire was sent: its deadline moved, the fire is void.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import trio
 class TimerFired:
     kind: str
     generation: int
+    seq: int = 0
 
 
 class GenerationTimer:
@@ -30,23 +37,31 @@ class GenerationTimer:
         self._send = send_channel
         self._deadline = math.inf
         self._generation: int | None = None
+        self._seq = 0
         self._scope: trio.CancelScope | None = None
 
     @property
     def deadline(self) -> float:
+        """When the timer fires next (``inf`` when disarmed)."""
         return self._deadline
 
     def arm(self, deadline: float, generation: int) -> None:
+        self._seq += 1
         self._deadline = deadline
         self._generation = generation
         if self._scope is not None:
             self._scope.deadline = deadline
 
     def disarm(self) -> None:
+        self._seq += 1
         self._deadline = math.inf
         self._generation = None
         if self._scope is not None:
             self._scope.deadline = math.inf
+
+    def is_current(self, fired: TimerFired) -> bool:
+        """True if nothing re-armed or disarmed this timer since ``fired`` was sent."""
+        return fired.kind == self.kind and fired.seq == self._seq
 
     async def run(self) -> None:
         """Sleep until the armed deadline, fire, repeat. Returns when the channel closes."""
@@ -57,8 +72,8 @@ class GenerationTimer:
             self._scope = None
             if self._generation is None or trio.current_time() < self._deadline:
                 continue
-            fired = TimerFired(self.kind, self._generation)
-            self._generation, self._deadline = None, math.inf
+            fired = TimerFired(self.kind, self._generation, self._seq)
+            self._generation, self._deadline = None, math.inf  # fired: one shot, same seq
             try:
                 await self._send.send(fired)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

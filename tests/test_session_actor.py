@@ -5,7 +5,6 @@ The race-proof Hypothesis treatment lives in its own module; these are the named
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from scheduler.audio import silence, tone
@@ -75,9 +74,9 @@ def finalized(msgs):
 
 async def test_is_final_and_finalize_number_utterances(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH))
-    await h.send(AudioIn(SPEECH, is_final=True))
-    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn.of(SPEECH))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH))
     await h.send(FinalizeIn())
     assert finalized(h.drain()) == [(0, "is_final"), (1, "is_final")]
     assert [r.job_key for r in h.port.requests] == ["S:0:translate:en", "S:1:translate:en"]
@@ -87,7 +86,7 @@ async def test_is_final_and_finalize_number_utterances(nursery, autojump_clock):
 
 async def test_pause_after_no_audio(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn.of(SPEECH))
     start = trio.current_time()
     await trio.sleep(0.79)
     assert finalized(h.drain()) == []
@@ -98,9 +97,9 @@ async def test_pause_after_no_audio(nursery, autojump_clock):
 
 async def test_pause_on_trailing_silence_in_stream(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn.of(SPEECH))
     for _ in range(8):
-        await h.send(AudioIn(QUIET))
+        await h.send(AudioIn.of(QUIET))
     assert finalized(h.drain()) == [(0, "pause")]
     assert h.port.requests[0].audio == SPEECH + QUIET * 8
 
@@ -108,10 +107,10 @@ async def test_pause_on_trailing_silence_in_stream(nursery, autojump_clock):
 async def test_silent_or_empty_utterances_take_no_index(nursery, autojump_clock):
     h = Harness(nursery)
     await h.send(FinalizeIn())
-    await h.send(AudioIn(QUIET, is_final=True))
-    await h.send(AudioIn(QUIET))
+    await h.send(AudioIn.of(QUIET, is_final=True))
+    await h.send(AudioIn.of(QUIET))
     await trio.sleep(5)  # pause fires on a silent utterance: discarded
-    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
     assert finalized(h.drain()) == [(0, "is_final")]
     assert len(h.port.requests) == 1
 
@@ -119,7 +118,7 @@ async def test_silent_or_empty_utterances_take_no_index(nursery, autojump_clock)
 async def test_timeout_on_old_utterance(nursery, autojump_clock):
     h = Harness(nursery, utterance_timeout_ms=3000)
     for _ in range(40):  # real-time speech, never a pause
-        await h.send(AudioIn(SPEECH))
+        await h.send(AudioIn.of(SPEECH))
         await trio.sleep(0.1)
     assert finalized(h.drain())[0] == (0, "timeout")
 
@@ -127,13 +126,13 @@ async def test_timeout_on_old_utterance(nursery, autojump_clock):
 async def test_max_duration_cuts_at_frame_and_keeps_turn(nursery, autojump_clock):
     h = Harness(nursery, max_utterance_ms=1000)
     for _ in range(15):
-        await h.send(AudioIn(SPEECH))
+        await h.send(AudioIn.of(SPEECH))
     await h.send(FinalizeIn())
     msgs = [m for m in h.drain() if isinstance(m, UtteranceFinalized)]
     assert [(m.utterance_index, m.reason, m.audio_ms) for m in msgs] == [(0, "max_duration", 1000), (1, "is_final", 500)]
     assert msgs[0].turn_id == msgs[1].turn_id
     assert [r.turn_action for r in h.port.requests] == ["keep", "end"]
-    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
     third = [m for m in h.drain() if isinstance(m, UtteranceFinalized)][0]
     assert third.turn_id != msgs[0].turn_id and h.port.requests[-1].turn_action == "none"
 
@@ -141,7 +140,7 @@ async def test_max_duration_cuts_at_frame_and_keeps_turn(nursery, autojump_clock
 async def test_results_in_order_and_gap_skipped_at_deadline(nursery, autojump_clock):
     h = Harness(nursery, result_deadline_ms=5000)
     for _ in range(3):
-        await h.send(AudioIn(SPEECH, is_final=True))
+        await h.send(AudioIn.of(SPEECH, is_final=True))
     h.answer(2)
     h.answer(1)
     await trio.testing.wait_all_tasks_blocked()
@@ -154,7 +153,7 @@ async def test_results_in_order_and_gap_skipped_at_deadline(nursery, autojump_cl
 
 async def test_close_finalizes_buffer_and_waits_for_results(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn.of(SPEECH))
     await h.send(CloseIn())
     msgs = h.drain()
     assert finalized(msgs) == [(0, "close")]
@@ -175,9 +174,9 @@ async def test_idle_timeout_closes(nursery, autojump_clock):
 
 async def test_stale_timer_fire_is_ignored_and_counted(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
     stale_generation = h.actor.generation - 1
-    await h.send(AudioIn(SPEECH))
+    await h.send(AudioIn.of(SPEECH))
     h.actor.inbox_send.send_nowait(TimerFired("pause", stale_generation))
     await trio.testing.wait_all_tasks_blocked()
     assert finalized(h.drain()) == [(0, "is_final")]
@@ -187,15 +186,15 @@ async def test_stale_timer_fire_is_ignored_and_counted(nursery, autojump_clock):
 async def test_slow_client_is_detected(nursery, autojump_clock):
     h = Harness(nursery, outbox_size=2)
     for _ in range(3):
-        await h.actor.put_client_event(AudioIn(SPEECH, is_final=True))
+        await h.actor.put_client_event(AudioIn.of(SPEECH, is_final=True))
     await h.done.wait()
     assert isinstance(h.outcome, SlowClient)
 
 
 async def test_exit_cancels_unanswered_jobs(nursery, autojump_clock):
     h = Harness(nursery)
-    await h.send(AudioIn(SPEECH, is_final=True))
-    await h.send(AudioIn(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    await h.send(AudioIn.of(SPEECH, is_final=True))
     h.answer(0)
     await trio.testing.wait_all_tasks_blocked()
     nursery.cancel_scope.cancel()
@@ -203,11 +202,86 @@ async def test_exit_cancels_unanswered_jobs(nursery, autojump_clock):
     assert h.port.cancelled == ["S:1:translate:en"]
 
 
-@pytest.mark.parametrize("n", [1, 5])
-async def test_client_events_are_bounded_by_max_pending_events(nursery, autojump_clock, n):
-    settings_cap = 4
-    h = Harness(nursery, max_pending_events=settings_cap)
-    assert h.actor.client_slots.value == settings_cap
-    for _ in range(n):
-        await h.send(AudioIn(SPEECH))
-    assert h.actor.client_slots.value == settings_cap  # all processed, all slots back
+
+
+class StallingPort(RecordingPort):
+    """submit() blocks while stalled: the actor stops taking events and its backlog grows."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = trio.Event()
+        self.open.set()
+
+    def stall(self):
+        self.open = trio.Event()
+
+    async def submit(self, request):
+        await self.open.wait()
+        await super().submit(request)
+
+
+def stalled_harness(nursery, **settings):
+    h = Harness(nursery, **settings)
+    h.port = h.actor._jobs = StallingPort()
+    return h
+
+
+async def test_backpressure_merges_then_sends_busy_once(nursery, autojump_clock):
+    h = stalled_harness(nursery, max_pending_events=4)
+    h.port.stall()
+    await h.send(AudioIn.of(SPEECH, is_final=True))  # actor now blocked in submit
+    for _ in range(10):
+        h.actor.backlog.put_nowait(AudioIn.of(SPEECH))
+    assert len(h.actor.backlog) == 4  # 3 + one event holding 7 merged frames
+    h.port.open.set()
+    await trio.testing.wait_all_tasks_blocked()
+    msgs = h.drain()
+    busy = [m for m in msgs if m.TYPE == "busy"]
+    assert len(busy) == 1 and busy[0].action == "merged"
+    await h.send(FinalizeIn())
+    fins = [m for m in h.drain() + msgs if isinstance(m, UtteranceFinalized)]
+    # every frame arrived, in order, in whole frames: 1 + 10 frames of 100 ms
+    assert sum(f.audio_ms for f in fins) == 1100
+    assert b"".join(r.audio for r in h.port.requests) == SPEECH * 11
+
+
+async def test_backpressure_not_enough_finalizes_early_with_reason_backlog(nursery, autojump_clock):
+    h = stalled_harness(nursery, max_pending_events=4)
+    h.port.stall()
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    for _ in range(6):
+        h.actor.backlog.put_nowait(AudioIn.of(SPEECH))  # 3 events + 1 merged (3 frames)
+    for _ in range(3):
+        h.actor.backlog.put_nowait(FinalizeIn())  # still queued behind the merged event
+    h.port.open.set()
+    await trio.testing.wait_all_tasks_blocked()
+    msgs = h.drain()
+    assert [m.action for m in msgs if m.TYPE == "busy"] == ["early_finalize"]
+    assert [(i, r) for i, r in finalized(msgs)] == [(0, "is_final"), (1, "backlog")]
+
+
+async def test_busy_again_only_after_recovering_below_half(nursery, autojump_clock):
+    h = stalled_harness(nursery, max_pending_events=4)
+    for _round in range(2):
+        h.port.stall()
+        await h.send(AudioIn.of(SPEECH, is_final=True))
+        for _ in range(8):
+            h.actor.backlog.put_nowait(AudioIn.of(SPEECH))
+        h.port.open.set()
+        await trio.testing.wait_all_tasks_blocked()
+        await h.send(AudioIn.of(SPEECH))  # unmerged event with an empty backlog: recovered
+    assert [m.action for m in h.drain() if m.TYPE == "busy"] == ["merged", "merged"]
+
+
+async def test_pause_fire_overtaken_by_new_audio_is_void(nursery, autojump_clock):
+    """The pause deadline passes while a new frame already waits: the frame wins, no pause cut."""
+    h = Harness(nursery)
+    await h.send(AudioIn.of(SPEECH))
+    await trio.sleep(0.5)
+    h.actor.backlog.put_nowait(AudioIn.of(SPEECH))  # queued, not yet taken ...
+    autojump_clock.jump(0.31)  # ... when the first frame's pause deadline passes
+    await trio.testing.wait_all_tasks_blocked()
+    assert finalized(h.drain()) == []
+    await trio.sleep(0.8)
+    assert finalized(h.drain()) == [(0, "pause")]
+    assert h.port.requests[0].audio == SPEECH * 2

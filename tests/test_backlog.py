@@ -1,0 +1,79 @@
+import trio
+
+from scheduler.backlog import AudioIn, ClientBacklog, CloseIn, FinalizeIn
+
+
+def frame(n: int) -> bytes:
+    return bytes([n % 256]) * 4
+
+
+def make(budget=3, max_bytes=10_000):
+    wakes = []
+    return ClientBacklog(budget, max_bytes, lambda: wakes.append(1)), wakes
+
+
+def test_queues_as_is_up_to_budget_then_merges_audio_in_order():
+    b, wakes = make(budget=3)
+    for i in range(6):
+        b.put_nowait(AudioIn.of(frame(i)))
+    assert len(b) == 3 and wakes == [1]
+    events = [b.take() for _ in range(3)]
+    assert [e.frames for e in events[:2]] == [(frame(0),), (frame(1),)]
+    assert events[2].frames == (frame(2), frame(3), frame(4), frame(5)) and events[2].merged == 3
+    assert b.take() is None and b.nbytes == 0
+
+
+def test_finalize_and_close_are_never_merged_or_dropped():
+    b, _ = make(budget=2)
+    b.put_nowait(AudioIn.of(frame(0)))
+    b.put_nowait(FinalizeIn())
+    b.put_nowait(AudioIn.of(frame(1)))  # over budget, tail is not audio: new event
+    b.put_nowait(AudioIn.of(frame(2), is_final=True))  # merges, carries is_final
+    b.put_nowait(AudioIn.of(frame(3)))  # tail is final: new event
+    b.put_nowait(CloseIn())
+    got = []
+    while (ev := b.take()) is not None:
+        got.append(ev)
+    assert got == [AudioIn((frame(0),)), FinalizeIn(), AudioIn((frame(1), frame(2)), True), AudioIn((frame(3),)), CloseIn()]
+
+
+def test_wake_only_on_empty_to_non_empty():
+    b, wakes = make()
+    b.put_nowait(FinalizeIn())
+    b.put_nowait(FinalizeIn())
+    b.take()
+    b.take()
+    b.put_nowait(FinalizeIn())
+    assert wakes == [1, 1]
+
+
+async def test_put_waits_at_the_memory_bound(autojump_clock):
+    b, _ = make(budget=2, max_bytes=10_000)
+    for _ in range(4):
+        await b.put(FinalizeIn())  # 2 * budget events: full
+    blocked = trio.Event()
+    done = trio.Event()
+
+    async def producer():
+        blocked.set()
+        await b.put(FinalizeIn())
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await blocked.wait()
+        await trio.sleep(1)
+        assert not done.is_set() and len(b) == 4
+        b.take()
+        await done.wait()
+    assert len(b) == 4
+
+
+async def test_put_waits_on_bytes_too(autojump_clock):
+    b, _ = make(budget=100, max_bytes=8)
+    await b.put(AudioIn.of(b"\x01" * 8))
+    with trio.move_on_after(1) as scope:
+        await b.put(AudioIn.of(b"\x01" * 2))
+    assert scope.cancelled_caught
+    b.take()
+    await b.put(AudioIn.of(b"\x01" * 2))
