@@ -34,3 +34,7 @@ lock:
 # EVALSHA throughput: raw redis-py vs the Trio batching adapter (prints JSON)
 bench-adapter *ARGS: sync
     uv run --frozen python bench/adapter_throughput.py {{ARGS}}
+
+# the session actor's Hypothesis state machine with >= 10,000 examples (a few minutes)
+stress *ARGS: sync
+    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_actor_stateful.py -k TestActorMachine -q -p no:timeout --hypothesis-show-statistics {{ARGS}}

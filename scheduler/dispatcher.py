@@ -15,8 +15,9 @@ error; the lane drops it at the same deadline.
 Outcomes that are not a node's answer (no pool, node lost) go back to the session as a
 ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
 
-Bounds: at most ``queue_size`` jobs wait in all lanes together; ``submit`` waits for room
-(global backpressure on finalizing sessions). :meth:`run` ends when cancelled.
+Bounds: at most ``queue_size`` jobs wait in all lanes together; past that
+:meth:`submit_nowait` refuses with ``OVERLOADED`` (the session records the translation as
+FAILED at once: an overloaded scheduler never stalls a session). :meth:`run` ends when cancelled.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Dispatcher:
         self._node_ttl_ms = node_ttl_ms
         self._retry_interval = retry_interval
         self._rand = rand
-        self._room = trio.Semaphore(queue_size)
+        self._queue_size = queue_size
+        self._queued = 0
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -93,8 +95,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------ the actor's port
 
-    async def submit(self, request: JobRequest) -> None:
-        await self._room.acquire()
+    def submit_nowait(self, request: JobRequest) -> str | None:
+        if self._queued >= self._queue_size:
+            self._metrics.dispatch_errors_total.labels("OVERLOADED").inc()
+            return "OVERLOADED"
+        self._queued += 1
         pair = (request.src_lang, request.tgt_lang)
         lane = self._lanes.get(pair)
         if lane is None:
@@ -106,6 +111,7 @@ class Dispatcher:
             self._tell_waiting(lane, request, lane.blocked_code)
         lane.wake.set()
         self._update_waiting_gauge()
+        return None
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
         wanted = set(job_keys)
@@ -113,7 +119,7 @@ class Dispatcher:
             for request in [r for r in lane.queue if r.job_key in wanted]:
                 lane.queue.remove(request)
                 lane.told.discard(request.job_key)
-                self._room.release()
+                self._queued -= 1
         self._update_waiting_gauge()
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
@@ -194,7 +200,7 @@ class Dispatcher:
     def _pop_head(self, lane: _Lane) -> None:
         request = lane.queue.popleft()
         lane.told.discard(request.job_key)
-        self._room.release()
+        self._queued -= 1
         self._update_waiting_gauge()
 
     def _tell_waiting(self, lane: _Lane, request: JobRequest, code: str | None) -> None:

@@ -120,12 +120,14 @@ class JobRequest:
 class JobPort(Protocol):
     """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
 
-    ``submit`` queues a job and returns without waiting for placement; its outcome comes
-    back later as a :class:`JobOutcome` in the actor's inbox. ``cancel`` withdraws jobs
-    whose answers are no longer wanted (slots released, nodes told).
+    ``submit_nowait`` queues a job and returns at once: None when queued (the outcome comes
+    back later as a :class:`JobOutcome` in the actor's inbox), or an error code when the job
+    was refused (``OVERLOADED``), which the actor records as FAILED. It never blocks, so a slow
+    scheduler can never stall a session. ``cancel`` withdraws jobs whose answers are no
+    longer wanted (slots released, nodes told).
     """
 
-    async def submit(self, request: JobRequest) -> None: ...
+    def submit_nowait(self, request: JobRequest) -> str | None: ...
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
 
@@ -245,13 +247,13 @@ class SessionActor:
     async def _loop(self) -> str:
         self._touch_idle()
         async for item in self._inbox:
-            await self._handle(item)
+            self._handle(item)
             for _ in range(CLIENT_BATCH):
                 ev = self.backlog.take()
                 if ev is None:
                     break
                 self._metrics.session_actor_backlog_size.observe(len(self.backlog) + 1)
-                await self._handle_client(ev)
+                self._handle_client(ev)
             else:
                 if len(self.backlog):
                     self._post_wake()  # more queued: come back after what else is in the inbox
@@ -260,31 +262,31 @@ class SessionActor:
                 return self.closing
         return "disconnected"  # pragma: no cover - the actor holds inbox_send, so never reached
 
-    async def _handle(self, item: object) -> None:
+    def _handle(self, item: object) -> None:
         match item:
             case ClientWake():
                 pass  # the backlog is read after every inbox item
             case TimerFired():
-                await self._on_timer(item)
+                self._on_timer(item)
             case JobOutcome():
                 self._on_outcome(item)
             case JobWaiting(utterance_index=index, tgt_lang=tgt, error=error):
                 self.results.set_fallback(index, tgt, error)
             case ShutdownIn():
-                await self._begin_close("shutdown")
+                self._begin_close("shutdown")
             case _:
                 raise TypeError(f"session actor got an unknown event {item!r}")
 
-    async def _handle_client(self, ev: ClientEvent) -> None:
+    def _handle_client(self, ev: ClientEvent) -> None:
         self._touch_idle()
         if isinstance(ev, CloseIn):
-            await self._begin_close(ev.reason)
+            self._begin_close(ev.reason)
         elif self.closing is not None:
             return  # after close_session nothing more is taken
         elif isinstance(ev, AudioIn):
-            await self._on_audio(ev)
+            self._on_audio(ev)
         else:
-            await self._finalize("is_final", trio.current_time())
+            self._finalize("is_final", trio.current_time())
 
     # ------------------------------------------------------------ audio and finalize
 
@@ -292,7 +294,7 @@ class SessionActor:
         self._turn_seq += 1
         return f"{self.session_id}:t{self._turn_seq}"
 
-    async def _on_audio(self, ev: AudioIn) -> None:
+    def _on_audio(self, ev: AudioIn) -> None:
         now = trio.current_time()
         for pcm in ev.frames:
             if not pcm:
@@ -308,21 +310,21 @@ class SessionActor:
                 self._trailing_silence_ms = 0.0
             self._timers["pause"].arm(now + self.settings.pause_ms / 1000, self.generation)
             if self.buffered_ms >= self.settings.max_utterance_ms:
-                await self._finalize("max_duration", now)
+                self._finalize("max_duration", now)
             elif self._trailing_silence_ms >= self.settings.pause_ms:
                 # speech then enough silence: end of utterance; silence only: discard it
-                await self._finalize("pause", now)
+                self._finalize("pause", now)
         if ev.merged:
-            await self._on_pressure(now)
+            self._on_pressure(now)
         elif self._busy_sent and len(self.backlog) < self.backlog.budget / 2:
             self._busy_sent = False  # recovered: a new crossing gets a new busy
         if ev.is_final:
-            await self._finalize("is_final", now)
+            self._finalize("is_final", now)
 
-    async def _on_pressure(self, now: float) -> None:
+    def _on_pressure(self, now: float) -> None:
         """The client got ``max_pending_events`` ahead and frames were merged."""
         backlog = len(self.backlog)
-        early = backlog >= self.backlog.budget / 2 and await self._finalize("backlog", now)
+        early = backlog >= self.backlog.budget / 2 and self._finalize("backlog", now)
         if not self._busy_sent:
             self._busy_sent = True
             self._emit(Busy(backlog=backlog + 1, action="early_finalize" if early else "merged"))
@@ -336,7 +338,7 @@ class SessionActor:
         self._timers["pause"].disarm()
         self._timers["timeout"].disarm()
 
-    async def _finalize(self, reason: str, since: float) -> bool:
+    def _finalize(self, reason: str, since: float) -> bool:
         """Cut the open utterance. Returns False (no index taken) when it is empty or silent."""
         if not self._has_speech:
             if self._chunks:
@@ -360,9 +362,8 @@ class SessionActor:
         self._emit(UtteranceFinalized(utterance_index=index, reason=reason, turn_id=turn_id, audio_ms=audio_ms))
         deadline = now + self.settings.result_deadline_ms / 1000
         self.results.add(index, reason=reason, turn_id=turn_id, tgt_langs=self.tgt_langs, deadline=deadline)
-        self._arm_result_timer()
         for tgt in self.tgt_langs:
-            await self._jobs.submit(
+            refused = self._jobs.submit_nowait(
                 JobRequest(
                     job_key=job_key_for(self.session_id, index, tgt),
                     session_id=self.session_id,
@@ -377,6 +378,9 @@ class SessionActor:
                     deadline=deadline,
                 )
             )
+            if refused is not None:
+                self.results.record(index, tgt, Translation(status="FAILED", error=refused))
+        self._flush_results()
         self._metrics.finalize_total.labels(reason).inc()
         self._metrics.finalize_latency_seconds.observe(max(0.0, trio.current_time() - since))
         event(log, "utterance_finalized", logging.DEBUG, session_id=self.session_id, utterance_index=index,
@@ -401,15 +405,15 @@ class SessionActor:
         """A finalize timer's fire counts only for the open utterance and its latest arming."""
         return fired.generation == self.generation and self._timers[fired.kind].is_current(fired)
 
-    async def _on_timer(self, fired: TimerFired) -> None:
+    def _on_timer(self, fired: TimerFired) -> None:
         if fired.kind in ("pause", "timeout"):
             if self.closing is not None or fired.generation != self.generation:
                 self._metrics.duplicate_finalize_suppressed_total.inc()  # utterance already finalized
                 return
             if self.fire_is_valid(fired):
-                await self._finalize(fired.kind, trio.current_time())
+                self._finalize(fired.kind, trio.current_time())
         elif fired.kind == "idle" and fired.generation == self._idle_gen and self.closing is None:
-            await self._begin_close("idle_timeout")
+            self._begin_close("idle_timeout")
         elif fired.kind == "result" and fired.generation == self._result_gen:
             skipped = self.results.expire(trio.current_time())
             if skipped:
@@ -430,10 +434,10 @@ class SessionActor:
             self._emit(result)
         self._arm_result_timer()
 
-    async def _begin_close(self, reason: str) -> None:
+    def _begin_close(self, reason: str) -> None:
         if self.closing is not None:
             return
-        await self._finalize("close", trio.current_time())
+        self._finalize("close", trio.current_time())
         self.closing = reason
         self._reset_utterance()
         self._timers["idle"].disarm()

@@ -229,3 +229,24 @@ async def test_shutdown_drains_sessions_and_refuses_newcomers(daemon, nursery):
         assert info.value.reason.code == 1001
 
 
+
+
+async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_client):
+    async with peer(daemon.ws_url + "/v1/node") as node:
+        await node.send(type="register", node_id="n1", lang_pairs=[["zh", "en"]], max_jobs=2)
+        await node.recv()
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            job = await node.recv()
+            assert job["type"] == "job_assign"
+            assert redis_client.hget("scheduler:node:runtime:{n1}", "current_jobs") == "1"
+        cancel = await node.recv()  # the client went away: the answer is no longer wanted
+        assert cancel == {"type": "job_cancel", "job_id": job["job_id"], "attempt": 1}
+        assert redis_client.hget("scheduler:node:runtime:{n1}", "current_jobs") == "0"
+        assert redis_client.hget(f"scheduler:job:{{{job['job_id']}}}", "status") == "cancelled"
+        # a late answer for the cancelled job is refused, not delivered anywhere
+        await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="late")
+        with trio.fail_after(5):
+            while 'stale_answers_dropped_total{code="ALREADY_COMPLETED"} 1.0' not in daemon.metrics.render().decode():
+                await trio.sleep(0.02)

@@ -23,8 +23,9 @@ class RecordingPort:
         self.requests = []
         self.cancelled = []
 
-    async def submit(self, request):
+    def submit_nowait(self, request):
         self.requests.append(request)
+        return None
 
     async def cancel(self, session_id, job_keys):
         self.cancelled.extend(job_keys)
@@ -204,73 +205,60 @@ async def test_exit_cancels_unanswered_jobs(nursery, autojump_clock):
 
 
 
-class StallingPort(RecordingPort):
-    """submit() blocks while stalled: the actor stops taking events and its backlog grows."""
-
-    def __init__(self):
-        super().__init__()
-        self.open = trio.Event()
-        self.open.set()
-
-    def stall(self):
-        self.open = trio.Event()
-
-    async def submit(self, request):
-        await self.open.wait()
-        await super().submit(request)
+class RefusingPort(RecordingPort):
+    def submit_nowait(self, request):
+        super().submit_nowait(request)
+        return "OVERLOADED"
 
 
-def stalled_harness(nursery, **settings):
-    h = Harness(nursery, **settings)
-    h.port = h.actor._jobs = StallingPort()
-    return h
+async def test_refused_jobs_fail_at_once_without_stalling(nursery, autojump_clock):
+    h = Harness(nursery)
+    h.port = h.actor._jobs = RefusingPort()
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    (fin, result) = h.drain()
+    assert result.status == "FAILED" and result.translations["en"].error == "OVERLOADED"
+
+
+def burst(h, events):
+    """Queue events faster than the actor takes them (no checkpoint in between)."""
+    for ev in events:
+        h.actor.backlog.put_nowait(ev)
 
 
 async def test_backpressure_merges_then_sends_busy_once(nursery, autojump_clock):
-    h = stalled_harness(nursery, max_pending_events=4)
-    h.port.stall()
-    await h.send(AudioIn.of(SPEECH, is_final=True))  # actor now blocked in submit
-    for _ in range(10):
-        h.actor.backlog.put_nowait(AudioIn.of(SPEECH))
-    assert len(h.actor.backlog) == 4  # 3 + one event holding 7 merged frames
-    h.port.open.set()
+    h = Harness(nursery, max_pending_events=4)
+    burst(h, [AudioIn.of(SPEECH) for _ in range(11)])
+    assert len(h.actor.backlog) == 4  # 3 + one event holding 8 merged frames
     await trio.testing.wait_all_tasks_blocked()
-    msgs = h.drain()
-    busy = [m for m in msgs if m.TYPE == "busy"]
+    busy = [m for m in h.drain() if m.TYPE == "busy"]
     assert len(busy) == 1 and busy[0].action == "merged"
     await h.send(FinalizeIn())
-    fins = [m for m in h.drain() + msgs if isinstance(m, UtteranceFinalized)]
-    # every frame arrived, in order, in whole frames: 1 + 10 frames of 100 ms
-    assert sum(f.audio_ms for f in fins) == 1100
-    assert b"".join(r.audio for r in h.port.requests) == SPEECH * 11
+    # every frame arrived, in order, in whole frames: 11 frames of 100 ms
+    assert finalized(h.drain()) == [(0, "is_final")]
+    assert h.port.requests[0].audio == SPEECH * 11
 
 
 async def test_backpressure_not_enough_finalizes_early_with_reason_backlog(nursery, autojump_clock):
-    h = stalled_harness(nursery, max_pending_events=4)
-    h.port.stall()
-    await h.send(AudioIn.of(SPEECH, is_final=True))
-    for _ in range(6):
-        h.actor.backlog.put_nowait(AudioIn.of(SPEECH))  # 3 events + 1 merged (3 frames)
-    for _ in range(3):
-        h.actor.backlog.put_nowait(FinalizeIn())  # still queued behind the merged event
-    h.port.open.set()
+    h = Harness(nursery, max_pending_events=4)
+    burst(h, [AudioIn.of(SPEECH) for _ in range(6)] + [FinalizeIn()] * 3)  # merged event, then 3 more queued
     await trio.testing.wait_all_tasks_blocked()
     msgs = h.drain()
     assert [m.action for m in msgs if m.TYPE == "busy"] == ["early_finalize"]
-    assert [(i, r) for i, r in finalized(msgs)] == [(0, "is_final"), (1, "backlog")]
+    assert finalized(msgs) == [(0, "backlog")]
+    assert h.port.requests[0].audio == SPEECH * 6
 
 
 async def test_busy_again_only_after_recovering_below_half(nursery, autojump_clock):
-    h = stalled_harness(nursery, max_pending_events=4)
+    """Two merged events in one episode give one busy; after recovering, a new crossing gives another."""
+    h = Harness(nursery, max_pending_events=4)
     for _round in range(2):
-        h.port.stall()
-        await h.send(AudioIn.of(SPEECH, is_final=True))
-        for _ in range(8):
-            h.actor.backlog.put_nowait(AudioIn.of(SPEECH))
-        h.port.open.set()
+        # queue: A A A M(2) F M(5): the second merged event comes while the episode lasts
+        burst(h, [AudioIn.of(SPEECH) for _ in range(5)] + [FinalizeIn()] + [AudioIn.of(SPEECH) for _ in range(5)])
         await trio.testing.wait_all_tasks_blocked()
-        await h.send(AudioIn.of(SPEECH))  # unmerged event with an empty backlog: recovered
-    assert [m.action for m in h.drain() if m.TYPE == "busy"] == ["merged", "merged"]
+        await h.send(AudioIn.of(SPEECH))  # an unmerged event with an empty backlog: recovered
+        await h.send(FinalizeIn())
+    assert [m.action for m in h.drain() if m.TYPE == "busy"] == ["early_finalize", "early_finalize"]
+    assert h.actor.backlog.merged_frames_total == 2 * (1 + 4)
 
 
 async def test_pause_fire_overtaken_by_new_audio_is_void(nursery, autojump_clock):
@@ -282,6 +270,6 @@ async def test_pause_fire_overtaken_by_new_audio_is_void(nursery, autojump_clock
     autojump_clock.jump(0.31)  # ... when the first frame's pause deadline passes
     await trio.testing.wait_all_tasks_blocked()
     assert finalized(h.drain()) == []
-    await trio.sleep(0.8)
+    await trio.sleep(0.9)  # the second frame's own pause deadline (0.8 s after it was taken)
     assert finalized(h.drain()) == [(0, "pause")]
     assert h.port.requests[0].audio == SPEECH * 2

@@ -1,0 +1,369 @@
+"""Drive the real :class:`SessionActor` under a manual MockClock and check its guarantees.
+
+The job port is :class:`ScriptedPort`, a faithful in-process stand-in for the dispatcher
+behind the same ``JobPort`` interface (see the docstring of ``test_actor_stateful.py`` for
+why it, and not the Lua scripts, is used here). Node answers reach the actor exactly as the
+daemon delivers them: ``put_outcome_nowait``.
+
+Every audio frame carries a serial number in its first 8 samples (values 0-15, far below
+the silence threshold), so each job's audio can be split back into the exact frames it was
+built from. :meth:`ActorHarness.check` then verifies, from what the actor emitted and what it
+submitted:
+
+- indexes 0..n-1, each finalized once; one result per index, in order;
+- no result later than its deadline; a result matches its utterance (reason, turn) and the
+  first answer given before the deadline (else SKIPPED, or FAILED when told "waiting");
+- job audio is whole consecutive frames; between utterances only silent frames are skipped;
+- each finalize reason is justified by what was sent and when;
+- one job per (index, language) key, never two; bounded backlog, buffer and outbox;
+- session_closed comes last, after every result.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import trio
+import trio.testing
+
+from scheduler.backlog import AudioIn, CloseIn, FinalizeIn
+from scheduler.config import Settings
+from scheduler.metrics import Metrics
+from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
+from scheduler.session import JobOutcome, JobWaiting, SessionActor, SlowClient
+
+RATE = 16000
+FRAME_MS = 100
+FRAME_BYTES = RATE * 2 * FRAME_MS // 1000
+EPS = 1e-6
+_TONE = (np.sin(2 * np.pi * 440 * np.arange(FRAME_BYTES // 2) / RATE) * 9000).astype("<i2")
+
+
+def make_frame(serial: int, speech: bool) -> bytes:
+    samples = _TONE.copy() if speech else np.zeros(FRAME_BYTES // 2, dtype="<i2")
+    for i in range(8):
+        samples[i] = (serial >> (4 * (7 - i))) & 0xF
+    return samples.tobytes()
+
+
+def frame_serial(frame: bytes) -> int:
+    samples = np.frombuffer(frame[:16], dtype="<i2")
+    return int(sum(int(v) << (4 * (7 - i)) for i, v in enumerate(samples)))
+
+
+class ScriptedPort:
+    """In-process JobPort: records jobs (one per key; a second create is blocked and counted),
+    can refuse submissions as ``OVERLOADED``, and records cancellations."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, object] = {}
+        self.order: list[str] = []
+        self.duplicates = 0
+        self.refused: dict[str, object] = {}  # refused as OVERLOADED: key -> request
+        self.overloaded = False
+        self.cancelled: list[str] = []
+
+    def submit_nowait(self, request) -> str | None:
+        if request.job_key in self.jobs or request.job_key in self.refused:
+            self.duplicates += 1
+            return None
+        if self.overloaded:
+            self.refused[request.job_key] = request
+            return "OVERLOADED"
+        self.jobs[request.job_key] = request
+        self.order.append(request.job_key)
+        return None
+
+    async def cancel(self, session_id: str, job_keys: list[str]) -> None:
+        self.cancelled.extend(job_keys)
+
+
+@attrs.define
+class Sent:
+    serial: int
+    speech: bool
+    put_at: float
+
+
+class ActorHarness:
+    """Owns one actor in ``nursery``; every method runs in the actor's Trio run."""
+
+    SETTINGS = dict(pause_ms=800, utterance_timeout_ms=3000, max_utterance_ms=2000, result_deadline_ms=5000,
+                    idle_timeout_ms=10_000, max_pending_events=8)
+
+    def __init__(self, nursery: trio.Nursery, clock: trio.testing.MockClock, *, actor_class=SessionActor,
+                 tgt_langs=("en", "de"), outbox_size: int = 24, **overrides) -> None:
+        self.clock = clock
+        self.settings = Settings(**{**self.SETTINGS, **overrides})
+        self.port = ScriptedPort()
+        self.metrics = Metrics()
+        self.actor = actor_class(session_id="S", src_lang="zh", tgt_langs=tgt_langs, sample_rate=RATE,
+                                 settings=self.settings, jobs=self.port, metrics=self.metrics, outbox_size=outbox_size)
+        self.emitted: list[tuple[float, object]] = []
+        real_emit = self.actor._emit
+
+        def recording_emit(msg):
+            real_emit(msg)  # raises SlowClient first when the outbox is full: then nothing was sent
+            self.emitted.append((trio.current_time(), msg))
+
+        self.actor._emit = recording_emit
+        self.sent: dict[int, Sent] = {}
+        self.next_serial = 1
+        self.finalize_events = 0  # finalize messages and is_final frames put
+        self.close_put = False
+        self.answers: dict[str, tuple[float, Translation]] = {}  # first answer per job key
+        self.waiting: dict[str, list[tuple[float, str | None]]] = {}  # job key -> (time, error) notes
+        self.client_reading = True
+        self.ended: object = None  # close reason, SlowClient, or "disconnected"
+        self.done = trio.Event()
+        self._scope = trio.CancelScope()
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        with self._scope:
+            try:
+                self.ended = await self.actor.run()
+            except SlowClient as exc:
+                self.ended = exc
+        if self.ended is None:
+            self.ended = "disconnected"
+        self.done.set()
+
+    @property
+    def alive(self) -> bool:
+        return not self.done.is_set()
+
+    # ------------------------------------------------------------ client side
+
+    def can_put(self) -> bool:
+        return self.alive and not self.actor.backlog._full()
+
+    def put_frames(self, kinds: list[bool], is_final: bool = False) -> None:
+        """Queue frames (True = speech) as separate events, unless the client would be blocked."""
+        for n, speech in enumerate(kinds):
+            if not self.can_put():
+                return  # the client's socket would block here: this frame is never sent
+            serial = self.next_serial
+            self.next_serial += 1
+            self.sent[serial] = Sent(serial, speech, trio.current_time())
+            final = is_final and n == len(kinds) - 1
+            self.finalize_events += final
+            self.actor.backlog.put_nowait(AudioIn.of(make_frame(serial, speech), final))
+
+    def put_finalize(self) -> None:
+        if self.can_put():
+            self.finalize_events += 1
+            self.actor.backlog.put_nowait(FinalizeIn())
+
+    def put_close(self) -> None:
+        if self.can_put():
+            self.close_put = True
+            self.actor.backlog.put_nowait(CloseIn())
+
+    def shutdown(self) -> None:
+        if self.alive:
+            self.close_put = True
+            self.actor.shutdown_nowait()
+
+    def disconnect(self) -> None:
+        self._scope.cancel()
+
+    # ------------------------------------------------------------ node side
+
+    def unanswered_keys(self) -> list[str]:
+        return [k for k in self.port.order if k not in self.answers]
+
+    def answer(self, job_key: str, ok: bool) -> None:
+        request = self.port.jobs[job_key]
+        text = f"{job_key}:{'ok' if ok else 'err'}"
+        translation = (Translation(status="SUCCESS", text=text, node_id="n1") if ok
+                       else Translation(status="FAILED", node_id="n1", error="NODE_ERROR"))
+        if self.alive:  # an answer after the session ended is simply refused by its closed inbox
+            self.answers.setdefault(job_key, (trio.current_time(), translation))
+        self.actor.put_outcome_nowait(JobOutcome(request.utterance_index, request.tgt_lang, translation, f"src:{job_key}"))
+
+    def tell_waiting(self, job_key: str, error: str | None) -> None:
+        request = self.port.jobs[job_key]
+        self.waiting.setdefault(job_key, []).append((trio.current_time(), error))
+        self.actor.put_outcome_nowait(JobWaiting(request.utterance_index, request.tgt_lang, error))
+
+    # ------------------------------------------------------------ time
+
+    async def settle(self) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        if self.client_reading:
+            while True:
+                try:
+                    self.actor.outbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+
+    def put_events(self, events: list[str]) -> None:
+        """Queue a mixed sequence: "speech", "silence", "speech_final", "finalize"."""
+        for ev in events:
+            if ev == "finalize":
+                self.put_finalize()
+            else:
+                self.put_frames([ev != "silence"], is_final=ev == "speech_final")
+
+    async def race_with(self, events: list[str], seconds: float) -> None:
+        """Queue ``events`` and move the clock in one step (no checkpoint in between)."""
+        self.put_events(events)
+        await self.race(seconds)
+
+    async def race(self, seconds: float) -> None:
+        """Move the clock *without* letting the actor run first, so that client events already
+        queued race the timers that come due. The jump stops at the first timer deadline (every
+        timer still fires at its exact time); the rest of ``seconds`` passes as in :meth:`advance`."""
+        now = trio.current_time()
+        first = min([d for d in self.actor.timer_deadlines().values() if now < d] + [now + seconds])
+        self.clock.jump(first - now)
+        await self.advance(now + seconds - first)
+
+    async def advance(self, seconds: float) -> None:
+        """Move virtual time forward, stopping at every timer deadline on the way."""
+        await self.settle()
+        target = trio.current_time() + seconds
+        while True:
+            now = trio.current_time()
+            upcoming = min([d for d in self.actor.timer_deadlines().values() if now < d] + [target]) if self.alive else target
+            if upcoming > now:
+                self.clock.jump(upcoming - now)
+            await self.settle()
+            if trio.current_time() >= target - EPS:
+                return
+
+    # ------------------------------------------------------------ the guarantees
+
+    def messages(self, kind: type) -> list[tuple[float, object]]:
+        return [(t, m) for t, m in self.emitted if isinstance(m, kind)]
+
+    def check(self) -> None:
+        s = self.settings
+        finalized = self.messages(UtteranceFinalized)
+        results = self.messages(Result)
+        assert [m.utterance_index for _, m in finalized] == list(range(len(finalized))), "indexes not 0..n-1"
+        assert [m.utterance_index for _, m in results] == list(range(len(results))), "results not in order"
+        assert len(results) <= len(finalized)
+        tgts = self.actor.tgt_langs
+        deadline_s = s.result_deadline_ms / 1000
+
+        # jobs: exactly one per (finalized index, language) key, never two
+        assert self.port.duplicates == 0, "a job was created twice for one key"
+        expected = {f"S:{m.utterance_index}:translate:{t}" for _, m in finalized for t in tgts}
+        assert set(self.port.order) | set(self.port.refused) == expected
+
+        # results: timing, identity, content
+        for (t_fin, fin), (t_res, res) in zip(finalized, results, strict=False):
+            assert t_res <= t_fin + deadline_s + EPS, f"result {res.utterance_index} late: {t_res - t_fin:.3f}s"
+            assert (res.reason, res.turn_id) == (fin.reason, fin.turn_id)
+            assert list(res.translations) == list(tgts)
+            for tgt, tr in res.translations.items():
+                key = f"S:{res.utterance_index}:translate:{tgt}"
+                due = t_fin + deadline_s
+                # an event at the deadline instant may land on either side of it (float rounding)
+                allowed = [self._expected(key, due - EPS), self._expected(key, due + EPS)]
+                assert any(ok(tr) for ok in allowed), f"{key}: got {tr}"
+        # the next result is never overdue while the session lives (no permanent stall)
+        if len(results) < len(finalized) and self.alive:
+            t_next, _ = finalized[len(results)]
+            assert trio.current_time() < t_next + deadline_s + EPS, "result overdue: the session is stuck"
+
+        # audio: whole consecutive frames, only silence skipped between utterances
+        previous_last = 0
+        for t_fin, fin in finalized:
+            key0 = f"S:{fin.utterance_index}:translate:{tgts[0]}"
+            pcm = (self.port.jobs.get(key0) or self.port.refused[key0]).audio
+            assert len(pcm) % FRAME_BYTES == 0
+            serials = [frame_serial(pcm[i:i + FRAME_BYTES]) for i in range(0, len(pcm), FRAME_BYTES)]
+            assert serials == list(range(serials[0], serials[0] + len(serials))), "frames lost, repeated or reordered"
+            assert all(pcm == self.port.jobs[k].audio for t in tgts if (k := f"S:{fin.utterance_index}:translate:{t}") in self.port.jobs)
+            skipped = range(previous_last + 1, serials[0])
+            assert all(not self.sent[n].speech for n in skipped), "speech dropped between utterances"
+            previous_last = serials[-1]
+            assert fin.audio_ms == len(serials) * FRAME_MS
+            self._check_reason(t_fin, fin, [self.sent[n] for n in serials])
+
+        # counts of reasons that need a client event
+        reasons = [m.reason for _, m in finalized]
+        assert reasons.count("is_final") <= self.finalize_events
+        assert reasons.count("close") <= 1 and ("close" not in reasons or self.close_put)
+        if "backlog" in reasons:
+            assert self.actor.backlog.merged_frames_total > 0
+        for _, busy in self.messages(Busy):
+            assert busy.action in ("merged", "early_finalize")
+
+        # bounds
+        assert len(self.actor.backlog) <= 2 * s.max_pending_events
+        assert self.actor.backlog.nbytes <= self.actor.backlog.max_bytes + FRAME_BYTES
+        assert self.actor.buffered_ms < s.max_utterance_ms + EPS
+        assert self.actor.outbox.statistics().current_buffer_used <= self.actor.outbox.statistics().max_buffer_size
+
+        # close
+        closed = self.messages(SessionClosed)
+        assert len(closed) <= 1
+        if closed:
+            assert self.emitted[-1][1] is closed[0][1], "session_closed is not the last message"
+            assert len(results) == len(finalized), "session_closed before every result"
+
+    def _expected(self, key: str, cutoff: float):
+        """A predicate for the translation ``key`` must have if the deadline fell at ``cutoff``."""
+        if key in self.port.refused:
+            return lambda tr: tr == Translation(status="FAILED", error="OVERLOADED")
+        answered = self.answers.get(key)
+        if answered is not None and answered[0] < cutoff:
+            return lambda tr: tr == answered[1]
+        notes = [e for t, e in self.waiting.get(key, []) if t < cutoff]
+        if notes and notes[-1]:
+            return lambda tr: tr.status == "FAILED" and tr.error == notes[-1]
+        return lambda tr: tr.status == "SKIPPED"
+
+    def coverage(self) -> list[str]:
+        """Names of the interesting things this run reached, for Hypothesis statistics."""
+        seen = {f"finalize:{m.reason}" for _, m in self.messages(UtteranceFinalized)}
+        seen |= {f"busy:{m.action}" for _, m in self.messages(Busy)}
+        seen |= {f"translation:{t.status}" for _, m in self.messages(Result) for t in m.translations.values()}
+        seen.add(f"ended:{type(self.ended).__name__ if isinstance(self.ended, SlowClient) else self.ended}")
+        if self.metrics.duplicate_finalize_suppressed_total._value.get():
+            seen.add("stale_fire_suppressed")
+        return sorted(seen)
+
+    def _check_reason(self, t_fin: float, fin: UtteranceFinalized, frames: list[Sent]) -> None:
+        s = self.settings
+        if fin.reason == "pause":
+            trailing = 0
+            for f in reversed(frames):
+                if f.speech:
+                    break
+                trailing += FRAME_MS
+            quiet_for = (t_fin - frames[-1].put_at) * 1000
+            assert quiet_for >= s.pause_ms - 1e-3 or trailing >= s.pause_ms, (
+                f"pause cut of #{fin.utterance_index} after {quiet_for:.0f} ms without audio and {trailing} ms silence")
+        elif fin.reason == "timeout":
+            age = (t_fin - frames[0].put_at) * 1000
+            assert age >= s.utterance_timeout_ms - 1e-3, f"timeout cut of #{fin.utterance_index} at age {age:.0f} ms"
+        elif fin.reason == "max_duration":
+            assert fin.audio_ms >= s.max_utterance_ms > fin.audio_ms - FRAME_MS, "max_duration not cut at the first frame reaching it"
+        assert any(f.speech for f in frames), "a silent utterance took an index"
+
+    async def finish(self) -> None:
+        """Liveness: close, let answers lapse, and every result and session_closed must come."""
+        if self.alive:
+            self.port.overloaded = False
+            self.client_reading = True
+            await self.settle()
+            if self.alive and self.actor.closing is None:
+                while not self.can_put() and self.alive:
+                    await self.advance(0.1)
+                self.put_close()
+            await self.advance(self.settings.result_deadline_ms / 1000 + 1)
+        if not isinstance(self.ended, SlowClient) and self.ended != "disconnected":
+            assert self.done.is_set(), "session did not end after close + result deadline"
+            assert self.messages(SessionClosed), "no session_closed"
+        self.check()
+        if self.ended == "disconnected":
+            released = {m.utterance_index for _, m in self.messages(Result)}
+            unanswered = {f"S:{m.utterance_index}:translate:{t}" for _, m in self.messages(UtteranceFinalized)
+                          for t in self.actor.tgt_langs if m.utterance_index not in released}
+            unanswered -= set(self.answers) | set(self.port.refused)
+            assert set(self.port.cancelled) == unanswered, "unanswered jobs not cancelled on exit"

@@ -1,0 +1,349 @@
+"""Hypothesis stateful proof of the session actor's guarantees.
+
+What runs: the real :class:`SessionActor` (with its real timers, backlog and results
+sequencer) inside a Trio run on its own thread, under a ``MockClock`` that only the rules
+move. Trio's scheduler order is shuffled by a Hypothesis-controlled RNG (Trio's Hypothesis
+plugin), so interleavings are part of what is explored, and every failure replays and shrinks.
+
+Why a faithful in-process scheduler port, not the Lua scripts: the actor's guarantees are
+about its own state (indexes, timers, ordering, deadlines), and the port reproduces exactly
+what the actor can observe from the real dispatcher through the same ``JobPort`` interface:
+idempotent job creation per ``job_key`` (a second create is blocked and counted), refusal
+when the scheduler is overloaded, "waiting for a node" notes, answers (success, node error,
+twice, late, never) delivered through ``put_outcome_nowait`` as the node gateway does, and
+cancellation on exit. Driving Valkey here would put real-time thread hops under a virtual
+clock and cost ~100x per step, which rules out the 10,000-example stress profile; the Lua
+side has its own real-Valkey tests (``test_lua_scripts.py``) and the end-to-end tests join
+the two over real sockets.
+
+Invariants after every step are :meth:`ActorHarness.check` (indexes contiguous from 0, no
+index finalized twice, results in order and one per index, none later than its deadline,
+every finalize reason justified, job audio exact, one job per key, bounded queues); at the
+end, :meth:`ActorHarness.finish` closes the session and requires every result and
+``session_closed`` (no permanent stall).
+
+Profiles: ``ci`` (200 examples, the default under CI=true), ``dev`` (50), and ``stress``
+(10,000; ``just stress``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import Phase, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from scheduler.session import SessionActor
+
+from .actor_harness import ActorHarness
+
+DURATIONS = st.sampled_from([0.01, 0.1, 0.3, 0.79, 0.8, 0.81, 1.0, 2.0, 2.99, 3.0, 3.2, 4.99, 5.0, 5.2, 8.0, 11.0])
+
+
+class _IdleInstrument(trio.abc.Instrument):
+    """Sets ``idle`` when the run loop is about to block with nothing runnable."""
+
+    def __init__(self) -> None:
+        self.idle = threading.Event()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.idle.set()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.idle.clear()
+
+
+class TrioThread:
+    """A Trio run with a manual MockClock on its own thread; rules call into it synchronously.
+
+    Determinism: every call starts from an idle loop and returns only when the loop is idle
+    again, so the scheduler's batches (shuffled by Trio's Hypothesis-seeded RNG) never depend
+    on thread timing, and a failing example replays exactly.
+    """
+
+    def __init__(self) -> None:
+        self.clock = trio.testing.MockClock()
+        self._instrument = _IdleInstrument()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self._instrument.idle.wait()
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._root, clock=self.clock, instruments=[self._instrument])
+        except BaseException as exc:  # surfaced by the next call or close()
+            self.error = exc
+            self._ready.set()
+            self._instrument.idle.set()
+
+    async def _root(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def _checked(self, send, fn, *args):
+        if self.error is not None:
+            raise self.error
+        self._instrument.idle.clear()
+        try:
+            return send(fn, *args, trio_token=self.token)
+        finally:
+            self._instrument.idle.wait()
+
+    def call(self, fn, *args):
+        return self._checked(trio.from_thread.run, fn, *args)
+
+    def call_sync(self, fn, *args):
+        return self._checked(trio.from_thread.run_sync, fn, *args)
+
+    def close(self) -> None:
+        if self.error is None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        self._thread.join(timeout=10)
+        if self.error is not None:
+            raise self.error
+
+
+class ActorMachine(RuleBasedStateMachine):
+    actor_class: type[SessionActor] = SessionActor
+
+    @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]))
+    def start(self, tgts, outbox):
+        self.trio = TrioThread()
+        self.h: ActorHarness = self.trio.call_sync(
+            lambda: ActorHarness(self.trio.nursery, self.trio.clock, actor_class=self.actor_class,
+                                 tgt_langs=tgts, outbox_size=outbox))
+        self.trio.call(self.h.settle)
+
+    def teardown(self):
+        if hasattr(self, "trio"):
+            try:
+                self.trio.call(self.h.finish)
+                for name in self.h.coverage():
+                    event(name)  # what this example reached (--hypothesis-show-statistics)
+            finally:
+                self.trio.close()
+
+    def _do(self, fn, *args):
+        self.trio.call_sync(fn, *args)
+        self.trio.call(self.h.settle)
+
+    steps = 0
+
+    @invariant()
+    def count_steps(self):
+        self.steps += 1
+
+    # ------------------------------------------------------------ client
+    @rule(kinds=st.lists(st.booleans(), min_size=1, max_size=6))
+    def audio(self, kinds):
+        self._do(self.h.put_frames, kinds)
+
+    @rule(kinds=st.lists(st.booleans(), min_size=0, max_size=3))
+    def audio_is_final(self, kinds):
+        self._do(self.h.put_frames, [*kinds, True], True)
+
+    @rule()
+    def finalize(self):
+        self._do(self.h.put_finalize)
+
+    @rule(n=st.integers(min_value=9, max_value=40), then_finalize=st.integers(min_value=0, max_value=8))
+    def flood(self, n, then_finalize):
+        """Faster than the actor takes them: merging, busy, early backlog finalize."""
+        def put():
+            self.h.put_frames([True] * n)
+            for _ in range(then_finalize):
+                self.h.put_finalize()
+        self._do(put)
+
+    @rule(frames=st.integers(min_value=1, max_value=8), gap=st.sampled_from([0.3, 0.5, 0.7]))
+    def slow_talker(self, frames, gap):
+        """One frame at a time with gaps shorter than the pause: the utterance ages (timeout)."""
+        for _ in range(frames):
+            self.trio.call_sync(self.h.put_frames, [True])
+            self.trio.call(self.h.advance, gap)
+
+    @precondition(lambda self: self.steps >= 12)
+    @rule(how=st.sampled_from(["close", "shutdown", "disconnect"]))
+    def end_session(self, how):
+        """Ending rules only late in a run, so that most runs have a long life first."""
+        self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect}[how])
+
+    @rule(reading=st.booleans())
+    def client_reads(self, reading):
+        self.h.client_reading = reading
+        self.trio.call(self.h.settle)
+
+    # ------------------------------------------------------------ time
+    @rule(seconds=DURATIONS)
+    def advance(self, seconds):
+        self.trio.call(self.h.advance, seconds)
+
+    @rule(events=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]), min_size=1, max_size=4),
+          seconds=DURATIONS)
+    def events_racing_the_clock(self, events, seconds):
+        """Events queued and the clock moved before the actor runs: timers race client events."""
+        self.trio.call(self.h.race_with, events, seconds)
+
+    # ------------------------------------------------------------ scheduler and nodes
+    @precondition(lambda self: self.h.unanswered_keys())
+    @rule(pick=st.integers(min_value=0, max_value=99), ok=st.booleans())
+    def node_answers(self, pick, ok):
+        keys = self.h.unanswered_keys()
+        self._do(self.h.answer, keys[pick % len(keys)], ok)
+
+    @precondition(lambda self: self.h.unanswered_keys())
+    @rule(ok=st.booleans())
+    def node_answers_everything(self, ok):
+        for key in self.h.unanswered_keys():
+            self._do(self.h.answer, key, ok)
+
+    @precondition(lambda self: self.h.answers)
+    @rule(pick=st.integers(min_value=0, max_value=99))
+    def node_answers_again(self, pick):
+        keys = sorted(self.h.answers)
+        self._do(self.h.answer, keys[pick % len(keys)], True)
+
+    @precondition(lambda self: self.h.unanswered_keys())
+    @rule(pick=st.integers(min_value=0, max_value=99), placed=st.booleans())
+    def job_waits_for_a_node(self, pick, placed):
+        keys = self.h.unanswered_keys()
+        self._do(self.h.tell_waiting, keys[pick % len(keys)], None if placed else "NO_AVAILABLE_NODE")
+
+    @rule(overloaded=st.booleans())
+    def scheduler_overloaded(self, overloaded):
+        self.h.port.overloaded = overloaded
+
+    # ------------------------------------------------------------ invariants
+    @invariant()
+    def guarantees_hold(self):
+        if hasattr(self, "h"):
+            self.trio.call_sync(self.h.check)
+
+
+TestActorMachine = ActorMachine.TestCase
+TestActorMachine.settings = settings(stateful_step_count=40)
+
+
+# ---------------------------------------------------------------- the machine can fail
+
+
+class NoGenerationCheckActor(SessionActor):
+    """Deliberately broken: acts on every pause/timeout fire, stale or not."""
+
+    def _on_timer(self, fired):
+        if fired.kind in ("pause", "timeout") and self.closing is None:
+            self._finalize(fired.kind, trio.current_time())
+        else:
+            super()._on_timer(fired)
+
+
+class BrokenMachine(ActorMachine):
+    actor_class = NoGenerationCheckActor
+
+
+def test_hypothesis_finds_the_missing_generation_check():
+    with pytest.raises(AssertionError, match="pause cut|timeout cut|indexes|late|overdue"):
+        run_state_machine_as_test(
+            BrokenMachine,
+            settings=settings(max_examples=2000, stateful_step_count=30, phases=[Phase.generate, Phase.shrink],
+                              database=None, deadline=None, print_blob=False, report_multiple_bugs=False),
+        )
+
+
+# ---------------------------------------------------------------- named regressions (seed cases)
+
+
+async def run_script(nursery, clock, script, **settings_overrides):
+    h = ActorHarness(nursery, clock, **settings_overrides)
+    await h.settle()
+    for step in script:
+        step(h)
+        await h.settle()
+        h.check()
+    return h
+
+
+async def test_concurrent_finalize_stress(nursery, mock_clock):
+    """is_final, finalize, pause and max_duration all due at one instant, many times over."""
+    h = ActorHarness(nursery, mock_clock, tgt_langs=("en",))
+    await h.settle()
+    for i in range(30):
+        h.put_frames([True] * (i % 7 + 1), is_final=i % 2 == 0)
+        h.put_finalize()
+        h.put_finalize()
+        await h.race(0.8)  # the pause deadline of the last frame, with events still queued
+        h.check()
+    await h.finish()
+    assert len([m for _, m in h.emitted if m.TYPE == "utterance_finalized"]) >= 30
+
+
+async def test_rapid_chunks_then_pause_exceeded(nursery, mock_clock):
+    h = ActorHarness(nursery, mock_clock, tgt_langs=("en",))
+    await h.settle()
+    for _ in range(12):  # 1.2 s of speech as fast as possible
+        h.put_frames([True])
+    await h.advance(0.81)
+    (t, fin), = [(t, m) for t, m in h.emitted if m.TYPE == "utterance_finalized"]
+    assert (fin.utterance_index, fin.reason, fin.audio_ms) == (0, "pause", 1200)
+    await h.finish()
+
+
+async def test_timeout_racing_is_final(nursery, mock_clock):
+    """The is_final frame was queued before the timeout deadline passed: it wins, the timer is stale."""
+    h = ActorHarness(nursery, mock_clock, tgt_langs=("en",), max_utterance_ms=20_000)
+    await h.settle()
+    for _ in range(29):  # speech every 100 ms up to just before the 3 s timeout
+        h.put_frames([True])
+        await h.advance(0.1)
+    h.put_frames([True], is_final=True)
+    await h.race(0.2)  # the timeout deadline (3.0 s) passes while the frame waits
+    h.check()
+    fins = [(m.utterance_index, m.reason, m.audio_ms) for _, m in h.emitted if m.TYPE == "utterance_finalized"]
+    assert fins == [(0, "is_final", 3000)]
+    assert h.metrics.duplicate_finalize_suppressed_total._value.get() <= 1  # 1 if the timer task ran first
+    await h.finish()
+
+
+async def test_max_duration_racing_close(nursery, mock_clock):
+    h = ActorHarness(nursery, mock_clock, tgt_langs=("en",))
+    await h.settle()
+    h.put_frames([True] * 20)  # reaches max_utterance_ms (2000) exactly on the last frame
+    h.put_close()
+    await h.settle()
+    h.check()
+    fins = [(m.utterance_index, m.reason, m.audio_ms) for _, m in h.emitted if m.TYPE == "utterance_finalized"]
+    assert fins == [(0, "max_duration", 2000)]  # close finds an empty utterance: no second index
+    await h.finish()
+
+
+@given(n=st.integers(min_value=1, max_value=60))
+@settings(max_examples=20, deadline=None)
+def test_flood_loses_no_frame(n):
+    """Whatever the flood, every frame lands in exactly one utterance, in order."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            clock = trio.lowlevel.current_clock()
+            h = ActorHarness(nursery, clock, tgt_langs=("en",))
+            h.put_frames([True] * n)
+            h.put_finalize()
+            await h.settle()
+            h.check()
+            total = sum(m.audio_ms for _, m in h.emitted if m.TYPE == "utterance_finalized")
+            assert total == len(h.sent) * 100 and len(h.sent) >= min(n, 40)
+            await h.finish()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
