@@ -1,24 +1,32 @@
--- cancel_task: mark a dispatched job cancelled and release its node's slot exactly once.
+-- cancel_task: mark a dispatched (or waiting) job cancelled and release its node's slot once.
 --
 -- Used when the answer is no longer wanted (session ended) or the job could not be handed
--- to its node. A job that is no longer "dispatched" is left as it is.
--- Reply: {"OK", node_id, attempt} when cancelled, {"NOOP", status} otherwise (also for an
--- unknown job, status "").
+-- to its node. A job that is finished, failed or cancelled is left as it is.
+-- Reply: {"OK", node_id, attempt} when cancelled (node_id "" for a waiting job),
+-- {"NOOP", status} otherwise (also for an unknown job, status "").
 --
 -- KEYS[1] scheduler:job:{job_id}             hash
 -- KEYS[2] scheduler:node:runtime:{node_id}   hash of the node holding the job
+-- KEYS[3] scheduler:node:jobs:{node_id}      set of the node holding the job
+-- KEYS[4] scheduler:leases                   zset
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
--- ARGV[1] now_ms
+local jobs_key = KEYS[3]
+local leases_key = KEYS[4]
+-- ARGV[1] now_ms, ARGV[2] job_id
 local now_ms = ARGV[1]
+local job_id = ARGV[2]
 
 local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status')
-if j[3] ~= 'dispatched' then
+if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
 end
 redis.call('HSET', job_key_hash, 'status', 'cancelled', 'finished_ts', now_ms)
-local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
-if current > 0 then
-  redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+redis.call('ZREM', leases_key, job_id)
+if j[3] == 'dispatched' and redis.call('SREM', jobs_key, job_id) == 1 then
+  local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
+  if current > 0 then
+    redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+  end
 end
-return {'OK', j[1], tonumber(j[2])}
+return {'OK', j[3] == 'dispatched' and j[1] or '', tonumber(j[2])}

@@ -1,19 +1,25 @@
 -- complete_task: accept a node's answer for a job, once, from the node holding its current attempt.
 --
--- Sets status to "finished" or "failed" and releases the node's slot exactly once (never
--- below zero). Completing a job that is already finished, failed or cancelled changes nothing.
+-- Sets status to "finished" or "failed", takes the job out of the node's job set and the
+-- leases, and releases the node's slot exactly once (by job-set membership; never below
+-- zero). Completing a job that is not "dispatched" changes nothing.
 -- Reply: {"OK", session_id, job_key, utterance_index, tgt_lang}.
 -- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED.
 --
 -- KEYS[1] scheduler:job:{job_id}              hash
 -- KEYS[2] scheduler:node:runtime:{node_id}    hash of the answering node
+-- KEYS[3] scheduler:node:jobs:{node_id}       set of the answering node
+-- KEYS[4] scheduler:leases                    zset
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
--- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms
+local jobs_key = KEYS[3]
+local leases_key = KEYS[4]
+-- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id
 local node_id = ARGV[1]
 local attempt = tonumber(ARGV[2])
 local status = ARGV[3]
 local now_ms = ARGV[4]
+local job_id = ARGV[5]
 
 local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang')
 if not j[1] then
@@ -29,8 +35,11 @@ if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
-local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
-if current > 0 then
-  redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+redis.call('ZREM', leases_key, job_id)
+if redis.call('SREM', jobs_key, job_id) == 1 then
+  local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
+  if current > 0 then
+    redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+  end
 end
 return {'OK', j[4], j[5], tonumber(j[6]), j[7]}

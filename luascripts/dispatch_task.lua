@@ -4,8 +4,8 @@
 -- Pool choice: the session's preferred_pool when it serves the pair, else every pool of the
 -- lang pair. Node choice: the turn's affinity node if it is a candidate, online, fresh and has
 -- a free slot; else the least-loaded (current_jobs / max_jobs) eligible node, ties broken by
--- ARGV rand. A node is eligible when online = 1, draining = 0, its last heartbeat is at most
--- node_ttl_ms old and current_jobs < max_jobs. Takes one slot on the chosen node.
+-- ARGV rand (see lib/choose_node.lua). Takes one slot on the chosen node, adds the job to
+-- the node's job set and its lease to the leases set.
 -- Turn: turn_action "keep" (max_duration finalize) records the chosen node as the turn's
 -- affinity; "end" counts this job towards the end of the turn and deletes the turn key once
 -- turn_jobs jobs of the ending utterance have been placed.
@@ -20,11 +20,13 @@
 -- KEYS[3] scheduler:session:{session_id}  hash
 -- KEYS[4] scheduler:turn:{turn_id}        hash
 -- KEYS[5] scheduler:lang:{src}:{tgt}      hash pool -> "1"
+-- KEYS[6] scheduler:leases                zset job id -> lease deadline (ms)
 local jobkey_key = KEYS[1]
 local id_seq_key = KEYS[2]
 local session_key = KEYS[3]
 local turn_key = KEYS[4]
 local lang_key = KEYS[5]
+local leases_key = KEYS[6]
 local job_key = ARGV[1]
 local session_id = ARGV[2]
 local utterance_index = ARGV[3]
@@ -40,10 +42,9 @@ local rand = tonumber(ARGV[12])
 local turn_jobs = tonumber(ARGV[13])
 local prefix = ARGV[14]
 
+-- @include choose_node
+
 local function job_hash(id) return prefix .. ':job:{' .. id .. '}' end
-local function info_hash(node) return prefix .. ':node:info:{' .. node .. '}' end
-local function runtime_hash(node) return prefix .. ':node:runtime:{' .. node .. '}' end
-local function members_set(pool) return prefix .. ':pool:{' .. pool .. '}:members' end
 
 local existing = redis.call('GET', jobkey_key)
 if existing then
@@ -51,67 +52,13 @@ if existing then
   return {'EXISTS', existing, j[1] or '', tonumber(j[2] or '0'), j[3] or ''}
 end
 
-local pools
-local preferred = redis.call('HGET', session_key, 'preferred_pool')
-if preferred and preferred ~= '' and redis.call('HEXISTS', lang_key, preferred) == 1 then
-  pools = {preferred}
-else
-  pools = redis.call('HKEYS', lang_key)
-end
-if #pools == 0 then
-  return redis.error_reply('NO_POOL_FOR_LANG_PAIR no pool serves ' .. src_lang .. '->' .. tgt_lang)
-end
-
-local seen, candidates = {}, {}
-for _, pool in ipairs(pools) do
-  for _, node in ipairs(redis.call('SMEMBERS', members_set(pool))) do
-    if not seen[node] then
-      seen[node] = true
-      candidates[#candidates + 1] = node
-    end
-  end
-end
-if #candidates == 0 then
-  return redis.error_reply('EMPTY_POOL no node in the pools of ' .. src_lang .. '->' .. tgt_lang)
-end
-
--- current_jobs and max_jobs of an eligible node, nil otherwise
-local function free_slots(node)
-  local info = redis.call('HMGET', info_hash(node), 'online', 'draining', 'max_jobs', 'last_heartbeat_ts')
-  if info[1] ~= '1' or info[2] == '1' then return nil end
-  if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
-  local max_jobs = tonumber(info[3] or '0')
-  local current = tonumber(redis.call('HGET', runtime_hash(node), 'current_jobs') or '0')
-  if current >= max_jobs then return nil end
-  return current, max_jobs
-end
-
-local chosen
-local affinity = redis.call('HGET', turn_key, 'affinity_node_id')
-if affinity and seen[affinity] and free_slots(affinity) then
-  chosen = affinity
-end
+local chosen, err = choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, '')
 if not chosen then
-  local best, ties = math.huge, {}
-  for _, node in ipairs(candidates) do
-    local current, max_jobs = free_slots(node)
-    if current then
-      local load = current / max_jobs
-      if load < best - 1e-9 then
-        best, ties = load, {node}
-      elseif load <= best + 1e-9 then
-        ties[#ties + 1] = node
-      end
-    end
-  end
-  if #ties == 0 then
-    return redis.error_reply('NO_AVAILABLE_NODE every node serving ' .. src_lang .. '->' .. tgt_lang .. ' is full or offline')
-  end
-  chosen = ties[(rand % #ties) + 1]
+  return redis.error_reply(err .. ' ' .. src_lang .. '->' .. tgt_lang)
 end
 
-redis.call('HINCRBY', runtime_hash(chosen), 'current_jobs', 1)
 local job_id = tostring(redis.call('INCR', id_seq_key))
+take_slot(prefix, chosen, job_id, leases_key, now_ms + lease_ms)
 local job = job_hash(job_id)
 redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,

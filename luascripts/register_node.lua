@@ -1,18 +1,21 @@
 -- register_node: write a node's info, reset its runtime, join its pools, index pools by lang pair.
 --
--- Contract: after this script the node is online with current_jobs = 0, is a member of
--- every pool it serves, and every (src, tgt) pair it serves lists those pools.
+-- Contract: after this script the node is online, its current_jobs equals the jobs it still
+-- holds (its job set: a reconnecting node keeps the jobs it may still answer), it is a member
+-- of every pool it serves, and every (src, tgt) pair it serves lists those pools.
 -- Re-registering the same node id overwrites its info (a reconnect).
 -- Reply: {"OK"}. Errors: none (the caller validates input).
 --
 -- KEYS[1]            scheduler:node:info:{node_id}      hash
 -- KEYS[2]            scheduler:node:runtime:{node_id}   hash
--- KEYS[3]            scheduler:nodes                    set of node ids
--- KEYS[3+i]          scheduler:pool:{pool_i}:members    set,  i = 1..n
--- KEYS[3+n+i]        scheduler:lang:{src_i}:{tgt_i}     hash, i = 1..n (pool -> "1")
+-- KEYS[3]            scheduler:node:jobs:{node_id}      set of job ids held
+-- KEYS[4]            scheduler:nodes                    set of node ids
+-- KEYS[4+i]          scheduler:pool:{pool_i}:members    set,  i = 1..n
+-- KEYS[4+n+i]        scheduler:lang:{src_i}:{tgt_i}     hash, i = 1..n (pool -> "1")
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
-local nodes_key = KEYS[3]
+local jobs_key = KEYS[3]
+local nodes_key = KEYS[4]
 -- ARGV[1] node_id, ARGV[2] cap_json, ARGV[3] max_jobs, ARGV[4] now_ms, ARGV[5] owner instance id,
 -- ARGV[6] n (entries), ARGV[6+i] pool name of entry i
 local node_id = ARGV[1]
@@ -26,11 +29,11 @@ redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
   'load_json', '{}', 'owner', owner)
-redis.call('HSET', runtime_key, 'current_jobs', 0)
+redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
 for i = 1, n do
   local pool = ARGV[6 + i]
-  redis.call('SADD', KEYS[3 + i], node_id)
-  redis.call('HSET', KEYS[3 + n + i], pool, '1')
+  redis.call('SADD', KEYS[4 + i], node_id)
+  redis.call('HSET', KEYS[4 + n + i], pool, '1')
 end
 return {'OK'}

@@ -63,6 +63,7 @@ class Settings:
     # Nodes
     heartbeat_interval_ms: int = _opt(2000, "interval nodes are told to heartbeat at", group="nodes")
     node_ttl_ms: int = _opt(6000, "a node without heartbeat for this long is offline", group="nodes")
+    job_lease_ms: int = _opt(15000, "a job not answered within this is dispatched again (attempt + 1) on another node", group="nodes")
     node_token: str | None = _opt(None, "shared secret nodes must send in register; unset: no check", group="nodes")
 
     # Process
@@ -93,7 +94,7 @@ class ConfigError(ValueError):
 
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
-    "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "redis_pool_size",
+    "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "redis_pool_size", "job_lease_ms",
 )
 
 

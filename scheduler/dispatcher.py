@@ -12,8 +12,14 @@ blocked head is told to its session as waiting (:class:`~scheduler.session.JobWa
 if its deadline passes before it is placed, the session resolves it ``FAILED`` with that
 error; the lane drops it at the same deadline.
 
-Outcomes that are not a node's answer (no pool, node lost) go back to the session as a
-``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
+Lost nodes and expired leases: when a node holding jobs disconnects (or is closed for
+missing heartbeats), or a job's lease (``job_lease_ms``) runs out, each of its jobs is
+dispatched again through ``redispatch_task`` as attempt + 1 on another node, ahead of the
+jobs queued in its lane, while its result deadline allows; the old node gets ``job_cancel``
+when it is still connected. Answers of the old attempt are refused by ``complete_task``.
+
+Outcomes that are not a node's answer (no pool, nowhere to send it) go back to the session
+as a ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
 
 Bounds: at most ``queue_size`` jobs wait in all lanes together; past that
 :meth:`submit_nowait` refuses with ``OVERLOADED`` (the session records the translation as
@@ -75,6 +81,7 @@ class Dispatcher:
         sessions: SessionRegistry,
         metrics: Metrics,
         node_ttl_ms: int,
+        job_lease_ms: int = 15000,
         queue_size: int = 4096,
         retry_interval: float = 0.25,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
@@ -84,6 +91,7 @@ class Dispatcher:
         self._sessions = sessions
         self._metrics = metrics
         self._node_ttl_ms = node_ttl_ms
+        self._job_lease_ms = job_lease_ms
         self._retry_interval = retry_interval
         self._rand = rand
         self._queue_size = queue_size
@@ -91,7 +99,8 @@ class Dispatcher:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.placed: dict[str, Placement] = {}
+        self.placed: dict[str, Placement] = {}  # job key -> where it runs now (this instance's jobs)
+        self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
 
     # ------------------------------------------------------------ the actor's port
 
@@ -100,18 +109,22 @@ class Dispatcher:
             self._metrics.dispatch_errors_total.labels("OVERLOADED").inc()
             return "OVERLOADED"
         self._queued += 1
-        pair = (request.src_lang, request.tgt_lang)
-        lane = self._lanes.get(pair)
-        if lane is None:
-            lane = self._lanes[pair] = _Lane(pair)
-            assert self._nursery is not None, "Dispatcher.run() is not running"
-            self._nursery.start_soon(self._run_lane, lane)
+        lane = self._lane(request)
         lane.queue.append(request)
         if lane.blocked_code is not None:
             self._tell_waiting(lane, request, lane.blocked_code)
         lane.wake.set()
         self._update_waiting_gauge()
         return None
+
+    def _lane(self, request: JobRequest) -> _Lane:
+        pair = (request.src_lang, request.tgt_lang)
+        lane = self._lanes.get(pair)
+        if lane is None:
+            lane = self._lanes[pair] = _Lane(pair)
+            assert self._nursery is not None, "Dispatcher.run() is not running"
+            self._nursery.start_soon(self._run_lane, lane)
+        return lane
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
         wanted = set(job_keys)
@@ -120,6 +133,9 @@ class Dispatcher:
                 lane.queue.remove(request)
                 lane.told.discard(request.job_key)
                 self._queued -= 1
+                moving = self._moving.pop(request.job_key, None)
+                if moving is not None:
+                    await self._release(moving)
         self._update_waiting_gauge()
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
@@ -155,9 +171,24 @@ class Dispatcher:
         return [p for p in self.placed.values() if p.node_id == node_id]
 
     async def node_lost(self, node_id: str, reason: str) -> None:
-        """The node's socket closed with jobs on it: release them and fail their translations."""
+        """The node's socket closed with jobs on it: dispatch each again elsewhere."""
         for placement in self.placements_on(node_id):
-            await self.node_lost_job(placement, reason)
+            self.move(placement, reason)
+
+    def move(self, placement: Placement, reason: str) -> None:
+        """Dispatch a placed job again (attempt + 1) on another node, ahead of its lane."""
+        request = placement.request
+        if self.placed.pop(request.job_key, None) is None:
+            return  # already answered, cancelled or moving
+        self._metrics.jobs_in_flight.dec()
+        self._moving[request.job_key] = placement
+        self._queued += 1
+        lane = self._lane(request)
+        lane.queue.appendleft(request)
+        lane.wake.set()
+        self._update_waiting_gauge()
+        event(log, "job_moving", job_key=request.job_key, job_id=placement.job_id, from_node=placement.node_id,
+              attempt=placement.attempt, reason=reason)
 
     # ------------------------------------------------------------ tasks
 
@@ -165,8 +196,28 @@ class Dispatcher:
         """Owns the lane tasks (one per language pair seen). Runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._expire_leases)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _expire_leases(self, interval: float = 1.0) -> None:
+        """Every ``interval``: jobs of this instance whose lease ran out are moved to another node."""
+        while True:
+            await trio.sleep(interval)
+            if not self.placed:
+                continue
+            try:
+                expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms(), "LIMIT", 0, 256)
+            except RedisUnavailable:
+                continue
+            by_id = {p.job_id: p for p in self.placed.values()}
+            for job_id in expired:
+                placement = by_id.get(job_id)
+                if placement is not None:
+                    node = self._nodes.get(placement.node_id)
+                    if node is not None:
+                        node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+                    self.move(placement, "LEASE_EXPIRED")
 
     async def _run_lane(self, lane: _Lane) -> None:
         while True:
@@ -179,6 +230,9 @@ class Dispatcher:
                 # never placed: the session resolves it FAILED(blocked code) at this same deadline
                 self._pop_head(lane)
                 self._metrics.jobs_total.labels("failed").inc()
+                moving = self._moving.pop(request.job_key, None)
+                if moving is not None:
+                    await self._release(moving)
                 continue
             code = await self._try_place(request)
             if code is None:
@@ -214,31 +268,51 @@ class Dispatcher:
     # ------------------------------------------------------------ placement
 
     async def _release(self, placement: Placement) -> list:
+        """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once."""
+        node_id = placement.node_id
         return await self._redis.script(
-            "cancel_task", [keys.job(placement.job_id), keys.node_runtime(placement.node_id)], [now_ms()]
+            "cancel_task",
+            [keys.job(placement.job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
+            [now_ms(), placement.job_id],
         )
 
     async def _try_place(self, request: JobRequest) -> str | None:
         """One dispatch_task call. Returns None when the job is done with (placed, duplicate or
         failed for good), or the error code when it must wait for a node."""
-        ms = now_ms()
-        lease_ms = max(1000, int((request.deadline - trio.current_time()) * 1000))
+        moving = self._moving.get(request.job_key)
         try:
-            reply = await self._redis.script(
-                "dispatch_task",
-                [
-                    keys.jobkey(request.job_key),
-                    keys.job_id_seq(),
-                    keys.session(request.session_id),
-                    keys.turn(request.turn_id),
-                    keys.lang_pools(request.src_lang, request.tgt_lang),
-                ],
-                [
-                    request.job_key, request.session_id, request.utterance_index, request.src_lang,
-                    request.tgt_lang, request.turn_id, request.turn_action, ms, lease_ms,
-                    self._node_ttl_ms, keys.KEY_TTL_S, self._rand(), request.turn_jobs, keys.PREFIX,
-                ],
-            )
+            if moving is None:
+                reply = await self._redis.script(
+                    "dispatch_task",
+                    [
+                        keys.jobkey(request.job_key),
+                        keys.job_id_seq(),
+                        keys.session(request.session_id),
+                        keys.turn(request.turn_id),
+                        keys.lang_pools(request.src_lang, request.tgt_lang),
+                        keys.leases(),
+                    ],
+                    [
+                        request.job_key, request.session_id, request.utterance_index, request.src_lang,
+                        request.tgt_lang, request.turn_id, request.turn_action, now_ms(), self._job_lease_ms,
+                        self._node_ttl_ms, keys.KEY_TTL_S, self._rand(), request.turn_jobs, keys.PREFIX,
+                    ],
+                )
+            else:
+                reply = await self._redis.script(
+                    "redispatch_task",
+                    [
+                        keys.job(moving.job_id),
+                        keys.node_runtime(moving.node_id),
+                        keys.node_jobs(moving.node_id),
+                        keys.leases(),
+                        keys.session(request.session_id),
+                        keys.turn(request.turn_id),
+                        keys.lang_pools(request.src_lang, request.tgt_lang),
+                    ],
+                    [moving.job_id, moving.attempt, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand(),
+                     keys.PREFIX, moving.node_id],
+                )
         except (NoAvailableNode, EmptyPool) as exc:
             self._metrics.dispatch_errors_total.labels(exc.code).inc()
             return exc.code
@@ -250,6 +324,11 @@ class Dispatcher:
             self._fail(request, exc.code)
             return None
 
+        if moving is not None:
+            del self._moving[request.job_key]
+            if reply[0] == "NOOP":  # answered or cancelled meanwhile: nothing to move
+                return None
+            self._metrics.redispatch_total.inc()
         status, job_id, node_id, attempt = reply[0], str(reply[1]), reply[2], int(reply[3])
         if status == "EXISTS":
             self._metrics.duplicate_job_blocked_total.inc()
@@ -275,19 +354,13 @@ class Dispatcher:
             deadline_ms=deadline_ms,
         )
         if node is None or not node.send_nowait(assign):
-            # The node left (or is not reading) between placement and hand-over.
-            await self.node_lost_job(placement, "NODE_UNREACHABLE")
-        return None
-
-    async def node_lost_job(self, placement: Placement, code: str) -> None:
-        if self.placed.pop(placement.request.job_key, None) is not None:
+            # The node left (or is not reading) between placement and hand-over: the lane keeps
+            # the job at its head and places it again, elsewhere, as attempt + 1.
+            del self.placed[request.job_key]
             self._metrics.jobs_in_flight.dec()
-        try:
-            await self._release(placement)
-            self.slot_freed()
-        except RedisUnavailable:
-            pass
-        self._fail(placement.request, code)
+            self._moving[request.job_key] = placement
+            return "NODE_UNREACHABLE"
+        return None
 
     def _fail(self, request: JobRequest, code: str) -> None:
         self._metrics.jobs_total.labels("failed").inc()

@@ -21,6 +21,16 @@ def node_runtime(node_id: str) -> str:
     return f"{PREFIX}:node:runtime:{{{node_id}}}"
 
 
+def node_jobs(node_id: str) -> str:
+    """Set of the job ids a node holds (status dispatched); its size is the node's slots in use."""
+    return f"{PREFIX}:node:jobs:{{{node_id}}}"
+
+
+def leases() -> str:
+    """Sorted set: job id -> lease deadline (epoch ms) of every dispatched job."""
+    return f"{PREFIX}:leases"
+
+
 def nodes_all() -> str:
     """Set of every node id ever registered (for listing and expiry scans)."""
     return f"{PREFIX}:nodes"

@@ -168,7 +168,7 @@ class NodeGateway(wsutil.Gateway):
         try:
             await self._redis.script(
                 "register_node",
-                [keys.node_info(reg.node_id), keys.node_runtime(reg.node_id), keys.nodes_all()]
+                [keys.node_info(reg.node_id), keys.node_runtime(reg.node_id), keys.node_jobs(reg.node_id), keys.nodes_all()]
                 + [keys.pool_members(pool) for pool, _, _ in entries]
                 + [keys.lang_pools(src, tgt) for _, src, tgt in entries],
                 [reg.node_id, json.dumps(reg.capabilities or {}), reg.max_jobs, now_ms(), self.settings.instance_id,
@@ -238,8 +238,8 @@ class NodeGateway(wsutil.Gateway):
         try:
             reply = await self._redis.script(
                 "complete_task",
-                [keys.job(msg.job_id), keys.node_runtime(conn.node_id)],
-                [conn.node_id, msg.attempt, "finished" if msg.status == "ok" else "failed", now_ms()],
+                [keys.job(msg.job_id), keys.node_runtime(conn.node_id), keys.node_jobs(conn.node_id), keys.leases()],
+                [conn.node_id, msg.attempt, "finished" if msg.status == "ok" else "failed", now_ms(), msg.job_id],
             )
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()

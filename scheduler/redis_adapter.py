@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -98,8 +99,15 @@ def scripts_dir() -> Path:
     raise FileNotFoundError("luascripts/ not found next to the scheduler package")
 
 
+_INCLUDE = re.compile(r"^-- @include (\w+)$", re.MULTILINE)
+
+
 def load_script_sources() -> dict[str, str]:
-    return {p.stem: p.read_text() for p in sorted(scripts_dir().glob("*.lua"))}
+    """Every ``luascripts/*.lua`` by name, with ``-- @include NAME`` lines replaced by
+    ``luascripts/lib/NAME.lua`` (shared Lua functions, such as node choice)."""
+    root = scripts_dir()
+    libs = {p.stem: p.read_text() for p in (root / "lib").glob("*.lua")}
+    return {p.stem: _INCLUDE.sub(lambda m: libs[m.group(1)], p.read_text()) for p in sorted(root.glob("*.lua"))}
 
 
 # ---------------------------------------------------------------- the adapter

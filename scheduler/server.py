@@ -117,7 +117,8 @@ async def _serve(
     metrics = Metrics()
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
-    dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms)
+    dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms,
+                            job_lease_ms=settings.job_lease_ms)
     clients = ClientGateway(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics)
     node_gw = NodeGateway(settings=settings, redis=redis, dispatcher=dispatcher, nodes=nodes, sessions=sessions, metrics=metrics)
 

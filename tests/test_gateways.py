@@ -194,17 +194,51 @@ async def test_no_node_free_until_deadline_gives_failed(start_daemon, nursery):
             assert results[1]["translations"]["en"]["error"] == "NO_AVAILABLE_NODE"
 
 
-async def test_node_loss_fails_its_jobs(daemon, nursery):
-    async with peer(daemon.ws_url + "/v1/node") as node:
-        await node.send(type="register", node_id="n1", lang_pairs=[["zh", "en"]], max_jobs=2)
-        await node.recv()
+async def test_lost_node_job_is_dispatched_again_to_another_node(daemon, redis_client):
+    async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
+        for node, name in ((n1, "n1"), (n2, "n2")):
+            await node.send(type="register", node_id=name, lang_pairs=[["zh", "en"]], max_jobs=2)
+            await node.recv()
         async with session(daemon) as s:
             await s.send_raw(SPEECH_100MS)
             await s.send(type="finalize")
-            assert (await node.recv())["type"] == "job_assign"
-            await node.ws.aclose()
+            with trio.fail_after(5):
+                holder, job, other = None, None, None
+                while job is None:  # whichever node got it
+                    for node, spare in ((n1, n2), (n2, n1)):
+                        with trio.move_on_after(0.05):
+                            job, holder, other = await node.recv(), node, spare
+                            break
+            assert job["attempt"] == 1
+            await holder.ws.aclose()  # the node dies holding the job
+            again = await other.recv()
+            assert (again["type"], again["job_id"], again["attempt"]) == ("job_assign", job["job_id"], 2)
+            await other.send(type="job_result", job_id=again["job_id"], attempt=2, status="ok", source_text="s", text="saved")
             result, _ = await s.recv_until("result")
-            assert result["status"] == "FAILED" and result["translations"]["en"]["error"] == "NODE_LOST"
+            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "saved"
+        assert 'scheduler_redispatch_total 1.0' in daemon.metrics.render().decode()
+
+
+async def test_expired_lease_moves_the_job_and_cancels_it_on_the_slow_node(start_daemon):
+    daemon = await start_daemon(job_lease_ms=1000, node_ttl_ms=10_000)  # raw peers send no heartbeats
+    async with peer(daemon.ws_url + "/v1/node") as slow:
+        await slow.send(type="register", node_id="slow", lang_pairs=[["zh", "en"]], max_jobs=1)
+        await slow.recv()
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            job = await slow.recv()
+            async with peer(daemon.ws_url + "/v1/node") as fast:
+                await fast.send(type="register", node_id="fast", lang_pairs=[["zh", "en"]], max_jobs=1)
+                await fast.recv()
+                cancel = await slow.recv(timeout=5)  # lease (1 s) ran out
+                assert cancel == {"type": "job_cancel", "job_id": job["job_id"], "attempt": 1}
+                again = await fast.recv(timeout=5)
+                assert (again["job_id"], again["attempt"]) == (job["job_id"], 2)
+                await slow.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="too late")
+                await fast.send(type="job_result", job_id=job["job_id"], attempt=2, status="ok", source_text="s", text="on time")
+                result, _ = await s.recv_until("result")
+                assert result["translations"]["en"]["text"] == "on time"
 
 
 async def test_shutdown_drains_sessions_and_refuses_newcomers(daemon, nursery):

@@ -27,7 +27,7 @@ async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, ow
     entries = [(pool, s, t) for pool in pools for s, t in pairs] if pools else [(f"{s}-{t}", s, t) for s, t in pairs]
     await a.script(
         "register_node",
-        [keys.node_info(node_id), keys.node_runtime(node_id), keys.nodes_all()]
+        [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
         + [keys.pool_members(p) for p, _, _ in entries] + [keys.lang_pools(s, t) for _, s, t in entries],
         [node_id, "{}", max_jobs, now_ms(), owner, len(entries)] + [p for p, _, _ in entries],
     )
@@ -36,13 +36,29 @@ async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, ow
 async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
     return await a.script(
         "dispatch_task",
-        [keys.jobkey(job_key), keys.job_id_seq(), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt)],
+        [keys.jobkey(job_key), keys.job_id_seq(), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
+         keys.leases()],
         [job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000, 6000, 3600, rand, turn_jobs, keys.PREFIX],
     )
 
 
 async def complete(a, job_id, node_id, attempt=1, status="finished"):
-    return await a.script("complete_task", [keys.job(job_id), keys.node_runtime(node_id)], [node_id, attempt, status, now_ms()])
+    return await a.script("complete_task", [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
+                          [node_id, attempt, status, now_ms(), job_id])
+
+
+async def cancel(a, job_id, node_id):
+    return await a.script("cancel_task", [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
+                          [now_ms(), job_id])
+
+
+async def redispatch(a, job_id, old_node, attempt, turn_id="t1", src="zh", tgt="en", session_id="s1", rand=0):
+    return await a.script(
+        "redispatch_task",
+        [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
+         keys.turn(turn_id), keys.lang_pools(src, tgt)],
+        [job_id, attempt, now_ms(), 30000, 6000, rand, keys.PREFIX, old_node],
+    )
 
 
 def slots(redis_client, node_id):
@@ -151,19 +167,55 @@ async def test_complete_checks_node_attempt_and_releases_once(adapter, redis_cli
     assert slots(redis_client, node) == 0
 
 
-async def test_slot_never_goes_below_zero(adapter, redis_client):
+async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     await register(adapter, "a", max_jobs=2)
     job_id = (await dispatch(adapter, "k0"))[1]
-    await register(adapter, "a", max_jobs=2)  # reconnect resets runtime to 0
+    redis_client.hset(keys.node_runtime("a"), "current_jobs", 7)  # drifted
+    await register(adapter, "a", max_jobs=2)  # reconnect: slots = jobs it still holds
+    assert slots(redis_client, "a") == 1
     await complete(adapter, job_id, "a")
     assert slots(redis_client, "a") == 0
+    assert redis_client.scard(keys.node_jobs("a")) == 0 and redis_client.zcard(keys.leases()) == 0
+
+
+async def test_redispatch_moves_job_to_another_node_as_next_attempt(adapter, redis_client):
+    await register(adapter, "a", max_jobs=2)
+    await register(adapter, "b", max_jobs=2)
+    job_id, first = (await dispatch(adapter, "s1:0:translate:en"))[1:3]
+    other = "b" if first == "a" else "a"
+    assert await redispatch(adapter, job_id, first, attempt=1) == ["OK", job_id, other, 2]
+    assert slots(redis_client, first) == 0 and slots(redis_client, other) == 1
+    assert redis_client.smembers(keys.node_jobs(other)) == {job_id} and not redis_client.smembers(keys.node_jobs(first))
+    # a second trigger for attempt 1 (e.g. lease expiry after the disconnect) changes nothing
+    assert await redispatch(adapter, job_id, first, attempt=1) == ["NOOP", "dispatched", 2]
+    with pytest.raises(NodeMismatch):
+        await complete(adapter, job_id, first, attempt=1)
+    with pytest.raises(StaleAttempt):
+        await complete(adapter, job_id, other, attempt=1)
+    assert (await complete(adapter, job_id, other, attempt=2))[0] == "OK"
+    assert slots(redis_client, other) == 0
+    assert await redispatch(adapter, job_id, other, attempt=2) == ["NOOP", "finished", 2]
+
+
+async def test_redispatch_waits_when_no_other_node_and_can_be_retried(adapter, redis_client):
+    await register(adapter, "a", max_jobs=1)
+    job_id = (await dispatch(adapter, "k0"))[1]
+    with pytest.raises(NoAvailableNode):
+        await redispatch(adapter, job_id, "a", attempt=1)  # never back to the node it leaves
+    assert slots(redis_client, "a") == 0  # released once
+    assert redis_client.hget(keys.job(job_id), "status") == "waiting"
+    await register(adapter, "b", max_jobs=1)
+    assert await redispatch(adapter, job_id, "a", attempt=1) == ["OK", job_id, "b", 2]
+    assert slots(redis_client, "a") == 0 and slots(redis_client, "b") == 1
+    assert await cancel(adapter, job_id, "b") == ["OK", "b", 2]
+    assert slots(redis_client, "b") == 0
 
 
 async def test_cancel_releases_once(adapter, redis_client):
     await register(adapter, "a", max_jobs=2)
     job_id = (await dispatch(adapter, "k0"))[1]
-    assert await adapter.script("cancel_task", [keys.job(job_id), keys.node_runtime("a")], [now_ms()]) == ["OK", "a", 1]
-    assert await adapter.script("cancel_task", [keys.job(job_id), keys.node_runtime("a")], [now_ms()]) == ["NOOP", "cancelled"]
+    assert await cancel(adapter, job_id, "a") == ["OK", "a", 1]
+    assert await cancel(adapter, job_id, "a") == ["NOOP", "cancelled"]
     assert slots(redis_client, "a") == 0
     with pytest.raises(AlreadyCompleted):
         await complete(adapter, job_id, "a")

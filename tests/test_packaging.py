@@ -19,8 +19,8 @@ def test_wheel_contains_luascripts_and_loads_them(tmp_path):
                    capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {Path(n).name for n in names if n.startswith("scheduler/luascripts/")}
-    assert shipped == {p.name for p in (ROOT / "luascripts").glob("*.lua")}
+    shipped = {n.removeprefix("scheduler/luascripts/") for n in names if n.startswith("scheduler/luascripts/")}
+    assert shipped == {str(p.relative_to(ROOT / "luascripts")) for p in (ROOT / "luascripts").rglob("*.lua")}
     # Unpacked on its own (no checkout next to it), the package loads its scripts from inside.
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)

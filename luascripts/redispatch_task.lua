@@ -1,0 +1,67 @@
+-- redispatch_task: move a job whose node was lost (disconnect, missed heartbeats, expired
+-- lease) to another node, as attempt + 1.
+--
+-- Guarded by expected_attempt: a trigger for an attempt that is no longer current changes
+-- nothing ("NOOP"). A dispatched job first leaves its node: the slot is released exactly once
+-- (by job-set membership), the lease dropped, the status set to "waiting". Then a node is
+-- chosen as in dispatch_task, never the node it leaves; when none is free the job stays
+-- "waiting" at the same attempt and the call can be repeated. Answers of the old attempt are
+-- refused by complete_task (NODE_MISMATCH / STALE_ATTEMPT).
+--
+-- Reply: {"OK", job_id, node_id, attempt} or {"NOOP", status, attempt}.
+-- Errors: UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE (job left waiting).
+--
+-- KEYS[1] scheduler:job:{job_id}                 hash
+-- KEYS[2] scheduler:node:runtime:{old_node_id}   hash of the node it leaves
+-- KEYS[3] scheduler:node:jobs:{old_node_id}      set of the node it leaves
+-- KEYS[4] scheduler:leases                       zset
+-- KEYS[5] scheduler:session:{session_id}         hash
+-- KEYS[6] scheduler:turn:{turn_id}               hash
+-- KEYS[7] scheduler:lang:{src}:{tgt}             hash pool -> "1"
+local job_hash_key = KEYS[1]
+local old_runtime_key = KEYS[2]
+local old_jobs_key = KEYS[3]
+local leases_key = KEYS[4]
+local session_key = KEYS[5]
+local turn_key = KEYS[6]
+local lang_key = KEYS[7]
+-- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms,
+-- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] prefix, ARGV[8] old node id
+local job_id = ARGV[1]
+local expected_attempt = tonumber(ARGV[2])
+local now_ms = tonumber(ARGV[3])
+local lease_ms = tonumber(ARGV[4])
+local node_ttl_ms = tonumber(ARGV[5])
+local rand = tonumber(ARGV[6])
+local prefix = ARGV[7]
+local old_node = ARGV[8]
+
+-- @include choose_node
+
+local j = redis.call('HMGET', job_hash_key, 'node_id', 'attempt', 'status')
+if not j[3] then
+  return redis.error_reply('UNKNOWN_JOB no such job')
+end
+local attempt = tonumber(j[2])
+if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
+  return {'NOOP', j[3], attempt}
+end
+if j[3] == 'dispatched' then
+  if redis.call('SREM', old_jobs_key, job_id) == 1 then
+    local current = tonumber(redis.call('HGET', old_runtime_key, 'current_jobs') or '0')
+    if current > 0 then
+      redis.call('HINCRBY', old_runtime_key, 'current_jobs', -1)
+    end
+  end
+  redis.call('ZREM', leases_key, job_id)
+  redis.call('HSET', job_hash_key, 'status', 'waiting', 'left_node_id', j[1])
+end
+
+local chosen, err = choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, old_node)
+if not chosen then
+  return redis.error_reply(err .. ' no node to take job ' .. job_id)
+end
+take_slot(prefix, chosen, job_id, leases_key, now_ms + lease_ms)
+redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
+  'lease_deadline_ts', now_ms + lease_ms)
+return {'OK', job_id, chosen, attempt + 1}
