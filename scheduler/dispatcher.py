@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from . import keys
+from . import keys, lua
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
@@ -269,12 +269,7 @@ class Dispatcher:
 
     async def _release(self, placement: Placement) -> list:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once."""
-        node_id = placement.node_id
-        return await self._redis.script(
-            "cancel_task",
-            [keys.job(placement.job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
-            [now_ms(), placement.job_id],
-        )
+        return await self._redis.script(*lua.cancel(placement.job_id, placement.node_id, now_ms()))
 
     async def _try_place(self, request: JobRequest) -> str | None:
         """One dispatch_task call. Returns None when the job is done with (placed, duplicate or
@@ -282,37 +277,14 @@ class Dispatcher:
         moving = self._moving.get(request.job_key)
         try:
             if moving is None:
-                reply = await self._redis.script(
-                    "dispatch_task",
-                    [
-                        keys.jobkey(request.job_key),
-                        keys.job_id_seq(),
-                        keys.session(request.session_id),
-                        keys.turn(request.turn_id),
-                        keys.lang_pools(request.src_lang, request.tgt_lang),
-                        keys.leases(),
-                    ],
-                    [
-                        request.job_key, request.session_id, request.utterance_index, request.src_lang,
-                        request.tgt_lang, request.turn_id, request.turn_action, now_ms(), self._job_lease_ms,
-                        self._node_ttl_ms, keys.KEY_TTL_S, self._rand(), request.turn_jobs, keys.PREFIX,
-                    ],
-                )
+                reply = await self._redis.script(*lua.dispatch(
+                    request.job_key, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
+                    request.turn_id, request.turn_action, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand(),
+                    request.turn_jobs))
             else:
-                reply = await self._redis.script(
-                    "redispatch_task",
-                    [
-                        keys.job(moving.job_id),
-                        keys.node_runtime(moving.node_id),
-                        keys.node_jobs(moving.node_id),
-                        keys.leases(),
-                        keys.session(request.session_id),
-                        keys.turn(request.turn_id),
-                        keys.lang_pools(request.src_lang, request.tgt_lang),
-                    ],
-                    [moving.job_id, moving.attempt, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand(),
-                     keys.PREFIX, moving.node_id],
-                )
+                reply = await self._redis.script(*lua.redispatch(
+                    moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
+                    request.tgt_lang, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand()))
         except (NoAvailableNode, EmptyPool) as exc:
             self._metrics.dispatch_errors_total.labels(exc.code).inc()
             return exc.code

@@ -13,14 +13,13 @@ released and reported ``FAILED`` (``NODE_LOST``).
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import keys, wsutil
+from . import lua, wsutil
 from .logs import event
 from .metrics import Metrics
 from .protocol import (
@@ -132,7 +131,7 @@ class NodeGateway(wsutil.Gateway):
     async def _leave(self, conn: NodeConnection, reason: str) -> None:
         with trio.move_on_after(5):
             try:
-                await self._redis.script("node_state", [keys.node_info(conn.node_id)], [self.settings.instance_id, "0", "0"])
+                await self._redis.script(*lua.node_state(conn.node_id, self.settings.instance_id, online=False, draining=False))
             except RedisUnavailable:
                 pass
             await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
@@ -164,16 +163,9 @@ class NodeGateway(wsutil.Gateway):
                 return None
 
     async def _write_registration(self, reg: Register) -> None:
-        entries = reg.pool_pairs()
         try:
-            await self._redis.script(
-                "register_node",
-                [keys.node_info(reg.node_id), keys.node_runtime(reg.node_id), keys.node_jobs(reg.node_id), keys.nodes_all()]
-                + [keys.pool_members(pool) for pool, _, _ in entries]
-                + [keys.lang_pools(src, tgt) for _, src, tgt in entries],
-                [reg.node_id, json.dumps(reg.capabilities or {}), reg.max_jobs, now_ms(), self.settings.instance_id,
-                 len(entries)] + [pool for pool, _, _ in entries],
-            )
+            await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(),
+                                                        self.settings.instance_id, reg.capabilities))
         except RedisUnavailable as exc:
             raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
 
@@ -221,26 +213,21 @@ class NodeGateway(wsutil.Gateway):
 
     async def _heartbeat(self, conn: NodeConnection, msg: Heartbeat) -> None:
         try:
-            await self._redis.script("heartbeat", [keys.node_info(conn.node_id), keys.node_runtime(conn.node_id)],
-                                     [now_ms(), json.dumps(msg.load or {})])
+            await self._redis.script(*lua.heartbeat(conn.node_id, now_ms(), msg.load))
         except (RedisUnavailable, ScriptError) as exc:
             event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(exc))
 
     async def _drain(self, conn: NodeConnection) -> None:
         conn.draining = True
         try:
-            await self._redis.script("node_state", [keys.node_info(conn.node_id)], [self.settings.instance_id, "1", "1"])
+            await self._redis.script(*lua.node_state(conn.node_id, self.settings.instance_id, online=True, draining=True))
         except RedisUnavailable:
             pass
         event(log, "node_draining", node_id=conn.node_id, jobs=len(self._dispatcher.placements_on(conn.node_id)))
 
     async def _job_result(self, conn: NodeConnection, msg: JobResult) -> None:
         try:
-            reply = await self._redis.script(
-                "complete_task",
-                [keys.job(msg.job_id), keys.node_runtime(conn.node_id), keys.node_jobs(conn.node_id), keys.leases()],
-                [conn.node_id, msg.attempt, "finished" if msg.status == "ok" else "failed", now_ms(), msg.job_id],
-            )
+            reply = await self._redis.script(*lua.complete(msg.job_id, conn.node_id, msg.attempt, msg.status == "ok", now_ms()))
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
             event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler import keys
+from scheduler import keys, lua
 from scheduler.redis_adapter import (
     AlreadyCompleted,
     EmptyPool,
@@ -25,40 +25,24 @@ async def adapter(redis_url):
 
 async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1"):
     entries = [(pool, s, t) for pool in pools for s, t in pairs] if pools else [(f"{s}-{t}", s, t) for s, t in pairs]
-    await a.script(
-        "register_node",
-        [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
-        + [keys.pool_members(p) for p, _, _ in entries] + [keys.lang_pools(s, t) for _, s, t in entries],
-        [node_id, "{}", max_jobs, now_ms(), owner, len(entries)] + [p for p, _, _ in entries],
-    )
+    await a.script(*lua.register_node(node_id, entries, max_jobs, now_ms(), owner))
 
 
 async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
-    return await a.script(
-        "dispatch_task",
-        [keys.jobkey(job_key), keys.job_id_seq(), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
-         keys.leases()],
-        [job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000, 6000, 3600, rand, turn_jobs, keys.PREFIX],
-    )
+    return await a.script(*lua.dispatch(job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000, 6000, rand,
+                                        turn_jobs))
 
 
 async def complete(a, job_id, node_id, attempt=1, status="finished"):
-    return await a.script("complete_task", [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
-                          [node_id, attempt, status, now_ms(), job_id])
+    return await a.script(*lua.complete(job_id, node_id, attempt, status == "finished", now_ms()))
 
 
 async def cancel(a, job_id, node_id):
-    return await a.script("cancel_task", [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
-                          [now_ms(), job_id])
+    return await a.script(*lua.cancel(job_id, node_id, now_ms()))
 
 
 async def redispatch(a, job_id, old_node, attempt, turn_id="t1", src="zh", tgt="en", session_id="s1", rand=0):
-    return await a.script(
-        "redispatch_task",
-        [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
-         keys.turn(turn_id), keys.lang_pools(src, tgt)],
-        [job_id, attempt, now_ms(), 30000, 6000, rand, keys.PREFIX, old_node],
-    )
+    return await a.script(*lua.redispatch(job_id, old_node, attempt, session_id, turn_id, src, tgt, now_ms(), 30000, 6000, rand))
 
 
 def slots(redis_client, node_id):
@@ -76,11 +60,11 @@ async def test_register_writes_info_pools_and_lang_index(adapter, redis_client):
 
 async def test_heartbeat_needs_registration(adapter, redis_client):
     with pytest.raises(UnknownNode):
-        await adapter.script("heartbeat", [keys.node_info("ghost"), keys.node_runtime("ghost")], [now_ms(), "{}"])
+        await adapter.script(*lua.heartbeat("ghost", now_ms()))
     await register(adapter, "n1")
-    reply = await adapter.script("heartbeat", [keys.node_info("n1"), keys.node_runtime("n1")], [now_ms(), '{"cpu":0.5}'])
+    reply = await adapter.script(*lua.heartbeat("n1", now_ms(), {"cpu": 0.5}))
     assert reply == ["OK", 0]
-    assert redis_client.hget(keys.node_info("n1"), "load_json") == '{"cpu":0.5}'
+    assert redis_client.hget(keys.node_info("n1"), "load_json") == '{"cpu": 0.5}'
 
 
 async def test_dispatch_errors(adapter, redis_client):
@@ -119,12 +103,12 @@ async def test_least_loaded_node_wins(adapter, redis_client):
 async def test_offline_and_draining_nodes_are_skipped(adapter, redis_client):
     await register(adapter, "a", max_jobs=4)
     await register(adapter, "b", max_jobs=4)
-    await adapter.script("node_state", [keys.node_info("a")], ["i1", "0", "0"])
-    await adapter.script("node_state", [keys.node_info("b")], ["i1", "1", "1"])
+    await adapter.script(*lua.node_state("a", "i1", online=False, draining=False))
+    await adapter.script(*lua.node_state("b", "i1", online=True, draining=True))
     with pytest.raises(NoAvailableNode):
         await dispatch(adapter, "k0")
-    assert await adapter.script("node_state", [keys.node_info("b")], ["other-instance", "1", "0"]) == ["NOT_OWNER", "i1"]
-    await adapter.script("node_state", [keys.node_info("b")], ["i1", "1", "0"])
+    assert await adapter.script(*lua.node_state("b", "other-instance", online=True, draining=False)) == ["NOT_OWNER", "i1"]
+    await adapter.script(*lua.node_state("b", "i1", online=True, draining=False))
     assert (await dispatch(adapter, "k0"))[2] == "b"
 
 

@@ -20,11 +20,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from scheduler import keys
+from scheduler import keys, lua
 from scheduler.redis_adapter import load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
-P = keys.PREFIX
 
 
 class ScriptsMachine(RuleBasedStateMachine):
@@ -57,17 +56,12 @@ class ScriptsMachine(RuleBasedStateMachine):
             return ["ERR", str(exc).split(" ", 1)[0]]
 
     def _register(self, node):
-        entries = [("zh-en", "zh", "en")]
-        self._call("register_node",
-                   [keys.node_info(node), keys.node_runtime(node), keys.node_jobs(node), keys.nodes_all(),
-                    keys.pool_members("zh-en"), keys.lang_pools("zh", "en")],
-                   [node, "{}", self.max_jobs[node], self.now, "i1", len(entries), "zh-en"])
+        self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
         node = job["node"] or "none"
-        reply = self._call("cancel_task", [keys.job(job_id), keys.node_runtime(node), keys.node_jobs(node), keys.leases()],
-                           [self.now, job_id])
+        reply = self._call(*lua.cancel(job_id, node, self.now))
         if reply[0] == "OK":
             del self.jobs[job_id]
 
@@ -75,10 +69,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         job = self.jobs[job_id]
         old = job["node"] or "none"
         expected = job["attempt"] if attempt is None else attempt
-        reply = self._call("redispatch_task",
-                           [keys.job(job_id), keys.node_runtime(old), keys.node_jobs(old), keys.leases(),
-                            keys.session("s"), keys.turn("t"), keys.lang_pools("zh", "en")],
-                           [job_id, expected, self.now, 30_000, 6_000, 7, P, old])
+        reply = self._call(*lua.redispatch(job_id, old, expected, "s", "t", "zh", "en", self.now, 30_000, 6_000, 7))
         if reply[0] == "OK":
             assert reply[3] == job["attempt"] + 1 and reply[2] != old, reply
             job.update(attempt=reply[3], node=reply[2])
@@ -105,13 +96,13 @@ class ScriptsMachine(RuleBasedStateMachine):
     def heartbeat(self, pick, dt):
         self.now += dt
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        self._call("heartbeat", [keys.node_info(node), keys.node_runtime(node)], [self.now, "{}"])
+        self._call(*lua.heartbeat(node, self.now))
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))
     def node_dies(self, pick):
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        self._call("node_state", [keys.node_info(node)], ["i1", "0", "0"])
+        self._call(*lua.node_state(node, "i1", online=False, draining=False))
         for job_id, job in list(self.jobs.items()):
             if job["node"] == node:
                 self._move(job_id)
@@ -123,10 +114,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         else:
             key = f"s:{self.next_key}:translate:en"
             self.next_key += 1
-        reply = self._call("dispatch_task",
-                           [keys.jobkey(key), keys.job_id_seq(), keys.session("s"), keys.turn("t"),
-                            keys.lang_pools("zh", "en"), keys.leases()],
-                           [key, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, 3600, rand, 1, P])
+        reply = self._call(*lua.dispatch(key, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand))
         if reply[0] == "OK":
             assert key not in {j["key"] for j in self.jobs.values()}, "a second job for one key"
             self.jobs[str(reply[1])] = {"key": key, "attempt": reply[3], "node": reply[2]}
@@ -144,8 +132,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if wrong_node:
             node = next(n for n in NODES if n != node)
         attempt = job["attempt"] - 1 if old_attempt else job["attempt"]
-        reply = self._call("complete_task", [keys.job(job_id), keys.node_runtime(node), keys.node_jobs(node), keys.leases()],
-                           [node, attempt, "finished" if ok else "failed", self.now, job_id])
+        reply = self._call(*lua.complete(job_id, node, attempt, ok, self.now))
         right = not wrong_node and not old_attempt and job["node"] is not None
         if right:
             assert reply[0] == "OK", reply
