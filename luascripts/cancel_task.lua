@@ -13,15 +13,18 @@ local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
--- ARGV[1] now_ms, ARGV[2] job_id
+-- ARGV[1] now_ms, ARGV[2] job_id, ARGV[3] done_ttl_s (as in complete_task)
 local now_ms = ARGV[1]
 local job_id = ARGV[2]
+local done_ttl_s = tonumber(ARGV[3])
 
-local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status')
+local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'jobkey_key')
 if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
 end
 redis.call('HSET', job_key_hash, 'status', 'cancelled', 'finished_ts', now_ms)
+redis.call('EXPIRE', job_key_hash, done_ttl_s)
+redis.call('EXPIRE', j[4], done_ttl_s)
 redis.call('ZREM', leases_key, job_id)
 if j[3] == 'dispatched' and redis.call('SREM', jobs_key, job_id) == 1 then
   local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')

@@ -14,14 +14,16 @@ local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
--- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id
+-- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
+-- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone)
 local node_id = ARGV[1]
 local attempt = tonumber(ARGV[2])
 local status = ARGV[3]
 local now_ms = ARGV[4]
 local job_id = ARGV[5]
+local done_ttl_s = tonumber(ARGV[6])
 
-local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang')
+local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang', 'jobkey_key')
 if not j[1] then
   return redis.error_reply('UNKNOWN_JOB no such job')
 end
@@ -35,6 +37,8 @@ if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
+redis.call('EXPIRE', job_key_hash, done_ttl_s)
+redis.call('EXPIRE', j[8], done_ttl_s)
 redis.call('ZREM', leases_key, job_id)
 if redis.call('SREM', jobs_key, job_id) == 1 then
   local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')

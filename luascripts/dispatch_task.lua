@@ -64,8 +64,10 @@ redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
   'session_id', session_id, 'utterance_index', utterance_index,
   'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
-  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms)
+  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'jobkey_key', jobkey_key)
 redis.call('EXPIRE', job, key_ttl_s)
+-- leases of jobs nobody will complete (their instance died long ago) do not pile up
+redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)
 redis.call('SET', jobkey_key, job_id, 'EX', key_ttl_s)
 redis.call('HSET', session_key, 'current_turn_id', turn_id)
 redis.call('EXPIRE', session_key, key_ttl_s)

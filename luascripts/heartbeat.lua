@@ -6,12 +6,15 @@
 -- KEYS[2] scheduler:node:runtime:{node_id}  hash
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
--- ARGV[1] now_ms, ARGV[2] load_json
+-- ARGV[1] now_ms, ARGV[2] load_json, ARGV[3] key TTL (s) of the node's keys (refreshed here)
 local now_ms = ARGV[1]
 local load_json = ARGV[2]
+local key_ttl_s = tonumber(ARGV[3])
 
 if redis.call('EXISTS', info_key) == 0 then
   return redis.error_reply('UNKNOWN_NODE node is not registered')
 end
 redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json)
+redis.call('EXPIRE', info_key, key_ttl_s)
+redis.call('EXPIRE', runtime_key, key_ttl_s)
 return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}

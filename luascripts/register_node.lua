@@ -17,13 +17,15 @@ local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local nodes_key = KEYS[4]
 -- ARGV[1] node_id, ARGV[2] cap_json, ARGV[3] max_jobs, ARGV[4] now_ms, ARGV[5] owner instance id,
--- ARGV[6] n (entries), ARGV[6+i] pool name of entry i
+-- ARGV[6] n (entries), ARGV[6+i] pool name of entry i, ARGV[7+n] key TTL (s) of the node's keys,
+-- refreshed by every heartbeat (a node gone for good leaves nothing behind)
 local node_id = ARGV[1]
 local cap_json = ARGV[2]
 local max_jobs = tonumber(ARGV[3])
 local now_ms = ARGV[4]
 local owner = ARGV[5]
 local n = tonumber(ARGV[6])
+local node_ttl_s = tonumber(ARGV[7 + n])
 
 redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
@@ -31,6 +33,8 @@ redis.call('HSET', info_key,
   'load_json', '{}', 'owner', owner)
 redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
+redis.call('EXPIRE', info_key, node_ttl_s)
+redis.call('EXPIRE', runtime_key, node_ttl_s)
 for i = 1, n do
   local pool = ARGV[6 + i]
   redis.call('SADD', KEYS[4 + i], node_id)

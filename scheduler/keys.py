@@ -9,8 +9,13 @@ from __future__ import annotations
 
 PREFIX = "scheduler"
 
-# Default lifetime of keys that nothing else deletes (jobs, job keys, sessions, turns).
+# Lifetime of keys that nothing else deletes (jobs, job keys, sessions, turns, node keys
+# refreshed by heartbeats).
 KEY_TTL_S = 3600
+
+# How long a finished or cancelled job and its job key stay (late duplicates are still
+# recognised), after which they are gone: memory does not grow with the number of jobs.
+DONE_TTL_S = 120
 
 
 def node_info(node_id: str) -> str:

@@ -22,12 +22,13 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
         [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
         + [keys.pool_members(pool) for pool, _, _ in pool_pairs]
         + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs],
-        [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs],
+        [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs]
+        + [keys.KEY_TTL_S],
     )
 
 
 def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None) -> Call:
-    return "heartbeat", [keys.node_info(node_id), keys.node_runtime(node_id)], [now_ms, json.dumps(load or {})]
+    return "heartbeat", [keys.node_info(node_id), keys.node_runtime(node_id)], [now_ms, json.dumps(load or {}), keys.KEY_TTL_S]
 
 
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool) -> Call:
@@ -55,17 +56,17 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
     )
 
 
-def complete(job_id: str, node_id: str, attempt: int, ok: bool, now_ms: int) -> Call:
+def complete(job_id: str, node_id: str, attempt: int, ok: bool, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
     return (
         "complete_task",
         [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
-        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id],
+        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s],
     )
 
 
-def cancel(job_id: str, node_id: str, now_ms: int) -> Call:
+def cancel(job_id: str, node_id: str, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
     return (
         "cancel_task",
         [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
-        [now_ms, job_id],
+        [now_ms, job_id, done_ttl_s],
     )
