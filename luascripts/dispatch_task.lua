@@ -6,6 +6,7 @@
 -- a free slot; else the least-loaded (current_jobs / max_jobs) eligible node, ties broken by
 -- ARGV rand (see lib/choose_node.lua). Takes one slot on the chosen node, adds the job to
 -- the node's job set and its lease to the leases set.
+-- Session: current_turn_id and next_utterance_index (never lowered) follow the jobs created.
 -- Turn: turn_action "keep" (max_duration finalize) records the chosen node as the turn's
 -- affinity; "end" counts this job towards the end of the turn and deletes the turn key once
 -- turn_jobs jobs of the ending utterance have been placed.
@@ -70,6 +71,9 @@ redis.call('EXPIRE', job, key_ttl_s)
 redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)
 redis.call('SET', jobkey_key, job_id, 'EX', key_ttl_s)
 redis.call('HSET', session_key, 'current_turn_id', turn_id)
+if tonumber(redis.call('HGET', session_key, 'next_utterance_index') or '0') <= tonumber(utterance_index) then
+  redis.call('HSET', session_key, 'next_utterance_index', tonumber(utterance_index) + 1)
+end
 redis.call('EXPIRE', session_key, key_ttl_s)
 
 if turn_action == 'keep' then

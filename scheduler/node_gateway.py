@@ -7,7 +7,7 @@ Per connection: the first message must be ``register`` (token checked in constan
 outbox) and a liveness watchdog that closes a node silent for ``node_ttl_ms``. Answers are
 accepted only through ``complete_task`` (right node, current attempt, once) and then routed
 to their session. When the socket closes the node is marked offline and its jobs are
-released and reported ``FAILED`` (``NODE_LOST``).
+dispatched again to other nodes (attempt + 1) by the dispatcher.
 """
 
 from __future__ import annotations

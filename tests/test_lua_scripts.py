@@ -89,6 +89,7 @@ async def test_dispatch_is_idempotent_per_job_key(adapter, redis_client):
     job = redis_client.hgetall(keys.job(first[1]))
     assert job["status"] == "dispatched" and job["job_key"] == "s1:0:translate:en" and job["attempt"] == "1"
     assert redis_client.ttl(keys.job(first[1])) > 0 and redis_client.ttl(keys.jobkey("s1:0:translate:en")) > 0
+    assert redis_client.hget(keys.session("s1"), "next_utterance_index") == "1"
 
 
 async def test_least_loaded_node_wins(adapter, redis_client):
