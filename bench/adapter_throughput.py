@@ -13,8 +13,8 @@ import time
 
 import redis
 import trio
+from _common import redis_url
 
-from scheduler.embedded_redis import EmbeddedValkey
 from scheduler.redis_adapter import RedisAdapter
 
 KEYS = ["scheduler:job:{bench}", "scheduler:node:runtime:{bench}"]
@@ -75,16 +75,11 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--redis-url", default=None, help="default: an embedded valkey-server")
     args = parser.parse_args()
-    server = None if args.redis_url else EmbeddedValkey()
-    url = args.redis_url or server.start()
-    try:
+    with redis_url(args.redis_url) as url:
         raw = raw_round_trips(url, args.calls)
         piped = raw_pipelined(url, args.calls)
         single = trio.run(adapter, url, args.calls // 4, 1, args.pool_size)
         many = trio.run(adapter, url, args.calls, args.concurrency, args.pool_size)
-    finally:
-        if server:
-            server.stop()
     print(json.dumps({
         "raw_evalsha_round_trips_per_s": round(raw),
         "raw_evalsha_pipeline64_per_s": round(piped),

@@ -22,9 +22,9 @@ import time
 
 import redis
 import trio
+from _common import redis_url
 
 from scheduler import lua
-from scheduler.embedded_redis import EmbeddedValkey
 from scheduler.redis_adapter import RedisAdapter, load_script_sources
 
 PAIR = [("zh-en", "zh", "en")]
@@ -108,15 +108,10 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--redis-url", default=None, help="default: an embedded valkey-server")
     args = parser.parse_args()
-    server = None if args.redis_url else EmbeddedValkey()
-    url = args.redis_url or server.start()
-    try:
+    with redis_url(args.redis_url) as url:
         bal = balance(url, args.jobs)
         raw = raw_pairs(url, args.pairs)
         adapted = trio.run(adapter_pairs, url, args.pairs, args.concurrency, args.pool_size)
-    finally:
-        if server:
-            server.stop()
     print(json.dumps({
         "balance_jobs": args.jobs,
         "balance_jobs_per_node": bal["jobs_per_node"],

@@ -46,7 +46,7 @@ class ClientGateway(wsutil.Gateway):
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
-        init = await self._handshake(ws, peer)
+        init = await self.first_message(ws, peer, self._accept_init)
         if init is None:
             return
         session_id = uuid.uuid4().hex
@@ -81,30 +81,20 @@ class ClientGateway(wsutil.Gateway):
             self._sessions.remove(actor)
             event(log, "session_ended", session_id=session_id, reason=reason, utterances=actor.next_index)
 
-    async def _handshake(self, ws: WebSocketConnection, peer: str) -> SessionInit | None:
-        """Read frames until a valid session_init; None when the connection ended instead."""
-        while True:
-            try:
-                message = await ws.get_message()
-                wsutil.check_size(message, self.settings.max_frame_bytes)
-                if isinstance(message, bytes):
-                    raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
-                msg = parse_client(message)
-                if isinstance(msg, AudioChunk):
-                    raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
-                if not isinstance(msg, SessionInit):
-                    raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
-                if msg.session_id is not None:
-                    raise ProtocolError(UNKNOWN_SESSION, f"session {msg.session_id} is not held by this daemon",
-                                        fatal=True, close_code=CLOSE_POLICY)
-                await self._check_pairs(msg)
-                return msg
-            except ProtocolError as err:
-                await self.refuse(ws, err, peer=peer)
-                if err.fatal:
-                    return None
-            except ConnectionClosed:
-                return None
+    async def _accept_init(self, message: str | bytes) -> SessionInit:
+        """The first frame must be a valid session_init for language pairs some pool serves."""
+        if isinstance(message, bytes):
+            raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
+        msg = parse_client(message)
+        if isinstance(msg, AudioChunk):
+            raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
+        if not isinstance(msg, SessionInit):
+            raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
+        if msg.session_id is not None:
+            raise ProtocolError(UNKNOWN_SESSION, f"session {msg.session_id} is not held by this daemon",
+                                fatal=True, close_code=CLOSE_POLICY)
+        await self._check_pairs(msg)
+        return msg
 
     async def _check_pairs(self, init: SessionInit) -> None:
         missing = []

@@ -105,7 +105,7 @@ class NodeGateway(wsutil.Gateway):
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
-        reg = await self._register(ws, peer)
+        reg = await self.first_message(ws, peer, self._accept_register)
         if reg is None:
             return
         conn = NodeConnection(reg.node_id, reg.max_jobs)
@@ -137,30 +137,21 @@ class NodeGateway(wsutil.Gateway):
             await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
         event(log, "node_left", node_id=conn.node_id, reason=reason)
 
-    async def _register(self, ws: WebSocketConnection, peer: str) -> Register | None:
-        while True:
-            try:
-                message = await ws.get_message()
-                wsutil.check_size(message, self.settings.max_frame_bytes)
-                if isinstance(message, bytes):
-                    raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
-                msg = parse_node(message)
-                if not isinstance(msg, Register):
-                    raise ProtocolError(NOT_REGISTERED, f"send register first, got {msg.TYPE}")
-                token = self.settings.node_token
-                if token is not None and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
-                    raise ProtocolError(UNAUTHORIZED, "register token missing or wrong", fatal=True, close_code=CLOSE_POLICY)
-                if msg.node_id in self._nodes:
-                    raise ProtocolError(DUPLICATE_NODE_ID, f"node {msg.node_id} is already connected",
-                                        fatal=True, close_code=CLOSE_POLICY)
-                await self._write_registration(msg)
-                return msg
-            except ProtocolError as err:
-                await self.refuse(ws, err, peer=peer)
-                if err.fatal:
-                    return None
-            except ConnectionClosed:
-                return None
+    async def _accept_register(self, message: str | bytes) -> Register:
+        """The first frame must be a register with the right token and a node id not connected here."""
+        if isinstance(message, bytes):
+            raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
+        msg = parse_node(message)
+        if not isinstance(msg, Register):
+            raise ProtocolError(NOT_REGISTERED, f"send register first, got {msg.TYPE}")
+        token = self.settings.node_token
+        if token is not None and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
+            raise ProtocolError(UNAUTHORIZED, "register token missing or wrong", fatal=True, close_code=CLOSE_POLICY)
+        if msg.node_id in self._nodes:
+            raise ProtocolError(DUPLICATE_NODE_ID, f"node {msg.node_id} is already connected",
+                                fatal=True, close_code=CLOSE_POLICY)
+        await self._write_registration(msg)
+        return msg
 
     async def _write_registration(self, reg: Register) -> None:
         try:

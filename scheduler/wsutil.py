@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from .registry import SessionRegistry
 
 log = logging.getLogger("scheduler.ws")
+
+T = TypeVar("T")
 
 CLOSE_TIMEOUT = 2.0
 
@@ -91,3 +94,23 @@ class Gateway:
         self._metrics.bad_messages_total.labels(self.side, err.code).inc()
         event(log, f"{self.side}_error", code=err.code, fatal=err.fatal, message=err.message, **context)
         await send_error(ws, err)
+
+    async def first_message(self, ws: WebSocketConnection, peer: str,
+                            accept: Callable[[str | bytes], Awaitable[T]]) -> T | None:
+        """Read frames until ``accept`` takes one (``session_init``, ``register``).
+
+        ``accept`` parses and checks a frame, raising :class:`ProtocolError` to refuse it: a
+        non-fatal refusal leaves the socket open for a corrected frame, a fatal one closes it.
+        Returns None when the connection ended instead.
+        """
+        while True:
+            try:
+                message = await ws.get_message()
+                check_size(message, self.settings.max_frame_bytes)
+                return await accept(message)
+            except ProtocolError as err:
+                await self.refuse(ws, err, peer=peer)
+                if err.fatal:
+                    return None
+            except ConnectionClosed:
+                return None
