@@ -234,7 +234,13 @@ class Dispatcher:
                 if moving is not None:
                     await self._release(moving)
                 continue
-            code = await self._try_place(request)
+            try:
+                code = await self._try_place(request)
+            except Exception:  # a bug here must cost one job, never the daemon
+                log.exception("event=placement_crashed job_key=%s", request.job_key)
+                self._moving.pop(request.job_key, None)
+                self._fail(request, "INTERNAL")
+                code = None
             if code is None:
                 lane.blocked_code = None
                 was_told = request.job_key in lane.told
@@ -297,7 +303,7 @@ class Dispatcher:
             return None
 
         if moving is not None:
-            del self._moving[request.job_key]
+            self._moving.pop(request.job_key, None)  # (cancel() may have taken it meanwhile)
             if reply[0] == "NOOP":  # answered or cancelled meanwhile: nothing to move
                 return None
             self._metrics.redispatch_total.inc()

@@ -284,3 +284,27 @@ async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_
         with trio.fail_after(5):
             while 'stale_answers_dropped_total{code="ALREADY_COMPLETED"} 1.0' not in daemon.metrics.render().decode():
                 await trio.sleep(0.02)
+
+
+async def test_a_crash_while_placing_costs_one_job_not_the_daemon(daemon, nursery, monkeypatch):
+    from scheduler.dispatcher import Dispatcher
+
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    real = Dispatcher._try_place
+    crashed = []
+
+    async def flaky(self, request):
+        if not crashed:
+            crashed.append(request.job_key)
+            raise RuntimeError("bug")
+        return await real(self, request)
+
+    monkeypatch.setattr(Dispatcher, "_try_place", flaky)
+    async with session(daemon) as s:
+        for _ in range(2):
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+        first, _ = await s.recv_until("result")
+        second, _ = await s.recv_until("result")
+        assert first["translations"]["en"]["error"] == "INTERNAL"
+        assert second["status"] == "SUCCESS"
