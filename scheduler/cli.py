@@ -24,8 +24,9 @@ Run 'scheduler COMMAND --help' for the options of each command.
 """
 
 SERVE_EPILOG = """\
-Every option can also be set by its environment variable (shown in each help line);
-a flag wins over the environment, which wins over the default.
+Every option can also be set by its environment variable (shown in each help line) or in
+the TOML config file under its own name (pause_ms = 800). A flag wins over the environment,
+which wins over the file, which wins over the default.
 Endpoints: ws://WS_HOST:WS_PORT/v1/session (clients), /v1/node (nodes);
 http://ADMIN_HOST:ADMIN_PORT/metrics, /healthz, /readyz.
 Signals: SIGTERM or SIGINT drains (sessions finish, bounded by --drain-timeout-ms), a second one exits at once.
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon", description="Run the scheduler daemon.",
                            epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(serve)
+
+    cfg = sub.add_parser("config", help="check a configuration", description="Configuration tools.")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    check = cfg_sub.add_parser("check", help="validate settings and print the effective configuration",
+                               description="Validate the config file, environment and flags exactly as 'serve' "
+                                           "would, and print the effective settings as TOML with where each came "
+                                           "from. Exit code 2 (and the offending key) on a bad configuration.",
+                               epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(check)
 
     node = sub.add_parser("node", help="run a reference worker node",
                           description="Reference worker node: answers each job with the audio duration and CRC-32 "
@@ -82,16 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings(args: argparse.Namespace, sources: dict[str, str] | None = None) -> config.Settings | None:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_command")}
+    try:
+        return config.from_sources(flags, sources=sources)
+    except (config.ConfigError, ValueError) as exc:
+        print(f"scheduler: bad configuration: {exc}", file=sys.stderr)
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    try:
-        settings = config.from_sources({k: v for k, v in vars(args).items() if k != "command"})
-    except (config.ConfigError, ValueError) as exc:
-        print(f"scheduler: bad configuration: {exc}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
     logs.setup(settings.log_level)
     trio.run(serve, settings)
+    return 0
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.config_command != "check":
+        parser.parse_args(["config", "--help"])
+    sources: dict[str, str] = {}
+    settings = _settings(args, sources)
+    if settings is None:
+        return 2
+    print(config.render(settings, sources))
     return 0
 
 
@@ -144,5 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _node(args)
     if args.command == "client":
         return _client(args)
+    if args.command == "config":
+        return _config(args, parser)
     parser.print_help()
     return 2

@@ -1,10 +1,13 @@
 """Daemon settings: one attrs class, one source of truth for flags, env vars and defaults.
 
 Every field of :class:`Settings` is a daemon option. Its command-line flag is the field
-name with dashes (``pause_ms`` -> ``--pause-ms``) and its environment variable is the
-upper-cased name with a ``SCHEDULER_`` prefix (``SCHEDULER_PAUSE_MS``). Precedence:
-flag, then environment, then the default written here. ``--help`` is generated from
-the ``help`` metadata below, so it cannot drift from the code.
+name with dashes (``pause_ms`` -> ``--pause-ms``), its environment variable is the
+upper-cased name with a ``SCHEDULER_`` prefix (``SCHEDULER_PAUSE_MS``), and its key in the
+TOML config file is the name itself (``pause_ms = 800``). Precedence: flag, then
+environment, then config file, then the default written here. The config file is
+``--config PATH`` (or ``SCHEDULER_CONFIG``), else :data:`DEFAULT_CONFIG_FILE` when it
+exists. ``--help`` is generated from the ``help`` metadata below, so it cannot drift from
+the code.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import tomllib
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import attrs
 
 ENV_PREFIX = "SCHEDULER_"
+DEFAULT_CONFIG_FILE = "/etc/scheduler/scheduler.toml"
 
 
 def _opt(default: Any, help: str, *, group: str = "daemon") -> Any:
@@ -125,7 +130,10 @@ def env_name(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, grouped, with its default and env var in the help."""
+    """Add ``--config`` and one flag per setting, grouped, with its default and env var in the help."""
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"TOML config file (keys are the setting names; default: {DEFAULT_CONFIG_FILE} if it "
+                             f"exists; env {ENV_PREFIX}CONFIG)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field in attrs.fields(Settings):
         group_name = field.metadata["group"]
@@ -142,24 +150,100 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def from_sources(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from flags (winning), then environment variables, then defaults.
+def _coerce(field: attrs.Attribute, value: Any, where: str) -> Any:
+    """A config-file value of the field's type (an int is fine for a float, a bool is no int)."""
+    kind = _field_type(field)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        what = {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+        raise ConfigError(f"{where}: {field.name} must be {what}, got {value!r}")
+    return value
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys named like the settings; [tables] are
+    allowed for grouping and flattened. An unknown key or a wrong type is a ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, v in items:
+            flat[name] = v
+    fields = {f.name: f for f in attrs.fields(Settings)}
+    values = {}
+    for name, value in flat.items():
+        if name not in fields:
+            raise ConfigError(f"{path}: unknown key {name!r} (see 'scheduler serve --help' for the settings)")
+        values[name] = _coerce(fields[name], value, path)
+    return values
+
+
+def config_path(flags: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The config file in force: --config, then SCHEDULER_CONFIG, then the default if it exists."""
+    path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        return path
+    return DEFAULT_CONFIG_FILE if os.path.exists(DEFAULT_CONFIG_FILE) else None
+
+
+def from_sources(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                 *, sources: dict[str, str] | None = None) -> Settings:
+    """Build settings from flags (winning), environment variables, the config file, defaults.
 
     Raises :class:`ConfigError` naming the key when a value does not parse or validate.
+    ``sources``, when given, is filled with where each setting came from.
     """
     flags = flags or {}
     environ = os.environ if environ is None else environ
+    path = config_path(flags, environ)
+    from_file = load_file(path) if path else {}
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for field in attrs.fields(Settings):
-        if flags.get(field.name) is not None:
-            values[field.name] = flags[field.name]
-            continue
         raw = environ.get(env_name(field.name))
-        if raw is None or raw == "":
+        if flags.get(field.name) is not None:
+            values[field.name], origin[field.name] = flags[field.name], "flag"
+        elif raw not in (None, ""):
+            kind = _field_type(field)
+            try:
+                values[field.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{env_name(field.name)}={raw!r} is not a valid {kind.__name__}") from None
+            origin[field.name] = "env"
+        elif field.name in from_file:
+            values[field.name], origin[field.name] = from_file[field.name], f"file {path}"
+        else:
+            origin[field.name] = "default"
+    settings = Settings(**values)
+    if sources is not None:
+        sources.update(origin)
+    return settings
+
+
+def render(settings: Settings, sources: Mapping[str, str]) -> str:
+    """The effective configuration as TOML, each line commented with where it came from."""
+    lines = []
+    for field in attrs.fields(Settings):
+        value = getattr(settings, field.name)
+        if field.name == "node_token" and value is not None:
+            shown = '"***"'
+        elif value is None:
+            lines.append(f"# {field.name} = (unset)  # {sources.get(field.name, 'default')}")
             continue
-        kind = _field_type(field)
-        try:
-            values[field.name] = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{env_name(field.name)}={raw!r} is not a valid {kind.__name__}") from None
-    return Settings(**values)
+        else:
+            shown = _toml(value)
+        lines.append(f"{field.name} = {shown}  # {sources.get(field.name, 'default')}")
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)

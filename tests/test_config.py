@@ -52,8 +52,55 @@ def test_cli_bad_config_exits_2():
     assert "pause_ms must be > 0" in proc.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["node"], ["client"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["node"], ["client"], ["config", "check"]])
 def test_help_runs(command):
     proc = subprocess.run([sys.executable, "-m", "scheduler", *command, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "usage: scheduler" in proc.stdout
+
+
+def write(tmp_path, text):
+    path = tmp_path / "scheduler.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_sits_between_env_and_defaults(tmp_path):
+    path = write(tmp_path, "pause_ms = 700\nws_port = 9100\n[session]\nsilence_dbfs = -35\n")
+    sources = {}
+    s = config.from_sources({"config": path, "ws_port": 9200}, {"SCHEDULER_PAUSE_MS": "600"}, sources=sources)
+    assert (s.ws_port, s.pause_ms, s.silence_dbfs, s.idle_timeout_ms) == (9200, 600, -35.0, 60000)
+    assert (sources["ws_port"], sources["pause_ms"], sources["silence_dbfs"], sources["idle_timeout_ms"]) == (
+        "flag", "env", f"file {path}", "default")
+
+
+def test_config_file_from_env_variable(tmp_path):
+    path = write(tmp_path, "pause_ms = 650\n")
+    assert config.from_sources({}, {"SCHEDULER_CONFIG": path}).pause_ms == 650
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("bogus = 1\n", "unknown key 'bogus'"),
+    ("ws_port = \"x\"\n", "ws_port must be an integer"),
+    ("ws_port = true\n", "ws_port must be an integer"),
+    ("pause_ms = -1\n", "pause_ms must be > 0"),
+    ("pause_ms = \n", "not valid TOML"),
+])
+def test_bad_config_file_names_the_key(tmp_path, text, fragment):
+    with pytest.raises(config.ConfigError, match=fragment):
+        config.from_sources({"config": write(tmp_path, text)}, {})
+
+
+def test_config_check_prints_effective_settings_and_exits_2_on_errors(tmp_path):
+    path = write(tmp_path, "pause_ms = 700\nnode_token = \"s3cret\"\n")
+    ok = subprocess.run([sys.executable, "-m", "scheduler", "config", "check", "--config", path, "--ws-port", "9300"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert f"pause_ms = 700  # file {path}" in ok.stdout and "ws_port = 9300  # flag" in ok.stdout
+    assert "s3cret" not in ok.stdout and 'node_token = "***"' in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "scheduler", "config", "check", "--config", write(tmp_path, "oops = 1\n")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key 'oops'" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--config", str(tmp_path / "none.toml")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "cannot read config file" in missing.stderr
