@@ -1,9 +1,11 @@
 """``serve()``: the daemon. Reading this function tells you every task the daemon runs.
 
 Start-up: Redis (the configured URL, or an embedded valkey-server child) -> batching Redis
-adapter with the Lua scripts loaded -> dispatcher workers -> WebSocket listener
+adapter with the Lua scripts loaded -> dispatcher lanes -> WebSocket listener
 (``/v1/session``, ``/v1/node``, anything else 404) -> admin HTTP listener -> Redis health
-check -> signal watcher. Shutdown (first SIGTERM/SIGINT, or :meth:`Running.shutdown`):
+check -> systemd watchdog -> signal watcher; then ``READY=1`` to systemd (``systemd.py``).
+
+Shutdown (first SIGTERM/SIGINT, or :meth:`Running.shutdown`): ``STOPPING=1`` to systemd,
 ``/readyz`` turns 503, newcomers get ``SHUTTING_DOWN``, every session finalizes what it
 buffered (reason ``close``) and delivers its results, bounded by ``drain_timeout_ms``;
 then everything is cancelled and the embedded Valkey stopped. A second signal skips the
@@ -32,6 +34,7 @@ from .node_gateway import NodeGateway, NodeRegistry
 from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
 from .redis_adapter import RedisAdapter, RedisUnavailable
 from .registry import SessionRegistry
+from .systemd import Notifier
 
 log = logging.getLogger("scheduler.server")
 
@@ -158,15 +161,19 @@ async def _serve(
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=metrics, sessions=sessions, nodes=nodes, redis=redis)
         nursery.start_soon(_health_check, running)
+        notifier = Notifier()
+        nursery.start_soon(notifier.watchdog)
         if handle_signals:
             nursery.start_soon(_watch_signals, running)
         event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
               admin=f"http://{settings.admin_host}:{admin_port}",
               redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
         task_status.started(running)
+        notifier.notify("READY=1", f"STATUS=listening on {running.ws_url}")
 
         await running._stop.wait()
         running.draining = True
+        notifier.notify("STOPPING=1", f"STATUS=draining {len(sessions)} sessions")
         await _drain(running)
         nursery.cancel_scope.cancel()
     event(log, "stopped", instance_id=settings.instance_id)
