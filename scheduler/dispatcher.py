@@ -237,11 +237,13 @@ class Dispatcher:
             try:
                 code = await self._try_place(request)
             except Exception:  # a bug here must cost one job, never the daemon
-                log.exception("event=placement_crashed job_key=%s", request.job_key)
+                event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
                 self._moving.pop(request.job_key, None)
                 self._fail(request, "INTERNAL")
                 code = None
             if code is None:
+                if lane.blocked_code is not None:
+                    event(log, "dispatch_unblocked", src_lang=lane.pair[0], tgt_lang=lane.pair[1], waiting=len(lane.queue))
                 lane.blocked_code = None
                 was_told = request.job_key in lane.told
                 if lane.queue and lane.queue[0] is request:  # (cancel() may have removed it meanwhile)
@@ -249,6 +251,9 @@ class Dispatcher:
                 if was_told:
                     self._tell_waiting(lane, request, None)
                 continue
+            if code != lane.blocked_code:  # once per blocked episode, not per retry
+                event(log, "dispatch_blocked", logging.WARNING, src_lang=lane.pair[0], tgt_lang=lane.pair[1], code=code,
+                      job_key=request.job_key, waiting=len(lane.queue))
             lane.blocked_code = code
             for waiting in lane.queue:
                 if waiting.job_key not in lane.told:
@@ -291,16 +296,13 @@ class Dispatcher:
                 reply = await self._redis.script(*lua.redispatch(
                     moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
                     request.tgt_lang, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand()))
-        except (NoAvailableNode, EmptyPool) as exc:
-            self._metrics.dispatch_errors_total.labels(exc.code).inc()
-            return exc.code
-        except RedisUnavailable:
-            self._metrics.dispatch_errors_total.labels("REDIS_UNAVAILABLE").inc()
-            return "REDIS_UNAVAILABLE"
-        except NoPoolForLangPair as exc:
-            self._metrics.dispatch_errors_total.labels(exc.code).inc()
-            self._fail(request, exc.code)
-            return None
+        except (NoAvailableNode, EmptyPool, NoPoolForLangPair, RedisUnavailable) as exc:
+            code = getattr(exc, "code", "REDIS_UNAVAILABLE")
+            self._metrics.dispatch_errors_total.labels(code).inc()
+            if isinstance(exc, NoPoolForLangPair):
+                self._fail(request, code)
+                return None
+            return code
 
         if moving is not None:
             self._moving.pop(request.job_key, None)  # (cancel() may have taken it meanwhile)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .logs import event
+
 log = logging.getLogger("scheduler.embedded_redis")
 
 
@@ -113,7 +115,7 @@ class EmbeddedValkey:
             if self.process.poll() is not None:
                 break
             if self._ping():
-                log.info("event=embedded_redis_started pid=%d socket=%s binary=%s", self.process.pid, self.socket_path, binary)
+                event(log, "embedded_redis_started", pid=self.process.pid, socket=self.socket_path, binary=binary)
                 return self.url
             time.sleep(0.01)
         tail = self.log_tail()
@@ -145,7 +147,7 @@ class EmbeddedValkey:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=2.0)
-            log.info("event=embedded_redis_stopped pid=%d returncode=%s", proc.pid, proc.returncode)
+            event(log, "embedded_redis_stopped", pid=proc.pid, returncode=proc.returncode)
         if self.data_dir is not None and self._given_dir is None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -35,6 +35,8 @@ import redis
 import trio
 from redis.commands.core import Script
 
+from .logs import event
+
 log = logging.getLogger("scheduler.redis")
 
 
@@ -254,7 +256,7 @@ class RedisAdapter:
         results = self._run_pipeline(batch)
         retry = [c for c, r in zip(batch, results, strict=True) if isinstance(r, redis.exceptions.NoScriptError)]
         if retry:
-            log.info("event=scripts_reloaded reason=NOSCRIPT calls=%d", len(retry))
+            event(log, "scripts_reloaded", reason="NOSCRIPT", calls=len(retry))
             self._load_scripts_sync()
             redo = dict(zip(map(id, retry), self._run_pipeline(retry), strict=True))
             results = [redo.get(id(c), r) for c, r in zip(batch, results, strict=True)]

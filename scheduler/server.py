@@ -143,7 +143,7 @@ async def _serve(
                 else:
                     await node_gw.handle(ws)
             except Exception as exc:  # one connection's bug must never take the listener down
-                log.exception("event=connection_crashed path=%s", path)
+                event(log, "connection_crashed", logging.ERROR, exc_info=True, path=path)
                 await wsutil.send_error(ws, ProtocolError(INTERNAL, f"internal error: {type(exc).__name__}",
                                                           fatal=True, close_code=CLOSE_INTERNAL))
 

@@ -381,10 +381,11 @@ class SessionActor:
             if refused is not None:
                 self.results.record(index, tgt, Translation(status="FAILED", error=refused))
         self._flush_results()
+        latency = max(0.0, trio.current_time() - since)
         self._metrics.finalize_total.labels(reason).inc()
-        self._metrics.finalize_latency_seconds.observe(max(0.0, trio.current_time() - since))
-        event(log, "utterance_finalized", logging.DEBUG, session_id=self.session_id, utterance_index=index,
-              reason=reason, audio_ms=audio_ms, turn_id=turn_id)
+        self._metrics.finalize_latency_seconds.observe(latency)
+        event(log, "utterance_finalized", session_id=self.session_id, utterance_index=index, reason=reason,
+              audio_ms=audio_ms, turn_id=turn_id, latency_ms=round(latency * 1000, 3))
         return True
 
     # ------------------------------------------------------------ timers

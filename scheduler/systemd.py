@@ -16,6 +16,8 @@ import socket
 
 import trio
 
+from .logs import event
+
 log = logging.getLogger("scheduler.systemd")
 
 
@@ -42,7 +44,7 @@ class Notifier:
                 sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError as exc:
-            log.warning("event=sd_notify_failed error=%s", exc)
+            event(log, "sd_notify_failed", logging.WARNING, error=exc)
             return False
 
     async def watchdog(self) -> None:

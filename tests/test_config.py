@@ -104,3 +104,26 @@ def test_config_check_prints_effective_settings_and_exits_2_on_errors(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--config", str(tmp_path / "none.toml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "cannot read config file" in missing.stderr
+
+
+def test_logs_are_json_lines_off_a_terminal_and_key_value_on_one():
+    import json as _json
+    import logging as _logging
+
+    from scheduler.logs import JsonFormatter, KeyValueFormatter, event
+
+    records = []
+
+    class Keep(_logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = _logging.getLogger("test.logs")
+    logger.addHandler(Keep())
+    logger.setLevel(_logging.INFO)
+    event(logger, "session_started", session_id="abc", peer="1.2.3.4:5", note="two words")
+    (record,) = records
+    line = _json.loads(JsonFormatter().format(record))
+    assert line["event"] == "session_started" and line["session_id"] == "abc" and line["level"] == "info"
+    text = KeyValueFormatter().format(record)
+    assert 'event=session_started session_id=abc peer=1.2.3.4:5 note="two words"' in text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -35,10 +34,10 @@ class Daemon:
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            text = self.log_path.read_text()
-            if m := re.search(r"event=listening ws=(ws://\S+) .*admin=(http://\S+)", text):
-                self.ws_url, self.admin_url = m.group(1), m.group(2)
-                self.valkey_pid = int(re.search(r"event=embedded_redis_started pid=(\d+)", text).group(1))
+            events = log_events(self.log_path)
+            if "listening" in events:
+                self.ws_url, self.admin_url = events["listening"]["ws"], events["listening"]["admin"]
+                self.valkey_pid = events["embedded_redis_started"]["pid"]
                 return
             if self.proc.poll() is not None:
                 break
@@ -51,6 +50,16 @@ class Daemon:
             return self.proc.wait(timeout=20)
         finally:
             self.log.close()
+
+
+def log_events(path: Path) -> dict[str, dict]:
+    """The daemon's JSON log lines (stderr is not a terminal here), last one per event name."""
+    events = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            events[record.get("event") or record["msg"]] = record
+    return events
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,9 +128,11 @@ def test_three_clients_two_nodes_real_processes(tmp_path):
         code = daemon.stop()
     log = daemon.log_path.read_text()
     assert code == 0, log
-    assert "event=stopped" in log and "event=embedded_redis_stopped" in log
+    events = log_events(daemon.log_path)
+    assert "stopped" in events and "embedded_redis_stopped" in events
+    assert events["utterance_finalized"]["reason"] in ("pause", "is_final") and "latency_ms" in events["utterance_finalized"]
     assert not pid_alive(daemon.valkey_pid)
-    assert "Traceback" not in log, log
+    assert "Traceback" not in log and '"level": "error"' not in log, log
 
 
 def test_sigint_twice_exits_and_leaves_no_valkey(tmp_path):
@@ -140,9 +151,9 @@ def test_external_redis_url_is_used(tmp_path, redis_url):
         proc = subprocess.Popen([*CMD, "serve", "--ws-port", "0", "--admin-port", "0"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while "event=listening" not in daemon_log.read_text() and time.monotonic() < deadline:
+        while "listening" not in log_events(daemon_log) and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    text = daemon_log.read_text()
-    assert f"redis={redis_url}" in text and "embedded_redis_started" not in text
+    events = log_events(daemon_log)
+    assert events["listening"]["redis"] == redis_url and "embedded_redis_started" not in events
