@@ -1,13 +1,17 @@
-"""Admin HTTP listener: ``/metrics``, ``/healthz``, ``/readyz`` (HTTP/1.1 via h11, one request per connection).
+"""Admin HTTP listener (HTTP/1.1 via h11, one request per connection).
 
-``/healthz`` is 200 while the process runs. ``/readyz`` is 200 only while the last Redis
-health check succeeded and the daemon accepts sessions, else 503 with the reason in the body.
+``/metrics`` Prometheus text; ``/healthz`` 200 while the process runs; ``/readyz`` 200 only
+while the last Redis health check succeeded and the daemon accepts sessions, else 503 with
+the reason in the body; ``/status`` a JSON snapshot (see :meth:`AdminServer`'s ``status``
+callable: sessions, nodes with load, jobs, Redis latency).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h11
 import trio
@@ -21,11 +25,13 @@ REQUEST_TIMEOUT = 5.0
 
 
 class AdminServer:
-    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
+                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self._metrics = metrics
         self._readiness = readiness
+        self._status = status
 
-    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
@@ -36,6 +42,9 @@ class AdminServer:
         if path == "/readyz":
             ready, why = self._readiness()
             return (200 if ready else 503), "text/plain", (why + "\n").encode()
+        if path == "/status" and self._status is not None:
+            body = json.dumps(await self._status(), separators=(",", ":"), default=str).encode()
+            return 200, "application/json", body
         return 404, "text/plain", b"not found\n"
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -51,7 +60,7 @@ class AdminServer:
                             return
                         continue
                     if isinstance(ev, h11.Request):
-                        status, ctype, body = self.route(ev.method.decode(), ev.target.decode("latin-1"))
+                        status, ctype, body = await self.route(ev.method.decode(), ev.target.decode("latin-1"))
                         headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
                         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
                         if ev.method != b"HEAD":

@@ -273,8 +273,13 @@ class Dispatcher:
             lane.told.add(request.job_key)
         self._sessions.deliver(request.session_id, JobWaiting(request.utterance_index, request.tgt_lang, code))
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued in the lanes (new, waiting for a node, or moving)."""
+        return sum(len(lane.queue) for lane in self._lanes.values())
+
     def _update_waiting_gauge(self) -> None:
-        self._metrics.jobs_waiting.set(sum(len(lane.queue) for lane in self._lanes.values()))
+        self._metrics.jobs_waiting.set(self.waiting)
 
     # ------------------------------------------------------------ placement
 

@@ -14,6 +14,7 @@ drain.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import urllib.parse
@@ -22,7 +23,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from . import wsutil
+from . import keys, wsutil
 from .admin import AdminServer
 from .client_gateway import ClientGateway
 from .config import Settings
@@ -156,7 +157,8 @@ async def _serve(
                 task_status=task_status,
             )
         )
-        admin = AdminServer(metrics, lambda: running.readiness() if running else (False, "starting"))
+        admin = AdminServer(metrics, lambda: running.readiness() if running else (False, "starting"),
+                            lambda: _status(running, dispatcher))
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=metrics, sessions=sessions, nodes=nodes, redis=redis)
@@ -197,6 +199,40 @@ async def _drain(running: Running) -> None:
 async def _wait_sessions_gone(running: Running) -> None:
     await running.sessions.count.wait_value(0)
     running._now.set()
+
+
+async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
+    """The ``/status`` snapshot: this instance's sessions, every registered node, jobs, Redis."""
+    if running is None:
+        return {"state": "starting"}
+    nodes = []
+    try:
+        for node_id in sorted(await running.redis.command("SMEMBERS", keys.nodes_all())):
+            info = await running.redis.command("HGETALL", keys.node_info(node_id))
+            if not info:
+                continue  # expired
+            current = await running.redis.command("HGET", keys.node_runtime(node_id), "current_jobs")
+            nodes.append({
+                "node_id": node_id, "online": info.get("online") == "1", "draining": info.get("draining") == "1",
+                "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
+                "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
+                "local": node_id in running.nodes, "load": json.loads(info.get("load_json") or "{}"),
+            })
+    except RedisUnavailable:
+        nodes = None
+    return {
+        "instance_id": running.settings.instance_id,
+        "state": "draining" if running.draining else "ready" if running.redis_ok else "redis_unreachable",
+        "redis": {"ok": running.redis_ok, "latency_ms": round(running.metrics.redis_latency_seconds._value.get() * 1000, 3)},
+        "sessions": [
+            {"session_id": a.session_id, "src_lang": a.src_lang, "tgt_langs": list(a.tgt_langs),
+             "utterances": a.next_index, "results_owed": a.results.outstanding, "backlog": len(a.backlog),
+             "closing": a.closing}
+            for a in running.sessions.actors()
+        ],
+        "nodes": nodes,
+        "jobs": {"in_flight": len(dispatcher.placed), "waiting": dispatcher.waiting},
+    }
 
 
 async def _health_check(running: Running) -> None:

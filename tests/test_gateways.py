@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import urllib.request
 
 import pytest
@@ -42,6 +43,14 @@ async def test_admin_endpoints(daemon, nursery):
                  "scheduler_finalize_latency_seconds_bucket", "scheduler_nodes_online 1.0", "process_resident_memory_bytes"):
         assert name in body
     assert (await trio.to_thread.run_sync(http_get, daemon.admin_port, "/nope"))[0] == 404
+    async with session(daemon) as s:
+        status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/status")
+        snap = json.loads(body)
+        assert status == 200 and snap["state"] == "ready" and snap["redis"]["ok"] is True
+        assert [x["session_id"] for x in snap["sessions"]] == [s.ready["session_id"]]
+        (node,) = snap["nodes"]
+        assert (node["node_id"], node["online"], node["local"], node["current_jobs"]) == ("n1", True, True, 0)
+        assert snap["jobs"] == {"in_flight": 0, "waiting": 0}
 
 
 async def test_bad_messages_keep_the_session_alive(daemon, nursery):
