@@ -11,6 +11,7 @@ fatal error.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 
@@ -25,6 +26,7 @@ from .protocol import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     NOT_INITIALIZED,
+    UNAUTHORIZED,
     UNKNOWN_SESSION,
     UNSUPPORTED_LANG_PAIR,
     AudioChunk,
@@ -41,12 +43,22 @@ from .session import AudioIn, CloseIn, FinalizeIn, SessionActor, SlowClient
 log = logging.getLogger("scheduler.client_gateway")
 
 
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The API key of an ``Authorization: Bearer KEY`` request header, if any."""
+    for name, value in headers:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip()
+    return None
+
+
 class ClientGateway(wsutil.Gateway):
     side = "client"
 
-    async def handle(self, ws: WebSocketConnection) -> None:
+    async def handle(self, ws: WebSocketConnection, headers: list[tuple[bytes, bytes]] = ()) -> None:
+        """Serve one client connection; ``headers`` are its handshake request headers."""
         peer = wsutil.peer(ws)
-        init = await self.first_message(ws, peer, self._accept_init)
+        presented = _bearer(headers)
+        init = await self.first_message(ws, peer, lambda message: self._accept_init(message, presented))
         if init is None:
             return
         session_id = uuid.uuid4().hex
@@ -81,8 +93,9 @@ class ClientGateway(wsutil.Gateway):
             self._sessions.remove(actor)
             event(log, "session_ended", session_id=session_id, reason=reason, utterances=actor.next_index)
 
-    async def _accept_init(self, message: str | bytes) -> SessionInit:
-        """The first frame must be a valid session_init for language pairs some pool serves."""
+    async def _accept_init(self, message: str | bytes, presented_key: str | None) -> SessionInit:
+        """The first frame must be a valid session_init (with an API key when keys are configured)
+        for language pairs some pool serves."""
         if isinstance(message, bytes):
             raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
         msg = parse_client(message)
@@ -90,6 +103,11 @@ class ClientGateway(wsutil.Gateway):
             raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
         if not isinstance(msg, SessionInit):
             raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
+        keys_ = self.settings.api_keys
+        if keys_:
+            key = (presented_key or msg.api_key or "").encode()
+            if not any(hmac.compare_digest(key, k.encode()) for k in keys_):
+                raise ProtocolError(UNAUTHORIZED, "missing or unknown API key", fatal=True, close_code=CLOSE_POLICY)
         if msg.session_id is not None:
             raise ProtocolError(UNKNOWN_SESSION, f"session {msg.session_id} is not held by this daemon",
                                 fatal=True, close_code=CLOSE_POLICY)
@@ -136,8 +154,10 @@ class ClientGateway(wsutil.Gateway):
 
     async def _reader(self, ws: WebSocketConnection, actor: SessionActor, scope: trio.CancelScope, peer: str) -> None:
         limit = self.settings.max_frame_bytes
+        bucket = self.rate_limit()
         try:
             while True:
+                await bucket.take()
                 message = await ws.get_message()
                 try:
                     wsutil.check_size(message, limit)

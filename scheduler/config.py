@@ -62,6 +62,11 @@ class Settings:
     idle_timeout_ms: int = _opt(60000, "close a session with no client message for this long", group="session")
     max_pending_events: int = _opt(128, "unprocessed client events per session before backpressure", group="session")
     max_frame_bytes: int = _opt(1048576, "largest accepted WebSocket frame; larger ones get FRAME_TOO_LARGE", group="session")
+    max_messages_per_s: int = _opt(
+        500, "per connection (client or node): frames read per second at most; faster peers are read more slowly", group="session")
+    client_api_keys: str | None = _opt(
+        None, "comma-separated API keys; when set, clients must send one (Authorization: Bearer KEY header or "
+              "api_key in session_init) or get UNAUTHORIZED", group="session")
     silence_dbfs: float = _opt(-40.0, "a frame whose RMS is below this level (dBFS) is silence", group="session")
     drain_timeout_ms: int = _opt(10000, "on SIGTERM, how long to wait for outstanding results before closing", group="session")
 
@@ -79,6 +84,10 @@ class Settings:
         errors = validate(self)
         if errors:
             raise ConfigError("; ".join(errors))
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.client_api_keys or "").split(",") if k.strip()]
 
     @property
     def limits(self) -> dict[str, int]:
@@ -100,6 +109,7 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "redis_pool_size", "job_lease_ms",
+    "max_messages_per_s",
 )
 
 
@@ -232,7 +242,7 @@ def render(settings: Settings, sources: Mapping[str, str]) -> str:
     lines = []
     for field in attrs.fields(Settings):
         value = getattr(settings, field.name)
-        if field.name == "node_token" and value is not None:
+        if field.name in ("node_token", "client_api_keys") and value is not None:
             shown = '"***"'
         elif value is None:
             lines.append(f"# {field.name} = (unset)  # {sources.get(field.name, 'default')}")

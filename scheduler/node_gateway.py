@@ -175,8 +175,10 @@ class NodeGateway(wsutil.Gateway):
 
     async def _reader(self, ws: WebSocketConnection, conn: NodeConnection) -> str:
         limit = self.settings.max_frame_bytes
+        bucket = self.rate_limit()
         try:
             while True:
+                await bucket.take()
                 message = await ws.get_message()
                 conn.last_seen = trio.current_time()
                 try:

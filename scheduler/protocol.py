@@ -78,6 +78,7 @@ class SessionInit:
     sample_rate: int = attrs.field(default=16000)
     session_id: str | None = attrs.field(default=None, validator=_nonempty_str)
     resume_from: int | None = attrs.field(default=None)
+    api_key: str | None = attrs.field(default=None, repr=False)  # when the daemon requires client API keys
 
     @tgt_langs.validator
     def _check_tgts(self, _attribute: attrs.Attribute, value: list[str]) -> None:

@@ -140,7 +140,7 @@ async def _serve(
                     await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
                                                               fatal=True, close_code=CLOSE_GOING_AWAY))
                 elif path == "/v1/session":
-                    await clients.handle(ws)
+                    await clients.handle(ws, request.headers)
                 else:
                     await node_gw.handle(ws)
             except Exception as exc:  # one connection's bug must never take the listener down

@@ -11,6 +11,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .logs import event
 from .protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
+from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -89,6 +90,10 @@ class Gateway:
         self._sessions = sessions
         self._metrics = metrics
 
+    def rate_limit(self) -> TokenBucket:
+        """A fresh per-connection bucket: ``max_messages_per_s``, bursts of as many."""
+        return TokenBucket(self.settings.max_messages_per_s)
+
     async def refuse(self, ws: WebSocketConnection, err: ProtocolError, **context: Any) -> None:
         """Count, log and send ``err`` (closing the socket when it is fatal)."""
         self._metrics.bad_messages_total.labels(self.side, err.code).inc()
@@ -103,8 +108,10 @@ class Gateway:
         non-fatal refusal leaves the socket open for a corrected frame, a fatal one closes it.
         Returns None when the connection ended instead.
         """
+        bucket = self.rate_limit()
         while True:
             try:
+                await bucket.take()
                 message = await ws.get_message()
                 check_size(message, self.settings.max_frame_bytes)
                 return await accept(message)

@@ -317,3 +317,35 @@ async def test_a_crash_while_placing_costs_one_job_not_the_daemon(daemon, nurser
         second, _ = await s.recv_until("result")
         assert first["translations"]["en"]["error"] == "INTERNAL"
         assert second["status"] == "SUCCESS"
+
+
+async def test_client_api_keys_by_header_or_field(start_daemon, nursery):
+    daemon = await start_daemon(client_api_keys="k1, k2")
+    await start_node(nursery, daemon, node_id="n1")
+    url = daemon.ws_url + "/v1/session"
+    async with peer(url) as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+        err = await p.recv()
+        assert (err["code"], err["fatal"]) == ("UNAUTHORIZED", True)
+        with pytest.raises(ConnectionClosed) as info:
+            await p.recv()
+        assert info.value.reason.code == 1008
+    async with peer(url) as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], api_key="k2")
+        assert (await p.recv())["type"] == "session_ready"
+    async with open_websocket_url(url, extra_headers=[(b"Authorization", b"Bearer k1")]) as ws:
+        await ws.send_message(json.dumps({"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}))
+        assert json.loads(await ws.get_message())["type"] == "session_ready"
+
+
+async def test_rate_limit_paces_a_flood_and_loses_nothing(start_daemon, nursery):
+    daemon = await start_daemon(max_messages_per_s=20, pause_ms=500)
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as s:
+        start = trio.current_time()
+        for _ in range(40):
+            await s.send_raw(SPEECH_100MS)  # goes out at once; the daemon reads 20 per second
+        await s.send(type="finalize")
+        fin, _ = await s.recv_until("utterance_finalized", timeout=15)
+        assert fin["audio_ms"] == 4000  # every frame, one utterance
+        assert trio.current_time() - start >= 1.0  # (40 + 2 messages - 20 burst) / 20 per second
