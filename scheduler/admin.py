@@ -2,7 +2,8 @@
 
 ``/metrics`` Prometheus text; ``/healthz`` 200 while the process runs; ``/readyz`` 200 only
 while the last Redis health check succeeded and the daemon accepts sessions, else 503 with
-the reason in the body; ``/status`` a JSON snapshot (see :meth:`AdminServer`'s ``status``
+the reason in the body; ``/`` a small live status page (static HTML + JS polling
+``/status`` every second, no build step); ``/status`` a JSON snapshot (see :meth:`AdminServer`'s ``status``
 callable: sessions, nodes with load, jobs, Redis latency).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -21,6 +23,7 @@ from .metrics import Metrics
 log = logging.getLogger("scheduler.admin")
 
 MAX_REQUEST_BYTES = 16 * 1024
+STATUS_PAGE = Path(__file__).resolve().parent / "static" / "status.html"  # "/": a live page reading /status
 REQUEST_TIMEOUT = 5.0
 
 
@@ -35,6 +38,8 @@ class AdminServer:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
+        if path in ("/", "/index.html"):
+            return 200, "text/html; charset=utf-8", STATUS_PAGE.read_bytes()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render()
         if path == "/healthz":

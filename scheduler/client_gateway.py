@@ -33,6 +33,7 @@ from .protocol import (
     CloseSession,
     Finalize,
     ProtocolError,
+    Result,
     SessionInit,
     SessionReady,
     parse_client,
@@ -130,9 +131,13 @@ class ClientGateway(wsutil.Gateway):
         async with trio.open_nursery() as nursery:
             writer_done = trio.Event()
 
+            def on_sent(msg: object) -> None:
+                if isinstance(msg, Result):
+                    self._sessions.note_result(actor.session_id, msg)
+
             async def writer() -> None:
                 try:
-                    await wsutil.pump(ws, actor.outbox, peer)
+                    await wsutil.pump(ws, actor.outbox, peer, on_sent)
                 finally:
                     writer_done.set()
 

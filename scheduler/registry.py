@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 
 from trio_util import AsyncValue
 
 from .logs import event
 from .metrics import Metrics
+from .protocol import Result
 from .session import JobOutcome, JobWaiting, SessionActor
 
 log = logging.getLogger("scheduler.registry")
@@ -20,6 +23,7 @@ class SessionRegistry:
         self._actors: dict[str, SessionActor] = {}
         self._metrics = metrics
         self.count = AsyncValue(0)  # live sessions, for "wait until all gone"
+        self.recent_results: collections.deque[dict] = collections.deque(maxlen=20)  # for /status
 
     def __len__(self) -> int:
         return len(self._actors)
@@ -42,6 +46,14 @@ class SessionRegistry:
     def _changed(self) -> None:
         self.count.value = len(self._actors)
         self._metrics.sessions_active.set(len(self._actors))
+
+    def note_result(self, session_id: str, result: Result) -> None:
+        """Remember a result sent to a client (newest last; the 20 most recent are kept)."""
+        self.recent_results.append({
+            "ts": int(time.time() * 1000), "session_id": session_id, "utterance_index": result.utterance_index,
+            "status": result.status, "reason": result.reason,
+            "translations": {lang: t.status for lang, t in result.translations.items()},
+        })
 
     def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
         """Hand an outcome to its session without blocking; False (counted, logged) if it cannot."""

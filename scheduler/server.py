@@ -232,6 +232,7 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         ],
         "nodes": nodes,
         "jobs": {"in_flight": len(dispatcher.placed), "waiting": dispatcher.waiting},
+        "recent_results": list(reversed(running.sessions.recent_results)),
     }
 
 

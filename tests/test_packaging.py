@@ -19,6 +19,7 @@ def test_wheel_contains_luascripts_and_loads_them(tmp_path):
                    capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert "scheduler/static/status.html" in names
     shipped = {n.removeprefix("scheduler/luascripts/") for n in names if n.startswith("scheduler/luascripts/")}
     assert shipped == {str(p.relative_to(ROOT / "luascripts")) for p in (ROOT / "luascripts").rglob("*.lua")}
     # Unpacked on its own (no checkout next to it), the package loads its scripts from inside.
