@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from . import keys, lua
+from . import lua
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
@@ -59,6 +59,7 @@ class Placement:
     node_id: str
     attempt: int
     request: JobRequest
+    lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
 
 
 @attrs.define(eq=False)
@@ -201,23 +202,18 @@ class Dispatcher:
             await trio.sleep_forever()
 
     async def _expire_leases(self, interval: float = 1.0) -> None:
-        """Every ``interval``: jobs of this instance whose lease ran out are moved to another node."""
+        """Every ``interval``: this instance's jobs whose lease ran out move to another node.
+
+        The lease deadline of each placement is kept here too, so the check costs no Redis
+        call (the leases set in Redis is for other instances and for recovery)."""
         while True:
             await trio.sleep(interval)
-            if not self.placed:
-                continue
-            try:
-                expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms(), "LIMIT", 0, 256)
-            except RedisUnavailable:
-                continue
-            by_id = {p.job_id: p for p in self.placed.values()}
-            for job_id in expired:
-                placement = by_id.get(job_id)
-                if placement is not None:
-                    node = self._nodes.get(placement.node_id)
-                    if node is not None:
-                        node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
-                    self.move(placement, "LEASE_EXPIRED")
+            now = trio.current_time()
+            for placement in [p for p in self.placed.values() if p.lease_deadline <= now]:
+                node = self._nodes.get(placement.node_id)
+                if node is not None:
+                    node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+                self.move(placement, "LEASE_EXPIRED")
 
     async def _run_lane(self, lane: _Lane) -> None:
         while True:
@@ -319,7 +315,8 @@ class Dispatcher:
             self._metrics.duplicate_job_blocked_total.inc()
             event(log, "duplicate_job_blocked", logging.WARNING, job_key=request.job_key, job_id=job_id)
             return None
-        placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request)
+        placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request,
+                              lease_deadline=trio.current_time() + self._job_lease_ms / 1000)
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()
         node = self._nodes.get(node_id)
