@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(check)
 
     node = sub.add_parser("node", help="run a reference worker node",
-                          description="Reference worker node: answers each job with the audio duration and CRC-32 "
-                                      "after --delay-ms. Reconnects with backoff when the daemon goes away.",
+                          description="Reference worker node: answers each job after --delay-ms, with the audio "
+                                      "duration and CRC-32 (--engine fake) or a real English transcript (--engine "
+                                      "pocketsphinx). Reconnects with backoff when the daemon goes away.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     node.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon WebSocket URL (/v1/node is appended)")
     node.add_argument("--node-id", default=None, help="node id (default: node-<random>)")
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--pool", action="append", metavar="NAME",
                       help="pool to join, repeatable (default: one pool per pair named SRC-TGT)")
     node.add_argument("--max-jobs", type=int, default=4, help="jobs held at once")
+    node.add_argument("--engine", choices=["fake", "pocketsphinx"], default="fake",
+                      help="fake: answer with duration and CRC-32; pocketsphinx: transcribe English with the model "
+                           "bundled in the pocketsphinx package (pip install 'speech-scheduler[asr]'), translation "
+                           "is a placeholder (the transcript tagged with the target language)")
     node.add_argument("--delay-ms", type=int, default=200, help="time to answer a job")
     node.add_argument("--jitter-ms", type=int, default=0, help="random extra time per job, 0..JITTER")
     node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error")
@@ -131,9 +136,14 @@ def _node(args: argparse.Namespace) -> int:
     options = NodeOptions(url=args.url, lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
                           pools=tuple(args.pool) if args.pool else None, max_jobs=args.max_jobs,
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
-                          token=args.token, **kwargs)
+                          token=args.token, engine=args.engine, **kwargs)
     try:
-        trio.run(ReferenceNode(options).run)
+        node = ReferenceNode(options)
+    except RuntimeError as exc:
+        print(f"scheduler node: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(node.run)
     except NodeFatal as exc:
         print(f"scheduler node: refused by the daemon: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,10 @@
-"""Reference worker node: registers, heartbeats, answers every job with a fake transcription.
+"""Reference worker node: registers, heartbeats, answers every job.
 
-The answer is deterministic so tests can check it end to end: the duration of the job's
-audio and its CRC-32, tagged with the language (``[zh] 1200ms crc32=1a2b3c4d``). Jobs run
+With the ``fake`` engine (default) the answer is deterministic so tests can check it end to
+end: the duration of the job's audio and its CRC-32, tagged with the language
+(``[zh] 1200ms crc32=1a2b3c4d``). With ``pocketsphinx`` it really transcribes (English
+model bundled with the package) and tags the transcript as a placeholder translation
+(see :mod:`scheduler.asr`). Jobs run
 concurrently (the daemon never sends more than ``max_jobs``), each after ``delay_ms``;
 ``job_cancel`` cancels the job's task. The node reconnects with backoff when the socket
 drops, and stops on a fatal error (bad token, duplicate node id).
@@ -13,13 +16,12 @@ import base64
 import logging
 import random
 import uuid
-import zlib
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from .audio import pcm_ms
+from .asr import make_engine
 from .logs import event
 from .protocol import Error, Heartbeat, JobAssign, JobCancel, JobResult, Register, Registered, encode, parse_from_daemon
 
@@ -40,22 +42,24 @@ class NodeOptions:
     fail_rate: float = 0.0
     token: str | None = None
     reconnect: bool = True
+    engine: str = "fake"
 
 
 class NodeFatal(Exception):
     """The daemon refused this node for good (e.g. UNAUTHORIZED); reconnecting would not help."""
 
 
-def fake_answer(job: JobAssign) -> tuple[str, str]:
-    """Deterministic (source_text, text) for a job: its audio duration and checksum."""
-    pcm = base64.b64decode(job.audio)
-    tag = f"{pcm_ms(len(pcm), job.sample_rate):.0f}ms crc32={zlib.crc32(pcm):08x}"
-    return f"[{job.src_lang}] {tag}", f"[{job.tgt_lang}] {tag}"
+def translate_placeholder(source_text: str, src_lang: str, tgt_lang: str) -> str:
+    """No offline MT model: the "translation" is the source text re-tagged with the target language."""
+    prefix = f"[{src_lang}] "
+    body = source_text[len(prefix):] if source_text.startswith(prefix) else source_text
+    return f"[{tgt_lang}] {body}"
 
 
 class ReferenceNode:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
+        self.engine = make_engine(options.engine, options.max_jobs)
         self.jobs_done = 0
         self.jobs_cancelled = 0
         self._jobs: dict[tuple[str, int], trio.CancelScope] = {}
@@ -122,7 +126,8 @@ class ReferenceNode:
                 if o.fail_rate and random.random() < o.fail_rate:
                     result = JobResult(job_id=job.job_id, attempt=job.attempt, status="error", error="FAKE_FAILURE")
                 else:
-                    source_text, text = fake_answer(job)
+                    source_text = await self.engine.transcribe(base64.b64decode(job.audio), job.sample_rate, job.src_lang)
+                    text = translate_placeholder(source_text, job.src_lang, job.tgt_lang)
                     result = JobResult(job_id=job.job_id, attempt=job.attempt, status="ok", source_text=source_text, text=text)
                 await ws.send_message(encode(result))
                 self.jobs_done += 1

@@ -1,0 +1,38 @@
+"""The reference node with --engine pocketsphinx transcribes real speech through the daemon.
+
+tests/data/speech-en.wav was made with espeak-ng ("this is a test of the speech scheduler",
+pause, "the weather is good today"), resampled to 16 kHz mono.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scheduler.refclient import read_wav, stream_session
+from scheduler.refnode import translate_placeholder
+
+from .helpers import start_node
+
+pytestmark = pytest.mark.slow
+WAV = Path(__file__).parent / "data" / "speech-en.wav"
+
+
+def test_placeholder_translation_retags_the_source():
+    assert translate_placeholder("[en] hello world", "en", "de") == "[de] hello world"
+    assert translate_placeholder("hello world", "en", "de") == "[de] hello world"
+
+
+async def test_pocketsphinx_node_transcribes_streamed_speech(start_daemon, nursery):
+    pytest.importorskip("pocketsphinx")
+    daemon = await start_daemon(pause_ms=600)
+    await start_node(nursery, daemon, node_id="asr-1", lang_pairs=(("en", "de"),), engine="pocketsphinx", delay_ms=0)
+    pcm, rate = read_wav(str(WAV))
+    transcript = await stream_session(daemon.ws_url, pcm, src_lang="en", tgt_langs=["de"], sample_rate=rate, fast=True)
+    assert transcript.complete and not transcript.errors
+    assert len(transcript.results) == 2  # two sentences, cut at the pause between them
+    texts = [r.source_text or "" for r in transcript.results]
+    assert all(r.status == "SUCCESS" for r in transcript.results), transcript.results
+    assert "test" in texts[0].split(), texts  # recognisable words from the first sentence
+    assert all(r.translations["de"].text == f"[de] {t}" for r, t in zip(transcript.results, texts, strict=True))
