@@ -32,16 +32,6 @@ def is_silent(pcm: bytes, threshold_ms: float) -> bool:
     return float(np.dot(samples, samples)) / n < threshold_ms
 
 
-def dbfs(pcm: bytes) -> float:
-    """RMS level of a frame in dBFS (-inf for silence); for logs and tests."""
-    n = len(pcm) // BYTES_PER_SAMPLE
-    if n == 0:
-        return float("-inf")
-    samples = np.frombuffer(pcm, dtype="<i2", count=n).astype(np.float64)
-    rms = float(np.sqrt(np.mean(samples * samples)))
-    return float("-inf") if rms == 0 else 20.0 * np.log10(rms / FULL_SCALE)
-
-
 def tone(ms: int, sample_rate: int = 16000, *, freq: float = 440.0, amplitude: float = 0.3) -> bytes:
     """A sine tone (speech stand-in) of ``ms`` milliseconds."""
     n = int(sample_rate * ms / 1000)

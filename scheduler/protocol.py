@@ -412,6 +412,3 @@ def encode(msg: Any) -> str:
     body = converter.unstructure(msg)
     return json.dumps({"type": msg.TYPE, **body}, separators=(",", ":"), ensure_ascii=False)
 
-
-def error(code: str, message: str, *, fatal: bool = False) -> Error:
-    return Error(code=code, message=message, fatal=fatal)

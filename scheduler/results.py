@@ -54,7 +54,6 @@ class ResultsSequencer:
         self.next_to_deliver = next_index
         self._next_to_add = next_index
         self._open: dict[int, _Open] = {}
-        self.skipped_total = 0
 
     @property
     def outstanding(self) -> int:
@@ -107,7 +106,6 @@ class ResultsSequencer:
                         fallback = utt.fallback.get(tgt)
                         utt.translations[tgt] = fallback or Translation(status=SKIPPED, error="RESULT_DEADLINE")
                         count += fallback is None
-        self.skipped_total += count
         return count
 
     def pop_ready(self) -> list[Result]:
