@@ -40,6 +40,13 @@ class Peer:
                     return msg, seen
                 seen.append(msg)
 
+    async def register(self, node_id: str, max_jobs: int = 1, pair: tuple[str, str] = ("zh", "en")) -> dict:
+        """As a raw node: register and return the daemon's ``registered`` answer."""
+        await self.send(type="register", node_id=node_id, lang_pairs=[list(pair)], max_jobs=max_jobs)
+        reply = await self.recv()
+        assert reply["type"] == "registered", reply
+        return reply
+
     @property
     def closed(self):
         return self.ws.closed

@@ -160,10 +160,8 @@ async def test_node_must_register_first_and_bad_frames_are_not_fatal(daemon):
 async def test_answers_from_the_wrong_node_are_dropped(daemon, nursery):
     """A node answering a job it does not hold is ignored; the holder's answer is delivered."""
     async with peer(daemon.ws_url + "/v1/node") as holder, peer(daemon.ws_url + "/v1/node") as intruder:
-        await holder.send(type="register", node_id="holder", lang_pairs=[["zh", "en"]], max_jobs=1)
-        await holder.recv()
-        await intruder.send(type="register", node_id="intruder", lang_pairs=[["de", "fr"]], max_jobs=1)
-        await intruder.recv()
+        await holder.register("holder", max_jobs=1)
+        await intruder.register("intruder", max_jobs=1, pair=("de", "fr"))
         async with session(daemon) as s:
             await s.send_raw(SPEECH_100MS)
             await s.send(type="finalize")
@@ -188,8 +186,7 @@ async def test_answers_from_the_wrong_node_are_dropped(daemon, nursery):
 async def test_no_node_free_until_deadline_gives_failed(start_daemon, nursery):
     daemon = await start_daemon(result_deadline_ms=600)
     async with peer(daemon.ws_url + "/v1/node") as silent_node:
-        await silent_node.send(type="register", node_id="busy", lang_pairs=[["zh", "en"]], max_jobs=1)
-        await silent_node.recv()
+        await silent_node.register("busy", max_jobs=1)
         async with session(daemon) as s:
             for _ in range(2):
                 await s.send_raw(SPEECH_100MS)
@@ -206,8 +203,7 @@ async def test_no_node_free_until_deadline_gives_failed(start_daemon, nursery):
 async def test_lost_node_job_is_dispatched_again_to_another_node(daemon, redis_client):
     async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
         for node, name in ((n1, "n1"), (n2, "n2")):
-            await node.send(type="register", node_id=name, lang_pairs=[["zh", "en"]], max_jobs=2)
-            await node.recv()
+            await node.register(name, max_jobs=2)
         async with session(daemon) as s:
             await s.send_raw(SPEECH_100MS)
             await s.send(type="finalize")
@@ -231,15 +227,13 @@ async def test_lost_node_job_is_dispatched_again_to_another_node(daemon, redis_c
 async def test_expired_lease_moves_the_job_and_cancels_it_on_the_slow_node(start_daemon):
     daemon = await start_daemon(job_lease_ms=1000, node_ttl_ms=10_000)  # raw peers send no heartbeats
     async with peer(daemon.ws_url + "/v1/node") as slow:
-        await slow.send(type="register", node_id="slow", lang_pairs=[["zh", "en"]], max_jobs=1)
-        await slow.recv()
+        await slow.register("slow", max_jobs=1)
         async with session(daemon) as s:
             await s.send_raw(SPEECH_100MS)
             await s.send(type="finalize")
             job = await slow.recv()
             async with peer(daemon.ws_url + "/v1/node") as fast:
-                await fast.send(type="register", node_id="fast", lang_pairs=[["zh", "en"]], max_jobs=1)
-                await fast.recv()
+                await fast.register("fast", max_jobs=1)
                 cancel = await slow.recv(timeout=5)  # lease (1 s) ran out
                 assert cancel == {"type": "job_cancel", "job_id": job["job_id"], "attempt": 1}
                 again = await fast.recv(timeout=5)
@@ -276,8 +270,7 @@ async def test_shutdown_drains_sessions_and_refuses_newcomers(daemon, nursery):
 
 async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_client):
     async with peer(daemon.ws_url + "/v1/node") as node:
-        await node.send(type="register", node_id="n1", lang_pairs=[["zh", "en"]], max_jobs=2)
-        await node.recv()
+        await node.register("n1", max_jobs=2)
         async with session(daemon) as s:
             await s.send_raw(SPEECH_100MS)
             await s.send(type="finalize")
