@@ -37,7 +37,7 @@ bench-adapter *ARGS: sync
 
 # the session actor's Hypothesis state machine with >= 10,000 examples (a few minutes)
 stress *ARGS: sync
-    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_actor_stateful.py -k TestActorMachine -q -p no:timeout --hypothesis-show-statistics {{ARGS}}
+    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_actor_stateful.py -k TestActorMachine -q --timeout 0 --hypothesis-show-statistics {{ARGS}}
 
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync
