@@ -18,6 +18,8 @@ local now_ms = ARGV[1]
 local job_id = ARGV[2]
 local done_ttl_s = tonumber(ARGV[3])
 
+-- @include slots
+
 local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'jobkey_key')
 if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
@@ -25,11 +27,5 @@ end
 redis.call('HSET', job_key_hash, 'status', 'cancelled', 'finished_ts', now_ms)
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
 redis.call('EXPIRE', j[4], done_ttl_s)
-redis.call('ZREM', leases_key, job_id)
-if j[3] == 'dispatched' and redis.call('SREM', jobs_key, job_id) == 1 then
-  local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
-  if current > 0 then
-    redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
-  end
-end
+release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job is in no set: no slot
 return {'OK', j[3] == 'dispatched' and j[1] or '', tonumber(j[2])}

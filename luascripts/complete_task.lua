@@ -23,6 +23,8 @@ local now_ms = ARGV[4]
 local job_id = ARGV[5]
 local done_ttl_s = tonumber(ARGV[6])
 
+-- @include slots
+
 local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang', 'jobkey_key')
 if not j[1] then
   return redis.error_reply('UNKNOWN_JOB no such job')
@@ -39,11 +41,5 @@ end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
 redis.call('EXPIRE', j[8], done_ttl_s)
-redis.call('ZREM', leases_key, job_id)
-if redis.call('SREM', jobs_key, job_id) == 1 then
-  local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
-  if current > 0 then
-    redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
-  end
-end
+release_slot(runtime_key, jobs_key, leases_key, job_id)
 return {'OK', j[4], j[5], tonumber(j[6]), j[7]}

@@ -44,6 +44,7 @@ local turn_jobs = tonumber(ARGV[13])
 local prefix = ARGV[14]
 
 -- @include choose_node
+-- @include slots
 
 local function job_hash(id) return prefix .. ':job:{' .. id .. '}' end
 

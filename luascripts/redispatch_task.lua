@@ -37,6 +37,7 @@ local prefix = ARGV[7]
 local old_node = ARGV[8]
 
 -- @include choose_node
+-- @include slots
 
 local j = redis.call('HMGET', job_hash_key, 'node_id', 'attempt', 'status')
 if not j[3] then
@@ -47,13 +48,7 @@ if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') t
   return {'NOOP', j[3], attempt}
 end
 if j[3] == 'dispatched' then
-  if redis.call('SREM', old_jobs_key, job_id) == 1 then
-    local current = tonumber(redis.call('HGET', old_runtime_key, 'current_jobs') or '0')
-    if current > 0 then
-      redis.call('HINCRBY', old_runtime_key, 'current_jobs', -1)
-    end
-  end
-  redis.call('ZREM', leases_key, job_id)
+  release_slot(old_runtime_key, old_jobs_key, leases_key, job_id)
   redis.call('HSET', job_hash_key, 'status', 'waiting', 'left_node_id', j[1])
 end
 

@@ -66,10 +66,3 @@ local function choose_node(lang_key, session_key, turn_key, prefix, now_ms, node
   end
   return ties[(rand % #ties) + 1]
 end
-
--- take_slot: the job is now held by node (slot, job set, lease).
-local function take_slot(prefix, node, job_id, leases_key, lease_deadline)
-  redis.call('HINCRBY', runtime_hash(prefix, node), 'current_jobs', 1)
-  redis.call('SADD', prefix .. ':node:jobs:{' .. node .. '}', job_id)
-  redis.call('ZADD', leases_key, lease_deadline, job_id)
-end

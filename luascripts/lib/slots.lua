@@ -1,0 +1,24 @@
+-- slots (library, inlined where a script says "-- @include slots").
+--
+-- A job holds a slot on its node exactly while it is in the node's job set
+-- (scheduler:node:jobs:{node}); current_jobs moves only together with that set, so a slot
+-- is taken once and released once, and current_jobs never goes below zero.
+
+-- take_slot: the job is now held by node (slot, job set, lease).
+local function take_slot(prefix, node, job_id, leases_key, lease_deadline)
+  redis.call('HINCRBY', prefix .. ':node:runtime:{' .. node .. '}', 'current_jobs', 1)
+  redis.call('SADD', prefix .. ':node:jobs:{' .. node .. '}', job_id)
+  redis.call('ZADD', leases_key, lease_deadline, job_id)
+end
+
+-- release_slot: the job leaves its node: out of the leases and the node's job set, and the
+-- slot released if (and only if) it was still in that set.
+local function release_slot(runtime_key, jobs_key, leases_key, job_id)
+  redis.call('ZREM', leases_key, job_id)
+  if redis.call('SREM', jobs_key, job_id) == 1 then
+    local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
+    if current > 0 then
+      redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+    end
+  end
+end
