@@ -134,9 +134,7 @@ class Dispatcher:
                 lane.queue.remove(request)
                 lane.told.discard(request.job_key)
                 self._queued -= 1
-                moving = self._moving.pop(request.job_key, None)
-                if moving is not None:
-                    await self._release(moving)
+                await self._abandon_move(request.job_key)
         self._update_waiting_gauge()
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
@@ -149,7 +147,6 @@ class Dispatcher:
                 continue
             if reply[0] == "OK":
                 self._metrics.jobs_total.labels("cancelled").inc()
-                self.slot_freed()
                 node = self._nodes.get(placement.node_id)
                 if node is not None:
                     node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
@@ -226,9 +223,7 @@ class Dispatcher:
                 # never placed: the session resolves it FAILED(blocked code) at this same deadline
                 self._pop_head(lane)
                 self._metrics.jobs_total.labels("failed").inc()
-                moving = self._moving.pop(request.job_key, None)
-                if moving is not None:
-                    await self._release(moving)
+                await self._abandon_move(request.job_key)
                 continue
             try:
                 code = await self._try_place(request)
@@ -280,8 +275,18 @@ class Dispatcher:
     # ------------------------------------------------------------ placement
 
     async def _release(self, placement: Placement) -> list:
-        """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once."""
-        return await self._redis.script(*lua.cancel(placement.job_id, placement.node_id, now_ms()))
+        """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
+        and lanes waiting for a slot retry."""
+        reply = await self._redis.script(*lua.cancel(placement.job_id, placement.node_id, now_ms()))
+        if reply[0] == "OK":
+            self.slot_freed()
+        return reply
+
+    async def _abandon_move(self, job_key: str) -> None:
+        """A job that was leaving its node is no longer wanted: release what it still holds."""
+        moving = self._moving.pop(job_key, None)
+        if moving is not None:
+            await self._release(moving)
 
     async def _try_place(self, request: JobRequest) -> str | None:
         """One dispatch_task call. Returns None when the job is done with (placed, duplicate or
