@@ -17,7 +17,7 @@ from _common import redis_url
 
 from scheduler.redis_adapter import RedisAdapter
 
-KEYS = ["scheduler:job:{bench}", "scheduler:node:runtime:{bench}"]
+KEYS = ["{scheduler}:job:bench", "{scheduler}:node:runtime:bench"]
 
 
 def raw_round_trips(url: str, calls: int) -> float:

@@ -26,6 +26,7 @@ from _common import redis_url
 
 from scheduler import lua
 from scheduler.redis_adapter import RedisAdapter, load_script_sources
+from scheduler.scheduling import SchedulingClient
 
 PAIR = [("zh-en", "zh", "en")]
 
@@ -50,18 +51,20 @@ def setup_nodes(url: str, n: int, max_jobs: int) -> tuple[redis.Redis, dict]:
 
 def balance(url: str, jobs: int, nodes: int = 8, max_jobs: int = 4, window: int = 24, seed: int = 1) -> dict:
     client, scripts = setup_nodes(url, nodes, max_jobs)
+    candidates = lua.read_candidates(client, "zh", "en")
     rng = random.Random(seed)
-    in_flight: list[tuple[str, str]] = []
+    in_flight: list[tuple[str, str, str]] = []
     per_node = {f"n{i}": 0 for i in range(nodes)}
     for k in range(jobs):
         if len(in_flight) >= window:
-            job_id, node = in_flight.pop(rng.randrange(len(in_flight)))
-            run_sync(client, scripts, lua.complete(job_id, node, 1, True, now_ms()))
-        reply = run_sync(client, scripts, lua.dispatch(f"s:{k}:translate:en", "s", k, "zh", "en", f"t{k}", "none",
-                                                       now_ms(), 30_000, 60_000, rng.getrandbits(30)))
+            job_id, job_key, node = in_flight.pop(rng.randrange(len(in_flight)))
+            run_sync(client, scripts, lua.complete(job_id, job_key, node, 1, True, now_ms()))
+        job_key = f"s:{k}:translate:en"
+        reply = run_sync(client, scripts, lua.dispatch(job_key, str(k), "s", k, "zh", "en", f"t{k}", "none",
+                                                       now_ms(), 30_000, 60_000, rng.getrandbits(30), candidates))
         job_id, node = str(reply[1]), reply[2]
         per_node[node] += 1
-        in_flight.append((job_id, node))
+        in_flight.append((job_id, job_key, node))
     client.close()
     counts = list(per_node.values())
     mean = statistics.mean(counts)
@@ -70,11 +73,13 @@ def balance(url: str, jobs: int, nodes: int = 8, max_jobs: int = 4, window: int 
 
 def raw_pairs(url: str, pairs: int) -> float:
     client, scripts = setup_nodes(url, 8, 10_000)
+    candidates = lua.read_candidates(client, "zh", "en")
     start = time.perf_counter()
     for k in range(pairs):
-        reply = run_sync(client, scripts, lua.dispatch(f"r:{k}:translate:en", "r", k, "zh", "en", "t", "none",
-                                                       now_ms(), 30_000, 60_000, k))
-        run_sync(client, scripts, lua.complete(str(reply[1]), reply[2], 1, True, now_ms()))
+        job_key = f"r:{k}:translate:en"
+        reply = run_sync(client, scripts, lua.dispatch(job_key, f"r{k}", "r", k, "zh", "en", "t", "none",
+                                                       now_ms(), 30_000, 60_000, k, candidates))
+        run_sync(client, scripts, lua.complete(str(reply[1]), job_key, reply[2], 1, True, now_ms()))
     elapsed = time.perf_counter() - start
     client.close()
     return pairs / elapsed
@@ -85,12 +90,13 @@ async def adapter_pairs(url: str, pairs: int, concurrency: int, pool_size: int) 
     counter = itertools.count()
     async with RedisAdapter(url, pool_size=pool_size) as a:
         await a.load_scripts()
+        scheduling = SchedulingClient(a)
 
         async def worker():
             while (k := next(counter)) < pairs:
-                reply = await a.script(*lua.dispatch(f"a:{k}:translate:en", "a", k, "zh", "en", "t", "none",
-                                                     now_ms(), 30_000, 60_000, k))
-                await a.script(*lua.complete(str(reply[1]), reply[2], 1, True, now_ms()))
+                job_key = f"a:{k}:translate:en"
+                reply = await scheduling.dispatch(job_key, "a", k, "zh", "en", "t", "none", now_ms(), 30_000, 60_000, k)
+                await a.script(*lua.complete(str(reply[1]), job_key, reply[2], 1, True, now_ms()))
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:

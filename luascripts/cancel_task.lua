@@ -4,15 +4,18 @@
 -- to its node. A job that is finished, failed or cancelled is left as it is.
 -- Reply: {"OK", node_id, attempt} when cancelled (node_id "" for a waiting job),
 -- {"NOOP", status} otherwise (also for an unknown job, status "").
+-- Errors: JOBKEY_MISMATCH (KEYS[5] is not this job's job key: caller bug; nothing changed).
 --
--- KEYS[1] scheduler:job:{job_id}             hash
--- KEYS[2] scheduler:node:runtime:{node_id}   hash of the node holding the job
--- KEYS[3] scheduler:node:jobs:{node_id}      set of the node holding the job
--- KEYS[4] scheduler:leases                   zset
+-- KEYS[1] {scheduler}:job:<job_id>               hash
+-- KEYS[2] {scheduler}:node:runtime:<node_id>     hash of the node holding the job
+-- KEYS[3] {scheduler}:node:jobs:<node_id>        set of the node holding the job
+-- KEYS[4] {scheduler}:leases                   zset
+-- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s)
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
+local jobkey_key = KEYS[5]
 -- ARGV[1] now_ms, ARGV[2] job_id, ARGV[3] done_ttl_s (as in complete_task)
 local now_ms = ARGV[1]
 local job_id = ARGV[2]
@@ -20,12 +23,16 @@ local done_ttl_s = tonumber(ARGV[3])
 
 -- @include slots
 
-local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'jobkey_key')
+local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status')
 if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
 end
+local mapped = redis.call('GET', jobkey_key)
+if mapped and mapped ~= job_id then
+  return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
+end
 redis.call('HSET', job_key_hash, 'status', 'cancelled', 'finished_ts', now_ms)
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
-redis.call('EXPIRE', j[4], done_ttl_s)
+redis.call('EXPIRE', jobkey_key, done_ttl_s)
 release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job is in no set: no slot
 return {'OK', j[3] == 'dispatched' and j[1] or '', tonumber(j[2])}

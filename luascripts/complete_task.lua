@@ -4,16 +4,19 @@
 -- leases, and releases the node's slot exactly once (by job-set membership; never below
 -- zero). Completing a job that is not "dispatched" changes nothing.
 -- Reply: {"OK", session_id, job_key, utterance_index, tgt_lang}.
--- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED.
+-- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED, JOBKEY_MISMATCH (KEYS[5] is not
+-- this job's job key: caller bug; nothing changed).
 --
--- KEYS[1] scheduler:job:{job_id}              hash
--- KEYS[2] scheduler:node:runtime:{node_id}    hash of the answering node
--- KEYS[3] scheduler:node:jobs:{node_id}       set of the answering node
--- KEYS[4] scheduler:leases                    zset
+-- KEYS[1] {scheduler}:job:<job_id>                hash
+-- KEYS[2] {scheduler}:node:runtime:<node_id>      hash of the answering node
+-- KEYS[3] {scheduler}:node:jobs:<node_id>         set of the answering node
+-- KEYS[4] {scheduler}:leases                    zset
+-- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s)
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
+local jobkey_key = KEYS[5]
 -- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
 -- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone)
 local node_id = ARGV[1]
@@ -25,7 +28,7 @@ local done_ttl_s = tonumber(ARGV[6])
 
 -- @include slots
 
-local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang', 'jobkey_key')
+local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status', 'session_id', 'job_key', 'utterance_index', 'tgt_lang')
 if not j[1] then
   return redis.error_reply('UNKNOWN_JOB no such job')
 end
@@ -38,8 +41,12 @@ end
 if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
+local mapped = redis.call('GET', jobkey_key)
+if mapped and mapped ~= job_id then
+  return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
+end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
-redis.call('EXPIRE', j[8], done_ttl_s)
+redis.call('EXPIRE', jobkey_key, done_ttl_s)
 release_slot(runtime_key, jobs_key, leases_key, job_id)
 return {'OK', j[4], j[5], tonumber(j[6]), j[7]}

@@ -1,72 +1,75 @@
 -- dispatch_task: create the job for job_key at most once and place it on a node with a free slot.
 --
--- Idempotent on job_key: if the job exists its current placement is returned ("EXISTS").
--- Pool choice: the session's preferred_pool when it serves the pair, else every pool of the
--- lang pair. Node choice: the turn's affinity node if it is a candidate, online, fresh and has
--- a free slot; else the least-loaded (current_jobs / max_jobs) eligible node, ties broken by
--- ARGV rand (see lib/choose_node.lua). Takes one slot on the chosen node, adds the job to
--- the node's job set and its lease to the leases set.
+-- Idempotent on job_key: if a job exists for it, nothing changes and its id is returned
+-- ("EXISTS"). Otherwise the job is created under the id the caller allocated (blocks of
+-- {scheduler}:job:id_seq, see scheduler/scheduling.py), so that its hash is a declared key.
+-- Pool and node choice: lib/choose_node.lua (preferred pool, turn affinity, least loaded,
+-- ties by ARGV rand). Takes one slot on the chosen node, adds the job to the node's job set
+-- and its lease to the leases set.
 -- Session: current_turn_id and next_utterance_index (never lowered) follow the jobs created.
 -- Turn: turn_action "keep" (max_duration finalize) records the chosen node as the turn's
 -- affinity; "end" counts this job towards the end of the turn and deletes the turn key once
 -- turn_jobs jobs of the ending utterance have been placed.
 --
--- Reply: {"OK", job_id, node_id, attempt} or {"EXISTS", job_id, node_id, attempt, status}.
--- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE.
--- Note: pool members and node hashes are read by computed names (not in KEYS); this script
--- is for a single Redis server. See docs/redis.md.
+-- Reply: {"OK", job_id, node_id, attempt} or {"EXISTS", job_id}.
+-- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES (nothing
+-- changed: re-read the candidates and call again), JOB_ID_TAKEN (caller bug).
 --
--- KEYS[1] scheduler:jobkey:{job_key}      string -> job id
--- KEYS[2] scheduler:job:id_seq            counter
--- KEYS[3] scheduler:session:{session_id}  hash
--- KEYS[4] scheduler:turn:{turn_id}        hash
--- KEYS[5] scheduler:lang:{src}:{tgt}      hash pool -> "1"
--- KEYS[6] scheduler:leases                zset job id -> lease deadline (ms)
+-- KEYS[1] {scheduler}:jobkey:<job_key>      string -> job id
+-- KEYS[2] {scheduler}:job:<job_id>          hash of the job to create
+-- KEYS[3] {scheduler}:session:<session_id>  hash
+-- KEYS[4] {scheduler}:turn:<turn_id>        hash
+-- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
+-- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
+-- KEYS[7...] candidates, ARGV[15...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
-local id_seq_key = KEYS[2]
+local job = KEYS[2]
 local session_key = KEYS[3]
 local turn_key = KEYS[4]
 local lang_key = KEYS[5]
 local leases_key = KEYS[6]
 local job_key = ARGV[1]
-local session_id = ARGV[2]
-local utterance_index = ARGV[3]
-local src_lang = ARGV[4]
-local tgt_lang = ARGV[5]
-local turn_id = ARGV[6]
-local turn_action = ARGV[7]
-local now_ms = tonumber(ARGV[8])
-local lease_ms = tonumber(ARGV[9])
-local node_ttl_ms = tonumber(ARGV[10])
-local key_ttl_s = tonumber(ARGV[11])
-local rand = tonumber(ARGV[12])
-local turn_jobs = tonumber(ARGV[13])
-local prefix = ARGV[14]
+local job_id = ARGV[2]
+local session_id = ARGV[3]
+local utterance_index = ARGV[4]
+local src_lang = ARGV[5]
+local tgt_lang = ARGV[6]
+local turn_id = ARGV[7]
+local turn_action = ARGV[8]
+local now_ms = tonumber(ARGV[9])
+local lease_ms = tonumber(ARGV[10])
+local node_ttl_ms = tonumber(ARGV[11])
+local key_ttl_s = tonumber(ARGV[12])
+local rand = tonumber(ARGV[13])
+local turn_jobs = tonumber(ARGV[14])
 
 -- @include choose_node
 -- @include slots
 
-local function job_hash(id) return prefix .. ':job:{' .. id .. '}' end
-
 local existing = redis.call('GET', jobkey_key)
 if existing then
-  local j = redis.call('HMGET', job_hash(existing), 'node_id', 'attempt', 'status')
-  return {'EXISTS', existing, j[1] or '', tonumber(j[2] or '0'), j[3] or ''}
+  return {'EXISTS', existing}
+end
+if redis.call('EXISTS', job) == 1 then
+  return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local chosen, err = choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, '')
+local pools, nodes = declared_candidates(6, 14)
+local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
+local chosen
+if list then
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '')
+end
 if not chosen then
   return redis.error_reply(err .. ' ' .. src_lang .. '->' .. tgt_lang)
 end
 
-local job_id = tostring(redis.call('INCR', id_seq_key))
-take_slot(prefix, chosen, job_id, leases_key, now_ms + lease_ms)
-local job = job_hash(job_id)
+take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
 redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
   'session_id', session_id, 'utterance_index', utterance_index,
   'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
-  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'jobkey_key', jobkey_key)
+  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms)
 redis.call('EXPIRE', job, key_ttl_s)
 -- leases of jobs nobody will complete (their instance died long ago) do not pile up
 redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)

@@ -2,8 +2,8 @@
 --
 -- Reply: {"OK", current_jobs}. Errors: UNKNOWN_NODE (never registered, or its info expired).
 --
--- KEYS[1] scheduler:node:info:{node_id}     hash
--- KEYS[2] scheduler:node:runtime:{node_id}  hash
+-- KEYS[1] {scheduler}:node:info:<node_id>     hash
+-- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
 -- ARGV[1] now_ms, ARGV[2] load_json, ARGV[3] key TTL (s) of the node's keys (refreshed here)

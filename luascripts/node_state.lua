@@ -4,7 +4,7 @@
 -- stale instance cannot take a node offline that has since reconnected elsewhere.
 -- Reply: {"OK"} or {"NOT_OWNER", current_owner}.
 --
--- KEYS[1] scheduler:node:info:{node_id}  hash
+-- KEYS[1] {scheduler}:node:info:<node_id>  hash
 local info_key = KEYS[1]
 -- ARGV[1] owner instance id, ARGV[2] online ("0"/"1"), ARGV[3] draining ("0"/"1")
 local owner = ARGV[1]

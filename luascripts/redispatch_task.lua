@@ -9,15 +9,17 @@
 -- refused by complete_task (NODE_MISMATCH / STALE_ATTEMPT).
 --
 -- Reply: {"OK", job_id, node_id, attempt} or {"NOOP", status, attempt}.
--- Errors: UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE (job left waiting).
+-- Errors: UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE (job left waiting),
+-- STALE_CANDIDATES (nothing changed: re-read the candidates and call again).
 --
--- KEYS[1] scheduler:job:{job_id}                 hash
--- KEYS[2] scheduler:node:runtime:{old_node_id}   hash of the node it leaves
--- KEYS[3] scheduler:node:jobs:{old_node_id}      set of the node it leaves
--- KEYS[4] scheduler:leases                       zset
--- KEYS[5] scheduler:session:{session_id}         hash
--- KEYS[6] scheduler:turn:{turn_id}               hash
--- KEYS[7] scheduler:lang:{src}:{tgt}             hash pool -> "1"
+-- KEYS[1] {scheduler}:job:<job_id>                 hash
+-- KEYS[2] {scheduler}:node:runtime:<old_node_id>   hash of the node it leaves
+-- KEYS[3] {scheduler}:node:jobs:<old_node_id>      set of the node it leaves
+-- KEYS[4] {scheduler}:leases                       zset
+-- KEYS[5] {scheduler}:session:<session_id>         hash
+-- KEYS[6] {scheduler}:turn:<turn_id>               hash
+-- KEYS[7] {scheduler}:lang:<src>:<tgt>             hash pool -> "1"
+-- KEYS[8...] candidates, ARGV[8...] their counts and names (lib/choose_node.lua)
 local job_hash_key = KEYS[1]
 local old_runtime_key = KEYS[2]
 local old_jobs_key = KEYS[3]
@@ -26,15 +28,14 @@ local session_key = KEYS[5]
 local turn_key = KEYS[6]
 local lang_key = KEYS[7]
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms,
--- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] prefix, ARGV[8] old node id
+-- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] old node id
 local job_id = ARGV[1]
 local expected_attempt = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
 local lease_ms = tonumber(ARGV[4])
 local node_ttl_ms = tonumber(ARGV[5])
 local rand = tonumber(ARGV[6])
-local prefix = ARGV[7]
-local old_node = ARGV[8]
+local old_node = ARGV[7]
 
 -- @include choose_node
 -- @include slots
@@ -47,16 +48,24 @@ local attempt = tonumber(j[2])
 if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
   return {'NOOP', j[3], attempt}
 end
+local pools, nodes = declared_candidates(7, 7)
+local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
+if err == 'STALE_CANDIDATES' then
+  return redis.error_reply(err .. ' job ' .. job_id)
+end
 if j[3] == 'dispatched' then
   release_slot(old_runtime_key, old_jobs_key, leases_key, job_id)
   redis.call('HSET', job_hash_key, 'status', 'waiting', 'left_node_id', j[1])
 end
 
-local chosen, err = choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, old_node)
+local chosen
+if list then
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node)
+end
 if not chosen then
   return redis.error_reply(err .. ' no node to take job ' .. job_id)
 end
-take_slot(prefix, chosen, job_id, leases_key, now_ms + lease_ms)
+take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
 redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
   'lease_deadline_ts', now_ms + lease_ms)
 return {'OK', job_id, chosen, attempt + 1}

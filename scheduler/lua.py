@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+
 from . import keys
 
 Call = tuple[str, list[str], list[Any]]
@@ -35,38 +37,68 @@ def node_state(node_id: str, owner: str, *, online: bool, draining: bool) -> Cal
     return "node_state", [keys.node_info(node_id)], [owner, "1" if online else "0", "1" if draining else "0"]
 
 
-def dispatch(job_key: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str, turn_action: str,
-             now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, turn_jobs: int = 1) -> Call:
+@attrs.frozen
+class Candidates:
+    """The pools of a language pair and their member nodes, as the caller last read them.
+
+    dispatch_task and redispatch_task take these as declared keys (Redis Cluster: a script
+    touches only keys named in KEYS). When Redis knows more than this (a node registered
+    since), the script fails with STALE_CANDIDATES and the caller reads them again.
+    """
+
+    pools: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+
+    def keys(self) -> list[str]:
+        return [keys.pool_members(p) for p in self.pools] + [
+            k for n in self.nodes for k in (keys.node_info(n), keys.node_runtime(n), keys.node_jobs(n))]
+
+    def args(self) -> list[Any]:
+        return [len(self.pools), len(self.nodes), *self.pools, *self.nodes]
+
+
+def read_candidates(client: Any, src: str, tgt: str) -> Candidates:
+    """Read the pools of ``src -> tgt`` and their members with a synchronous redis-py client
+    (tests, benchmarks). The daemon reads them through the adapter (scheduling.py)."""
+    pools = sorted(client.hkeys(keys.lang_pools(src, tgt)))
+    members = {m for pool in pools for m in client.smembers(keys.pool_members(pool))}
+    return Candidates(tuple(pools), tuple(sorted(members)))
+
+
+def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
+             turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates,
+             turn_jobs: int = 1) -> Call:
     return (
         "dispatch_task",
-        [keys.jobkey(job_key), keys.job_id_seq(), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
-         keys.leases()],
-        [job_key, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
-         keys.KEY_TTL_S, rand, turn_jobs, keys.PREFIX],
+        [keys.jobkey(job_key), keys.job(job_id), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
+         keys.leases(), *candidates.keys()],
+        [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
+         keys.KEY_TTL_S, rand, turn_jobs, *candidates.args()],
     )
 
 
 def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: str, turn_id: str, src: str, tgt: str,
-               now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int) -> Call:
+               now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates) -> Call:
     return (
         "redispatch_task",
         [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
-         keys.turn(turn_id), keys.lang_pools(src, tgt)],
-        [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, keys.PREFIX, old_node],
+         keys.turn(turn_id), keys.lang_pools(src, tgt), *candidates.keys()],
+        [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, *candidates.args()],
     )
 
 
-def complete(job_id: str, node_id: str, attempt: int, ok: bool, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
+def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, now_ms: int,
+             done_ttl_s: int = keys.DONE_TTL_S) -> Call:
     return (
         "complete_task",
-        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
+        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key)],
         [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s],
     )
 
 
-def cancel(job_id: str, node_id: str, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
+def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
     return (
         "cancel_task",
-        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases()],
+        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key)],
         [now_ms, job_id, done_ttl_s],
     )

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import lua, wsutil
+from . import keys, lua, wsutil
 from .logs import event
 from .metrics import Metrics
 from .protocol import (
@@ -38,7 +38,7 @@ from .protocol import (
     Translation,
     parse_node,
 )
-from .redis_adapter import RedisUnavailable, ScriptError, now_ms
+from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, now_ms
 from .session import JobOutcome
 
 log = logging.getLogger("scheduler.node_gateway")
@@ -220,7 +220,13 @@ class NodeGateway(wsutil.Gateway):
 
     async def _job_result(self, conn: NodeConnection, msg: JobResult) -> None:
         try:
-            reply = await self._redis.script(*lua.complete(msg.job_id, conn.node_id, msg.attempt, msg.status == "ok", now_ms()))
+            # complete_task declares the job key too; jobs placed elsewhere (or before a restart
+            # of this instance's memory) are looked up in the job hash
+            job_key = self._dispatcher.job_key_of(msg.job_id) or await self._redis.command("HGET", keys.job(msg.job_id), "job_key")
+            if job_key is None:
+                raise UnknownJob(f"UNKNOWN_JOB {msg.job_id}")
+            reply = await self._redis.script(*lua.complete(msg.job_id, job_key, conn.node_id, msg.attempt, msg.status == "ok",
+                                                           now_ms()))
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
             event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)

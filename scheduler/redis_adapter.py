@@ -69,10 +69,14 @@ StaleAttempt = _error("STALE_ATTEMPT")
 UnknownJob = _error("UNKNOWN_JOB")
 AlreadyCompleted = _error("ALREADY_COMPLETED")
 UnknownNode = _error("UNKNOWN_NODE")
+StaleCandidates = _error("STALE_CANDIDATES")
+JobIdTaken = _error("JOB_ID_TAKEN")
+JobkeyMismatch = _error("JOBKEY_MISMATCH")
 
 SCRIPT_ERRORS: dict[str, type[ScriptError]] = {
     cls.code: cls
-    for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted, UnknownNode)
+    for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted, UnknownNode,
+                StaleCandidates, JobIdTaken, JobkeyMismatch)
 }
 
 
@@ -82,7 +86,8 @@ def _map_error(exc: BaseException) -> BaseException:
         cls = SCRIPT_ERRORS.get(text.split(" ", 1)[0])
         if cls is not None:
             return cls(text)
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | redis.exceptions.ClusterDownError
+                  | redis.exceptions.ClusterError | OSError):
         return RedisUnavailable(str(exc) or type(exc).__name__)
     return exc
 
@@ -114,6 +119,8 @@ def load_script_sources() -> dict[str, str]:
 
 # ---------------------------------------------------------------- the adapter
 
+_KEYLESS = {"PING", "INFO", "DBSIZE", "TIME"}
+
 
 @attrs.define(eq=False)
 class _Call:
@@ -140,16 +147,11 @@ class RedisAdapter:
         self.url = url
         self.pool_size = pool_size
         self.batch_max = batch_max
-        self._client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(socket_timeout, 2.0),
-            max_connections=pool_size + 4,
-        )
-        self._scripts: dict[str, Script] = {
-            name: self._client.register_script(src) for name, src in load_script_sources().items()
-        }
+        self._socket_timeout = socket_timeout
+        self._sources = load_script_sources()
+        self._client: Any = None  # redis.Redis or redis.RedisCluster, made on entry
+        self._scripts: dict[str, Script] = {}
+        self.cluster = False
         self._limiter = trio.CapacityLimiter(pool_size)
         # Close semantics: __aexit__ closes the send side; batchers drain what is queued,
         # then exit. Capacity bounds the calls waiting for a batch.
@@ -157,12 +159,31 @@ class RedisAdapter:
         self.calls_total = 0
         self.batches_total = 0
 
+    def _connect_sync(self) -> None:
+        """Make the client: a RedisCluster when the server says ``cluster_enabled:1``, else a
+        plain Redis. A server that cannot be reached now is taken as a single server (calls
+        raise RedisUnavailable until it is back)."""
+        options = dict(decode_responses=True, socket_timeout=self._socket_timeout,
+                       socket_connect_timeout=min(self._socket_timeout, 2.0), max_connections=self.pool_size + 4)
+        client = redis.Redis.from_url(self.url, **options)
+        try:
+            self.cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            self.cluster = False
+        if self.cluster:
+            client.close()
+            client = redis.RedisCluster.from_url(self.url, **options)
+        self._client = client
+        self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
+        event(log, "redis_connected", url=self.url, cluster=self.cluster)
+
     @property
     def script_names(self) -> list[str]:
-        return sorted(self._scripts)
+        return sorted(self._sources)
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[RedisAdapter]:
+        await trio.to_thread.run_sync(self._connect_sync, limiter=self._limiter)
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.pool_size):
@@ -172,7 +193,8 @@ class RedisAdapter:
                 finally:
                     self._send.close()  # batchers finish what is queued, then return
         finally:
-            self._client.close()
+            if self._client is not None:
+                self._client.close()
 
     async def __aenter__(self) -> RedisAdapter:
         self._cm = self._running()
@@ -185,7 +207,7 @@ class RedisAdapter:
 
     async def script(self, name: str, keys: list[str] | tuple[str, ...], args: list[Any] | tuple[Any, ...]) -> Any:
         """Run script ``name`` by SHA with ``keys`` and ``args``; raises ScriptError/RedisUnavailable."""
-        if name not in self._scripts:
+        if name not in self._sources:
             raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
         return await self._submit(_Call(script=name, args=(*keys, *args), nkeys=len(keys)))
 
@@ -243,6 +265,8 @@ class RedisAdapter:
             self._client.script_load(script.script)
 
     def _run_pipeline(self, calls: list[_Call]) -> list[Any]:
+        if self.cluster:
+            return self._run_cluster_pipeline(calls)
         pipe = self._client.pipeline(transaction=False)
         for call in calls:
             if call.script is None:
@@ -250,6 +274,29 @@ class RedisAdapter:
             else:
                 pipe.evalsha(self._scripts[call.script].sha, call.nkeys, *call.args)
         return pipe.execute(raise_on_error=False)
+
+    def _run_cluster_pipeline(self, calls: list[_Call]) -> list[Any]:
+        """A ClusterPipeline groups the calls by the node owning their slot (and follows
+        MOVED/ASK). Commands without a key (PING) cannot be routed in it: they run alone."""
+        pipe = self._client.pipeline()
+        keyed: list[int] = []
+        results: list[Any] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            if call.script is not None:
+                pipe.execute_command("EVALSHA", self._scripts[call.script].sha, call.nkeys, *call.args)
+                keyed.append(i)
+            elif call.args[0].upper() in _KEYLESS:
+                try:
+                    results[i] = self._client.execute_command(*call.args)
+                except redis.exceptions.RedisError as exc:
+                    results[i] = exc
+            else:
+                pipe.execute_command(*call.args)
+                keyed.append(i)
+        if keyed:
+            for i, result in zip(keyed, pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        return results
 
     def _execute_sync(self, batch: list[_Call]) -> None:
         """Worker thread: one pipeline; NOSCRIPT -> load scripts and retry those calls once."""

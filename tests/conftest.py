@@ -7,13 +7,14 @@ import functools
 import os
 
 import pytest
-import redis
 import trio
 from hypothesis import HealthCheck, settings
 
 from scheduler.config import Settings
-from scheduler.embedded_redis import EmbeddedValkey
+from scheduler.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
 from scheduler.server import serve
+
+from .helpers import connect
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -32,18 +33,44 @@ def valkey_url():
         server.stop()
 
 
-@pytest.fixture
-def redis_url(valkey_url):
-    """The shared Valkey, emptied for this test."""
-    client = redis.Redis.from_url(valkey_url)
-    client.flushall()
+@pytest.fixture(scope="session")
+def valkey_cluster_url():
+    """A real 3-master Valkey cluster (same binary), started the first time a test asks for it."""
+    cluster = EmbeddedValkeyCluster(masters=3)
+    url = cluster.start()
+    try:
+        yield url
+    finally:
+        cluster.stop()
+
+
+def _flushed(url: str) -> str:
+    client = connect(url)
+    client.flushall()  # RedisCluster: on every primary
     client.close()
-    return valkey_url
+    return url
+
+
+@pytest.fixture
+def flushed_single_url(valkey_url):
+    return _flushed(valkey_url)
+
+
+@pytest.fixture
+def flushed_cluster_url(valkey_cluster_url):
+    return _flushed(valkey_cluster_url)
+
+
+@pytest.fixture
+def redis_url(flushed_single_url):
+    """The shared Valkey, emptied for this test. (Script tests override this to run on both
+    a single server and the cluster.)"""
+    return flushed_single_url
 
 
 @pytest.fixture
 def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = connect(redis_url, decode_responses=True)
     yield client
     client.close()
 

@@ -10,6 +10,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from scheduler import keys
 from scheduler.refnode import NodeFatal, NodeOptions, ReferenceNode
 
 from .helpers import SPEECH_100MS, peer, session, speak, start_node
@@ -276,11 +277,11 @@ async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_
             await s.send(type="finalize")
             job = await node.recv()
             assert job["type"] == "job_assign"
-            assert redis_client.hget("scheduler:node:runtime:{n1}", "current_jobs") == "1"
+            assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "1"
         cancel = await node.recv()  # the client went away: the answer is no longer wanted
         assert cancel == {"type": "job_cancel", "job_id": job["job_id"], "attempt": 1}
-        assert redis_client.hget("scheduler:node:runtime:{n1}", "current_jobs") == "0"
-        assert redis_client.hget(f"scheduler:job:{{{job['job_id']}}}", "status") == "cancelled"
+        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"
+        assert redis_client.hget(keys.job(job["job_id"]), "status") == "cancelled"
         # a late answer for the cancelled job is refused, not delivered anywhere
         await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="late")
         with trio.fail_after(5):
@@ -342,3 +343,28 @@ async def test_rate_limit_paces_a_flood_and_loses_nothing(start_daemon, nursery)
         fin, _ = await s.recv_until("utterance_finalized", timeout=15)
         assert fin["audio_ms"] == 4000  # every frame, one utterance
         assert trio.current_time() - start >= 1.0  # (40 + 2 messages - 20 burst) / 20 per second
+
+
+async def test_daemon_on_a_redis_cluster_dispatches_moves_and_answers(start_daemon, flushed_cluster_url):
+    """The whole path on a 3-master Valkey cluster: register, dispatch, node loss -> attempt 2
+    elsewhere, answer, result; /readyz and /status read the cluster too."""
+    daemon = await start_daemon(redis_url=flushed_cluster_url)
+    assert daemon.redis.cluster
+    async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
+        await n1.register("n1", max_jobs=2)
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            with trio.fail_after(5):
+                job = await n1.recv()  # the only node so far
+            await n2.register("n2", max_jobs=2)  # joins later: the cached candidates go stale
+            await n1.ws.aclose()
+            with trio.fail_after(5):
+                again = await n2.recv()
+            assert (again["type"], again["job_id"], again["attempt"]) == ("job_assign", job["job_id"], 2)
+            await n2.send(type="job_result", job_id=again["job_id"], attempt=2, status="ok", source_text="s", text="on a cluster")
+            result, _ = await s.recv_until("result")
+            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "on a cluster"
+            assert (await trio.to_thread.run_sync(http_get, daemon.admin_port, "/readyz"))[0] == 200
+            status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/status")
+            assert status == 200 and {n["node_id"] for n in json.loads(body)["nodes"]} == {"n1", "n2"}

@@ -1,4 +1,7 @@
-"""Each Lua script and its error paths, through the real adapter, against real Valkey."""
+"""Each Lua script and its error paths, through the real adapter, against real Valkey: a single
+server and a 3-master cluster (the ``redis_url`` fixture below runs every test on both)."""
+
+import re
 
 import pytest
 
@@ -6,15 +9,26 @@ from scheduler import keys, lua
 from scheduler.redis_adapter import (
     AlreadyCompleted,
     EmptyPool,
+    JobIdTaken,
+    JobkeyMismatch,
     NoAvailableNode,
     NodeMismatch,
     NoPoolForLangPair,
     RedisAdapter,
     StaleAttempt,
+    StaleCandidates,
     UnknownJob,
     UnknownNode,
+    load_script_sources,
     now_ms,
 )
+from scheduler.scheduling import SchedulingClient
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request):
+    """Every test here runs on one Valkey and on a 3-master Valkey cluster, both emptied."""
+    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
 
 
 @pytest.fixture
@@ -29,20 +43,25 @@ async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, ow
 
 
 async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
-    return await a.script(*lua.dispatch(job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000, 6000, rand,
-                                        turn_jobs))
+    return await SchedulingClient(a, id_block=1).dispatch(job_key, session_id, 0, src, tgt, turn_id, turn_action, now_ms(), 30000,
+                                                          6000, rand, turn_jobs)
+
+
+async def job_key_of(a, job_id):
+    return await a.command("HGET", keys.job(job_id), "job_key") or "unknown"
 
 
 async def complete(a, job_id, node_id, attempt=1, status="finished"):
-    return await a.script(*lua.complete(job_id, node_id, attempt, status == "finished", now_ms()))
+    return await a.script(*lua.complete(job_id, await job_key_of(a, job_id), node_id, attempt, status == "finished", now_ms()))
 
 
 async def cancel(a, job_id, node_id):
-    return await a.script(*lua.cancel(job_id, node_id, now_ms()))
+    return await a.script(*lua.cancel(job_id, await job_key_of(a, job_id), node_id, now_ms()))
 
 
 async def redispatch(a, job_id, old_node, attempt, turn_id="t1", src="zh", tgt="en", session_id="s1", rand=0):
-    return await a.script(*lua.redispatch(job_id, old_node, attempt, session_id, turn_id, src, tgt, now_ms(), 30000, 6000, rand))
+    return await SchedulingClient(a).redispatch(job_id, old_node, attempt, session_id, turn_id, src, tgt, now_ms(), 30000, 6000,
+                                                rand)
 
 
 def slots(redis_client, node_id):
@@ -84,7 +103,7 @@ async def test_dispatch_is_idempotent_per_job_key(adapter, redis_client):
     await register(adapter, "n1", max_jobs=4)
     first = await dispatch(adapter, "s1:0:translate:en")
     again = await dispatch(adapter, "s1:0:translate:en")
-    assert first[0] == "OK" and again[:4] == ["EXISTS", first[1], "n1", 1]
+    assert first[0] == "OK" and again == ["EXISTS", first[1]]
     assert slots(redis_client, "n1") == 1
     job = redis_client.hgetall(keys.job(first[1]))
     assert job["status"] == "dispatched" and job["job_key"] == "s1:0:translate:en" and job["attempt"] == "1"
@@ -204,3 +223,64 @@ async def test_cancel_releases_once(adapter, redis_client):
     assert slots(redis_client, "a") == 0
     with pytest.raises(AlreadyCompleted):
         await complete(adapter, job_id, "a")
+
+
+async def test_undeclared_candidates_are_refused_then_refreshed(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    client = SchedulingClient(adapter)
+    cached = await client.candidates("zh", "en")
+    assert cached == lua.Candidates(("zh-en",), ("a",))
+    await register(adapter, "b", max_jobs=4)  # joins after the read: not declared
+    call = lua.dispatch("k0", "1", "s1", 0, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0, cached)
+    with pytest.raises(StaleCandidates):
+        await adapter.script(*call)
+    assert not redis_client.exists(keys.job("1")) and slots(redis_client, "a") == 0  # nothing changed
+    # the client re-reads and retries: both nodes are candidates now, the empty one wins
+    placed = [(await client.dispatch(f"k{i}", "s1", i, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0))[2] for i in range(2)]
+    assert sorted(placed) == ["a", "b"] and client.candidate_refreshes == 2
+
+
+async def test_job_ids_come_in_blocks_and_are_never_reused(adapter, redis_client):
+    await register(adapter, "a", max_jobs=8)
+    first, second = SchedulingClient(adapter, id_block=3), SchedulingClient(adapter, id_block=3)
+    ids = [await c.next_job_id() for c in (first, second, first, second, first, second, first)]
+    assert len(set(ids)) == 7 and int(redis_client.get(keys.job_id_seq())) == 9
+    job_id = (await dispatch(adapter, "k0"))[1]
+    call = lua.dispatch("k1", job_id, "s1", 1, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0, lua.Candidates(("zh-en",), ("a",)))
+    with pytest.raises(JobIdTaken):
+        await adapter.script(*call)
+
+
+async def test_complete_and_cancel_refuse_a_foreign_job_key(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    one = (await dispatch(adapter, "k0"))[1]
+    await dispatch(adapter, "k1")
+    with pytest.raises(JobkeyMismatch):
+        await adapter.script(*lua.complete(one, "k1", "a", 1, True, now_ms()))
+    with pytest.raises(JobkeyMismatch):
+        await adapter.script(*lua.cancel(one, "k1", "a", now_ms()))
+    assert slots(redis_client, "a") == 2 and redis_client.ttl(keys.jobkey("k1")) > 1000
+
+
+def test_scripts_never_compute_a_key_name():
+    """Redis Cluster: every key a script touches is one of its KEYS. So no script builds a key
+    name: no ARGV prefix, and the key argument of every redis.call is a plain variable, a
+    table field (declared candidates) or KEYS[...], never a concatenation or a call."""
+    call = re.compile(r"redis\.call\('(\w+)',\s*([^,)]+)")
+    for name, source in load_script_sources().items():
+        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("--"))
+        assert "prefix" not in code, name
+        for command, key in call.findall(code):
+            assert re.fullmatch(r"[\w.]+(\[[\w +*()-]+\])?(\.\w+)?", key.strip()), (name, command, key)
+            assert ".." not in key and "(" not in key, (name, command, key)
+
+
+async def test_backend_is_what_the_parameter_says(adapter, request):
+    """The cluster runs really go through RedisCluster, to all three masters' slots."""
+    cluster = request.node.callspec.params["redis_url"] == "cluster"
+    assert adapter.cluster is cluster
+    if cluster:
+        # keys of other tags live on other masters and still work through the adapter
+        for tag in ("a", "b", "c", "d"):
+            await adapter.command("SET", f"{{{tag}}}probe", 1)
+        assert await adapter.command("CLUSTER", "KEYSLOT", keys.TAG) >= 0

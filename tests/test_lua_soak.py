@@ -23,19 +23,22 @@ def test_memory_flat_after_ten_thousand_jobs(redis_url):
     now = int(time.time() * 1000)
     for i in range(8):
         call(scripts, lua.register_node(f"n{i}", [("zh-en", "zh", "en")], 64, now, "soak"))
-    # warm up once so that lazily created keys (id sequence, leases) exist in the baseline
-    reply = call(scripts, lua.dispatch("warm:0:translate:en", "warm", 0, "zh", "en", "t", "none", now, 30_000, 60_000, 0))
-    call(scripts, lua.complete(str(reply[1]), reply[2], 1, True, now, done_ttl_s=1))
+    candidates = lua.read_candidates(r, "zh", "en")
+    # warm up once so that lazily created keys (leases) exist in the baseline
+    reply = call(scripts, lua.dispatch("warm:0:translate:en", "0", "warm", 0, "zh", "en", "t", "none", now, 30_000, 60_000, 0,
+                                       candidates))
+    call(scripts, lua.complete(str(reply[1]), "warm:0:translate:en", reply[2], 1, True, now, done_ttl_s=1))
     time.sleep(1.2)
     r.execute_command("SCAN", 0, "COUNT", 10_000)
     baseline_keys, baseline_mem = r.dbsize(), r.info("memory")["used_memory"]
 
     for k in range(10_000):
         now = int(time.time() * 1000)
-        reply = call(scripts, lua.dispatch(f"s{k % 50}:{k}:translate:en", f"s{k % 50}", k, "zh", "en", f"t{k}", "none",
-                                           now, 30_000, 60_000, k))
-        call(scripts, lua.complete(str(reply[1]), reply[2], 1, True, now, done_ttl_s=1))
-    assert int(r.get(keys.job_id_seq())) == 10_001  # every job was really created
+        job_key = f"s{k % 50}:{k}:translate:en"
+        reply = call(scripts, lua.dispatch(job_key, str(k + 1), f"s{k % 50}", k, "zh", "en", f"t{k}", "none", now, 30_000, 60_000,
+                                           k, candidates))
+        assert reply[0] == "OK"  # every job is really created
+        call(scripts, lua.complete(str(reply[1]), job_key, reply[2], 1, True, now, done_ttl_s=1))
 
     deadline = time.monotonic() + 15
     while r.dbsize() > baseline_keys + 50 and time.monotonic() < deadline:  # session hashes (TTL 1 h) remain

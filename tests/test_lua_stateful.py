@@ -15,6 +15,7 @@ At the end every job is completed or cancelled and every slot is free.
 
 from __future__ import annotations
 
+import pytest
 import redis
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from scheduler import keys, lua
 from scheduler.redis_adapter import load_script_sources
+
+from .helpers import connect
 
 NODES = ["n0", "n1", "n2", "n3"]
 
@@ -31,8 +34,10 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.r = redis.Redis.from_url(self.url, decode_responses=True)
+        self.r = connect(self.url, decode_responses=True)
         self.r.flushall()
+        self.candidates = lua.Candidates()  # as last read; refreshed when a script says STALE_CANDIDATES
+        self.next_id = 0
         self.s = {name: self.r.register_script(src) for name, src in load_script_sources().items()}
         self.max_jobs: dict[str, int] = {}
         self.jobs: dict[str, dict] = {}  # job id -> {"key", "attempt", "node"} as the scripts said
@@ -55,13 +60,23 @@ class ScriptsMachine(RuleBasedStateMachine):
         except redis.exceptions.ResponseError as exc:
             return ["ERR", str(exc).split(" ", 1)[0]]
 
+    def _with_candidates(self, build):
+        """dispatch/redispatch with the candidates as last read: a stale read is refused and
+        changes nothing; read again, call again (as scheduling.SchedulingClient does)."""
+        reply = self._call(*build(self.candidates))
+        if reply[:2] == ["ERR", "STALE_CANDIDATES"]:
+            self.candidates = lua.read_candidates(self.r, "zh", "en")
+            reply = self._call(*build(self.candidates))
+            assert reply[:2] != ["ERR", "STALE_CANDIDATES"], "fresh candidates refused"
+        return reply
+
     def _register(self, node):
         self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
         node = job["node"] or "none"
-        reply = self._call(*lua.cancel(job_id, node, self.now))
+        reply = self._call(*lua.cancel(job_id, job["key"], node, self.now))
         if reply[0] == "OK":
             del self.jobs[job_id]
 
@@ -69,7 +84,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         job = self.jobs[job_id]
         old = job["node"] or "none"
         expected = job["attempt"] if attempt is None else attempt
-        reply = self._call(*lua.redispatch(job_id, old, expected, "s", "t", "zh", "en", self.now, 30_000, 6_000, 7))
+        reply = self._with_candidates(
+            lambda c: lua.redispatch(job_id, old, expected, "s", "t", "zh", "en", self.now, 30_000, 6_000, 7, c))
         if reply[0] == "OK":
             assert reply[3] == job["attempt"] + 1 and reply[2] != old, reply
             job.update(attempt=reply[3], node=reply[2])
@@ -114,7 +130,10 @@ class ScriptsMachine(RuleBasedStateMachine):
         else:
             key = f"s:{self.next_key}:translate:en"
             self.next_key += 1
-        reply = self._call(*lua.dispatch(key, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand))
+        self.next_id += 1
+        job_id = str(self.next_id)
+        reply = self._with_candidates(
+            lambda c: lua.dispatch(key, job_id, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand, c))
         if reply[0] == "OK":
             assert key not in {j["key"] for j in self.jobs.values()}, "a second job for one key"
             self.jobs[str(reply[1])] = {"key": key, "attempt": reply[3], "node": reply[2]}
@@ -132,7 +151,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if wrong_node:
             node = next(n for n in NODES if n != node)
         attempt = job["attempt"] - 1 if old_attempt else job["attempt"]
-        reply = self._call(*lua.complete(job_id, node, attempt, ok, self.now))
+        reply = self._call(*lua.complete(job_id, job["key"], node, attempt, ok, self.now))
         right = not wrong_node and not old_attempt and job["node"] is not None
         if right:
             assert reply[0] == "OK", reply
@@ -183,6 +202,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         assert leased == set().union(*dispatched.values()) if dispatched else not leased
 
 
-def test_lua_scripts_state_machine(redis_url):
-    ScriptsMachine.url = redis_url
+@pytest.mark.parametrize("backend", ["single", "cluster"])
+def test_lua_scripts_state_machine(backend, request):
+    ScriptsMachine.url = request.getfixturevalue("flushed_cluster_url" if backend == "cluster" else "flushed_single_url")
     run_state_machine_as_test(ScriptsMachine, settings=settings(stateful_step_count=40))

@@ -11,10 +11,13 @@ import random
 import threading
 import time
 
+import pytest
 import redis
 
 from scheduler import keys, lua
 from scheduler.redis_adapter import load_script_sources
+
+from .helpers import connect
 
 NODES = {f"n{i}": 3 for i in range(4)}
 
@@ -40,30 +43,35 @@ def call(client, scripts, c):
         return ["ERR", str(exc).split(" ", 1)[0]]
 
 
-def test_sixteen_threads_keep_slots_exact(redis_url):
-    setup = redis.Redis.from_url(redis_url, decode_responses=True)
+@pytest.mark.parametrize("backend", ["single", "cluster"])
+def test_sixteen_threads_keep_slots_exact(backend, request):
+    redis_url = request.getfixturevalue("flushed_cluster_url" if backend == "cluster" else "flushed_single_url")
+    setup = connect(redis_url, decode_responses=True)
     scripts = {name: setup.register_script(src) for name, src in load_script_sources().items()}
     now = int(time.time() * 1000)
     for node, max_jobs in NODES.items():
         call(setup, scripts, lua.register_node(node, [("zh-en", "zh", "en")], max_jobs, now, "storm"))
+    candidates = lua.read_candidates(setup, "zh", "en")
     errors: list[BaseException] = []
     stats = {"placed": 0, "full": 0, "completed": 0, "cancelled": 0, "moved": 0, "refused": 0}
     lock = threading.Lock()
 
     def worker(w: int) -> None:
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        client = connect(redis_url, decode_responses=True)
         mine = {name: client.register_script(src) for name, src in load_script_sources().items()}
         rng = random.Random(w)
-        held: list[list] = []  # [job_id, node, attempt]
+        held: list[list] = []  # [job_id, node, attempt, job_key]
         try:
             for k in range(150):
                 op = rng.random()
                 if op < 0.45 or not held:
-                    reply = call(client, mine, lua.dispatch(f"w{w}:{k}:translate:en", f"w{w}", k, "zh", "en", "t", "none",
-                                                            int(time.time() * 1000), 30_000, 60_000, rng.getrandbits(20)))
+                    job_key = f"w{w}:{k}:translate:en"
+                    reply = call(client, mine, lua.dispatch(job_key, f"w{w}.{k}", f"w{w}", k, "zh", "en", "t", "none",
+                                                            int(time.time() * 1000), 30_000, 60_000, rng.getrandbits(20),
+                                                            candidates))
                     with lock:
                         if reply[0] == "OK":
-                            held.append([str(reply[1]), reply[2], 1])
+                            held.append([str(reply[1]), reply[2], 1, job_key])
                             stats["placed"] += 1
                         else:
                             assert reply[1] == "NO_AVAILABLE_NODE", reply
@@ -73,7 +81,7 @@ def test_sixteen_threads_keep_slots_exact(redis_url):
                 if op < 0.75:
                     wrong = rng.random() < 0.2
                     node = next(n for n in NODES if n != job[1]) if wrong else job[1]
-                    reply = call(client, mine, lua.complete(job[0], node, job[2], True, int(time.time() * 1000)))
+                    reply = call(client, mine, lua.complete(job[0], job[3], node, job[2], True, int(time.time() * 1000)))
                     if wrong:
                         assert reply == ["ERR", "NODE_MISMATCH"], reply
                         stats["refused"] += 1
@@ -83,21 +91,22 @@ def test_sixteen_threads_keep_slots_exact(redis_url):
                         stats["completed"] += 1
                 elif op < 0.9:
                     reply = call(client, mine, lua.redispatch(job[0], job[1], job[2], f"w{w}", "t", "zh", "en",
-                                                              int(time.time() * 1000), 30_000, 60_000, rng.getrandbits(20)))
+                                                              int(time.time() * 1000), 30_000, 60_000, rng.getrandbits(20),
+                                                              candidates))
                     if reply[0] == "OK":
                         job[1], job[2] = reply[2], reply[3]
                         stats["moved"] += 1
                     else:  # no other node free: the job waits; cancel it to keep going
                         assert reply == ["ERR", "NO_AVAILABLE_NODE"], reply
-                        assert call(client, mine, lua.cancel(job[0], job[1], 0))[0] == "OK"
+                        assert call(client, mine, lua.cancel(job[0], job[3], job[1], 0))[0] == "OK"
                         held.remove(job)
                         stats["cancelled"] += 1
                 else:
-                    assert call(client, mine, lua.cancel(job[0], job[1], 0)) == ["OK", job[1], job[2]]
+                    assert call(client, mine, lua.cancel(job[0], job[3], job[1], 0)) == ["OK", job[1], job[2]]
                     held.remove(job)
                     stats["cancelled"] += 1
             for job in held:
-                assert call(client, mine, lua.complete(job[0], job[1], job[2], True, 0))[0] == "OK"
+                assert call(client, mine, lua.complete(job[0], job[3], job[1], job[2], True, 0))[0] == "OK"
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -107,7 +116,7 @@ def test_sixteen_threads_keep_slots_exact(redis_url):
     samples = []
 
     def checker() -> None:
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        client = connect(redis_url, decode_responses=True)
         node_keys = [k for n in NODES for k in (keys.node_runtime(n), keys.node_jobs(n), keys.node_info(n))]
         while not done.is_set():
             samples.append(client.eval(CONSISTENT, len(node_keys), *node_keys))

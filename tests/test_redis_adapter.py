@@ -55,7 +55,7 @@ async def test_scripts_reload_after_script_flush(redis_url):
     async with RedisAdapter(redis_url) as a:
         await a.load_scripts()
         await a.command("SCRIPT", "FLUSH")
-        reply = await a.script(*lua.cancel("1", "n", 0))
+        reply = await a.script(*lua.cancel("1", "k", "n", 0))
         assert reply == ["NOOP", ""]
 
 

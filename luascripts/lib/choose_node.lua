@@ -1,56 +1,88 @@
 -- choose_node (library, inlined where a script says "-- @include choose_node").
 --
--- choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, exclude)
--- Pool choice: the session's preferred_pool when it serves the pair, else every pool of the
--- lang pair. Node choice: the turn's affinity node if it is a candidate and eligible, else
--- the least-loaded (current_jobs / max_jobs) eligible node, ties broken by rand; the node
--- `exclude` (may be '') is never chosen. A node is eligible when online = 1, draining = 0,
--- its last heartbeat is at most node_ttl_ms old and current_jobs < max_jobs.
--- Returns the node id, or nil and an error code: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL,
--- NO_AVAILABLE_NODE.
-local function info_hash(prefix, node) return prefix .. ':node:info:{' .. node .. '}' end
-local function runtime_hash(prefix, node) return prefix .. ':node:runtime:{' .. node .. '}' end
+-- Every key a script touches is declared in KEYS (Redis Cluster: one slot, no computed key
+-- names). So the caller declares the candidates it knows of, after the script's fixed keys:
+--   KEYS: npools pool member-set keys, then 3 keys per node: info, runtime, jobs
+--   ARGV: npools, nnodes, the pool names, then the node ids
+-- and the script checks that what it needs is among them. When a pool of the lang pair or a
+-- member of such a pool was not declared (a node registered since the caller last looked),
+-- the script changes nothing and fails with STALE_CANDIDATES: the caller re-reads the pools
+-- and members and calls again. Extra declared nodes are ignored.
 
-local function choose_node(lang_key, session_key, turn_key, prefix, now_ms, node_ttl_ms, rand, exclude)
-  local pools
+-- declared_candidates(key_base, arg_base): {pool -> members key}, {node -> {info, runtime, jobs}}
+local function declared_candidates(key_base, arg_base)
+  local np, nn = tonumber(ARGV[arg_base + 1]), tonumber(ARGV[arg_base + 2])
+  local pools, nodes = {}, {}
+  for i = 1, np do
+    pools[ARGV[arg_base + 2 + i]] = KEYS[key_base + i]
+  end
+  for i = 1, nn do
+    local k = key_base + np + 3 * (i - 1)
+    nodes[ARGV[arg_base + 2 + np + i]] = {info = KEYS[k + 1], runtime = KEYS[k + 2], jobs = KEYS[k + 3]}
+  end
+  return pools, nodes
+end
+
+-- candidate_nodes(lang_key, session_key, pools, nodes): the node ids that may take a job of
+-- the pair, or nil and NO_POOL_FOR_LANG_PAIR / EMPTY_POOL / STALE_CANDIDATES. Read only.
+-- Pool choice: the session's preferred_pool when it serves the pair, else every pool of the pair.
+local function candidate_nodes(lang_key, session_key, pools, nodes)
+  local names
   local preferred = redis.call('HGET', session_key, 'preferred_pool')
   if preferred and preferred ~= '' and redis.call('HEXISTS', lang_key, preferred) == 1 then
-    pools = {preferred}
+    names = {preferred}
   else
-    pools = redis.call('HKEYS', lang_key)
+    names = redis.call('HKEYS', lang_key)
   end
-  if #pools == 0 then
+  if #names == 0 then
     return nil, 'NO_POOL_FOR_LANG_PAIR'
   end
-  local seen, candidates = {}, {}
-  for _, pool in ipairs(pools) do
-    for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':pool:{' .. pool .. '}:members')) do
+  local seen, list = {}, {}
+  for _, pool in ipairs(names) do
+    if not pools[pool] then
+      return nil, 'STALE_CANDIDATES'
+    end
+    for _, node in ipairs(redis.call('SMEMBERS', pools[pool])) do
       if not seen[node] then
+        if not nodes[node] then
+          return nil, 'STALE_CANDIDATES'
+        end
         seen[node] = true
-        candidates[#candidates + 1] = node
+        list[#list + 1] = node
       end
     end
   end
-  if #candidates == 0 then
+  if #list == 0 then
     return nil, 'EMPTY_POOL'
   end
+  return list
+end
+
+-- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude): the turn's affinity
+-- node if it is in list and eligible, else the least-loaded (current_jobs / max_jobs)
+-- eligible node, ties broken by rand; `exclude` (may be '') is never chosen. A node is
+-- eligible when online = 1, draining = 0, its last heartbeat is at most node_ttl_ms old and
+-- current_jobs < max_jobs. Returns the node id, or nil and NO_AVAILABLE_NODE.
+local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude)
   -- current_jobs and max_jobs of an eligible node, nil otherwise
   local function free_slots(node)
     if node == exclude then return nil end
-    local info = redis.call('HMGET', info_hash(prefix, node), 'online', 'draining', 'max_jobs', 'last_heartbeat_ts')
+    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts')
     if info[1] ~= '1' or info[2] == '1' then return nil end
     if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
     local max_jobs = tonumber(info[3] or '0')
-    local current = tonumber(redis.call('HGET', runtime_hash(prefix, node), 'current_jobs') or '0')
+    local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
     if current >= max_jobs then return nil end
     return current, max_jobs
   end
+  local in_list = {}
+  for _, node in ipairs(list) do in_list[node] = true end
   local affinity = redis.call('HGET', turn_key, 'affinity_node_id')
-  if affinity and seen[affinity] and free_slots(affinity) then
+  if affinity and in_list[affinity] and free_slots(affinity) then
     return affinity
   end
   local best, ties = math.huge, {}
-  for _, node in ipairs(candidates) do
+  for _, node in ipairs(list) do
     local current, max_jobs = free_slots(node)
     if current then
       local load = current / max_jobs

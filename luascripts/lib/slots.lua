@@ -1,13 +1,13 @@
 -- slots (library, inlined where a script says "-- @include slots").
 --
 -- A job holds a slot on its node exactly while it is in the node's job set
--- (scheduler:node:jobs:{node}); current_jobs moves only together with that set, so a slot
+-- ({scheduler}:node:jobs:<node>); current_jobs moves only together with that set, so a slot
 -- is taken once and released once, and current_jobs never goes below zero.
 
--- take_slot: the job is now held by node (slot, job set, lease).
-local function take_slot(prefix, node, job_id, leases_key, lease_deadline)
-  redis.call('HINCRBY', prefix .. ':node:runtime:{' .. node .. '}', 'current_jobs', 1)
-  redis.call('SADD', prefix .. ':node:jobs:{' .. node .. '}', job_id)
+-- take_slot: the job is now held by the node whose runtime hash and job set are given (slot, job set, lease).
+local function take_slot(runtime_key, jobs_key, job_id, leases_key, lease_deadline)
+  redis.call('HINCRBY', runtime_key, 'current_jobs', 1)
+  redis.call('SADD', jobs_key, job_id)
   redis.call('ZADD', leases_key, lease_deadline, job_id)
 end
 

@@ -1,0 +1,72 @@
+"""The daemon's client of the Lua scheduling core: what dispatch_task and redispatch_task
+need besides their arguments.
+
+* Job ids come from ``{scheduler}:job:id_seq`` in blocks (one ``INCRBY`` per
+  ``id_block`` jobs), so a job's id is known before dispatch_task runs and its hash is a
+  declared key (Redis Cluster).
+* Candidates (the pools of a language pair and their members) are cached per pair. The
+  scripts check them: on ``STALE_CANDIDATES`` (a node registered since the last read) the
+  cache is refreshed and the call repeated, up to ``STALE_RETRIES`` times.
+
+Domain errors pass through as the adapter's typed exceptions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from . import keys, lua
+from .redis_adapter import RedisAdapter, StaleCandidates
+
+STALE_RETRIES = 3
+
+
+class SchedulingClient:
+    def __init__(self, redis: RedisAdapter, *, id_block: int = 256) -> None:
+        self._redis = redis
+        self._id_block = id_block
+        self._ids: deque[str] = deque()
+        self._candidates: dict[tuple[str, str], lua.Candidates] = {}
+        self.candidate_refreshes = 0
+
+    async def next_job_id(self) -> str:
+        if not self._ids:
+            top = int(await self._redis.command("INCRBY", keys.job_id_seq(), self._id_block))
+            self._ids.extend(str(i) for i in range(top - self._id_block + 1, top + 1))
+        return self._ids.popleft()
+
+    async def candidates(self, src: str, tgt: str, *, refresh: bool = False) -> lua.Candidates:
+        pair = (src, tgt)
+        if refresh or pair not in self._candidates:
+            self.candidate_refreshes += 1
+            pools = sorted(await self._redis.command("HKEYS", keys.lang_pools(src, tgt)))
+            members: set[str] = set()
+            for pool in pools:
+                members.update(await self._redis.command("SMEMBERS", keys.pool_members(pool)))
+            self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))
+        return self._candidates[pair]
+
+    async def dispatch(self, job_key: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
+                       turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, turn_jobs: int = 1) -> Any:
+        """dispatch_task with a fresh job id; reply as the script's."""
+        job_id = await self.next_job_id()
+        return await self._with_candidates(src, tgt, lambda c: lua.dispatch(
+            job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
+            rand, c, turn_jobs))
+
+    async def redispatch(self, job_id: str, old_node: str, expected_attempt: int, session_id: str, turn_id: str, src: str,
+                         tgt: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int) -> Any:
+        return await self._with_candidates(src, tgt, lambda c: lua.redispatch(
+            job_id, old_node, expected_attempt, session_id, turn_id, src, tgt, now_ms, lease_ms, node_ttl_ms, rand, c))
+
+    async def _with_candidates(self, src: str, tgt: str, build: Any) -> Any:
+        candidates = await self.candidates(src, tgt)
+        for attempt in range(STALE_RETRIES + 1):
+            try:
+                return await self._redis.script(*build(candidates))
+            except StaleCandidates:
+                if attempt == STALE_RETRIES:
+                    raise
+                candidates = await self.candidates(src, tgt, refresh=True)
+        raise AssertionError("unreachable")
