@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -177,7 +178,18 @@ class EmbeddedValkeyCluster:
         self.masters = masters
         self.nodes: list[EmbeddedValkey] = []
 
-    def start(self, timeout: float = 20.0) -> str:
+    def start(self, timeout: float = 20.0, attempts: int = 5) -> str:
+        """Form the cluster; a port taken between the check and the bind costs a retry."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(timeout)
+            except EmbeddedRedisError as exc:
+                event(log, "embedded_cluster_retry", logging.WARNING, attempt=attempt, error=str(exc).splitlines()[0])
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> str:
         import redis
 
         ports = _free_port_pairs(self.masters)
@@ -227,18 +239,19 @@ class EmbeddedValkeyCluster:
 
 
 def _free_port_pairs(count: int) -> list[int]:
-    """Ports P that are free together with their cluster bus port P + 10000."""
+    """Ports P that are free together with their cluster bus port P + 10000, both below
+    Linux's ephemeral range (32768+), so no outgoing connection takes them meanwhile."""
+    rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
+        port = rng.randrange(12000, 22700)
+        if port in ports:
             continue
-        with socket.socket() as bus:
-            try:
+        try:
+            with socket.socket() as s, socket.socket() as bus:
+                s.bind(("127.0.0.1", port))
                 bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        except OSError:
+            continue
         ports.append(port)
     return ports
