@@ -35,6 +35,11 @@ lock:
 bench-adapter *ARGS: sync
     uv run --frozen python bench/adapter_throughput.py {{ARGS}}
 
+# load harness: N real-time clients + M simulated nodes against a daemon process; JSON + PNG in bench/results/
+# (just bench --sessions 200 --duration 20; --profile adds py-spy stacks of the daemon)
+bench *ARGS: sync
+    uv run --frozen --group bench python bench/load.py {{ARGS}}
+
 # the session actor's Hypothesis state machine with >= 10,000 examples (a few minutes)
 stress *ARGS: sync
     HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_actor_stateful.py -k TestActorMachine -q --timeout 0 --hypothesis-show-statistics {{ARGS}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -113,6 +114,11 @@ def _serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     logs.setup(settings.log_level)
+    # Everything loaded so far (modules, numpy, redis-py, ...) lives as long as the process:
+    # keep it out of the cyclic GC's scans, which otherwise stop the event loop for tens of
+    # ms per full collection under load (bench/load.py, docs/performance.md).
+    gc.collect()
+    gc.freeze()
     trio.run(serve, settings)
     return 0
 

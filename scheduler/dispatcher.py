@@ -2,8 +2,12 @@
 
 The session actor calls :meth:`Dispatcher.submit` and moves on; placement runs here. Jobs
 go into one *lane* per (src, tgt) language pair; each lane is one task that places its jobs
-strictly in submission order (FIFO per pool, as protocol.md asks), and lanes run in
-parallel, sharing the batching Redis adapter.
+in submission order (FIFO per pool, as protocol.md asks), and lanes run in parallel, sharing
+the batching Redis adapter. A lane places up to ``place_batch`` jobs from its head at once:
+their dispatch_task calls go to Redis as one ordered group in one pipeline
+(``RedisAdapter.script_many``), so Redis places them in queue order, and a lane is not
+limited to one job per Redis round trip (that capped it at a few hundred jobs/s under load,
+bench/load.py). A freed slot goes to the oldest waiting job.
 
 Full pool: when the head of a lane gets ``NO_AVAILABLE_NODE`` (or ``EMPTY_POOL``, or Redis
 is unavailable), the lane waits until a slot frees on this instance, or ``retry_interval``
@@ -30,11 +34,12 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -107,6 +112,7 @@ class Dispatcher:
         job_lease_ms: int = 15000,
         queue_size: int = 4096,
         retry_interval: float = 0.25,
+        place_batch: int = 32,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
@@ -116,6 +122,7 @@ class Dispatcher:
         self._node_ttl_ms = node_ttl_ms
         self._job_lease_ms = job_lease_ms
         self._retry_interval = retry_interval
+        self._place_batch = place_batch
         self._rand = rand
         self._queue_size = queue_size
         self._queued = 0
@@ -240,35 +247,40 @@ class Dispatcher:
                 self.move(placement, "LEASE_EXPIRED")
 
     async def _run_lane(self, lane: _Lane) -> None:
+        """Place the lane's jobs, oldest first, up to ``place_batch`` at a time in one ordered
+        pipeline. When one cannot be placed, the lane waits (until a slot is freed or
+        ``retry_interval``) and retries from its head."""
         while True:
             if not lane.queue:
                 lane.wake = trio.Event()
                 await lane.wake.wait()
                 continue
-            request = lane.queue[0]
-            if request.deadline <= trio.current_time():
+            now = trio.current_time()
+            batch = list(itertools.islice(lane.queue, self._place_batch))
+            for request in [r for r in batch if r.deadline <= now]:
                 # never placed: the session resolves it FAILED(blocked code) at this same deadline
-                self._pop_head(lane)
+                self._remove(lane, request)
                 self._metrics.jobs_total.labels("failed").inc()
                 await self._abandon_move(request.job_key)
+            batch = [r for r in batch if r.deadline > now]
+            if not batch:
                 continue
-            try:
-                code = await self._try_place(request)
-            except Exception:  # a bug here must cost one job, never the daemon
-                event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
-                self._moving.pop(request.job_key, None)
-                self._fail(request, "INTERNAL")
-                code = None
-            if code is None:
+            codes = await self._place(lane, batch)
+            blocked: tuple[str, JobRequest] | None = None
+            for request, code in zip(batch, codes, strict=True):
+                if code is None:
+                    was_told = request.job_key in lane.told
+                    self._remove(lane, request)  # (cancel() may have removed it meanwhile)
+                    if was_told:
+                        self._tell_waiting(lane, request, None)
+                elif blocked is None:
+                    blocked = (code, request)
+            if blocked is None:
                 if lane.blocked_code is not None:
                     event(log, "dispatch_unblocked", src_lang=lane.pair[0], tgt_lang=lane.pair[1], waiting=len(lane.queue))
                 lane.blocked_code = None
-                was_told = request.job_key in lane.told
-                if lane.queue and lane.queue[0] is request:  # (cancel() may have removed it meanwhile)
-                    self._pop_head(lane)
-                if was_told:
-                    self._tell_waiting(lane, request, None)
                 continue
+            code, request = blocked
             if code != lane.blocked_code:  # once per blocked episode, not per retry
                 event(log, "dispatch_blocked", logging.WARNING, src_lang=lane.pair[0], tgt_lang=lane.pair[1], code=code,
                       job_key=request.job_key, waiting=len(lane.queue))
@@ -280,8 +292,50 @@ class Dispatcher:
             with trio.move_on_at(min(trio.current_time() + self._retry_interval, request.deadline)):
                 await freed.wait()
 
-    def _pop_head(self, lane: _Lane) -> None:
-        request = lane.queue.popleft()
+    async def _place(self, lane: _Lane, batch: list[JobRequest]) -> list[str | None]:
+        """Place ``batch`` (oldest first) with one ordered pipeline of dispatch_task /
+        redispatch_task calls. Per job: None when it is done with (placed, duplicate or failed
+        for good), or the error code when it must wait for a node."""
+        try:
+            fresh_ids = iter(await self._scheduling.job_ids(sum(r.job_key not in self._moving for r in batch)))
+            movings = [self._moving.get(r.job_key) for r in batch]
+            builders = [self._builder(r, m, None if m else next(fresh_ids)) for r, m in zip(batch, movings, strict=True)]
+            replies = await self._scheduling.run_many(lane.pair[0], lane.pair[1], builders)
+        except RedisUnavailable as exc:
+            replies, movings = [exc] * len(batch), [self._moving.get(r.job_key) for r in batch]
+        codes: list[str | None] = []
+        for request, moving, reply in zip(batch, movings, replies, strict=True):
+            try:
+                codes.append(self._placed_or_code(request, moving, reply))
+            except Exception:  # a bug here must cost one job, never the daemon
+                event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
+                self._moving.pop(request.job_key, None)
+                self._fail(request, "INTERNAL")
+                codes.append(None)
+        return codes
+
+    def _builder(self, request: JobRequest, moving: Placement | None, job_id: str | None) -> Callable[[lua.Candidates], lua.Call]:
+        rand, now = self._rand(), now_ms()
+        if moving is None:
+            assert job_id is not None
+            return lambda c: lua.dispatch(
+                request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
+                request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs)
+        return lambda c: lua.redispatch(
+            moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
+            request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c)
+
+    def _remove(self, lane: _Lane, request: JobRequest) -> None:
+        """Take ``request`` out of the lane if it is still there (by identity; usually the head)."""
+        if lane.queue and lane.queue[0] is request:
+            lane.queue.popleft()
+        else:
+            for i, queued in enumerate(lane.queue):
+                if queued is request:
+                    del lane.queue[i]
+                    break
+            else:
+                return
         lane.told.discard(request.job_key)
         self._queued -= 1
         self._update_waiting_gauge()
@@ -315,27 +369,19 @@ class Dispatcher:
         if moving is not None:
             await self._release(moving)
 
-    async def _try_place(self, request: JobRequest) -> str | None:
-        """One dispatch_task call. Returns None when the job is done with (placed, duplicate or
-        failed for good), or the error code when it must wait for a node."""
-        moving = self._moving.get(request.job_key)
-        try:
-            if moving is None:
-                reply = await self._scheduling.dispatch(
-                    request.job_key, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
-                    request.turn_id, request.turn_action, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand(),
-                    request.turn_jobs)
-            else:
-                reply = await self._scheduling.redispatch(
-                    moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
-                    request.tgt_lang, now_ms(), self._job_lease_ms, self._node_ttl_ms, self._rand())
-        except (NoAvailableNode, EmptyPool, NoPoolForLangPair, RedisUnavailable) as exc:
-            code = getattr(exc, "code", "REDIS_UNAVAILABLE")
+    def _placed_or_code(self, request: JobRequest, moving: Placement | None, reply: Any) -> str | None:
+        """Act on one dispatch_task / redispatch_task reply (or the exception it raised):
+        hand the job to its node. Returns None when the job is done with, or the error code
+        when it must wait for a node."""
+        if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | RedisUnavailable):
+            code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
-            if isinstance(exc, NoPoolForLangPair):
+            if isinstance(reply, NoPoolForLangPair):
                 self._fail(request, code)
                 return None
             return code
+        if isinstance(reply, BaseException):
+            raise reply
 
         if moving is not None:
             self._moving.pop(request.job_key, None)  # (cancel() may have taken it meanwhile)

@@ -132,6 +132,17 @@ class _Call:
     error: BaseException | None = None
 
 
+@attrs.define(eq=False)
+class _Group:
+    """Calls queued as one item: a batcher sends them together, in this order, in one pipeline."""
+
+    calls: list[_Call]
+
+
+def _calls(item: _Call | _Group) -> list[_Call]:
+    return item.calls if isinstance(item, _Group) else [item]
+
+
 class RedisAdapter:
     """Async context manager owning the batcher tasks; see the module docstring."""
 
@@ -155,7 +166,7 @@ class RedisAdapter:
         self._limiter = trio.CapacityLimiter(pool_size)
         # Close semantics: __aexit__ closes the send side; batchers drain what is queued,
         # then exit. Capacity bounds the calls waiting for a batch.
-        self._send, self._receive = trio.open_memory_channel[_Call](queue_size)
+        self._send, self._receive = trio.open_memory_channel[_Call | _Group](queue_size)
         self.calls_total = 0
         self.batches_total = 0
 
@@ -211,6 +222,24 @@ class RedisAdapter:
             raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
         return await self._submit(_Call(script=name, args=(*keys, *args), nkeys=len(keys)))
 
+    async def script_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run several scripts, in this order, in one pipeline (Redis runs them one after the
+        other, nothing of this instance in between). Returns, per call, its reply or the
+        exception it would have raised (ScriptError, RedisUnavailable): not raised."""
+        for name, _, _ in calls:
+            if name not in self._sources:
+                raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
+        group = _Group([_Call(script=name, args=(*keys, *args), nkeys=len(keys)) for name, keys, args in calls])
+        if not group.calls:
+            return []
+        try:
+            await self._send.send(group)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return [RedisUnavailable("redis adapter is closed")] * len(group.calls)
+        for call in group.calls:
+            await call.done.wait()
+        return [call.error if call.error is not None else call.result for call in group.calls]
+
     async def command(self, *args: Any) -> Any:
         """Run one plain Redis command (``"HGETALL", key``) through the batcher."""
         return await self._submit(_Call(script=None, args=args))
@@ -243,10 +272,10 @@ class RedisAdapter:
         adapter closes the queue on exit, after everything using the adapter has finished."""
         with trio.CancelScope(shield=True):
             async for first in self._receive:
-                batch = [first]
+                batch = _calls(first)
                 while len(batch) < self.batch_max:
                     try:
-                        batch.append(self._receive.receive_nowait())
+                        batch = batch + _calls(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 try:

@@ -14,6 +14,7 @@ Domain errors pass through as the adapter's typed exceptions.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import keys, lua
@@ -30,11 +31,15 @@ class SchedulingClient:
         self._candidates: dict[tuple[str, str], lua.Candidates] = {}
         self.candidate_refreshes = 0
 
-    async def next_job_id(self) -> str:
-        if not self._ids:
+    async def job_ids(self, n: int) -> list[str]:
+        """``n`` unused job ids (one INCRBY per ``id_block`` ids)."""
+        while len(self._ids) < n:
             top = int(await self._redis.command("INCRBY", keys.job_id_seq(), self._id_block))
             self._ids.extend(str(i) for i in range(top - self._id_block + 1, top + 1))
-        return self._ids.popleft()
+        return [self._ids.popleft() for _ in range(n)]
+
+    async def next_job_id(self) -> str:
+        return (await self.job_ids(1))[0]
 
     async def candidates(self, src: str, tgt: str, *, refresh: bool = False) -> lua.Candidates:
         pair = (src, tgt)
@@ -47,26 +52,39 @@ class SchedulingClient:
             self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))
         return self._candidates[pair]
 
+    async def run_many(self, src: str, tgt: str, builders: list[Callable[[lua.Candidates], lua.Call]]) -> list[Any]:
+        """dispatch_task / redispatch_task calls of one language pair, in this order, in one
+        pipeline (so Redis places them in this order: FIFO per pool). Each builder makes its
+        call from the candidates; calls refused with STALE_CANDIDATES are rebuilt with fresh
+        candidates and run again, in order. Returns each reply or the exception it raised."""
+        candidates = await self.candidates(src, tgt)
+        results = await self._redis.script_many([build(candidates) for build in builders])
+        for _ in range(STALE_RETRIES):
+            stale = [i for i, r in enumerate(results) if isinstance(r, StaleCandidates)]
+            if not stale:
+                break
+            candidates = await self.candidates(src, tgt, refresh=True)
+            again = await self._redis.script_many([builders[i](candidates) for i in stale])
+            for i, reply in zip(stale, again, strict=True):
+                results[i] = reply
+        return results
+
     async def dispatch(self, job_key: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
                        turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, turn_jobs: int = 1) -> Any:
-        """dispatch_task with a fresh job id; reply as the script's."""
+        """One dispatch_task with a fresh job id; reply as the script's (errors raised)."""
         job_id = await self.next_job_id()
-        return await self._with_candidates(src, tgt, lambda c: lua.dispatch(
+        return _raised(await self.run_many(src, tgt, [lambda c: lua.dispatch(
             job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
-            rand, c, turn_jobs))
+            rand, c, turn_jobs)]))
 
     async def redispatch(self, job_id: str, old_node: str, expected_attempt: int, session_id: str, turn_id: str, src: str,
                          tgt: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int) -> Any:
-        return await self._with_candidates(src, tgt, lambda c: lua.redispatch(
-            job_id, old_node, expected_attempt, session_id, turn_id, src, tgt, now_ms, lease_ms, node_ttl_ms, rand, c))
+        return _raised(await self.run_many(src, tgt, [lambda c: lua.redispatch(
+            job_id, old_node, expected_attempt, session_id, turn_id, src, tgt, now_ms, lease_ms, node_ttl_ms, rand, c)]))
 
-    async def _with_candidates(self, src: str, tgt: str, build: Any) -> Any:
-        candidates = await self.candidates(src, tgt)
-        for attempt in range(STALE_RETRIES + 1):
-            try:
-                return await self._redis.script(*build(candidates))
-            except StaleCandidates:
-                if attempt == STALE_RETRIES:
-                    raise
-                candidates = await self.candidates(src, tgt, refresh=True)
-        raise AssertionError("unreachable")
+
+def _raised(results: list[Any]) -> Any:
+    (reply,) = results
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import urllib.request
 
@@ -293,16 +294,16 @@ async def test_a_crash_while_placing_costs_one_job_not_the_daemon(daemon, nurser
     from scheduler.dispatcher import Dispatcher
 
     await start_node(nursery, daemon, node_id="n1", delay_ms=10)
-    real = Dispatcher._try_place
+    real = Dispatcher._placed_or_code
     crashed = []
 
-    async def flaky(self, request):
+    def flaky(self, request, moving, reply):
         if not crashed:
             crashed.append(request.job_key)
             raise RuntimeError("bug")
-        return await real(self, request)
+        return real(self, request, moving, reply)
 
-    monkeypatch.setattr(Dispatcher, "_try_place", flaky)
+    monkeypatch.setattr(Dispatcher, "_placed_or_code", flaky)
     async with session(daemon) as s:
         for _ in range(2):
             await s.send_raw(SPEECH_100MS)
@@ -368,3 +369,51 @@ async def test_daemon_on_a_redis_cluster_dispatches_moves_and_answers(start_daem
             assert (await trio.to_thread.run_sync(http_get, daemon.admin_port, "/readyz"))[0] == 200
             status, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/status")
             assert status == 200 and {n["node_id"] for n in json.loads(body)["nodes"]} == {"n1", "n2"}
+
+
+async def test_a_waiting_backlog_is_placed_in_shared_pipelines(daemon):
+    """Jobs queued while no node was free are placed together once one is: their
+    dispatch_task calls share Redis pipelines instead of one round trip each (a serial lane
+    sent one batch per job)."""
+    async with peer(daemon.ws_url + "/v1/node") as first, peer(daemon.ws_url + "/v1/node") as second:
+        await first.register("draining", max_jobs=64)
+        await first.send(type="drain")
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [await stack.enter_async_context(session(daemon)) for _ in range(24)]
+            for s in sessions:
+                await s.send_raw(SPEECH_100MS)
+                await s.send(type="finalize")
+            for s in sessions:
+                await s.recv_until("utterance_finalized")
+            await trio.sleep(0.3)  # the lane is blocked: NO_AVAILABLE_NODE
+            calls, batches = daemon.redis.calls_total, daemon.redis.batches_total
+            await second.register("wide", max_jobs=64)
+            assigned = set()
+            with trio.fail_after(5):
+                while len(assigned) < 24:
+                    msg = await second.recv()
+                    if msg["type"] == "job_assign":
+                        assigned.add(msg["session_id"])
+            calls, batches = daemon.redis.calls_total - calls, daemon.redis.batches_total - batches
+            assert calls >= 24 and batches <= calls / 3, (calls, batches)
+
+
+async def test_full_pool_gives_freed_slots_to_waiting_jobs_in_arrival_order(daemon):
+    async with peer(daemon.ws_url + "/v1/node") as node:
+        await node.register("narrow", max_jobs=1)
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [await stack.enter_async_context(session(daemon)) for _ in range(5)]
+            for s in sessions:  # one after the other: this is the arrival order
+                await s.send_raw(SPEECH_100MS)
+                await s.send(type="finalize")
+                await s.recv_until("utterance_finalized")
+            order = []
+            with trio.fail_after(10):
+                while len(order) < 5:
+                    msg = await node.recv()
+                    if msg["type"] == "job_assign":
+                        order.append(msg["session_id"])
+                        await node.send(type="job_result", job_id=msg["job_id"], attempt=msg["attempt"], status="ok",
+                                        source_text="s", text="t")
+            expected = [s.ready["session_id"] for s in sessions]
+            assert [expected.index(x) for x in order] == [0, 1, 2, 3, 4]

@@ -86,3 +86,14 @@ def test_result_encoding_matches_protocol_fields():
 
 def test_unknown_fields_are_ignored():
     assert p.parse_client('{"type":"finalize","extra":1}') == p.Finalize()
+
+
+def test_job_assign_encoding_splices_the_audio_and_round_trips():
+    from scheduler.protocol import JobAssign, encode, parse_from_daemon
+
+    assign = JobAssign(job_id="7", attempt=2, job_key="s:0:translate:en", session_id="s", utterance_index=0,
+                       job_type="translate:en", src_lang="zh", tgt_lang="en", turn_id="s:t1", sample_rate=16000,
+                       audio="AAEC/+8=", deadline_ms=123)
+    text = encode(assign)
+    assert text.startswith('{"type":"job_assign",') and text.endswith(',"audio":"AAEC/+8="}')
+    assert parse_from_daemon(text, "node") == assign

@@ -1,0 +1,552 @@
+"""Load harness: N real-time clients and M simulated nodes against a real daemon process.
+
+Everything runs over real sockets on loopback: the daemon is a `scheduler serve` child
+process on its own Valkey (a valkey-server child of this harness, so that its counters can
+be read); clients and nodes are Trio tasks in this process.
+
+Phases, in one run:
+1. Baselines: EVALSHA calls/s through the Trio adapter (64 callers) and one caller's round
+   trip; bare trio-websocket echo frames/s against an echo server process.
+2. Idle: N sessions connect and initialise; the daemon's RSS with them, minus its RSS
+   before, over N is the RSS per idle session.
+3. Active, `--duration` seconds: every session streams real-time PCM (`--chunk-ms` frames
+   on an absolute schedule): speech segments of 0.6-3 s, each ended either by `is_final`
+   (probability `--final-prob`) or by enough silence for the daemon's pause finalize, then
+   silence. Nodes answer after a log-normal service time (`--service-ms` median) and fail
+   a fraction `--failure-rate` of jobs with status error.
+
+Measured per utterance (clocks of this process):
+- finalize: when the client sent `is_final`, or (pause finalize) when it received
+  `utterance_finalized`;
+- dispatch latency: the node received job_assign - finalize;
+- service: the node's job_result sent - job_assign received;
+- overhead: (result received - finalize) - service - order wait, where order wait is how
+  long the answer had to wait for the previous utterance's result (results are delivered in
+  order; that wait is the contract, not daemon work). `e2e_minus_service` is reported too.
+Also: results/s, the daemon's CPU (% of one core) per session, Redis commands and EVALSHA
+per result, harness send lag (how late this process was; if it is large, the harness, not
+the daemon, was the limit).
+
+Writes JSON and a PNG (matplotlib) to --out (default bench/results/load.json / .png).
+Usage: python bench/load.py [--sessions 1000] [--nodes 8] [--duration 30] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adapter_throughput import adapter as adapter_throughput  # noqa: E402
+
+from scheduler.audio import silence, tone  # noqa: E402
+from scheduler.embedded_redis import EmbeddedValkey  # noqa: E402
+
+RATE = 16000
+PAIR = ("en", "de")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, RSS bytes) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 2)
+
+
+# ---------------------------------------------------------------- baselines
+
+ECHO_SERVER = """
+import sys, trio
+from trio_websocket import serve_websocket, ConnectionClosed
+async def handler(request):
+    ws = await request.accept()
+    try:
+        while True:
+            await ws.send_message(await ws.get_message())
+    except ConnectionClosed:
+        pass
+trio.run(lambda: serve_websocket(handler, "127.0.0.1", int(sys.argv[1]), ssl_context=None))
+"""
+
+
+async def echo_baseline(seconds: float, connections: int = 16, frame: int = 6400) -> float:
+    """Frames/s a bare trio-websocket echo server process turns around (one frame in flight per connection)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)])
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+            await trio.sleep(0.05)
+        payload = b"\x01" * frame
+        count = 0
+        deadline = trio.current_time() + seconds
+
+        async def one() -> None:
+            nonlocal count
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+                while trio.current_time() < deadline:
+                    await ws.send_message(payload)
+                    await ws.get_message()
+                    count += 1
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(one)
+        return count / (time.perf_counter() - start)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def evalsha_round_trip(url: str, calls: int = 2000) -> float:
+    """Mean seconds of one EVALSHA through the adapter with a lone caller."""
+    one = await adapter_throughput(url, calls, 1, 2)
+    return 1 / one["ops_per_s"]
+
+
+# ---------------------------------------------------------------- simulated nodes
+
+
+class Record:
+    """Timestamps by (session_id, utterance_index), shared by clients and nodes."""
+
+    def __init__(self) -> None:
+        self.final: dict[tuple[str, int], tuple[float, str]] = {}  # -> (time, "is_final" | "pause" | other)
+        self.assigned: dict[tuple[str, int], float] = {}
+        self.answered: dict[tuple[str, int], float] = {}
+        self.result: dict[tuple[str, int], tuple[float, str]] = {}
+        self.result_times: list[float] = []
+        self.send_lag: list[float] = []
+        self.busy = 0
+        self.errors: dict[str, int] = {}
+        self.node_jobs = 0
+        self.node_failed = 0
+        self.ready = 0
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+async def sim_node(url: str, node_id: str, max_jobs: int, service_ms: float, sigma: float, failure_rate: float, rec: Record,
+                   rng: random.Random) -> None:
+    async with open_websocket_url(url + "/v1/node") as ws:
+        await ws.send_message(json.dumps({"type": "register", "node_id": node_id, "lang_pairs": [list(PAIR)],
+                                          "max_jobs": max_jobs}))
+        reply = json.loads(await ws.get_message())
+        assert reply["type"] == "registered", reply
+        send_lock = trio.Lock()
+
+        async def send(msg: dict) -> None:
+            async with send_lock:
+                await ws.send_message(json.dumps(msg))
+
+        async def heartbeats() -> None:
+            while True:
+                await trio.sleep(reply["heartbeat_interval_ms"] / 1000)
+                await send({"type": "heartbeat", "load": {}})
+
+        async def job(msg: dict, got: float) -> None:
+            await trio.sleep(rng.lognormvariate(0, sigma) * service_ms / 1000)
+            failed = rng.random() < failure_rate
+            key = (msg["session_id"], msg["utterance_index"])
+            rec.answered[key] = time.perf_counter()
+            rec.node_failed += failed
+            await send({"type": "job_result", "job_id": msg["job_id"], "attempt": msg["attempt"],
+                        "status": "error" if failed else "ok", "source_text": "s", "text": "t",
+                        "error": "SIMULATED" if failed else None})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats)
+            try:
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    if msg["type"] == "job_assign":
+                        now = time.perf_counter()
+                        rec.node_jobs += 1
+                        rec.assigned.setdefault((msg["session_id"], msg["utterance_index"]), now)
+                        nursery.start_soon(job, msg, now)
+            except ConnectionClosed:
+                nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- simulated clients
+
+
+class Audio:
+    def __init__(self, chunk_ms: int) -> None:
+        self.speech = tone(chunk_ms, RATE, amplitude=0.3)
+        self.silence = silence(chunk_ms, RATE)
+        self.speech_final = json.dumps({"type": "audio_chunk", "data": base64.b64encode(self.speech).decode(), "is_final": True})
+
+
+async def client(url: str, n: int, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
+                 stop_at: list[float], rng: random.Random) -> None:
+    chunk = args.chunk_ms / 1000
+    async with open_websocket_url(url + "/v1/session") as ws:
+        await ws.send_message(json.dumps({"type": "session_init", "src_lang": PAIR[0], "tgt_langs": [PAIR[1]], "sample_rate": RATE}))
+        ready = json.loads(await ws.get_message())
+        if ready.get("type") != "session_ready":
+            rec.error(ready.get("code", ready.get("type", "?")))
+            return
+        sid = ready["session_id"]
+        rec.ready += 1
+        index = 0  # next utterance index this client will finalize
+
+        async def receive() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    kind = msg["type"]
+                    now = time.perf_counter()
+                    if kind == "utterance_finalized":
+                        rec.final.setdefault((sid, msg["utterance_index"]), (now, msg["reason"]))
+                    elif kind == "result":
+                        rec.result[(sid, msg["utterance_index"])] = (now, msg["status"])
+                        rec.result_times.append(now)
+                    elif kind == "busy":
+                        rec.busy += 1
+                    elif kind == "error":
+                        rec.error(msg.get("code", "?"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await start_active.wait()
+            await trio.sleep(rng.random() * 1.0)  # spread the phase of the frames
+            t = trio.current_time()
+            while t < stop_at[0]:
+                speech = int(rng.uniform(0.6, 3.0) / chunk)
+                final = rng.random() < args.final_prob
+                for k in range(speech):
+                    t += chunk
+                    await trio.sleep_until(t)
+                    rec.send_lag.append(trio.current_time() - t)
+                    if final and k == speech - 1:
+                        rec.final[(sid, index)] = (time.perf_counter(), "is_final")
+                        await ws.send_message(audio.speech_final)
+                    else:
+                        await ws.send_message(audio.speech)
+                index += 1
+                gap = rng.uniform(0.2, 1.0) if final else (args.pause_ms / 1000 + rng.uniform(0.3, 1.0))
+                for _ in range(max(1, int(gap / chunk))):
+                    t += chunk
+                    await trio.sleep_until(t)
+                    await ws.send_message(audio.silence)
+            # close: the daemon delivers the outstanding results, then closes the socket,
+            # which ends receive(); give up after a generous bound
+            await ws.send_message(json.dumps({"type": "close_session"}))
+            nursery.cancel_scope.deadline = trio.current_time() + args.service_ms / 1000 * 20 + 10
+
+
+# ---------------------------------------------------------------- the run
+
+
+def start_daemon(args: argparse.Namespace, redis_url: str) -> tuple[subprocess.Popen, str, int]:
+    ws_port, admin_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "scheduler", "serve", "--ws-port", str(ws_port), "--admin-port", str(admin_port),
+           "--redis-url", redis_url, "--idle-timeout-ms", "600000", "--pause-ms", str(args.pause_ms),
+           "--log-level", "warning", "--redis-pool-size", str(args.redis_pool_size)]
+    with open(Path(args.out).with_suffix(".daemon.log"), "w") as log:  # the child keeps its own descriptor
+        daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return daemon, f"ws://127.0.0.1:{ws_port}", admin_port
+        time.sleep(0.1)
+    daemon.kill()
+    raise RuntimeError("daemon did not become ready in 30 s")
+
+
+def redis_counters(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {"commands": int(client.info("stats")["total_commands_processed"]),
+            "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0))}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"args": vars(args), "host": {"cpus": os.cpu_count()}}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon child inherits it
+    valkey = EmbeddedValkey()
+    redis_url = valkey.start()
+    try:
+        if not args.skip_baselines:
+            print("baselines ...", file=sys.stderr)
+            many = await adapter_throughput(redis_url, 20_000, 64, args.redis_pool_size)
+            out["baselines"] = {
+                "adapter_evalsha_per_s_64_callers": round(many["ops_per_s"]),
+                "adapter_evalsha_round_trip_ms": ms(await evalsha_round_trip(redis_url)),
+                "trio_websocket_echo_frames_per_s": round(await echo_baseline(3.0)),
+            }
+        daemon, url, admin_port = start_daemon(args, redis_url)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            out.update(await drive(args, url, daemon.pid, valkey.pid, r))
+            if "baselines" in out:
+                # frames the daemon handles per second of its CPU (all its work: audio, jobs,
+                # results) against frames a bare trio-websocket echo server turns around per
+                # second of one core
+                active = out["active"]
+                per_core_s = active["frames_per_s_in"] / max(1e-9, active["daemon_cpu_pct_of_core"] / 100)
+                out["ratios"] = {
+                    "daemon_frames_per_cpu_s": round(per_core_s),
+                    "daemon_frames_per_cpu_s_vs_echo": round(per_core_s / out["baselines"]["trio_websocket_echo_frames_per_s"], 3),
+                }
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+            r.close()
+    finally:
+        valkey.stop()
+    return out
+
+
+async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid: int, r: redis.Redis) -> dict[str, Any]:
+    rec = Record()
+    rng = random.Random(args.seed)
+    timeline: list[dict[str, float]] = []
+    result: dict[str, Any] = {}
+
+    async with trio.open_nursery() as node_nursery:
+        for i in range(args.nodes):
+            node_nursery.start_soon(sim_node, url, f"sim-{i}", args.max_jobs, args.service_ms, args.service_sigma,
+                                    args.failure_rate, rec, random.Random(rng.random()))
+        await trio.sleep(1.0)
+        async with trio.open_nursery() as nursery:
+            await _sessions(args, url, daemon_pid, valkey_pid, r, rec, rng, nursery, result, timeline)
+        node_nursery.cancel_scope.cancel()  # every client is done: stop the nodes
+    return _report(args, rec, result, timeline)
+
+
+async def _sessions(args, url, daemon_pid, valkey_pid, r, rec, rng, nursery, result, timeline) -> None:
+    """Open the sessions (idle phase), stream (active phase); the clients drain in ``nursery``."""
+    audio = Audio(args.chunk_ms)
+    start_active = trio.Event()
+    stop_at = [float("inf")]
+    profiler: subprocess.Popen | None = None
+    _, rss_before = proc_stats(daemon_pid)
+
+    print(f"idle: opening {args.sessions} sessions ...", file=sys.stderr)
+    t_open = time.perf_counter()
+    for n in range(args.sessions):
+        nursery.start_soon(client, url, n, args, audio, rec, start_active, stop_at, random.Random(rng.random()))
+        if n % 50 == 49:
+            await trio.sleep(0.05)
+    with trio.move_on_after(120):
+        while rec.ready + sum(rec.errors.values()) < args.sessions:
+            await trio.sleep(0.1)
+    open_s = time.perf_counter() - t_open
+    await trio.sleep(3.0)  # settle
+    _, rss_idle = proc_stats(daemon_pid)
+    result["idle"] = {
+        "sessions_held": rec.ready,
+        "open_seconds": round(open_s, 2),
+        "daemon_rss_before_mib": round(rss_before / 2**20, 1),
+        "daemon_rss_idle_mib": round(rss_idle / 2**20, 1),
+        "rss_per_idle_session_kib": round((rss_idle - rss_before) / max(1, rec.ready) / 1024, 1),
+        "refused": dict(rec.errors),
+    }
+    print(json.dumps(result["idle"]), file=sys.stderr)
+
+    print(f"active: {args.duration} s of real-time audio ...", file=sys.stderr)
+    counters0 = redis_counters(r)
+    cpu0, _ = proc_stats(daemon_pid)
+    vcpu0, _ = proc_stats(valkey_pid)
+    t0 = time.perf_counter()
+    stop_at[0] = trio.current_time() + args.duration
+    start_active.set()
+    if args.profile:
+        profiler = subprocess.Popen(["py-spy", "record", "--pid", str(daemon_pid), "--duration", str(int(args.duration)),
+                                     "--rate", "200", "--format", "raw", "--output",
+                                     str(Path(args.out).with_suffix(".collapsed.txt"))],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last_cpu = cpu0
+    while trio.current_time() < stop_at[0]:
+        await trio.sleep(1.0)
+        cpu, rss = proc_stats(daemon_pid)
+        timeline.append({"t": round(time.perf_counter() - t0, 2), "daemon_cpu_pct": round((cpu - last_cpu) * 100, 1),
+                         "daemon_rss_mib": round(rss / 2**20, 1), "results": len(rec.result_times)})
+        last_cpu = cpu
+    cpu1, rss_active = proc_stats(daemon_pid)
+    vcpu1, _ = proc_stats(valkey_pid)
+    counters1 = redis_counters(r)
+    active_s = time.perf_counter() - t0
+    result["_window"] = dict(cpu=cpu1 - cpu0, vcpu=vcpu1 - vcpu0, rss_active=rss_active, rss_before=rss_before, active_s=active_s,
+                             commands=counters1["commands"] - counters0["commands"],
+                             evalsha=counters1["evalsha"] - counters0["evalsha"],
+                             results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]))
+    if profiler is not None:
+        await trio.to_thread.run_sync(profiler.wait)
+    # now the clients close their sessions and wait for the last answers
+
+
+def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timeline: list[dict[str, float]]) -> dict[str, Any]:
+    w = result.pop("_window")
+    active_s, results_in_window = w["active_s"], w["results_in_window"]
+    dispatch, e2e_minus_service, overhead, order_wait = [], [], [], []
+    by_session: dict[str, list[int]] = {}
+    for (sid, idx) in rec.result:
+        by_session.setdefault(sid, []).append(idx)
+    for sid, indexes in by_session.items():
+        prev_result = 0.0
+        for idx in sorted(indexes):
+            key = (sid, idx)
+            got, _status = rec.result[key]
+            if key in rec.final and key in rec.assigned and key in rec.answered:
+                final_t, _reason = rec.final[key]
+                service = rec.answered[key] - rec.assigned[key]
+                dispatch.append(rec.assigned[key] - final_t)
+                wait = max(0.0, prev_result - rec.answered[key])
+                e2e_minus_service.append(got - final_t - service)
+                order_wait.append(wait)
+                overhead.append(got - final_t - service - wait)
+            prev_result = got
+    statuses: dict[str, int] = {}
+    for _, status in rec.result.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    reasons: dict[str, int] = {}
+    for _, reason in rec.final.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    results = len(rec.result)
+    frames = (args.duration / (args.chunk_ms / 1000)) * rec.ready
+    result["active"] = {
+        "seconds": round(active_s, 1),
+        "sessions": rec.ready,
+        "results": results,
+        "results_per_s": round(results_in_window / active_s, 1),
+        "result_status": statuses,
+        "finalize_reasons": reasons,
+        "frames_per_s_in": round(frames / args.duration),
+        "finalize_to_dispatch_ms": {"p50": ms(pct(dispatch, 50)), "p99": ms(pct(dispatch, 99)), "n": len(dispatch)},
+        "e2e_minus_service_ms": {"p50": ms(pct(e2e_minus_service, 50)), "p99": ms(pct(e2e_minus_service, 99))},
+        "order_wait_ms": {"p50": ms(pct(order_wait, 50)), "p99": ms(pct(order_wait, 99))},
+        "daemon_overhead_ms": {"p50": ms(pct(overhead, 50)), "p99": ms(pct(overhead, 99)),
+                               "mean": ms(statistics.fmean(overhead)) if overhead else None},
+        "daemon_cpu_pct_of_core": round(w["cpu"] / active_s * 100, 1),
+        "daemon_cpu_pct_per_session": round(w["cpu"] / active_s * 100 / max(1, rec.ready), 4),
+        "valkey_cpu_pct_of_core": round(w["vcpu"] / active_s * 100, 1),
+        "daemon_rss_active_mib": round(w["rss_active"] / 2**20, 1),
+        "daemon_rss_growth_per_session_kib": round((w["rss_active"] - w["rss_before"]) / max(1, rec.ready) / 1024, 1),
+        "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
+        "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
+        "harness_send_lag_ms": {"p50": ms(pct(rec.send_lag, 50)), "p99": ms(pct(rec.send_lag, 99))},
+        "node_jobs": rec.node_jobs,
+        "node_failed": rec.node_failed,
+        "busy": rec.busy,
+        "errors": dict(rec.errors),
+    }
+    result["timeline"] = timeline
+    result["_samples"] = {"dispatch": dispatch, "overhead": overhead, "e2e_minus_service": e2e_minus_service}
+    return result
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    samples = data["_samples"]
+    ax = axes[0]
+    for name, values in (("finalize -> dispatch", samples["dispatch"]), ("daemon overhead", samples["overhead"]),
+                         ("e2e - service", samples["e2e_minus_service"])):
+        if values:
+            xs = sorted(v * 1000 for v in values)
+            ax.plot(xs, [i / len(xs) for i in range(len(xs))], label=name)
+    ax.axvline(20, color="grey", linestyle=":", label="20 ms target (p99)")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of utterances")
+    ax.set_title("latency CDF")
+    ax.legend(fontsize=8)
+    timeline = data["timeline"]
+    ts = [p["t"] for p in timeline]
+    ax = axes[1]
+    rates = [0.0] + [(b["results"] - a["results"]) / max(1e-9, b["t"] - a["t"]) for a, b in zip(timeline, timeline[1:], strict=False)]
+    ax.plot(ts, rates, label="results/s")
+    ax.set_xlabel("s")
+    ax.set_title(f"{data['active']['sessions']} sessions: results/s")
+    ax = axes[2]
+    ax.plot(ts, [p["daemon_cpu_pct"] for p in timeline], label="daemon CPU % of a core")
+    ax.set_xlabel("s")
+    ax2 = ax.twinx()
+    ax2.plot(ts, [p["daemon_rss_mib"] for p in timeline], color="tab:red", label="daemon RSS MiB")
+    ax.set_title("daemon CPU and RSS")
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=1000, help="concurrent client sessions (default 1000)")
+    parser.add_argument("--nodes", type=int, default=8, help="simulated worker nodes (default 8)")
+    parser.add_argument("--max-jobs", type=int, default=200, help="max_jobs per node (default 200)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of real-time streaming (default 30)")
+    parser.add_argument("--chunk-ms", type=int, default=200, help="audio per frame (default 200 ms)")
+    parser.add_argument("--pause-ms", type=int, default=800, help="the daemon's pause finalize (default 800)")
+    parser.add_argument("--final-prob", type=float, default=0.5, help="share of utterances ended by is_final (default 0.5)")
+    parser.add_argument("--service-ms", type=float, default=300.0, help="median node service time (default 300)")
+    parser.add_argument("--service-sigma", type=float, default=0.5, help="log-normal sigma of the service time (default 0.5)")
+    parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
+    parser.add_argument("--redis-pool-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy the daemon during the active phase (collapsed stacks next to the JSON)")
+    parser.add_argument("--out", default="bench/results/load.json", help="JSON path; the PNG goes next to it")
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    data = trio.run(run, args)
+    plot(data, Path(args.out).with_suffix(".png"))
+    data.pop("_samples")
+    Path(args.out).write_text(json.dumps(data, indent=2))
+    summary = {k: v for k, v in data.items() if k != "timeline"}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
