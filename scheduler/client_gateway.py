@@ -78,6 +78,7 @@ class ClientGateway(wsutil.Gateway):
                 "tgt_langs", ",".join(init.tgt_langs), "next_utterance_index", 0,
             )
             await self._redis.command("EXPIRE", keys.session(session_id), keys.KEY_TTL_S)
+            await self._ownership.claim_session(session_id)
         except RedisUnavailable as exc:
             await wsutil.send_error(ws, ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011))
             return
@@ -92,6 +93,8 @@ class ClientGateway(wsutil.Gateway):
             reason = await self._run(ws, actor, peer)
         finally:
             self._sessions.remove(actor)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._ownership.release_session(session_id)
             event(log, "session_ended", session_id=session_id, reason=reason, utterances=actor.next_index)
 
     async def _accept_init(self, message: str | bytes, presented_key: str | None) -> SessionInit:

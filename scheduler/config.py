@@ -79,6 +79,8 @@ class Settings:
 
     # Process
     instance_id: str = _opt(attrs.Factory(_default_instance_id), "id of this daemon instance (default: host-pid-random)", group="process")
+    owner_ttl_ms: int = _opt(3000, "this instance's liveness and its session / node owner keys in Redis lapse this long "
+                             "after its last refresh (refreshed every third of it)", group="process")
     log_level: str = _opt("info", "log level: debug, info, warning, error", group="process")
 
     def __attrs_post_init__(self) -> None:
@@ -109,7 +111,7 @@ class ConfigError(ValueError):
 
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
-    "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "redis_pool_size", "job_lease_ms",
+    "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
     "max_messages_per_s",
 )
 
@@ -123,6 +125,8 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"drain_timeout_ms must be >= 0 (got {s.drain_timeout_ms})")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         errors.append(f"log_level must be debug, info, warning or error (got {s.log_level!r})")
+    if s.owner_ttl_ms < 300:
+        errors.append(f"owner_ttl_ms must be >= 300 (got {s.owner_ttl_ms})")
     if s.node_ttl_ms <= s.heartbeat_interval_ms:
         errors.append("node_ttl_ms must be larger than heartbeat_interval_ms")
     return errors

@@ -84,3 +84,28 @@ def job_key_for(session_id: str, utterance_index: int, tgt_lang: str) -> str:
 
 def job_type_for(tgt_lang: str) -> str:
     return f"translate:{tgt_lang}"
+
+
+# ---------------------------------------------------------------- ownership (several instances)
+# Not touched by the scheduling scripts, so each carries its own id as hash tag and spreads
+# over a cluster.
+
+
+def instance(instance_id: str) -> str:
+    """String (JSON: ws_url, pid, started_ms) with a TTL this instance keeps refreshing: it is alive."""
+    return f"{PREFIX}:instance:{{{instance_id}}}"
+
+
+def instances() -> str:
+    """Sorted set: instance id -> when its liveness lapses (epoch ms); for listing."""
+    return f"{TAG}:instances"
+
+
+def session_owner(session_id: str) -> str:
+    """String: the id of the instance holding the session's client socket (TTL, refreshed)."""
+    return f"{PREFIX}:owner:session:{{{session_id}}}"
+
+
+def node_owner(node_id: str) -> str:
+    """String: the id of the instance holding the node's socket (TTL, refreshed)."""
+    return f"{PREFIX}:owner:node:{{{node_id}}}"

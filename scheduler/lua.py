@@ -102,3 +102,11 @@ def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int
         [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key)],
         [now_ms, job_id, done_ttl_s],
     )
+
+
+def owner_claim(owner_key: str, instance_id: str, ttl_ms: int, *, force: bool) -> Call:
+    return "owner_claim", [owner_key], [instance_id, ttl_ms, "1" if force else "0"]
+
+
+def owner_release(owner_key: str, instance_id: str) -> Call:
+    return "owner_release", [owner_key], [instance_id]

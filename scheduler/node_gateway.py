@@ -130,6 +130,7 @@ class NodeGateway(wsutil.Gateway):
 
     async def _leave(self, conn: NodeConnection, reason: str) -> None:
         with trio.move_on_after(5):
+            await self._ownership.release_node(conn.node_id)
             try:
                 await self._redis.script(*lua.node_state(conn.node_id, self.settings.instance_id, online=False, draining=False))
             except RedisUnavailable:
@@ -157,8 +158,11 @@ class NodeGateway(wsutil.Gateway):
         try:
             await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(),
                                                         self.settings.instance_id, reg.capabilities))
+            previous = await self._ownership.claim_node(reg.node_id)
         except RedisUnavailable as exc:
             raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
+        if previous and previous != self.settings.instance_id:
+            event(log, "node_taken_over", node_id=reg.node_id, previous_owner=previous)
 
     async def _watchdog(self, ws: WebSocketConnection, conn: NodeConnection, scope: trio.CancelScope) -> None:
         """Close the node when nothing arrived from it for ``node_ttl_ms``."""

@@ -32,6 +32,7 @@ from .embedded_redis import EmbeddedValkey
 from .logs import event
 from .metrics import Metrics
 from .node_gateway import NodeGateway, NodeRegistry
+from .ownership import Ownership
 from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
 from .redis_adapter import RedisAdapter, RedisUnavailable
 from .registry import SessionRegistry
@@ -63,6 +64,7 @@ class Running:
     sessions: SessionRegistry
     nodes: NodeRegistry
     redis: RedisAdapter
+    ownership: Ownership | None = None
     draining: bool = False
     redis_ok: bool = True
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -123,8 +125,12 @@ async def _serve(
     nodes = NodeRegistry(metrics)
     dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms,
                             job_lease_ms=settings.job_lease_ms)
-    clients = ClientGateway(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics)
-    node_gw = NodeGateway(settings=settings, redis=redis, dispatcher=dispatcher, nodes=nodes, sessions=sessions, metrics=metrics)
+    ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
+                          sessions=lambda: [a.session_id for a in sessions.actors()],
+                          nodes=lambda: [conn.node_id for conn in nodes.all()])
+    deps = dict(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics, ownership=ownership)
+    clients = ClientGateway(**deps)
+    node_gw = NodeGateway(nodes=nodes, **deps)
 
     async with trio.open_nursery() as nursery:
         running: Running | None = None
@@ -149,6 +155,7 @@ async def _serve(
                                                           fatal=True, close_code=CLOSE_INTERNAL))
 
         await nursery.start(dispatcher.run)
+        await nursery.start(ownership.run)
         ws_server = await nursery.start(
             lambda task_status: serve_websocket(
                 route, settings.ws_host, settings.ws_port, None,
@@ -161,7 +168,8 @@ async def _serve(
                             lambda: _status(running, dispatcher))
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
-                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis)
+                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis, ownership=ownership)
+        ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running)
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
@@ -220,8 +228,15 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
             })
     except RedisUnavailable:
         nodes = None
+    instances: dict[str, float] | None = None
+    if running.ownership is not None:
+        try:
+            instances = await running.ownership.alive_instances()
+        except RedisUnavailable:
+            pass
     return {
         "instance_id": running.settings.instance_id,
+        "instances": instances,
         "state": "draining" if running.draining else "ready" if running.redis_ok else "redis_unreachable",
         "redis": {"ok": running.redis_ok, "latency_ms": round(running.metrics.redis_latency_seconds._value.get() * 1000, 3)},
         "sessions": [

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .dispatcher import Dispatcher
     from .metrics import Metrics
+    from .ownership import Ownership
     from .redis_adapter import RedisAdapter
     from .registry import SessionRegistry
 
@@ -86,12 +87,14 @@ class Gateway:
         dispatcher: Dispatcher,
         sessions: SessionRegistry,
         metrics: Metrics,
+        ownership: Ownership,
     ) -> None:
         self.settings = settings
         self._redis = redis
         self._dispatcher = dispatcher
         self._sessions = sessions
         self._metrics = metrics
+        self._ownership = ownership
 
     def rate_limit(self) -> TokenBucket:
         """A fresh per-connection bucket: ``max_messages_per_s``, bursts of as many."""

@@ -37,7 +37,7 @@ class Daemon:
             events = log_events(self.log_path)
             if "listening" in events:
                 self.ws_url, self.admin_url = events["listening"]["ws"], events["listening"]["admin"]
-                self.valkey_pid = events["embedded_redis_started"]["pid"]
+                self.valkey_pid = events.get("embedded_redis_started", {}).get("pid")  # None with --redis-url
                 return
             if self.proc.poll() is not None:
                 break

@@ -1,0 +1,107 @@
+"""Ownership records (issue 6, item 1): instance liveness, session and node owner keys with
+a TTL the owner keeps refreshing, against real Valkey, in-process and as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import trio
+
+from scheduler import keys, lua
+from scheduler.redis_adapter import RedisAdapter
+
+from .helpers import SPEECH_100MS, peer, session
+from .test_e2e import Daemon
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request):
+    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
+
+
+async def test_claim_refresh_lost_and_release(redis_url, redis_client):
+    key = keys.session_owner("s1")
+    async with RedisAdapter(redis_url) as a:
+        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=True)) == ["OK", ""]
+        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=False)) == ["OK", "i1"]  # refresh
+        # the client reconnected to i2: i2 takes the key over; i1's refresh no longer extends it
+        assert await a.script(*lua.owner_claim(key, "i2", 5000, force=True)) == ["OK", "i1"]
+        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=False)) == ["LOST", "i2"]
+        assert await a.script(*lua.owner_release(key, "i1")) == 0  # not i1's to drop
+        assert redis_client.get(key) == "i2" and 0 < redis_client.pttl(key) <= 5000
+        assert await a.script(*lua.owner_release(key, "i2")) == 1
+        assert not redis_client.exists(key)
+
+
+async def test_daemon_keeps_its_records_alive_and_drops_them(start_daemon, redis_client):
+    daemon = await start_daemon(owner_ttl_ms=600)
+    me = daemon.settings.instance_id
+    info = json.loads(redis_client.get(keys.instance(me)))
+    assert info["ws_url"] == daemon.ws_url or info["ws_url"] == ""  # set once the listener is up
+    async with peer(daemon.ws_url + "/v1/node") as node:
+        await node.register("n1")
+        async with session(daemon) as s:
+            sid = s.ready["session_id"]
+            await trio.sleep(1.5)  # well past the TTL: only refreshes keep them
+            for key in (keys.instance(me), keys.session_owner(sid), keys.node_owner("n1")):
+                assert redis_client.get(key) == me or key == keys.instance(me), key
+                assert 0 < redis_client.pttl(key) <= 600, key
+            assert me in await daemon.ownership.alive_instances()
+            assert json.loads(redis_client.get(keys.instance(me)))["ws_url"] == daemon.ws_url
+        await gone(redis_client, keys.session_owner(sid))  # session ended: released (before its TTL)
+    await gone(redis_client, keys.node_owner("n1"))  # node left: released
+
+
+async def gone(redis_client, key, within=0.5):
+    with trio.fail_after(within):
+        while redis_client.exists(key):
+            await trio.sleep(0.02)
+
+
+async def test_a_takeover_is_not_fought(start_daemon, redis_client):
+    daemon = await start_daemon(owner_ttl_ms=600)
+    async with peer(daemon.ws_url + "/v1/node") as node, session(await _with_pool(daemon, node)) as s:
+        sid = s.ready["session_id"]
+        redis_client.set(keys.session_owner(sid), "other-instance", px=5000)  # resumed elsewhere
+        await trio.sleep(0.5)
+        assert redis_client.get(keys.session_owner(sid)) == "other-instance"
+    await trio.sleep(0.2)
+    assert redis_client.get(keys.session_owner(sid)) == "other-instance"  # not released by us either
+
+
+async def _with_pool(daemon, node):
+    await node.register("n1")
+    return daemon
+
+
+@pytest.mark.slow
+def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
+    daemon = Daemon(tmp_path, "--redis-url", redis_url, "--owner-ttl-ms", "1000", "--instance-id", "doomed")
+
+    async def connect_and_kill():
+        async with peer(daemon.ws_url + "/v1/node") as node, peer(daemon.ws_url + "/v1/session") as client:
+            await node.register("n9")
+            await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+            ready = await client.recv()
+            await client.send_raw(SPEECH_100MS)
+            assert redis_client.get(keys.session_owner(ready["session_id"])) == "doomed"
+            assert redis_client.get(keys.node_owner("n9")) == "doomed"
+            os.kill(daemon.proc.pid, signal.SIGKILL)  # no cleanup at all
+            return ready["session_id"]
+
+    try:
+        sid = trio.run(connect_and_kill)
+        owned = [keys.instance("doomed"), keys.session_owner(sid), keys.node_owner("n9")]
+        start = time.monotonic()
+        while any(redis_client.exists(k) for k in owned):
+            assert time.monotonic() - start < 3, [k for k in owned if redis_client.exists(k)]
+            time.sleep(0.05)
+        assert time.monotonic() - start <= 1.2  # within owner_ttl_ms of the kill
+    finally:
+        daemon.proc.kill()
+        daemon.proc.wait()
+        daemon.log.close()
