@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from . import lua
+from . import keys, lua
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
@@ -113,6 +113,7 @@ class Dispatcher:
         queue_size: int = 4096,
         retry_interval: float = 0.25,
         place_batch: int = 32,
+        orphan_grace_ms: int = 5000,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
@@ -123,6 +124,7 @@ class Dispatcher:
         self._job_lease_ms = job_lease_ms
         self._retry_interval = retry_interval
         self._place_batch = place_batch
+        self._orphan_grace_ms = orphan_grace_ms
         self._rand = rand
         self._queue_size = queue_size
         self._queued = 0
@@ -229,6 +231,7 @@ class Dispatcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expire_leases)
+            nursery.start_soon(self._sweep_orphans)
             task_status.started()
             await trio.sleep_forever()
 
@@ -245,6 +248,47 @@ class Dispatcher:
                 if node is not None:
                     node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
                 self.move(placement, "LEASE_EXPIRED")
+
+    async def _sweep_orphans(self, interval: float = 2.0, limit: int = 100) -> None:
+        """Every ``interval``: release the jobs whose session's owner is gone.
+
+        Each instance moves its own jobs when their lease runs out (:meth:`_expire_leases`).
+        A job whose instance died (kill -9) has nobody to do that: its lease stays in
+        ``{scheduler}:leases`` and its slot stays taken on its node, even after the node
+        reconnects here. So any instance looks at leases expired for longer than
+        ``orphan_grace_ms``; a job not placed here whose session has no live owner
+        (``scheduler:owner:session:*`` lapsed) is cancelled (cancel_task: slot released once),
+        and its node, if connected here, gets ``job_cancel``. Jobs of sessions that are alive
+        elsewhere are left to their owner."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
+                                                    "LIMIT", 0, limit)
+                for job_id in expired:
+                    if job_id in self.placed.job_keys:
+                        continue
+                    await self._release_orphan(str(job_id))
+            except RedisUnavailable:
+                continue
+
+    async def _release_orphan(self, job_id: str) -> None:
+        job_key, session_id, node_id, attempt = await self._redis.command(
+            "HMGET", keys.job(job_id), "job_key", "session_id", "node_id", "attempt")
+        if job_key is None:  # the job hash is gone: only the lease entry is left
+            await self._redis.command("ZREM", keys.leases(), job_id)
+            return
+        if await self._redis.command("EXISTS", keys.session_owner(session_id)):
+            return  # its session lives on another instance, which handles its leases
+        reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
+        if reply[0] != "OK":
+            return
+        self._metrics.jobs_total.labels("cancelled").inc()
+        event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
+        self.slot_freed()
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.send_nowait(JobCancel(job_id=job_id, attempt=int(attempt)))
 
     async def _run_lane(self, lane: _Lane) -> None:
         """Place the lane's jobs, oldest first, up to ``place_batch`` at a time in one ordered

@@ -124,6 +124,7 @@ async def _serve(
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
     dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms,
+                            orphan_grace_ms=settings.owner_ttl_ms,
                             job_lease_ms=settings.job_lease_ms)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
                           sessions=lambda: [a.session_id for a in sessions.actors()],

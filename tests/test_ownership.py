@@ -105,3 +105,34 @@ def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
         daemon.proc.kill()
         daemon.proc.wait()
         daemon.log.close()
+
+
+@pytest.mark.slow
+async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis_url, redis_client, start_daemon):
+    """Instance A (a real process) dies holding a session whose job runs on node n1. n1
+    reconnects to instance B, and its slot is still counted for A's job. B sees the lease
+    expired and the session's owner gone: it cancels the job, frees the slot and tells n1."""
+    a = Daemon(tmp_path, "--redis-url", redis_url, "--owner-ttl-ms", "1000", "--job-lease-ms", "1000", "--instance-id", "a")
+    try:
+        async with peer(a.ws_url + "/v1/node") as node, peer(a.ws_url + "/v1/session") as client:
+            await node.register("n1", max_jobs=1)
+            await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+            assert (await client.recv())["type"] == "session_ready"
+            await client.send_raw(SPEECH_100MS)
+            await client.send(type="finalize")
+            job = await node.recv()
+            assert job["type"] == "job_assign"
+            os.kill(a.proc.pid, signal.SIGKILL)
+    finally:
+        a.proc.wait()
+        a.log.close()
+    b = await start_daemon(redis_url=redis_url, owner_ttl_ms=1000, instance_id="b", heartbeat_interval_ms=2000, node_ttl_ms=20_000)
+    async with peer(b.ws_url + "/v1/node") as node:
+        await node.register("n1", max_jobs=1)
+        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "1"  # A's job still holds the slot
+        with trio.fail_after(10):
+            cancel = await node.recv(timeout=10)
+        assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
+        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"
+        assert redis_client.hget(keys.job(job["job_id"]), "status") == "cancelled"
+        assert redis_client.zscore(keys.leases(), job["job_id"]) is None
