@@ -281,7 +281,7 @@ def start_daemon(args: argparse.Namespace, redis_url: str) -> tuple[subprocess.P
     ws_port, admin_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "scheduler", "serve", "--ws-port", str(ws_port), "--admin-port", str(admin_port),
            "--redis-url", redis_url, "--idle-timeout-ms", "600000", "--pause-ms", str(args.pause_ms),
-           "--log-level", "warning", "--redis-pool-size", str(args.redis_pool_size)]
+           "--log-level", "warning", "--redis-pool-size", str(args.redis_pool_size), *args.daemon_arg]
     with open(Path(args.out).with_suffix(".daemon.log"), "w") as log:  # the child keeps its own descriptor
         daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 30
@@ -530,6 +530,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--service-sigma", type=float, default=0.5, help="log-normal sigma of the service time (default 0.5)")
     parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
     parser.add_argument("--redis-pool-size", type=int, default=4)
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                        help="extra flag for scheduler serve (repeat: --daemon-arg=--owner-ttl-ms --daemon-arg=9000)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon during the active phase (collapsed stacks next to the JSON)")
