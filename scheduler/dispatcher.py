@@ -55,6 +55,7 @@ from .session import JobOutcome, JobRequest, JobWaiting
 if TYPE_CHECKING:
     from .node_gateway import NodeRegistry
     from .registry import SessionRegistry
+    from .relay import Relay
 
 log = logging.getLogger("scheduler.dispatcher")
 
@@ -114,6 +115,7 @@ class Dispatcher:
         retry_interval: float = 0.25,
         place_batch: int = 32,
         orphan_grace_ms: int = 5000,
+        instance_id: str = "",
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
@@ -125,6 +127,9 @@ class Dispatcher:
         self._retry_interval = retry_interval
         self._place_batch = place_batch
         self._orphan_grace_ms = orphan_grace_ms
+        self._relay: Relay | None = None
+        self._instance_id = instance_id
+        self._remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances, to relay
         self._rand = rand
         self._queue_size = queue_size
         self._queued = 0
@@ -134,6 +139,10 @@ class Dispatcher:
         self._scheduling = SchedulingClient(redis)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
+
+    def use_relay(self, relay: Relay) -> None:
+        """Jobs placed on nodes of other instances go through ``relay`` (else they move on)."""
+        self._relay = relay
 
     # ------------------------------------------------------------ the actor's port
 
@@ -356,7 +365,22 @@ class Dispatcher:
                 self._moving.pop(request.job_key, None)
                 self._fail(request, "INTERNAL")
                 codes.append(None)
+        remote, self._remote = self._remote, []
+        for placement, assign in remote:
+            await self._relay_job(placement, assign)
         return codes
+
+    async def _relay_job(self, placement: Placement, assign: JobAssign) -> None:
+        """The chosen node is held by another instance: send the job over that instance's
+        stream. A node with no live owner is gone: the job moves on (attempt + 1)."""
+        try:
+            owner = await self._redis.command("GET", keys.node_owner(placement.node_id))
+            if owner and owner != self._instance_id and self._relay is not None:
+                await self._relay.send_job(owner, placement.node_id, assign)
+                return
+        except RedisUnavailable:
+            pass
+        self.move(placement, "NODE_UNREACHABLE")
 
     def _builder(self, request: JobRequest, moving: Placement | None, job_id: str | None) -> Callable[[lua.Candidates], lua.Call]:
         rand, now = self._rand(), now_ms()
@@ -457,6 +481,9 @@ class Dispatcher:
             audio=base64.b64encode(request.audio).decode("ascii"),
             deadline_ms=deadline_ms,
         )
+        if node is None and self._relay is not None:
+            self._remote.append((placement, assign))  # relayed by _place once the batch is through
+            return None
         if node is None or not node.send_nowait(assign):
             # The node left (or is not reading) between placement and hand-over: the lane keeps
             # the job at its head and places it again, elsewhere, as attempt + 1.

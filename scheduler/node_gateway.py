@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -36,10 +36,14 @@ from .protocol import (
     Register,
     Registered,
     Translation,
+    parse_from_daemon,
     parse_node,
 )
 from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, now_ms
 from .session import JobOutcome
+
+if TYPE_CHECKING:
+    from .relay import Relay
 
 log = logging.getLogger("scheduler.node_gateway")
 
@@ -99,9 +103,15 @@ class NodeRegistry:
 class NodeGateway(wsutil.Gateway):
     side = "node"
 
-    def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
+    def __init__(self, *, nodes: NodeRegistry, relay: Relay | None = None, **deps: Any) -> None:
         super().__init__(**deps)
         self._nodes = nodes
+        self.relay = relay  # set by serve() once the relay runs
+
+    def deliver_relayed_job(self, node_id: str, msg: str) -> bool:
+        """A job another instance placed on a node held here (relay.py): to its outbox."""
+        conn = self._nodes.get(node_id)
+        return conn is not None and conn.send_nowait(parse_from_daemon(msg, "node"))
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -249,6 +259,21 @@ class NodeGateway(wsutil.Gateway):
             node_id=conn.node_id,
             error=None if ok else (msg.error or "NODE_ERROR"),
         )
-        self._sessions.deliver(session_id, JobOutcome(int(utterance_index), tgt_lang, translation,
-                                                      msg.source_text if ok else None))
+        outcome = JobOutcome(int(utterance_index), tgt_lang, translation, msg.source_text if ok else None)
+        if session_id in self._sessions or self.relay is None:
+            self._sessions.deliver(session_id, outcome)
+        else:
+            await self._forward(session_id, outcome)
+
+    async def _forward(self, session_id: str, outcome: JobOutcome) -> None:
+        """The session is held by another instance: publish the answer to it (relay.py)."""
+        assert self.relay is not None
+        try:
+            owner = await self._redis.command("GET", keys.session_owner(session_id))
+            if owner and owner != self.settings.instance_id and await self.relay.send_outcome(owner, session_id, outcome):
+                return
+        except RedisUnavailable:
+            pass
+        self._metrics.answers_undeliverable_total.inc()
+        event(log, "outcome_undeliverable", logging.DEBUG, session_id=session_id, utterance_index=outcome.utterance_index)
 

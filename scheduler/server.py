@@ -36,6 +36,7 @@ from .ownership import Ownership
 from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
 from .redis_adapter import RedisAdapter, RedisUnavailable
 from .registry import SessionRegistry
+from .relay import Relay
 from .systemd import Notifier
 
 log = logging.getLogger("scheduler.server")
@@ -124,7 +125,7 @@ async def _serve(
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
     dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms,
-                            orphan_grace_ms=settings.owner_ttl_ms,
+                            orphan_grace_ms=settings.owner_ttl_ms, instance_id=settings.instance_id,
                             job_lease_ms=settings.job_lease_ms)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
                           sessions=lambda: [a.session_id for a in sessions.actors()],
@@ -133,7 +134,12 @@ async def _serve(
     clients = ClientGateway(**deps)
     node_gw = NodeGateway(nodes=nodes, **deps)
 
-    async with trio.open_nursery() as nursery:
+    relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,
+                  deliver_outcome=sessions.deliver)
+    dispatcher.use_relay(relay)
+    node_gw.relay = relay
+
+    async with relay, trio.open_nursery() as nursery:
         running: Running | None = None
 
         async def route(request: WebSocketRequest) -> None:

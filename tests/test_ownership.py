@@ -136,3 +136,54 @@ async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis
         assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"
         assert redis_client.hget(keys.job(job["job_id"]), "status") == "cancelled"
         assert redis_client.zscore(keys.leases(), job["job_id"]) is None
+
+
+async def test_job_and_answer_cross_instances(start_daemon, redis_url):
+    """Session on instance A, node on instance B, one Redis: the job goes to B over B's
+    stream, the node's answer comes back to A over Pub/Sub, the client gets it."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    async with peer(b.ws_url + "/v1/node") as node:
+        await node.register("far", max_jobs=2)
+        async with session(a) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            with trio.fail_after(5):
+                job = await node.recv()
+            assert job["type"] == "job_assign" and job["session_id"] == s.ready["session_id"] and job["attempt"] == 1
+            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="over there")
+            result, _ = await s.recv_until("result")
+            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "over there"
+            assert result["translations"]["en"]["node_id"] == "far"
+    sent_a = a.metrics.render().decode()
+    sent_b = b.metrics.render().decode()
+    assert 'scheduler_relay_messages_total{kind="job_sent"} 1.0' in sent_a
+    assert 'scheduler_relay_messages_total{kind="job_received"} 1.0' in sent_b
+    assert 'scheduler_relay_messages_total{kind="outcome_sent"} 1.0' in sent_b
+    assert 'scheduler_relay_messages_total{kind="outcome_received"} 1.0' in sent_a
+
+
+async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemon, redis_url, redis_client, monkeypatch):
+    """An entry of b's job stream was taken by a reader that died before acknowledging it:
+    b reclaims it (XAUTOCLAIM) once it has been idle long enough and hands it to the node."""
+    from scheduler import relay
+    from scheduler.protocol import JobAssign, encode
+
+    monkeypatch.setattr(relay, "RECLAIM_IDLE_MS", 1500)
+    monkeypatch.setattr(relay, "RECLAIM_EVERY_S", 0.2)
+    stream = relay.job_stream("b")
+    redis_client.xgroup_create(stream, relay.GROUP, id="0", mkstream=True)
+    assign = JobAssign(job_id="77", attempt=1, job_key="s:0:translate:en", session_id="s", utterance_index=0,
+                       job_type="translate:en", src_lang="zh", tgt_lang="en", turn_id="s:t1", sample_rate=16000,
+                       audio="", deadline_ms=0)
+    redis_client.xadd(stream, {"node_id": "nb", "msg": encode(assign)})
+    assert redis_client.xreadgroup(relay.GROUP, "ghost", {stream: ">"})  # ... and the ghost dies
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    async with peer(b.ws_url + "/v1/node") as node:
+        await node.register("nb")
+        with trio.fail_after(5):
+            got = await node.recv()
+        assert (got["type"], got["job_id"]) == ("job_assign", "77")
+        with trio.fail_after(2):
+            while redis_client.xpending(stream, relay.GROUP)["pending"]:
+                await trio.sleep(0.05)
