@@ -240,6 +240,19 @@ class RedisAdapter:
             await call.done.wait()
         return [call.error if call.error is not None else call.result for call in group.calls]
 
+    async def commands_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Plain commands, in this order, in one pipeline; each reply or its exception (not raised)."""
+        group = _Group([_Call(script=None, args=tuple(args)) for args in commands])
+        if not group.calls:
+            return []
+        try:
+            await self._send.send(group)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return [RedisUnavailable("redis adapter is closed")] * len(group.calls)
+        for call in group.calls:
+            await call.done.wait()
+        return [call.error if call.error is not None else call.result for call in group.calls]
+
     async def command(self, *args: Any) -> Any:
         """Run one plain Redis command (``"HGETALL", key``) through the batcher."""
         return await self._submit(_Call(script=None, args=args))

@@ -8,6 +8,11 @@ over Pub/Sub to that instance's channel, read by one subscriber connection per i
 - ``scheduler:jobs:{instance_id}``: stream, field ``node_id`` and ``msg`` (the job_assign
   JSON); group ``relay``, consumer = the instance id; trimmed to ``STREAM_MAXLEN``.
 - ``scheduler:answers:{instance_id}``: Pub/Sub channel of JobOutcome JSON for its sessions.
+- ``scheduler:answers:{session_id}``: hash "index:tgt_lang" -> the same JSON, written before
+  it is published and deleted once the session took it, so that a lost Pub/Sub message
+  loses nothing: the owner also looks there, every ``ANSWER_POLL_S``, for each of its
+  sessions that still waits for answers. A duplicate (published and polled) is harmless:
+  the session's results sequencer takes one answer per index and language.
 
 Both blocking reads run in their own threads with their own connections (never in the
 adapter's pool) and hand each message to Trio with ``trio.from_thread.run_sync``; they
@@ -17,9 +22,8 @@ lease runs out). On start the instance first re-reads what it had read but not a
 before; every ``RECLAIM_EVERY_S`` it reclaims (XAUTOCLAIM) entries that any reader of its
 stream left unacknowledged for ``RECLAIM_IDLE_MS``.
 
-Not (yet) here: answers are not stored for a session owner that changes (session resume),
-so an answer published to an instance that no longer holds the session is counted and
-dropped; its utterance resolves at its result deadline.
+Not (yet) here: session resume. An answer for a session that no longer lives anywhere stays
+stored until its TTL (``ANSWER_TTL_MS``) and is counted as ``outcome_session_gone``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import trio
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, converter, encode
-from .redis_adapter import RedisAdapter
+from .redis_adapter import RedisAdapter, RedisUnavailable
 from .session import JobOutcome
 
 log = logging.getLogger("scheduler.relay")
@@ -47,6 +51,8 @@ STREAM_MAXLEN = 100_000
 POLL_S = 0.5
 RECLAIM_IDLE_MS = 10_000  # an entry read but not acknowledged for this long belongs to a dead reader
 RECLAIM_EVERY_S = 5.0
+ANSWER_POLL_S = 1.0
+ANSWER_TTL_MS = 600_000
 
 
 def job_stream(instance_id: str) -> str:
@@ -57,18 +63,24 @@ def answer_channel(instance_id: str) -> str:
     return f"scheduler:answers:{{{instance_id}}}"
 
 
+def stored_answers(session_id: str) -> str:
+    return f"scheduler:answers:session:{{{session_id}}}"
+
+
 class Relay:
     """Async context manager. ``deliver_job(node_id, msg_json) -> bool`` hands a job to a local
     node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session."""
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
-                 deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool]) -> None:
+                 deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
+                 waiting_sessions: Callable[[], list[str]] = list) -> None:
         self._url = url
         self._redis = adapter
         self.instance_id = instance_id
         self._metrics = metrics
         self._deliver_job = deliver_job
         self._deliver_outcome = deliver_outcome
+        self._waiting_sessions = waiting_sessions  # local sessions with results still owed
         self._stop = threading.Event()
         self.jobs_received = 0
         self.outcomes_received = 0
@@ -80,16 +92,18 @@ class Relay:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._nursery_cm = trio.open_nursery()
-        nursery = await self._nursery_cm.__aenter__()
+        nursery = self._nursery = await self._nursery_cm.__aenter__()
         subscribed = trio.Event()
         nursery.start_soon(self._thread, self._read_jobs, None)
         nursery.start_soon(self._thread, self._read_answers, subscribed)
+        nursery.start_soon(self._poll_stored_answers)
         with trio.fail_after(10):
             await subscribed.wait()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        self._stop.set()  # the reader threads return within POLL_S
+        self._stop.set()  # the reader threads return within POLL_S (abandoned meanwhile)
+        self._nursery.cancel_scope.cancel()  # the stored-answer poller
         return await self._nursery_cm.__aexit__(*exc_info)
 
     async def _thread(self, fn: Callable[..., None], arg: Any) -> None:
@@ -107,6 +121,8 @@ class Relay:
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
         """PUBLISH the answer to the instance holding the session; returns the receivers."""
         payload = json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
+        key = stored_answers(session_id)
+        await self._redis.commands_many([("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS)])
         receivers = await self._redis.command("PUBLISH", answer_channel(owner), payload)
         self._metrics.relay_messages_total.labels("outcome_sent").inc()
         return int(receivers)
@@ -177,9 +193,37 @@ class Relay:
                     return
                 self.outcomes_received += 1
                 self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()
+                if delivered:
+                    client.hdel(stored_answers(data["session_id"]), _field(outcome))
         finally:
             pubsub.close()
             client.close()
+
+
+    async def _poll_stored_answers(self) -> None:
+        """Answers stored for local sessions that still wait (their Pub/Sub message was lost)."""
+        while True:
+            await trio.sleep(ANSWER_POLL_S)
+            sessions = self._waiting_sessions()
+            try:
+                stored = await self._redis.commands_many([("HGETALL", stored_answers(s)) for s in sessions])
+            except RedisUnavailable:
+                continue
+            taken = []
+            for session_id, answers in zip(sessions, stored, strict=True):
+                if isinstance(answers, BaseException) or not answers:
+                    continue
+                for field, payload in answers.items():
+                    outcome = converter.structure(json.loads(payload)["outcome"], JobOutcome)
+                    if self._deliver_outcome(session_id, outcome):
+                        self._metrics.relay_messages_total.labels("outcome_polled").inc()
+                        taken.append(("HDEL", stored_answers(session_id), field))
+            if taken:
+                await self._redis.commands_many(taken)
+
+
+def _field(outcome: JobOutcome) -> str:
+    return f"{outcome.utterance_index}:{outcome.tgt_lang}"
 
 
 def _connect(url: str) -> Any:

@@ -135,7 +135,8 @@ async def _serve(
     node_gw = NodeGateway(nodes=nodes, **deps)
 
     relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,
-                  deliver_outcome=sessions.deliver)
+                  deliver_outcome=sessions.deliver,
+                  waiting_sessions=lambda: [a.session_id for a in sessions.actors() if a.results.outstanding])
     dispatcher.use_relay(relay)
     node_gw.relay = relay
 

@@ -187,3 +187,29 @@ async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemo
         with trio.fail_after(2):
             while redis_client.xpending(stream, relay.GROUP)["pending"]:
                 await trio.sleep(0.05)
+
+
+async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url, redis_client, monkeypatch):
+    """The answer is stored before it is published: when the Pub/Sub message never arrives,
+    the session's owner finds it in Redis and the client still gets its result, once."""
+    from scheduler import relay
+
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    monkeypatch.setattr(relay, "answer_channel", lambda owner: "scheduler:answers:nobody-listens")
+    async with peer(b.ws_url + "/v1/node") as node:
+        await node.register("far", max_jobs=2)
+        async with session(a) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            with trio.fail_after(5):
+                job = await node.recv()
+            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="kept")
+            result, _ = await s.recv_until("result")
+            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "kept"
+            with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
+                extra = await s.recv_until("result")
+                raise AssertionError(f"second result {extra}")
+            assert not redis_client.hgetall(relay.stored_answers(s.ready["session_id"]))  # taken: deleted
+    assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
+    assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()
