@@ -39,7 +39,7 @@ from .protocol import (
     parse_from_daemon,
     parse_node,
 )
-from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, now_ms
+from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
 from .session import JobOutcome
 
 if TYPE_CHECKING:
@@ -56,9 +56,10 @@ class NodeConnection:
     treats the node as unreachable for that job.
     """
 
-    def __init__(self, node_id: str, max_jobs: int) -> None:
+    def __init__(self, node_id: str, max_jobs: int, registration: Register | None = None) -> None:
         self.node_id = node_id
         self.max_jobs = max_jobs
+        self.registration = registration  # written again if Redis forgot the node (restart without data)
         self.draining = False
         self.last_seen = trio.current_time()
         self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
@@ -118,7 +119,7 @@ class NodeGateway(wsutil.Gateway):
         reg = await self.first_message(ws, peer, self._accept_register)
         if reg is None:
             return
-        conn = NodeConnection(reg.node_id, reg.max_jobs)
+        conn = NodeConnection(reg.node_id, reg.max_jobs, reg)
         self._nodes.add(conn)
         event(log, "node_joined", node_id=reg.node_id, peer=peer, max_jobs=reg.max_jobs,
               pools=",".join(sorted({p for p, _, _ in reg.pool_pairs()})))
@@ -221,6 +222,15 @@ class NodeGateway(wsutil.Gateway):
     async def _heartbeat(self, conn: NodeConnection, msg: Heartbeat) -> None:
         try:
             await self._redis.script(*lua.heartbeat(conn.node_id, now_ms(), msg.load))
+        except UnknownNode:
+            # Redis lost the node (restarted without its data): register it again, as it is
+            if conn.registration is not None:
+                event(log, "node_registered_again", logging.WARNING, node_id=conn.node_id)
+                try:
+                    await self._write_registration(conn.registration)
+                    self._dispatcher.slot_freed()
+                except ProtocolError as exc:
+                    event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=exc.message)
         except (RedisUnavailable, ScriptError) as exc:
             event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(exc))
 

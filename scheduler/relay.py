@@ -28,6 +28,7 @@ stored until its TTL (``ANSWER_TTL_MS``) and is counted as ``outcome_session_gon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -148,6 +149,16 @@ class Relay:
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     event(log, "relay_read_failed", logging.WARNING, stream=stream, error=str(exc))
                     self._stop.wait(POLL_S)
+                    continue
+                except redis.exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    if self._stop.is_set():
+                        break
+                    # Redis came back without its data: the stream and group are gone
+                    event(log, "relay_group_recreated", logging.WARNING, stream=stream)
+                    with contextlib.suppress(redis.exceptions.ResponseError):
+                        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
                     continue
                 self._handle_entries(client, token, reply)
         finally:
