@@ -100,7 +100,7 @@ def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
         while any(redis_client.exists(k) for k in owned):
             assert time.monotonic() - start < 3, [k for k in owned if redis_client.exists(k)]
             time.sleep(0.05)
-        assert time.monotonic() - start <= 1.2  # within owner_ttl_ms of the kill
+        assert time.monotonic() - start <= 1.8  # owner_ttl_ms after the last refresh (+ polling slack on a busy box)
     finally:
         daemon.proc.kill()
         daemon.proc.wait()
