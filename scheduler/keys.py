@@ -109,3 +109,21 @@ def session_owner(session_id: str) -> str:
 def node_owner(node_id: str) -> str:
     """String: the id of the instance holding the node's socket (TTL, refreshed)."""
     return f"{PREFIX}:owner:node:{{{node_id}}}"
+
+
+# ---------------------------------------------------------------- relay between instances (relay.py)
+
+
+def job_stream(instance_id: str) -> str:
+    """Stream of jobs for the nodes an instance holds (consumer group ``relay``)."""
+    return f"{PREFIX}:jobs:{{{instance_id}}}"
+
+
+def answer_channel(instance_id: str) -> str:
+    """Pub/Sub channel of answers for the sessions an instance holds."""
+    return f"{PREFIX}:answers:{{{instance_id}}}"
+
+
+def stored_answers(session_id: str) -> str:
+    """Hash "index:tgt_lang" -> relayed answer JSON, until the session took it."""
+    return f"{PREFIX}:answers:session:{{{session_id}}}"

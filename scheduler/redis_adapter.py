@@ -229,20 +229,14 @@ class RedisAdapter:
         for name, _, _ in calls:
             if name not in self._sources:
                 raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
-        group = _Group([_Call(script=name, args=(*keys, *args), nkeys=len(keys)) for name, keys, args in calls])
-        if not group.calls:
-            return []
-        try:
-            await self._send.send(group)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return [RedisUnavailable("redis adapter is closed")] * len(group.calls)
-        for call in group.calls:
-            await call.done.wait()
-        return [call.error if call.error is not None else call.result for call in group.calls]
+        return await self._run_group([_Call(script=name, args=(*keys, *args), nkeys=len(keys)) for name, keys, args in calls])
 
     async def commands_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Plain commands, in this order, in one pipeline; each reply or its exception (not raised)."""
-        group = _Group([_Call(script=None, args=tuple(args)) for args in commands])
+        return await self._run_group([_Call(script=None, args=tuple(args)) for args in commands])
+
+    async def _run_group(self, calls: list[_Call]) -> list[Any]:
+        group = _Group(calls)
         if not group.calls:
             return []
         try:

@@ -39,6 +39,7 @@ from typing import Any
 import redis
 import trio
 
+from . import keys
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, converter, encode
@@ -54,18 +55,6 @@ RECLAIM_IDLE_MS = 10_000  # an entry read but not acknowledged for this long bel
 RECLAIM_EVERY_S = 5.0
 ANSWER_POLL_S = 1.0
 ANSWER_TTL_MS = 600_000
-
-
-def job_stream(instance_id: str) -> str:
-    return f"scheduler:jobs:{{{instance_id}}}"
-
-
-def answer_channel(instance_id: str) -> str:
-    return f"scheduler:answers:{{{instance_id}}}"
-
-
-def stored_answers(session_id: str) -> str:
-    return f"scheduler:answers:session:{{{session_id}}}"
 
 
 class Relay:
@@ -88,7 +77,7 @@ class Relay:
 
     async def __aenter__(self) -> Relay:
         try:
-            await self._redis.command("XGROUP", "CREATE", job_stream(self.instance_id), GROUP, "0", "MKSTREAM")
+            await self._redis.command("XGROUP", "CREATE", keys.job_stream(self.instance_id), GROUP, "0", "MKSTREAM")
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -115,16 +104,16 @@ class Relay:
 
     async def send_job(self, owner: str, node_id: str, assign: JobAssign) -> None:
         """XADD the job to the stream of the instance holding ``node_id``."""
-        await self._redis.command("XADD", job_stream(owner), "MAXLEN", "~", STREAM_MAXLEN, "*",
+        await self._redis.command("XADD", keys.job_stream(owner), "MAXLEN", "~", STREAM_MAXLEN, "*",
                                   "node_id", node_id, "msg", encode(assign))
         self._metrics.relay_messages_total.labels("job_sent").inc()
 
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
         """PUBLISH the answer to the instance holding the session; returns the receivers."""
         payload = json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
-        key = stored_answers(session_id)
+        key = keys.stored_answers(session_id)
         await self._redis.commands_many([("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS)])
-        receivers = await self._redis.command("PUBLISH", answer_channel(owner), payload)
+        receivers = await self._redis.command("PUBLISH", keys.answer_channel(owner), payload)
         self._metrics.relay_messages_total.labels("outcome_sent").inc()
         return int(receivers)
 
@@ -132,7 +121,7 @@ class Relay:
 
     def _read_jobs(self, token: trio.lowlevel.TrioToken, _: Any) -> None:
         client = _connect(self._url)
-        stream = job_stream(self.instance_id)
+        stream = keys.job_stream(self.instance_id)
         next_reclaim = 0.0
         try:
             # what this instance id read before but never acknowledged (a crash)
@@ -185,7 +174,7 @@ class Relay:
         client = _connect(self._url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(answer_channel(self.instance_id))
+            pubsub.subscribe(keys.answer_channel(self.instance_id))
             trio.from_thread.run_sync(subscribed.set, trio_token=token)
             while not self._stop.is_set():
                 try:
@@ -205,7 +194,7 @@ class Relay:
                 self.outcomes_received += 1
                 self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()
                 if delivered:
-                    client.hdel(stored_answers(data["session_id"]), _field(outcome))
+                    client.hdel(keys.stored_answers(data["session_id"]), _field(outcome))
         finally:
             pubsub.close()
             client.close()
@@ -217,7 +206,7 @@ class Relay:
             await trio.sleep(ANSWER_POLL_S)
             sessions = self._waiting_sessions()
             try:
-                stored = await self._redis.commands_many([("HGETALL", stored_answers(s)) for s in sessions])
+                stored = await self._redis.commands_many([("HGETALL", keys.stored_answers(s)) for s in sessions])
             except RedisUnavailable:
                 continue
             taken = []
@@ -228,7 +217,7 @@ class Relay:
                     outcome = converter.structure(json.loads(payload)["outcome"], JobOutcome)
                     if self._deliver_outcome(session_id, outcome):
                         self._metrics.relay_messages_total.labels("outcome_polled").inc()
-                        taken.append(("HDEL", stored_answers(session_id), field))
+                        taken.append(("HDEL", keys.stored_answers(session_id), field))
             if taken:
                 await self._redis.commands_many(taken)
 

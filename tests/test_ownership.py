@@ -3,6 +3,7 @@ a TTL the owner keeps refreshing, against real Valkey, in-process and as a real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,11 +139,10 @@ async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis
         assert redis_client.zscore(keys.leases(), job["job_id"]) is None
 
 
-async def test_job_and_answer_cross_instances(start_daemon, redis_url):
-    """Session on instance A, node on instance B, one Redis: the job goes to B over B's
-    stream, the node's answer comes back to A over Pub/Sub, the client gets it."""
-    a = await start_daemon(redis_url=redis_url, instance_id="a")
-    b = await start_daemon(redis_url=redis_url, instance_id="b")
+@contextlib.asynccontextmanager
+async def answered_across(a, b, text):
+    """A session on daemon ``a``, its one utterance answered by node "far" on daemon ``b``:
+    yields (session peer, the job_assign the node got, the result the client got)."""
     async with peer(b.ws_url + "/v1/node") as node:
         await node.register("far", max_jobs=2)
         async with session(a) as s:
@@ -150,11 +150,21 @@ async def test_job_and_answer_cross_instances(start_daemon, redis_url):
             await s.send(type="finalize")
             with trio.fail_after(5):
                 job = await node.recv()
-            assert job["type"] == "job_assign" and job["session_id"] == s.ready["session_id"] and job["attempt"] == 1
-            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="over there")
+            assert job["type"] == "job_assign"
+            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text=text)
             result, _ = await s.recv_until("result")
-            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "over there"
-            assert result["translations"]["en"]["node_id"] == "far"
+            yield s, job, result
+
+
+async def test_job_and_answer_cross_instances(start_daemon, redis_url):
+    """Session on instance A, node on instance B, one Redis: the job goes to B over B's
+    stream, the node's answer comes back to A over Pub/Sub, the client gets it."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    async with answered_across(a, b, "over there") as (s, job, result):
+        assert job["session_id"] == s.ready["session_id"] and job["attempt"] == 1
+        assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "over there"
+        assert result["translations"]["en"]["node_id"] == "far"
     sent_a = a.metrics.render().decode()
     sent_b = b.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="job_sent"} 1.0' in sent_a
@@ -171,7 +181,7 @@ async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemo
 
     monkeypatch.setattr(relay, "RECLAIM_IDLE_MS", 1500)
     monkeypatch.setattr(relay, "RECLAIM_EVERY_S", 0.2)
-    stream = relay.job_stream("b")
+    stream = keys.job_stream("b")
     redis_client.xgroup_create(stream, relay.GROUP, id="0", mkstream=True)
     assign = JobAssign(job_id="77", attempt=1, job_key="s:0:translate:en", session_id="s", utterance_index=0,
                        job_type="translate:en", src_lang="zh", tgt_lang="en", turn_id="s:t1", sample_rate=16000,
@@ -192,24 +202,14 @@ async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemo
 async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url, redis_client, monkeypatch):
     """The answer is stored before it is published: when the Pub/Sub message never arrives,
     the session's owner finds it in Redis and the client still gets its result, once."""
-    from scheduler import relay
-
     a = await start_daemon(redis_url=redis_url, instance_id="a")
     b = await start_daemon(redis_url=redis_url, instance_id="b")
-    monkeypatch.setattr(relay, "answer_channel", lambda owner: "scheduler:answers:nobody-listens")
-    async with peer(b.ws_url + "/v1/node") as node:
-        await node.register("far", max_jobs=2)
-        async with session(a) as s:
-            await s.send_raw(SPEECH_100MS)
-            await s.send(type="finalize")
-            with trio.fail_after(5):
-                job = await node.recv()
-            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="kept")
-            result, _ = await s.recv_until("result")
-            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "kept"
-            with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
-                extra = await s.recv_until("result")
-                raise AssertionError(f"second result {extra}")
-            assert not redis_client.hgetall(relay.stored_answers(s.ready["session_id"]))  # taken: deleted
+    monkeypatch.setattr(keys, "answer_channel", lambda owner: "scheduler:answers:nobody-listens")
+    async with answered_across(a, b, "kept") as (s, _, result):
+        assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "kept"
+        with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
+            extra = await s.recv_until("result")
+            raise AssertionError(f"second result {extra}")
+        assert not redis_client.hgetall(keys.stored_answers(s.ready["session_id"]))  # taken: deleted
     assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()
