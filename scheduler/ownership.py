@@ -35,6 +35,8 @@ from .redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 
 log = logging.getLogger("scheduler.ownership")
 
+REFRESH_CHUNK = 32
+
 
 class Ownership:
     def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
@@ -104,7 +106,10 @@ class Ownership:
         info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms})
         await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms)
         await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
-        replies = await self._redis.script_many([lua.owner_claim(k, self.instance_id, self.ttl_ms, force=False) for k in owned])
+        replies: list[object] = []
+        for start in range(0, len(owned), REFRESH_CHUNK):  # small groups: no long stall of other Redis calls
+            chunk = owned[start:start + REFRESH_CHUNK]
+            replies += await self._redis.script_many([lua.owner_claim(k, self.instance_id, self.ttl_ms, force=False) for k in chunk])
         for key, reply in zip(owned, replies, strict=True):
             if isinstance(reply, RedisUnavailable):
                 raise reply

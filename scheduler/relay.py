@@ -11,7 +11,7 @@ over Pub/Sub to that instance's channel, read by one subscriber connection per i
 - ``scheduler:answers:{session_id}``: hash "index:tgt_lang" -> the same JSON, written before
   it is published and deleted once the session took it, so that a lost Pub/Sub message
   loses nothing: the owner also looks there, every ``ANSWER_POLL_S``, for each of its
-  sessions that still waits for answers. A duplicate (published and polled) is harmless:
+  sessions with an utterance that has waited more than 2 s for its answers. A duplicate (published and polled) is harmless:
   the session's results sequencer takes one answer per index and language.
 
 Both blocking reads run in their own threads with their own connections (never in the

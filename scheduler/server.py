@@ -136,7 +136,7 @@ async def _serve(
 
     relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,
                   deliver_outcome=sessions.deliver,
-                  waiting_sessions=lambda: [a.session_id for a in sessions.actors() if a.results.outstanding])
+                  waiting_sessions=lambda: _long_waiting(sessions, settings))
     dispatcher.use_relay(relay)
     node_gw.relay = relay
 
@@ -195,6 +195,14 @@ async def _serve(
         await _drain(running)
         nursery.cancel_scope.cancel()
     event(log, "stopped", instance_id=settings.instance_id)
+
+
+def _long_waiting(sessions: SessionRegistry, settings: Settings, older_than_s: float = 2.0) -> list[str]:
+    """Sessions with an utterance finalized more than ``older_than_s`` ago and still missing
+    answers: the ones worth looking up in Redis for an answer whose Pub/Sub message was
+    lost (looking up every waiting session each second cost p99 latency, bench/load.py)."""
+    horizon = trio.current_time() + settings.result_deadline_ms / 1000 - older_than_s
+    return [a.session_id for a in sessions.actors() if a.results.next_deadline() < horizon]
 
 
 async def _drain(running: Running) -> None:
