@@ -129,7 +129,6 @@ class Dispatcher:
         self._orphan_grace_ms = orphan_grace_ms
         self._relay: Relay | None = None
         self._instance_id = instance_id
-        self._remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances, to relay
         self._rand = rand
         self._queue_size = queue_size
         self._queued = 0
@@ -183,14 +182,18 @@ class Dispatcher:
                 continue
             self._metrics.jobs_in_flight.dec()
             try:
-                reply = await self._release(placement)
+                reply = await self._release(placement.job_id, job_key, placement.node_id)
             except RedisUnavailable:
                 continue
             if reply[0] == "OK":
-                self._metrics.jobs_total.labels("cancelled").inc()
-                node = self._nodes.get(placement.node_id)
-                if node is not None:
-                    node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+                self._cancelled(placement.job_id, placement.node_id, placement.attempt)
+
+    def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
+        """cancel_task released the job: count it and tell its node, if connected here."""
+        self._metrics.jobs_total.labels("cancelled").inc()
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.send_nowait(JobCancel(job_id=job_id, attempt=attempt))
 
     # ------------------------------------------------------------ called by the node gateway
 
@@ -289,15 +292,9 @@ class Dispatcher:
             return
         if await self._redis.command("EXISTS", keys.session_owner(session_id)):
             return  # its session lives on another instance, which handles its leases
-        reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
-        if reply[0] != "OK":
-            return
-        self._metrics.jobs_total.labels("cancelled").inc()
-        event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
-        self.slot_freed()
-        node = self._nodes.get(node_id)
-        if node is not None:
-            node.send_nowait(JobCancel(job_id=job_id, attempt=int(attempt)))
+        if (await self._release(job_id, job_key, node_id))[0] == "OK":
+            event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
+            self._cancelled(job_id, node_id, int(attempt))
 
     async def _run_lane(self, lane: _Lane) -> None:
         """Place the lane's jobs, oldest first, up to ``place_batch`` at a time in one ordered
@@ -349,23 +346,23 @@ class Dispatcher:
         """Place ``batch`` (oldest first) with one ordered pipeline of dispatch_task /
         redispatch_task calls. Per job: None when it is done with (placed, duplicate or failed
         for good), or the error code when it must wait for a node."""
+        movings = [self._moving.get(r.job_key) for r in batch]
         try:
-            fresh_ids = iter(await self._scheduling.job_ids(sum(r.job_key not in self._moving for r in batch)))
-            movings = [self._moving.get(r.job_key) for r in batch]
+            fresh_ids = iter(await self._scheduling.job_ids(sum(m is None for m in movings)))
             builders = [self._builder(r, m, None if m else next(fresh_ids)) for r, m in zip(batch, movings, strict=True)]
             replies = await self._scheduling.run_many(lane.pair[0], lane.pair[1], builders)
         except RedisUnavailable as exc:
-            replies, movings = [exc] * len(batch), [self._moving.get(r.job_key) for r in batch]
+            replies = [exc] * len(batch)
         codes: list[str | None] = []
+        remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances
         for request, moving, reply in zip(batch, movings, replies, strict=True):
             try:
-                codes.append(self._placed_or_code(request, moving, reply))
+                codes.append(self._placed_or_code(request, moving, reply, remote))
             except Exception:  # a bug here must cost one job, never the daemon
                 event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
                 self._moving.pop(request.job_key, None)
                 self._fail(request, "INTERNAL")
                 codes.append(None)
-        remote, self._remote = self._remote, []
         for placement, assign in remote:
             await self._relay_job(placement, assign)
         return codes
@@ -423,10 +420,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement
 
-    async def _release(self, placement: Placement) -> list:
+    async def _release(self, job_id: str, job_key: str, node_id: str) -> list:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
         and lanes waiting for a slot retry."""
-        reply = await self._redis.script(*lua.cancel(placement.job_id, placement.request.job_key, placement.node_id, now_ms()))
+        reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
         if reply[0] == "OK":
             self.slot_freed()
         return reply
@@ -435,12 +432,14 @@ class Dispatcher:
         """A job that was leaving its node is no longer wanted: release what it still holds."""
         moving = self._moving.pop(job_key, None)
         if moving is not None:
-            await self._release(moving)
+            await self._release(moving.job_id, job_key, moving.node_id)
 
-    def _placed_or_code(self, request: JobRequest, moving: Placement | None, reply: Any) -> str | None:
+    def _placed_or_code(self, request: JobRequest, moving: Placement | None, reply: Any,
+                        remote: list[tuple[Placement, JobAssign]]) -> str | None:
         """Act on one dispatch_task / redispatch_task reply (or the exception it raised):
-        hand the job to its node. Returns None when the job is done with, or the error code
-        when it must wait for a node."""
+        hand the job to its node, or add it to ``remote`` when another instance holds the
+        node. Returns None when the job is done with, or the error code when it must wait
+        for a node."""
         if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | RedisUnavailable):
             code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
@@ -482,7 +481,7 @@ class Dispatcher:
             deadline_ms=deadline_ms,
         )
         if node is None and self._relay is not None:
-            self._remote.append((placement, assign))  # relayed by _place once the batch is through
+            remote.append((placement, assign))  # relayed by _place once the batch is through
             return None
         if node is None or not node.send_nowait(assign):
             # The node left (or is not reading) between placement and hand-over: the lane keeps

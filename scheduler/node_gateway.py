@@ -30,13 +30,14 @@ from .protocol import (
     NOT_REGISTERED,
     UNAUTHORIZED,
     Drain,
+    Encoded,
     Heartbeat,
+    JobAssign,
     JobResult,
     ProtocolError,
     Register,
     Registered,
     Translation,
-    parse_from_daemon,
     parse_node,
 )
 from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
@@ -104,15 +105,16 @@ class NodeRegistry:
 class NodeGateway(wsutil.Gateway):
     side = "node"
 
-    def __init__(self, *, nodes: NodeRegistry, relay: Relay | None = None, **deps: Any) -> None:
+    def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
         super().__init__(**deps)
         self._nodes = nodes
-        self.relay = relay  # set by serve() once the relay runs
+        self.relay: Relay | None = None  # set by serve(): the relay needs this gateway first
 
     def deliver_relayed_job(self, node_id: str, msg: str) -> bool:
-        """A job another instance placed on a node held here (relay.py): to its outbox."""
+        """A job another instance placed on a node held here (relay.py): to its outbox, as
+        the job_assign text that instance encoded."""
         conn = self._nodes.get(node_id)
-        return conn is not None and conn.send_nowait(parse_from_daemon(msg, "node"))
+        return conn is not None and conn.send_nowait(Encoded(JobAssign.TYPE, msg))
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)

@@ -49,7 +49,6 @@ class Ownership:
         self._nodes = nodes
         self._lost: set[str] = set()  # owner keys another instance took over
         self._started_ms = now_ms()
-        self.refreshes = 0
 
     # ------------------------------------------------------------ claims
 
@@ -118,7 +117,6 @@ class Ownership:
             elif reply[0] == "LOST":
                 self._lost.add(key)
                 event(log, "owner_lost", logging.WARNING, key=key, owner=reply[1])
-        self.refreshes += 1
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""

@@ -407,8 +407,19 @@ def parse_from_daemon(text: str | bytes, side: Literal["client", "node"]) -> Any
     return _parse(text, table, f"daemon->{side}")
 
 
+@attrs.frozen
+class Encoded:
+    """A message that is already a text frame (a job_assign relayed from another instance):
+    :func:`encode` passes it through instead of decoding and encoding ~100 KB again."""
+
+    TYPE: str
+    text: str
+
+
 def encode(msg: Any) -> str:
     """One message as a compact JSON text frame with its ``type`` first."""
+    if isinstance(msg, Encoded):
+        return msg.text
     body = converter.unstructure(msg)
     if isinstance(msg, JobAssign):
         # the base64 audio is JSON-safe ASCII: splice it in instead of having json scan and

@@ -174,16 +174,9 @@ class RedisAdapter:
         """Make the client: a RedisCluster when the server says ``cluster_enabled:1``, else a
         plain Redis. A server that cannot be reached now is taken as a single server (calls
         raise RedisUnavailable until it is back)."""
-        options = dict(decode_responses=True, socket_timeout=self._socket_timeout,
-                       socket_connect_timeout=min(self._socket_timeout, 2.0), max_connections=self.pool_size + 4)
-        client = redis.Redis.from_url(self.url, **options)
-        try:
-            self.cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            self.cluster = False
-        if self.cluster:
-            client.close()
-            client = redis.RedisCluster.from_url(self.url, **options)
+        client = connect(self.url, decode_responses=True, socket_timeout=self._socket_timeout,
+                         socket_connect_timeout=min(self._socket_timeout, 2.0), max_connections=self.pool_size + 4)
+        self.cluster = isinstance(client, redis.RedisCluster)
         self._client = client
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
         event(log, "redis_connected", url=self.url, cluster=self.cluster)
@@ -348,6 +341,21 @@ class RedisAdapter:
                 call.error = _map_error(result)
             else:
                 call.result = result
+
+
+def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
+    """A synchronous redis-py client for ``url``: a RedisCluster when the server says
+    ``cluster_enabled:1``, else a plain Redis. A server that cannot be reached now is taken
+    as a single server (its calls fail until it is back)."""
+    client = redis.Redis.from_url(url, **options)
+    try:
+        cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        cluster = False
+    if not cluster:
+        return client
+    client.close()
+    return redis.RedisCluster.from_url(url, **options)
 
 
 def now_ms() -> int:

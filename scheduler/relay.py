@@ -43,7 +43,7 @@ from . import keys
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, converter, encode
-from .redis_adapter import RedisAdapter, RedisUnavailable
+from .redis_adapter import RedisAdapter, RedisUnavailable, connect
 from .session import JobOutcome
 
 log = logging.getLogger("scheduler.relay")
@@ -58,8 +58,8 @@ ANSWER_TTL_MS = 600_000
 
 
 class Relay:
-    """Async context manager. ``deliver_job(node_id, msg_json) -> bool`` hands a job to a local
-    node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session."""
+    """Async context manager. ``deliver_job(node_id, msg_json) -> bool`` hands a job (its
+    job_assign text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session."""
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
                  deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
@@ -72,8 +72,6 @@ class Relay:
         self._deliver_outcome = deliver_outcome
         self._waiting_sessions = waiting_sessions  # local sessions with results still owed
         self._stop = threading.Event()
-        self.jobs_received = 0
-        self.outcomes_received = 0
 
     async def __aenter__(self) -> Relay:
         try:
@@ -112,15 +110,18 @@ class Relay:
         """PUBLISH the answer to the instance holding the session; returns the receivers."""
         payload = json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
         key = keys.stored_answers(session_id)
-        await self._redis.commands_many([("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS)])
-        receivers = await self._redis.command("PUBLISH", keys.answer_channel(owner), payload)
+        *_, receivers = await self._redis.commands_many([  # one round trip, stored before published
+            ("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS),
+            ("PUBLISH", keys.answer_channel(owner), payload)])
+        if isinstance(receivers, BaseException):
+            raise receivers
         self._metrics.relay_messages_total.labels("outcome_sent").inc()
         return int(receivers)
 
     # ------------------------------------------------------------ the reader threads
 
     def _read_jobs(self, token: trio.lowlevel.TrioToken, _: Any) -> None:
-        client = _connect(self._url)
+        client = connect(self._url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
         stream = keys.job_stream(self.instance_id)
         next_reclaim = 0.0
         try:
@@ -164,14 +165,13 @@ class Relay:
                     handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], trio_token=token)
                 except trio.RunFinishedError:
                     return  # the daemon is gone: leave it pending for the next run
-                self.jobs_received += 1
                 self._metrics.relay_messages_total.labels("job_received" if handed else "job_node_gone").inc()
                 done.append(entry_id)
             if done:
                 client.xack(stream, GROUP, *done)
 
     def _read_answers(self, token: trio.lowlevel.TrioToken, subscribed: trio.Event) -> None:
-        client = _connect(self._url)
+        client = connect(self._url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(keys.answer_channel(self.instance_id))
@@ -191,7 +191,6 @@ class Relay:
                     delivered = trio.from_thread.run_sync(self._deliver_outcome, data["session_id"], outcome, trio_token=token)
                 except trio.RunFinishedError:
                     return
-                self.outcomes_received += 1
                 self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()
                 if delivered:
                     client.hdel(keys.stored_answers(data["session_id"]), _field(outcome))
@@ -224,11 +223,3 @@ class Relay:
 
 def _field(outcome: JobOutcome) -> str:
     return f"{outcome.utterance_index}:{outcome.tgt_lang}"
-
-
-def _connect(url: str) -> Any:
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
-    if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
-        client.close()
-        return redis.RedisCluster.from_url(url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
-    return client

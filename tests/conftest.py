@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, settings
 
 from scheduler.config import Settings
 from scheduler.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
+from scheduler.redis_adapter import connect
 from scheduler.server import serve
-
-from .helpers import connect
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

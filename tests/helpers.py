@@ -6,7 +6,6 @@ import json
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 import trio
 from trio_websocket import open_websocket_url
 
@@ -78,12 +77,3 @@ async def start_node(nursery, running, **options) -> ReferenceNode:
 async def speak(p: Peer, ms: int = 300) -> None:
     for _ in range(ms // 100):
         await p.send_raw(SPEECH_100MS)
-
-
-def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
-    """A synchronous redis-py client for ``url``: RedisCluster when the server is a cluster node."""
-    client = redis.Redis.from_url(url, **options)
-    if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
-        client.close()
-        return redis.RedisCluster.from_url(url, **options)
-    return client

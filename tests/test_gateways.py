@@ -297,11 +297,11 @@ async def test_a_crash_while_placing_costs_one_job_not_the_daemon(daemon, nurser
     real = Dispatcher._placed_or_code
     crashed = []
 
-    def flaky(self, request, moving, reply):
+    def flaky(self, request, *args):
         if not crashed:
             crashed.append(request.job_key)
             raise RuntimeError("bug")
-        return real(self, request, moving, reply)
+        return real(self, request, *args)
 
     monkeypatch.setattr(Dispatcher, "_placed_or_code", flaky)
     async with session(daemon) as s:

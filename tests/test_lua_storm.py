@@ -15,9 +15,7 @@ import pytest
 import redis
 
 from scheduler import keys, lua
-from scheduler.redis_adapter import load_script_sources
-
-from .helpers import connect
+from scheduler.redis_adapter import connect, load_script_sources
 
 NODES = {f"n{i}": 3 for i in range(4)}
 
