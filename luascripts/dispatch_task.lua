@@ -11,9 +11,13 @@
 -- affinity; "end" counts this job towards the end of the turn and deletes the turn key once
 -- turn_jobs jobs of the ending utterance have been placed.
 --
+-- Fencing: with ARGV[15] (the caller's session epoch) set and the session hash holding
+-- another epoch, the session was resumed elsewhere: nothing changes (FENCED). The job
+-- records the instance that placed it (ARGV[16]) as placed_by, for the orphan sweep.
+--
 -- Reply: {"OK", job_id, node_id, attempt} or {"EXISTS", job_id}.
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES (nothing
--- changed: re-read the candidates and call again), JOB_ID_TAKEN (caller bug).
+-- changed: re-read the candidates and call again), JOB_ID_TAKEN (caller bug), FENCED.
 --
 -- KEYS[1] {scheduler}:jobkey:<job_key>      string -> job id
 -- KEYS[2] {scheduler}:job:<job_id>          hash of the job to create
@@ -21,7 +25,7 @@
 -- KEYS[4] {scheduler}:turn:<turn_id>        hash
 -- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
--- KEYS[7...] candidates, ARGV[15...] their counts and names (lib/choose_node.lua)
+-- KEYS[7...] candidates, ARGV[17...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
 local job = KEYS[2]
 local session_key = KEYS[3]
@@ -42,9 +46,18 @@ local node_ttl_ms = tonumber(ARGV[11])
 local key_ttl_s = tonumber(ARGV[12])
 local rand = tonumber(ARGV[13])
 local turn_jobs = tonumber(ARGV[14])
+local epoch = ARGV[15]
+local placed_by = ARGV[16]
 
 -- @include choose_node
 -- @include slots
+
+if epoch ~= '' then
+  local current = redis.call('HGET', session_key, 'epoch')
+  if current and current ~= epoch then
+    return redis.error_reply('FENCED session ' .. session_id .. ' is at epoch ' .. current)
+  end
+end
 
 local existing = redis.call('GET', jobkey_key)
 if existing then
@@ -54,7 +67,7 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(6, 14)
+local pools, nodes = declared_candidates(6, 16)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 local chosen
 if list then
@@ -69,7 +82,7 @@ redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
   'session_id', session_id, 'utterance_index', utterance_index,
   'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
-  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms)
+  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'placed_by', placed_by)
 redis.call('EXPIRE', job, key_ttl_s)
 -- leases of jobs nobody will complete (their instance died long ago) do not pile up
 redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import keys, wsutil
+from . import journal, keys, wsutil
+from .journal import Meta
 from .logs import event
 from .protocol import (
     BAD_MESSAGE,
@@ -27,10 +29,10 @@ from .protocol import (
     CLOSE_POLICY,
     NOT_INITIALIZED,
     UNAUTHORIZED,
-    UNKNOWN_SESSION,
     UNSUPPORTED_LANG_PAIR,
     AudioChunk,
     CloseSession,
+    Encoded,
     Finalize,
     ProtocolError,
     Result,
@@ -38,10 +40,15 @@ from .protocol import (
     SessionReady,
     parse_client,
 )
-from .redis_adapter import RedisUnavailable
-from .session import AudioIn, CloseIn, FinalizeIn, SessionActor, SlowClient
+from .redis_adapter import RedisUnavailable, now_ms
+from .session import AudioIn, CloseIn, FinalizeIn, PendingUtterance, SessionActor, SlowClient
+
+if TYPE_CHECKING:
+    from .relay import Relay
 
 log = logging.getLogger("scheduler.client_gateway")
+
+WRITE_BATCH = 64
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -54,52 +61,63 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 class ClientGateway(wsutil.Gateway):
     side = "client"
+    relay: Relay | None = None  # set when instances relay answers (server.py)
 
     async def handle(self, ws: WebSocketConnection, headers: list[tuple[bytes, bytes]] = ()) -> None:
         """Serve one client connection; ``headers`` are its handshake request headers."""
         peer = wsutil.peer(ws)
         presented = _bearer(headers)
-        init = await self.first_message(ws, peer, lambda message: self._accept_init(message, presented))
-        if init is None:
+        accepted = await self.first_message(ws, peer, lambda message: self._accept_init(message, presented))
+        if accepted is None:
             return
-        session_id = uuid.uuid4().hex
-        actor = SessionActor(
-            session_id=session_id,
-            src_lang=init.src_lang,
-            tgt_langs=init.tgt_langs,
-            sample_rate=init.sample_rate,
-            settings=self.settings,
-            jobs=self._dispatcher,
-            metrics=self._metrics,
-        )
+        init, resumed = accepted
+        if resumed is None:
+            session_id, meta, next_index, pending = uuid.uuid4().hex, Meta(init.src_lang, tuple(init.tgt_langs), init.sample_rate), 0, []
+        else:
+            session_id, meta, next_index = init.session_id, resumed.meta, resumed.next_index
+            pending = [PendingUtterance(o.index, o.reason, o.turn_id, trio.current_time() + (o.deadline_ms - now_ms()) / 1000)
+                       for o in resumed.owed]
         try:
-            await self._redis.command(
-                "HSET", keys.session(session_id), "owner", self.settings.instance_id, "src_lang", init.src_lang,
-                "tgt_langs", ",".join(init.tgt_langs), "next_utterance_index", 0,
-            )
-            await self._redis.command("EXPIRE", keys.session(session_id), keys.KEY_TTL_S)
+            epoch = resumed.epoch if resumed else await journal.open_session(self._redis, session_id, self.settings.instance_id, meta)
             await self._ownership.claim_session(session_id)
         except RedisUnavailable as exc:
             await wsutil.send_error(ws, ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011))
             return
-        self._sessions.add(actor)
+        actor = SessionActor(
+            session_id=session_id, src_lang=meta.src_lang, tgt_langs=meta.tgt_langs, sample_rate=meta.sample_rate,
+            settings=self.settings, jobs=self._dispatcher, metrics=self._metrics, next_index=next_index, pending=pending,
+            epoch=epoch,
+        )
+        writer = journal.Journal(self._redis, session_id, epoch, meta, keep=self.settings.resume_keep_results,
+                                 result_deadline_ms=self.settings.result_deadline_ms)
+        previous = self._sessions.add(actor)
+        if previous is not None:  # resumed on a newer connection to this same instance
+            previous.take_over_nowait()
         self._metrics.sessions_total.inc()
-        event(log, "session_started", session_id=session_id, peer=peer, src_lang=init.src_lang,
-              tgt_langs=",".join(init.tgt_langs), sample_rate=init.sample_rate)
+        event(log, "session_resumed" if resumed else "session_started", session_id=session_id, peer=peer,
+              src_lang=meta.src_lang, tgt_langs=",".join(meta.tgt_langs), sample_rate=meta.sample_rate, epoch=epoch,
+              next_utterance_index=next_index, owed=len(pending))
         reason = "disconnected"
         try:
-            await wsutil.send(ws, SessionReady(session_id=session_id, resumed=False, next_utterance_index=0,
-                                               limits=self.settings.limits))
-            reason = await self._run(ws, actor, peer)
+            await wsutil.send(ws, SessionReady(session_id=session_id, resumed=resumed is not None,
+                                               next_utterance_index=next_index, limits=self.settings.limits))
+            if resumed is not None:
+                for text in resumed.results_from(init.resume_from or 0):
+                    await wsutil.send(ws, Encoded(Result.TYPE, text))
+                if self.relay is not None and pending:  # answers that came while it had no owner
+                    with trio.move_on_after(2):
+                        await self.relay.take_stored([session_id])
+            reason = await self._run(ws, actor, writer, peer)
         finally:
             self._sessions.remove(actor)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await self._ownership.release_session(session_id)
+            if reason != "taken_over":
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self._ownership.release_session(session_id)
             event(log, "session_ended", session_id=session_id, reason=reason, utterances=actor.next_index)
 
-    async def _accept_init(self, message: str | bytes, presented_key: str | None) -> SessionInit:
+    async def _accept_init(self, message: str | bytes, presented_key: str | None) -> tuple[SessionInit, journal.Resumed | None]:
         """The first frame must be a valid session_init (with an API key when keys are configured)
-        for language pairs some pool serves."""
+        for language pairs some pool serves, or the resume of a session Redis still holds."""
         if isinstance(message, bytes):
             raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
         msg = parse_client(message)
@@ -113,10 +131,12 @@ class ClientGateway(wsutil.Gateway):
             if not any(hmac.compare_digest(key, k.encode()) for k in keys_):
                 raise ProtocolError(UNAUTHORIZED, "missing or unknown API key", fatal=True, close_code=CLOSE_POLICY)
         if msg.session_id is not None:
-            raise ProtocolError(UNKNOWN_SESSION, f"session {msg.session_id} is not held by this daemon",
-                                fatal=True, close_code=CLOSE_POLICY)
+            try:
+                return msg, await journal.resume(self._redis, msg.session_id, self.settings.instance_id)
+            except RedisUnavailable as exc:
+                raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
         await self._check_pairs(msg)
-        return msg
+        return msg, None
 
     async def _check_pairs(self, init: SessionInit) -> None:
         missing = []
@@ -130,21 +150,17 @@ class ClientGateway(wsutil.Gateway):
             raise ProtocolError(UNSUPPORTED_LANG_PAIR, f"no node pool serves {', '.join(missing)}",
                                 fatal=True, close_code=CLOSE_POLICY)
 
-    async def _run(self, ws: WebSocketConnection, actor: SessionActor, peer: str) -> str:
+    async def _run(self, ws: WebSocketConnection, actor: SessionActor, writer: journal.Journal, peer: str) -> str:
         async with trio.open_nursery() as nursery:
             writer_done = trio.Event()
 
-            def on_sent(msg: object) -> None:
-                if isinstance(msg, Result):
-                    self._sessions.note_result(actor.session_id, msg)
-
-            async def writer() -> None:
+            async def write() -> None:
                 try:
-                    await wsutil.pump(ws, actor.outbox, peer, on_sent)
+                    await self._write(ws, actor, writer, peer)
                 finally:
                     writer_done.set()
 
-            nursery.start_soon(writer)
+            nursery.start_soon(write)
             nursery.start_soon(self._reader, ws, actor, nursery.cancel_scope, peer)
             try:
                 reason = await actor.run()
@@ -153,12 +169,40 @@ class ClientGateway(wsutil.Gateway):
                 nursery.cancel_scope.cancel()
                 await wsutil.close(ws, CLOSE_POLICY, "SLOW_CONSUMER: client does not read its results")
                 return "slow_client"
+            if reason == "taken_over":
+                nursery.cancel_scope.cancel()
+                await wsutil.close(ws, CLOSE_GOING_AWAY, "SESSION_TAKEN_OVER: resumed on another connection")
+                return reason
             with trio.move_on_after(wsutil.CLOSE_TIMEOUT * 2):
                 await writer_done.wait()
             await wsutil.close(ws, CLOSE_GOING_AWAY if reason == "shutdown" else CLOSE_NORMAL, reason)
             nursery.cancel_scope.cancel()
             return reason
         return "disconnected"  # the reader cancelled the nursery: the client went away
+
+    async def _write(self, ws: WebSocketConnection, actor: SessionActor, writer: journal.Journal, peer: str) -> None:
+        """Writer task: take what the actor emitted (up to ``WRITE_BATCH`` at a time), journal
+        it (journal.py: write-ahead, one Redis call per batch), then send it, until the outbox
+        is closed or the socket is. Fenced (resumed elsewhere): the actor is told to stop."""
+        async for first in actor.outbox:
+            batch = [first]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(actor.outbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            try:
+                texts = await writer.write(batch)
+            except journal.Fenced as exc:
+                event(log, "session_fenced", session_id=actor.session_id, detail=str(exc))
+                actor.take_over_nowait()
+                return
+            for msg, text in zip(batch, texts, strict=True):
+                if not await wsutil.send(ws, Encoded(msg.TYPE, text)):
+                    event(log, "send_on_closed_socket", logging.DEBUG, peer=peer, type=msg.TYPE)
+                    return
+                if isinstance(msg, Result):
+                    self._sessions.note_result(actor.session_id, msg)
 
     async def _reader(self, ws: WebSocketConnection, actor: SessionActor, scope: trio.CancelScope, peer: str) -> None:
         limit = self.settings.max_frame_bytes

@@ -70,6 +70,9 @@ class Settings:
               "api_key in session_init) or get UNAUTHORIZED", group="session")
     silence_dbfs: float = _opt(-40.0, "a frame whose RMS is below this level (dBFS) is silence", group="session")
     drain_timeout_ms: int = _opt(10000, "on SIGTERM, how long to wait for outstanding results before closing", group="session")
+    resume_keep_results: int = _opt(
+        256, "results kept in Redis per session for a resume (session_init with session_id + resume_from): "
+             "the last this many", group="session")
 
     # Nodes
     heartbeat_interval_ms: int = _opt(2000, "interval nodes are told to heartbeat at", group="nodes")
@@ -112,7 +115,7 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
-    "max_messages_per_s",
+    "max_messages_per_s", "resume_keep_results",
 )
 
 

@@ -48,7 +48,7 @@ from . import keys, lua
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
-from .redis_adapter import EmptyPool, NoAvailableNode, NoPoolForLangPair, RedisAdapter, RedisUnavailable, now_ms
+from .redis_adapter import EmptyPool, Fenced, NoAvailableNode, NoPoolForLangPair, RedisAdapter, RedisUnavailable, now_ms
 from .scheduling import SchedulingClient
 from .session import JobOutcome, JobRequest, JobWaiting
 
@@ -262,16 +262,17 @@ class Dispatcher:
                 self.move(placement, "LEASE_EXPIRED")
 
     async def _sweep_orphans(self, interval: float = 2.0, limit: int = 100) -> None:
-        """Every ``interval``: release the jobs whose session's owner is gone.
+        """Every ``interval``: release the jobs whose placing instance is gone.
 
         Each instance moves its own jobs when their lease runs out (:meth:`_expire_leases`).
         A job whose instance died (kill -9) has nobody to do that: its lease stays in
         ``{scheduler}:leases`` and its slot stays taken on its node, even after the node
         reconnects here. So any instance looks at leases expired for longer than
-        ``orphan_grace_ms``; a job not placed here whose session has no live owner
-        (``scheduler:owner:session:*`` lapsed) is cancelled (cancel_task: slot released once),
-        and its node, if connected here, gets ``job_cancel``. Jobs of sessions that are alive
-        elsewhere are left to their owner."""
+        ``orphan_grace_ms``; a job not placed here whose placing instance (``placed_by``) is
+        not alive is cancelled (cancel_task: slot released once), and its node, if connected
+        here, gets ``job_cancel``; nobody else holds its audio to place it again. (A resumed
+        session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
+        left to them."""
         while True:
             await trio.sleep(interval)
             try:
@@ -285,13 +286,14 @@ class Dispatcher:
                 continue
 
     async def _release_orphan(self, job_id: str) -> None:
-        job_key, session_id, node_id, attempt = await self._redis.command(
-            "HMGET", keys.job(job_id), "job_key", "session_id", "node_id", "attempt")
+        job_key, session_id, node_id, attempt, placed_by = await self._redis.command(
+            "HMGET", keys.job(job_id), "job_key", "session_id", "node_id", "attempt", "placed_by")
         if job_key is None:  # the job hash is gone: only the lease entry is left
             await self._redis.command("ZREM", keys.leases(), job_id)
             return
-        if await self._redis.command("EXISTS", keys.session_owner(session_id)):
-            return  # its session lives on another instance, which handles its leases
+        alive = keys.instance(placed_by) if placed_by else keys.session_owner(session_id)
+        if await self._redis.command("EXISTS", alive):
+            return  # its instance is alive and handles its leases
         if (await self._release(job_id, job_key, node_id))[0] == "OK":
             event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
             self._cancelled(job_id, node_id, int(attempt))
@@ -385,7 +387,8 @@ class Dispatcher:
             assert job_id is not None
             return lambda c: lua.dispatch(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
-                request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs)
+                request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs,
+                epoch=request.epoch, placed_by=self._instance_id)
         return lambda c: lua.redispatch(
             moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
             request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c)
@@ -440,10 +443,10 @@ class Dispatcher:
         hand the job to its node, or add it to ``remote`` when another instance holds the
         node. Returns None when the job is done with, or the error code when it must wait
         for a node."""
-        if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | RedisUnavailable):
+        if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | Fenced | RedisUnavailable):
             code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
-            if isinstance(reply, NoPoolForLangPair):
+            if isinstance(reply, NoPoolForLangPair | Fenced):  # Fenced: the session was resumed elsewhere
                 self._fail(request, code)
                 return None
             return code

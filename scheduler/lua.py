@@ -67,13 +67,14 @@ def read_candidates(client: Any, src: str, tgt: str) -> Candidates:
 
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
              turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates,
-             turn_jobs: int = 1) -> Call:
+             turn_jobs: int = 1, *, epoch: int | None = None, placed_by: str = "") -> Call:
+    """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance."""
     return (
         "dispatch_task",
         [keys.jobkey(job_key), keys.job(job_id), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
          keys.leases(), *candidates.keys()],
         [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
-         keys.KEY_TTL_S, rand, turn_jobs, *candidates.args()],
+         keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, *candidates.args()],
     )
 
 
@@ -110,3 +111,13 @@ def owner_claim(owner_key: str, instance_id: str, ttl_ms: int, *, force: bool) -
 
 def owner_release(owner_key: str, instance_id: str) -> Call:
     return "owner_release", [owner_key], [instance_id]
+
+
+def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: list[tuple[str, int, str]]) -> Call:
+    """``entries``: (kind, utterance index, payload) with kind "u" (finalized), "r" (result), "c" (closed)."""
+    return ("session_journal", [keys.session(session_id)],
+            [epoch, keys.KEY_TTL_S, meta, keep, *(x for entry in entries for x in entry)])
+
+
+def session_resume(session_id: str, instance_id: str) -> Call:
+    return "session_resume", [keys.session(session_id)], [instance_id, keys.KEY_TTL_S]

@@ -278,14 +278,18 @@ class NodeGateway(wsutil.Gateway):
             await self._forward(session_id, outcome)
 
     async def _forward(self, session_id: str, outcome: JobOutcome) -> None:
-        """The session is held by another instance: publish the answer to it (relay.py)."""
+        """The session is not held here: publish the answer to its owner (relay.py), or keep
+        it in Redis for whoever resumes the session when it has no owner now."""
         assert self.relay is not None
         try:
             owner = await self._redis.command("GET", keys.session_owner(session_id))
-            if owner and owner != self.settings.instance_id and await self.relay.send_outcome(owner, session_id, outcome):
+            if owner and owner != self.settings.instance_id:
+                if await self.relay.send_outcome(owner, session_id, outcome):
+                    return
+            else:
+                await self.relay.store_outcome(session_id, outcome)
                 return
         except RedisUnavailable:
             pass
         self._metrics.answers_undeliverable_total.inc()
         event(log, "outcome_undeliverable", logging.DEBUG, session_id=session_id, utterance_index=outcome.utterance_index)
-

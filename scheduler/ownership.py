@@ -13,7 +13,8 @@ All of them live ``owner_ttl_ms`` past the last refresh; :meth:`Ownership.run` r
 them every third of that in one pipeline. A connection arriving here claims its owner key
 outright (the socket is here now); a refresh only extends a key that still names this
 instance, so an instance never fights one that took a session or node over: it logs
-``owner_lost`` and stops refreshing it. When a session ends or a node leaves, its key is
+``owner_lost`` and stops refreshing it, and a session taken over is ended here
+(``session_lost``: it was resumed elsewhere, journal.py). When a session ends or a node leaves, its key is
 dropped if it is still ours. A killed instance's records lapse within ``owner_ttl_ms``.
 
 Refresh failures (Redis down) are logged and retried on the next tick; the records then
@@ -40,13 +41,15 @@ REFRESH_CHUNK = 32
 
 class Ownership:
     def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
-                 sessions: Callable[[], Iterable[str]] = tuple, nodes: Callable[[], Iterable[str]] = tuple) -> None:
+                 sessions: Callable[[], Iterable[str]] = tuple, nodes: Callable[[], Iterable[str]] = tuple,
+                 session_lost: Callable[[str], None] = lambda _: None) -> None:
         self._redis = redis
         self.instance_id = instance_id
         self.ttl_ms = ttl_ms
         self.ws_url = ws_url
         self._sessions = sessions  # ids of the sessions held here now
         self._nodes = nodes
+        self._session_lost = session_lost  # called with a session id another instance took over
         self._lost: set[str] = set()  # owner keys another instance took over
         self._started_ms = now_ms()
 
@@ -100,8 +103,8 @@ class Ownership:
 
     async def refresh(self) -> None:
         """One pipeline: the liveness keys, then every owner key of what is held here."""
-        owned = [keys.session_owner(s) for s in self._sessions()] + [keys.node_owner(n) for n in self._nodes()]
-        owned = [k for k in owned if k not in self._lost]
+        sessions = {keys.session_owner(s): s for s in self._sessions()}
+        owned = [k for k in [*sessions, *(keys.node_owner(n) for n in self._nodes())] if k not in self._lost]
         info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms})
         await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms)
         await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
@@ -117,6 +120,8 @@ class Ownership:
             elif reply[0] == "LOST":
                 self._lost.add(key)
                 event(log, "owner_lost", logging.WARNING, key=key, owner=reply[1])
+                if key in sessions:  # resumed elsewhere: this instance's copy must stop
+                    self._session_lost(sessions[key])
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""

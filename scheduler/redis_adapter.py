@@ -72,11 +72,12 @@ UnknownNode = _error("UNKNOWN_NODE")
 StaleCandidates = _error("STALE_CANDIDATES")
 JobIdTaken = _error("JOB_ID_TAKEN")
 JobkeyMismatch = _error("JOBKEY_MISMATCH")
+Fenced = _error("FENCED")
 
 SCRIPT_ERRORS: dict[str, type[ScriptError]] = {
     cls.code: cls
     for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted, UnknownNode,
-                StaleCandidates, JobIdTaken, JobkeyMismatch)
+                StaleCandidates, JobIdTaken, JobkeyMismatch, Fenced)
 }
 
 

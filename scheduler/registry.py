@@ -34,14 +34,23 @@ class SessionRegistry:
     def actors(self) -> list[SessionActor]:
         return list(self._actors.values())
 
-    def add(self, actor: SessionActor) -> None:
+    def add(self, actor: SessionActor) -> SessionActor | None:
+        """Register ``actor``; returns the actor it replaces (same session id: a resume), if any."""
+        previous = self._actors.get(actor.session_id)
         self._actors[actor.session_id] = actor
         self._changed()
+        return previous
 
     def remove(self, actor: SessionActor) -> None:
         if self._actors.get(actor.session_id) is actor:
             del self._actors[actor.session_id]
         self._changed()
+
+    def take_over(self, session_id: str) -> None:
+        """The session was resumed by another instance: end it here, leaving its jobs."""
+        actor = self._actors.get(session_id)
+        if actor is not None:
+            actor.take_over_nowait()
 
     def _changed(self) -> None:
         self.count.value = len(self._actors)

@@ -22,8 +22,10 @@ lease runs out). On start the instance first re-reads what it had read but not a
 before; every ``RECLAIM_EVERY_S`` it reclaims (XAUTOCLAIM) entries that any reader of its
 stream left unacknowledged for ``RECLAIM_IDLE_MS``.
 
-Not (yet) here: session resume. An answer for a session that no longer lives anywhere stays
-stored until its TTL (``ANSWER_TTL_MS``) and is counted as ``outcome_session_gone``.
+An answer for a session that has no owner at the moment (its instance died, its client has
+not resumed yet) is stored the same way without publishing; the instance that resumes the
+session takes the stored answers at once (:meth:`Relay.take_stored`). Unclaimed, they lapse
+after ``ANSWER_TTL_MS``.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class Relay:
 
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
         """PUBLISH the answer to the instance holding the session; returns the receivers."""
-        payload = json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
+        payload = _payload(session_id, outcome)
         key = keys.stored_answers(session_id)
         *_, receivers = await self._redis.commands_many([  # one round trip, stored before published
             ("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS),
@@ -203,22 +205,36 @@ class Relay:
         """Answers stored for local sessions that still wait (their Pub/Sub message was lost)."""
         while True:
             await trio.sleep(ANSWER_POLL_S)
-            sessions = self._waiting_sessions()
             try:
-                stored = await self._redis.commands_many([("HGETALL", keys.stored_answers(s)) for s in sessions])
+                await self.take_stored(self._waiting_sessions())
             except RedisUnavailable:
                 continue
-            taken = []
-            for session_id, answers in zip(sessions, stored, strict=True):
-                if isinstance(answers, BaseException) or not answers:
-                    continue
-                for field, payload in answers.items():
-                    outcome = converter.structure(json.loads(payload)["outcome"], JobOutcome)
-                    if self._deliver_outcome(session_id, outcome):
-                        self._metrics.relay_messages_total.labels("outcome_polled").inc()
-                        taken.append(("HDEL", keys.stored_answers(session_id), field))
-            if taken:
-                await self._redis.commands_many(taken)
+
+    async def take_stored(self, sessions: list[str]) -> None:
+        """Hand the answers stored for ``sessions`` (local ones) to them, and delete those taken."""
+        stored = await self._redis.commands_many([("HGETALL", keys.stored_answers(s)) for s in sessions])
+        taken = []
+        for session_id, answers in zip(sessions, stored, strict=True):
+            if isinstance(answers, BaseException) or not answers:
+                continue
+            for field, payload in answers.items():
+                outcome = converter.structure(json.loads(payload)["outcome"], JobOutcome)
+                if self._deliver_outcome(session_id, outcome):
+                    self._metrics.relay_messages_total.labels("outcome_polled").inc()
+                    taken.append(("HDEL", keys.stored_answers(session_id), field))
+        if taken:
+            await self._redis.commands_many(taken)
+
+    async def store_outcome(self, session_id: str, outcome: JobOutcome) -> None:
+        """Keep an answer for a session that has no owner now, for the one that resumes it."""
+        key = keys.stored_answers(session_id)
+        await self._redis.commands_many([("HSET", key, _field(outcome), _payload(session_id, outcome)),
+                                         ("PEXPIRE", key, ANSWER_TTL_MS)])
+        self._metrics.relay_messages_total.labels("outcome_stored").inc()
+
+
+def _payload(session_id: str, outcome: JobOutcome) -> str:
+    return json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
 
 
 def _field(outcome: JobOutcome) -> str:

@@ -129,7 +129,7 @@ async def _serve(
                             job_lease_ms=settings.job_lease_ms)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
                           sessions=lambda: [a.session_id for a in sessions.actors()],
-                          nodes=lambda: [conn.node_id for conn in nodes.all()])
+                          nodes=lambda: [conn.node_id for conn in nodes.all()], session_lost=sessions.take_over)
     deps = dict(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics, ownership=ownership)
     clients = ClientGateway(**deps)
     node_gw = NodeGateway(nodes=nodes, **deps)
@@ -139,6 +139,7 @@ async def _serve(
                   waiting_sessions=lambda: _long_waiting(sessions, settings))
     dispatcher.use_relay(relay)
     node_gw.relay = relay
+    clients.relay = relay
 
     async with relay, trio.open_nursery() as nursery:
         running: Running | None = None

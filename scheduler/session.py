@@ -71,6 +71,22 @@ class ShutdownIn:
 
 
 @attrs.frozen
+class TakenOverIn:
+    """The session was resumed elsewhere (or on a newer connection here): stop at once,
+    leaving its jobs to the new owner."""
+
+
+@attrs.frozen
+class PendingUtterance:
+    """An utterance a previous owner finalized whose result the client has not had (resume)."""
+
+    index: int
+    reason: str
+    turn_id: str
+    deadline: float  # trio clock
+
+
+@attrs.frozen
 class JobOutcome:
     """A job's answer (or its failure to be placed), routed to the session that owns it."""
 
@@ -92,7 +108,8 @@ class JobWaiting:
     error: str | None
 
 
-__all__ = ["AudioIn", "CloseIn", "FinalizeIn", "JobOutcome", "JobRequest", "JobWaiting", "SessionActor", "SlowClient"]
+__all__ = ["AudioIn", "CloseIn", "FinalizeIn", "JobOutcome", "JobRequest", "JobWaiting", "PendingUtterance", "SessionActor",
+           "SlowClient"]
 
 
 # ---------------------------------------------------------------- the port to the scheduler
@@ -111,6 +128,7 @@ class JobRequest:
     sample_rate: int
     audio: bytes
     deadline: float  # trio clock: after this the answer is no longer wanted
+    epoch: int | None = None  # the session's fencing epoch (resume); None: not fenced
 
     @property
     def job_type(self) -> str:
@@ -151,8 +169,13 @@ class SessionActor:
         jobs: JobPort,
         metrics: Metrics,
         next_index: int = 0,
+        pending: tuple[PendingUtterance, ...] | list[PendingUtterance] = (),
+        epoch: int | None = None,
         outbox_size: int = 1024,
     ) -> None:
+        """``next_index``, ``pending`` and ``epoch`` continue a resumed session: utterances are
+        numbered from ``next_index``, and ``pending`` (consecutive, ending at ``next_index - 1``)
+        are finalized utterances still owed a result."""
         self.session_id = session_id
         self.src_lang = src_lang
         self.tgt_langs = tuple(tgt_langs)
@@ -165,8 +188,15 @@ class SessionActor:
         max_utterance_bytes = int(settings.max_utterance_ms * self._bytes_per_ms)
         self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._post_wake)
         self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
-        self.results = ResultsSequencer(next_index)
+        self.epoch = epoch
+        self.taken_over = False
+        self.results = ResultsSequencer(pending[0].index if pending else next_index)
+        for utt in pending:
+            self.results.add(utt.index, reason=utt.reason, turn_id=utt.turn_id, tgt_langs=self.tgt_langs,
+                             deadline=utt.deadline)
         self.next_index = next_index
+        if pending and pending[-1].index != next_index - 1:
+            raise ValueError(f"pending utterances must end at next_index - 1 = {next_index - 1}")
         self.closing: str | None = None
         self._silence_ms2 = audio.silence_threshold(settings.silence_dbfs)
         self._busy_sent = False
@@ -178,6 +208,7 @@ class SessionActor:
         self._trailing_silence_ms = 0.0
         # turns
         self._turn_seq = 0
+        self._turn_prefix = f"{session_id}:t" if not epoch or epoch <= 1 else f"{session_id}:e{epoch}t"
         self.turn_id = self._new_turn_id()
         self._turn_kept = False
         # timers (their tasks run in the actor's own nursery)
@@ -198,6 +229,11 @@ class SessionActor:
     def shutdown_nowait(self) -> bool:
         """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
         return self._put_internal(ShutdownIn())
+
+    def take_over_nowait(self) -> None:
+        """The session was resumed elsewhere: end now, without cancelling its jobs."""
+        self.taken_over = True  # seen at the next inbox item even when this one finds the inbox full
+        self._put_internal(TakenOverIn())
 
     def _post_wake(self) -> None:
         self._put_internal(ClientWake())  # a full inbox will be read anyway, and the backlog with it
@@ -246,7 +282,10 @@ class SessionActor:
 
     async def _loop(self) -> str:
         self._touch_idle()
+        self._flush_results()  # a resumed session may owe results already past their deadline
         async for item in self._inbox:
+            if isinstance(item, TakenOverIn) or self.taken_over:
+                return "taken_over"
             self._handle(item)
             for _ in range(CLIENT_BATCH):
                 ev = self.backlog.take()
@@ -260,7 +299,7 @@ class SessionActor:
             if self.closing is not None and self.results.outstanding == 0:
                 self._emit(SessionClosed(reason=self.closing, utterances=self.next_index))
                 return self.closing
-        return "disconnected"  # pragma: no cover - the actor holds inbox_send, so never reached
+        return "taken_over"  # take_over_nowait closed a full inbox
 
     def _handle(self, item: object) -> None:
         match item:
@@ -274,7 +313,7 @@ class SessionActor:
                 self.results.set_fallback(index, tgt, error)
             case ShutdownIn():
                 self._begin_close("shutdown")
-            case _:
+            case _:  # pragma: no cover
                 raise TypeError(f"session actor got an unknown event {item!r}")
 
     def _handle_client(self, ev: ClientEvent) -> None:
@@ -292,7 +331,7 @@ class SessionActor:
 
     def _new_turn_id(self) -> str:
         self._turn_seq += 1
-        return f"{self.session_id}:t{self._turn_seq}"
+        return f"{self._turn_prefix}{self._turn_seq}"
 
     def _on_audio(self, ev: AudioIn) -> None:
         now = trio.current_time()
@@ -376,6 +415,7 @@ class SessionActor:
                     sample_rate=self.sample_rate,
                     audio=pcm,
                     deadline=deadline,
+                    epoch=self.epoch,
                 )
             )
             if refused is not None:
@@ -459,7 +499,7 @@ class SessionActor:
             for tgt in self.results.pending_languages(index)
         ]
         self._inbox.close()  # late producers now get BrokenResourceError instead of queueing
-        if unanswered:
+        if unanswered and not self.taken_over:  # a new owner still wants those answers
             with trio.move_on_after(5):
                 await self._jobs.cancel(self.session_id, unanswered)
         self.outbox_send.close()

@@ -1,0 +1,169 @@
+"""Session journal: what a client was sent, kept in Redis so that any instance can resume it.
+
+protocol.md, "Resume": a client whose instance died (or was stopped) reconnects to any
+instance with ``session_id`` + ``resume_from``; it gets every result from that index on,
+exactly once and in order, and numbering goes on without skip or repeat. For that, the
+session hash (``{scheduler}:session:<id>``, see ``luascripts/session_journal.lua``) holds:
+the fencing epoch, the session's languages, how many utterances were finalized, each
+finalized utterance still owed a result, and the last ``resume_keep_results`` results as sent.
+
+Write-ahead: the client gateway's writer hands each batch of outgoing messages to
+:meth:`Journal.write` before it sends them (one EVALSHA per batch, through the batching
+adapter), so the client never holds an ``utterance_finalized`` or ``result`` the journal
+lacks. Audio that was not finalized yet is not journaled: the client resends it.
+
+Fencing: :func:`resume` raises the epoch atomically with reading the journal. From then on
+the old owner's journal writes fail with :class:`~scheduler.redis_adapter.Fenced` (its
+session ends as ``taken_over`` without cancelling jobs: the new owner wants their answers),
+and so do its job creations (``dispatch_task`` checks the epoch too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from . import keys, lua
+from .logs import event
+from .protocol import CLOSE_POLICY, UNKNOWN_SESSION, ProtocolError, Result, SessionClosed, UtteranceFinalized, encode
+from .redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+
+log = logging.getLogger("scheduler.journal")
+
+RETRY_S = 0.5
+FINAL_CLOSE_REASONS = ("client_close", "idle_timeout")  # not resumable; "shutdown" and lost sockets are
+
+
+@attrs.frozen
+class Meta:
+    src_lang: str
+    tgt_langs: tuple[str, ...]
+    sample_rate: int
+
+    def to_json(self) -> str:
+        return json.dumps({"src_lang": self.src_lang, "tgt_langs": list(self.tgt_langs), "sample_rate": self.sample_rate})
+
+    @classmethod
+    def from_json(cls, text: str) -> Meta:
+        data = json.loads(text)
+        return cls(str(data["src_lang"]), tuple(data["tgt_langs"]), int(data["sample_rate"]))
+
+
+@attrs.frozen
+class Owed:
+    """A finalized utterance whose result the client has not had; ``deadline_ms`` is epoch ms."""
+
+    index: int
+    reason: str
+    turn_id: str
+    deadline_ms: int
+
+
+@attrs.frozen
+class Resumed:
+    """The journal as :func:`resume` found it, under the new ``epoch``."""
+
+    epoch: int
+    meta: Meta
+    next_index: int
+    sent: list[tuple[int, str]]  # (index, result JSON as sent), ascending
+    owed: list[Owed]  # consecutive, ending at next_index - 1
+
+    def results_from(self, index: int) -> list[str]:
+        return [text for i, text in self.sent if i >= index]
+
+
+async def open_session(redis: RedisAdapter, session_id: str, instance_id: str, meta: Meta) -> int:
+    """Start the journal of a new session; returns its epoch (1)."""
+    key = keys.session(session_id)
+    replies = await redis.commands_many([
+        ("HSET", key, "epoch", 1, "meta", meta.to_json(), "owner", instance_id, "finalized", 0),
+        ("EXPIRE", key, keys.KEY_TTL_S)])
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return 1
+
+
+async def resume(redis: RedisAdapter, session_id: str, instance_id: str) -> Resumed:
+    """Take the session over (epoch + 1) and read its journal; ``UNKNOWN_SESSION`` if there
+    is none (never existed, expired, or closed for good)."""
+    reply = await redis.script(*lua.session_resume(session_id, instance_id))
+    if reply[0] != "OK":
+        why = "has ended" if reply[0] == "CLOSED" else "is not known (never opened, or expired)"
+        raise ProtocolError(UNKNOWN_SESSION, f"session {session_id} {why}", fatal=True, close_code=CLOSE_POLICY)
+    return parse(int(reply[1]), reply[2])
+
+
+def parse(epoch: int, flat: list[Any]) -> Resumed:
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    next_index = int(fields.get("finalized", 0))
+    sent, owed_by_index = [], {}
+    for field, value in fields.items():
+        kind, _, index = field.partition(":")
+        if kind == "r":
+            sent.append((int(index), value))
+        elif kind == "u":
+            data = json.loads(value)
+            owed_by_index[int(index)] = Owed(int(index), data["reason"], data["turn_id"], int(data["deadline_ms"]))
+    sent.sort()
+    owed: list[Owed] = []
+    if owed_by_index:
+        # consecutive up to the last finalized index; a hole (never expected) is owed at once
+        owed = [owed_by_index.get(i) or Owed(i, "close", "", 0) for i in range(min(owed_by_index), next_index)]
+    return Resumed(epoch, Meta.from_json(fields["meta"]), next_index, sent, owed)
+
+
+class Journal:
+    """The write-ahead journal of one session held here (used by its writer task only)."""
+
+    def __init__(self, redis: RedisAdapter, session_id: str, epoch: int, meta: Meta, *, keep: int,
+                 result_deadline_ms: int) -> None:
+        self._redis = redis
+        self.session_id = session_id
+        self.epoch = epoch
+        self._meta = meta.to_json()
+        self._keep = keep
+        self._deadline_ms = result_deadline_ms
+
+    def entries(self, msgs: list[Any], texts: list[str]) -> list[tuple[str, int, str]]:
+        out = []
+        for msg, text in zip(msgs, texts, strict=True):
+            if isinstance(msg, UtteranceFinalized):
+                owed = {"reason": msg.reason, "turn_id": msg.turn_id, "deadline_ms": now_ms() + self._deadline_ms}
+                out.append(("u", msg.utterance_index, json.dumps(owed)))
+            elif isinstance(msg, Result):
+                out.append(("r", msg.utterance_index, text))
+            elif isinstance(msg, SessionClosed) and msg.reason in FINAL_CLOSE_REASONS:
+                out.append(("c", 0, msg.reason))
+        return out
+
+    async def write(self, msgs: list[Any]) -> list[str]:
+        """Journal ``msgs`` (those that matter for a resume) and return them encoded, ready
+        to send. Retries while Redis is unavailable; raises ``Fenced`` once resumed elsewhere."""
+        texts = [encode(m) for m in msgs]
+        entries = self.entries(msgs, texts)
+        if not entries:
+            return texts
+        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries)
+        logged = False
+        while True:
+            try:
+                reply = await self._redis.script(*call)
+                break
+            except RedisUnavailable as exc:
+                if not logged:
+                    event(log, "journal_write_waiting", logging.WARNING, session_id=self.session_id, error=str(exc))
+                    logged = True
+                await trio.sleep(RETRY_S)
+        if reply[0] == "FENCED":
+            raise Fenced(f"session {self.session_id} is at epoch {reply[1]}, this owner at {self.epoch}")
+        return texts
+
+
+class Fenced(Exception):
+    """The session was resumed by a newer owner; this one must stop writing."""

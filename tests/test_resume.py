@@ -1,0 +1,185 @@
+"""Session resume (issue 6, item 4; protocol.md "Resume"): a client reconnects to any instance
+with ``session_id`` + ``resume_from`` and gets every result from that index on, once, in
+order; numbering continues; the old owner is fenced. Real daemons on a real Valkey."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from scheduler import journal, keys, lua
+from scheduler.redis_adapter import Fenced, RedisAdapter
+
+from .helpers import SPEECH_100MS, peer, session, start_node
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request):
+    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
+
+
+async def utter(p, ms: int = 300) -> dict:
+    """Speak one utterance, finalize it, return its utterance_finalized."""
+    for _ in range(ms // 100):
+        await p.send_raw(SPEECH_100MS)
+    await p.send(type="finalize")
+    fin, _ = await p.recv_until("utterance_finalized")
+    return fin
+
+
+async def results(p, count: int, timeout: float = 10) -> list[dict]:
+    got = []
+    with trio.fail_after(timeout):
+        while len(got) < count:
+            msg = await p.recv(timeout)
+            if msg["type"] == "result":
+                got.append(msg)
+    return got
+
+
+@contextlib.asynccontextmanager
+async def registered(running, node_id: str):
+    async with peer(running.ws_url + "/v1/node") as node:
+        await node.register(node_id)
+        yield node
+
+
+async def resume(running, session_id: str, resume_from: int | None = None):
+    p = peer(running.ws_url + "/v1/session")
+    client = await p.__aenter__()
+    extra = {} if resume_from is None else {"resume_from": resume_from}
+    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id, **extra)
+    client.ready = await client.recv()
+    client.cm = p
+    return client
+
+
+async def test_resume_on_the_same_instance_resends_and_continues(start_daemon, nursery):
+    daemon = await start_daemon()
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as s:
+        sid = s.ready["session_id"]
+        for i in range(3):
+            assert (await utter(s))["utterance_index"] == i
+        first = await results(s, 3)
+    # the socket is gone (client side): resume from index 1
+    c = await resume(daemon, sid, resume_from=1)
+    try:
+        assert c.ready["type"] == "session_ready", c.ready
+        assert (c.ready["session_id"], c.ready["resumed"], c.ready["next_utterance_index"]) == (sid, True, 3)
+        assert await results(c, 2) == first[1:]  # the same results, as they were sent
+        fin = await utter(c)
+        assert fin["utterance_index"] == 3 and not fin["turn_id"].startswith(f"{sid}:t")  # a new turn, new id
+        (live,) = await results(c, 1)
+        assert live["utterance_index"] == 3 and live["status"] == "SUCCESS"
+        await c.send(type="close_session")
+        closed, between = await c.recv_until("session_closed")
+        assert closed["utterances"] == 4 and not [m for m in between if m["type"] == "result"]
+    finally:
+        await c.cm.__aexit__(None, None, None)
+
+
+async def test_resume_past_the_end_resends_nothing_and_closed_sessions_are_unknown(start_daemon, nursery):
+    daemon = await start_daemon()
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as s:
+        sid = s.ready["session_id"]
+        await utter(s)
+        await results(s, 1)
+    c = await resume(daemon, sid, resume_from=7)
+    try:
+        assert c.ready["next_utterance_index"] == 1
+        await c.send(type="close_session")
+        closed, between = await c.recv_until("session_closed")
+        assert closed["reason"] == "client_close" and between == []
+    finally:
+        await c.cm.__aexit__(None, None, None)
+    for session_id in (sid, "never-existed"):  # ended for good, and unknown
+        c = await resume(daemon, session_id)
+        try:
+            assert (c.ready["type"], c.ready["code"], c.ready["fatal"]) == ("error", "UNKNOWN_SESSION", True)
+            with pytest.raises(ConnectionClosed) as closed:
+                await c.recv()
+            assert closed.value.reason.code == 1008
+        finally:
+            await c.cm.__aexit__(None, None, None)
+
+
+async def test_resume_elsewhere_takes_over_fences_and_gets_the_owed_answer(start_daemon, redis_url, nursery):
+    """A session on A has an utterance in flight on node "far" (on B); the client resumes on
+    B while A still holds the old socket. A's connection is closed (taken over) without
+    cancelling the job; the answer reaches the client on B; A's writes are fenced."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    async with registered(b, "far") as node, session(a) as old:
+        sid = old.ready["session_id"]
+        await utter(old)
+        with trio.fail_after(5):
+            job = await node.recv()
+        c = await resume(b, sid, resume_from=0)
+        try:
+            assert (c.ready["resumed"], c.ready["next_utterance_index"]) == (True, 1)
+            with pytest.raises(ConnectionClosed) as gone, trio.fail_after(5):
+                while True:
+                    await old.recv()
+            assert gone.value.reason.code == 1001 and "TAKEN_OVER" in gone.value.reason.reason
+            await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text="late")
+            (result,) = await results(c, 1)
+            assert (result["utterance_index"], result["translations"]["en"]["text"]) == (0, "late")
+            assert (await utter(c))["utterance_index"] == 1
+        finally:
+            await c.cm.__aexit__(None, None, None)
+    async with RedisAdapter(redis_url) as redis:  # A's epoch (1) is fenced: journal and job creation
+        stale = journal.Journal(redis, sid, 1, journal.Meta("zh", ("en",), 16000), keep=8, result_deadline_ms=1000)
+        from scheduler.protocol import Busy
+        assert await stale.write([Busy(backlog=1, action="merged")])  # nothing to journal: no call
+        from scheduler.protocol import SessionClosed
+        with pytest.raises(journal.Fenced):
+            await stale.write([SessionClosed(reason="client_close", utterances=1)])
+        call = lua.dispatch(f"{sid}:5:translate:en", "999999", sid, 5, "zh", "en", "t", "none", 0, 1000, 1000, 0,
+                            lua.Candidates(), epoch=1)
+        with pytest.raises(Fenced):
+            await redis.script(*call)
+
+
+async def test_owed_utterance_without_answer_is_skipped_at_its_deadline(start_daemon, redis_url, redis_client):
+    """Resumed with an utterance whose job nobody will answer: it is resolved SKIPPED at the
+    deadline the first owner gave it, and later ones are not held back longer than that."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a", result_deadline_ms=1500)
+    b = await start_daemon(redis_url=redis_url, instance_id="b", result_deadline_ms=1500)
+    async with registered(a, "silent"), session(a) as old:
+        sid = old.ready["session_id"]
+        await utter(old)
+        c = await resume(b, sid, resume_from=0)
+        try:
+            start = trio.current_time()
+            (result,) = await results(c, 1)
+            assert result["utterance_index"] == 0 and result["status"] == "SKIPPED"
+            assert trio.current_time() - start < 1.6
+        finally:
+            await c.cm.__aexit__(None, None, None)
+    assert redis_client.hget(keys.session(sid), "epoch") == "2"
+
+
+async def test_shutdown_is_resumable(start_daemon, redis_url, nursery):
+    """SIGTERM-like drain of A: its session gets session_closed reason shutdown (close 1001)
+    and the client resumes it on B, numbering on."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    await start_node(nursery, b, node_id="n1", delay_ms=10)
+    async with session(a) as s:
+        sid = s.ready["session_id"]
+        await utter(s)
+        a.shutdown()
+        closed, seen = await s.recv_until("session_closed")
+        assert closed["reason"] == "shutdown" and [m["utterance_index"] for m in seen if m["type"] == "result"] == [0]
+    c = await resume(b, sid, resume_from=1)
+    try:
+        assert c.ready["next_utterance_index"] == 1
+        assert (await utter(c))["utterance_index"] == 1
+        assert (await results(c, 1))[0]["utterance_index"] == 1
+    finally:
+        await c.cm.__aexit__(None, None, None)
