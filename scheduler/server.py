@@ -201,9 +201,14 @@ async def _serve(
 def _long_waiting(sessions: SessionRegistry, settings: Settings, older_than_s: float = 2.0) -> list[str]:
     """Sessions with an utterance finalized more than ``older_than_s`` ago and still missing
     answers: the ones worth looking up in Redis for an answer whose Pub/Sub message was
-    lost (looking up every waiting session each second cost p99 latency, bench/load.py)."""
-    horizon = trio.current_time() + settings.result_deadline_ms / 1000 - older_than_s
-    return [a.session_id for a in sessions.actors() if a.results.next_deadline() < horizon]
+    lost (looking up every waiting session each second cost p99 latency, bench/load.py).
+    Also sessions resumed in the last ``older_than_s`` that are owed results: an answer sent
+    while the session changed owner may have been stored just after the resume looked."""
+    now = trio.current_time()
+    horizon = now + settings.result_deadline_ms / 1000 - older_than_s
+    return [a.session_id for a in sessions.actors()
+            if a.results.next_deadline() < horizon
+            or ((a.epoch or 0) > 1 and a.results.outstanding and now - a.started_at < older_than_s)]
 
 
 async def _drain(running: Running) -> None:

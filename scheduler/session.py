@@ -189,6 +189,7 @@ class SessionActor:
         self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._post_wake)
         self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
         self.epoch = epoch
+        self.started_at = trio.current_time()
         self.taken_over = False
         self.results = ResultsSequencer(pending[0].index if pending else next_index)
         for utt in pending:
