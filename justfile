@@ -48,6 +48,14 @@ stress *ARGS: sync
 bench-scheduling *ARGS: sync
     uv run --frozen python bench/scheduling.py {{ARGS}}
 
+# 1, 2 and 4 daemon instances on one Valkey: throughput and result latency, ratio to one (docs/scaling.md)
+bench-instances *ARGS: sync
+    uv run --frozen python bench/instances.py {{ARGS}}
+
+# kill -9 one of two instances mid-stream; clients resume on the other; prints the failover time
+failover: sync
+    uv run --frozen python -m pytest -s -q tests/test_failover.py
+
 # the whole path in one command: daemon + a pocketsphinx node + the client streaming a bundled recording
 demo: sync
     #!/usr/bin/env bash
