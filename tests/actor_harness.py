@@ -10,7 +10,8 @@ the silence threshold), so each job's audio can be split back into the exact fra
 built from. :meth:`ActorHarness.check` then verifies, from what the actor emitted and what it
 submitted:
 
-- indexes 0..n-1, each finalized once; one result per index, in order;
+- indexes contiguous from the first one (0, or where a resumed session numbers on), each
+  finalized once; one result per index, in order, owed results of a resume first;
 - no result later than its deadline; a result matches its utterance (reason, turn) and the
   first answer given before the deadline (else SKIPPED, or FAILED when told "waiting");
 - job audio is whole consecutive frames; between utterances only silent frames are skipped;
@@ -30,7 +31,7 @@ from scheduler.backlog import AudioIn, CloseIn, FinalizeIn
 from scheduler.config import Settings
 from scheduler.metrics import Metrics
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
-from scheduler.session import JobOutcome, JobWaiting, SessionActor, SlowClient
+from scheduler.session import JobOutcome, JobWaiting, PendingUtterance, SessionActor, SlowClient
 
 RATE = 16000
 FRAME_MS = 100
@@ -78,6 +79,18 @@ class ScriptedPort:
         self.cancelled.extend(job_keys)
 
 
+@attrs.frozen
+class Owed:
+    """An utterance the actor is owed a result for since it started: a resumed session's
+    finalized-but-unanswered one (``t_fin`` None), or one it finalized itself."""
+
+    index: int
+    t_fin: float | None
+    due: float
+    reason: str
+    turn_id: str
+
+
 @attrs.define
 class Sent:
     serial: int
@@ -92,13 +105,23 @@ class ActorHarness:
                     idle_timeout_ms=10_000, max_pending_events=8)
 
     def __init__(self, nursery: trio.Nursery, clock: trio.testing.MockClock, *, actor_class=SessionActor,
-                 tgt_langs=("en", "de"), outbox_size: int = 24, **overrides) -> None:
+                 tgt_langs=("en", "de"), outbox_size: int = 24, resume: tuple[int, list[float]] | None = None,
+                 **overrides) -> None:
+        """``resume=(first, offsets)``: start as a resumed session owed results for utterances
+        ``first, first + 1, ...`` (deadlines ``now + offset``), numbering on after them."""
         self.clock = clock
         self.settings = Settings(**{**self.SETTINGS, **overrides})
         self.port = ScriptedPort()
         self.metrics = Metrics()
+        first, offsets = resume or (0, [])
+        now = trio.current_time()
+        self.owed = [Owed(first + i, None, now + off, "pause", f"old:t{i}") for i, off in enumerate(offsets)]
+        self.first_index, self.base_index = first, first + len(offsets)
+        self.owed_keys = {f"S:{o.index}:translate:{t}": (o.index, t) for o in self.owed for t in tgt_langs}
         self.actor = actor_class(session_id="S", src_lang="zh", tgt_langs=tgt_langs, sample_rate=RATE,
-                                 settings=self.settings, jobs=self.port, metrics=self.metrics, outbox_size=outbox_size)
+                                 settings=self.settings, jobs=self.port, metrics=self.metrics, outbox_size=outbox_size,
+                                 next_index=self.base_index, epoch=2 if resume else None,
+                                 pending=[PendingUtterance(o.index, o.reason, o.turn_id, o.due) for o in self.owed])
         self.emitted: list[tuple[float, object]] = []
         real_emit = self.actor._emit
 
@@ -168,13 +191,23 @@ class ActorHarness:
     def disconnect(self) -> None:
         self._scope.cancel()
 
+    def take_over(self) -> None:
+        """The session was resumed elsewhere."""
+        self.actor.take_over_nowait()
+
     # ------------------------------------------------------------ node side
 
     def unanswered_keys(self) -> list[str]:
-        return [k for k in self.port.order if k not in self.answers]
+        return [k for k in [*self.owed_keys, *self.port.order] if k not in self.answers]
+
+    def _job(self, job_key: str):
+        if job_key in self.owed_keys:  # placed by the previous owner
+            index, tgt = self.owed_keys[job_key]
+            return attrs.make_class("Job", ["utterance_index", "tgt_lang"])(index, tgt)
+        return self.port.jobs[job_key]
 
     def answer(self, job_key: str, ok: bool) -> None:
-        request = self.port.jobs[job_key]
+        request = self._job(job_key)
         text = f"{job_key}:{'ok' if ok else 'err'}"
         translation = (Translation(status="SUCCESS", text=text, node_id="n1") if ok
                        else Translation(status="FAILED", node_id="n1", error="NODE_ERROR"))
@@ -183,7 +216,7 @@ class ActorHarness:
         self.actor.put_outcome_nowait(JobOutcome(request.utterance_index, request.tgt_lang, translation, f"src:{job_key}"))
 
     def tell_waiting(self, job_key: str, error: str | None) -> None:
-        request = self.port.jobs[job_key]
+        request = self._job(job_key)
         self.waiting.setdefault(job_key, []).append((trio.current_time(), error))
         self.actor.put_outcome_nowait(JobWaiting(request.utterance_index, request.tgt_lang, error))
 
@@ -242,11 +275,13 @@ class ActorHarness:
         s = self.settings
         finalized = self.messages(UtteranceFinalized)
         results = self.messages(Result)
-        assert [m.utterance_index for _, m in finalized] == list(range(len(finalized))), "indexes not 0..n-1"
-        assert [m.utterance_index for _, m in results] == list(range(len(results))), "results not in order"
-        assert len(results) <= len(finalized)
+        base, first = self.base_index, self.first_index
+        assert [m.utterance_index for _, m in finalized] == list(range(base, base + len(finalized))), "indexes not contiguous"
+        assert [m.utterance_index for _, m in results] == list(range(first, first + len(results))), "results not in order"
         tgts = self.actor.tgt_langs
         deadline_s = s.result_deadline_ms / 1000
+        utts = self.owed + [Owed(m.utterance_index, t, t + deadline_s, m.reason, m.turn_id) for t, m in finalized]
+        assert len(results) <= len(utts)
 
         # jobs: exactly one per (finalized index, language) key, never two
         assert self.port.duplicates == 0, "a job was created twice for one key"
@@ -254,20 +289,18 @@ class ActorHarness:
         assert set(self.port.order) | set(self.port.refused) == expected
 
         # results: timing, identity, content
-        for (t_fin, fin), (t_res, res) in zip(finalized, results, strict=False):
-            assert t_res <= t_fin + deadline_s + EPS, f"result {res.utterance_index} late: {t_res - t_fin:.3f}s"
-            assert (res.reason, res.turn_id) == (fin.reason, fin.turn_id)
+        for utt, (t_res, res) in zip(utts, results, strict=False):
+            assert t_res <= utt.due + EPS, f"result {res.utterance_index} late by {t_res - utt.due:.3f}s"
+            assert (res.reason, res.turn_id) == (utt.reason, utt.turn_id)
             assert list(res.translations) == list(tgts)
             for tgt, tr in res.translations.items():
                 key = f"S:{res.utterance_index}:translate:{tgt}"
-                due = t_fin + deadline_s
                 # an event at the deadline instant may land on either side of it (float rounding)
-                allowed = [self._expected(key, due - EPS), self._expected(key, due + EPS)]
+                allowed = [self._expected(key, utt.due - EPS), self._expected(key, utt.due + EPS)]
                 assert any(ok(tr) for ok in allowed), f"{key}: got {tr}"
         # the next result is never overdue while the session lives (no permanent stall)
-        if len(results) < len(finalized) and self.alive:
-            t_next, _ = finalized[len(results)]
-            assert trio.current_time() < t_next + deadline_s + EPS, "result overdue: the session is stuck"
+        if len(results) < len(utts) and self.alive:
+            assert trio.current_time() < utts[len(results)].due + EPS, "result overdue: the session is stuck"
 
         # audio: whole consecutive frames, only silence skipped between utterances
         previous_last = 0
@@ -304,7 +337,7 @@ class ActorHarness:
         assert len(closed) <= 1
         if closed:
             assert self.emitted[-1][1] is closed[0][1], "session_closed is not the last message"
-            assert len(results) == len(finalized), "session_closed before every result"
+            assert len(results) == len(utts), "session_closed before every result"
 
     def _expected(self, key: str, cutoff: float):
         """A predicate for the translation ``key`` must have if the deadline fell at ``cutoff``."""
@@ -357,13 +390,15 @@ class ActorHarness:
                     await self.advance(0.1)
                 self.put_close()
             await self.advance(self.settings.result_deadline_ms / 1000 + 1)
-        if not isinstance(self.ended, SlowClient) and self.ended != "disconnected":
+        if not isinstance(self.ended, SlowClient) and self.ended not in ("disconnected", "taken_over"):
             assert self.done.is_set(), "session did not end after close + result deadline"
             assert self.messages(SessionClosed), "no session_closed"
         self.check()
         if self.ended == "disconnected":
             released = {m.utterance_index for _, m in self.messages(Result)}
-            unanswered = {f"S:{m.utterance_index}:translate:{t}" for _, m in self.messages(UtteranceFinalized)
-                          for t in self.actor.tgt_langs if m.utterance_index not in released}
+            owed = [o.index for o in self.owed] + [m.utterance_index for _, m in self.messages(UtteranceFinalized)]
+            unanswered = {f"S:{i}:translate:{t}" for i in owed for t in self.actor.tgt_langs if i not in released}
             unanswered -= set(self.answers) | set(self.port.refused)
             assert set(self.port.cancelled) == unanswered, "unanswered jobs not cancelled on exit"
+        if self.ended == "taken_over":
+            assert not self.port.cancelled, "jobs cancelled though the new owner wants their answers"

@@ -16,7 +16,11 @@ clock and cost ~100x per step, which rules out the 10,000-example stress profile
 side has its own real-Valkey tests (``test_lua_scripts.py``) and the end-to-end tests join
 the two over real sockets.
 
-Invariants after every step are :meth:`ActorHarness.check` (indexes contiguous from 0, no
+A run may start as a resumed session (``resume``: utterances finalized by a previous owner
+and still owed a result, with their deadlines) and may end by being taken over by another
+owner (whose jobs must then not be cancelled).
+
+Invariants after every step are :meth:`ActorHarness.check` (indexes contiguous, no
 index finalized twice, results in order and one per index, none later than its deadline,
 every finalize reason justified, job audio exact, one job per key, bounded queues); at the
 end, :meth:`ActorHarness.finish` closes the session and requires every result and
@@ -119,12 +123,15 @@ class TrioThread:
 class ActorMachine(RuleBasedStateMachine):
     actor_class: type[SessionActor] = SessionActor
 
-    @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]))
-    def start(self, tgts, outbox):
+    @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]),
+                resume=st.none() | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]),
+                                                                          max_size=3).map(sorted)))
+    def start(self, tgts, outbox, resume):
+        """``resume``: start as a session resumed owing results (session.py, PendingUtterance)."""
         self.trio = TrioThread()
         self.h: ActorHarness = self.trio.call_sync(
             lambda: ActorHarness(self.trio.nursery, self.trio.clock, actor_class=self.actor_class,
-                                 tgt_langs=tgts, outbox_size=outbox))
+                                 tgt_langs=tgts, outbox_size=outbox, resume=resume))
         self.trio.call(self.h.settle)
 
     def teardown(self):
@@ -176,10 +183,11 @@ class ActorMachine(RuleBasedStateMachine):
             self.trio.call(self.h.advance, gap)
 
     @precondition(lambda self: self.steps >= 12)
-    @rule(how=st.sampled_from(["close", "shutdown", "disconnect"]))
+    @rule(how=st.sampled_from(["close", "shutdown", "disconnect", "take_over"]))
     def end_session(self, how):
         """Ending rules only late in a run, so that most runs have a long life first."""
-        self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect}[how])
+        self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect,
+                  "take_over": self.h.take_over}[how])
 
     @rule(reading=st.booleans())
     def client_reads(self, reading):
