@@ -93,7 +93,7 @@ class ClientGateway(wsutil.Gateway):
         previous = self._sessions.add(actor)
         if previous is not None:  # resumed on a newer connection to this same instance
             previous.take_over_nowait()
-        self._metrics.sessions_total.inc()
+        (self._metrics.sessions_resumed_total if resumed else self._metrics.sessions_total).inc()
         event(log, "session_resumed" if resumed else "session_started", session_id=session_id, peer=peer,
               src_lang=meta.src_lang, tgt_langs=",".join(meta.tgt_langs), sample_rate=meta.sample_rate, epoch=epoch,
               next_utterance_index=next_index, owed=len(pending))
@@ -170,6 +170,7 @@ class ClientGateway(wsutil.Gateway):
                 await wsutil.close(ws, CLOSE_POLICY, "SLOW_CONSUMER: client does not read its results")
                 return "slow_client"
             if reason == "taken_over":
+                self._metrics.sessions_taken_over_total.inc()
                 nursery.cancel_scope.cancel()
                 await wsutil.close(ws, CLOSE_GOING_AWAY, "SESSION_TAKEN_OVER: resumed on another connection")
                 return reason

@@ -31,6 +31,10 @@ class Metrics:
         self.finalize_total = Counter(p + "finalize_total", "Utterances finalized, by reason", ["reason"], registry=r)
         self.sessions_active = Gauge(p + "sessions_active", "Live client sessions on this instance", registry=r)
         self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
+        self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
+                                              "Client sessions resumed here (session_init with session_id)", registry=r)
+        self.sessions_taken_over_total = Counter(p + "sessions_taken_over_total",
+                                                 "Sessions held here that were resumed on another connection", registry=r)
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
         self.jobs_total = Counter(p + "jobs_total", "Jobs by final status", ["status"], registry=r)
         self.jobs_in_flight = Gauge(p + "jobs_in_flight", "Jobs placed on a node and not yet answered", registry=r)

@@ -28,6 +28,11 @@ from .test_e2e import Daemon
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request):
+    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
+
 UTTERANCES = 10
 SPEECH_MS = 300
 

@@ -132,6 +132,8 @@ async def test_resume_elsewhere_takes_over_fences_and_gets_the_owed_answer(start
             assert (await utter(c))["utterance_index"] == 1
         finally:
             await c.cm.__aexit__(None, None, None)
+    assert "scheduler_sessions_taken_over_total 1.0" in a.metrics.render().decode()
+    assert "scheduler_sessions_resumed_total 1.0" in b.metrics.render().decode()
     async with RedisAdapter(redis_url) as redis:  # A's epoch (1) is fenced: journal and job creation
         stale = journal.Journal(redis, sid, 1, journal.Meta("zh", ("en",), 16000), keep=8, result_deadline_ms=1000)
         from scheduler.protocol import Busy
