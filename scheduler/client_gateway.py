@@ -76,7 +76,7 @@ class ClientGateway(wsutil.Gateway):
         else:
             session_id, meta, next_index = init.session_id, resumed.meta, resumed.next_index
             pending = [PendingUtterance(o.index, o.reason, o.turn_id, trio.current_time() + (o.deadline_ms - now_ms()) / 1000)
-                       for o in resumed.owed]
+                       for o in resumed.owed_from(init.resume_from or 0)]
         try:
             epoch = resumed.epoch if resumed else await journal.open_session(self._redis, session_id, self.settings.instance_id, meta)
             await self._ownership.claim_session(session_id)

@@ -76,6 +76,11 @@ class Resumed:
     def results_from(self, index: int) -> list[str]:
         return [text for i, text in self.sent if i >= index]
 
+    def owed_from(self, index: int) -> list[Owed]:
+        """Owed utterances the client still wants: it says it has those below ``index`` (a
+        resume_from set past what the journal knows was sent)."""
+        return [o for o in self.owed if o.index >= index]
+
 
 async def open_session(redis: RedisAdapter, session_id: str, instance_id: str, meta: Meta) -> int:
     """Start the journal of a new session; returns its epoch (1)."""

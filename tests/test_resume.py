@@ -11,6 +11,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from scheduler import journal, keys, lua
+from scheduler.protocol import Busy, SessionClosed
 from scheduler.redis_adapter import Fenced, RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session, start_node
@@ -136,9 +137,7 @@ async def test_resume_elsewhere_takes_over_fences_and_gets_the_owed_answer(start
     assert "scheduler_sessions_resumed_total 1.0" in b.metrics.render().decode()
     async with RedisAdapter(redis_url) as redis:  # A's epoch (1) is fenced: journal and job creation
         stale = journal.Journal(redis, sid, 1, journal.Meta("zh", ("en",), 16000), keep=8, result_deadline_ms=1000)
-        from scheduler.protocol import Busy
         assert await stale.write([Busy(backlog=1, action="merged")])  # nothing to journal: no call
-        from scheduler.protocol import SessionClosed
         with pytest.raises(journal.Fenced):
             await stale.write([SessionClosed(reason="client_close", utterances=1)])
         call = lua.dispatch(f"{sid}:5:translate:en", "999999", sid, 5, "zh", "en", "t", "none", 0, 1000, 1000, 0,
@@ -164,6 +163,24 @@ async def test_owed_utterance_without_answer_is_skipped_at_its_deadline(start_da
         finally:
             await c.cm.__aexit__(None, None, None)
     assert redis_client.hget(keys.session(sid), "epoch") == "2"
+
+
+async def test_owed_utterances_below_resume_from_are_not_sent_again(start_daemon, redis_url):
+    """The client says it has results up to resume_from - 1, though the journal still owes one
+    of them: the new owner does not resolve it again."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a", result_deadline_ms=1500)
+    b = await start_daemon(redis_url=redis_url, instance_id="b", result_deadline_ms=1500)
+    async with registered(a, "silent"), session(a) as old:
+        sid = old.ready["session_id"]
+        await utter(old)  # owed in the journal: never answered
+        c = await resume(b, sid, resume_from=1)  # as if the client had result 0
+        try:
+            assert c.ready["next_utterance_index"] == 1
+            assert (await utter(c))["utterance_index"] == 1
+            (result,) = await results(c, 1)
+            assert result["utterance_index"] == 1  # 0 was not sent again
+        finally:
+            await c.cm.__aexit__(None, None, None)
 
 
 async def test_shutdown_is_resumable(start_daemon, redis_url, nursery):
