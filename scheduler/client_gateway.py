@@ -78,7 +78,12 @@ class ClientGateway(wsutil.Gateway):
             pending = [PendingUtterance(o.index, o.reason, o.turn_id, trio.current_time() + (o.deadline_ms - now_ms()) / 1000)
                        for o in resumed.owed_from(init.resume_from or 0)]
         try:
-            epoch = resumed.epoch if resumed else await journal.open_session(self._redis, session_id, self.settings.instance_id, meta)
+            if resumed:
+                epoch: int | None = resumed.epoch
+            elif self.settings.resume_keep_results:
+                epoch = await journal.open_session(self._redis, session_id, self.settings.instance_id, meta)
+            else:
+                epoch = None  # no journal: not resumable, not fenced
             await self._ownership.claim_session(session_id)
         except RedisUnavailable as exc:
             await wsutil.send_error(ws, ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011))

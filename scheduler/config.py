@@ -72,7 +72,8 @@ class Settings:
     drain_timeout_ms: int = _opt(10000, "on SIGTERM, how long to wait for outstanding results before closing", group="session")
     resume_keep_results: int = _opt(
         256, "results kept in Redis per session for a resume (session_init with session_id + resume_from): "
-             "the last this many", group="session")
+             "the last this many; 0 turns the resume journal off (no resume, two Redis calls less per "
+             "utterance)", group="session")
 
     # Nodes
     heartbeat_interval_ms: int = _opt(2000, "interval nodes are told to heartbeat at", group="nodes")
@@ -115,7 +116,7 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
-    "max_messages_per_s", "resume_keep_results",
+    "max_messages_per_s",
 )
 
 
@@ -124,6 +125,8 @@ def validate(s: Settings) -> list[str]:
     for name in ("ws_port", "admin_port"):
         if not 0 <= getattr(s, name) <= 65535:
             errors.append(f"{name} must be a port number 0-65535 (got {getattr(s, name)})")
+    if s.resume_keep_results < 0:
+        errors.append(f"resume_keep_results must be >= 0 (got {s.resume_keep_results})")
     if s.drain_timeout_ms < 0:
         errors.append(f"drain_timeout_ms must be >= 0 (got {s.drain_timeout_ms})")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -126,8 +126,9 @@ def parse(epoch: int, flat: list[Any]) -> Resumed:
 class Journal:
     """The write-ahead journal of one session held here (used by its writer task only)."""
 
-    def __init__(self, redis: RedisAdapter, session_id: str, epoch: int, meta: Meta, *, keep: int,
+    def __init__(self, redis: RedisAdapter, session_id: str, epoch: int | None, meta: Meta, *, keep: int,
                  result_deadline_ms: int) -> None:
+        """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes."""
         self._redis = redis
         self.session_id = session_id
         self.epoch = epoch
@@ -151,7 +152,7 @@ class Journal:
         """Journal ``msgs`` (those that matter for a resume) and return them encoded, ready
         to send. Retries while Redis is unavailable; raises ``Fenced`` once resumed elsewhere."""
         texts = [encode(m) for m in msgs]
-        entries = self.entries(msgs, texts)
+        entries = self.entries(msgs, texts) if self.epoch is not None else []
         if not entries:
             return texts
         call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries)

@@ -202,3 +202,18 @@ async def test_shutdown_is_resumable(start_daemon, redis_url, nursery):
         assert (await results(c, 1))[0]["utterance_index"] == 1
     finally:
         await c.cm.__aexit__(None, None, None)
+
+
+async def test_journal_off_sessions_work_and_cannot_be_resumed(start_daemon, nursery, redis_client):
+    daemon = await start_daemon(resume_keep_results=0)
+    await start_node(nursery, daemon, node_id="n1", delay_ms=10)
+    async with session(daemon) as s:
+        sid = s.ready["session_id"]
+        await utter(s)
+        assert (await results(s, 1))[0]["status"] == "SUCCESS"
+        assert not redis_client.hexists(keys.session(sid), "epoch")
+    c = await resume(daemon, sid)
+    try:
+        assert (c.ready["type"], c.ready["code"]) == ("error", "UNKNOWN_SESSION")
+    finally:
+        await c.cm.__aexit__(None, None, None)
