@@ -25,6 +25,11 @@ Guarantees (protocol.md, "Result ordering and completeness"):
 - Job audio is exactly the frames the client sent for the utterance, in order; frames are
   never split, also when merged under backpressure.
 
+Resume: a session resumed from another owner (journal.py) starts with ``next_index`` and
+the ``pending`` utterances it still owes results for, with the deadlines the first owner
+gave them; ``take_over_nowait`` ends a session resumed elsewhere at once, and its jobs are
+then not cancelled (the new owner wants their answers).
+
 Backpressure: when the actor takes an audio event into which the backlog merged frames, it
 sends ``busy`` (once per episode: again only after the backlog fell below half the budget).
 If the backlog still holds at least half the budget after that event, merging was not
