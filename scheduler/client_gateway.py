@@ -62,7 +62,6 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
 class ClientGateway(wsutil.Gateway):
     side = "client"
     relay: Relay | None = None  # set when instances relay answers (server.py)
-    journal_batcher: journal.JournalBatcher | None = None  # set by server.py (runs in its nursery)
 
     async def handle(self, ws: WebSocketConnection, headers: list[tuple[bytes, bytes]] = ()) -> None:
         """Serve one client connection; ``headers`` are its handshake request headers."""
@@ -95,7 +94,7 @@ class ClientGateway(wsutil.Gateway):
             epoch=epoch,
         )
         writer = journal.Journal(self._redis, session_id, epoch, meta, keep=self.settings.resume_keep_results,
-                                 result_deadline_ms=self.settings.result_deadline_ms, batcher=self.journal_batcher)
+                                 result_deadline_ms=self.settings.result_deadline_ms)
         previous = self._sessions.add(actor)
         if previous is not None:  # resumed on a newer connection to this same instance
             previous.take_over_nowait()

@@ -8,10 +8,9 @@ the fencing epoch, the session's languages, how many utterances were finalized, 
 finalized utterance still owed a result, and the last ``resume_keep_results`` results as sent.
 
 Write-ahead: the client gateway's writer hands each batch of outgoing messages to
-:meth:`Journal.write` before it sends them, so the client never holds an
-``utterance_finalized`` or ``result`` the journal lacks. The writes of all sessions go
-through one :class:`JournalBatcher`: one EVALSHA for whatever queued up while the
-previous one was in flight. Audio that was not finalized yet is not journaled: the client resends it.
+:meth:`Journal.write` before it sends them (one EVALSHA per batch, through the batching
+adapter), so the client never holds an ``utterance_finalized`` or ``result`` the journal
+lacks. Audio that was not finalized yet is not journaled: the client resends it.
 
 Fencing: :func:`resume` raises the epoch atomically with reading the journal. From then on
 the old owner's journal writes fail with :class:`~scheduler.redis_adapter.Fenced` (its
@@ -124,56 +123,13 @@ def parse(epoch: int, flat: list[Any]) -> Resumed:
     return Resumed(epoch, Meta.from_json(fields["meta"]), next_index, sent, owed)
 
 
-class JournalBatcher:
-    """One journal call for the writes of many sessions (they all share the ``{scheduler}``
-    slot): each session's writer awaits :meth:`write`; :meth:`run` sends what has queued up
-    meanwhile as one ``session_journal`` call, at most ``MAX_BATCH`` sessions at a time, and
-    the next batch queues while one is in flight. Writes are waiting coroutines (one per
-    session at most), so the queue is bounded by the sessions held. A journal call per
-    session cost 5-20 ms of overhead p99 at 200 sessions (docs/performance.md)."""
-
-    MAX_BATCH = 64
-
-    def __init__(self, redis: RedisAdapter) -> None:
-        self._redis = redis
-        self._queue: list[tuple[lua.JournalWrite, trio.Event, list[Any]]] = []
-        self._wake = trio.Event()
-
-    async def write(self, w: lua.JournalWrite) -> Any:
-        """The script's reply for ``w``; raises RedisUnavailable like a direct call."""
-        done, box = trio.Event(), []
-        self._queue.append((w, done, box))
-        self._wake.set()
-        await done.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._queue:
-                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
-                try:
-                    replies = await self._redis.script(*lua.session_journal([w for w, _, _ in batch]))
-                except Exception as exc:  # RedisUnavailable: every writer retries
-                    replies = [exc] * len(batch)
-                for (_, done, box), reply in zip(batch, replies, strict=True):
-                    box.append(reply)
-                    done.set()
-
-
 class Journal:
     """The write-ahead journal of one session held here (used by its writer task only)."""
 
     def __init__(self, redis: RedisAdapter, session_id: str, epoch: int | None, meta: Meta, *, keep: int,
-                 result_deadline_ms: int, batcher: JournalBatcher | None = None) -> None:
-        """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes.
-        Without ``batcher`` each write is its own call."""
+                 result_deadline_ms: int) -> None:
+        """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes."""
         self._redis = redis
-        self._batcher = batcher
         self.session_id = session_id
         self.epoch = epoch
         self._meta = meta.to_json()
@@ -192,11 +148,6 @@ class Journal:
                 out.append(("c", 0, msg.reason))
         return out
 
-    async def _call(self, w: lua.JournalWrite) -> Any:
-        if self._batcher is not None:
-            return await self._batcher.write(w)
-        return (await self._redis.script(*lua.session_journal([w])))[0]
-
     async def write(self, msgs: list[Any]) -> list[str]:
         """Journal ``msgs`` (those that matter for a resume) and return them encoded, ready
         to send. Retries while Redis is unavailable; raises ``Fenced`` once resumed elsewhere."""
@@ -204,11 +155,11 @@ class Journal:
         entries = self.entries(msgs, texts) if self.epoch is not None else []
         if not entries:
             return texts
-        w = (self.session_id, self.epoch, self._meta, self._keep, entries)
+        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries)
         logged = False
         while True:
             try:
-                reply = await self._call(w)
+                reply = await self._redis.script(*call)
                 break
             except RedisUnavailable as exc:
                 if not logged:

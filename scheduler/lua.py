@@ -113,17 +113,10 @@ def owner_release(owner_key: str, instance_id: str) -> Call:
     return "owner_release", [owner_key], [instance_id]
 
 
-def session_journal(writes: list[JournalWrite]) -> Call:
-    """One call for the journal writes of several sessions: (session_id, epoch, meta, keep,
-    entries), entries being (kind, utterance index, payload), kind "u" (finalized), "r"
-    (result) or "c" (closed). Reply: per write, ["OK"] or ["FENCED", epoch]."""
-    args: list[Any] = [keys.KEY_TTL_S]
-    for _, epoch, meta, keep, entries in writes:
-        args += [epoch, meta, keep, len(entries), *(x for entry in entries for x in entry)]
-    return "session_journal", [keys.session(w[0]) for w in writes], args
-
-
-JournalWrite = tuple[str, int, str, int, list[tuple[str, int, str]]]
+def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: list[tuple[str, int, str]]) -> Call:
+    """``entries``: (kind, utterance index, payload) with kind "u" (finalized), "r" (result), "c" (closed)."""
+    return ("session_journal", [keys.session(session_id)],
+            [epoch, keys.KEY_TTL_S, meta, keep, *(x for entry in entries for x in entry)])
 
 
 def session_resume(session_id: str, instance_id: str) -> Call:

@@ -29,7 +29,6 @@ from .client_gateway import ClientGateway
 from .config import Settings
 from .dispatcher import Dispatcher
 from .embedded_redis import EmbeddedValkey
-from .journal import JournalBatcher
 from .logs import event
 from .metrics import Metrics
 from .node_gateway import NodeGateway, NodeRegistry
@@ -141,7 +140,6 @@ async def _serve(
     dispatcher.use_relay(relay)
     node_gw.relay = relay
     clients.relay = relay
-    clients.journal_batcher = JournalBatcher(redis)
 
     async with relay, trio.open_nursery() as nursery:
         running: Running | None = None
@@ -166,7 +164,6 @@ async def _serve(
                                                           fatal=True, close_code=CLOSE_INTERNAL))
 
         await nursery.start(dispatcher.run)
-        await nursery.start(clients.journal_batcher.run)
         await nursery.start(ownership.run)
         ws_server = await nursery.start(
             lambda task_status: serve_websocket(

@@ -12,8 +12,7 @@ def test_every_script_binds_keys_and_argv_and_documents_its_contract():
         assert src.startswith(f"-- {name}:"), name
         assert "Reply:" in src, name
         code = [line for line in src.splitlines() if line.strip() and not line.lstrip().startswith("--")]
-        # the first line binds KEYS[1] (or, for a script over many keys of one kind, KEYS)
-        assert code[0].startswith("local ") and code[0].endswith(("= KEYS[1]", "= KEYS")), name
+        assert code[0].startswith("local ") and code[0].endswith("= KEYS[1]"), name
 
 
 async def test_concurrent_calls_are_batched(redis_url):
