@@ -290,7 +290,7 @@ class SessionActor:
         self._touch_idle()
         self._flush_results()  # a resumed session may owe results already past their deadline
         async for item in self._inbox:
-            if isinstance(item, TakenOverIn) or self.taken_over:
+            if self.taken_over:  # set by take_over_nowait, whose TakenOverIn only wakes the loop
                 return "taken_over"
             self._handle(item)
             for _ in range(CLIENT_BATCH):
@@ -305,7 +305,7 @@ class SessionActor:
             if self.closing is not None and self.results.outstanding == 0:
                 self._emit(SessionClosed(reason=self.closing, utterances=self.next_index))
                 return self.closing
-        return "taken_over"  # take_over_nowait closed a full inbox
+        return "disconnected"  # pragma: no cover - the actor holds inbox_send, so never reached
 
     def _handle(self, item: object) -> None:
         match item:
@@ -319,7 +319,7 @@ class SessionActor:
                 self.results.set_fallback(index, tgt, error)
             case ShutdownIn():
                 self._begin_close("shutdown")
-            case _:  # pragma: no cover
+            case _:
                 raise TypeError(f"session actor got an unknown event {item!r}")
 
     def _handle_client(self, ev: ClientEvent) -> None:
