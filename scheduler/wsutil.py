@@ -63,15 +63,12 @@ def check_size(message: str | bytes, limit: int) -> None:
         )
 
 
-async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer: str,
-               on_sent: Callable[[Any], None] | None = None) -> None:
+async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer: str) -> None:
     """Writer task: send everything from ``outbox`` until it is closed (or the socket is)."""
     async for msg in outbox:
         if not await send(ws, msg):
             event(log, "send_on_closed_socket", logging.DEBUG, peer=peer, type=msg.TYPE)
             return
-        if on_sent is not None:
-            on_sent(msg)
 
 
 class Gateway:
