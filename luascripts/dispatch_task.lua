@@ -15,7 +15,8 @@
 -- another epoch, the session was resumed elsewhere: nothing changes (FENCED). The job
 -- records the instance that placed it (ARGV[16]) as placed_by, for the orphan sweep.
 --
--- Reply: {"OK", job_id, node_id, attempt} or {"EXISTS", job_id}.
+-- Reply: {"OK", job_id, node_id, attempt, conn_id} or {"EXISTS", job_id}; conn_id is the chosen
+-- node's connection id (register_node), so the caller can tell when that connection is gone.
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES (nothing
 -- changed: re-read the candidates and call again), JOB_ID_TAKEN (caller bug), FENCED.
 --
@@ -101,4 +102,4 @@ elseif turn_action == 'end' and redis.call('EXISTS', turn_key) == 1 then
     redis.call('DEL', turn_key)
   end
 end
-return {'OK', job_id, chosen, 1}
+return {'OK', job_id, chosen, 1, redis.call('HGET', nodes[chosen].info, 'conn_id') or ''}

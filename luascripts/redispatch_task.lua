@@ -8,7 +8,7 @@
 -- "waiting" at the same attempt and the call can be repeated. Answers of the old attempt are
 -- refused by complete_task (NODE_MISMATCH / STALE_ATTEMPT).
 --
--- Reply: {"OK", job_id, node_id, attempt} or {"NOOP", status, attempt}.
+-- Reply: {"OK", job_id, node_id, attempt, conn_id} (as dispatch_task) or {"NOOP", status, attempt}.
 -- Errors: UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE (job left waiting),
 -- STALE_CANDIDATES (nothing changed: re-read the candidates and call again).
 --
@@ -68,4 +68,4 @@ end
 take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
 redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
   'lease_deadline_ts', now_ms + lease_ms)
-return {'OK', job_id, chosen, attempt + 1}
+return {'OK', job_id, chosen, attempt + 1, redis.call('HGET', nodes[chosen].info, 'conn_id') or ''}

@@ -1,9 +1,14 @@
 -- register_node: write a node's info, reset its runtime, join its pools, index pools by lang pair.
 --
 -- Contract: after this script the node is online, its current_jobs equals the jobs it still
--- holds (its job set: a reconnecting node keeps the jobs it may still answer), it is a member
--- of every pool it serves, and every (src, tgt) pair it serves lists those pools.
--- Re-registering the same node id overwrites its info (a reconnect).
+-- holds (its job set), it is a member of every pool it serves, and every (src, tgt) pair it
+-- serves lists those pools. Re-registering the same node id overwrites its info.
+-- A new connection (conn_id differs from the stored one: the node reconnected) holds no job:
+-- the jobs of the old connection died with its socket, so its job set is emptied and their
+-- slots are free at once. Whoever placed them moves them (dispatcher.py: the placement's
+-- conn_id no longer matches); the leases of jobs whose placing instance is dead stay for the
+-- orphan sweep, which cancels them. The same connection registering again (Redis lost the
+-- node) keeps the jobs it holds.
 -- Reply: {"OK"}. Errors: none (the caller validates input).
 --
 -- KEYS[1]            {scheduler}:node:info:<node_id>      hash
@@ -18,7 +23,10 @@ local jobs_key = KEYS[3]
 local nodes_key = KEYS[4]
 -- ARGV[1] node_id, ARGV[2] cap_json, ARGV[3] max_jobs, ARGV[4] now_ms, ARGV[5] owner instance id,
 -- ARGV[6] n (entries), ARGV[6+i] pool name of entry i, ARGV[7+n] key TTL (s) of the node's keys,
--- refreshed by every heartbeat (a node gone for good leaves nothing behind)
+-- refreshed by every heartbeat (a node gone for good leaves nothing behind), ARGV[8+n] conn_id:
+-- the id of the node's connection (a new one per socket; the same when a connection registers
+-- again because Redis forgot it). dispatch_task returns it with each placement, so that the
+-- placing instance can tell that the connection which got a job is gone (dispatcher.py).
 local node_id = ARGV[1]
 local cap_json = ARGV[2]
 local max_jobs = tonumber(ARGV[3])
@@ -26,11 +34,16 @@ local now_ms = ARGV[4]
 local owner = ARGV[5]
 local n = tonumber(ARGV[6])
 local node_ttl_s = tonumber(ARGV[7 + n])
+local conn_id = ARGV[8 + n] or ''
 
+local previous_conn = redis.call('HGET', info_key, 'conn_id')
+if previous_conn and previous_conn ~= conn_id then
+  redis.call('DEL', jobs_key)
+end
 redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
-  'load_json', '{}', 'owner', owner)
+  'load_json', '{}', 'owner', owner, 'conn_id', conn_id)
 redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)

@@ -94,8 +94,9 @@ class ClientGateway(wsutil.Gateway):
             epoch=epoch,
         )
         writer = journal.Journal(self._redis, session_id, epoch, meta, keep=self.settings.resume_keep_results,
-                                 result_deadline_ms=self.settings.result_deadline_ms)
-        previous = self._sessions.add(actor)
+                                 result_deadline_ms=self.settings.result_deadline_ms, finalized=next_index,
+                                 owed=resumed.owed_from(init.resume_from or 0) if resumed else ())
+        previous = self._sessions.add(actor, writer)
         if previous is not None:  # resumed on a newer connection to this same instance
             previous.take_over_nowait()
         (self._metrics.sessions_resumed_total if resumed else self._metrics.sessions_total).inc()
@@ -109,9 +110,12 @@ class ClientGateway(wsutil.Gateway):
             if resumed is not None:
                 for text in resumed.results_from(init.resume_from or 0):
                     await wsutil.send(ws, Encoded(Result.TYPE, text))
-                if self.relay is not None and pending:  # answers that came while it had no owner
+                if self.relay is not None and pending:  # answers kept in Redis: the old owner's, or none had it
                     with trio.move_on_after(2):
-                        await self.relay.take_stored([session_id])
+                        try:
+                            await self.relay.take_stored({session_id: actor.missing_answers()})
+                        except RedisUnavailable:
+                            pass  # the poller looks again
             reason = await self._run(ws, actor, writer, peer)
         finally:
             self._sessions.remove(actor)

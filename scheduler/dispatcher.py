@@ -22,6 +22,21 @@ dispatched again through ``redispatch_task`` as attempt + 1 on another node, ahe
 jobs queued in its lane, while its result deadline allows; the old node gets ``job_cancel``
 when it is still connected. Answers of the old attempt are refused by ``complete_task``.
 
+Jobs on nodes of other instances: the node's instance moves only the jobs it placed itself,
+so :meth:`Dispatcher._watch_remote` looks, every ``watch_interval``, at each job this
+instance placed on a node it does not hold. A job answered (or cancelled) meanwhile leaves
+the books at once (no move, no cancel, no failure count); a job whose node is offline, whose
+node's connection is not the one that got the job (``conn_id``: the node reconnected), or
+whose node's instance is not alive (killed, or stopped) moves (attempt + 1) from here: this
+instance holds its audio. So a job never waits for its lease because of a node or instance
+that left: it moves within ``watch_interval`` of a disconnect and within ``owner_ttl_ms`` +
+``watch_interval`` of an instance's death. An answer that reaches a session here through the
+relay also takes its job off the books at once (:meth:`Dispatcher.answered`).
+
+Redis outages: no task here ends on a Redis error. A lane that cannot reach Redis waits and
+retries its head; a slot release (``cancel_task``) that fails is kept and retried every
+second until Redis answers; the periodic tasks log and retry (``resilient.every``).
+
 Outcomes that are not a node's answer (no pool, nowhere to send it) go back to the session
 as a ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
 
@@ -39,6 +54,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -48,7 +64,18 @@ from . import keys, lua
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
-from .redis_adapter import EmptyPool, Fenced, NoAvailableNode, NoPoolForLangPair, RedisAdapter, RedisUnavailable, now_ms
+from .redis_adapter import (
+    EmptyPool,
+    Fenced,
+    NoAvailableNode,
+    NoPoolForLangPair,
+    RedisAdapter,
+    RedisUnavailable,
+    ScriptError,
+    UnknownJob,
+    now_ms,
+)
+from .resilient import every
 from .scheduling import SchedulingClient
 from .session import JobOutcome, JobRequest, JobWaiting
 
@@ -67,6 +94,7 @@ class Placement:
     attempt: int
     request: JobRequest
     lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
+    conn_id: str = ""  # the node connection that got the job (register_node); "" if unknown
 
 
 @attrs.define(eq=False)
@@ -115,6 +143,7 @@ class Dispatcher:
         retry_interval: float = 0.25,
         place_batch: int = 32,
         orphan_grace_ms: int = 5000,
+        watch_interval: float = 1.0,
         instance_id: str = "",
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
@@ -127,6 +156,7 @@ class Dispatcher:
         self._retry_interval = retry_interval
         self._place_batch = place_batch
         self._orphan_grace_ms = orphan_grace_ms
+        self._watch_interval = watch_interval
         self._relay: Relay | None = None
         self._instance_id = instance_id
         self._rand = rand
@@ -138,6 +168,7 @@ class Dispatcher:
         self._scheduling = SchedulingClient(redis)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
+        self._owed_releases: dict[str, tuple[str, str]] = {}  # job id -> (job key, node id): cancel_task to retry
 
     def use_relay(self, relay: Relay) -> None:
         """Jobs placed on nodes of other instances go through ``relay`` (else they move on)."""
@@ -181,11 +212,8 @@ class Dispatcher:
             if placement is None:
                 continue
             self._metrics.jobs_in_flight.dec()
-            try:
-                reply = await self._release(placement.job_id, job_key, placement.node_id)
-            except RedisUnavailable:
-                continue
-            if reply[0] == "OK":
+            reply = await self._release(placement.job_id, job_key, placement.node_id)
+            if reply is not None and reply[0] == "OK":
                 self._cancelled(placement.job_id, placement.node_id, placement.attempt)
 
     def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
@@ -208,6 +236,13 @@ class Dispatcher:
         if placement is not None:
             self._metrics.jobs_in_flight.dec()
         return placement
+
+    def answered(self, job_key: str) -> None:
+        """An answer for ``job_key`` reached its session here through the relay (another
+        instance's node): if this instance placed the job, it leaves the books now, so it is
+        never moved, cancelled or counted failed later; a lane waiting for a slot retries."""
+        if self.forget(job_key) is not None:
+            self.slot_freed()
 
     def job_key_of(self, job_id: str) -> str | None:
         """The job key of a job this instance placed (None if unknown here)."""
@@ -239,30 +274,91 @@ class Dispatcher:
     # ------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Owns the lane tasks (one per language pair seen). Runs until cancelled."""
+        """Owns the lane tasks (one per language pair seen) and the periodic ones. Runs until
+        cancelled; no Redis error ends it."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._expire_leases)
-            nursery.start_soon(self._sweep_orphans)
+            nursery.start_soon(partial(every, 1.0, self._expire_leases, name="lease_expiry", log=log))
+            nursery.start_soon(partial(every, 2.0, self._sweep_orphans, name="orphan_sweep", log=log))
+            nursery.start_soon(partial(every, self._watch_interval, self._watch_remote, name="remote_watch", log=log))
+            nursery.start_soon(partial(every, 1.0, self._retry_releases, name="release_retry", log=log))
             task_status.started()
             await trio.sleep_forever()
 
-    async def _expire_leases(self, interval: float = 1.0) -> None:
-        """Every ``interval``: this instance's jobs whose lease ran out move to another node.
+    async def _expire_leases(self) -> None:
+        """This instance's jobs whose lease ran out move to another node.
 
         The lease deadline of each placement is kept here too, so the check costs no Redis
         call (the leases set in Redis is for other instances and for recovery)."""
-        while True:
-            await trio.sleep(interval)
-            now = trio.current_time()
-            for placement in [p for p in self.placed.values() if p.lease_deadline <= now]:
-                node = self._nodes.get(placement.node_id)
-                if node is not None:
-                    node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
-                self.move(placement, "LEASE_EXPIRED")
+        now = trio.current_time()
+        for placement in [p for p in self.placed.values() if p.lease_deadline <= now]:
+            node = self._nodes.get(placement.node_id)
+            if node is not None:
+                node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+            self.move(placement, "LEASE_EXPIRED")
 
-    async def _sweep_orphans(self, interval: float = 2.0, limit: int = 100) -> None:
-        """Every ``interval``: release the jobs whose placing instance is gone.
+    async def _watch_remote(self) -> None:
+        """Every job placed here: one whose job hash Redis lost (restarted empty) is placed
+        again. Jobs on nodes held by other instances: forget the answered ones, move those
+        whose node or node connection or node instance is gone (module docstring).
+
+        Two pipelined round trips per tick: the jobs' status and attempt with each remote
+        node's state, then whether each remote node's instance is alive."""
+        placed = list(self.placed.values())
+        if not placed:
+            return
+        for placement in placed:  # a node that came here on a new connection lost the jobs of its old one
+            conn = self._nodes.get(placement.node_id)
+            if conn is not None and placement.conn_id and conn.conn_id != placement.conn_id:
+                self.move(placement, "NODE_RECONNECTED")
+        placed = [p for p in placed if self.placed.get(p.request.job_key) is p]
+        remote = [p for p in placed if p.node_id not in self._nodes]
+        node_ids = sorted({p.node_id for p in remote})
+        replies = await self._redis.commands_many(
+            [("HMGET", keys.job(p.job_id), "status", "attempt") for p in placed]
+            + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids])
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        status_of = {p.request.job_key: reply for p, reply in zip(placed, replies, strict=False)}
+        infos = dict(zip(node_ids, replies[len(placed):], strict=True))
+        for placement in placed:
+            if status_of[placement.request.job_key][0] is None and self.placed.get(placement.request.job_key) is placement:
+                self.move(placement, "JOB_LOST")  # redispatch finds no job and places it afresh
+        if not remote:
+            return
+        jobs = [status_of[p.request.job_key] for p in remote]
+        owners = sorted({str(info[1]) for info in infos.values() if info[1]})
+        exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners])
+        for reply in exists:
+            if isinstance(reply, BaseException):
+                raise reply
+        alive = {o for o, n in zip(owners, exists, strict=True) if n}
+        for placement, (status, attempt) in zip(remote, jobs, strict=True):
+            if self.placed.get(placement.request.job_key) is not placement:
+                continue  # answered or moved while we looked
+            if status is not None and (status != "dispatched" or int(attempt or 0) != placement.attempt):
+                self.forget(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
+                self.slot_freed()
+                continue
+            if status is None:
+                continue  # moved above
+            online, owner, conn_id = infos[placement.node_id]
+            if online != "1":
+                self.move(placement, "NODE_LOST")
+            elif owner not in alive:
+                self.move(placement, "NODE_INSTANCE_LOST")
+            elif placement.conn_id and conn_id != placement.conn_id:
+                self.move(placement, "NODE_RECONNECTED")
+
+    async def _retry_releases(self) -> None:
+        """cancel_task calls that failed (Redis unavailable), until each got through."""
+        for job_id, (job_key, node_id) in list(self._owed_releases.items()):
+            self._owed_releases.pop(job_id, None)
+            await self._release(job_id, job_key, node_id)
+
+    async def _sweep_orphans(self, limit: int = 100) -> None:
+        """Release the jobs whose placing instance is gone.
 
         Each instance moves its own jobs when their lease runs out (:meth:`_expire_leases`).
         A job whose instance died (kill -9) has nobody to do that: its lease stays in
@@ -273,17 +369,15 @@ class Dispatcher:
         here, gets ``job_cancel``; nobody else holds its audio to place it again. (A resumed
         session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
         left to them."""
-        while True:
-            await trio.sleep(interval)
-            try:
-                expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
-                                                    "LIMIT", 0, limit)
-                for job_id in expired:
-                    if job_id in self.placed.job_keys:
-                        continue
-                    await self._release_orphan(str(job_id))
-            except RedisUnavailable:
+        expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
+                                            "LIMIT", 0, limit)
+        for job_id in expired:
+            if job_id in self.placed.job_keys:
                 continue
+            try:
+                await self._release_orphan(str(job_id))
+            except ScriptError as exc:  # one odd job must not stop the sweep of the others
+                event(log, "orphan_release_refused", logging.WARNING, job_id=str(job_id), code=exc.code)
 
     async def _release_orphan(self, job_id: str) -> None:
         job_key, session_id, node_id, attempt, placed_by = await self._redis.command(
@@ -294,55 +388,65 @@ class Dispatcher:
         alive = keys.instance(placed_by) if placed_by else keys.session_owner(session_id)
         if await self._redis.command("EXISTS", alive):
             return  # its instance is alive and handles its leases
-        if (await self._release(job_id, job_key, node_id))[0] == "OK":
+        reply = await self._release(job_id, job_key, node_id)
+        if reply is not None and reply[0] == "OK":
             event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
             self._cancelled(job_id, node_id, int(attempt))
 
     async def _run_lane(self, lane: _Lane) -> None:
+        """Run :meth:`_lane_step` until cancelled. An unexpected error costs a pause of
+        ``retry_interval``, never the daemon (the lane's queue is kept and retried)."""
+        while True:
+            try:
+                await self._lane_step(lane)
+            except Exception:
+                event(log, "lane_failed", logging.ERROR, exc_info=True, src_lang=lane.pair[0], tgt_lang=lane.pair[1])
+                await trio.sleep(self._retry_interval)
+
+    async def _lane_step(self, lane: _Lane) -> None:
         """Place the lane's jobs, oldest first, up to ``place_batch`` at a time in one ordered
         pipeline. When one cannot be placed, the lane waits (until a slot is freed or
         ``retry_interval``) and retries from its head."""
-        while True:
-            if not lane.queue:
-                lane.wake = trio.Event()
-                await lane.wake.wait()
-                continue
-            now = trio.current_time()
-            batch = list(itertools.islice(lane.queue, self._place_batch))
-            for request in [r for r in batch if r.deadline <= now]:
-                # never placed: the session resolves it FAILED(blocked code) at this same deadline
-                self._remove(lane, request)
-                self._metrics.jobs_total.labels("failed").inc()
-                await self._abandon_move(request.job_key)
-            batch = [r for r in batch if r.deadline > now]
-            if not batch:
-                continue
-            codes = await self._place(lane, batch)
-            blocked: tuple[str, JobRequest] | None = None
-            for request, code in zip(batch, codes, strict=True):
-                if code is None:
-                    was_told = request.job_key in lane.told
-                    self._remove(lane, request)  # (cancel() may have removed it meanwhile)
-                    if was_told:
-                        self._tell_waiting(lane, request, None)
-                elif blocked is None:
-                    blocked = (code, request)
-            if blocked is None:
-                if lane.blocked_code is not None:
-                    event(log, "dispatch_unblocked", src_lang=lane.pair[0], tgt_lang=lane.pair[1], waiting=len(lane.queue))
-                lane.blocked_code = None
-                continue
-            code, request = blocked
-            if code != lane.blocked_code:  # once per blocked episode, not per retry
-                event(log, "dispatch_blocked", logging.WARNING, src_lang=lane.pair[0], tgt_lang=lane.pair[1], code=code,
-                      job_key=request.job_key, waiting=len(lane.queue))
-            lane.blocked_code = code
-            for waiting in lane.queue:
-                if waiting.job_key not in lane.told:
-                    self._tell_waiting(lane, waiting, code)
-            freed = self._slot_freed
-            with trio.move_on_at(min(trio.current_time() + self._retry_interval, request.deadline)):
-                await freed.wait()
+        if not lane.queue:
+            lane.wake = trio.Event()
+            await lane.wake.wait()
+            return
+        now = trio.current_time()
+        batch = list(itertools.islice(lane.queue, self._place_batch))
+        for request in [r for r in batch if r.deadline <= now]:
+            # never placed: the session resolves it FAILED(blocked code) at this same deadline
+            self._remove(lane, request)
+            self._metrics.jobs_total.labels("failed").inc()
+            await self._abandon_move(request.job_key)
+        batch = [r for r in batch if r.deadline > now]
+        if not batch:
+            return
+        codes = await self._place(lane, batch)
+        blocked: tuple[str, JobRequest] | None = None
+        for request, code in zip(batch, codes, strict=True):
+            if code is None:
+                was_told = request.job_key in lane.told
+                self._remove(lane, request)  # (cancel() may have removed it meanwhile)
+                if was_told:
+                    self._tell_waiting(lane, request, None)
+            elif blocked is None:
+                blocked = (code, request)
+        if blocked is None:
+            if lane.blocked_code is not None:
+                event(log, "dispatch_unblocked", src_lang=lane.pair[0], tgt_lang=lane.pair[1], waiting=len(lane.queue))
+            lane.blocked_code = None
+            return
+        code, request = blocked
+        if code != lane.blocked_code:  # once per blocked episode, not per retry
+            event(log, "dispatch_blocked", logging.WARNING, src_lang=lane.pair[0], tgt_lang=lane.pair[1], code=code,
+                  job_key=request.job_key, waiting=len(lane.queue))
+        lane.blocked_code = code
+        for waiting in lane.queue:
+            if waiting.job_key not in lane.told:
+                self._tell_waiting(lane, waiting, code)
+        freed = self._slot_freed
+        with trio.move_on_at(min(trio.current_time() + self._retry_interval, request.deadline)):
+            await freed.wait()
 
     async def _place(self, lane: _Lane, batch: list[JobRequest]) -> list[str | None]:
         """Place ``batch`` (oldest first) with one ordered pipeline of dispatch_task /
@@ -423,10 +527,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement
 
-    async def _release(self, job_id: str, job_key: str, node_id: str) -> list:
+    async def _release(self, job_id: str, job_key: str, node_id: str) -> list | None:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
-        and lanes waiting for a slot retry."""
-        reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
+        and lanes waiting for a slot retry. Redis unavailable: the release is owed and retried
+        every second (:meth:`_retry_releases`); returns None then."""
+        try:
+            reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
+        except RedisUnavailable:
+            self._owed_releases[job_id] = (job_key, node_id)
+            return None
         if reply[0] == "OK":
             self.slot_freed()
         return reply
@@ -446,10 +555,17 @@ class Dispatcher:
         if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | Fenced | RedisUnavailable):
             code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
-            if isinstance(reply, NoPoolForLangPair | Fenced):  # Fenced: the session was resumed elsewhere
+            if isinstance(reply, Fenced):  # the session was resumed elsewhere: this owner places nothing more
                 self._fail(request, code)
                 return None
+            # NO_POOL_FOR_LANG_PAIR too waits: session_init checked the pair, so Redis lost its
+            # data and the nodes register again at their next heartbeat
             return code
+        if moving is not None and isinstance(reply, UnknownJob):
+            # Redis lost the job (restarted without its data): place it afresh, as a new job
+            self._moving.pop(request.job_key, None)
+            self._metrics.dispatch_errors_total.labels(reply.code).inc()
+            return reply.code
         if isinstance(reply, BaseException):
             raise reply
 
@@ -464,7 +580,8 @@ class Dispatcher:
             return None
         job_id, node_id, attempt = str(reply[1]), reply[2], int(reply[3])
         placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request,
-                              lease_deadline=trio.current_time() + self._job_lease_ms / 1000)
+                              lease_deadline=trio.current_time() + self._job_lease_ms / 1000,
+                              conn_id=str(reply[4]) if len(reply) > 4 else "")
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()
         node = self._nodes.get(node_id)

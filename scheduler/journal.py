@@ -127,23 +127,32 @@ class Journal:
     """The write-ahead journal of one session held here (used by its writer task only)."""
 
     def __init__(self, redis: RedisAdapter, session_id: str, epoch: int | None, meta: Meta, *, keep: int,
-                 result_deadline_ms: int) -> None:
-        """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes."""
+                 result_deadline_ms: int, finalized: int = 0, owed: list[Owed] | tuple[Owed, ...] = ()) -> None:
+        """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes.
+        ``finalized`` and ``owed`` continue a resumed session's journal."""
         self._redis = redis
         self.session_id = session_id
         self.epoch = epoch
         self._meta = meta.to_json()
         self._keep = keep
         self._deadline_ms = result_deadline_ms
+        # what this writer knows the journal must hold: the count of finalized utterances and
+        # the "u" entry of each one still owed a result (written again if Redis loses them)
+        self._finalized = finalized
+        self._owed: dict[int, str] = {
+            o.index: json.dumps({"reason": o.reason, "turn_id": o.turn_id, "deadline_ms": o.deadline_ms}) for o in owed}
 
     def entries(self, msgs: list[Any], texts: list[str]) -> list[tuple[str, int, str]]:
         out = []
         for msg, text in zip(msgs, texts, strict=True):
             if isinstance(msg, UtteranceFinalized):
-                owed = {"reason": msg.reason, "turn_id": msg.turn_id, "deadline_ms": now_ms() + self._deadline_ms}
-                out.append(("u", msg.utterance_index, json.dumps(owed)))
+                owed = json.dumps({"reason": msg.reason, "turn_id": msg.turn_id, "deadline_ms": now_ms() + self._deadline_ms})
+                out.append(("u", msg.utterance_index, owed))
+                self._owed[msg.utterance_index] = owed
+                self._finalized = max(self._finalized, msg.utterance_index + 1)
             elif isinstance(msg, Result):
                 out.append(("r", msg.utterance_index, text))
+                self._owed.pop(msg.utterance_index, None)
             elif isinstance(msg, SessionClosed) and msg.reason in FINAL_CLOSE_REASONS:
                 out.append(("c", 0, msg.reason))
         return out
@@ -153,22 +162,36 @@ class Journal:
         to send. Retries while Redis is unavailable; raises ``Fenced`` once resumed elsewhere."""
         texts = [encode(m) for m in msgs]
         entries = self.entries(msgs, texts) if self.epoch is not None else []
-        if not entries:
-            return texts
-        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries)
+        if entries:
+            await self._write(entries)
+        return texts
+
+    async def reassert(self) -> None:
+        """Write again what the journal must hold (finalized count, owed utterances): after
+        Redis lost its data, a resume must still find the session and what it owes."""
+        if self.epoch is not None:
+            await self._write([])
+
+    async def _write(self, entries: list[tuple[str, int, str]]) -> None:
+        reply = await self._call(entries)
+        if reply[0] == "OK" and reply[1:] == ["NEW"] and self._owed:
+            # the journal was gone (Redis lost its data): the owed entries written before too
+            reply = await self._call([("u", i, payload) for i, payload in sorted(self._owed.items())])
+        if reply[0] == "FENCED":
+            raise Fenced(f"session {self.session_id} is at epoch {reply[1]}, this owner at {self.epoch}")
+
+    async def _call(self, entries: list[tuple[str, int, str]]) -> list[Any]:
+        assert self.epoch is not None
+        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries, self._finalized)
         logged = False
         while True:
             try:
-                reply = await self._redis.script(*call)
-                break
+                return await self._redis.script(*call)
             except RedisUnavailable as exc:
                 if not logged:
                     event(log, "journal_write_waiting", logging.WARNING, session_id=self.session_id, error=str(exc))
                     logged = True
                 await trio.sleep(RETRY_S)
-        if reply[0] == "FENCED":
-            raise Fenced(f"session {self.session_id} is at epoch {reply[1]}, this owner at {self.epoch}")
-        return texts
 
 
 class Fenced(Exception):

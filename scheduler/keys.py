@@ -73,6 +73,18 @@ def jobkey(job_key: str) -> str:
     return f"{TAG}:jobkey:{job_key}"
 
 
+def answer(job_key: str) -> str:
+    """String: a job's accepted answer (JSON: translation, source_text), written by complete_task
+    and kept until past the result deadline, so that whoever owns the session can take it."""
+    return f"{TAG}:answer:{job_key}"
+
+
+def data_marker() -> str:
+    """String: a random id the first instance to see an empty Redis writes (SET NX). When it
+    changes, Redis lost its data (restarted empty): instances write their journals again."""
+    return f"{TAG}:data_marker"
+
+
 def job_id_seq() -> str:
     return f"{TAG}:job:id_seq"
 
@@ -122,8 +134,3 @@ def job_stream(instance_id: str) -> str:
 def answer_channel(instance_id: str) -> str:
     """Pub/Sub channel of answers for the sessions an instance holds."""
     return f"{PREFIX}:answers:{{{instance_id}}}"
-
-
-def stored_answers(session_id: str) -> str:
-    """Hash "index:tgt_lang" -> relayed answer JSON, until the session took it."""
-    return f"{PREFIX}:answers:session:{{{session_id}}}"

@@ -18,14 +18,15 @@ Call = tuple[str, list[str], list[Any]]
 
 
 def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs: int, now_ms: int, owner: str,
-                  capabilities: dict[str, Any] | None = None) -> Call:
+                  capabilities: dict[str, Any] | None = None, conn_id: str = "") -> Call:
+    """``conn_id``: the id of the node's connection (dispatch_task returns it with each placement)."""
     return (
         "register_node",
         [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
         + [keys.pool_members(pool) for pool, _, _ in pool_pairs]
         + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs],
         [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs]
-        + [keys.KEY_TTL_S],
+        + [keys.KEY_TTL_S, conn_id],
     )
 
 
@@ -89,11 +90,13 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
 
 
 def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, now_ms: int,
-             done_ttl_s: int = keys.DONE_TTL_S) -> Call:
+             done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0) -> Call:
+    """``answer``: the accepted answer's JSON, kept at ``keys.answer(job_key)`` for ``answer_ttl_s``."""
     return (
         "complete_task",
-        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key)],
-        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s],
+        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key),
+         keys.answer(job_key)],
+        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s],
     )
 
 
@@ -113,10 +116,12 @@ def owner_release(owner_key: str, instance_id: str) -> Call:
     return "owner_release", [owner_key], [instance_id]
 
 
-def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: list[tuple[str, int, str]]) -> Call:
-    """``entries``: (kind, utterance index, payload) with kind "u" (finalized), "r" (result), "c" (closed)."""
+def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: list[tuple[str, int, str]],
+                    finalized: int | None = None) -> Call:
+    """``entries``: (kind, utterance index, payload) with kind "u" (finalized), "r" (result), "c" (closed);
+    ``finalized``: the writer's count of finalized utterances (the journal's never goes below it)."""
     return ("session_journal", [keys.session(session_id)],
-            [epoch, keys.KEY_TTL_S, meta, keep, *(x for entry in entries for x in entry)])
+            [epoch, keys.KEY_TTL_S, meta, keep, "" if finalized is None else finalized, *(x for entry in entries for x in entry)])
 
 
 def session_resume(session_id: str, instance_id: str) -> Call:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,12 +42,15 @@ from .protocol import (
     parse_node,
 )
 from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
+from .relay import encode_answer
 from .session import JobOutcome
 
 if TYPE_CHECKING:
     from .relay import Relay
 
 log = logging.getLogger("scheduler.node_gateway")
+
+ANSWER_KEEP_EXTRA_S = 60  # an answer is kept this long past the result deadline (complete_task)
 
 
 class NodeConnection:
@@ -57,8 +61,9 @@ class NodeConnection:
     treats the node as unreachable for that job.
     """
 
-    def __init__(self, node_id: str, max_jobs: int, registration: Register | None = None) -> None:
+    def __init__(self, node_id: str, max_jobs: int, registration: Register | None = None, conn_id: str = "") -> None:
         self.node_id = node_id
+        self.conn_id = conn_id  # this socket; written by register_node, returned with each placement
         self.max_jobs = max_jobs
         self.registration = registration  # written again if Redis forgot the node (restart without data)
         self.draining = False
@@ -118,10 +123,11 @@ class NodeGateway(wsutil.Gateway):
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
-        reg = await self.first_message(ws, peer, self._accept_register)
+        conn_id = uuid.uuid4().hex[:16]
+        reg = await self.first_message(ws, peer, lambda message: self._accept_register(message, conn_id))
         if reg is None:
             return
-        conn = NodeConnection(reg.node_id, reg.max_jobs, reg)
+        conn = NodeConnection(reg.node_id, reg.max_jobs, reg, conn_id)
         self._nodes.add(conn)
         event(log, "node_joined", node_id=reg.node_id, peer=peer, max_jobs=reg.max_jobs,
               pools=",".join(sorted({p for p, _, _ in reg.pool_pairs()})))
@@ -151,7 +157,7 @@ class NodeGateway(wsutil.Gateway):
             await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
         event(log, "node_left", node_id=conn.node_id, reason=reason)
 
-    async def _accept_register(self, message: str | bytes) -> Register:
+    async def _accept_register(self, message: str | bytes, conn_id: str) -> Register:
         """The first frame must be a register with the right token and a node id not connected here."""
         if isinstance(message, bytes):
             raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
@@ -164,13 +170,13 @@ class NodeGateway(wsutil.Gateway):
         if msg.node_id in self._nodes:
             raise ProtocolError(DUPLICATE_NODE_ID, f"node {msg.node_id} is already connected",
                                 fatal=True, close_code=CLOSE_POLICY)
-        await self._write_registration(msg)
+        await self._write_registration(msg, conn_id)
         return msg
 
-    async def _write_registration(self, reg: Register) -> None:
+    async def _write_registration(self, reg: Register, conn_id: str) -> None:
         try:
             await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(),
-                                                        self.settings.instance_id, reg.capabilities))
+                                                        self.settings.instance_id, reg.capabilities, conn_id))
             previous = await self._ownership.claim_node(reg.node_id)
         except RedisUnavailable as exc:
             raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
@@ -229,7 +235,7 @@ class NodeGateway(wsutil.Gateway):
             if conn.registration is not None:
                 event(log, "node_registered_again", logging.WARNING, node_id=conn.node_id)
                 try:
-                    await self._write_registration(conn.registration)
+                    await self._write_registration(conn.registration, conn.conn_id)
                     self._dispatcher.slot_freed()
                 except ProtocolError as exc:
                     event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=exc.message)
@@ -245,14 +251,23 @@ class NodeGateway(wsutil.Gateway):
         event(log, "node_draining", node_id=conn.node_id, jobs=len(self._dispatcher.placements_on(conn.node_id)))
 
     async def _job_result(self, conn: NodeConnection, msg: JobResult) -> None:
+        ok = msg.status == "ok"
+        translation = Translation(
+            status="SUCCESS" if ok else "FAILED",
+            text=msg.text if ok else None,
+            node_id=conn.node_id,
+            error=None if ok else (msg.error or "NODE_ERROR"),
+        )
+        source_text = msg.source_text if ok else None
         try:
             # complete_task declares the job key too; jobs placed elsewhere (or before a restart
             # of this instance's memory) are looked up in the job hash
             job_key = self._dispatcher.job_key_of(msg.job_id) or await self._redis.command("HGET", keys.job(msg.job_id), "job_key")
             if job_key is None:
                 raise UnknownJob(f"UNKNOWN_JOB {msg.job_id}")
-            reply = await self._redis.script(*lua.complete(msg.job_id, job_key, conn.node_id, msg.attempt, msg.status == "ok",
-                                                           now_ms()))
+            reply = await self._redis.script(*lua.complete(
+                msg.job_id, job_key, conn.node_id, msg.attempt, ok, now_ms(),
+                answer=encode_answer(translation, source_text), answer_ttl_s=self._answer_ttl_s))
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
             event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)
@@ -263,23 +278,22 @@ class NodeGateway(wsutil.Gateway):
         _, session_id, job_key, utterance_index, tgt_lang = reply
         self._dispatcher.forget(job_key)
         self._dispatcher.slot_freed()
-        ok = msg.status == "ok"
         self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
-        translation = Translation(
-            status="SUCCESS" if ok else "FAILED",
-            text=msg.text if ok else None,
-            node_id=conn.node_id,
-            error=None if ok else (msg.error or "NODE_ERROR"),
-        )
-        outcome = JobOutcome(int(utterance_index), tgt_lang, translation, msg.source_text if ok else None)
+        outcome = JobOutcome(int(utterance_index), tgt_lang, translation, source_text)
         if session_id in self._sessions or self.relay is None:
             self._sessions.deliver(session_id, outcome)
         else:
             await self._forward(session_id, outcome)
 
+    @property
+    def _answer_ttl_s(self) -> int:
+        """How long complete_task keeps an answer: past any result deadline it could still meet."""
+        return self.settings.result_deadline_ms // 1000 + ANSWER_KEEP_EXTRA_S
+
     async def _forward(self, session_id: str, outcome: JobOutcome) -> None:
-        """The session is not held here: publish the answer to its owner (relay.py), or keep
-        it in Redis for whoever resumes the session when it has no owner now."""
+        """The session is not held here: publish the answer to its owner (relay.py). With no
+        owner now (its instance died, the client has not resumed yet) there is nothing to
+        send: complete_task kept the answer, and whoever resumes the session takes it."""
         assert self.relay is not None
         try:
             owner = await self._redis.command("GET", keys.session_owner(session_id))
@@ -287,7 +301,7 @@ class NodeGateway(wsutil.Gateway):
                 if await self.relay.send_outcome(owner, session_id, outcome):
                     return
             else:
-                await self.relay.store_outcome(session_id, outcome)
+                self._metrics.relay_messages_total.labels("outcome_stored").inc()
                 return
         except RedisUnavailable:
             pass

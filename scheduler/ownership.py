@@ -33,6 +33,7 @@ import trio
 from . import keys, lua
 from .logs import event
 from .redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+from .resilient import every
 
 log = logging.getLogger("scheduler.ownership")
 
@@ -87,12 +88,7 @@ class Ownership:
         try:
             await self.refresh()
             task_status.started()
-            while True:
-                await trio.sleep(self.ttl_ms / 3000)
-                try:
-                    await self.refresh()
-                except RedisUnavailable as exc:
-                    event(log, "owner_refresh_failed", logging.WARNING, error=str(exc))
+            await every(self.ttl_ms / 3000, self.refresh, name="owner_refresh", log=log)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:

@@ -8,6 +8,7 @@ import time
 
 from trio_util import AsyncValue
 
+from .journal import Journal
 from .logs import event
 from .metrics import Metrics
 from .protocol import Result
@@ -21,6 +22,7 @@ class SessionRegistry:
 
     def __init__(self, metrics: Metrics) -> None:
         self._actors: dict[str, SessionActor] = {}
+        self.journals: dict[str, Journal] = {}  # session id -> its journal writer (for Journal.reassert)
         self._metrics = metrics
         self.count = AsyncValue(0)  # live sessions, for "wait until all gone"
         self.recent_results: collections.deque[dict] = collections.deque(maxlen=20)  # for /status
@@ -34,16 +36,20 @@ class SessionRegistry:
     def actors(self) -> list[SessionActor]:
         return list(self._actors.values())
 
-    def add(self, actor: SessionActor) -> SessionActor | None:
-        """Register ``actor``; returns the actor it replaces (same session id: a resume), if any."""
+    def add(self, actor: SessionActor, journal: Journal | None = None) -> SessionActor | None:
+        """Register ``actor`` (and its journal writer); returns the actor it replaces (same
+        session id: a resume), if any."""
         previous = self._actors.get(actor.session_id)
         self._actors[actor.session_id] = actor
+        if journal is not None:
+            self.journals[actor.session_id] = journal
         self._changed()
         return previous
 
     def remove(self, actor: SessionActor) -> None:
         if self._actors.get(actor.session_id) is actor:
             del self._actors[actor.session_id]
+            self.journals.pop(actor.session_id, None)
         self._changed()
 
     def take_over(self, session_id: str) -> None:

@@ -8,11 +8,15 @@ over Pub/Sub to that instance's channel, read by one subscriber connection per i
 - ``scheduler:jobs:{instance_id}``: stream, field ``node_id`` and ``msg`` (the job_assign
   JSON); group ``relay``, consumer = the instance id; trimmed to ``STREAM_MAXLEN``.
 - ``scheduler:answers:{instance_id}``: Pub/Sub channel of JobOutcome JSON for its sessions.
-- ``scheduler:answers:{session_id}``: hash "index:tgt_lang" -> the same JSON, written before
-  it is published and deleted once the session took it, so that a lost Pub/Sub message
-  loses nothing: the owner also looks there, every ``ANSWER_POLL_S``, for each of its
-  sessions with an utterance that has waited more than 2 s for its answers. A duplicate (published and polled) is harmless:
-  the session's results sequencer takes one answer per index and language.
+- ``{scheduler}:answer:<job_key>``: every accepted answer, written by ``complete_task`` in
+  the same step that accepts it (whichever instance holds the node) and kept until past the
+  result deadline (:func:`encode_answer`). So an answer is retrievable until its result was
+  sent, whatever dies meanwhile: a lost Pub/Sub message, the instance that received it, or
+  the session's owner before it sent the result. The owner looks there, every
+  ``ANSWER_POLL_S``, for the answers still missing of each of its sessions with an utterance
+  that has waited more than 2 s; an instance that resumes a session looks there at once. A
+  duplicate (published and polled) is harmless: the session's results sequencer takes one
+  answer per index and language.
 
 Both blocking reads run in their own threads with their own connections (never in the
 adapter's pool) and hand each message to Trio with ``trio.from_thread.run_sync``; they
@@ -23,9 +27,12 @@ before; every ``RECLAIM_EVERY_S`` it reclaims (XAUTOCLAIM) entries that any read
 stream left unacknowledged for ``RECLAIM_IDLE_MS``.
 
 An answer for a session that has no owner at the moment (its instance died, its client has
-not resumed yet) is stored the same way without publishing; the instance that resumes the
-session takes the stored answers at once (:meth:`Relay.take_stored`). Unclaimed, they lapse
-after ``ANSWER_TTL_MS``.
+not resumed yet) is not published at all; the instance that resumes the session takes it
+from Redis (:meth:`Relay.take_stored`).
+
+Error handling: neither reader thread ends on a Redis error (connection refused, a restart,
+an unexpected reply): each is logged once per episode and the read retried after
+``POLL_S``; Pub/Sub subscriptions are renewed by redis-py on reconnect.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ import trio
 from . import keys
 from .logs import event
 from .metrics import Metrics
-from .protocol import JobAssign, converter, encode
+from .protocol import JobAssign, Translation, converter, encode
 from .redis_adapter import RedisAdapter, RedisUnavailable, connect
+from .resilient import every
 from .session import JobOutcome
 
 log = logging.getLogger("scheduler.relay")
@@ -56,16 +64,17 @@ POLL_S = 0.5
 RECLAIM_IDLE_MS = 10_000  # an entry read but not acknowledged for this long belongs to a dead reader
 RECLAIM_EVERY_S = 5.0
 ANSWER_POLL_S = 1.0
-ANSWER_TTL_MS = 600_000
 
 
 class Relay:
     """Async context manager. ``deliver_job(node_id, msg_json) -> bool`` hands a job (its
-    job_assign text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session."""
+    job_assign text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session;
+    ``waiting_sessions()`` names the local sessions worth a look in Redis, each with the
+    (utterance index, target language) answers it still misses."""
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
                  deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
-                 waiting_sessions: Callable[[], list[str]] = list) -> None:
+                 waiting_sessions: Callable[[], dict[str, list[tuple[int, str]]]] = dict) -> None:
         self._url = url
         self._redis = adapter
         self.instance_id = instance_id
@@ -109,14 +118,9 @@ class Relay:
         self._metrics.relay_messages_total.labels("job_sent").inc()
 
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
-        """PUBLISH the answer to the instance holding the session; returns the receivers."""
-        payload = _payload(session_id, outcome)
-        key = keys.stored_answers(session_id)
-        *_, receivers = await self._redis.commands_many([  # one round trip, stored before published
-            ("HSET", key, _field(outcome), payload), ("PEXPIRE", key, ANSWER_TTL_MS),
-            ("PUBLISH", keys.answer_channel(owner), payload)])
-        if isinstance(receivers, BaseException):
-            raise receivers
+        """PUBLISH the answer to the instance holding the session; returns the receivers.
+        (The answer itself is already in Redis: complete_task kept it.)"""
+        receivers = await self._redis.command("PUBLISH", keys.answer_channel(owner), _payload(session_id, outcome))
         self._metrics.relay_messages_total.labels("outcome_sent").inc()
         return int(receivers)
 
@@ -126,11 +130,14 @@ class Relay:
         client = connect(self._url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
         stream = keys.job_stream(self.instance_id)
         next_reclaim = 0.0
+        backlog = True  # first: what this instance id read before but never acknowledged (a crash)
+        failing = False
         try:
-            # what this instance id read before but never acknowledged (a crash)
-            self._handle_entries(client, token, client.xreadgroup(GROUP, self.instance_id, {stream: "0"}, count=1000))
             while not self._stop.is_set():
                 try:
+                    if backlog:
+                        self._handle_entries(client, token, client.xreadgroup(GROUP, self.instance_id, {stream: "0"}, count=1000))
+                        backlog = False
                     if time.monotonic() >= next_reclaim:  # entries a dead reader left pending
                         next_reclaim = time.monotonic() + RECLAIM_EVERY_S
                         _, claimed, _ = client.xautoclaim(stream, GROUP, self.instance_id, RECLAIM_IDLE_MS, "0-0", count=1000)
@@ -138,35 +145,44 @@ class Relay:
                             event(log, "relay_reclaimed", stream=stream, entries=len(claimed))
                         self._handle_entries(client, token, [[stream, claimed]])
                     reply = client.xreadgroup(GROUP, self.instance_id, {stream: ">"}, count=256, block=int(POLL_S * 1000))
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    event(log, "relay_read_failed", logging.WARNING, stream=stream, error=str(exc))
-                    self._stop.wait(POLL_S)
-                    continue
+                    self._handle_entries(client, token, reply)
+                    failing = False
+                except trio.RunFinishedError:
+                    return  # the daemon is gone: what was not acknowledged stays pending for the next run
                 except redis.exceptions.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
-                        raise
+                        failing = self._read_failed("relay_read_failed", failing, exc, stream=stream)
+                        continue
                     if self._stop.is_set():
                         break
                     # Redis came back without its data: the stream and group are gone
                     event(log, "relay_group_recreated", logging.WARNING, stream=stream)
-                    with contextlib.suppress(redis.exceptions.ResponseError):
+                    with contextlib.suppress(redis.exceptions.RedisError):
                         client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-                    continue
-                self._handle_entries(client, token, reply)
+                except Exception as exc:  # connection refused, a restart, a timeout: retry, never end the daemon
+                    failing = self._read_failed("relay_read_failed", failing, exc, stream=stream)
         finally:
             client.close()
 
+    def _read_failed(self, name: str, failing: bool, exc: Exception, **fields: Any) -> bool:
+        """Log a reader's failure once per episode, then wait ``POLL_S`` (or the stop)."""
+        if not failing:
+            level = logging.WARNING if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) \
+                else logging.ERROR
+            event(log, name, level, error=f"{type(exc).__name__}: {exc}", **fields)
+        self._stop.wait(POLL_S)
+        return True
+
     def _handle_entries(self, client: Any, token: trio.lowlevel.TrioToken, reply: Any) -> None:
+        """Hand each entry to its node; acknowledge those handled (raises on a Redis error:
+        the unacknowledged ones are read again as this reader's pending entries)."""
         for stream, entries in reply or []:
             done = []
             for entry_id, fields in entries:
                 if not fields:  # deleted by trimming
                     done.append(entry_id)
                     continue
-                try:
-                    handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], trio_token=token)
-                except trio.RunFinishedError:
-                    return  # the daemon is gone: leave it pending for the next run
+                handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], trio_token=token)
                 self._metrics.relay_messages_total.labels("job_received" if handed else "job_node_gone").inc()
                 done.append(entry_id)
             if done:
@@ -175,67 +191,61 @@ class Relay:
     def _read_answers(self, token: trio.lowlevel.TrioToken, subscribed: trio.Event) -> None:
         client = connect(self._url, decode_responses=True, socket_timeout=POLL_S * 4 + 5)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
+        failing = False
         try:
             pubsub.subscribe(keys.answer_channel(self.instance_id))
             trio.from_thread.run_sync(subscribed.set, trio_token=token)
             while not self._stop.is_set():
                 try:
                     message = pubsub.get_message(timeout=POLL_S)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    event(log, "relay_subscribe_failed", logging.WARNING, error=str(exc))
-                    self._stop.wait(POLL_S)
-                    continue
-                if message is None:
-                    continue
-                data = json.loads(message["data"])
-                outcome = converter.structure(data["outcome"], JobOutcome)
-                try:
+                    failing = False
+                    if message is None:
+                        continue
+                    data = json.loads(message["data"])
+                    outcome = converter.structure(data["outcome"], JobOutcome)
                     delivered = trio.from_thread.run_sync(self._deliver_outcome, data["session_id"], outcome, trio_token=token)
+                    self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()
                 except trio.RunFinishedError:
                     return
-                self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()
-                if delivered:
-                    client.hdel(keys.stored_answers(data["session_id"]), _field(outcome))
+                except Exception as exc:  # connection lost, a restart, a malformed message: retry
+                    failing = self._read_failed("relay_subscribe_failed", failing, exc)
         finally:
             pubsub.close()
             client.close()
 
-
     async def _poll_stored_answers(self) -> None:
-        """Answers stored for local sessions that still wait (their Pub/Sub message was lost)."""
-        while True:
-            await trio.sleep(ANSWER_POLL_S)
-            try:
-                await self.take_stored(self._waiting_sessions())
-            except RedisUnavailable:
-                continue
+        """Answers kept in Redis for local sessions that still wait (their Pub/Sub message was lost)."""
+        await every(ANSWER_POLL_S, lambda: self.take_stored(self._waiting_sessions()), name="answer_poll", log=log)
 
-    async def take_stored(self, sessions: list[str]) -> None:
-        """Hand the answers stored for ``sessions`` (local ones) to them, and delete those taken."""
-        stored = await self._redis.commands_many([("HGETALL", keys.stored_answers(s)) for s in sessions])
-        taken = []
-        for session_id, answers in zip(sessions, stored, strict=True):
-            if isinstance(answers, BaseException) or not answers:
+    async def take_stored(self, wanted: dict[str, list[tuple[int, str]]]) -> int:
+        """Hand the answers Redis keeps for ``wanted`` (local session -> missing (index,
+        target language)) to their sessions; returns how many were handed over."""
+        asked = [(session_id, index, tgt) for session_id, missing in wanted.items() for index, tgt in missing]
+        if not asked:
+            return 0
+        stored = await self._redis.commands_many(
+            [("GET", keys.answer(keys.job_key_for(session_id, index, tgt))) for session_id, index, tgt in asked])
+        handed = 0
+        for (session_id, index, tgt), text in zip(asked, stored, strict=True):
+            if isinstance(text, RedisUnavailable):
+                raise text
+            if not text or isinstance(text, BaseException):
                 continue
-            for field, payload in answers.items():
-                outcome = converter.structure(json.loads(payload)["outcome"], JobOutcome)
-                if self._deliver_outcome(session_id, outcome):
-                    self._metrics.relay_messages_total.labels("outcome_polled").inc()
-                    taken.append(("HDEL", keys.stored_answers(session_id), field))
-        if taken:
-            await self._redis.commands_many(taken)
+            if self._deliver_outcome(session_id, decode_answer(index, tgt, text)):
+                self._metrics.relay_messages_total.labels("outcome_polled").inc()
+                handed += 1
+        return handed
 
-    async def store_outcome(self, session_id: str, outcome: JobOutcome) -> None:
-        """Keep an answer for a session that has no owner now, for the one that resumes it."""
-        key = keys.stored_answers(session_id)
-        await self._redis.commands_many([("HSET", key, _field(outcome), _payload(session_id, outcome)),
-                                         ("PEXPIRE", key, ANSWER_TTL_MS)])
-        self._metrics.relay_messages_total.labels("outcome_stored").inc()
+
+def encode_answer(translation: Translation, source_text: str | None) -> str:
+    """An accepted answer as complete_task keeps it (``keys.answer(job_key)``)."""
+    return json.dumps({"translation": converter.unstructure(translation), "source_text": source_text})
+
+
+def decode_answer(utterance_index: int, tgt_lang: str, text: str) -> JobOutcome:
+    data = json.loads(text)
+    return JobOutcome(utterance_index, tgt_lang, converter.structure(data["translation"], Translation), data.get("source_text"))
 
 
 def _payload(session_id: str, outcome: JobOutcome) -> str:
     return json.dumps({"session_id": session_id, "outcome": converter.unstructure(outcome)})
-
-
-def _field(outcome: JobOutcome) -> str:
-    return f"{outcome.utterance_index}:{outcome.tgt_lang}"

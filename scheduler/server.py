@@ -18,12 +18,13 @@ import json
 import logging
 import signal
 import urllib.parse
+import uuid
 
 import attrs
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from . import keys, wsutil
+from . import keys, lua, wsutil
 from .admin import AdminServer
 from .client_gateway import ClientGateway
 from .config import Settings
@@ -37,6 +38,7 @@ from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN,
 from .redis_adapter import RedisAdapter, RedisUnavailable
 from .registry import SessionRegistry
 from .relay import Relay
+from .session import JobOutcome
 from .systemd import Notifier
 
 log = logging.getLogger("scheduler.server")
@@ -134,8 +136,14 @@ async def _serve(
     clients = ClientGateway(**deps)
     node_gw = NodeGateway(nodes=nodes, **deps)
 
+    def deliver_relayed_outcome(session_id: str, outcome: JobOutcome) -> bool:
+        """An answer from another instance's node: its job leaves this instance's books (if
+        placed here), and the answer goes to its session."""
+        dispatcher.answered(keys.job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
+        return sessions.deliver(session_id, outcome)
+
     relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,
-                  deliver_outcome=sessions.deliver,
+                  deliver_outcome=deliver_relayed_outcome,
                   waiting_sessions=lambda: _long_waiting(sessions, settings))
     dispatcher.use_relay(relay)
     node_gw.relay = relay
@@ -179,7 +187,7 @@ async def _serve(
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=metrics, sessions=sessions, nodes=nodes, redis=redis, ownership=ownership)
         ownership.ws_url = running.ws_url
-        nursery.start_soon(_health_check, running)
+        nursery.start_soon(_health_check, running, nursery)
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
         if handle_signals:
@@ -198,36 +206,54 @@ async def _serve(
     event(log, "stopped", instance_id=settings.instance_id)
 
 
-def _long_waiting(sessions: SessionRegistry, settings: Settings, older_than_s: float = 2.0) -> list[str]:
+def _long_waiting(sessions: SessionRegistry, settings: Settings, older_than_s: float = 2.0) -> dict[str, list[tuple[int, str]]]:
     """Sessions with an utterance finalized more than ``older_than_s`` ago and still missing
-    answers: the ones worth looking up in Redis for an answer whose Pub/Sub message was
-    lost (looking up every waiting session each second cost p99 latency, bench/load.py).
-    Also sessions resumed in the last ``older_than_s`` that are owed results: an answer sent
-    while the session changed owner may have been stored just after the resume looked."""
+    answers, each with the (index, target language) it misses: the ones worth looking up in
+    Redis for an answer whose Pub/Sub message was lost (looking up every waiting session each
+    second cost p99 latency, bench/load.py). Also sessions resumed in the last
+    ``older_than_s`` that are owed results: an answer sent while the session changed owner
+    may have been kept in Redis just after the resume looked."""
     now = trio.current_time()
     horizon = now + settings.result_deadline_ms / 1000 - older_than_s
-    return [a.session_id for a in sessions.actors()
+    return {a.session_id: a.missing_answers() for a in sessions.actors()
             if a.results.next_deadline() < horizon
-            or ((a.epoch or 0) > 1 and a.results.outstanding and now - a.started_at < older_than_s)]
+            or ((a.epoch or 0) > 1 and a.results.outstanding and now - a.started_at < older_than_s)}
 
 
 async def _drain(running: Running) -> None:
-    """Ask every session to finish, wait for them (bounded), then return."""
+    """Ask every session to finish and wait until they are gone; then mark every node held
+    here draining (no new jobs from any instance) and wait until they have answered the jobs
+    they hold (other instances' jobs included). Both bounded by ``drain_timeout_ms``. Jobs
+    still held when the node sockets close are moved by the instances that placed them.
+    (The nodes stay eligible while the sessions here drain: their last utterances need them.)"""
     deadline = trio.current_time() + running.settings.drain_timeout_ms / 1000
-    event(log, "draining", sessions=len(running.sessions), drain_timeout_ms=running.settings.drain_timeout_ms)
+    event(log, "draining", sessions=len(running.sessions), nodes=len(running.nodes),
+          drain_timeout_ms=running.settings.drain_timeout_ms)
     for actor in running.sessions.actors():
         actor.shutdown_nowait()
     with trio.move_on_at(deadline) as scope:
         async with trio.open_nursery() as waiters:
-            waiters.start_soon(_wait_sessions_gone, running)
+            waiters.start_soon(_wait_drained, running)
             await running._now.wait()
             waiters.cancel_scope.cancel()
     if scope.cancelled_caught and len(running.sessions):
         event(log, "drain_timeout", logging.WARNING, sessions_left=len(running.sessions))
 
 
-async def _wait_sessions_gone(running: Running) -> None:
+async def _wait_drained(running: Running, poll_s: float = 0.1) -> None:
     await running.sessions.count.wait_value(0)
+    nodes = running.nodes.all()
+    if nodes:
+        calls = [lua.node_state(conn.node_id, running.settings.instance_id, online=True, draining=True) for conn in nodes]
+        try:
+            await running.redis.script_many(calls)
+            while True:
+                held = await running.redis.commands_many([("SCARD", keys.node_jobs(conn.node_id)) for conn in nodes])
+                if not any(n for n in held if not isinstance(n, BaseException)):
+                    break
+                await trio.sleep(poll_s)
+        except RedisUnavailable:
+            pass  # nothing to learn: the placing instances move what is left
     running._now.set()
 
 
@@ -273,20 +299,42 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
     }
 
 
-async def _health_check(running: Running) -> None:
-    """Ping Redis every second; drives ``/readyz`` and the redis_up / latency metrics."""
+async def _health_check(running: Running, nursery: trio.Nursery) -> None:
+    """Ping Redis every second; drives ``/readyz`` and the redis_up / latency metrics. Also
+    reads the data marker (``keys.data_marker``): when it changed, Redis restarted without
+    its data, and every session journal held here is written again in the background."""
+    marker: str | None = None
     while True:
         try:
             with trio.fail_after(5):
                 latency = await running.redis.ping()
+                mark = str(uuid.uuid4())
+                _, seen = await running.redis.commands_many([("SET", keys.data_marker(), mark, "NX"),
+                                                             ("GET", keys.data_marker())])
+            if isinstance(seen, BaseException):
+                raise seen
             running.redis_ok = True
             running.metrics.redis_latency_seconds.set(latency)
-        except (RedisUnavailable, trio.TooSlowError) as exc:
+            if marker is not None and seen != marker:
+                event(log, "redis_data_lost", logging.WARNING, sessions=len(running.sessions))
+                nursery.start_soon(_reassert_journals, running)
+            marker = seen
+        except Exception as exc:  # unreachable, too slow, or an error reply (e.g. still loading): not ready
             if running.redis_ok:
                 event(log, "redis_unreachable", logging.ERROR, error=str(exc) or type(exc).__name__)
             running.redis_ok = False
         running.metrics.redis_up.set(1 if running.redis_ok else 0)
         await trio.sleep(HEALTH_INTERVAL)
+
+
+async def _reassert_journals(running: Running) -> None:
+    """Write every local session's journal again (Redis lost it), so each stays resumable."""
+    for session_id, journal in list(running.sessions.journals.items()):
+        with trio.move_on_after(5):
+            try:
+                await journal.reassert()
+            except Exception as exc:  # Fenced (resumed elsewhere meanwhile) or a bug: the next session
+                event(log, "journal_reassert_failed", logging.WARNING, session_id=session_id, error=str(exc))
 
 
 async def _watch_signals(running: Running) -> None:

@@ -255,6 +255,10 @@ class SessionActor:
         """When each timer fires next (``inf`` when disarmed); for tests and introspection."""
         return {kind: timer.deadline for kind, timer in self._timers.items()}
 
+    def missing_answers(self) -> list[tuple[int, str]]:
+        """(utterance index, target language) of every answer still awaited."""
+        return [(index, tgt) for index in self.results.open_indexes() for tgt in self.results.pending_languages(index)]
+
     @property
     def buffered_ms(self) -> float:
         return self._nbytes / self._bytes_per_ms
@@ -499,11 +503,7 @@ class SessionActor:
         self._reset_utterance()
         for timer in self._timers.values():
             timer.disarm()
-        unanswered = [
-            job_key_for(self.session_id, index, tgt)
-            for index in self.results.open_indexes()
-            for tgt in self.results.pending_languages(index)
-        ]
+        unanswered = [job_key_for(self.session_id, index, tgt) for index, tgt in self.missing_answers()]
         self._inbox.close()  # late producers now get BrokenResourceError instead of queueing
         if unanswered and not self.taken_over:  # a new owner still wants those answers
             with trio.move_on_after(5):

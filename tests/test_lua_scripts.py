@@ -37,9 +37,9 @@ async def adapter(redis_url):
         yield a
 
 
-async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1"):
+async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1", conn_id=""):
     entries = [(pool, s, t) for pool in pools for s, t in pairs] if pools else [(f"{s}-{t}", s, t) for s, t in pairs]
-    await a.script(*lua.register_node(node_id, entries, max_jobs, now_ms(), owner))
+    await a.script(*lua.register_node(node_id, entries, max_jobs, now_ms(), owner, conn_id=conn_id))
 
 
 async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
@@ -171,6 +171,47 @@ async def test_complete_checks_node_attempt_and_releases_once(adapter, redis_cli
     assert slots(redis_client, node) == 0
 
 
+async def test_placements_name_the_node_connection(adapter, redis_client):
+    """dispatch_task and redispatch_task return the chosen node's connection id (register_node),
+    so the placing instance can tell when the connection that got a job is gone."""
+    await register(adapter, "a", max_jobs=2, conn_id="ca1")
+    reply = await dispatch(adapter, "s1:0:translate:en")
+    assert reply[2:] == ["a", 1, "ca1"]
+    await register(adapter, "b", max_jobs=2, conn_id="cb1")
+    assert (await redispatch(adapter, reply[1], "a", attempt=1))[2:] == ["b", 2, "cb1"]
+    await register(adapter, "b", max_jobs=2, conn_id="cb2")  # b reconnected: a new connection
+    assert redis_client.hget(keys.node_info("b"), "conn_id") == "cb2"
+
+
+async def test_a_new_connection_holds_no_jobs(adapter, redis_client):
+    """A node that reconnects (new conn_id) lost the jobs of its old socket: their slots are
+    free at once (their placers move them); the same connection registering again keeps them."""
+    await register(adapter, "a", max_jobs=1, conn_id="c1")
+    job_id = (await dispatch(adapter, "k0"))[1]
+    await register(adapter, "a", max_jobs=1, conn_id="c1")  # Redis forgot the node: same socket
+    assert slots(redis_client, "a") == 1
+    await register(adapter, "a", max_jobs=1, conn_id="c2")  # a new socket
+    assert slots(redis_client, "a") == 0 and not redis_client.smembers(keys.node_jobs("a"))
+    with pytest.raises(NoAvailableNode):  # its placer moves it: no other node, it waits ...
+        await redispatch(adapter, job_id, "a", attempt=1)
+    assert slots(redis_client, "a") == 0  # ... and the slot it no longer held is not released twice
+
+
+async def test_complete_keeps_the_answer_until_its_ttl(adapter, redis_client):
+    """An accepted answer stays in Redis (for an owner that resumes the session, or one whose
+    Pub/Sub message was lost); a refused one writes nothing."""
+    await register(adapter, "a", max_jobs=2)
+    job_id = (await dispatch(adapter, "s1:0:translate:en"))[1]
+    call = lua.complete(job_id, "s1:0:translate:en", "a", 2, True, now_ms(), answer='{"x": 1}', answer_ttl_s=40)
+    with pytest.raises(StaleAttempt):
+        await adapter.script(*call)
+    assert not redis_client.exists(keys.answer("s1:0:translate:en"))
+    call = lua.complete(job_id, "s1:0:translate:en", "a", 1, True, now_ms(), answer='{"x": 1}', answer_ttl_s=40)
+    assert (await adapter.script(*call))[0] == "OK"
+    assert redis_client.get(keys.answer("s1:0:translate:en")) == '{"x": 1}'
+    assert 30 < redis_client.ttl(keys.answer("s1:0:translate:en")) <= 40
+
+
 async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     await register(adapter, "a", max_jobs=2)
     job_id = (await dispatch(adapter, "k0"))[1]
@@ -187,7 +228,7 @@ async def test_redispatch_moves_job_to_another_node_as_next_attempt(adapter, red
     await register(adapter, "b", max_jobs=2)
     job_id, first = (await dispatch(adapter, "s1:0:translate:en"))[1:3]
     other = "b" if first == "a" else "a"
-    assert await redispatch(adapter, job_id, first, attempt=1) == ["OK", job_id, other, 2]
+    assert await redispatch(adapter, job_id, first, attempt=1) == ["OK", job_id, other, 2, ""]
     assert slots(redis_client, first) == 0 and slots(redis_client, other) == 1
     assert redis_client.smembers(keys.node_jobs(other)) == {job_id} and not redis_client.smembers(keys.node_jobs(first))
     # a second trigger for attempt 1 (e.g. lease expiry after the disconnect) changes nothing
@@ -209,7 +250,7 @@ async def test_redispatch_waits_when_no_other_node_and_can_be_retried(adapter, r
     assert slots(redis_client, "a") == 0  # released once
     assert redis_client.hget(keys.job(job_id), "status") == "waiting"
     await register(adapter, "b", max_jobs=1)
-    assert await redispatch(adapter, job_id, "a", attempt=1) == ["OK", job_id, "b", 2]
+    assert await redispatch(adapter, job_id, "a", attempt=1) == ["OK", job_id, "b", 2, ""]
     assert slots(redis_client, "a") == 0 and slots(redis_client, "b") == 1
     assert await cancel(adapter, job_id, "b") == ["OK", "b", 2]
     assert slots(redis_client, "b") == 0

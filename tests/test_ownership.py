@@ -111,8 +111,9 @@ def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
 @pytest.mark.slow
 async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis_url, redis_client, start_daemon):
     """Instance A (a real process) dies holding a session whose job runs on node n1. n1
-    reconnects to instance B, and its slot is still counted for A's job. B sees the lease
-    expired and the session's owner gone: it cancels the job, frees the slot and tells n1."""
+    reconnects to instance B: a new connection holds no jobs, so its slot is free at once
+    (it does not wait for the sweep). B sees the lease expired and A gone: it cancels the
+    job (status cancelled, lease dropped, the slot not released twice) and tells n1."""
     a = Daemon(tmp_path, "--redis-url", redis_url, "--owner-ttl-ms", "1000", "--job-lease-ms", "1000", "--instance-id", "a")
     try:
         async with peer(a.ws_url + "/v1/node") as node, peer(a.ws_url + "/v1/session") as client:
@@ -130,7 +131,8 @@ async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis
     b = await start_daemon(redis_url=redis_url, owner_ttl_ms=1000, instance_id="b", heartbeat_interval_ms=2000, node_ttl_ms=20_000)
     async with peer(b.ws_url + "/v1/node") as node:
         await node.register("n1", max_jobs=1)
-        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "1"  # A's job still holds the slot
+        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"  # A's job died with the old socket
+        assert redis_client.hget(keys.job(job["job_id"]), "status") == "dispatched"
         with trio.fail_after(10):
             cancel = await node.recv(timeout=10)
         assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
@@ -200,8 +202,8 @@ async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemo
 
 
 async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url, redis_client, monkeypatch):
-    """The answer is stored before it is published: when the Pub/Sub message never arrives,
-    the session's owner finds it in Redis and the client still gets its result, once."""
+    """complete_task keeps the answer in Redis before it is published: when the Pub/Sub message
+    never arrives, the session's owner finds it there and the client still gets its result, once."""
     a = await start_daemon(redis_url=redis_url, instance_id="a")
     b = await start_daemon(redis_url=redis_url, instance_id="b")
     monkeypatch.setattr(keys, "answer_channel", lambda owner: "scheduler:answers:nobody-listens")
@@ -210,6 +212,7 @@ async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url
         with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
             extra = await s.recv_until("result")
             raise AssertionError(f"second result {extra}")
-        assert not redis_client.hgetall(keys.stored_answers(s.ready["session_id"]))  # taken: deleted
+        kept = redis_client.get(keys.answer(keys.job_key_for(s.ready["session_id"], 0, "en")))
+        assert kept is not None and '"kept"' in kept  # kept until past the result deadline (a resume may want it)
     assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()

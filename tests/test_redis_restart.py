@@ -3,6 +3,7 @@ connection dies, and scheduling works again once the node's next heartbeat has p
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
 
 import pytest
@@ -52,6 +53,43 @@ async def test_redis_restart_without_data(tmp_path, start_daemon, nursery):
             second, _ = await s.recv_until("result")
             assert (second["utterance_index"], second["status"]) == (1, "SUCCESS")
         assert 'scheduler_redis_up 1.0' in daemon.metrics.render().decode()
+    finally:
+        valkey.stop()
+
+
+async def test_sessions_stay_resumable_after_redis_loses_its_data(tmp_path, start_daemon, nursery, monkeypatch):
+    """Redis restarts empty while an utterance is owed its result (its job on the node, or not
+    yet placed): the session's journal is written again (finalized count, the owed utterance),
+    so a resume still finds it and numbers on; the job is placed again once the node is
+    registered again (NO_POOL_FOR_LANG_PAIR meanwhile is waited out, not a failure) and answered."""
+    valkey = EmbeddedValkey(tmp_path / "valkey", persist=False)
+    url = valkey.start()
+    try:
+        daemon = await start_daemon(redis_url=url, result_deadline_ms=8000)
+        await start_node(nursery, daemon, node_id="n1", delay_ms=2500)
+        async with session(daemon) as s:
+            sid = s.ready["session_id"]
+            await speak(s)
+            await s.send(type="finalize")
+            await s.recv_until("utterance_finalized")
+            valkey.stop()
+            await wait_for(lambda: readyz_is(daemon, 503))
+            valkey.start()
+            await wait_for(lambda: readyz_is(daemon, 200))
+            client = redis.Redis.from_url(url, decode_responses=True)
+            try:
+                await wait_for(lambda: trio.to_thread.run_sync(client.hexists, keys.session(sid), "u:0"))
+                assert client.hget(keys.session(sid), "finalized") == "1"
+                # the job Redis lost is placed again (before the resume below raises the epoch)
+                await wait_for(lambda: trio.to_thread.run_sync(client.exists, keys.jobkey(keys.job_key_for(sid, 0, "en"))))
+            finally:
+                client.close()
+            async with peer(daemon.ws_url + "/v1/session") as r:  # takes the session over (its jobs stay)
+                await r.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+                ready = await r.recv()
+                assert (ready["type"], ready["resumed"], ready["next_utterance_index"]) == ("session_ready", True, 1), ready
+                result, _ = await r.recv_until("result", timeout=10)
+                assert (result["utterance_index"], result["status"]) == (0, "SUCCESS"), result
     finally:
         valkey.stop()
 
@@ -108,3 +146,61 @@ async def test_redis_restart_with_several_processes(tmp_path, nursery):
         for d in daemons:
             d.stop()
         valkey.stop()
+
+
+@pytest.mark.slow
+async def test_redis_killed_with_cross_instance_jobs_in_flight(tmp_path, nursery):
+    """Redis is killed while jobs placed by A (the sessions' instance) run on B's slow node and
+    answers are crossing, and stays away past the leases and result deadlines (so A's lanes
+    give up and release jobs, its leases expire, its releases fail): no daemon exits, no
+    connection is dropped, every session gets one result per utterance, in order, and once
+    Redis is back (empty) every new utterance is answered."""
+    valkey = EmbeddedValkey(tmp_path / "valkey", persist=False)
+    url = valkey.start()
+    daemons = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            daemons.append(Daemon(tmp_path / name, "--redis-url", url, "--instance-id", name, "--heartbeat-interval-ms", "500",
+                                  "--node-ttl-ms", "2000", "--result-deadline-ms", "2500", "--job-lease-ms", "1000"))
+        a, b = daemons
+        await start_node(nursery, b, node_id="nb", delay_ms=700, max_jobs=2)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(peer(a.ws_url + "/v1/session")) for _ in range(3)]
+            for s in clients:
+                await s.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+                assert (await s.recv())["type"] == "session_ready"
+            for _ in range(2):  # 6 jobs for 2 slots: answers crossing, jobs in flight and queued
+                for s in clients:
+                    await speak(s)
+                    await s.send(type="finalize")
+            await trio.sleep(0.3)
+            valkey.stop()
+            await trio.sleep(4.0)  # past every lease and result deadline
+            assert all(d.proc.poll() is None for d in daemons), [d.log_path.read_text()[-3000:] for d in daemons]
+            valkey.start()
+            for d in daemons:
+                await wait_for(lambda d=d: readyz_is(d, 200))
+            await node_is_back(url, "nb")
+            for s in clients:
+                got = [r["utterance_index"] for r in await results(s, 2)]
+                assert got == [0, 1]
+                await speak(s)
+                await s.send(type="finalize")
+            for s in clients:
+                (third,) = await results(s, 1, timeout=15)
+                assert (third["utterance_index"], third["status"]) == (2, "SUCCESS"), third
+        await trio.sleep(1.5)  # the lease / release retries that follow must not end a daemon either
+        assert all(d.proc.poll() is None for d in daemons), [d.log_path.read_text()[-3000:] for d in daemons]
+    finally:
+        for d in daemons:
+            d.stop()
+        valkey.stop()
+
+
+async def results(s, count: int, timeout: float = 10.0) -> list[dict]:
+    got = []
+    while len(got) < count:
+        msg, _ = await s.recv_until("result", timeout=timeout)
+        got.append(msg)
+    return got
