@@ -55,6 +55,7 @@ if mapped and mapped ~= job_id then
   return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
 end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
+redis.call('HDEL', job_key_hash, 'audio')  -- no longer needed by anyone
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
 redis.call('EXPIRE', jobkey_key, done_ttl_s)
 release_slot(runtime_key, jobs_key, leases_key, job_id)

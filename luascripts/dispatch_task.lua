@@ -15,6 +15,11 @@
 -- another epoch, the session was resumed elsewhere: nothing changes (FENCED). The job
 -- records the instance that placed it (ARGV[16]) as placed_by, for the orphan sweep.
 --
+-- Audio: the job keeps its audio (ARGV[17], base64; '' keeps none), sample rate and result
+-- deadline (epoch ms) until it is answered or cancelled, and the chosen node's connection id,
+-- so that an instance resuming the session after its owner died can take the job over and
+-- place it again if its node is gone too (dispatcher.py, "adopt").
+--
 -- Reply: {"OK", job_id, node_id, attempt, conn_id} or {"EXISTS", job_id}; conn_id is the chosen
 -- node's connection id (register_node), so the caller can tell when that connection is gone.
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES (nothing
@@ -26,7 +31,7 @@
 -- KEYS[4] {scheduler}:turn:<turn_id>        hash
 -- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
--- KEYS[7...] candidates, ARGV[17...] their counts and names (lib/choose_node.lua)
+-- KEYS[7...] candidates, ARGV[20...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
 local job = KEYS[2]
 local session_key = KEYS[3]
@@ -49,6 +54,9 @@ local rand = tonumber(ARGV[13])
 local turn_jobs = tonumber(ARGV[14])
 local epoch = ARGV[15]
 local placed_by = ARGV[16]
+local audio = ARGV[17]        -- base64 PCM, '' for none
+local sample_rate = ARGV[18]
+local deadline_ms = ARGV[19]  -- the utterance's result deadline, epoch ms
 
 -- @include choose_node
 -- @include slots
@@ -68,7 +76,7 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(6, 16)
+local pools, nodes = declared_candidates(6, 19)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 local chosen
 if list then
@@ -83,7 +91,11 @@ redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
   'session_id', session_id, 'utterance_index', utterance_index,
   'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
-  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'placed_by', placed_by)
+  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'placed_by', placed_by,
+  'sample_rate', sample_rate, 'deadline_ms', deadline_ms, 'conn_id', redis.call('HGET', nodes[chosen].info, 'conn_id') or '')
+if audio ~= '' then
+  redis.call('HSET', job, 'audio', audio)
+end
 redis.call('EXPIRE', job, key_ttl_s)
 -- leases of jobs nobody will complete (their instance died long ago) do not pile up
 redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)
@@ -102,4 +114,4 @@ elseif turn_action == 'end' and redis.call('EXISTS', turn_key) == 1 then
     redis.call('DEL', turn_key)
   end
 end
-return {'OK', job_id, chosen, 1, redis.call('HGET', nodes[chosen].info, 'conn_id') or ''}
+return {'OK', job_id, chosen, 1, redis.call('HGET', job, 'conn_id')}

@@ -66,6 +66,7 @@ if not chosen then
   return redis.error_reply(err .. ' no node to take job ' .. job_id)
 end
 take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
+local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
 redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
-  'lease_deadline_ts', now_ms + lease_ms)
-return {'OK', job_id, chosen, attempt + 1, redis.call('HGET', nodes[chosen].info, 'conn_id') or ''}
+  'lease_deadline_ts', now_ms + lease_ms, 'conn_id', conn_id)
+return {'OK', job_id, chosen, attempt + 1, conn_id}

@@ -110,12 +110,8 @@ class ClientGateway(wsutil.Gateway):
             if resumed is not None:
                 for text in resumed.results_from(init.resume_from or 0):
                     await wsutil.send(ws, Encoded(Result.TYPE, text))
-                if self.relay is not None and pending:  # answers kept in Redis: the old owner's, or none had it
-                    with trio.move_on_after(2):
-                        try:
-                            await self.relay.take_stored({session_id: actor.missing_answers()})
-                        except RedisUnavailable:
-                            pass  # the poller looks again
+                if pending:
+                    await self._recover_owed(actor)
             reason = await self._run(ws, actor, writer, peer)
         finally:
             self._sessions.remove(actor)
@@ -123,6 +119,18 @@ class ClientGateway(wsutil.Gateway):
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self._ownership.release_session(session_id)
             event(log, "session_ended", session_id=session_id, reason=reason, utterances=actor.next_index)
+
+    async def _recover_owed(self, actor: SessionActor) -> None:
+        """A resumed session owes results: take the answers Redis kept for it (whoever
+        received them), and adopt the jobs still running or waiting, whose audio Redis kept
+        (their node may be gone with the old owner: this instance moves them then)."""
+        with trio.move_on_after(2):
+            try:
+                if self.relay is not None:
+                    await self.relay.take_stored({actor.session_id: actor.missing_answers()})
+                await self._dispatcher.adopt(actor.session_id, actor.epoch, actor.missing_answers())
+            except RedisUnavailable:
+                pass  # the answer poller looks again; unadopted jobs end SKIPPED at their deadline
 
     async def _accept_init(self, message: str | bytes, presented_key: str | None) -> tuple[SessionInit, journal.Resumed | None]:
         """The first frame must be a valid session_init (with an API key when keys are configured)

@@ -67,6 +67,7 @@ from .protocol import JobAssign, JobCancel, Translation
 from .redis_adapter import (
     EmptyPool,
     Fenced,
+    JobIdTaken,
     NoAvailableNode,
     NoPoolForLangPair,
     RedisAdapter,
@@ -144,6 +145,7 @@ class Dispatcher:
         place_batch: int = 32,
         orphan_grace_ms: int = 5000,
         watch_interval: float = 1.0,
+        keep_audio: bool = True,
         instance_id: str = "",
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
@@ -157,6 +159,7 @@ class Dispatcher:
         self._place_batch = place_batch
         self._orphan_grace_ms = orphan_grace_ms
         self._watch_interval = watch_interval
+        self._keep_audio = keep_audio  # dispatch_task keeps each job's audio until answered (for adopt)
         self._relay: Relay | None = None
         self._instance_id = instance_id
         self._rand = rand
@@ -243,6 +246,45 @@ class Dispatcher:
         never moved, cancelled or counted failed later; a lane waiting for a slot retries."""
         if self.forget(job_key) is not None:
             self.slot_freed()
+
+    async def adopt(self, session_id: str, epoch: int | None, missing: list[tuple[int, str]]) -> int:
+        """A session resumed here still misses these (utterance index, target language)
+        answers, and its previous owner (dead, or taken over) placed their jobs. Each job
+        still dispatched or waiting in Redis, with its audio (``keep_audio``), comes onto
+        this instance's books as if placed here: a dispatched one is watched (and moved, by
+        this instance, when its node or node connection or node instance is gone), a
+        waiting one is placed again. ``placed_by`` becomes this instance, so the orphan sweep
+        leaves it alone. Returns how many were adopted."""
+        job_keys = [keys.job_key_for(session_id, index, tgt) for index, tgt in missing]
+        ids = await self._redis.commands_many([("GET", keys.jobkey(k)) for k in job_keys])
+        found = [(k, index, str(job_id)) for k, (index, _), job_id in zip(job_keys, missing, ids, strict=True)
+                 if job_id and not isinstance(job_id, BaseException) and k not in self.placed and k not in self._moving]
+        jobs = await self._redis.commands_many([("HGETALL", keys.job(job_id)) for _, _, job_id in found])
+        adopted = []
+        for (job_key, index, job_id), job in zip(found, jobs, strict=True):
+            if isinstance(job, BaseException) or job.get("status") not in ("dispatched", "waiting") or not job.get("audio"):
+                continue
+            placement = self._adopted(job_key, job_id, index, session_id, epoch, job)
+            self.placed[job_key] = placement
+            self._metrics.jobs_in_flight.inc()
+            if job["status"] == "waiting":
+                self.move(placement, "ADOPTED_WAITING")
+            adopted.append(job_id)
+        if adopted:
+            await self._redis.commands_many([("HSET", keys.job(job_id), "placed_by", self._instance_id) for job_id in adopted])
+            event(log, "jobs_adopted", session_id=session_id, jobs=len(adopted))
+        return len(adopted)
+
+    def _adopted(self, job_key: str, job_id: str, index: int, session_id: str, epoch: int | None, job: dict) -> Placement:
+        """The placement a job hash describes, with the request rebuilt from what it kept."""
+        now, now_wall = trio.current_time(), now_ms()
+        request = JobRequest(
+            job_key=job_key, session_id=session_id, utterance_index=index, src_lang=job["src_lang"], tgt_lang=job["tgt_lang"],
+            turn_id=job.get("turn_id", ""), turn_action="none", turn_jobs=1, sample_rate=int(job.get("sample_rate") or 16000),
+            audio=base64.b64decode(job["audio"]), deadline=now + (int(job.get("deadline_ms") or 0) - now_wall) / 1000, epoch=epoch)
+        lease = now + (int(job.get("lease_deadline_ts") or 0) - now_wall) / 1000
+        return Placement(job_id=job_id, node_id=job["node_id"], attempt=int(job["attempt"]), request=request,
+                         lease_deadline=lease, conn_id=job.get("conn_id", ""))
 
     def job_key_of(self, job_id: str) -> str | None:
         """The job key of a job this instance placed (None if unknown here)."""
@@ -489,10 +531,12 @@ class Dispatcher:
         rand, now = self._rand(), now_ms()
         if moving is None:
             assert job_id is not None
+            audio_b64 = base64.b64encode(request.audio).decode("ascii") if self._keep_audio else ""
             return lambda c: lua.dispatch(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                 request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs,
-                epoch=request.epoch, placed_by=self._instance_id)
+                epoch=request.epoch, placed_by=self._instance_id, audio_b64=audio_b64, sample_rate=request.sample_rate,
+                deadline_ms=_epoch_ms(request.deadline))
         return lambda c: lua.redispatch(
             moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
             request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c)
@@ -561,6 +605,11 @@ class Dispatcher:
             # NO_POOL_FOR_LANG_PAIR too waits: session_init checked the pair, so Redis lost its
             # data and the nodes register again at their next heartbeat
             return code
+        if isinstance(reply, JobIdTaken):
+            # Redis lost its data and the id sequence started again: new ids, and try again
+            self._scheduling.drop_job_ids()
+            self._metrics.dispatch_errors_total.labels(reply.code).inc()
+            return reply.code
         if moving is not None and isinstance(reply, UnknownJob):
             # Redis lost the job (restarted without its data): place it afresh, as a new job
             self._moving.pop(request.job_key, None)
@@ -585,7 +634,7 @@ class Dispatcher:
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()
         node = self._nodes.get(node_id)
-        deadline_ms = int((time.time() + (request.deadline - trio.current_time())) * 1000)
+        deadline_ms = _epoch_ms(request.deadline)
         assign = JobAssign(
             job_id=job_id,
             attempt=attempt,
@@ -623,3 +672,8 @@ class Dispatcher:
                 translation=Translation(status="FAILED", error=code),
             ),
         )
+
+
+def _epoch_ms(deadline: float) -> int:
+    """A Trio-clock deadline as wall-clock epoch milliseconds (what Redis and nodes see)."""
+    return int((time.time() + (deadline - trio.current_time())) * 1000)

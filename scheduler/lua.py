@@ -68,14 +68,17 @@ def read_candidates(client: Any, src: str, tgt: str) -> Candidates:
 
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
              turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates,
-             turn_jobs: int = 1, *, epoch: int | None = None, placed_by: str = "") -> Call:
-    """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance."""
+             turn_jobs: int = 1, *, epoch: int | None = None, placed_by: str = "", audio_b64: str = "",
+             sample_rate: int = 16000, deadline_ms: int = 0) -> Call:
+    """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance;
+    ``audio_b64``, ``sample_rate``, ``deadline_ms``: kept with the job until it is answered (adoption)."""
     return (
         "dispatch_task",
         [keys.jobkey(job_key), keys.job(job_id), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
          keys.leases(), *candidates.keys()],
         [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
-         keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, *candidates.args()],
+         keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, audio_b64, sample_rate, deadline_ms,
+         *candidates.args()],
     )
 
 

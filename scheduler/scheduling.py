@@ -3,7 +3,9 @@ need besides their arguments.
 
 * Job ids come from ``{scheduler}:job:id_seq`` in blocks (one ``INCRBY`` per
   ``id_block`` jobs), so a job's id is known before dispatch_task runs and its hash is a
-  declared key (Redis Cluster).
+  declared key (Redis Cluster). When Redis lost its data the sequence starts again, and
+  ids taken before can collide: dispatch_task refuses with ``JOB_ID_TAKEN`` and the caller
+  drops its block (:meth:`SchedulingClient.drop_job_ids`) and retries.
 * Candidates (the pools of a language pair and their members) are cached per pair. The
   scripts check them: on ``STALE_CANDIDATES`` (a node registered since the last read) the
   cache is refreshed and the call repeated, up to ``STALE_RETRIES`` times.
@@ -37,6 +39,11 @@ class SchedulingClient:
             top = int(await self._redis.command("INCRBY", keys.job_id_seq(), self._id_block))
             self._ids.extend(str(i) for i in range(top - self._id_block + 1, top + 1))
         return [self._ids.popleft() for _ in range(n)]
+
+    def drop_job_ids(self) -> None:
+        """Forget the ids taken so far: one turned out to be in use (Redis lost its data and
+        the sequence started again), so the next ones come from a fresh INCRBY."""
+        self._ids.clear()
 
     async def next_job_id(self) -> str:
         return (await self.job_ids(1))[0]

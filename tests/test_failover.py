@@ -157,3 +157,46 @@ async def test_kill_9_one_instance_clients_resume_on_another(tmp_path, redis_url
         a.proc.wait()
         a.log.close()
         b.stop()
+
+
+async def test_jobs_whose_audio_died_with_their_owner_are_adopted_and_moved(tmp_path, redis_url):
+    """Instance A (a real process) holds a session and the node that got its job; A is killed
+    with SIGKILL before the node answers. The client resumes on B: B adopts the job from
+    Redis (which kept its audio), sees its node's instance gone and places it again on a node
+    of B as attempt 2, with exactly the audio the client sent; the result is that answer."""
+    a = Daemon(tmp_path, "--redis-url", redis_url, "--instance-id", "a", "--owner-ttl-ms", "1000")
+    b = None
+    try:
+        async with peer(a.ws_url + "/v1/node") as node_a, peer(a.ws_url + "/v1/session") as client:
+            await node_a.register("na", max_jobs=1)
+            await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+            sid = (await client.recv())["session_id"]
+            for frame in utterance_audio(3):
+                await client.send_raw(frame)
+            await client.send(type="finalize")
+            first = await node_a.recv(timeout=5)
+            assert (first["type"], first["attempt"]) == ("job_assign", 1)
+            assert (await client.recv())["type"] == "utterance_finalized"
+            os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait()
+        (tmp_path / "b").mkdir()
+        b = Daemon(tmp_path / "b", "--redis-url", redis_url, "--instance-id", "b", "--owner-ttl-ms", "1000")
+        async with peer(b.ws_url + "/v1/node") as node_b, peer(b.ws_url + "/v1/session") as resumed:
+            await node_b.register("nb", max_jobs=1)
+            await resumed.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+            ready = await resumed.recv()
+            assert (ready["type"], ready["next_utterance_index"]) == ("session_ready", 1), ready
+            job = await node_b.recv(timeout=6)  # A's liveness lapses (1 s), B's watch moves the job (1 s)
+            assert (job["type"], job["job_id"], job["attempt"]) == ("job_assign", first["job_id"], 2)
+            assert job["audio"] == first["audio"]
+            await node_b.send(type="job_result", job_id=job["job_id"], attempt=2, status="ok", source_text="s", text="moved")
+            result, _ = await resumed.recv_until("result", timeout=5)
+            assert (result["utterance_index"], result["status"]) == (0, "SUCCESS")
+            assert result["translations"]["en"] == {"status": "SUCCESS", "text": "moved", "node_id": "nb", "error": None}
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+        a.log.close()
+        if b is not None:
+            b.stop()

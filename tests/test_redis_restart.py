@@ -204,3 +204,32 @@ async def results(s, count: int, timeout: float = 10.0) -> list[dict]:
         msg, _ = await s.recv_until("result", timeout=timeout)
         got.append(msg)
     return got
+
+
+async def test_job_ids_are_not_reused_after_redis_lost_its_data(start_daemon, redis_client):
+    """After Redis lost its data the job id sequence starts again, so a new instance's first
+    block of ids collides with ids an older instance still takes from its block. The
+    colliding dispatch is refused (JOB_ID_TAKEN), the instance takes a new block, and the job
+    is placed: not failed, not an error."""
+    a = await start_daemon(instance_id="a")
+    async with peer(a.ws_url + "/v1/node") as node:
+        await node.register("n1", max_jobs=8)
+        async with session(a) as sa:
+            await speak(sa)
+            await sa.send(type="finalize")
+            assert (await node.recv())["job_id"] == "1"  # a took the ids 1..256
+            redis_client.flushall()
+            await node.send(type="heartbeat")  # UNKNOWN_NODE: registered again
+            await wait_for(lambda: trio.to_thread.run_sync(redis_client.exists, keys.node_info("n1")))
+            await speak(sa)
+            await sa.send(type="finalize")
+            assert (await node.recv())["job_id"] == "2"  # still from a's block
+            c = await start_daemon(instance_id="c")
+            async with session(c) as sc:
+                for _ in range(2):
+                    await speak(sc)
+                    await sc.send(type="finalize")
+                    await sc.recv_until("utterance_finalized")
+                got = [(await node.recv(timeout=5))["job_id"] for _ in range(2)]
+    assert got == ["1", "257"]  # "2" was taken: c dropped its block and took 257..512
+    assert 'scheduler_dispatch_errors_total{code="JOB_ID_TAKEN"} 1.0' in c.metrics.render().decode()
