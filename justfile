@@ -52,6 +52,11 @@ bench-scheduling *ARGS: sync
 bench-instances *ARGS: sync
     uv run --frozen python bench/instances.py {{ARGS}}
 
+# chaos: 3 instances on one Valkey, nodes, resuming clients; kill -9 / SIGTERM / node cuts every ~5 s (docs/scaling.md)
+# (just chaos --duration 120; add Redis restarts with --faults node,kill,term,redis; --help lists the knobs)
+chaos *ARGS: sync
+    uv run --frozen python bench/chaos.py {{ARGS}}
+
 # kill -9 one of two instances mid-stream; clients resume on the other; prints the failover time
 failover: sync
     uv run --frozen python -m pytest -s -q tests/test_failover.py

@@ -1,0 +1,547 @@
+"""Chaos run: an operator's bad day, bounded in time, with every result checked.
+
+Several ``scheduler serve`` processes (`--instances`) share one Valkey (a child of this
+harness, so it can be killed); `--nodes` simulated worker nodes and `--clients` clients are
+Trio tasks in this process, over real loopback sockets. Every ~`--fault-every` seconds one
+fault from `--faults` strikes:
+
+- ``node``: a node's socket is cut; it reconnects to a random instance;
+- ``kill``: an instance is killed with SIGKILL, and started again (same id and ports);
+- ``term``: an instance gets SIGTERM (it must drain and exit 0), and is started again;
+- ``redis``: Valkey is stopped and started again empty.
+
+Clients stream utterances (tones of 200-700 ms in 100 ms binary frames, then ``finalize``)
+and resume on another instance (``session_id`` + ``resume_from``) whenever their connection
+breaks, re-sending the one utterance the daemon may not have finalized. Nodes answer like the
+reference node's fake engine: ``[en] <ms>ms crc32=<crc of the job's audio>``, so each result's
+text proves which audio it was made from.
+
+Checked, and the run fails (exit 1) on any of them: a result index out of order, repeated or
+skipped; a SUCCESS whose text is not the answer for that utterance's audio; a finalized
+utterance with no result at the end; a session that could not be resumed; an instance that
+exited without being told to, or exited non-zero after SIGTERM; a SUCCESS share below
+`--min-success`. Printed: utterances, the SUCCESS share, every non-SUCCESS result with its
+status, error and the last fault before it, and the faults applied; JSON in `--out`.
+
+Usage: python bench/chaos.py [--duration 120] [--fault-every 5] [--faults node,kill,term,redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from scheduler.audio import tone
+from scheduler.embedded_redis import EmbeddedValkey
+
+RATE = 16000
+FRAME = 3200  # 100 ms of 16 kHz s16le
+FAULTS = ("node", "kill", "term", "redis")
+CONNECTION_ENDED = (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, default=3, help="scheduler serve processes on one Valkey (default 3)")
+    p.add_argument("--nodes", type=int, default=6, help="simulated worker nodes, 4 slots each (default 6)")
+    p.add_argument("--clients", type=int, default=12, help="clients streaming and resuming (default 12)")
+    p.add_argument("--duration", type=float, default=120, help="seconds of streaming with faults (default 120)")
+    p.add_argument("--fault-every", type=float, default=5, help="mean seconds between faults (default 5)")
+    p.add_argument("--faults", default="node,kill,term", help=f"comma list of {', '.join(FAULTS)} (default node,kill,term)")
+    p.add_argument("--result-deadline-ms", type=int, default=10000, help="the daemons' result deadline (default 10000)")
+    p.add_argument("--min-success", type=float, default=0.995, help="fail below this SUCCESS share (default 0.995)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
+    p.add_argument("--out", default="bench/results/chaos.json", help="JSON summary (default bench/results/chaos.json)")
+    p.add_argument("--daemon-arg", action="append", default=[], help="extra flag for every daemon (repeatable)")
+    p.add_argument("--logs", default=None, help="keep the daemons' logs in this folder (default: a temporary one, removed)")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answer_text(pcm: bytes) -> str:
+    """What the reference node's fake engine answers for ``pcm`` (zh -> en)."""
+    return f"[en] {len(pcm) * 1000 // (2 * RATE)}ms crc32={zlib.crc32(pcm):08x}"
+
+
+@attrs.define
+class Report:
+    t0: float = attrs.Factory(trio.current_time)
+    faults: list[dict] = attrs.Factory(list)
+    violations: list[str] = attrs.Factory(list)
+    non_success: list[dict] = attrs.Factory(list)
+    utterances: int = 0
+    success: int = 0
+    resumes: int = 0
+
+    def now(self) -> float:
+        return round(trio.current_time() - self.t0, 2)
+
+    def fault(self, kind: str, target: str) -> None:
+        self.faults.append({"t": self.now(), "kind": kind, "target": target})
+        print(f"[{self.now():7.2f}] fault {kind} {target}", flush=True)
+
+    def violation(self, text: str) -> None:
+        self.violations.append(f"[{self.now():.2f}] {text}")
+        print(f"[{self.now():7.2f}] VIOLATION {text}", flush=True)
+
+    def fault_in_flight(self, finalized_t: float, deadline_s: float) -> str:
+        """The first fault that struck while an utterance was in flight (from a second before
+        the client saw it finalized to its result deadline): the likely cause of its loss."""
+        hits = [f for f in self.faults if finalized_t - 1.0 <= f["t"] <= finalized_t + deadline_s]
+        return f"{hits[0]['kind']} {hits[0]['target']} at {hits[0]['t']}s" if hits else "none"
+
+
+# ---------------------------------------------------------------- daemons
+
+
+class Instance:
+    """One ``scheduler serve`` process with a fixed id and fixed ports (so it can come back)."""
+
+    def __init__(self, name: str, redis_url: str, workdir: Path, args: argparse.Namespace) -> None:
+        self.name = name
+        self.ws_port, self.admin_port = free_port(), free_port()
+        self.url = f"ws://127.0.0.1:{self.ws_port}"
+        self.cmd = [sys.executable, "-m", "scheduler", "serve", "--redis-url", redis_url, "--instance-id", name,
+                    "--ws-port", str(self.ws_port), "--admin-port", str(self.admin_port),
+                    "--result-deadline-ms", str(args.result_deadline_ms), "--drain-timeout-ms", "5000",
+                    "--log-level", "info", *args.daemon_arg]
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.expected_exit = False  # set before the harness kills or stops it
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.expected_exit = False
+
+    async def wait_listening(self, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.ws_port)
+                    await stream.aclose()
+                    return
+                except OSError:
+                    await trio.sleep(0.1)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class Node:
+    """A simulated worker node: registers on a random instance, heartbeats, answers each job
+    after 100-400 ms like the fake engine, reconnects (to a random instance) when cut."""
+
+    def __init__(self, node_id: str, urls: list[str], rng: random.Random) -> None:
+        self.node_id = node_id
+        self.urls = urls
+        self.rng = rng
+        self.scope: trio.CancelScope | None = None
+        self.jobs = 0
+
+    def cut(self) -> bool:
+        if self.scope is None:
+            return False
+        self.scope.cancel()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            url = self.rng.choice(self.urls)
+            with trio.CancelScope() as self.scope:
+                try:
+                    async with open_websocket_url(url + "/v1/node", connect_timeout=3, disconnect_timeout=0.5) as ws:
+                        await self._serve(ws)
+                except* CONNECTION_ENDED:
+                    pass
+            self.scope = None
+            await trio.sleep(0.2 + self.rng.random() * 0.8)
+
+    async def _serve(self, ws: Any) -> None:
+        await ws.send_message(json.dumps({"type": "register", "node_id": self.node_id, "lang_pairs": [["zh", "en"]],
+                                          "max_jobs": 4}))
+        reply = json.loads(await ws.get_message())
+        if reply.get("type") != "registered":
+            return
+        lock = trio.Lock()
+        running: dict[tuple[str, int], trio.CancelScope] = {}
+
+        async def send(msg: dict) -> None:
+            async with lock:
+                await ws.send_message(json.dumps(msg))
+
+        async def heartbeats() -> None:
+            while True:
+                await trio.sleep(reply["heartbeat_interval_ms"] / 2000)
+                await send({"type": "heartbeat", "load": {"jobs": len(running)}})
+
+        async def job(msg: dict) -> None:
+            with trio.CancelScope() as scope:
+                running[(msg["job_id"], msg["attempt"])] = scope
+                await trio.sleep(0.1 + self.rng.random() * 0.3)
+                pcm = base64.b64decode(msg["audio"])
+                text = answer_text(pcm)
+                await send({"type": "job_result", "job_id": msg["job_id"], "attempt": msg["attempt"], "status": "ok",
+                            "source_text": text.replace("[en]", "[zh]"), "text": text})
+                self.jobs += 1
+            running.pop((msg["job_id"], msg["attempt"]), None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats)
+            while True:
+                msg = json.loads(await ws.get_message())
+                if msg["type"] == "job_assign":
+                    nursery.start_soon(job, msg)
+                elif msg["type"] == "job_cancel" and (msg["job_id"], msg["attempt"]) in running:
+                    running[(msg["job_id"], msg["attempt"])].cancel()
+
+
+# ---------------------------------------------------------------- clients
+
+
+class Client:
+    """Streams utterances, one at a time, resuming on a random instance when cut off.
+
+    ``payloads[k]`` is the k-th utterance's audio; ``index_of`` maps each finalized index to
+    its payload. Only the last payload sent can be unconfirmed (finalized or not) when the
+    connection breaks; the resume's ``next_utterance_index`` settles it."""
+
+    def __init__(self, name: str, urls: list[str], rng: random.Random, report: Report, deadline_s: float) -> None:
+        self.name = name
+        self.deadline_s = deadline_s
+        self.urls = urls
+        self.rng = rng
+        self.report = report
+        self.session_id: str | None = None
+        self.payloads: list[bytes] = []
+        self.audio_of: dict[int, bytes] = {}  # utterance index -> the audio the daemon finalized
+        self.finalized_at: dict[int, float] = {}
+        self.results: dict[int, dict] = {}
+        self.next_result = 0
+        self.confirmed = 0  # payloads known finalized (they are a prefix of payloads)
+        self.closed = False
+        self.lost = False
+
+    def new_payload(self) -> bytes:
+        k = len(self.payloads)
+        pcm = tone(200 + 100 * self.rng.randrange(6), RATE, freq=200 + 37 * (k % 50) + self.rng.randrange(30))
+        self.payloads.append(pcm)
+        return pcm
+
+    async def run(self, stop_at: float, close_by: float) -> None:
+        with trio.move_on_at(close_by):
+            await self._run(stop_at)
+        if not self.closed and not self.lost:
+            self.report.violation(f"{self.name}: could not finish its session in time ({self.next_result} results)")
+
+    async def _run(self, stop_at: float) -> None:
+        backoff = 0.1
+        while not self.closed and not self.lost:
+            url = self.rng.choice(self.urls)
+            try:
+                async with open_websocket_url(url + "/v1/session", connect_timeout=3, disconnect_timeout=0.5) as ws:
+                    backoff = 0.1
+                    await self._connection(ws, stop_at)
+            except* CONNECTION_ENDED:
+                pass
+            if not self.closed and not self.lost:
+                await trio.sleep(backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, 1.0)
+
+    async def _connection(self, ws: Any, stop_at: float) -> None:
+        init: dict[str, Any] = {"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}
+        if self.session_id is not None:
+            init |= {"session_id": self.session_id, "resume_from": self.next_result}
+        await ws.send_message(json.dumps(init))
+        ready = json.loads(await ws.get_message())
+        if ready["type"] == "error":
+            if ready["code"] == "UNKNOWN_SESSION":
+                self.report.violation(f"{self.name}: session {self.session_id} could not be resumed: {ready['message']}")
+                self.lost = True
+            return  # SHUTTING_DOWN, INTERNAL (Redis away): try another instance
+        if self.session_id is not None:
+            self.report.resumes += 1
+        self.session_id = ready["session_id"]
+        self._settle(ready["next_utterance_index"])
+        async with trio.open_nursery() as nursery:
+            confirmed = trio.Event()
+            nursery.start_soon(self._send, ws, stop_at, lambda: confirmed)
+
+            def on_finalized() -> None:
+                nonlocal confirmed
+                confirmed.set()
+                confirmed = trio.Event()
+
+            try:
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    if msg["type"] == "utterance_finalized":
+                        self._finalized(msg)
+                        on_finalized()
+                    elif msg["type"] == "result":
+                        self._result(msg)
+                    elif msg["type"] == "session_closed" and msg["reason"] == "shutdown":
+                        break  # the instance is draining: resume the session elsewhere
+                    elif msg["type"] == "session_closed":
+                        if self.next_result != self.confirmed:
+                            self.report.violation(f"{self.name}: closed with results {self.next_result}/{self.confirmed}")
+                        self.closed = True
+                        break
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _settle(self, next_index: int) -> None:
+        """After (re)connecting: the daemon has finalized ``next_index`` utterances."""
+        if next_index == self.confirmed + 1 and len(self.payloads) > self.confirmed:
+            self._map(self.confirmed, trio.current_time())  # the last payload sent was finalized
+        elif next_index != self.confirmed:
+            self.report.violation(f"{self.name}: resume says next index {next_index}, {self.confirmed} were finalized")
+            self.confirmed = next_index
+
+    def _map(self, index: int, t: float, audio_ms: int | None = None) -> None:
+        """Utterance ``index`` is the next payload, whole, or (``audio_ms``: a drain cut it,
+        reason ``close``) the frames of it that the daemon had received."""
+        pcm = self.payloads[self.confirmed]
+        self.audio_of[index] = pcm if audio_ms is None else pcm[:audio_ms * 2 * RATE // 1000]
+        self.finalized_at[index] = t
+        self.confirmed += 1
+
+    def _finalized(self, msg: dict) -> None:
+        index = msg["utterance_index"]
+        if index != self.confirmed or len(self.payloads) <= self.confirmed:
+            self.report.violation(f"{self.name}: utterance_finalized {index}, expected {self.confirmed}")
+            return
+        whole = len(self.payloads[self.confirmed]) * 1000 // (2 * RATE)
+        if msg["audio_ms"] != whole and (msg["reason"] != "close" or msg["audio_ms"] % 100 or msg["audio_ms"] > whole):
+            self.report.violation(f"{self.name}: utterance {index} ({msg['reason']}) has {msg['audio_ms']} ms of a {whole} ms payload")
+        self._map(index, trio.current_time(), msg["audio_ms"])
+
+    def _result(self, msg: dict) -> None:
+        index = msg["utterance_index"]
+        if index != self.next_result:
+            self.report.violation(f"{self.name}: result {index} arrived, expected {self.next_result}")
+            return
+        self.next_result += 1
+        self.results[index] = msg
+        self.report.utterances += 1
+        if msg["status"] == "SUCCESS":
+            pcm = self.audio_of.get(index)
+            got = msg["translations"]["en"]["text"]
+            if pcm is None or got != answer_text(pcm):
+                self.report.violation(f"{self.name}: result {index} has text {got!r}, expected {pcm and answer_text(pcm)!r}")
+            self.report.success += 1
+        else:
+            t = self.finalized_at.get(index, trio.current_time()) - self.report.t0
+            tr = msg["translations"]["en"]
+            self.report.non_success.append({
+                "client": self.name, "session_id": self.session_id, "utterance_index": index, "status": msg["status"],
+                "error": tr.get("error"), "finalized_t": round(t, 2),
+                "fault": self.report.fault_in_flight(t, self.deadline_s)})
+
+    async def _send(self, ws: Any, stop_at: float, confirmed: Any) -> None:
+        while True:
+            if len(self.payloads) > self.confirmed:
+                pcm = self.payloads[self.confirmed]  # not finalized on the connection that broke: again
+            elif trio.current_time() < stop_at:
+                pcm = self.new_payload()
+            else:
+                await ws.send_message(json.dumps({"type": "close_session"}))
+                return
+            waiting = confirmed()
+            for start in range(0, len(pcm), FRAME):
+                await ws.send_message(pcm[start:start + FRAME])
+                await trio.sleep(0.05)  # twice real time
+            await ws.send_message(json.dumps({"type": "finalize"}))
+            await waiting.wait()  # a broken connection cancels this; never send the same audio twice on one
+            await trio.sleep(self.rng.random() * 0.3)
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def watch_instances(instances: list[Instance], report: Report) -> None:
+    """An instance that exits without being told to is a failure; it is started again."""
+    while True:
+        await trio.sleep(0.2)
+        for inst in instances:
+            if inst.proc is not None and not inst.expected_exit and inst.proc.poll() is not None:
+                report.violation(f"instance {inst.name} exited by itself with code {inst.proc.returncode}:\n{inst.log_tail()}")
+                inst.start()
+
+
+async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey: EmbeddedValkey, report: Report,
+                 rng: random.Random, nursery: trio.Nursery) -> None:
+    if kind == "node":
+        connected = [n for n in nodes if n.scope is not None]
+        if connected:
+            node = rng.choice(connected)
+            report.fault("node", node.node_id)
+            node.cut()
+        return
+    if kind == "redis":
+        report.fault("redis", "restart-empty")
+        nursery.start_soon(_restart_redis, valkey, rng)  # in the faults' nursery: it finishes even past the end
+        return
+    up = [i for i in instances if i.running and not i.expected_exit]
+    if len(up) < 2:
+        return  # keep at least one instance serving
+    inst = rng.choice(up)
+    inst.expected_exit = True
+    report.fault(kind, inst.name)
+    nursery.start_soon(_cycle, kind, inst, report, rng)
+
+
+async def _restart_redis(valkey: EmbeddedValkey, rng: random.Random) -> None:
+    valkey.stop()
+    await trio.sleep(0.5 + rng.random() * 1.5)
+    valkey.start()
+
+
+async def _cycle(kind: str, inst: Instance, report: Report, rng: random.Random) -> None:
+    assert inst.proc is not None
+    if kind == "kill":
+        inst.proc.send_signal(signal.SIGKILL)
+        await trio.to_thread.run_sync(inst.proc.wait)
+        await trio.sleep(0.5 + rng.random())
+    else:
+        inst.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await trio.to_thread.run_sync(lambda: inst.proc.wait(timeout=20))
+        except subprocess.TimeoutExpired:
+            inst.proc.kill()
+            code = "timeout"
+        if code != 0:
+            report.violation(f"instance {inst.name} exited {code} after SIGTERM:\n{inst.log_tail()}")
+    inst.start()
+    await inst.wait_listening()
+
+
+async def faults(args: argparse.Namespace, kinds: list[str], instances: list[Instance], nodes: list[Node],
+                 valkey: EmbeddedValkey, report: Report, rng: random.Random, stop_at: float) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_at(stop_at):
+            while kinds:
+                await trio.sleep(args.fault_every * (0.7 + 0.6 * rng.random()))
+                await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery)
+
+
+# ---------------------------------------------------------------- the run
+
+
+async def run(args: argparse.Namespace) -> dict:
+    kinds = [k for k in args.faults.split(",") if k]
+    unknown = set(kinds) - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    seed = args.seed if args.seed is not None else int(time.time())
+    rng = random.Random(seed)
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="sched-chaos-") as tmp:
+        workdir = Path(args.logs or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        valkey = EmbeddedValkey(workdir / "valkey", persist=False)
+        url = valkey.start()
+        instances = [Instance(f"i{k}", url, workdir, args) for k in range(args.instances)]
+        try:
+            for inst in instances:
+                inst.start()
+            for inst in instances:
+                await inst.wait_listening()
+            urls = [i.url for i in instances]
+            nodes = [Node(f"n{k}", urls, random.Random(rng.random())) for k in range(args.nodes)]
+            clients = [Client(f"c{k}", urls, random.Random(rng.random()), report, args.result_deadline_ms / 1000)
+                       for k in range(args.clients)]
+            start = trio.current_time()
+            stop_at = start + args.duration
+            close_by = stop_at + args.result_deadline_ms / 1000 + 40
+            async with trio.open_nursery() as outer:
+                for node in nodes:
+                    outer.start_soon(node.run)
+                outer.start_soon(watch_instances, instances, report)
+                await trio.sleep(1.0)  # nodes registered
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(faults, args, kinds, instances, nodes, valkey, report, rng, stop_at)
+                    for c in clients:
+                        inner.start_soon(c.run, stop_at, close_by)
+                outer.cancel_scope.cancel()
+            for c in clients:
+                if c.next_result != c.confirmed:
+                    report.violation(f"{c.name}: {c.confirmed} utterances finalized, {c.next_result} results")
+        finally:
+            for inst in instances:
+                inst.expected_exit = True
+                if inst.running:
+                    inst.proc.send_signal(signal.SIGTERM)
+            for inst in instances:
+                if inst.proc is not None:
+                    try:
+                        inst.proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        inst.proc.kill()
+            valkey.stop()
+    share = report.success / report.utterances if report.utterances else 0.0
+    summary = {
+        "seed": seed, "duration_s": args.duration, "instances": args.instances, "nodes": args.nodes, "clients": args.clients,
+        "faults_enabled": kinds, "faults": report.faults, "utterances": report.utterances, "success": report.success,
+        "success_share": round(share, 5), "resumes": report.resumes, "non_success": report.non_success,
+        "violations": report.violations,
+        "ok": not report.violations and share >= args.min_success,
+    }
+    return summary
+
+
+def print_summary(s: dict, min_success: float) -> None:
+    counts = ", ".join(f"{k} {sum(f['kind'] == k for f in s['faults'])}" for k in s["faults_enabled"])
+    print(f"\nseed {s['seed']}: {s['utterances']} utterances, {s['success']} SUCCESS ({s['success_share'] * 100:.2f} %), "
+          f"{len(s['faults'])} faults ({counts}), {s['resumes']} resumes")
+    for r in s["non_success"]:
+        print(f"  not SUCCESS: {r['client']} #{r['utterance_index']} {r['status']} error={r['error']} "
+              f"finalized at {r['finalized_t']}s, fault in flight: {r['fault']} (session {r['session_id']})")
+    for v in s["violations"]:
+        print(f"  VIOLATION {v}")
+    if s["success_share"] < min_success:
+        print(f"  SUCCESS share {s['success_share'] * 100:.2f} % is below {min_success * 100:.2f} %")
+    print("PASS" if s["ok"] else "FAIL")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    summary = trio.run(run, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print_summary(summary, args.min_success)
+    sys.exit(0 if summary["ok"] else 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
