@@ -87,12 +87,13 @@ if not chosen then
 end
 
 take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
+local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
 redis.call('HSET', job,
   'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
   'session_id', session_id, 'utterance_index', utterance_index,
   'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
   'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'placed_by', placed_by,
-  'sample_rate', sample_rate, 'deadline_ms', deadline_ms, 'conn_id', redis.call('HGET', nodes[chosen].info, 'conn_id') or '')
+  'sample_rate', sample_rate, 'deadline_ms', deadline_ms, 'conn_id', conn_id)
 if audio ~= '' then
   redis.call('HSET', job, 'audio', audio)
 end
@@ -114,4 +115,4 @@ elseif turn_action == 'end' and redis.call('EXISTS', turn_key) == 1 then
     redis.call('DEL', turn_key)
   end
 end
-return {'OK', job_id, chosen, 1, redis.call('HGET', job, 'conn_id')}
+return {'OK', job_id, chosen, 1, conn_id}

@@ -340,36 +340,28 @@ class Dispatcher:
             self.move(placement, "LEASE_EXPIRED")
 
     async def _watch_remote(self) -> None:
-        """Every job placed here: one whose job hash Redis lost (restarted empty) is placed
-        again. Jobs on nodes held by other instances: forget the answered ones, move those
-        whose node or node connection or node instance is gone (module docstring).
+        """Jobs placed here on nodes held by other instances: forget the answered ones, move
+        those whose node or node connection or node instance is gone; and jobs on nodes here
+        that came back on a new connection (module docstring).
 
-        Two pipelined round trips per tick: the jobs' status and attempt with each remote
-        node's state, then whether each remote node's instance is alive."""
-        placed = list(self.placed.values())
-        if not placed:
-            return
-        for placement in placed:  # a node that came here on a new connection lost the jobs of its old one
+        Two pipelined round trips per tick, only while there are jobs on other instances'
+        nodes: the jobs' status and attempt with each node's state, then whether each node's
+        instance is alive."""
+        for placement in list(self.placed.values()):  # a node back here on a new connection lost its old jobs
             conn = self._nodes.get(placement.node_id)
             if conn is not None and placement.conn_id and conn.conn_id != placement.conn_id:
                 self.move(placement, "NODE_RECONNECTED")
-        placed = [p for p in placed if self.placed.get(p.request.job_key) is p]
-        remote = [p for p in placed if p.node_id not in self._nodes]
+        remote = [p for p in self.placed.values() if p.node_id not in self._nodes]
+        if not remote:
+            return
         node_ids = sorted({p.node_id for p in remote})
         replies = await self._redis.commands_many(
-            [("HMGET", keys.job(p.job_id), "status", "attempt") for p in placed]
+            [("HMGET", keys.job(p.job_id), "status", "attempt") for p in remote]
             + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids])
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
-        status_of = {p.request.job_key: reply for p, reply in zip(placed, replies, strict=False)}
-        infos = dict(zip(node_ids, replies[len(placed):], strict=True))
-        for placement in placed:
-            if status_of[placement.request.job_key][0] is None and self.placed.get(placement.request.job_key) is placement:
-                self.move(placement, "JOB_LOST")  # redispatch finds no job and places it afresh
-        if not remote:
-            return
-        jobs = [status_of[p.request.job_key] for p in remote]
+        jobs, infos = replies[:len(remote)], dict(zip(node_ids, replies[len(remote):], strict=True))
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners])
         for reply in exists:
@@ -379,19 +371,27 @@ class Dispatcher:
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
                 continue  # answered or moved while we looked
-            if status is not None and (status != "dispatched" or int(attempt or 0) != placement.attempt):
+            online, owner, conn_id = infos[placement.node_id]
+            if status is None:
+                self.move(placement, "JOB_LOST")  # Redis lost it: redispatch finds no job and places it afresh
+            elif status != "dispatched" or int(attempt or 0) != placement.attempt:
                 self.forget(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
                 self.slot_freed()
-                continue
-            if status is None:
-                continue  # moved above
-            online, owner, conn_id = infos[placement.node_id]
-            if online != "1":
+            elif online != "1":
                 self.move(placement, "NODE_LOST")
             elif owner not in alive:
                 self.move(placement, "NODE_INSTANCE_LOST")
             elif placement.conn_id and conn_id != placement.conn_id:
                 self.move(placement, "NODE_RECONNECTED")
+
+    async def redis_data_lost(self) -> None:
+        """Redis restarted without its data (the health check saw its data marker change):
+        every job placed here that Redis no longer knows is placed again."""
+        placed = list(self.placed.values())
+        replies = await self._redis.commands_many([("EXISTS", keys.job(p.job_id)) for p in placed])
+        for placement, exists in zip(placed, replies, strict=True):
+            if exists == 0 and self.placed.get(placement.request.job_key) is placement:
+                self.move(placement, "JOB_LOST")
 
     async def _retry_releases(self) -> None:
         """cancel_task calls that failed (Redis unavailable), until each got through."""

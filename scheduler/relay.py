@@ -220,20 +220,23 @@ class Relay:
     async def take_stored(self, wanted: dict[str, list[tuple[int, str]]]) -> int:
         """Hand the answers Redis keeps for ``wanted`` (local session -> missing (index,
         target language)) to their sessions; returns how many were handed over."""
-        asked = [(session_id, index, tgt) for session_id, missing in wanted.items() for index, tgt in missing]
-        if not asked:
+        wanted = {session_id: missing for session_id, missing in wanted.items() if missing}
+        if not wanted:
             return 0
+        # one MGET per session: every answer key carries the {scheduler} tag (one cluster slot)
         stored = await self._redis.commands_many(
-            [("GET", keys.answer(keys.job_key_for(session_id, index, tgt))) for session_id, index, tgt in asked])
+            [("MGET", *(keys.answer(keys.job_key_for(session_id, index, tgt)) for index, tgt in missing))
+             for session_id, missing in wanted.items()])
         handed = 0
-        for (session_id, index, tgt), text in zip(asked, stored, strict=True):
-            if isinstance(text, RedisUnavailable):
-                raise text
-            if not text or isinstance(text, BaseException):
+        for (session_id, missing), texts in zip(wanted.items(), stored, strict=True):
+            if isinstance(texts, RedisUnavailable):
+                raise texts
+            if isinstance(texts, BaseException):
                 continue
-            if self._deliver_outcome(session_id, decode_answer(index, tgt, text)):
-                self._metrics.relay_messages_total.labels("outcome_polled").inc()
-                handed += 1
+            for (index, tgt), text in zip(missing, texts, strict=True):
+                if text and self._deliver_outcome(session_id, decode_answer(index, tgt, text)):
+                    self._metrics.relay_messages_total.labels("outcome_polled").inc()
+                    handed += 1
         return handed
 
 

@@ -67,6 +67,7 @@ class Running:
     sessions: SessionRegistry
     nodes: NodeRegistry
     redis: RedisAdapter
+    dispatcher: Dispatcher
     ownership: Ownership | None = None
     draining: bool = False
     redis_ok: bool = True
@@ -185,7 +186,8 @@ async def _serve(
                             lambda: _status(running, dispatcher))
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
-                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis, ownership=ownership)
+                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis, dispatcher=dispatcher,
+                          ownership=ownership)
         ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running, nursery)
         notifier = Notifier()
@@ -317,7 +319,7 @@ async def _health_check(running: Running, nursery: trio.Nursery) -> None:
             running.metrics.redis_latency_seconds.set(latency)
             if marker is not None and seen != marker:
                 event(log, "redis_data_lost", logging.WARNING, sessions=len(running.sessions))
-                nursery.start_soon(_reassert_journals, running)
+                nursery.start_soon(_after_data_loss, running)
             marker = seen
         except Exception as exc:  # unreachable, too slow, or an error reply (e.g. still loading): not ready
             if running.redis_ok:
@@ -327,8 +329,19 @@ async def _health_check(running: Running, nursery: trio.Nursery) -> None:
         await trio.sleep(HEALTH_INTERVAL)
 
 
+async def _after_data_loss(running: Running) -> None:
+    """Redis lost its data: every job placed here that it forgot is placed again, and every
+    local session's journal is written again (so each stays resumable)."""
+    try:
+        with trio.move_on_after(10):
+            await running.dispatcher.redis_data_lost()
+    except Exception as exc:  # Redis away again, or a bug: the lease expiry moves what is left
+        event(log, "jobs_recheck_failed", logging.WARNING, error=str(exc))
+    await _reassert_journals(running)
+
+
 async def _reassert_journals(running: Running) -> None:
-    """Write every local session's journal again (Redis lost it), so each stays resumable."""
+    """Write every local session's journal again."""
     for session_id, journal in list(running.sessions.journals.items()):
         with trio.move_on_after(5):
             try:

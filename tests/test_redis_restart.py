@@ -106,20 +106,32 @@ async def node_is_back(url: str, node_id: str) -> None:
         client.close()
 
 
-@pytest.mark.slow
-async def test_redis_restart_with_several_processes(tmp_path, nursery):
-    """Two ``scheduler serve`` processes on one Valkey that restarts empty: both say 503 on
-    /readyz meanwhile, neither the session (on A) nor the node (on B) is dropped, and the
-    next utterance crosses the instances again (relay stream group and Pub/Sub recovered)."""
+@contextlib.contextmanager
+def two_daemons(tmp_path, *flags: str):
+    """A private Valkey (so it can be stopped) and two ``scheduler serve`` processes "a" and
+    "b" on it; yields (valkey, url, a, b) and stops all three afterwards."""
     valkey = EmbeddedValkey(tmp_path / "valkey", persist=False)
     url = valkey.start()
     daemons = []
     try:
         for name in ("a", "b"):
             (tmp_path / name).mkdir()
-            daemons.append(Daemon(tmp_path / name, "--redis-url", url, "--instance-id", name,
-                                  "--heartbeat-interval-ms", "500", "--node-ttl-ms", "2000"))
-        a, b = daemons
+            daemons.append(Daemon(tmp_path / name, "--redis-url", url, "--instance-id", name, "--heartbeat-interval-ms", "500",
+                                  "--node-ttl-ms", "2000", *flags))
+        yield valkey, url, daemons[0], daemons[1]
+    finally:
+        for d in daemons:
+            d.stop()
+        valkey.stop()
+
+
+@pytest.mark.slow
+async def test_redis_restart_with_several_processes(tmp_path, nursery):
+    """Two ``scheduler serve`` processes on one Valkey that restarts empty: both say 503 on
+    /readyz meanwhile, neither the session (on A) nor the node (on B) is dropped, and the
+    next utterance crosses the instances again (relay stream group and Pub/Sub recovered)."""
+    with two_daemons(tmp_path) as (valkey, url, a, b):
+        daemons = [a, b]
         await start_node(nursery, b, node_id="nb", delay_ms=20)
         async with peer(a.ws_url + "/v1/session") as s:
             await s.send(type="session_init", src_lang="zh", tgt_langs=["en"])
@@ -142,10 +154,6 @@ async def test_redis_restart_with_several_processes(tmp_path, nursery):
             second, _ = await s.recv_until("result", timeout=15)
             assert (second["utterance_index"], second["status"]) == (1, "SUCCESS"), second
             assert all(d.proc.poll() is None for d in daemons)
-    finally:
-        for d in daemons:
-            d.stop()
-        valkey.stop()
 
 
 @pytest.mark.slow
@@ -155,15 +163,8 @@ async def test_redis_killed_with_cross_instance_jobs_in_flight(tmp_path, nursery
     give up and release jobs, its leases expire, its releases fail): no daemon exits, no
     connection is dropped, every session gets one result per utterance, in order, and once
     Redis is back (empty) every new utterance is answered."""
-    valkey = EmbeddedValkey(tmp_path / "valkey", persist=False)
-    url = valkey.start()
-    daemons = []
-    try:
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            daemons.append(Daemon(tmp_path / name, "--redis-url", url, "--instance-id", name, "--heartbeat-interval-ms", "500",
-                                  "--node-ttl-ms", "2000", "--result-deadline-ms", "2500", "--job-lease-ms", "1000"))
-        a, b = daemons
+    with two_daemons(tmp_path, "--result-deadline-ms", "2500", "--job-lease-ms", "1000") as (valkey, url, a, b):
+        daemons = [a, b]
         await start_node(nursery, b, node_id="nb", delay_ms=700, max_jobs=2)
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(peer(a.ws_url + "/v1/session")) for _ in range(3)]
@@ -192,10 +193,6 @@ async def test_redis_killed_with_cross_instance_jobs_in_flight(tmp_path, nursery
                 assert (third["utterance_index"], third["status"]) == (2, "SUCCESS"), third
         await trio.sleep(1.5)  # the lease / release retries that follow must not end a daemon either
         assert all(d.proc.poll() is None for d in daemons), [d.log_path.read_text()[-3000:] for d in daemons]
-    finally:
-        for d in daemons:
-            d.stop()
-        valkey.stop()
 
 
 async def results(s, count: int, timeout: float = 10.0) -> list[dict]:
