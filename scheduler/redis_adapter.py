@@ -252,8 +252,15 @@ class RedisAdapter:
         return time.perf_counter() - start
 
     async def load_scripts(self) -> None:
-        """SCRIPT LOAD every script now (also done lazily on NOSCRIPT)."""
-        await trio.to_thread.run_sync(self._load_scripts_sync, limiter=self._limiter)
+        """SCRIPT LOAD every script now (also done lazily on NOSCRIPT); raises
+        :class:`RedisUnavailable` when Redis cannot be reached."""
+        try:
+            await trio.to_thread.run_sync(self._load_scripts_sync, limiter=self._limiter)
+        except Exception as exc:
+            mapped = _map_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     # ------------------------------------------------------------ internals
 

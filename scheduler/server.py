@@ -44,6 +44,7 @@ from .systemd import Notifier
 log = logging.getLogger("scheduler.server")
 
 HEALTH_INTERVAL = 1.0
+REDIS_START_WAIT_S = 30.0  # at start-up, how long to wait for an unreachable Redis before giving up
 
 
 def redacted(url: str) -> str:
@@ -106,14 +107,26 @@ async def serve(
         url = embedded.start()
     try:
         async with RedisAdapter(url, pool_size=settings.redis_pool_size) as redis:
-            try:
-                await redis.load_scripts()
-            except RedisUnavailable as exc:
-                raise SystemExit(f"cannot reach Redis at {redacted(url)}: {exc}") from None
+            await _wait_for_redis(redis, url)
             await _serve(settings, redis, url, embedded, handle_signals, task_status)
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+async def _wait_for_redis(redis: RedisAdapter, url: str) -> None:
+    """Load the scripts, retrying while Redis cannot be reached (it may be restarting) for up
+    to ``REDIS_START_WAIT_S``; then give up with a clear message (exit status 1)."""
+    deadline = trio.current_time() + REDIS_START_WAIT_S
+    while True:
+        try:
+            await redis.load_scripts()
+            return
+        except RedisUnavailable as exc:
+            if trio.current_time() >= deadline:
+                raise SystemExit(f"cannot reach Redis at {redacted(url)} (tried for {REDIS_START_WAIT_S:.0f} s): {exc}") from None
+            event(log, "redis_waiting", logging.WARNING, redis=redacted(url), error=str(exc))
+            await trio.sleep(0.5)
 
 
 async def _serve(

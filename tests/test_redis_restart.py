@@ -14,7 +14,7 @@ from scheduler import keys
 from scheduler.embedded_redis import EmbeddedValkey
 
 from .helpers import peer, session, speak, start_node
-from .test_e2e import Daemon
+from .test_e2e import Daemon, log_events
 from .test_gateways import http_get
 
 
@@ -230,3 +230,25 @@ async def test_job_ids_are_not_reused_after_redis_lost_its_data(start_daemon, re
                 got = [(await node.recv(timeout=5))["job_id"] for _ in range(2)]
     assert got == ["1", "257"]  # "2" was taken: c dropped its block and took 257..512
     assert 'scheduler_dispatch_errors_total{code="JOB_ID_TAKEN"} 1.0' in c.metrics.render().decode()
+
+
+@pytest.mark.slow
+async def test_daemon_started_while_redis_is_away_waits_for_it(tmp_path):
+    """A daemon (re)started while Redis restarts does not exit: it waits (``redis_waiting``)
+    and comes up once Redis answers."""
+    valkey = EmbeddedValkey(tmp_path / "valkey", persist=False)
+    url = f"unix://{tmp_path / 'valkey' / 'valkey.sock'}"
+    (tmp_path / "d").mkdir()
+    try:
+        async with trio.open_nursery() as nursery:
+            started: list[Daemon] = []
+            nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: started.append(Daemon(tmp_path / "d", "--redis-url", url))))
+            await trio.sleep(2.0)
+            valkey.start()
+        daemon = started[0]
+        assert daemon.proc.poll() is None
+        assert "redis_waiting" in log_events(daemon.log_path)
+        assert await readyz(daemon) == 200
+        assert daemon.stop() == 0
+    finally:
+        valkey.stop()
