@@ -590,12 +590,9 @@ class Dispatcher:
         if moving is not None:
             await self._release(moving.job_id, job_key, moving.node_id)
 
-    def _placed_or_code(self, request: JobRequest, moving: Placement | None, reply: Any,
-                        remote: list[tuple[Placement, JobAssign]]) -> str | None:
-        """Act on one dispatch_task / redispatch_task reply (or the exception it raised):
-        hand the job to its node, or add it to ``remote`` when another instance holds the
-        node. Returns None when the job is done with, or the error code when it must wait
-        for a node."""
+    def _refused(self, request: JobRequest, moving: Placement | None, reply: BaseException) -> str | None:
+        """A dispatch_task / redispatch_task call refused: the code to wait with (the lane
+        retries), or None when the job is done with. Anything unexpected is raised."""
         if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | Fenced | RedisUnavailable):
             code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
@@ -615,9 +612,16 @@ class Dispatcher:
             self._moving.pop(request.job_key, None)
             self._metrics.dispatch_errors_total.labels(reply.code).inc()
             return reply.code
-        if isinstance(reply, BaseException):
-            raise reply
+        raise reply
 
+    def _placed_or_code(self, request: JobRequest, moving: Placement | None, reply: Any,
+                        remote: list[tuple[Placement, JobAssign]]) -> str | None:
+        """Act on one dispatch_task / redispatch_task reply (or the exception it raised):
+        hand the job to its node, or add it to ``remote`` when another instance holds the
+        node. Returns None when the job is done with, or the error code when it must wait
+        for a node."""
+        if isinstance(reply, BaseException):
+            return self._refused(request, moving, reply)
         if moving is not None:
             self._moving.pop(request.job_key, None)  # (cancel() may have taken it meanwhile)
             if reply[0] == "NOOP":  # answered or cancelled meanwhile: nothing to move
