@@ -61,6 +61,7 @@ import attrs
 import trio
 
 from . import keys, lua
+from .jobs import JobOutcome, JobRequest, JobWaiting
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, JobCancel, Translation
@@ -78,10 +79,9 @@ from .redis_adapter import (
 )
 from .resilient import every
 from .scheduling import SchedulingClient
-from .session import JobOutcome, JobRequest, JobWaiting
 
 if TYPE_CHECKING:
-    from .node_gateway import NodeRegistry
+    from .nodes import NodeRegistry
     from .registry import SessionRegistry
     from .relay import Relay
 

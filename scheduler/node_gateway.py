@@ -21,8 +21,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import keys, lua, wsutil
+from .jobs import JobOutcome
 from .logs import event
-from .metrics import Metrics
+from .nodes import NodeConnection, NodeRegistry
 from .protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -43,7 +44,6 @@ from .protocol import (
 )
 from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
 from .relay import encode_answer
-from .session import JobOutcome
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -51,60 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("scheduler.node_gateway")
 
 ANSWER_KEEP_EXTRA_S = 60  # an answer is kept this long past the result deadline (complete_task)
-
-
-class NodeConnection:
-    """A registered node on this instance. ``outbox`` holds messages for its writer.
-
-    Capacity: ``2 * max_jobs + 16`` (every held job can get an assign and a cancel). When
-    it is full the node is not reading: :meth:`send_nowait` returns False and the caller
-    treats the node as unreachable for that job.
-    """
-
-    def __init__(self, node_id: str, max_jobs: int, registration: Register | None = None, conn_id: str = "") -> None:
-        self.node_id = node_id
-        self.conn_id = conn_id  # this socket; written by register_node, returned with each placement
-        self.max_jobs = max_jobs
-        self.registration = registration  # written again if Redis forgot the node (restart without data)
-        self.draining = False
-        self.last_seen = trio.current_time()
-        self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
-
-    def send_nowait(self, msg: object) -> bool:
-        try:
-            self.outbox_send.send_nowait(msg)
-            return True
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-
-
-class NodeRegistry:
-    """node_id -> :class:`NodeConnection` held by this instance."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._nodes: dict[str, NodeConnection] = {}
-        self._metrics = metrics
-
-    def __len__(self) -> int:
-        return len(self._nodes)
-
-    def __contains__(self, node_id: str) -> bool:
-        return node_id in self._nodes
-
-    def get(self, node_id: str) -> NodeConnection | None:
-        return self._nodes.get(node_id)
-
-    def all(self) -> list[NodeConnection]:
-        return list(self._nodes.values())
-
-    def add(self, conn: NodeConnection) -> None:
-        self._nodes[conn.node_id] = conn
-        self._metrics.nodes_online.set(len(self._nodes))
-
-    def remove(self, conn: NodeConnection) -> None:
-        if self._nodes.get(conn.node_id) is conn:
-            del self._nodes[conn.node_id]
-        self._metrics.nodes_online.set(len(self._nodes))
 
 
 class NodeGateway(wsutil.Gateway):

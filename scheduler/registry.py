@@ -8,11 +8,12 @@ import time
 
 from trio_util import AsyncValue
 
+from .jobs import JobOutcome, JobWaiting
 from .journal import Journal
 from .logs import event
 from .metrics import Metrics
 from .protocol import Result
-from .session import JobOutcome, JobWaiting, SessionActor
+from .session import SessionActor
 
 log = logging.getLogger("scheduler.registry")
 

@@ -49,12 +49,12 @@ import redis
 import trio
 
 from . import keys
+from .jobs import JobOutcome
 from .logs import event
 from .metrics import Metrics
 from .protocol import JobAssign, Translation, converter, encode
 from .redis_adapter import RedisAdapter, RedisUnavailable, connect
 from .resilient import every
-from .session import JobOutcome
 
 log = logging.getLogger("scheduler.relay")
 

@@ -30,15 +30,16 @@ from .client_gateway import ClientGateway
 from .config import Settings
 from .dispatcher import Dispatcher
 from .embedded_redis import EmbeddedValkey
+from .jobs import JobOutcome
 from .logs import event
 from .metrics import Metrics
-from .node_gateway import NodeGateway, NodeRegistry
+from .node_gateway import NodeGateway
+from .nodes import NodeRegistry
 from .ownership import Ownership
 from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
 from .redis_adapter import RedisAdapter, RedisUnavailable
 from .registry import SessionRegistry
 from .relay import Relay
-from .session import JobOutcome
 from .systemd import Notifier
 
 log = logging.getLogger("scheduler.server")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
 
 import attrs
 import trio
@@ -49,7 +48,8 @@ import trio
 from . import audio
 from .backlog import AudioIn, ClientBacklog, ClientEvent, CloseIn, FinalizeIn
 from .config import Settings
-from .keys import job_key_for, job_type_for
+from .jobs import JobOutcome, JobPort, JobRequest, JobWaiting
+from .keys import job_key_for
 from .logs import event
 from .metrics import Metrics
 from .protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
@@ -91,68 +91,7 @@ class PendingUtterance:
     deadline: float  # trio clock
 
 
-@attrs.frozen
-class JobOutcome:
-    """A job's answer (or its failure to be placed), routed to the session that owns it."""
-
-    utterance_index: int
-    tgt_lang: str
-    translation: Translation
-    source_text: str | None = None
-
-
-@attrs.frozen
-class JobWaiting:
-    """The job waits for a node (``error`` set, e.g. NO_AVAILABLE_NODE) or no longer does (None).
-
-    At the result deadline a still-waiting job's translation is FAILED with ``error``, not SKIPPED.
-    """
-
-    utterance_index: int
-    tgt_lang: str
-    error: str | None
-
-
-__all__ = ["AudioIn", "CloseIn", "FinalizeIn", "JobOutcome", "JobRequest", "JobWaiting", "PendingUtterance", "SessionActor",
-           "SlowClient"]
-
-
-# ---------------------------------------------------------------- the port to the scheduler
-
-
-@attrs.frozen
-class JobRequest:
-    job_key: str
-    session_id: str
-    utterance_index: int
-    src_lang: str
-    tgt_lang: str
-    turn_id: str
-    turn_action: str  # "keep" (max_duration), "end" (turn had affinity), "none"
-    turn_jobs: int  # jobs of this utterance (for "end")
-    sample_rate: int
-    audio: bytes
-    deadline: float  # trio clock: after this the answer is no longer wanted
-    epoch: int | None = None  # the session's fencing epoch (resume); None: not fenced
-
-    @property
-    def job_type(self) -> str:
-        return job_type_for(self.tgt_lang)
-
-
-class JobPort(Protocol):
-    """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
-
-    ``submit_nowait`` queues a job and returns at once: None when queued (the outcome comes
-    back later as a :class:`JobOutcome` in the actor's inbox), or an error code when the job
-    was refused (``OVERLOADED``), which the actor records as FAILED. It never blocks, so a slow
-    scheduler can never stall a session. ``cancel`` withdraws jobs whose answers are no
-    longer wanted (slots released, nodes told).
-    """
-
-    def submit_nowait(self, request: JobRequest) -> str | None: ...
-
-    async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
+__all__ = ["AudioIn", "CloseIn", "FinalizeIn", "PendingUtterance", "SessionActor", "SlowClient"]
 
 
 class SlowClient(Exception):

@@ -29,9 +29,10 @@ import trio.testing
 
 from scheduler.backlog import AudioIn, CloseIn, FinalizeIn
 from scheduler.config import Settings
+from scheduler.jobs import JobOutcome, JobWaiting
 from scheduler.metrics import Metrics
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
-from scheduler.session import JobOutcome, JobWaiting, PendingUtterance, SessionActor, SlowClient
+from scheduler.session import PendingUtterance, SessionActor, SlowClient
 
 RATE = 16000
 FRAME_MS = 100

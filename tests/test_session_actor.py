@@ -9,9 +9,10 @@ import trio
 
 from scheduler.audio import silence, tone
 from scheduler.config import Settings
+from scheduler.jobs import JobOutcome
 from scheduler.metrics import Metrics
 from scheduler.protocol import Result, SessionClosed, Translation, UtteranceFinalized
-from scheduler.session import AudioIn, CloseIn, FinalizeIn, JobOutcome, SessionActor, SlowClient
+from scheduler.session import AudioIn, CloseIn, FinalizeIn, SessionActor, SlowClient
 from scheduler.timers import TimerFired
 
 SPEECH = tone(100)  # 100 ms frames

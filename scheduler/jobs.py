@@ -1,0 +1,76 @@
+"""Job contracts between a session and scheduling: what the actor asks for and what comes back.
+
+- :class:`JobRequest`: one job (one utterance, one target language) the actor submits;
+- :class:`JobPort`: what the actor needs from scheduling (the dispatcher implements it);
+- :class:`JobOutcome`: a job's answer, or its failure to be placed, routed to its session;
+- :class:`JobWaiting`: the job waits for a node (or no longer does).
+
+They live here, not in the actor's module, so that the dispatcher, the node gateway, the
+relay and the session registry can name them without importing the actor.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+from .keys import job_type_for
+from .protocol import Translation
+
+
+@attrs.frozen
+class JobOutcome:
+    """A job's answer (or its failure to be placed), routed to the session that owns it."""
+
+    utterance_index: int
+    tgt_lang: str
+    translation: Translation
+    source_text: str | None = None
+
+
+@attrs.frozen
+class JobWaiting:
+    """The job waits for a node (``error`` set, e.g. NO_AVAILABLE_NODE) or no longer does (None).
+
+    At the result deadline a still-waiting job's translation is FAILED with ``error``, not SKIPPED.
+    """
+
+    utterance_index: int
+    tgt_lang: str
+    error: str | None
+
+
+@attrs.frozen
+class JobRequest:
+    job_key: str
+    session_id: str
+    utterance_index: int
+    src_lang: str
+    tgt_lang: str
+    turn_id: str
+    turn_action: str  # "keep" (max_duration), "end" (turn had affinity), "none"
+    turn_jobs: int  # jobs of this utterance (for "end")
+    sample_rate: int
+    audio: bytes
+    deadline: float  # trio clock: after this the answer is no longer wanted
+    epoch: int | None = None  # the session's fencing epoch (resume); None: not fenced
+
+    @property
+    def job_type(self) -> str:
+        return job_type_for(self.tgt_lang)
+
+
+class JobPort(Protocol):
+    """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
+
+    ``submit_nowait`` queues a job and returns at once: None when queued (the outcome comes
+    back later as a :class:`JobOutcome` in the actor's inbox), or an error code when the job
+    was refused (``OVERLOADED``), which the actor records as FAILED. It never blocks, so a slow
+    scheduler can never stall a session. ``cancel`` withdraws jobs whose answers are no
+    longer wanted (slots released, nodes told).
+    """
+
+    def submit_nowait(self, request: JobRequest) -> str | None: ...
+
+    async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
