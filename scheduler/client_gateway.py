@@ -28,6 +28,7 @@ from .protocol import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     NOT_INITIALIZED,
+    SLOW_CONSUMER,
     UNAUTHORIZED,
     UNSUPPORTED_LANG_PAIR,
     AudioChunk,
@@ -39,6 +40,7 @@ from .protocol import (
     SessionInit,
     SessionReady,
     parse_client,
+    redis_unavailable,
 )
 from .redis_adapter import RedisUnavailable, now_ms
 from .session import AudioIn, CloseIn, FinalizeIn, PendingUtterance, SessionActor, SlowClient
@@ -86,7 +88,7 @@ class ClientGateway(wsutil.Gateway):
                 epoch = None  # no journal: not resumable, not fenced
             await self._ownership.claim_session(session_id)
         except RedisUnavailable as exc:
-            await wsutil.send_error(ws, ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011))
+            await wsutil.send_error(ws, redis_unavailable(exc))
             return
         actor = SessionActor(
             session_id=session_id, src_lang=meta.src_lang, tgt_langs=meta.tgt_langs, sample_rate=meta.sample_rate,
@@ -151,7 +153,7 @@ class ClientGateway(wsutil.Gateway):
             try:
                 return msg, await journal.resume(self._redis, msg.session_id, self.settings.instance_id)
             except RedisUnavailable as exc:
-                raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
+                raise redis_unavailable(exc) from None
         await self._check_pairs(msg)
         return msg, None
 
@@ -162,7 +164,7 @@ class ClientGateway(wsutil.Gateway):
                 if not await self._redis.command("EXISTS", keys.lang_pools(init.src_lang, tgt)):
                     missing.append(f"{init.src_lang}->{tgt}")
             except RedisUnavailable as exc:
-                raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
+                raise redis_unavailable(exc) from None
         if missing:
             raise ProtocolError(UNSUPPORTED_LANG_PAIR, f"no node pool serves {', '.join(missing)}",
                                 fatal=True, close_code=CLOSE_POLICY)
@@ -184,7 +186,7 @@ class ClientGateway(wsutil.Gateway):
             except SlowClient as exc:
                 event(log, "slow_client_closed", logging.WARNING, session_id=actor.session_id, detail=str(exc))
                 nursery.cancel_scope.cancel()
-                await wsutil.close(ws, CLOSE_POLICY, "SLOW_CONSUMER: client does not read its results")
+                await wsutil.close(ws, CLOSE_POLICY, f"{SLOW_CONSUMER}: client does not read its results")
                 return "slow_client"
             if reason == "taken_over":
                 self._metrics.sessions_taken_over_total.inc()

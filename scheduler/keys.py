@@ -1,7 +1,8 @@
 """The Redis key schema. This is the only module that formats keys.
 
-Names follow ``design.md`` with one change made for Redis Cluster: the hash tag is the
-prefix, ``{scheduler}``, not the id. ``design.md``'s ``scheduler:node:info:{node_id}`` is
+Names follow the design's key schema (docs/redis.md, "Keys") with one change made for Redis
+Cluster: the hash tag is the prefix, ``{scheduler}``, not the id. The design's
+``scheduler:node:info:{node_id}`` is
 ``{scheduler}:node:info:n1`` here. Why: dispatch_task reads the load of every candidate node
 and takes a slot on one of them in one atomic step, and it also touches the job, the job
 key, the session, the turn and the leases. A tag per node or per session would put those on

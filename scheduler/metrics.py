@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon (names from design.md, base units, ``scheduler_`` prefix).
+"""Prometheus metrics of the daemon (names as in docs/operations.md, "Metrics": base units, ``scheduler_`` prefix).
 
 One :class:`Metrics` per daemon, on its own ``CollectorRegistry`` (several daemons can run in
 one test process without clashing). Process metrics (CPU, RSS, fds) are included.

@@ -41,6 +41,7 @@ from .protocol import (
     Registered,
     Translation,
     parse_node,
+    redis_unavailable,
 )
 from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
 from .relay import encode_answer
@@ -125,7 +126,7 @@ class NodeGateway(wsutil.Gateway):
                                                         self.settings.instance_id, reg.capabilities, conn_id))
             previous = await self._ownership.claim_node(reg.node_id)
         except RedisUnavailable as exc:
-            raise ProtocolError("INTERNAL", f"redis unavailable: {exc}", fatal=True, close_code=1011) from None
+            raise redis_unavailable(exc) from None
         if previous and previous != self.settings.instance_id:
             event(log, "node_taken_over", node_id=reg.node_id, previous_owner=previous)
 

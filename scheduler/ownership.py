@@ -1,6 +1,6 @@
 """Ownership records in Redis: which instance is alive, and which holds each session and node.
 
-design.md, "Several instances": a session is owned by the instance holding its client
+docs/scaling.md, "What works": a session is owned by the instance holding its client
 socket, a node by the instance holding its node socket, recorded in Redis with a TTL the
 owner keeps refreshing. Here:
 

@@ -41,11 +41,6 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 
-FINALIZE_REASONS = ("is_final", "pause", "timeout", "max_duration", "backlog", "close")
-FinalizeReason = Literal["is_final", "pause", "timeout", "max_duration", "backlog", "close"]
-TranslationStatus = Literal["SUCCESS", "FAILED", "SKIPPED"]
-
-
 class ProtocolError(Exception):
     """A frame that breaks the contract. ``fatal`` errors close the connection."""
 
@@ -55,6 +50,12 @@ class ProtocolError(Exception):
         self.message = message
         self.fatal = fatal
         self.close_code = close_code
+
+
+def redis_unavailable(exc: BaseException) -> ProtocolError:
+    """The fatal ``INTERNAL`` error (close 1011) a peer gets when Redis cannot be reached
+    while its connection is being set up."""
+    return ProtocolError(INTERNAL, f"redis unavailable: {exc}", fatal=True, close_code=CLOSE_INTERNAL)
 
 
 def _nonempty_str(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -1,6 +1,6 @@
 """Relay: jobs and answers between instances that share one Redis.
 
-design.md, "Several instances": a job for a node held by another instance travels over that
+docs/scaling.md, "What works": a job for a node held by another instance travels over that
 instance's Redis Stream (consumer group, so entries survive a crash of the reader and are
 reclaimed with XAUTOCLAIM), and an answer for a session held by another instance travels
 over Pub/Sub to that instance's channel, read by one subscriber connection per instance.
