@@ -19,6 +19,7 @@ import logging
 import signal
 import urllib.parse
 import uuid
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -130,14 +131,21 @@ async def _wait_for_redis(redis: RedisAdapter, url: str) -> None:
             await trio.sleep(0.5)
 
 
-async def _serve(
-    settings: Settings,
-    redis: RedisAdapter,
-    url: str,
-    embedded: EmbeddedValkey | None,
-    handle_signals: bool,
-    task_status: trio.TaskStatus[Running],
-) -> None:
+@attrs.define(eq=False)
+class _Parts:
+    """What :func:`_build` wires together before any task starts."""
+
+    metrics: Metrics
+    sessions: SessionRegistry
+    nodes: NodeRegistry
+    dispatcher: Dispatcher
+    ownership: Ownership
+    clients: ClientGateway
+    node_gw: NodeGateway
+    relay: Relay
+
+
+def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     metrics = Metrics()
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
@@ -163,46 +171,65 @@ async def _serve(
     dispatcher.use_relay(relay)
     node_gw.relay = relay
     clients.relay = relay
+    return _Parts(metrics, sessions, nodes, dispatcher, ownership, clients, node_gw, relay)
 
-    async with relay, trio.open_nursery() as nursery:
-        running: Running | None = None
 
-        async def route(request: WebSocketRequest) -> None:
-            path = request.path.split("?", 1)[0]
-            if path not in ("/v1/session", "/v1/node"):
-                await request.reject(404, body=b"unknown path; use /v1/session or /v1/node\n")
-                return
-            ws = await request.accept()
-            try:
-                if running is None or running.draining:
-                    await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
-                                                              fatal=True, close_code=CLOSE_GOING_AWAY))
-                elif path == "/v1/session":
-                    await clients.handle(ws, request.headers)
-                else:
-                    await node_gw.handle(ws)
-            except Exception as exc:  # one connection's bug must never take the listener down
-                event(log, "connection_crashed", logging.ERROR, exc_info=True, path=path)
-                await wsutil.send_error(ws, ProtocolError(INTERNAL, f"internal error: {type(exc).__name__}",
-                                                          fatal=True, close_code=CLOSE_INTERNAL))
+def _router(parts: _Parts, running: Callable[[], Running | None]) -> Callable[[WebSocketRequest], Awaitable[None]]:
+    """The WebSocket handler: ``/v1/session`` to the client gateway, ``/v1/node`` to the node
+    gateway, anything else 404; ``SHUTTING_DOWN`` while not running or draining. One
+    connection's bug is logged and answered ``INTERNAL``: it never takes the listener down."""
 
-        await nursery.start(dispatcher.run)
-        await nursery.start(ownership.run)
+    async def route(request: WebSocketRequest) -> None:
+        path = request.path.split("?", 1)[0]
+        if path not in ("/v1/session", "/v1/node"):
+            await request.reject(404, body=b"unknown path; use /v1/session or /v1/node\n")
+            return
+        ws = await request.accept()
+        try:
+            now = running()
+            if now is None or now.draining:
+                await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
+                                                          fatal=True, close_code=CLOSE_GOING_AWAY))
+            elif path == "/v1/session":
+                await parts.clients.handle(ws, request.headers)
+            else:
+                await parts.node_gw.handle(ws)
+        except Exception as exc:
+            event(log, "connection_crashed", logging.ERROR, exc_info=True, path=path)
+            await wsutil.send_error(ws, ProtocolError(INTERNAL, f"internal error: {type(exc).__name__}",
+                                                      fatal=True, close_code=CLOSE_INTERNAL))
+
+    return route
+
+
+async def _serve(
+    settings: Settings,
+    redis: RedisAdapter,
+    url: str,
+    embedded: EmbeddedValkey | None,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    parts = _build(settings, redis, url)
+    running: Running | None = None
+    async with parts.relay, trio.open_nursery() as nursery:
+        await nursery.start(parts.dispatcher.run)
+        await nursery.start(parts.ownership.run)
         ws_server = await nursery.start(
             lambda task_status: serve_websocket(
-                route, settings.ws_host, settings.ws_port, None,
+                _router(parts, lambda: running), settings.ws_host, settings.ws_port, None,
                 max_message_size=2 * settings.max_frame_bytes,
                 message_queue_size=4,
                 task_status=task_status,
             )
         )
-        admin = AdminServer(metrics, lambda: running.readiness() if running else (False, "starting"),
-                            lambda: _status(running, dispatcher))
+        admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
+                            lambda: _status(running, parts.dispatcher))
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
-                          metrics=metrics, sessions=sessions, nodes=nodes, redis=redis, dispatcher=dispatcher,
-                          ownership=ownership)
-        ownership.ws_url = running.ws_url
+                          metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
+                          dispatcher=parts.dispatcher, ownership=parts.ownership)
+        parts.ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running, nursery)
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
@@ -216,7 +243,7 @@ async def _serve(
 
         await running._stop.wait()
         running.draining = True
-        notifier.notify("STOPPING=1", f"STATUS=draining {len(sessions)} sessions")
+        notifier.notify("STOPPING=1", f"STATUS=draining {len(parts.sessions)} sessions")
         await _drain(running)
         nursery.cancel_scope.cancel()
     event(log, "stopped", instance_id=settings.instance_id)
