@@ -241,9 +241,10 @@ class Dispatcher:
         return placement
 
     def answered(self, job_key: str) -> None:
-        """An answer for ``job_key`` reached its session here through the relay (another
-        instance's node): if this instance placed the job, it leaves the books now, so it is
-        never moved, cancelled or counted failed later; a lane waiting for a slot retries."""
+        """``job_key`` was answered elsewhere (its answer reached its session here through
+        the relay, or the watch saw it done): if this instance placed the job, it leaves the
+        books now, so it is never moved, cancelled or counted failed later; a lane waiting
+        for a slot retries."""
         if self.forget(job_key) is not None:
             self.slot_freed()
 
@@ -357,16 +358,10 @@ class Dispatcher:
         node_ids = sorted({p.node_id for p in remote})
         replies = await self._redis.commands_many(
             [("HMGET", keys.job(p.job_id), "status", "attempt") for p in remote]
-            + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids])
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
+            + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
         jobs, infos = replies[:len(remote)], dict(zip(node_ids, replies[len(remote):], strict=True))
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
-        exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners])
-        for reply in exists:
-            if isinstance(reply, BaseException):
-                raise reply
+        exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners], raise_errors=True)
         alive = {o for o, n in zip(owners, exists, strict=True) if n}
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
@@ -375,8 +370,7 @@ class Dispatcher:
             if status is None:
                 self.move(placement, "JOB_LOST")  # Redis lost it: redispatch finds no job and places it afresh
             elif status != "dispatched" or int(attempt or 0) != placement.attempt:
-                self.forget(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
-                self.slot_freed()
+                self.answered(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
             elif online != "1":
                 self.move(placement, "NODE_LOST")
             elif owner not in alive:

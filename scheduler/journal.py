@@ -85,12 +85,9 @@ class Resumed:
 async def open_session(redis: RedisAdapter, session_id: str, instance_id: str, meta: Meta) -> int:
     """Start the journal of a new session; returns its epoch (1)."""
     key = keys.session(session_id)
-    replies = await redis.commands_many([
+    await redis.commands_many([
         ("HSET", key, "epoch", 1, "meta", meta.to_json(), "owner", instance_id, "finalized", 0),
-        ("EXPIRE", key, keys.KEY_TTL_S)])
-    for reply in replies:
-        if isinstance(reply, BaseException):
-            raise reply
+        ("EXPIRE", key, keys.KEY_TTL_S)], raise_errors=True)
     return 1
 
 

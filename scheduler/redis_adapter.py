@@ -225,9 +225,15 @@ class RedisAdapter:
                 raise KeyError(f"no Lua script named {name!r}; have {self.script_names}")
         return await self._run_group([_Call(script=name, args=(*keys, *args), nkeys=len(keys)) for name, keys, args in calls])
 
-    async def commands_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Plain commands, in this order, in one pipeline; each reply or its exception (not raised)."""
-        return await self._run_group([_Call(script=None, args=tuple(args)) for args in commands])
+    async def commands_many(self, commands: list[tuple[Any, ...]], *, raise_errors: bool = False) -> list[Any]:
+        """Plain commands, in this order, in one pipeline; each reply or its exception (not
+        raised), or with ``raise_errors`` the replies, raising the first error among them."""
+        replies = await self._run_group([_Call(script=None, args=tuple(args)) for args in commands])
+        if raise_errors:
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+        return replies
 
     async def _run_group(self, calls: list[_Call]) -> list[Any]:
         group = _Group(calls)
