@@ -40,9 +40,9 @@ bench-adapter *ARGS: sync
 bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
-# the session actor's Hypothesis state machine with >= 10,000 examples (a few minutes)
+# the session core's Hypothesis state machine with 10,000 examples (docs/performance.md has the time)
 stress *ARGS: sync
-    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_actor_stateful.py -k TestActorMachine -q --timeout 0 --hypothesis-show-statistics {{ARGS}}
+    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_core_stateful.py -k TestCoreMachine -q --timeout 0 --hypothesis-show-statistics {{ARGS}}
 
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from scheduler.embedded_redis import EmbeddedValkey
+from scheduler.ops.embedded_redis import EmbeddedValkey
 
 
 @contextlib.contextmanager

@@ -47,8 +47,8 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from scheduler.audio import tone
-from scheduler.embedded_redis import EmbeddedValkey
+from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.session.audio import tone
 
 RATE = 16000
 FRAME = 3200  # 100 ms of 16 kHz s16le

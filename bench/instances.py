@@ -39,8 +39,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import PAIR, RATE, Record, free_port, ms, pct, proc_stats, sim_node  # noqa: E402
 
-from scheduler.audio import tone  # noqa: E402
-from scheduler.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.session.audio import tone  # noqa: E402
 
 
 def start_instances(n: int, redis_url: str, out_dir: Path) -> list[tuple[subprocess.Popen, str]]:

@@ -56,8 +56,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
 
-from scheduler.audio import silence, tone  # noqa: E402
-from scheduler.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.session.audio import silence, tone  # noqa: E402
 
 RATE = 16000
 PAIR = ("en", "de")

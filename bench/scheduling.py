@@ -24,9 +24,9 @@ import redis
 import trio
 from _common import redis_url
 
-from scheduler import lua
-from scheduler.redis_adapter import RedisAdapter, load_script_sources
-from scheduler.scheduling import SchedulingClient
+from scheduler.placement import lua
+from scheduler.placement.redis_adapter import RedisAdapter, load_script_sources
+from scheduler.placement.scheduling import SchedulingClient
 
 PAIR = [("zh-en", "zh", "en")]
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import trio
 
-from . import __version__, config, logs
+from scheduler import __version__
+from scheduler.ops import config, logs
 
 DESCRIPTION = """\
 Real-time speech job scheduler. Clients stream audio over WebSocket (/v1/session); the
@@ -108,7 +109,7 @@ def _settings(args: argparse.Namespace, sources: dict[str, str] | None = None) -
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from scheduler.server import serve
 
     settings = _settings(args)
     if settings is None:
@@ -135,7 +136,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from .refnode import NodeFatal, NodeOptions, ReferenceNode
+    from scheduler.reference.node import NodeFatal, NodeOptions, ReferenceNode
 
     logs.setup(args.log_level)
     kwargs = {"node_id": args.node_id} if args.node_id else {}
@@ -159,7 +160,7 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from .refclient import WavError, print_line, read_wav, stream_session
+    from scheduler.reference.client import WavError, print_line, read_wav, stream_session
 
     logs.setup(args.log_level)
     try:

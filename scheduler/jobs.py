@@ -15,8 +15,16 @@ from typing import Protocol
 
 import attrs
 
-from .keys import job_type_for
-from .protocol import Translation
+from scheduler.protocol import Translation
+
+
+def job_key_for(session_id: str, utterance_index: int, tgt_lang: str) -> str:
+    """``job_key = "{session_id}:{utterance_index}:{job_type}"`` (docs/protocol.md)."""
+    return f"{session_id}:{utterance_index}:{job_type_for(tgt_lang)}"
+
+
+def job_type_for(tgt_lang: str) -> str:
+    return f"translate:{tgt_lang}"
 
 
 @attrs.frozen

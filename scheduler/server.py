@@ -25,23 +25,24 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from . import keys, lua, wsutil
-from .admin import AdminServer
-from .client_gateway import ClientGateway
-from .config import Settings
-from .dispatcher import Dispatcher
-from .embedded_redis import EmbeddedValkey
-from .jobs import JobOutcome
-from .logs import event
-from .metrics import Metrics
-from .node_gateway import NodeGateway
-from .nodes import NodeRegistry
-from .ownership import Ownership
-from .protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
-from .redis_adapter import RedisAdapter, RedisUnavailable
-from .registry import SessionRegistry
-from .relay import Relay
-from .systemd import Notifier
+from scheduler.cluster.ownership import Ownership
+from scheduler.cluster.relay import Relay
+from scheduler.edge import wsutil
+from scheduler.edge.client_gateway import ClientGateway
+from scheduler.edge.node_gateway import NodeGateway
+from scheduler.jobs import JobOutcome, job_key_for
+from scheduler.ops.admin import AdminServer
+from scheduler.ops.config import Settings
+from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.ops.logs import event
+from scheduler.ops.metrics import Metrics
+from scheduler.ops.systemd import Notifier
+from scheduler.placement import keys, lua
+from scheduler.placement.dispatcher import Dispatcher
+from scheduler.placement.nodes import NodeRegistry
+from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
+from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
+from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.server")
 
@@ -162,7 +163,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     def deliver_relayed_outcome(session_id: str, outcome: JobOutcome) -> bool:
         """An answer from another instance's node: its job leaves this instance's books (if
         placed here), and the answer goes to its session."""
-        dispatcher.answered(keys.job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
+        dispatcher.answered(job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
         return sessions.deliver(session_id, outcome)
 
     relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,

@@ -10,9 +10,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, settings
 
-from scheduler.config import Settings
-from scheduler.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
-from scheduler.redis_adapter import connect
+from scheduler.ops.config import Settings
+from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
+from scheduler.placement.redis_adapter import connect
 from scheduler.server import serve
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

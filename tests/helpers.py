@@ -9,8 +9,8 @@ from typing import Any
 import trio
 from trio_websocket import open_websocket_url
 
-from scheduler.audio import silence, tone
-from scheduler.refnode import NodeOptions, ReferenceNode
+from scheduler.reference.node import NodeOptions, ReferenceNode
+from scheduler.session.audio import silence, tone
 
 SPEECH_100MS = tone(100)
 SILENCE_100MS = silence(100)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.refclient import read_wav, stream_session
-from scheduler.refnode import translate_placeholder
+from scheduler.reference.client import read_wav, stream_session
+from scheduler.reference.node import translate_placeholder
 
 from .helpers import start_node
 

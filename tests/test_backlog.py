@@ -1,6 +1,7 @@
 import trio
 
-from scheduler.backlog import AudioIn, ClientBacklog, CloseIn, FinalizeIn
+from scheduler.session.backlog import ClientBacklog
+from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 
 
 def frame(n: int) -> bytes:

@@ -4,8 +4,8 @@ import sys
 import attrs
 import pytest
 
-from scheduler import config
 from scheduler.cli import build_parser
+from scheduler.ops import config
 
 
 def test_defaults_match_protocol():
@@ -110,7 +110,7 @@ def test_logs_are_json_lines_off_a_terminal_and_key_value_on_one():
     import json as _json
     import logging as _logging
 
-    from scheduler.logs import JsonFormatter, KeyValueFormatter, event
+    from scheduler.ops.logs import JsonFormatter, KeyValueFormatter, event
 
     records = []
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.audio import silence, tone
-from scheduler.refclient import write_wav
+from scheduler.reference.client import write_wav
+from scheduler.session.audio import silence, tone
 
 pytestmark = pytest.mark.slow
 CMD = [sys.executable, "-m", "scheduler"]

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from scheduler.embedded_redis import EmbeddedValkey
+from scheduler.ops.embedded_redis import EmbeddedValkey
 
 
 def _alive(pid: int) -> bool:
@@ -38,7 +38,7 @@ def test_start_answers_and_stop_removes_everything():
 def test_child_dies_with_a_killed_parent():
     """kill -9 of the process that started valkey-server must not leave an orphan."""
     code = (
-        "from scheduler.embedded_redis import EmbeddedValkey; import sys, time\n"
+        "from scheduler.ops.embedded_redis import EmbeddedValkey; import sys, time\n"
         "s = EmbeddedValkey(); s.start(); print(s.pid, flush=True); time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from scheduler.audio import tone
+from scheduler.session.audio import tone
 
 from .helpers import peer, start_node
 from .test_e2e import Daemon

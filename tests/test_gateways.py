@@ -11,8 +11,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from scheduler import keys
-from scheduler.refnode import NodeFatal, NodeOptions, ReferenceNode
+from scheduler.placement import keys
+from scheduler.reference.node import NodeFatal, NodeOptions, ReferenceNode
 
 from .helpers import SPEECH_100MS, peer, session, speak, start_node
 
@@ -291,7 +291,7 @@ async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_
 
 
 async def test_a_crash_while_placing_costs_one_job_not_the_daemon(daemon, nursery, monkeypatch):
-    from scheduler.dispatcher import Dispatcher
+    from scheduler.placement.dispatcher import Dispatcher
 
     await start_node(nursery, daemon, node_id="n1", delay_ms=10)
     real = Dispatcher._placed_or_code

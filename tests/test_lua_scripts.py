@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from scheduler import keys, lua
-from scheduler.redis_adapter import (
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import (
     AlreadyCompleted,
     EmptyPool,
     JobIdTaken,
@@ -22,7 +22,7 @@ from scheduler.redis_adapter import (
     load_script_sources,
     now_ms,
 )
-from scheduler.scheduling import SchedulingClient
+from scheduler.placement.scheduling import SchedulingClient
 
 
 @pytest.fixture(params=["single", "cluster"])

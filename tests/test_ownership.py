@@ -12,8 +12,9 @@ import time
 import pytest
 import trio
 
-from scheduler import keys, lua
-from scheduler.redis_adapter import RedisAdapter
+from scheduler.jobs import job_key_for
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session
 from .test_e2e import Daemon
@@ -178,7 +179,7 @@ async def test_job_and_answer_cross_instances(start_daemon, redis_url):
 async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemon, redis_url, redis_client, monkeypatch):
     """An entry of b's job stream was taken by a reader that died before acknowledging it:
     b reclaims it (XAUTOCLAIM) once it has been idle long enough and hands it to the node."""
-    from scheduler import relay
+    from scheduler.cluster import relay
     from scheduler.protocol import JobAssign, encode
 
     monkeypatch.setattr(relay, "RECLAIM_IDLE_MS", 1500)
@@ -212,7 +213,7 @@ async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url
         with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
             extra = await s.recv_until("result")
             raise AssertionError(f"second result {extra}")
-        kept = redis_client.get(keys.answer(keys.job_key_for(s.ready["session_id"], 0, "en")))
+        kept = redis_client.get(keys.answer(job_key_for(s.ready["session_id"], 0, "en")))
         assert kept is not None and '"kept"' in kept  # kept until past the result deadline (a resume may want it)
     assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()

@@ -19,13 +19,13 @@ def test_wheel_contains_luascripts_and_loads_them(tmp_path):
                    capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "scheduler/static/status.html" in names
+    assert "scheduler/ops/static/status.html" in names
     shipped = {n.removeprefix("scheduler/luascripts/") for n in names if n.startswith("scheduler/luascripts/")}
     assert shipped == {str(p.relative_to(ROOT / "luascripts")) for p in (ROOT / "luascripts").rglob("*.lua")}
     # Unpacked on its own (no checkout next to it), the package loads its scripts from inside.
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = ("import scheduler.redis_adapter as r; d = r.scripts_dir(); "
+    code = ("import scheduler.placement.redis_adapter as r; d = r.scripts_dir(); "
             "assert 'site' in str(d), d; print(sorted(r.load_script_sources()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, timeout=60)

@@ -1,6 +1,6 @@
 import trio
 
-from scheduler.ratelimit import TokenBucket
+from scheduler.edge.ratelimit import TokenBucket
 
 
 async def test_bucket_allows_burst_then_paces(autojump_clock):

@@ -1,8 +1,8 @@
 import pytest
 import trio
 
-from scheduler import lua
-from scheduler.redis_adapter import RedisAdapter, RedisUnavailable, load_script_sources
+from scheduler.placement import lua
+from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, load_script_sources
 
 
 def test_every_script_binds_keys_and_argv_and_documents_its_contract():

@@ -10,8 +10,9 @@ import pytest
 import redis
 import trio
 
-from scheduler import keys
-from scheduler.embedded_redis import EmbeddedValkey
+from scheduler.jobs import job_key_for
+from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.placement import keys
 
 from .helpers import peer, session, speak, start_node
 from .test_e2e import Daemon, log_events
@@ -81,7 +82,7 @@ async def test_sessions_stay_resumable_after_redis_loses_its_data(tmp_path, star
                 await wait_for(lambda: trio.to_thread.run_sync(client.hexists, keys.session(sid), "u:0"))
                 assert client.hget(keys.session(sid), "finalized") == "1"
                 # the job Redis lost is placed again (before the resume below raises the epoch)
-                await wait_for(lambda: trio.to_thread.run_sync(client.exists, keys.jobkey(keys.job_key_for(sid, 0, "en"))))
+                await wait_for(lambda: trio.to_thread.run_sync(client.exists, keys.jobkey(job_key_for(sid, 0, "en"))))
             finally:
                 client.close()
             async with peer(daemon.ws_url + "/v1/session") as r:  # takes the session over (its jobs stay)

@@ -1,7 +1,7 @@
 import math
 
 from scheduler.protocol import Translation
-from scheduler.results import ResultsSequencer
+from scheduler.session.results import ResultsSequencer
 
 OK = Translation(status="SUCCESS", text="hi", node_id="n1")
 

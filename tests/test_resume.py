@@ -11,9 +11,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from scheduler import journal, keys, lua
+from scheduler.cluster import journal
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import Fenced, RedisAdapter
 from scheduler.protocol import Busy, SessionClosed
-from scheduler.redis_adapter import Fenced, RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session, start_node
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import trio
 
-from scheduler.audio import silence, tone
-from scheduler.config import Settings
 from scheduler.jobs import JobOutcome
-from scheduler.metrics import Metrics
+from scheduler.ops.config import Settings
+from scheduler.ops.metrics import Metrics
 from scheduler.protocol import Result, SessionClosed, Translation, UtteranceFinalized
-from scheduler.session import AudioIn, CloseIn, FinalizeIn, SessionActor, SlowClient
-from scheduler.timers import TimerFired
+from scheduler.session.actor import SessionActor, SlowClient
+from scheduler.session.audio import silence, tone
+from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 
 SPEECH = tone(100)  # 100 ms frames
 QUIET = silence(100)
@@ -174,14 +174,32 @@ async def test_idle_timeout_closes(nursery, autojump_clock):
     assert h.drain() == [SessionClosed(reason="idle_timeout", utterances=0)]
 
 
-async def test_stale_timer_fire_is_ignored_and_counted(nursery, autojump_clock):
+async def test_a_deadline_of_a_cut_utterance_never_takes_effect(nursery, autojump_clock):
+    """Utterance 0 is cut by is_final at 0.5 s, before its pause (1.3 s) and timeout (15 s)
+    deadlines; utterance 1 starts at 1.0 s. Nothing may cut utterance 1 at 1.3 s (the old
+    pause deadline) or at 15 s (the old timeout): only its own pause, at 1.0 + 0.8 s."""
     h = Harness(nursery)
-    await h.send(AudioIn.of(SPEECH, is_final=True))
-    stale_generation = h.actor.generation - 1
     await h.send(AudioIn.of(SPEECH))
-    h.actor.inbox_send.send_nowait(TimerFired("pause", stale_generation))
-    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(0.5)
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    assert h.actor.timer_deadlines()["pause"] == h.actor.timer_deadlines()["timeout"] == float("inf")
+    await trio.sleep(0.5)
+    await h.send(AudioIn.of(SPEECH))
+    started = trio.current_time()
+    await trio.sleep(0.35)  # past the first utterance's pause deadline
     assert finalized(h.drain()) == [(0, "is_final")]
+    await trio.sleep(0.5)  # past the second one's
+    assert finalized(h.drain()) == [(1, "pause")]
+    assert h.actor.timer_deadlines()["pause"] == float("inf")
+    assert trio.current_time() - started >= 0.8
+    assert h.metrics.duplicate_finalize_suppressed_total._value.get() == 0
+
+
+async def test_pause_and_timeout_due_at_one_tick_cut_once(nursery, autojump_clock):
+    h = Harness(nursery, utterance_timeout_ms=800)
+    await h.send(AudioIn.of(SPEECH))  # pause and timeout deadlines both at now + 0.8 s
+    await trio.sleep(1)
+    assert finalized(h.drain()) == [(0, "pause")]
     assert h.metrics.duplicate_finalize_suppressed_total._value.get() == 1
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.systemd import Notifier
+from scheduler.ops.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 
 from trio_util import periodic
 
-from .logs import event
-from .redis_adapter import RedisUnavailable
+from scheduler.ops.logs import event
+from scheduler.placement.redis_adapter import RedisUnavailable
 
 
 async def every(period: float, work: Callable[[], Awaitable[object]], *, name: str, log: logging.Logger,

@@ -17,7 +17,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from .protocol import (
+from scheduler.protocol import (
     CloseSession,
     Error,
     Finalize,

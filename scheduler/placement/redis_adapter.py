@@ -35,7 +35,7 @@ import redis
 import trio
 from redis.commands.core import Script
 
-from .logs import event
+from scheduler.ops.logs import event
 
 log = logging.getLogger("scheduler.redis")
 
@@ -101,7 +101,7 @@ def scripts_dir() -> Path:
     packaged = Path(str(resources.files("scheduler"))) / "luascripts"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parent.parent / "luascripts"
+    checkout = Path(__file__).resolve().parents[2] / "luascripts"
     if checkout.is_dir():
         return checkout
     raise FileNotFoundError("luascripts/ not found next to the scheduler package")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import trio
 
-from .metrics import Metrics
-from .protocol import Register
+from scheduler.ops.metrics import Metrics
+from scheduler.protocol import Register
 
 
 class NodeConnection:

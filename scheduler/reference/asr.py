@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import trio
 
-from .audio import pcm_ms
+from scheduler.session.audio import pcm_ms
 
 ENGINES = ("fake", "pocketsphinx")
 ASR_RATE = 16000

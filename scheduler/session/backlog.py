@@ -22,39 +22,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-
-@attrs.frozen
-class AudioIn:
-    """Audio frames for the open utterance, in order (one frame unless merged), then maybe ``is_final``."""
-
-    frames: tuple[bytes, ...]
-    is_final: bool = False
-
-    @classmethod
-    def of(cls, pcm: bytes, is_final: bool = False) -> AudioIn:
-        return cls((pcm,), is_final)
-
-    @property
-    def merged(self) -> int:
-        """How many frames were merged into this event beyond the first."""
-        return max(0, len(self.frames) - 1)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(map(len, self.frames))
-
-
-@attrs.frozen
-class FinalizeIn:
-    pass
-
-
-@attrs.frozen
-class CloseIn:
-    reason: str = "client_close"
-
-
-ClientEvent = AudioIn | FinalizeIn | CloseIn
+from scheduler.session.events import AudioIn, ClientEvent, CloseIn, FinalizeIn
 
 
 @attrs.define
@@ -64,8 +32,8 @@ class _Merging:
     frames: list[bytes]
     is_final: bool
 
-    def freeze(self) -> AudioIn:
-        return AudioIn(tuple(self.frames), self.is_final)
+    def freeze(self, queued_behind: int) -> AudioIn:
+        return AudioIn(tuple(self.frames), self.is_final, queued_behind)
 
 
 class ClientBacklog:
@@ -118,7 +86,7 @@ class ClientBacklog:
             return None
         item = self._queue.popleft()
         if isinstance(item, _Merging):
-            ev: ClientEvent = item.freeze()
+            ev: ClientEvent = item.freeze(len(self._queue))
             self._bytes -= ev.nbytes
         else:
             ev = item

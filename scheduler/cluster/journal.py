@@ -27,10 +27,10 @@ from typing import Any
 import attrs
 import trio
 
-from . import keys, lua
-from .logs import event
-from .protocol import CLOSE_POLICY, UNKNOWN_SESSION, ProtocolError, Result, SessionClosed, UtteranceFinalized, encode
-from .redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+from scheduler.ops.logs import event
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+from scheduler.protocol import CLOSE_POLICY, UNKNOWN_SESSION, ProtocolError, Result, SessionClosed, UtteranceFinalized, encode
 
 log = logging.getLogger("scheduler.journal")
 

@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import journal, keys, wsutil
-from .journal import Meta
-from .logs import event
-from .protocol import (
+from scheduler.cluster import journal
+from scheduler.cluster.journal import Meta
+from scheduler.edge import wsutil
+from scheduler.ops.logs import event
+from scheduler.placement import keys
+from scheduler.placement.redis_adapter import RedisUnavailable, now_ms
+from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -42,11 +45,12 @@ from .protocol import (
     parse_client,
     redis_unavailable,
 )
-from .redis_adapter import RedisUnavailable, now_ms
-from .session import AudioIn, CloseIn, FinalizeIn, PendingUtterance, SessionActor, SlowClient
+from scheduler.session.actor import SessionActor, SlowClient
+from scheduler.session.core import PendingUtterance
+from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 
 if TYPE_CHECKING:
-    from .relay import Relay
+    from scheduler.cluster.relay import Relay
 
 log = logging.getLogger("scheduler.client_gateway")
 

@@ -48,13 +48,13 @@ from typing import Any
 import redis
 import trio
 
-from . import keys
-from .jobs import JobOutcome
-from .logs import event
-from .metrics import Metrics
-from .protocol import JobAssign, Translation, converter, encode
-from .redis_adapter import RedisAdapter, RedisUnavailable, connect
-from .resilient import every
+from scheduler.jobs import JobOutcome, job_key_for
+from scheduler.ops.logs import event
+from scheduler.ops.metrics import Metrics
+from scheduler.placement import keys
+from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, connect
+from scheduler.placement.resilient import every
+from scheduler.protocol import JobAssign, Translation, converter, encode
 
 log = logging.getLogger("scheduler.relay")
 
@@ -225,7 +225,7 @@ class Relay:
             return 0
         # one MGET per session: every answer key carries the {scheduler} tag (one cluster slot)
         stored = await self._redis.commands_many(
-            [("MGET", *(keys.answer(keys.job_key_for(session_id, index, tgt)) for index, tgt in missing))
+            [("MGET", *(keys.answer(job_key_for(session_id, index, tgt)) for index, tgt in missing))
              for session_id, missing in wanted.items()])
         handed = 0
         for (session_id, missing), texts in zip(wanted.items(), stored, strict=True):

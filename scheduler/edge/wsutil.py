@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .logs import event
-from .protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
-from .ratelimit import TokenBucket
+from scheduler.edge.ratelimit import TokenBucket
+from scheduler.ops.logs import event
+from scheduler.protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .dispatcher import Dispatcher
-    from .metrics import Metrics
-    from .ownership import Ownership
-    from .redis_adapter import RedisAdapter
-    from .registry import SessionRegistry
+    from scheduler.cluster.ownership import Ownership
+    from scheduler.ops.config import Settings
+    from scheduler.ops.metrics import Metrics
+    from scheduler.placement.dispatcher import Dispatcher
+    from scheduler.placement.redis_adapter import RedisAdapter
+    from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.ws")
 

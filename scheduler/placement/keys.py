@@ -90,15 +90,6 @@ def job_id_seq() -> str:
     return f"{TAG}:job:id_seq"
 
 
-def job_key_for(session_id: str, utterance_index: int, tgt_lang: str) -> str:
-    """``job_key = "{session_id}:{utterance_index}:{job_type}"`` (protocol.md)."""
-    return f"{session_id}:{utterance_index}:{job_type_for(tgt_lang)}"
-
-
-def job_type_for(tgt_lang: str) -> str:
-    return f"translate:{tgt_lang}"
-
-
 # ---------------------------------------------------------------- ownership (several instances)
 # Not touched by the scheduling scripts, so each carries its own id as hash tag and spreads
 # over a cluster.

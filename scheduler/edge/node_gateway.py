@@ -20,11 +20,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import keys, lua, wsutil
-from .jobs import JobOutcome
-from .logs import event
-from .nodes import NodeConnection, NodeRegistry
-from .protocol import (
+from scheduler.cluster.relay import encode_answer
+from scheduler.edge import wsutil
+from scheduler.jobs import JobOutcome
+from scheduler.ops.logs import event
+from scheduler.placement import keys, lua
+from scheduler.placement.nodes import NodeConnection, NodeRegistry
+from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
+from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
     CLOSE_POLICY,
@@ -43,11 +46,9 @@ from .protocol import (
     parse_node,
     redis_unavailable,
 )
-from .redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
-from .relay import encode_answer
 
 if TYPE_CHECKING:
-    from .relay import Relay
+    from scheduler.cluster.relay import Relay
 
 log = logging.getLogger("scheduler.node_gateway")
 

@@ -18,7 +18,7 @@ from typing import Any
 import h11
 import trio
 
-from .metrics import Metrics
+from scheduler.ops.metrics import Metrics
 
 log = logging.getLogger("scheduler.admin")
 

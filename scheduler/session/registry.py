@@ -8,12 +8,12 @@ import time
 
 from trio_util import AsyncValue
 
-from .jobs import JobOutcome, JobWaiting
-from .journal import Journal
-from .logs import event
-from .metrics import Metrics
-from .protocol import Result
-from .session import SessionActor
+from scheduler.cluster.journal import Journal
+from scheduler.jobs import JobOutcome, JobWaiting
+from scheduler.ops.logs import event
+from scheduler.ops.metrics import Metrics
+from scheduler.protocol import Result
+from scheduler.session.actor import SessionActor
 
 log = logging.getLogger("scheduler.registry")
 

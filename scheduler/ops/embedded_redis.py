@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .logs import event
+from scheduler.ops.logs import event
 
 log = logging.getLogger("scheduler.embedded_redis")
 

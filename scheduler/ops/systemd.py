@@ -16,7 +16,7 @@ import socket
 
 import trio
 
-from .logs import event
+from scheduler.ops.logs import event
 
 log = logging.getLogger("scheduler.systemd")
 

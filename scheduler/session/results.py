@@ -13,7 +13,7 @@ import math
 
 import attrs
 
-from .protocol import Result, Translation
+from scheduler.protocol import Result, Translation
 
 SUCCESS, FAILED, SKIPPED = "SUCCESS", "FAILED", "SKIPPED"
 

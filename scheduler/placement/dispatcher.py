@@ -60,12 +60,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from . import keys, lua
-from .jobs import JobOutcome, JobRequest, JobWaiting
-from .logs import event
-from .metrics import Metrics
-from .protocol import JobAssign, JobCancel, Translation
-from .redis_adapter import (
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, job_key_for
+from scheduler.ops.logs import event
+from scheduler.ops.metrics import Metrics
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import (
     EmptyPool,
     Fenced,
     JobIdTaken,
@@ -77,13 +76,14 @@ from .redis_adapter import (
     UnknownJob,
     now_ms,
 )
-from .resilient import every
-from .scheduling import SchedulingClient
+from scheduler.placement.resilient import every
+from scheduler.placement.scheduling import SchedulingClient
+from scheduler.protocol import JobAssign, JobCancel, Translation
 
 if TYPE_CHECKING:
-    from .nodes import NodeRegistry
-    from .registry import SessionRegistry
-    from .relay import Relay
+    from scheduler.cluster.relay import Relay
+    from scheduler.placement.nodes import NodeRegistry
+    from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.dispatcher")
 
@@ -256,7 +256,7 @@ class Dispatcher:
         this instance, when its node or node connection or node instance is gone), a
         waiting one is placed again. ``placed_by`` becomes this instance, so the orphan sweep
         leaves it alone. Returns how many were adopted."""
-        job_keys = [keys.job_key_for(session_id, index, tgt) for index, tgt in missing]
+        job_keys = [job_key_for(session_id, index, tgt) for index, tgt in missing]
         ids = await self._redis.commands_many([("GET", keys.jobkey(k)) for k in job_keys])
         found = [(k, index, str(job_id)) for k, (index, _), job_id in zip(job_keys, missing, ids, strict=True)
                  if job_id and not isinstance(job_id, BaseException) and k not in self.placed and k not in self._moving]

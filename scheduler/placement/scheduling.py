@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import keys, lua
-from .redis_adapter import RedisAdapter, StaleCandidates
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import RedisAdapter, StaleCandidates
 
 STALE_RETRIES = 3
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from . import keys
+from scheduler.placement import keys
 
 Call = tuple[str, list[str], list[Any]]
 

@@ -21,9 +21,9 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from .asr import make_engine
-from .logs import event
-from .protocol import Error, Heartbeat, JobAssign, JobCancel, JobResult, Register, Registered, encode, parse_from_daemon
+from scheduler.ops.logs import event
+from scheduler.protocol import Error, Heartbeat, JobAssign, JobCancel, JobResult, Register, Registered, encode, parse_from_daemon
+from scheduler.reference.asr import make_engine
 
 log = logging.getLogger("scheduler.node")
 

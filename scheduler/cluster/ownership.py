@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from . import keys, lua
-from .logs import event
-from .redis_adapter import RedisAdapter, RedisUnavailable, now_ms
-from .resilient import every
+from scheduler.ops.logs import event
+from scheduler.placement import keys, lua
+from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+from scheduler.placement.resilient import every
 
 log = logging.getLogger("scheduler.ownership")
 

@@ -1,0 +1,261 @@
+"""The session actor: the Trio shell that runs one session's :class:`~scheduler.session.core.SessionCore`.
+
+The core decides everything (see ``core.py``: states, cuts, deadlines, results); this shell
+owns the queues and the clock and performs the core's effects:
+
+- client events (audio, finalize, close) queue in the session's :class:`ClientBacklog`, which
+  merges audio past ``max_pending_events`` and bounds memory (see ``backlog.py``);
+- job outcomes, "job is waiting" notes, shutdown, take-over and a wake token the backlog posts
+  when it goes from empty to non-empty arrive on the fixed-capacity inbox channel
+  (:data:`INBOX_CAPACITY`); producers never block (a full inbox drops the item, and the
+  caller counts it);
+- the loop waits for the next inbox item inside ``trio.move_on_at(core.next_deadline())``,
+  hands it to the core, then up to :data:`CLIENT_BATCH` client events from the backlog (so
+  answers and deadlines are never starved by a flood of audio), and then, if the core's next
+  deadline has passed, a :class:`Tick`. There are no timer tasks and no queued timer fires:
+  the core keeps its deadlines and acts on them only when ticked, so a deadline of an
+  utterance already cut cannot take effect (``core.py`` explains it); events queued before a
+  deadline passed are taken before it.
+
+Effects: ``Send`` goes to ``outbox`` (capacity ``outbox_size``), drained by the client
+gateway's writer. The shell never waits on the client: a full outbox means the client is not
+reading, and :class:`SlowClient` ends the session. ``Submit`` calls the job port's
+``submit_nowait`` (never blocks); a refusal goes back into the core as a FAILED outcome.
+``Cancel`` runs when the session ends (bounded to 5 s). ``Finalized`` and ``Count`` become
+log lines and metrics. The shell closes ``outbox_send`` when it exits.
+
+Guarantees (docs/protocol.md, "Result ordering and completeness"): ``utterance_index`` grows
+by exactly one per finalize, only on the finalize path, and an empty or all-silent utterance
+never takes an index; one ``result`` per finalized index, in index order, never later than
+its result deadline; job audio is exactly the frames the client sent for the utterance, in
+order, never split. ``tests/test_core_stateful.py`` proves them on the core;
+``tests/test_actor_stateful.py`` on this shell under a MockClock.
+
+Resume: a session resumed from another owner (journal.py) starts with ``next_index`` and the
+``pending`` utterances it still owes results for, with the deadlines the first owner gave
+them; ``take_over_nowait`` ends a session resumed elsewhere at once, and its jobs are then
+not cancelled (the new owner wants their answers).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import trio
+
+from scheduler.jobs import JobOutcome, JobPort, JobWaiting
+from scheduler.ops.config import Settings
+from scheduler.ops.logs import event
+from scheduler.ops.metrics import Metrics
+from scheduler.protocol import Busy, Result, SessionClosed, UtteranceFinalized
+from scheduler.session import audio
+from scheduler.session.backlog import ClientBacklog
+from scheduler.session.core import Cancel, Count, Effect, Finalized, PendingUtterance, Send, SessionCore, Submit, refused
+from scheduler.session.events import ClientEvent, ShutdownIn, TakenOverIn, Tick
+
+log = logging.getLogger("scheduler.session")
+
+INBOX_CAPACITY = 512
+"""Places in the actor's inbox for job outcomes, waiting notes, shutdown and wake tokens."""
+
+CLIENT_BATCH = 64
+"""Client events handled per inbox item, so that deadlines and answers interleave with a flood."""
+
+CANCEL_TIMEOUT_S = 5
+"""How long the shell tries to cancel a finished session's unanswered jobs."""
+
+
+class _Wake:
+    """The backlog went from empty to non-empty (the inbox's wake token)."""
+
+
+_WAKE = _Wake()
+
+__all__ = ["PendingUtterance", "SessionActor", "SlowClient"]
+
+
+class SlowClient(Exception):
+    """The client does not read its results: the outbox is full."""
+
+
+class SessionActor:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        src_lang: str,
+        tgt_langs: list[str] | tuple[str, ...],
+        sample_rate: int,
+        settings: Settings,
+        jobs: JobPort,
+        metrics: Metrics,
+        next_index: int = 0,
+        pending: tuple[PendingUtterance, ...] | list[PendingUtterance] = (),
+        epoch: int | None = None,
+        outbox_size: int = 1024,
+    ) -> None:
+        """``next_index``, ``pending`` and ``epoch`` continue a resumed session (see :class:`SessionCore`)."""
+        self.core = SessionCore(session_id=session_id, src_lang=src_lang, tgt_langs=tuple(tgt_langs),
+                                sample_rate=sample_rate, settings=settings, next_index=next_index,
+                                pending=tuple(pending), epoch=epoch)
+        self.session_id = session_id
+        self.src_lang = src_lang
+        self.tgt_langs = self.core.tgt_langs
+        self.sample_rate = sample_rate
+        self.settings = settings
+        self.epoch = epoch
+        self._jobs = jobs
+        self._metrics = metrics
+        self.inbox_send, self._inbox = trio.open_memory_channel(INBOX_CAPACITY)
+        max_utterance_bytes = int(settings.max_utterance_ms * sample_rate * audio.BYTES_PER_SAMPLE / 1000)
+        self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._post_wake)
+        self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
+        self.started_at = trio.current_time()
+        self.taken_over = False
+
+    # ------------------------------------------------------------ producers' API
+
+    async def put_client_event(self, ev: ClientEvent) -> None:
+        """For the client gateway: queue (or merge) a client event; waits at the memory bound."""
+        await self.backlog.put(ev)
+
+    def put_outcome_nowait(self, outcome: JobOutcome | JobWaiting) -> bool:
+        """For the answer router: never blocks; False when the session is gone or its inbox is full."""
+        return self._put_internal(outcome)
+
+    def shutdown_nowait(self) -> bool:
+        """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
+        return self._put_internal(ShutdownIn())
+
+    def take_over_nowait(self) -> None:
+        """The session was resumed elsewhere: end now, without cancelling its jobs."""
+        self.taken_over = True  # seen at the next step even when this token finds the inbox full
+        self._put_internal(TakenOverIn())
+
+    def _post_wake(self) -> None:
+        self._put_internal(_WAKE)  # a full inbox will be read anyway, and the backlog with it
+
+    def _put_internal(self, ev: object) -> bool:
+        try:
+            self.inbox_send.send_nowait(ev)
+            return True
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    # ------------------------------------------------------------ read-only views
+
+    @property
+    def next_index(self) -> int:
+        return self.core.next_index
+
+    @property
+    def results(self):
+        return self.core.results
+
+    @property
+    def closing(self) -> str | None:
+        return self.core.closing
+
+    @property
+    def buffered_ms(self) -> float:
+        return self.core.buffered_ms
+
+    def timer_deadlines(self) -> dict[str, float]:
+        """When each of the core's deadlines comes due (``inf``: none); for tests and introspection."""
+        return self.core.deadlines()
+
+    def missing_answers(self) -> list[tuple[int, str]]:
+        """(utterance index, target language) of every answer still awaited."""
+        return self.core.missing_answers()
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> str:
+        """Process events until the session ends; returns the close reason.
+
+        Raises :class:`SlowClient` when the client stops reading. On any exit the audio
+        buffer is dropped, unanswered jobs cancelled (unless taken over) and the outbox closed.
+        """
+        try:
+            return await self._loop()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _loop(self) -> str:
+        core = self.core
+        self._perform(core.start(trio.current_time()))
+        while not core.ended:
+            item: object = None
+            with trio.move_on_at(core.next_deadline()):
+                item = await self._inbox.receive()
+            if self.taken_over:  # set by take_over_nowait, whose token may not have fit
+                item = TakenOverIn()
+            if item is not None and item is not _WAKE:
+                self._perform(core.handle(item, trio.current_time()))
+            self._read_backlog()
+            if core.next_deadline() <= trio.current_time():  # after what was queued before it
+                self._perform(core.handle(Tick(), trio.current_time()))
+        return "taken_over" if core.taken_over else core.close_reason or "disconnected"
+
+    def _read_backlog(self) -> None:
+        for _ in range(CLIENT_BATCH):
+            if self.core.ended:
+                return
+            ev = self.backlog.take()
+            if ev is None:
+                return
+            self._metrics.session_actor_backlog_size.observe(len(self.backlog) + 1)
+            self._perform(self.core.handle(ev, trio.current_time()))
+        if len(self.backlog):
+            self._post_wake()  # more queued: come back after what else is in the inbox
+
+    # ------------------------------------------------------------ effects
+
+    def _perform(self, effects: list[Effect]) -> None:
+        """Perform ``effects`` in order; a refused job's FAILED outcome goes back into the core,
+        and its effects are performed after the ones already due."""
+        todo = collections.deque(effects)
+        started = trio.current_time()
+        while todo:
+            effect = todo.popleft()
+            match effect:
+                case Send(message=msg):
+                    self._emit(msg)
+                case Submit(request=request):
+                    error = self._jobs.submit_nowait(request)
+                    if error is not None:
+                        todo.extend(self.core.handle(refused(request, error), trio.current_time()))
+                case Finalized():
+                    self._finalized(effect, started)
+                case Count(metric=name, amount=amount, label=label):
+                    counter = getattr(self._metrics, name)
+                    (counter.labels(label) if label else counter).inc(amount)
+                case Cancel():
+                    pass  # only end() cancels, and _cleanup performs it
+
+    def _finalized(self, fin: Finalized, started: float) -> None:
+        latency = max(0.0, trio.current_time() - started)
+        self._metrics.finalize_total.labels(fin.reason).inc()
+        self._metrics.finalize_latency_seconds.observe(latency)
+        event(log, "utterance_finalized", session_id=self.session_id, utterance_index=fin.index, reason=fin.reason,
+              audio_ms=fin.audio_ms, turn_id=fin.turn_id, latency_ms=round(latency * 1000, 3))
+
+    def _emit(self, msg: UtteranceFinalized | Result | Busy | SessionClosed) -> None:
+        try:
+            self.outbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            raise SlowClient(f"client has {self.outbox.statistics().current_buffer_used} unread messages") from None
+        if isinstance(msg, Result):
+            self._metrics.results_total.labels(msg.status).inc()
+
+    async def _cleanup(self) -> None:
+        if self.taken_over:
+            self.core.handle(TakenOverIn(), trio.current_time())
+        cancels = [e for e in self.core.end() if isinstance(e, Cancel)]
+        self._inbox.close()  # late producers now get BrokenResourceError instead of queueing
+        for cancel in cancels:
+            with trio.move_on_after(CANCEL_TIMEOUT_S):
+                await self._jobs.cancel(self.session_id, list(cancel.job_keys))
+        self.outbox_send.close()
