@@ -40,9 +40,21 @@ bench-adapter *ARGS: sync
 bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
-# the session core's Hypothesis state machine with 10,000 examples (docs/performance.md has the time)
+# the session core's Hypothesis state machine, 10,000 examples: two searches of 5,000 with fresh seeds,
+# one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N
 stress *ARGS: sync
-    HYPOTHESIS_PROFILE=stress uv run --frozen pytest tests/test_core_stateful.py -k TestCoreMachine -q --timeout 0 --hypothesis-show-statistics {{ARGS}}
+    #!/usr/bin/env bash
+    set -euo pipefail
+    logs=$(mktemp -d)
+    run() { HYPOTHESIS_PROFILE=stress STRESS_EXAMPLES=5000 uv run --frozen pytest tests/test_core_stateful.py -k TestCoreMachine -q -p no:cacheprovider --timeout 0 --hypothesis-seed="$1" --hypothesis-show-statistics {{ARGS}} > "$logs/$1.log" 2>&1; }
+    seeds=("$RANDOM$RANDOM" "$RANDOM$RANDOM")
+    run "${seeds[0]}" & first=$!
+    run "${seeds[1]}" & second=$!
+    status=0
+    wait "$first" || status=1
+    wait "$second" || status=1
+    for seed in "${seeds[@]}"; do echo "== seed $seed"; cat "$logs/$seed.log"; done
+    exit "$status"
 
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync

@@ -3,7 +3,9 @@
 - :class:`JobRequest`: one job (one utterance, one target language) the actor submits;
 - :class:`JobPort`: what the actor needs from scheduling (the dispatcher implements it);
 - :class:`JobOutcome`: a job's answer, or its failure to be placed, routed to its session;
-- :class:`JobWaiting`: the job waits for a node (or no longer does).
+- :class:`JobWaiting`: the job waits for a node (or no longer does);
+- :class:`SessionInbox`: where outcomes for the sessions held here go (the real one is
+  :class:`scheduler.session.registry.SessionRegistry`).
 
 They live here, not in the actor's module, so that the dispatcher, the node gateway, the
 relay and the session registry can name them without importing the actor.
@@ -82,3 +84,12 @@ class JobPort(Protocol):
     def submit_nowait(self, request: JobRequest) -> str | None: ...
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
+
+
+class SessionInbox(Protocol):
+    """Where scheduling hands outcomes for the sessions held by this instance."""
+
+    def __contains__(self, session_id: str) -> bool: ...
+
+    def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
+        """Into the session's inbox, never blocking; False when the session is not here or its inbox is full."""

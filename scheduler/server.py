@@ -14,7 +14,6 @@ drain.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import urllib.parse
@@ -26,21 +25,20 @@ import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from scheduler.cluster.ownership import Ownership
-from scheduler.cluster.relay import Relay
+from scheduler.cluster.routing import Router
 from scheduler.edge import wsutil
 from scheduler.edge.client_gateway import ClientGateway
 from scheduler.edge.node_gateway import NodeGateway
-from scheduler.jobs import JobOutcome, job_key_for
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.ops.systemd import Notifier
-from scheduler.placement import keys, lua
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeRegistry
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
+from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
 from scheduler.session.registry import SessionRegistry
 
@@ -71,6 +69,7 @@ class Running:
     sessions: SessionRegistry
     nodes: NodeRegistry
     redis: RedisAdapter
+    scheduling: SchedulingClient
     dispatcher: Dispatcher
     ownership: Ownership | None = None
     draining: bool = False
@@ -139,40 +138,36 @@ class _Parts:
     metrics: Metrics
     sessions: SessionRegistry
     nodes: NodeRegistry
+    scheduling: SchedulingClient
     dispatcher: Dispatcher
     ownership: Ownership
+    router: Router
     clients: ClientGateway
     node_gw: NodeGateway
-    relay: Relay
 
 
 def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
+    """Every part, each given what it needs when it is made (nothing is set afterwards)."""
     metrics = Metrics()
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
-    dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, metrics=metrics, node_ttl_ms=settings.node_ttl_ms,
-                            orphan_grace_ms=settings.owner_ttl_ms, instance_id=settings.instance_id,
-                            job_lease_ms=settings.job_lease_ms)
+    scheduling = SchedulingClient(redis)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
                           sessions=lambda: [a.session_id for a in sessions.actors()],
                           nodes=lambda: [conn.node_id for conn in nodes.all()], session_lost=sessions.take_over)
-    deps = dict(settings=settings, redis=redis, dispatcher=dispatcher, sessions=sessions, metrics=metrics, ownership=ownership)
-    clients = ClientGateway(**deps)
-    node_gw = NodeGateway(nodes=nodes, **deps)
-
-    def deliver_relayed_outcome(session_id: str, outcome: JobOutcome) -> bool:
-        """An answer from another instance's node: its job leaves this instance's books (if
-        placed here), and the answer goes to its session."""
-        dispatcher.answered(job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
-        return sessions.deliver(session_id, outcome)
-
-    relay = Relay(url, settings.instance_id, metrics, redis, deliver_job=node_gw.deliver_relayed_job,
-                  deliver_outcome=deliver_relayed_outcome,
-                  waiting_sessions=lambda: _long_waiting(sessions, settings))
-    dispatcher.use_relay(relay)
-    node_gw.relay = relay
-    clients.relay = relay
-    return _Parts(metrics, sessions, nodes, dispatcher, ownership, clients, node_gw, relay)
+    # The router hands the dispatcher's jobs to nodes, and tells the dispatcher when an answer
+    # for one of its jobs arrived over the relay: the dispatcher is made just below, so that
+    # one call is looked up when it happens.
+    router = Router(instance_id=settings.instance_id, url=url, redis=redis, metrics=metrics, nodes=nodes,
+                    sessions=sessions, ownership=ownership, answered=lambda job_key: dispatcher.answered(job_key),
+                    waiting_sessions=lambda: _long_waiting(sessions, settings))
+    dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, router=router, metrics=metrics,
+                            node_ttl_ms=settings.node_ttl_ms, orphan_grace_ms=settings.owner_ttl_ms,
+                            instance_id=settings.instance_id, job_lease_ms=settings.job_lease_ms, scheduling=scheduling)
+    deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
+                sessions=sessions, metrics=metrics, ownership=ownership)
+    return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router, ClientGateway(**deps),
+                  NodeGateway(nodes=nodes, **deps))
 
 
 def _router(parts: _Parts, running: Callable[[], Running | None]) -> Callable[[WebSocketRequest], Awaitable[None]]:
@@ -213,7 +208,7 @@ async def _serve(
 ) -> None:
     parts = _build(settings, redis, url)
     running: Running | None = None
-    async with parts.relay, trio.open_nursery() as nursery:
+    async with parts.router, trio.open_nursery() as nursery:
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
         ws_server = await nursery.start(
@@ -229,6 +224,7 @@ async def _serve(
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
+                          scheduling=parts.scheduling,
                           dispatcher=parts.dispatcher, ownership=parts.ownership)
         parts.ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running, nursery)
@@ -288,13 +284,10 @@ async def _wait_drained(running: Running, poll_s: float = 0.1) -> None:
     await running.sessions.count.wait_value(0)
     nodes = running.nodes.all()
     if nodes:
-        calls = [lua.node_state(conn.node_id, running.settings.instance_id, online=True, draining=True) for conn in nodes]
+        node_ids = [conn.node_id for conn in nodes]
         try:
-            await running.redis.script_many(calls)
-            while True:
-                held = await running.redis.commands_many([("SCARD", keys.node_jobs(conn.node_id)) for conn in nodes])
-                if not any(n for n in held if not isinstance(n, BaseException)):
-                    break
+            await running.scheduling.node_state(node_ids, running.settings.instance_id, online=True, draining=True)
+            while await running.scheduling.jobs_held(node_ids):
                 await trio.sleep(poll_s)
         except RedisUnavailable:
             pass  # nothing to learn: the placing instances move what is left
@@ -305,19 +298,9 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
     """The ``/status`` snapshot: this instance's sessions, every registered node, jobs, Redis."""
     if running is None:
         return {"state": "starting"}
-    nodes = []
+    nodes: list[dict] | None
     try:
-        for node_id in sorted(await running.redis.command("SMEMBERS", keys.nodes_all())):
-            info = await running.redis.command("HGETALL", keys.node_info(node_id))
-            if not info:
-                continue  # expired
-            current = await running.redis.command("HGET", keys.node_runtime(node_id), "current_jobs")
-            nodes.append({
-                "node_id": node_id, "online": info.get("online") == "1", "draining": info.get("draining") == "1",
-                "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
-                "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
-                "local": node_id in running.nodes, "load": json.loads(info.get("load_json") or "{}"),
-            })
+        nodes = [{**node, "local": node["node_id"] in running.nodes} for node in await running.scheduling.nodes_status()]
     except RedisUnavailable:
         nodes = None
     instances: dict[str, float] | None = None
@@ -345,18 +328,14 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
 
 async def _health_check(running: Running, nursery: trio.Nursery) -> None:
     """Ping Redis every second; drives ``/readyz`` and the redis_up / latency metrics. Also
-    reads the data marker (``keys.data_marker``): when it changed, Redis restarted without
+    reads the data marker (``SchedulingClient.data_marker``): when it changed, Redis restarted without
     its data, and every session journal held here is written again in the background."""
     marker: str | None = None
     while True:
         try:
             with trio.fail_after(5):
                 latency = await running.redis.ping()
-                mark = str(uuid.uuid4())
-                _, seen = await running.redis.commands_many([("SET", keys.data_marker(), mark, "NX"),
-                                                             ("GET", keys.data_marker())])
-            if isinstance(seen, BaseException):
-                raise seen
+                seen = await running.scheduling.data_marker(str(uuid.uuid4()))
             running.redis_ok = True
             running.metrics.redis_latency_seconds.set(latency)
             if marker is not None and seen != marker:

@@ -17,7 +17,9 @@ from scheduler.server import serve
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("stress", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# just stress: 10,000 examples, run as two searches of STRESS_EXAMPLES=5000 (one per core)
+settings.register_profile("stress", max_examples=int(os.environ.get("STRESS_EXAMPLES", 10_000)), deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 

@@ -26,6 +26,8 @@ submitted:
 
 from __future__ import annotations
 
+import struct
+
 import attrs
 import numpy as np
 
@@ -44,16 +46,25 @@ EPS = 1e-6
 _TONE = (np.sin(2 * np.pi * 440 * np.arange(FRAME_BYTES // 2) / RATE) * 9000).astype("<i2")
 
 
+_BODY = {True: _TONE.tobytes()[16:], False: bytes(FRAME_BYTES - 16)}
+
+
 def make_frame(serial: int, speech: bool) -> bytes:
-    samples = _TONE.copy() if speech else np.zeros(FRAME_BYTES // 2, dtype="<i2")
-    for i in range(8):
-        samples[i] = (serial >> (4 * (7 - i))) & 0xF
-    return samples.tobytes()
+    """A 100 ms frame whose first 8 samples carry ``serial``, 4 bits each (inaudible)."""
+    return struct.pack("<8h", *((serial >> (4 * (7 - i))) & 0xF for i in range(8))) + _BODY[speech]
 
 
 def frame_serial(frame: bytes) -> int:
     samples = np.frombuffer(frame[:16], dtype="<i2")
     return int(sum(int(v) << (4 * (7 - i)) for i, v in enumerate(samples)))
+
+
+@attrs.frozen
+class _OwedJob:
+    """A job the previous owner of a resumed session placed (only its identity matters here)."""
+
+    utterance_index: int
+    tgt_lang: str
 
 
 class ScriptedPort:
@@ -135,6 +146,8 @@ class SessionModel:
         self.client_reading = True
         self.ended: object = None  # close reason, SlowClient, or "disconnected"
         self._audio_checked = 0  # finalized utterances whose audio check passed
+        self._results_checked = 0  # results whose check passed
+        self._utts = list(self.owed)  # every utterance owed a result so far, in index order
         self._audio_last_serial = 0  # the last frame of the last of them
 
     # ------------------------------------------------------------ what a subclass provides
@@ -213,7 +226,7 @@ class SessionModel:
     def _job(self, job_key: str):
         if job_key in self.owed_keys:  # placed by the previous owner
             index, tgt = self.owed_keys[job_key]
-            return attrs.make_class("Job", ["utterance_index", "tgt_lang"])(index, tgt)
+            return _OwedJob(index, tgt)
         return self.port.jobs[job_key]
 
     def answer(self, job_key: str, ok: bool) -> None:
@@ -244,7 +257,9 @@ class SessionModel:
         assert [m.utterance_index for _, m in results] == list(range(first, first + len(results))), "results not in order"
         tgts = self.tgt_langs
         deadline_s = s.result_deadline_ms / 1000
-        utts = self.owed + [Owed(m.utterance_index, t, t + deadline_s, m.reason, m.turn_id) for t, m in finalized]
+        self._utts.extend(Owed(m.utterance_index, t, t + deadline_s, m.reason, m.turn_id)
+                          for t, m in finalized[len(self._utts) - len(self.owed):])
+        utts = self._utts
         assert len(results) <= len(utts)
 
         # jobs: exactly one per (finalized index, language) key, never two
@@ -252,8 +267,10 @@ class SessionModel:
         expected = {f"S:{m.utterance_index}:translate:{t}" for _, m in finalized for t in tgts}
         assert set(self.port.order) | set(self.port.refused) == expected
 
-        # results: timing, identity, content
-        for utt, (t_res, res) in zip(utts, results, strict=False):
+        # results: timing, identity, content (a result that passed stays right: what it is
+        # checked against, answers and notes given before its deadline, cannot change later)
+        done = self._results_checked
+        for utt, (t_res, res) in zip(utts[done:], results[done:], strict=False):
             assert t_res <= utt.due + EPS, f"result {res.utterance_index} late by {t_res - utt.due:.3f}s"
             assert (res.reason, res.turn_id) == (utt.reason, utt.turn_id)
             assert list(res.translations) == list(tgts)
@@ -262,6 +279,7 @@ class SessionModel:
                 # an event at the deadline instant may land on either side of it (float rounding)
                 allowed = [self._expected(key, utt.due - EPS), self._expected(key, utt.due + EPS)]
                 assert any(ok(tr) for ok in allowed), f"{key}: got {tr}"
+        self._results_checked = len(results)
         # the next result is never overdue while the session lives (no permanent stall)
         if len(results) < len(utts) and self.alive:
             assert self.now() < utts[len(results)].due + EPS, "result overdue: the session is stuck"
@@ -324,7 +342,7 @@ class SessionModel:
         seen |= {f"translation:{t.status}" for _, m in self.messages(Result) for t in m.translations.values()}
         seen.add(f"ended:{type(self.ended).__name__ if isinstance(self.ended, SlowClient) else self.ended}")
         if self.metrics.duplicate_finalize_suppressed_total._value.get():
-            seen.add("stale_fire_suppressed")
+            seen.add("pause_and_timeout_due_at_one_tick")
         return sorted(seen)
 
     def _check_reason(self, t_fin: float, fin: UtteranceFinalized, frames: list[Sent]) -> None:

@@ -21,13 +21,12 @@ import trio
 import trio.testing
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize
 
 from scheduler.session.actor import SessionActor
 
 from .actor_harness import ActorHarness
-
-DURATIONS = st.sampled_from([0.01, 0.1, 0.3, 0.79, 0.8, 0.81, 1.0, 2.0, 2.99, 3.0, 3.2, 4.99, 5.0, 5.2, 8.0, 11.0])
+from .session_rules import RESUME, SessionRules
 
 
 class _IdleInstrument(trio.abc.Instrument):
@@ -102,12 +101,10 @@ class TrioThread:
             raise self.error
 
 
-class ActorMachine(RuleBasedStateMachine):
+class ActorMachine(SessionRules):
     actor_class: type[SessionActor] = SessionActor
 
-    @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]),
-                resume=st.none() | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]),
-                                                                          max_size=3).map(sorted)))
+    @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]), resume=RESUME)
     def start(self, tgts, outbox, resume):
         """``resume``: start as a session resumed owing results (session.py, PendingUtterance)."""
         self.trio = TrioThread()
@@ -129,98 +126,14 @@ class ActorMachine(RuleBasedStateMachine):
         self.trio.call_sync(fn, *args)
         self.trio.call(self.h.settle)
 
-    steps = 0
-
-    @invariant()
-    def count_steps(self):
-        self.steps += 1
-
-    # ------------------------------------------------------------ client
-    @rule(kinds=st.lists(st.booleans(), min_size=1, max_size=6))
-    def audio(self, kinds):
-        self._do(self.h.put_frames, kinds)
-
-    @rule(kinds=st.lists(st.booleans(), min_size=0, max_size=3))
-    def audio_is_final(self, kinds):
-        self._do(self.h.put_frames, [*kinds, True], True)
-
-    @rule()
-    def finalize(self):
-        self._do(self.h.put_finalize)
-
-    @rule(n=st.integers(min_value=9, max_value=40), then_finalize=st.integers(min_value=0, max_value=8))
-    def flood(self, n, then_finalize):
-        """Faster than the actor takes them: merging, busy, early backlog finalize."""
-        def put():
-            self.h.put_frames([True] * n)
-            for _ in range(then_finalize):
-                self.h.put_finalize()
-        self._do(put)
-
-    @rule(frames=st.integers(min_value=1, max_value=8), gap=st.sampled_from([0.3, 0.5, 0.7]))
-    def slow_talker(self, frames, gap):
-        """One frame at a time with gaps shorter than the pause: the utterance ages (timeout)."""
-        for _ in range(frames):
-            self.trio.call_sync(self.h.put_frames, [True])
-            self.trio.call(self.h.advance, gap)
-
-    @precondition(lambda self: self.steps >= 12)
-    @rule(how=st.sampled_from(["close", "shutdown", "disconnect", "take_over"]))
-    def end_session(self, how):
-        """Ending rules only late in a run, so that most runs have a long life first."""
-        self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect,
-                  "take_over": self.h.take_over}[how])
-
-    @rule(reading=st.booleans())
-    def client_reads(self, reading):
-        self.h.client_reading = reading
-        self.trio.call(self.h.settle)
-
-    # ------------------------------------------------------------ time
-    @rule(seconds=DURATIONS)
-    def advance(self, seconds):
+    def _advance(self, seconds):
         self.trio.call(self.h.advance, seconds)
 
-    @rule(events=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]), min_size=1, max_size=4),
-          seconds=DURATIONS)
-    def events_racing_the_clock(self, events, seconds):
-        """Events queued and the clock moved before the actor runs: timers race client events."""
+    def _race_with(self, events, seconds):
         self.trio.call(self.h.race_with, events, seconds)
 
-    # ------------------------------------------------------------ scheduler and nodes
-    @precondition(lambda self: self.h.unanswered_keys())
-    @rule(pick=st.integers(min_value=0, max_value=99), ok=st.booleans())
-    def node_answers(self, pick, ok):
-        keys = self.h.unanswered_keys()
-        self._do(self.h.answer, keys[pick % len(keys)], ok)
-
-    @precondition(lambda self: self.h.unanswered_keys())
-    @rule(ok=st.booleans())
-    def node_answers_everything(self, ok):
-        for key in self.h.unanswered_keys():
-            self._do(self.h.answer, key, ok)
-
-    @precondition(lambda self: self.h.answers)
-    @rule(pick=st.integers(min_value=0, max_value=99))
-    def node_answers_again(self, pick):
-        keys = sorted(self.h.answers)
-        self._do(self.h.answer, keys[pick % len(keys)], True)
-
-    @precondition(lambda self: self.h.unanswered_keys())
-    @rule(pick=st.integers(min_value=0, max_value=99), placed=st.booleans())
-    def job_waits_for_a_node(self, pick, placed):
-        keys = self.h.unanswered_keys()
-        self._do(self.h.tell_waiting, keys[pick % len(keys)], None if placed else "NO_AVAILABLE_NODE")
-
-    @rule(overloaded=st.booleans())
-    def scheduler_overloaded(self, overloaded):
-        self.h.port.overloaded = overloaded
-
-    # ------------------------------------------------------------ invariants
-    @invariant()
-    def guarantees_hold(self):
-        if hasattr(self, "h"):
-            self.trio.call_sync(self.h.check)
+    def _check(self):
+        self.trio.call_sync(self.h.check)
 
 
 TestActorMachine = ActorMachine.TestCase

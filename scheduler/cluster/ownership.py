@@ -69,6 +69,14 @@ class Ownership:
     async def release_node(self, node_id: str) -> None:
         await self._release(keys.node_owner(node_id))
 
+    async def session_owner(self, session_id: str) -> str | None:
+        """The instance holding the session now (None: nobody, e.g. its instance died)."""
+        return await self._redis.command("GET", keys.session_owner(session_id))
+
+    async def node_owner(self, node_id: str) -> str | None:
+        """The instance holding the node's connection now (None: nobody)."""
+        return await self._redis.command("GET", keys.node_owner(node_id))
+
     async def _claim(self, key: str) -> str:
         self._lost.discard(key)
         reply = await self._redis.script(*lua.owner_claim(key, self.instance_id, self.ttl_ms, force=True))

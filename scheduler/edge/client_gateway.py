@@ -14,16 +14,14 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import WebSocketConnection
 
 from scheduler.cluster import journal
 from scheduler.cluster.journal import Meta
 from scheduler.edge import wsutil
 from scheduler.ops.logs import event
-from scheduler.placement import keys
 from scheduler.placement.redis_adapter import RedisUnavailable, now_ms
 from scheduler.protocol import (
     BAD_MESSAGE,
@@ -49,9 +47,6 @@ from scheduler.session.actor import SessionActor, SlowClient
 from scheduler.session.core import PendingUtterance
 from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 
-if TYPE_CHECKING:
-    from scheduler.cluster.relay import Relay
-
 log = logging.getLogger("scheduler.client_gateway")
 
 WRITE_BATCH = 64
@@ -67,7 +62,6 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 class ClientGateway(wsutil.Gateway):
     side = "client"
-    relay: Relay | None = None  # set when instances relay answers (server.py)
 
     async def handle(self, ws: WebSocketConnection, headers: list[tuple[bytes, bytes]] = ()) -> None:
         """Serve one client connection; ``headers`` are its handshake request headers."""
@@ -132,8 +126,7 @@ class ClientGateway(wsutil.Gateway):
         (their node may be gone with the old owner: this instance moves them then)."""
         with trio.move_on_after(2):
             try:
-                if self.relay is not None:
-                    await self.relay.take_stored({actor.session_id: actor.missing_answers()})
+                await self._router.take_stored({actor.session_id: actor.missing_answers()})
                 await self._dispatcher.adopt(actor.session_id, actor.epoch, actor.missing_answers())
             except RedisUnavailable:
                 pass  # the answer poller looks again; unadopted jobs end SKIPPED at their deadline
@@ -165,7 +158,7 @@ class ClientGateway(wsutil.Gateway):
         missing = []
         for tgt in init.tgt_langs:
             try:
-                if not await self._redis.command("EXISTS", keys.lang_pools(init.src_lang, tgt)):
+                if not await self._scheduling.serves(init.src_lang, tgt):
                     missing.append(f"{init.src_lang}->{tgt}")
             except RedisUnavailable as exc:
                 raise redis_unavailable(exc) from None
@@ -229,30 +222,22 @@ class ClientGateway(wsutil.Gateway):
                     self._sessions.note_result(actor.session_id, msg)
 
     async def _reader(self, ws: WebSocketConnection, actor: SessionActor, scope: trio.CancelScope, peer: str) -> None:
-        limit = self.settings.max_frame_bytes
-        bucket = self.rate_limit()
-        try:
-            while True:
-                await bucket.take()
-                message = await ws.get_message()
-                try:
-                    wsutil.check_size(message, limit)
-                    if isinstance(message, bytes):
-                        await actor.put_client_event(AudioIn.of(message))
-                        continue
-                    msg = parse_client(message)
-                    if isinstance(msg, AudioChunk):
-                        await actor.put_client_event(AudioIn.of(msg.pcm, msg.is_final))
-                    elif isinstance(msg, Finalize):
-                        await actor.put_client_event(FinalizeIn())
-                    elif isinstance(msg, CloseSession):
-                        await actor.put_client_event(CloseIn("client_close"))
-                    elif isinstance(msg, SessionInit):
-                        raise ProtocolError(BAD_MESSAGE, "session already initialized")
-                except ProtocolError as err:
-                    await self.refuse(ws, err, session_id=actor.session_id)
-                    if err.fatal:
-                        scope.cancel()
-                        return
-        except (ConnectionClosed, trio.BrokenResourceError):
-            scope.cancel()
+        """Client frames into the session's backlog, until the client goes away or is refused
+        fatally; then the connection's nursery ends."""
+
+        async def audio(pcm: bytes, is_final: bool = False) -> None:
+            await actor.put_client_event(AudioIn.of(pcm, is_final))
+
+        async def finalize(_: Finalize) -> None:
+            await actor.put_client_event(FinalizeIn())
+
+        async def close(_: CloseSession) -> None:
+            await actor.put_client_event(CloseIn("client_close"))
+
+        async def init_again(_: SessionInit) -> None:
+            raise ProtocolError(BAD_MESSAGE, "session already initialized")
+
+        handlers = {AudioChunk: lambda m: audio(m.pcm, m.is_final), Finalize: finalize, CloseSession: close,
+                    SessionInit: init_again}
+        await self.read_frames(ws, parse_client, handlers, on_bytes=audio, session_id=actor.session_id)
+        scope.cancel()

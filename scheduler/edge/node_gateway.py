@@ -15,18 +15,17 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import WebSocketConnection
 
 from scheduler.cluster.relay import encode_answer
 from scheduler.edge import wsutil
 from scheduler.jobs import JobOutcome
 from scheduler.ops.logs import event
-from scheduler.placement import keys, lua
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
-from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode, now_ms
+from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
 from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -35,9 +34,7 @@ from scheduler.protocol import (
     NOT_REGISTERED,
     UNAUTHORIZED,
     Drain,
-    Encoded,
     Heartbeat,
-    JobAssign,
     JobResult,
     ProtocolError,
     Register,
@@ -46,9 +43,6 @@ from scheduler.protocol import (
     parse_node,
     redis_unavailable,
 )
-
-if TYPE_CHECKING:
-    from scheduler.cluster.relay import Relay
 
 log = logging.getLogger("scheduler.node_gateway")
 
@@ -61,13 +55,6 @@ class NodeGateway(wsutil.Gateway):
     def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
         super().__init__(**deps)
         self._nodes = nodes
-        self.relay: Relay | None = None  # set by serve(): the relay needs this gateway first
-
-    def deliver_relayed_job(self, node_id: str, msg: str) -> bool:
-        """A job another instance placed on a node held here (relay.py): to its outbox, as
-        the job_assign text that instance encoded."""
-        conn = self._nodes.get(node_id)
-        return conn is not None and conn.send_nowait(Encoded(JobAssign.TYPE, msg))
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -99,7 +86,7 @@ class NodeGateway(wsutil.Gateway):
         with trio.move_on_after(5):
             await self._ownership.release_node(conn.node_id)
             try:
-                await self._redis.script(*lua.node_state(conn.node_id, self.settings.instance_id, online=False, draining=False))
+                await self._scheduling.node_state([conn.node_id], self.settings.instance_id, online=False, draining=False)
             except RedisUnavailable:
                 pass
             await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
@@ -123,8 +110,7 @@ class NodeGateway(wsutil.Gateway):
 
     async def _write_registration(self, reg: Register, conn_id: str) -> None:
         try:
-            await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(),
-                                                        self.settings.instance_id, reg.capabilities, conn_id))
+            await self._scheduling.register_node(reg, self.settings.instance_id, conn_id)
             previous = await self._ownership.claim_node(reg.node_id)
         except RedisUnavailable as exc:
             raise redis_unavailable(exc) from None
@@ -145,39 +131,42 @@ class NodeGateway(wsutil.Gateway):
             await trio.sleep_until(deadline)
 
     async def _reader(self, ws: WebSocketConnection, conn: NodeConnection) -> str:
-        limit = self.settings.max_frame_bytes
-        bucket = self.rate_limit()
-        try:
-            while True:
-                await bucket.take()
-                message = await ws.get_message()
-                conn.last_seen = trio.current_time()
-                try:
-                    wsutil.check_size(message, limit)
-                    if isinstance(message, bytes):
-                        raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
-                    msg = parse_node(message)
-                    if isinstance(msg, Heartbeat):
-                        await self._heartbeat(conn, msg)
-                    elif isinstance(msg, JobResult):
-                        await self._job_result(conn, msg)
-                    elif isinstance(msg, Drain):
-                        await self._drain(conn)
-                    elif isinstance(msg, Register):
-                        raise ProtocolError(BAD_MESSAGE, "already registered")
-                    if conn.draining and not self._dispatcher.placements_on(conn.node_id):
-                        await wsutil.close(ws, CLOSE_GOING_AWAY, "drained")
-                        return "drained"
-                except ProtocolError as err:
-                    await self.refuse(ws, err, node_id=conn.node_id)
-                    if err.fatal:
-                        return err.code
-        except ConnectionClosed:
-            return "disconnected"
+        """Node frames, until the node goes away, is refused fatally, or has drained."""
+
+        async def heartbeat(msg: Heartbeat) -> str | None:
+            await self._heartbeat(conn, msg)
+            return await self._drained(ws, conn)
+
+        async def job_result(msg: JobResult) -> str | None:
+            await self._job_result(conn, msg)
+            return await self._drained(ws, conn)
+
+        async def drain(_: Drain) -> str | None:
+            await self._drain(conn)
+            return await self._drained(ws, conn)
+
+        async def register_again(_: Register) -> None:
+            raise ProtocolError(BAD_MESSAGE, "already registered")
+
+        async def binary(_: bytes) -> None:
+            raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
+
+        def seen() -> None:
+            conn.last_seen = trio.current_time()
+
+        handlers = {Heartbeat: heartbeat, JobResult: job_result, Drain: drain, Register: register_again}
+        return await self.read_frames(ws, parse_node, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
+
+    async def _drained(self, ws: WebSocketConnection, conn: NodeConnection) -> str | None:
+        """A draining node that holds no job of this instance is closed: reason ``drained``."""
+        if conn.draining and not self._dispatcher.placements_on(conn.node_id):
+            await wsutil.close(ws, CLOSE_GOING_AWAY, "drained")
+            return "drained"
+        return None
 
     async def _heartbeat(self, conn: NodeConnection, msg: Heartbeat) -> None:
         try:
-            await self._redis.script(*lua.heartbeat(conn.node_id, now_ms(), msg.load))
+            await self._scheduling.heartbeat(conn.node_id, msg.load)
         except UnknownNode:
             # Redis lost the node (restarted without its data): register it again, as it is
             if conn.registration is not None:
@@ -193,7 +182,7 @@ class NodeGateway(wsutil.Gateway):
     async def _drain(self, conn: NodeConnection) -> None:
         conn.draining = True
         try:
-            await self._redis.script(*lua.node_state(conn.node_id, self.settings.instance_id, online=True, draining=True))
+            await self._scheduling.node_state([conn.node_id], self.settings.instance_id, online=True, draining=True)
         except RedisUnavailable:
             pass
         event(log, "node_draining", node_id=conn.node_id, jobs=len(self._dispatcher.placements_on(conn.node_id)))
@@ -210,12 +199,12 @@ class NodeGateway(wsutil.Gateway):
         try:
             # complete_task declares the job key too; jobs placed elsewhere (or before a restart
             # of this instance's memory) are looked up in the job hash
-            job_key = self._dispatcher.job_key_of(msg.job_id) or await self._redis.command("HGET", keys.job(msg.job_id), "job_key")
+            job_key = self._dispatcher.job_key_of(msg.job_id) or await self._scheduling.job_key_of(msg.job_id)
             if job_key is None:
                 raise UnknownJob(f"UNKNOWN_JOB {msg.job_id}")
-            reply = await self._redis.script(*lua.complete(
-                msg.job_id, job_key, conn.node_id, msg.attempt, ok, now_ms(),
-                answer=encode_answer(translation, source_text), answer_ttl_s=self._answer_ttl_s))
+            reply = await self._scheduling.complete(msg.job_id, job_key, conn.node_id, msg.attempt, ok,
+                                                    answer=encode_answer(translation, source_text),
+                                                    answer_ttl_s=self._answer_ttl_s)
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
             event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)
@@ -227,31 +216,9 @@ class NodeGateway(wsutil.Gateway):
         self._dispatcher.forget(job_key)
         self._dispatcher.slot_freed()
         self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
-        outcome = JobOutcome(int(utterance_index), tgt_lang, translation, source_text)
-        if session_id in self._sessions or self.relay is None:
-            self._sessions.deliver(session_id, outcome)
-        else:
-            await self._forward(session_id, outcome)
+        await self._router.to_session(session_id, JobOutcome(int(utterance_index), tgt_lang, translation, source_text))
 
     @property
     def _answer_ttl_s(self) -> int:
         """How long complete_task keeps an answer: past any result deadline it could still meet."""
         return self.settings.result_deadline_ms // 1000 + ANSWER_KEEP_EXTRA_S
-
-    async def _forward(self, session_id: str, outcome: JobOutcome) -> None:
-        """The session is not held here: publish the answer to its owner (relay.py). With no
-        owner now (its instance died, the client has not resumed yet) there is nothing to
-        send: complete_task kept the answer, and whoever resumes the session takes it."""
-        assert self.relay is not None
-        try:
-            owner = await self._redis.command("GET", keys.session_owner(session_id))
-            if owner and owner != self.settings.instance_id:
-                if await self.relay.send_outcome(owner, session_id, outcome):
-                    return
-            else:
-                self._metrics.relay_messages_total.labels("outcome_stored").inc()
-                return
-        except RedisUnavailable:
-            pass
-        self._metrics.answers_undeliverable_total.inc()
-        event(log, "outcome_undeliverable", logging.DEBUG, session_id=session_id, utterance_index=outcome.utterance_index)

@@ -1,9 +1,10 @@
-"""Small helpers shared by the client and node gateways (one WebSocket per peer)."""
+"""What the client and node gateways share (one WebSocket per peer): sending, closing,
+refusing a frame, and the one frame-read loop (:meth:`Gateway.read_frames`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -11,19 +12,24 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from scheduler.edge.ratelimit import TokenBucket
 from scheduler.ops.logs import event
-from scheduler.protocol import CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
+from scheduler.protocol import BAD_MESSAGE, CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
+    from scheduler.cluster.routing import Router
     from scheduler.ops.config import Settings
     from scheduler.ops.metrics import Metrics
     from scheduler.placement.dispatcher import Dispatcher
     from scheduler.placement.redis_adapter import RedisAdapter
+    from scheduler.placement.scheduling import SchedulingClient
     from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.ws")
 
 T = TypeVar("T")
+
+Handler = Callable[[Any], Awaitable[str | None]]
+"""Handles one parsed frame; returns None to read on, or the reason to stop reading."""
 
 CLOSE_TIMEOUT = 2.0
 
@@ -81,14 +87,18 @@ class Gateway:
         *,
         settings: Settings,
         redis: RedisAdapter,
+        scheduling: SchedulingClient,
         dispatcher: Dispatcher,
+        router: Router,
         sessions: SessionRegistry,
         metrics: Metrics,
         ownership: Ownership,
     ) -> None:
         self.settings = settings
         self._redis = redis
+        self._scheduling = scheduling
         self._dispatcher = dispatcher
+        self._router = router
         self._sessions = sessions
         self._metrics = metrics
         self._ownership = ownership
@@ -124,3 +134,40 @@ class Gateway:
                     return None
             except ConnectionClosed:
                 return None
+
+    async def read_frames(self, ws: WebSocketConnection, parse: Callable[[str], Any], handlers: Mapping[type, Handler], *,
+                          on_bytes: Callable[[bytes], Awaitable[str | None]], on_frame: Callable[[], None] | None = None,
+                          **context: Any) -> str:
+        """The read loop of a connection after its first message (trio-websocket's
+        ``_reader_task`` is the model): take a rate token, read a frame, check its size, then
+        hand a binary frame to ``on_bytes`` and a text frame, parsed, to the handler for its
+        type (a type with no handler is refused ``BAD_MESSAGE``). A handler returns None to
+        read on, or the reason to stop. A :class:`ProtocolError` from parsing or a handler is
+        counted, logged with ``context`` and answered; a fatal one ends the loop with its
+        code. Returns why the loop ended: ``"disconnected"`` when the peer went away."""
+        limit = self.settings.max_frame_bytes
+        bucket = self.rate_limit()
+        try:
+            while True:
+                await bucket.take()
+                message = await ws.get_message()
+                if on_frame is not None:
+                    on_frame()
+                try:
+                    check_size(message, limit)
+                    if isinstance(message, bytes):
+                        stop = await on_bytes(message)
+                    else:
+                        msg = parse(message)
+                        handler = handlers.get(type(msg))
+                        if handler is None:
+                            raise ProtocolError(BAD_MESSAGE, f"{msg.TYPE} is not expected now")
+                        stop = await handler(msg)
+                    if stop is not None:
+                        return stop
+                except ProtocolError as err:
+                    await self.refuse(ws, err, **context)
+                    if err.fatal:
+                        return err.code
+        except (ConnectionClosed, trio.BrokenResourceError):
+            return "disconnected"

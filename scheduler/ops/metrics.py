@@ -20,7 +20,7 @@ class Metrics:
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.duplicate_finalize_suppressed_total = Counter(
             p + "duplicate_finalize_suppressed_total",
-            "Finalize triggers ignored because their utterance was already finalized (stale timer generation)", registry=r)
+            "Finalize causes ignored because their utterance was already cut (its pause and timeout due at one tick)", registry=r)
         self.duplicate_job_blocked_total = Counter(
             p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
         self.result_gap_timeout_total = Counter(

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, job_key_for
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement import keys, lua
@@ -81,9 +81,7 @@ from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import JobAssign, JobCancel, Translation
 
 if TYPE_CHECKING:
-    from scheduler.cluster.relay import Relay
-    from scheduler.placement.nodes import NodeRegistry
-    from scheduler.session.registry import SessionRegistry
+    from scheduler.placement.nodes import NodeRegistry, NodeRoute
 
 log = logging.getLogger("scheduler.dispatcher")
 
@@ -136,7 +134,8 @@ class Dispatcher:
         *,
         redis: RedisAdapter,
         nodes: NodeRegistry,
-        sessions: SessionRegistry,
+        sessions: SessionInbox,
+        router: NodeRoute,
         metrics: Metrics,
         node_ttl_ms: int,
         job_lease_ms: int = 15000,
@@ -147,10 +146,12 @@ class Dispatcher:
         watch_interval: float = 1.0,
         keep_audio: bool = True,
         instance_id: str = "",
+        scheduling: SchedulingClient | None = None,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
         self._nodes = nodes
+        self._router = router  # a job to its node: here, or over the relay (cluster/routing.py)
         self._sessions = sessions
         self._metrics = metrics
         self._node_ttl_ms = node_ttl_ms
@@ -160,7 +161,6 @@ class Dispatcher:
         self._orphan_grace_ms = orphan_grace_ms
         self._watch_interval = watch_interval
         self._keep_audio = keep_audio  # dispatch_task keeps each job's audio until answered (for adopt)
-        self._relay: Relay | None = None
         self._instance_id = instance_id
         self._rand = rand
         self._queue_size = queue_size
@@ -168,14 +168,10 @@ class Dispatcher:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._scheduling = SchedulingClient(redis)
+        self._scheduling = scheduling or SchedulingClient(redis)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
         self._owed_releases: dict[str, tuple[str, str]] = {}  # job id -> (job key, node id): cancel_task to retry
-
-    def use_relay(self, relay: Relay) -> None:
-        """Jobs placed on nodes of other instances go through ``relay`` (else they move on)."""
-        self._relay = relay
 
     # ------------------------------------------------------------ the actor's port
 
@@ -510,16 +506,10 @@ class Dispatcher:
         return codes
 
     async def _relay_job(self, placement: Placement, assign: JobAssign) -> None:
-        """The chosen node is held by another instance: send the job over that instance's
-        stream. A node with no live owner is gone: the job moves on (attempt + 1)."""
-        try:
-            owner = await self._redis.command("GET", keys.node_owner(placement.node_id))
-            if owner and owner != self._instance_id and self._relay is not None:
-                await self._relay.send_job(owner, placement.node_id, assign)
-                return
-        except RedisUnavailable:
-            pass
-        self.move(placement, "NODE_UNREACHABLE")
+        """The chosen node is held by another instance: the router sends the job over that
+        instance's stream. A node with no live owner is gone: the job moves on (attempt + 1)."""
+        if not await self._router.to_node(placement.node_id, assign):
+            self.move(placement, "NODE_UNREACHABLE")
 
     def _builder(self, request: JobRequest, moving: Placement | None, job_id: str | None) -> Callable[[lua.Candidates], lua.Call]:
         rand, now = self._rand(), now_ms()
@@ -631,26 +621,11 @@ class Dispatcher:
                               conn_id=str(reply[4]) if len(reply) > 4 else "")
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()
-        node = self._nodes.get(node_id)
-        deadline_ms = _epoch_ms(request.deadline)
-        assign = JobAssign(
-            job_id=job_id,
-            attempt=attempt,
-            job_key=request.job_key,
-            session_id=request.session_id,
-            utterance_index=request.utterance_index,
-            job_type=request.job_type,
-            src_lang=request.src_lang,
-            tgt_lang=request.tgt_lang,
-            turn_id=request.turn_id,
-            sample_rate=request.sample_rate,
-            audio=base64.b64encode(request.audio).decode("ascii"),
-            deadline_ms=deadline_ms,
-        )
-        if node is None and self._relay is not None:
+        assign = _assign(placement)
+        if not self._router.node_is_here(node_id):
             remote.append((placement, assign))  # relayed by _place once the batch is through
             return None
-        if node is None or not node.send_nowait(assign):
+        if not self._router.to_node_here(node_id, assign):
             # The node left (or is not reading) between placement and hand-over: the lane keeps
             # the job at its head and places it again, elsewhere, as attempt + 1.
             del self.placed[request.job_key]
@@ -670,6 +645,17 @@ class Dispatcher:
                 translation=Translation(status="FAILED", error=code),
             ),
         )
+
+
+def _assign(placement: Placement) -> JobAssign:
+    """The ``job_assign`` message for a placed job."""
+    request = placement.request
+    return JobAssign(
+        job_id=placement.job_id, attempt=placement.attempt, job_key=request.job_key, session_id=request.session_id,
+        utterance_index=request.utterance_index, job_type=request.job_type, src_lang=request.src_lang,
+        tgt_lang=request.tgt_lang, turn_id=request.turn_id, sample_rate=request.sample_rate,
+        audio=base64.b64encode(request.audio).decode("ascii"), deadline_ms=_epoch_ms(request.deadline),
+    )
 
 
 def _epoch_ms(deadline: float) -> int:

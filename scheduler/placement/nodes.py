@@ -1,13 +1,16 @@
 """The worker nodes connected to this instance: :class:`NodeConnection` (one socket, its
 outbox) and :class:`NodeRegistry` (node id -> connection). The node gateway adds and removes
-them; the dispatcher and the relay hand jobs to their outboxes."""
+them; the router (``cluster/routing.py``) hands jobs to their outboxes, and
+:class:`NodeRoute` is what the dispatcher needs of it."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import trio
 
 from scheduler.ops.metrics import Metrics
-from scheduler.protocol import Register
+from scheduler.protocol import JobAssign, Register
 
 
 class NodeConnection:
@@ -62,3 +65,15 @@ class NodeRegistry:
         if self._nodes.get(conn.node_id) is conn:
             del self._nodes[conn.node_id]
         self._metrics.nodes_online.set(len(self._nodes))
+
+
+class NodeRoute(Protocol):
+    """How the dispatcher hands a placed job to its node (the real one: ``cluster/routing.py``)."""
+
+    def node_is_here(self, node_id: str) -> bool: ...
+
+    def to_node_here(self, node_id: str, assign: JobAssign) -> bool:
+        """To a node connected here; False if it is not, or is not reading."""
+
+    async def to_node(self, node_id: str, assign: JobAssign) -> bool:
+        """Here first, else over the relay to the instance holding the node; False: unreachable."""

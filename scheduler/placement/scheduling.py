@@ -1,5 +1,12 @@
-"""The daemon's client of the Lua scheduling core: what dispatch_task and redispatch_task
-need besides their arguments.
+"""The daemon's client of the Lua scheduling core: every scheduling verb the daemon says to
+Redis, so that gateways and the server speak of nodes and jobs, never of keys and commands.
+
+Node lifecycle: :meth:`register_node`, :meth:`heartbeat`, :meth:`node_state` (offline or
+draining), :meth:`jobs_held`. Jobs: :meth:`complete` (a node's answer), :meth:`job_key_of`,
+:meth:`serves` (is there a pool for a language pair), and placement (:meth:`run_many`,
+:meth:`dispatch`, :meth:`redispatch`). Status: :meth:`nodes_status`.
+
+What placement needs besides the scripts' arguments:
 
 * Job ids come from ``{scheduler}:job:id_seq`` in blocks (one ``INCRBY`` per
   ``id_block`` jobs), so a job's id is known before dispatch_task runs and its hash is a
@@ -15,12 +22,14 @@ Domain errors pass through as the adapter's typed exceptions.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import RedisAdapter, StaleCandidates
+from scheduler.placement.redis_adapter import RedisAdapter, StaleCandidates, now_ms
+from scheduler.protocol import Register
 
 STALE_RETRIES = 3
 
@@ -75,6 +84,70 @@ class SchedulingClient:
             for i, reply in zip(stale, again, strict=True):
                 results[i] = reply
         return results
+
+    # ------------------------------------------------------------ nodes
+
+    async def register_node(self, reg: Register, instance_id: str, conn_id: str) -> None:
+        """The node is online, held by ``instance_id`` over connection ``conn_id`` (a new
+        connection empties the job set of the one before: register_node.lua)."""
+        await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(), instance_id,
+                                                    reg.capabilities, conn_id))
+
+    async def heartbeat(self, node_id: str, load: dict[str, Any] | None) -> None:
+        """Raises UnknownNode when Redis lost the node (restarted empty)."""
+        await self._redis.script(*lua.heartbeat(node_id, now_ms(), load))
+
+    async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool) -> None:
+        """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance)."""
+        if node_ids:
+            await self._redis.script_many([lua.node_state(n, instance_id, online=online, draining=draining) for n in node_ids])
+
+    async def jobs_held(self, node_ids: list[str]) -> int:
+        """How many jobs these nodes hold in all (a node whose count cannot be read counts 0)."""
+        held = await self._redis.commands_many([("SCARD", keys.node_jobs(n)) for n in node_ids])
+        return sum(n for n in held if not isinstance(n, BaseException))
+
+    async def nodes_status(self) -> list[dict[str, Any]]:
+        """Every registered node (any instance): id, state, pools, capacity, load, owner."""
+        nodes = []
+        for node_id in sorted(await self._redis.command("SMEMBERS", keys.nodes_all())):
+            info = await self._redis.command("HGETALL", keys.node_info(node_id))
+            if not info:
+                continue
+            current = await self._redis.command("HGET", keys.node_runtime(node_id), "current_jobs")
+            nodes.append({
+                "node_id": node_id, "online": info.get("online") == "1", "draining": info.get("draining") == "1",
+                "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
+                "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
+                "load": json.loads(info.get("load_json") or "{}"),
+            })
+        return nodes
+
+    async def data_marker(self, mark: str) -> str:
+        """Set the data marker to ``mark`` unless one is set; return the one set. A different
+        one than last time means Redis restarted without its data."""
+        _, seen = await self._redis.commands_many([("SET", keys.data_marker(), mark, "NX"), ("GET", keys.data_marker())])
+        if isinstance(seen, BaseException):
+            raise seen
+        return seen
+
+    # ------------------------------------------------------------ jobs
+
+    async def serves(self, src: str, tgt: str) -> bool:
+        """Does any pool serve this language pair (a node registered it, ever)?"""
+        return bool(await self._redis.command("EXISTS", keys.lang_pools(src, tgt)))
+
+    async def job_key_of(self, job_id: str) -> str | None:
+        return await self._redis.command("HGET", keys.job(job_id), "job_key")
+
+    async def complete(self, job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, *, answer: str,
+                       answer_ttl_s: int) -> Any:
+        """complete_task: accept the answer of the node holding the current attempt, once,
+        and keep it for ``answer_ttl_s``; refusals raise the adapter's typed errors."""
+        return await self._redis.script(*lua.complete(job_id, job_key, node_id, attempt, ok, now_ms(), answer=answer,
+                                                      answer_ttl_s=answer_ttl_s))
+
+    # ------------------------------------------------------------ placement
 
     async def dispatch(self, job_key: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
                        turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, turn_jobs: int = 1) -> Any:

@@ -65,6 +65,24 @@ class Transcript:
     errors: list[Error] = attrs.Factory(list)
     closed: SessionClosed | None = None
     latencies_ms: dict[int, float] = attrs.Factory(dict)
+    _finalized_at: dict[int, float] = attrs.Factory(dict)
+
+    def take(self, msg: Any, now: float) -> float | None:
+        """Record one message that arrived at ``now``; returns a result's latency (ms) since
+        its utterance was finalized, when known."""
+        if isinstance(msg, UtteranceFinalized):
+            self.finalized.append(msg)
+            self._finalized_at[msg.utterance_index] = now
+        elif isinstance(msg, Result):
+            self.results.append(msg)
+            if msg.utterance_index in self._finalized_at:
+                latency = self.latencies_ms[msg.utterance_index] = (now - self._finalized_at[msg.utterance_index]) * 1000
+                return latency
+        elif isinstance(msg, Error):
+            self.errors.append(msg)
+        elif isinstance(msg, SessionClosed):
+            self.closed = msg
+        return None
 
     @property
     def complete(self) -> bool:
@@ -99,7 +117,6 @@ async def stream_session(
     url = url.rstrip("/")
     url = url if url.endswith("/v1/session") else url + "/v1/session"
     transcript = Transcript()
-    finalized_at: dict[int, float] = {}
     chunk_bytes = max(2, int(sample_rate * chunk_ms / 1000) * 2)
     async with open_websocket_url(url) as ws:
         await ws.send_message(encode(SessionInit(src_lang=src_lang, tgt_langs=list(tgt_langs), sample_rate=sample_rate)))
@@ -114,34 +131,13 @@ async def stream_session(
         if out:
             out(f"session_ready session_id={ready.session_id}" if not as_json else encode(ready))
 
-        async def sender() -> None:
-            start = trio.current_time()
-            for n, offset in enumerate(range(0, len(pcm), chunk_bytes)):
-                if not fast:
-                    await trio.sleep_until(start + n * chunk_ms / 1000)
-                await ws.send_message(pcm[offset : offset + chunk_bytes])
-            await ws.send_message(encode(Finalize()))
-            await ws.send_message(encode(CloseSession()))
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender)
+            nursery.start_soon(_send_audio, ws, pcm, chunk_bytes, chunk_ms, fast)
             try:
                 while True:
                     message = await ws.get_message()
                     msg = parse_from_daemon(message, "client")
-                    latency = None
-                    if isinstance(msg, UtteranceFinalized):
-                        transcript.finalized.append(msg)
-                        finalized_at[msg.utterance_index] = trio.current_time()
-                    elif isinstance(msg, Result):
-                        transcript.results.append(msg)
-                        if msg.utterance_index in finalized_at:
-                            latency = (trio.current_time() - finalized_at[msg.utterance_index]) * 1000
-                            transcript.latencies_ms[msg.utterance_index] = latency
-                    elif isinstance(msg, Error):
-                        transcript.errors.append(msg)
-                    elif isinstance(msg, SessionClosed):
-                        transcript.closed = msg
+                    latency = transcript.take(msg, trio.current_time())
                     if out:
                         out(message if as_json else _human(msg, latency))
                     if isinstance(msg, SessionClosed):
@@ -150,6 +146,17 @@ async def stream_session(
                 pass
             nursery.cancel_scope.cancel()
     return transcript
+
+
+async def _send_audio(ws: Any, pcm: bytes, chunk_bytes: int, chunk_ms: int, fast: bool) -> None:
+    """Frames of ``chunk_bytes`` in real time (or as fast as possible), then finalize and close."""
+    start = trio.current_time()
+    for n, offset in enumerate(range(0, len(pcm), chunk_bytes)):
+        if not fast:
+            await trio.sleep_until(start + n * chunk_ms / 1000)
+        await ws.send_message(pcm[offset : offset + chunk_bytes])
+    await ws.send_message(encode(Finalize()))
+    await ws.send_message(encode(CloseSession()))
 
 
 def print_line(line: str, stream: TextIO = sys.stdout) -> None:

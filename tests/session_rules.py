@@ -1,0 +1,125 @@
+"""The rules both session machines share: the client, time, the scheduler and the nodes.
+
+``test_core_stateful.py`` runs them on the sans-IO core (``core_harness.py``), and
+``test_actor_stateful.py`` on the Trio shell (``actor_harness.py``); each machine says how
+its session takes a step (``_do``), how time moves (``_advance``, ``_race_with``) and how
+the guarantees are checked (``_check``: :meth:`SessionModel.check`).
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+DURATIONS = st.sampled_from([0.01, 0.1, 0.3, 0.79, 0.8, 0.81, 1.0, 2.0, 2.99, 3.0, 3.2, 4.99, 5.0, 5.2, 8.0, 11.0])
+# up to 6 frames, speech (True) or silence, as one draw: the low bits of a number, after a 1
+FRAMES = st.integers(min_value=2, max_value=127).map(lambda n: [bit == "1" for bit in bin(n)[3:]])
+RESUME = st.none() | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]), max_size=3).map(sorted))
+
+
+class SessionRules(RuleBasedStateMachine):
+    """Rules and the invariant; a subclass adds ``@initialize`` (making ``self.h``), ``teardown``
+    and the hooks below."""
+
+    def _do(self, fn, *args) -> None:
+        """Call ``fn(*args)`` on the client or node side, then let the session take it."""
+        raise NotImplementedError
+
+    def _advance(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _race_with(self, events: list[str], seconds: float) -> None:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    steps = 0
+
+    # ------------------------------------------------------------ client
+    @rule(kinds=FRAMES)
+    def audio(self, kinds):
+        self._do(self.h.put_frames, kinds)
+
+    @rule(kinds=FRAMES)
+    def audio_is_final(self, kinds):
+        self._do(self.h.put_frames, kinds, True)
+
+    @rule()
+    def finalize(self):
+        self._do(self.h.put_finalize)
+
+    @rule(n=st.integers(min_value=9, max_value=40), then_finalize=st.integers(min_value=0, max_value=8))
+    def flood(self, n, then_finalize):
+        """Faster than the session takes them: merging, busy, early backlog finalize."""
+        def put():
+            self.h.put_frames([True] * n)
+            for _ in range(then_finalize):
+                self.h.put_finalize()
+        self._do(put)
+
+    @rule(frames=st.integers(min_value=1, max_value=8), gap=st.sampled_from([0.3, 0.5, 0.7]))
+    def slow_talker(self, frames, gap):
+        """One frame at a time with gaps shorter than the pause: the utterance ages (timeout)."""
+        for _ in range(frames):
+            self._do(self.h.put_frames, [True])
+            self._advance(gap)
+
+    @rule(how=st.sampled_from(["close", "shutdown", "disconnect", "take_over"]))
+    def end_session(self, how):
+        """Ending rules only late in a run, so that most runs have a long life first."""
+        if self.steps < 12:
+            return
+        self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect,
+                  "take_over": self.h.take_over}[how])
+
+    @rule(reading=st.booleans())
+    def client_reads(self, reading):
+        self.h.client_reading = reading
+        self._do(lambda: None)
+
+    # ------------------------------------------------------------ time
+    @rule(seconds=DURATIONS)
+    def advance(self, seconds):
+        self._advance(seconds)
+
+    @rule(events=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]), min_size=1, max_size=4),
+          seconds=DURATIONS)
+    def events_racing_the_clock(self, events, seconds):
+        """Events queued and the clock moved before the session takes them: deadlines race client events."""
+        self._race_with(events, seconds)
+
+    # ------------------------------------------------------------ scheduler and nodes
+    # (no preconditions: a rule with nothing to act on does nothing, which keeps rule drawing cheap)
+    @rule(pick=st.integers(min_value=0, max_value=99), ok=st.booleans())
+    def node_answers(self, pick, ok):
+        if keys := self.h.unanswered_keys():
+            self._do(self.h.answer, keys[pick % len(keys)], ok)
+
+    @rule(ok=st.booleans())
+    def node_answers_everything(self, ok):
+        for key in self.h.unanswered_keys():
+            self._do(self.h.answer, key, ok)
+
+    @rule(pick=st.integers(min_value=0, max_value=99))
+    def node_answers_again(self, pick):
+        if keys := sorted(self.h.answers):
+            self._do(self.h.answer, keys[pick % len(keys)], True)
+
+    @rule(pick=st.integers(min_value=0, max_value=99), placed=st.booleans())
+    def job_waits_for_a_node(self, pick, placed):
+        if keys := self.h.unanswered_keys():
+            self._do(self.h.tell_waiting, keys[pick % len(keys)], None if placed else "NO_AVAILABLE_NODE")
+
+    @rule(overloaded=st.booleans())
+    def scheduler_overloaded(self, overloaded):
+        self.h.port.overloaded = overloaded
+
+    # ------------------------------------------------------------ invariants
+    @invariant()
+    def guarantees_hold(self):
+        self.steps += 1
+        if hasattr(self, "h"):
+            self._check()
+
+
