@@ -43,13 +43,13 @@ from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
 from scheduler.session.audio import tone  # noqa: E402
 
 
-def start_instances(n: int, redis_url: str, out_dir: Path) -> list[tuple[subprocess.Popen, str]]:
+def start_instances(n: int, redis_url: str, out_dir: Path, extra: list[str] = ()) -> list[tuple[subprocess.Popen, str]]:
     started = []
     for i in range(n):
         ws_port, admin_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "scheduler", "serve", "--ws-port", str(ws_port), "--admin-port", str(admin_port),
                "--redis-url", redis_url, "--instance-id", f"bench-{i}", "--log-level", "warning",
-               "--idle-timeout-ms", "600000"]
+               "--idle-timeout-ms", "600000", *extra]
         with open(out_dir / f"instances-{n}-{i}.daemon.log", "w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         started.append((proc, f"ws://127.0.0.1:{ws_port}", admin_port))
@@ -111,7 +111,7 @@ async def closed_loop_client(url: str, args: argparse.Namespace, frame: str, rec
 async def one_count(n: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     valkey = EmbeddedValkey()
     redis_url = valkey.start()
-    instances = start_instances(n, redis_url, out_dir)
+    instances = start_instances(n, redis_url, out_dir, args.daemon_arg)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     rec, latencies = Record(), []
     rng = random.Random(args.seed)
@@ -191,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--service-ms", type=float, default=20.0, help="median node service time (default 20)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per instance count (default 10)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every daemon, repeatable (--daemon-arg=--locality-slack=0)")
     p.add_argument("--out", default="bench/results/instances.json")
     return p
 

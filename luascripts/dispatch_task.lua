@@ -4,7 +4,7 @@
 -- ("EXISTS"). Otherwise the job is created under the id the caller allocated (blocks of
 -- {scheduler}:job:id_seq, see scheduler/scheduling.py), so that its hash is a declared key.
 -- Pool and node choice: lib/choose_node.lua (preferred pool, turn affinity, least loaded,
--- ties by ARGV rand). Takes one slot on the chosen node, adds the job to the node's job set
+-- nodes held by the placing instance (ARGV[16]) first within ARGV[20] of load, ties by ARGV rand). Takes one slot on the chosen node, adds the job to the node's job set
 -- and its lease to the leases set.
 -- Session: current_turn_id and next_utterance_index (never lowered) follow the jobs created.
 -- Turn: turn_action "keep" (max_duration finalize) records the chosen node as the turn's
@@ -31,7 +31,7 @@
 -- KEYS[4] {scheduler}:turn:<turn_id>        hash
 -- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
--- KEYS[7...] candidates, ARGV[20...] their counts and names (lib/choose_node.lua)
+-- KEYS[7...] candidates, ARGV[21...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
 local job = KEYS[2]
 local session_key = KEYS[3]
@@ -57,6 +57,7 @@ local placed_by = ARGV[16]
 local audio = ARGV[17]        -- base64 PCM, '' for none
 local sample_rate = ARGV[18]
 local deadline_ms = ARGV[19]  -- the utterance's result deadline, epoch ms
+local locality_slack = tonumber(ARGV[20])  -- see choose_node: how much more load a node of this instance may carry
 
 -- @include choose_node
 -- @include slots
@@ -76,11 +77,11 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(6, 19)
+local pools, nodes = declared_candidates(6, 20)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 local chosen
 if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '')
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '', placed_by, locality_slack)
 end
 if not chosen then
   return redis.error_reply(err .. ' ' .. src_lang .. '->' .. tgt_lang)

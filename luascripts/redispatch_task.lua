@@ -4,7 +4,7 @@
 -- Guarded by expected_attempt: a trigger for an attempt that is no longer current changes
 -- nothing ("NOOP"). A dispatched job first leaves its node: the slot is released exactly once
 -- (by job-set membership), the lease dropped, the status set to "waiting". Then a node is
--- chosen as in dispatch_task, never the node it leaves; when none is free the job stays
+-- chosen as in dispatch_task (nodes of ARGV[8] first), never the node it leaves; when none is free the job stays
 -- "waiting" at the same attempt and the call can be repeated. Answers of the old attempt are
 -- refused by complete_task (NODE_MISMATCH / STALE_ATTEMPT).
 --
@@ -19,7 +19,7 @@
 -- KEYS[5] {scheduler}:session:<session_id>         hash
 -- KEYS[6] {scheduler}:turn:<turn_id>               hash
 -- KEYS[7] {scheduler}:lang:<src>:<tgt>             hash pool -> "1"
--- KEYS[8...] candidates, ARGV[8...] their counts and names (lib/choose_node.lua)
+-- KEYS[8...] candidates, ARGV[10...] their counts and names (lib/choose_node.lua)
 local job_hash_key = KEYS[1]
 local old_runtime_key = KEYS[2]
 local old_jobs_key = KEYS[3]
@@ -28,7 +28,8 @@ local session_key = KEYS[5]
 local turn_key = KEYS[6]
 local lang_key = KEYS[7]
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms,
--- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] old node id
+-- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] old node id, ARGV[8] the moving instance (its
+-- nodes first, as in dispatch_task), ARGV[9] locality slack
 local job_id = ARGV[1]
 local expected_attempt = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
@@ -36,6 +37,8 @@ local lease_ms = tonumber(ARGV[4])
 local node_ttl_ms = tonumber(ARGV[5])
 local rand = tonumber(ARGV[6])
 local old_node = ARGV[7]
+local near = ARGV[8]
+local locality_slack = tonumber(ARGV[9])
 
 -- @include choose_node
 -- @include slots
@@ -48,7 +51,7 @@ local attempt = tonumber(j[2])
 if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
   return {'NOOP', j[3], attempt}
 end
-local pools, nodes = declared_candidates(7, 7)
+local pools, nodes = declared_candidates(7, 9)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 if err == 'STALE_CANDIDATES' then
   return redis.error_reply(err .. ' job ' .. job_id)
@@ -60,7 +63,7 @@ end
 
 local chosen
 if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node)
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node, near, locality_slack)
 end
 if not chosen then
   return redis.error_reply(err .. ' no node to take job ' .. job_id)

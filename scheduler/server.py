@@ -163,7 +163,8 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                     waiting_sessions=lambda: _long_waiting(sessions, settings))
     dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, router=router, metrics=metrics,
                             node_ttl_ms=settings.node_ttl_ms, orphan_grace_ms=settings.owner_ttl_ms,
-                            instance_id=settings.instance_id, job_lease_ms=settings.job_lease_ms, scheduling=scheduling)
+                            instance_id=settings.instance_id, job_lease_ms=settings.job_lease_ms, scheduling=scheduling,
+                            locality_slack=settings.locality_slack)
     deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
                 sessions=sessions, metrics=metrics, ownership=ownership)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router, ClientGateway(**deps),

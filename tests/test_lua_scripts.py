@@ -325,3 +325,39 @@ async def test_backend_is_what_the_parameter_says(adapter, request):
         for tag in ("a", "b", "c", "d"):
             await adapter.command("SET", f"{{{tag}}}probe", 1)
         assert await adapter.command("CLUSTER", "KEYSLOT", keys.TAG) >= 0
+
+
+async def _place(a, job_key, near, slack, session_id="s1", rand=0):
+    """dispatch_task placed by instance ``near`` with ``locality_slack``; returns the chosen node."""
+    client = SchedulingClient(a, id_block=1)
+    job_id = await client.next_job_id()
+    reply = await client.run_many("zh", "en", [lambda c: lua.dispatch(
+        job_key, job_id, session_id, 0, "zh", "en", f"t-{job_key}", "none", now_ms(), 30000, 6000, rand, c,
+        placed_by=near, locality_slack=slack)])
+    return reply[0][2]
+
+
+async def test_nodes_of_the_placing_instance_come_first_within_the_slack(adapter, redis_client):
+    await register(adapter, "here", max_jobs=4, owner="A")
+    await register(adapter, "there", max_jobs=4, owner="B")
+    # both empty: a tie, which the random draw would give to "there" (rand 1 of 2 sorted nodes)
+    assert await _place(adapter, "s1:0:translate:en", "A", 0.0, rand=1) == "here"
+    # "here" at 1/4, "there" at 0/4: 0.25 more load is within a slack of 0.3
+    assert await _place(adapter, "s1:1:translate:en", "A", 0.3) == "here"
+    # "here" at 2/4: 0.5 more is not within 0.1
+    assert await _place(adapter, "s1:2:translate:en", "A", 0.1) == "there"
+    # no instance named: the least loaded, as before
+    assert await _place(adapter, "s1:3:translate:en", "", 1.0) == "there"
+
+
+async def test_a_moved_job_prefers_the_moving_instance_s_nodes(adapter, redis_client):
+    await register(adapter, "old", max_jobs=2, owner="A")
+    await register(adapter, "here", max_jobs=4, owner="A")
+    await register(adapter, "there", max_jobs=4, owner="B")
+    await register(adapter, "there2", max_jobs=4, owner="B")
+    job_id = (await dispatch(adapter, "s1:0:translate:en"))[1]
+    old = redis_client.hget(keys.job(job_id), "node_id")
+    reply = await adapter.script(*lua.redispatch(
+        job_id, old, 1, "s1", "t1", "zh", "en", now_ms(), 30000, 6000, 0,
+        await SchedulingClient(adapter).candidates("zh", "en"), near="A", locality_slack=0.5))
+    assert reply[2] == ("here" if old != "here" else "old")

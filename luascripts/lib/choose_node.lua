@@ -58,40 +58,53 @@ local function candidate_nodes(lang_key, session_key, pools, nodes)
   return list
 end
 
--- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude): the turn's affinity
--- node if it is in list and eligible, else the least-loaded (current_jobs / max_jobs)
--- eligible node, ties broken by rand; `exclude` (may be '') is never chosen. A node is
--- eligible when online = 1, draining = 0, its last heartbeat is at most node_ttl_ms old and
+-- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack): the
+-- turn's affinity node if it is in list and eligible; else the least-loaded (current_jobs /
+-- max_jobs) eligible node, ties broken by rand, preferring nodes held by instance `near`
+-- (their info's owner; '' prefers none): the least loaded of those wins when its load is at
+-- most `slack` above the least loaded of all (locality first: no job crosses instances for
+-- a small difference in load). `exclude` (may be '') is never chosen. A node is eligible when
+-- online = 1, draining = 0, its last heartbeat is at most node_ttl_ms old and
 -- current_jobs < max_jobs. Returns the node id, or nil and NO_AVAILABLE_NODE.
-local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude)
-  -- current_jobs and max_jobs of an eligible node, nil otherwise
-  local function free_slots(node)
+local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack)
+  -- load and owner of an eligible node, nil otherwise
+  local function eligible_load(node)
     if node == exclude then return nil end
-    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts')
+    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner')
     if info[1] ~= '1' or info[2] == '1' then return nil end
     if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
     local max_jobs = tonumber(info[3] or '0')
     local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
     if current >= max_jobs then return nil end
-    return current, max_jobs
+    return current / max_jobs, info[5]
   end
   local in_list = {}
   for _, node in ipairs(list) do in_list[node] = true end
   local affinity = redis.call('HGET', turn_key, 'affinity_node_id')
-  if affinity and in_list[affinity] and free_slots(affinity) then
+  if affinity and in_list[affinity] and eligible_load(affinity) then
     return affinity
   end
-  local best, ties = math.huge, {}
+  -- the least loaded of all, and of those held by `near`, each with its ties
+  local best, ties, best_near, ties_near = math.huge, {}, math.huge, {}
+  local function consider(load, node, b, t)
+    if load < b - 1e-9 then
+      return load, {node}
+    elseif load <= b + 1e-9 then
+      t[#t + 1] = node
+    end
+    return b, t
+  end
   for _, node in ipairs(list) do
-    local current, max_jobs = free_slots(node)
-    if current then
-      local load = current / max_jobs
-      if load < best - 1e-9 then
-        best, ties = load, {node}
-      elseif load <= best + 1e-9 then
-        ties[#ties + 1] = node
+    local load, owner = eligible_load(node)
+    if load then
+      best, ties = consider(load, node, best, ties)
+      if near ~= '' and owner == near then
+        best_near, ties_near = consider(load, node, best_near, ties_near)
       end
     end
+  end
+  if #ties_near > 0 and best_near <= best + (slack or 0) + 1e-9 then
+    ties = ties_near
   end
   if #ties == 0 then
     return nil, 'NO_AVAILABLE_NODE'

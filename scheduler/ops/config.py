@@ -80,6 +80,10 @@ class Settings:
     node_ttl_ms: int = _opt(6000, "a node without heartbeat for this long is offline", group="nodes")
     job_lease_ms: int = _opt(15000, "a job not answered within this is dispatched again (attempt + 1) on another node", group="nodes")
     node_token: str | None = _opt(None, "shared secret nodes must send in register; unset: no check", group="nodes")
+    locality_slack: float = _opt(
+        0.25, "several instances: a node attached to this instance is chosen over a less loaded one elsewhere "
+              "while its load (busy slots / max_jobs) is at most this much higher; 0: only on a tie, 1: always "
+              "when one is free (jobs that cross instances cost the relay)", group="nodes")
 
     # Process
     instance_id: str = _opt(attrs.Factory(_default_instance_id), "id of this daemon instance (default: host-pid-random)", group="process")
@@ -131,6 +135,8 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"drain_timeout_ms must be >= 0 (got {s.drain_timeout_ms})")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         errors.append(f"log_level must be debug, info, warning or error (got {s.log_level!r})")
+    if not 0 <= s.locality_slack <= 1:
+        errors.append(f"locality_slack must be between 0 and 1 (got {s.locality_slack})")
     if s.owner_ttl_ms < 300:
         errors.append(f"owner_ttl_ms must be >= 300 (got {s.owner_ttl_ms})")
     if s.node_ttl_ms <= s.heartbeat_interval_ms:

@@ -147,6 +147,7 @@ class Dispatcher:
         keep_audio: bool = True,
         instance_id: str = "",
         scheduling: SchedulingClient | None = None,
+        locality_slack: float = 0.0,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
@@ -169,6 +170,7 @@ class Dispatcher:
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._scheduling = scheduling or SchedulingClient(redis)
+        self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
         self._owed_releases: dict[str, tuple[str, str]] = {}  # job id -> (job key, node id): cancel_task to retry
@@ -520,10 +522,11 @@ class Dispatcher:
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                 request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs,
                 epoch=request.epoch, placed_by=self._instance_id, audio_b64=audio_b64, sample_rate=request.sample_rate,
-                deadline_ms=_epoch_ms(request.deadline))
+                deadline_ms=_epoch_ms(request.deadline), locality_slack=self._locality_slack)
         return lambda c: lua.redispatch(
             moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
-            request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c)
+            request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c, near=self._instance_id,
+            locality_slack=self._locality_slack)
 
     def _remove(self, lane: _Lane, request: JobRequest) -> None:
         """Take ``request`` out of the lane if it is still there (by identity; usually the head)."""

@@ -69,8 +69,9 @@ def read_candidates(client: Any, src: str, tgt: str) -> Candidates:
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
              turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates,
              turn_jobs: int = 1, *, epoch: int | None = None, placed_by: str = "", audio_b64: str = "",
-             sample_rate: int = 16000, deadline_ms: int = 0) -> Call:
-    """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance;
+             sample_rate: int = 16000, deadline_ms: int = 0, locality_slack: float = 0.0) -> Call:
+    """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance,
+    whose nodes are preferred within ``locality_slack`` of load (lib/choose_node.lua);
     ``audio_b64``, ``sample_rate``, ``deadline_ms``: kept with the job until it is answered (adoption)."""
     return (
         "dispatch_task",
@@ -78,17 +79,20 @@ def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, s
          keys.leases(), *candidates.keys()],
         [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
          keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, audio_b64, sample_rate, deadline_ms,
-         *candidates.args()],
+         locality_slack, *candidates.args()],
     )
 
 
 def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: str, turn_id: str, src: str, tgt: str,
-               now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates) -> Call:
+               now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates, *, near: str = "",
+               locality_slack: float = 0.0) -> Call:
+    """``near``: the moving instance, whose nodes are preferred within ``locality_slack`` of load."""
     return (
         "redispatch_task",
         [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
          keys.turn(turn_id), keys.lang_pools(src, tgt), *candidates.keys()],
-        [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, *candidates.args()],
+        [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, near, locality_slack,
+         *candidates.args()],
     )
 
 
