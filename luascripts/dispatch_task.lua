@@ -31,13 +31,15 @@
 -- KEYS[4] {scheduler}:turn:<turn_id>        hash
 -- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
--- KEYS[7...] candidates, ARGV[21...] their counts and names (lib/choose_node.lua)
+-- KEYS[7] {scheduler}:instances            zset instance id -> liveness lapse (ms): no node of a dead instance
+-- KEYS[8...] candidates, ARGV[21...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
 local job = KEYS[2]
 local session_key = KEYS[3]
 local turn_key = KEYS[4]
 local lang_key = KEYS[5]
 local leases_key = KEYS[6]
+local instances_key = KEYS[7]
 local job_key = ARGV[1]
 local job_id = ARGV[2]
 local session_id = ARGV[3]
@@ -77,11 +79,11 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(6, 20)
+local pools, nodes = declared_candidates(7, 20)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 local chosen
 if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '', placed_by, locality_slack)
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '', placed_by, locality_slack, instances_key)
 end
 if not chosen then
   return redis.error_reply(err .. ' ' .. src_lang .. '->' .. tgt_lang)

@@ -19,7 +19,8 @@
 -- KEYS[5] {scheduler}:session:<session_id>         hash
 -- KEYS[6] {scheduler}:turn:<turn_id>               hash
 -- KEYS[7] {scheduler}:lang:<src>:<tgt>             hash pool -> "1"
--- KEYS[8...] candidates, ARGV[10...] their counts and names (lib/choose_node.lua)
+-- KEYS[8] {scheduler}:instances                  zset instance id -> liveness lapse (ms)
+-- KEYS[9...] candidates, ARGV[10...] their counts and names (lib/choose_node.lua)
 local job_hash_key = KEYS[1]
 local old_runtime_key = KEYS[2]
 local old_jobs_key = KEYS[3]
@@ -27,6 +28,7 @@ local leases_key = KEYS[4]
 local session_key = KEYS[5]
 local turn_key = KEYS[6]
 local lang_key = KEYS[7]
+local instances_key = KEYS[8]
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms,
 -- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] old node id, ARGV[8] the moving instance (its
 -- nodes first, as in dispatch_task), ARGV[9] locality slack
@@ -51,7 +53,7 @@ local attempt = tonumber(j[2])
 if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
   return {'NOOP', j[3], attempt}
 end
-local pools, nodes = declared_candidates(7, 9)
+local pools, nodes = declared_candidates(8, 9)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
 if err == 'STALE_CANDIDATES' then
   return redis.error_reply(err .. ' job ' .. job_id)
@@ -63,7 +65,7 @@ end
 
 local chosen
 if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node, near, locality_slack)
+  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node, near, locality_slack, instances_key)
 end
 if not chosen then
   return redis.error_reply(err .. ' no node to take job ' .. job_id)

@@ -93,3 +93,6 @@ class SessionInbox(Protocol):
 
     def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
         """Into the session's inbox, never blocking; False when the session is not here or its inbox is full."""
+
+    def take_over(self, session_id: str) -> None:
+        """The session was resumed on another instance: end its copy here, leaving its jobs."""

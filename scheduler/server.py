@@ -152,9 +152,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
     scheduling = SchedulingClient(redis)
-    ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,
-                          sessions=lambda: [a.session_id for a in sessions.actors()],
-                          nodes=lambda: [conn.node_id for conn in nodes.all()], session_lost=sessions.take_over)
+    ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms)
     # The router hands the dispatcher's jobs to nodes, and tells the dispatcher when an answer
     # for one of its jobs arrived over the relay: the dispatcher is made just below, so that
     # one call is looked up when it happens.
@@ -352,10 +350,15 @@ async def _health_check(running: Running, nursery: trio.Nursery) -> None:
 
 
 async def _after_data_loss(running: Running) -> None:
-    """Redis lost its data: every job placed here that it forgot is placed again, and every
-    local session's journal is written again (so each stays resumable)."""
+    """Redis lost its data: the owner records of the sessions and nodes held here are written
+    again (first: jobs and answers that cross instances need them), every job placed here that
+    it forgot is placed again, and every local session's journal is written again (so each
+    stays resumable)."""
     try:
         with trio.move_on_after(10):
+            if running.ownership is not None:
+                await running.ownership.reassert([a.session_id for a in running.sessions.actors()],
+                                                 [conn.node_id for conn in running.nodes.all()])
             await running.dispatcher.redis_data_lost()
     except Exception as exc:  # Redis away again, or a bug: the lease expiry moves what is left
         event(log, "jobs_recheck_failed", logging.WARNING, error=str(exc))

@@ -10,6 +10,7 @@ this file with its output shown. docs/scaling.md records what it measured.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -200,3 +201,70 @@ async def test_jobs_whose_audio_died_with_their_owner_are_adopted_and_moved(tmp_
         a.log.close()
         if b is not None:
             b.stop()
+
+
+async def test_nothing_is_placed_on_a_dead_instance_s_node(tmp_path, redis_url):
+    """Instance A (a real process) holds node na and a session; B holds node nb; C holds no
+    node. A is killed with SIGKILL; the client resumes on C at once and keeps talking. Every
+    new utterance ends SUCCESS; one finalized in the first second may still be placed on na
+    (A's liveness has not lapsed yet) and is then moved to nb as attempt 2; once A's liveness
+    lapsed (owner_ttl_ms) na is never chosen again: every later job reaches nb as attempt 1."""
+    ttl_ms = 1000
+    flags = ("--redis-url", redis_url, "--owner-ttl-ms", str(ttl_ms), "--result-deadline-ms", "8000")
+    daemons = {}
+    for name in "abc":
+        (tmp_path / name).mkdir()
+        daemons[name] = Daemon(tmp_path / name, *flags, "--instance-id", name)
+    attempts: dict[int, int] = {}  # utterance index -> the attempt nb got
+    try:
+        async with trio.open_nursery() as nursery, peer(daemons["a"].ws_url + "/v1/node") as na, \
+                peer(daemons["b"].ws_url + "/v1/node") as nb:
+            await na.register("na", max_jobs=4)
+            await nb.register("nb", max_jobs=4)
+            nursery.start_soon(_answer_all, nb, attempts)
+            async with peer(daemons["a"].ws_url + "/v1/session") as first:
+                await first.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+                sid = (await first.recv())["session_id"]
+                os.kill(daemons["a"].proc.pid, signal.SIGKILL)
+            killed_at = trio.current_time()
+            async with peer(daemons["c"].ws_url + "/v1/session") as client:
+                await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+                assert (await client.recv())["type"] == "session_ready"
+                finalized_at, results = {}, []
+                for k in range(8):
+                    for frame in utterance_audio(k):
+                        await client.send_raw(frame)
+                    await client.send(type="finalize")
+                    fin, before = await client.recv_until("utterance_finalized", timeout=5)
+                    results += [m for m in before if m["type"] == "result"]
+                    finalized_at[fin["utterance_index"]] = trio.current_time() - killed_at
+                    await trio.sleep(0.3)
+                await client.send(type="close_session")
+                closed, rest = await client.recv_until("session_closed", timeout=12)
+                results += [m for m in rest if m["type"] == "result"]
+            nursery.cancel_scope.cancel()
+        assert [r["status"] for r in results] == ["SUCCESS"] * 8, results
+        assert [r["translations"]["en"]["text"] for r in results] == [expected_text(k) for k in range(8)]
+        late = [i for i, t in finalized_at.items() if t > ttl_ms / 1000 + 0.5]
+        assert late and all(attempts[i] == 1 for i in late), (finalized_at, attempts)
+    finally:
+        for name, d in daemons.items():
+            if name == "a":
+                d.proc.kill()
+                d.proc.wait()
+                d.log.close()
+            else:
+                d.stop()
+
+
+async def _answer_all(node, attempts: dict[int, int]) -> None:
+    """A node that answers every job with the CRC text of its audio, recording attempts."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            msg = await node.recv(timeout=60)
+            if msg["type"] != "job_assign":
+                continue
+            attempts[msg["utterance_index"]] = msg["attempt"]
+            pcm = base64.b64decode(msg["audio"])
+            await node.send(type="job_result", job_id=msg["job_id"], attempt=msg["attempt"], status="ok",
+                            source_text="s", text=f"[en] {len(pcm) // 32}ms crc32={zlib.crc32(pcm):08x}")

@@ -361,3 +361,17 @@ async def test_a_moved_job_prefers_the_moving_instance_s_nodes(adapter, redis_cl
         job_id, old, 1, "s1", "t1", "zh", "en", now_ms(), 30000, 6000, 0,
         await SchedulingClient(adapter).candidates("zh", "en"), near="A", locality_slack=0.5))
     assert reply[2] == ("here" if old != "here" else "old")
+
+
+async def test_a_node_of_a_dead_instance_is_never_chosen(adapter, redis_client):
+    await register(adapter, "gone", max_jobs=4, owner="dead")
+    await register(adapter, "live", max_jobs=4, owner="alive")
+    redis_client.zadd(keys.instances(), {"dead": now_ms() - 1, "alive": now_ms() + 60_000})
+    placed = {(await dispatch(adapter, f"k{i}", rand=i))[2] for i in range(4)}
+    assert placed == {"live"}  # "gone" would win every other tie
+    redis_client.zadd(keys.instances(), {"alive": now_ms() - 1})
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k9")
+    # an owner not listed at all counts as alive (its records are collected once it is gone)
+    redis_client.zrem(keys.instances(), "dead", "alive")
+    assert (await dispatch(adapter, "k10"))[2] in {"gone", "live"}

@@ -1,5 +1,6 @@
-"""Ownership records (issue 6, item 1): instance liveness, session and node owner keys with
-a TTL the owner keeps refreshing, against real Valkey, in-process and as a real process."""
+"""Ownership records: liveness per instance (a TTL the instance keeps refreshing), session and
+node owner keys valid while their instance lives, collected when it dies; against real
+Valkey, in-process and as a real process."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 import pytest
 import trio
 
+from scheduler.cluster.ownership import Ownership
 from scheduler.jobs import job_key_for
-from scheduler.placement import keys, lua
+from scheduler.placement import keys
 from scheduler.placement.redis_adapter import RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session
@@ -25,21 +27,30 @@ def redis_url(request):
     return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
 
 
-async def test_claim_refresh_lost_and_release(redis_url, redis_client):
-    key = keys.session_owner("s1")
+async def test_owner_records_are_valid_while_their_instance_lives(redis_url, redis_client):
     async with RedisAdapter(redis_url) as a:
-        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=True)) == ["OK", ""]
-        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=False)) == ["OK", "i1"]  # refresh
-        # the client reconnected to i2: i2 takes the key over; i1's refresh no longer extends it
-        assert await a.script(*lua.owner_claim(key, "i2", 5000, force=True)) == ["OK", "i1"]
-        assert await a.script(*lua.owner_claim(key, "i1", 5000, force=False)) == ["LOST", "i2"]
-        assert await a.script(*lua.owner_release(key, "i1")) == 0  # not i1's to drop
-        assert redis_client.get(key) == "i2" and 0 < redis_client.pttl(key) <= 5000
-        assert await a.script(*lua.owner_release(key, "i2")) == 1
-        assert not redis_client.exists(key)
+        i1, i2 = Ownership(a, "i1", 600), Ownership(a, "i2", 600)
+        await i1.refresh()
+        await i2.refresh()
+        assert await i1.claim_session("s1") == ""
+        assert await i2.session_owner("s1") == "i1"
+        # the client resumed on i2: i2 takes the record over, and hears who held it
+        assert await i2.claim_session("s1") == "i1"
+        await i1.release_session("s1")  # not i1's to drop any more
+        assert redis_client.get(keys.session_owner("s1")) == "i2" and redis_client.pttl(keys.session_owner("s1")) == -1
+        await i2.claim_node("n1")
+        # i2 stops refreshing (killed): its records are void once its liveness lapses
+        await trio.sleep(0.7)
+        assert await i1.session_owner("s1") is None and await i1.node_owner("n1") is None
+        assert "i2" not in await i1.alive_instances()
+        # and any live instance collects them: owner keys gone, its list entry too
+        await i1.refresh()
+        assert await i1.collect_dead() == 1
+        assert not redis_client.exists(keys.session_owner("s1"), keys.node_owner("n1"), keys.owned("i2"))
+        assert await i1.alive_instances() == {"i1": pytest.approx(0.6, abs=0.2)}
 
 
-async def test_daemon_keeps_its_records_alive_and_drops_them(start_daemon, redis_client):
+async def test_daemon_refreshes_only_its_liveness_and_drops_its_records(start_daemon, redis_client):
     daemon = await start_daemon(owner_ttl_ms=600)
     me = daemon.settings.instance_id
     info = json.loads(redis_client.get(keys.instance(me)))
@@ -48,14 +59,15 @@ async def test_daemon_keeps_its_records_alive_and_drops_them(start_daemon, redis
         await node.register("n1")
         async with session(daemon) as s:
             sid = s.ready["session_id"]
-            await trio.sleep(1.5)  # well past the TTL: only refreshes keep them
-            for key in (keys.instance(me), keys.session_owner(sid), keys.node_owner("n1")):
-                assert redis_client.get(key) == me or key == keys.instance(me), key
-                assert 0 < redis_client.pttl(key) <= 600, key
+            await trio.sleep(1.5)  # well past the TTL: the refresh keeps the instance alive
+            assert 0 < redis_client.pttl(keys.instance(me)) <= 600
+            for key in (keys.session_owner(sid), keys.node_owner("n1")):  # written once, no TTL
+                assert redis_client.get(key) == me and redis_client.pttl(key) == -1, key
             assert me in await daemon.ownership.alive_instances()
             assert json.loads(redis_client.get(keys.instance(me)))["ws_url"] == daemon.ws_url
-        await gone(redis_client, keys.session_owner(sid))  # session ended: released (before its TTL)
+        await gone(redis_client, keys.session_owner(sid))  # session ended: released
     await gone(redis_client, keys.node_owner("n1"))  # node left: released
+    assert not redis_client.smembers(keys.owned(me))
 
 
 async def gone(redis_client, key, within=0.5):
@@ -81,7 +93,7 @@ async def _with_pool(daemon, node):
 
 
 @pytest.mark.slow
-def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
+def test_a_killed_instance_is_void_at_once_and_collected(tmp_path, redis_url, redis_client):
     daemon = Daemon(tmp_path, "--redis-url", redis_url, "--owner-ttl-ms", "1000", "--instance-id", "doomed")
 
     async def connect_and_kill():
@@ -95,14 +107,22 @@ def test_killed_instance_records_lapse(tmp_path, redis_url, redis_client):
             os.kill(daemon.proc.pid, signal.SIGKILL)  # no cleanup at all
             return ready["session_id"]
 
+    async def survivor_sees_it():
+        async with RedisAdapter(redis_url) as a:
+            other = Ownership(a, "survivor", 1000)
+            await other.refresh()
+            start = time.monotonic()
+            while await other.session_owner(sid) is not None or await other.node_owner("n9") is not None:
+                assert time.monotonic() - start < 3
+                await trio.sleep(0.05)
+            assert time.monotonic() - start <= 1.8  # owner_ttl_ms after the last refresh (+ polling slack)
+            assert await other.collect_dead() == 1
+        assert not redis_client.exists(keys.session_owner(sid), keys.node_owner("n9"), keys.instance("doomed"))
+        assert redis_client.hget(keys.node_info("n9"), "online") == "0"  # never chosen again
+
     try:
         sid = trio.run(connect_and_kill)
-        owned = [keys.instance("doomed"), keys.session_owner(sid), keys.node_owner("n9")]
-        start = time.monotonic()
-        while any(redis_client.exists(k) for k in owned):
-            assert time.monotonic() - start < 3, [k for k in owned if redis_client.exists(k)]
-            time.sleep(0.05)
-        assert time.monotonic() - start <= 1.8  # owner_ttl_ms after the last refresh (+ polling slack on a busy box)
+        trio.run(survivor_sees_it)
     finally:
         daemon.proc.kill()
         daemon.proc.wait()

@@ -58,15 +58,18 @@ local function candidate_nodes(lang_key, session_key, pools, nodes)
   return list
 end
 
--- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack): the
+-- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
 -- turn's affinity node if it is in list and eligible; else the least-loaded (current_jobs /
 -- max_jobs) eligible node, ties broken by rand, preferring nodes held by instance `near`
 -- (their info's owner; '' prefers none): the least loaded of those wins when its load is at
 -- most `slack` above the least loaded of all (locality first: no job crosses instances for
 -- a small difference in load). `exclude` (may be '') is never chosen. A node is eligible when
 -- online = 1, draining = 0, its last heartbeat is at most node_ttl_ms old and
--- current_jobs < max_jobs. Returns the node id, or nil and NO_AVAILABLE_NODE.
-local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack)
+-- current_jobs < max_jobs, and the instance holding it (its info's owner) is not known dead:
+-- its liveness in instances_key ({scheduler}:instances, id -> lapse time in epoch ms) has not
+-- lapsed (an owner not listed counts as alive: its records are collected, and its nodes marked
+-- offline, once it is gone; ownership.py). Returns the node id, or nil and NO_AVAILABLE_NODE.
+local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key)
   -- load and owner of an eligible node, nil otherwise
   local function eligible_load(node)
     if node == exclude then return nil end
@@ -76,6 +79,10 @@ local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exc
     local max_jobs = tonumber(info[3] or '0')
     local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
     if current >= max_jobs then return nil end
+    if info[5] and info[5] ~= '' then
+      local lapses = redis.call('ZSCORE', instances_key, info[5])
+      if lapses and tonumber(lapses) < now_ms then return nil end
+    end
     return current / max_jobs, info[5]
   end
   local in_list = {}

@@ -1,24 +1,28 @@
 """Ownership records in Redis: which instance is alive, and which holds each session and node.
 
-docs/scaling.md, "What works": a session is owned by the instance holding its client
-socket, a node by the instance holding its node socket, recorded in Redis with a TTL the
-owner keeps refreshing. Here:
+docs/scaling.md, "What works". Liveness is per instance, not per session:
 
-- ``scheduler:instance:{id}``: this instance is alive (JSON: ws_url, pid, started_ms), and
-  ``{scheduler}:instances`` (id -> lapse time) lists the instances;
-- ``scheduler:owner:session:{session_id}`` and ``scheduler:owner:node:{node_id}``: the
-  owning instance id.
+- ``scheduler:instance:{id}`` (JSON: ws_url, pid, started_ms, TTL ``owner_ttl_ms``) and the
+  instance's score in ``{scheduler}:instances`` (when its liveness lapses, epoch ms): the
+  only records :meth:`Ownership.run` refreshes, every third of ``owner_ttl_ms``: two
+  commands per instance, whatever it holds, so an idle session costs Redis nothing;
+- ``scheduler:owner:session:{session_id}`` and ``scheduler:owner:node:{node_id}``: the id
+  of the instance holding the socket, written once when the socket arrives (the socket is
+  here now, whoever held it before) and dropped when it leaves if it still names this
+  instance; each is listed in the instance's ``scheduler:owned:{id}`` set.
 
-All of them live ``owner_ttl_ms`` past the last refresh; :meth:`Ownership.run` refreshes
-them every third of that in one pipeline. A connection arriving here claims its owner key
-outright (the socket is here now); a refresh only extends a key that still names this
-instance, so an instance never fights one that took a session or node over: it logs
-``owner_lost`` and stops refreshing it, and a session taken over is ended here
-(``session_lost``: it was resumed elsewhere, journal.py). When a session ends or a node leaves, its key is
-dropped if it is still ours. A killed instance's records lapse within ``owner_ttl_ms``.
+An owner record is valid while its instance lives: :meth:`session_owner` and
+:meth:`node_owner` name an instance only if its liveness has not lapsed. A killed instance's
+records are therefore void within ``owner_ttl_ms``; any instance then collects them
+(:meth:`collect_dead`, every ``COLLECT_EVERY_S``): its owner records are dropped, its nodes
+marked offline (so ``dispatch_task`` never chooses them; before that, choose_node.lua skips
+a node whose owner's liveness has lapsed) and it leaves ``{scheduler}:instances``.
 
-Refresh failures (Redis down) are logged and retried on the next tick; the records then
-lapse, which is what a reader should conclude of an instance it cannot see.
+A session taken over (resumed on another instance) is told so by its new owner over the
+relay (``cluster/routing.py``), and its journal writes are fenced anyway (journal.py).
+
+Refresh failures (Redis down) are logged and retried on the next tick; the liveness then
+lapses, which is what a reader should conclude of an instance it cannot see.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
 
 import trio
 
@@ -37,27 +40,23 @@ from scheduler.placement.resilient import every
 
 log = logging.getLogger("scheduler.ownership")
 
-REFRESH_CHUNK = 32
+COLLECT_EVERY_S = 5.0
+"""How often an instance looks for dead instances' records to collect."""
 
 
 class Ownership:
-    def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
-                 sessions: Callable[[], Iterable[str]] = tuple, nodes: Callable[[], Iterable[str]] = tuple,
-                 session_lost: Callable[[str], None] = lambda _: None) -> None:
+    def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "") -> None:
         self._redis = redis
         self.instance_id = instance_id
         self.ttl_ms = ttl_ms
         self.ws_url = ws_url
-        self._sessions = sessions  # ids of the sessions held here now
-        self._nodes = nodes
-        self._session_lost = session_lost  # called with a session id another instance took over
-        self._lost: set[str] = set()  # owner keys another instance took over
         self._started_ms = now_ms()
 
     # ------------------------------------------------------------ claims
 
     async def claim_session(self, session_id: str) -> str:
-        """Record this instance as the session's owner; returns the previous owner ('' if none)."""
+        """Record this instance as the session's owner; returns the previous owner if it is
+        alive ('' if none)."""
         return await self._claim(keys.session_owner(session_id))
 
     async def claim_node(self, node_id: str) -> str:
@@ -70,33 +69,58 @@ class Ownership:
         await self._release(keys.node_owner(node_id))
 
     async def session_owner(self, session_id: str) -> str | None:
-        """The instance holding the session now (None: nobody, e.g. its instance died)."""
-        return await self._redis.command("GET", keys.session_owner(session_id))
+        """The live instance holding the session now (None: nobody, e.g. its instance died)."""
+        return await self._live_owner(keys.session_owner(session_id))
 
     async def node_owner(self, node_id: str) -> str | None:
-        """The instance holding the node's connection now (None: nobody)."""
-        return await self._redis.command("GET", keys.node_owner(node_id))
+        """The live instance holding the node's connection now (None: nobody)."""
+        return await self._live_owner(keys.node_owner(node_id))
+
+    async def is_alive(self, instance_id: str) -> bool:
+        """False once the instance's liveness lapsed. An instance not listed counts as alive,
+        as in choose_node.lua: a dead one is listed until it is collected (and its records with
+        it), and after Redis lost its data every instance is unlisted until its next refresh."""
+        lapses = await self._redis.command("ZSCORE", keys.instances(), instance_id)
+        return lapses is None or float(lapses) >= now_ms()
+
+    async def _live_owner(self, owner_key: str) -> str | None:
+        owner = await self._redis.command("GET", owner_key)
+        return owner if owner and (owner == self.instance_id or await self.is_alive(owner)) else None
 
     async def _claim(self, key: str) -> str:
-        self._lost.discard(key)
-        reply = await self._redis.script(*lua.owner_claim(key, self.instance_id, self.ttl_ms, force=True))
-        return str(reply[1])
+        previous = await self._redis.script(*lua.owner_claim(key, self.instance_id))
+        await self._redis.command("SADD", keys.owned(self.instance_id), key)
+        if previous and previous != self.instance_id and not await self.is_alive(previous):
+            return ""
+        return previous or ""
 
     async def _release(self, key: str) -> None:
-        self._lost.discard(key)
         try:
             await self._redis.script(*lua.owner_release(key, self.instance_id))
+            await self._redis.command("SREM", keys.owned(self.instance_id), key)
         except RedisUnavailable:
-            pass  # the key lapses by itself
+            pass  # void anyway once this instance is gone; collected then
 
-    # ------------------------------------------------------------ keeping them alive
+    async def reassert(self, session_ids: list[str], node_ids: list[str]) -> None:
+        """Redis lost its data: write the owner records of every session and node held here
+        again (they are written once per connection, never refreshed)."""
+        owner_keys = [keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n in node_ids]
+        for start in range(0, len(owner_keys), 64):  # small groups: no long stall of other Redis calls
+            chunk = owner_keys[start:start + 64]
+            await self._redis.script_many([lua.owner_claim(k, self.instance_id) for k in chunk])
+            await self._redis.command("SADD", keys.owned(self.instance_id), *chunk)
+
+    # ------------------------------------------------------------ liveness
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Refresh every ``ttl_ms / 3`` until cancelled; then drop the liveness records."""
+        """Refresh the liveness every ``ttl_ms / 3`` and collect dead instances' records every
+        ``COLLECT_EVERY_S``, until cancelled; then drop this instance's records."""
         try:
             await self.refresh()
             task_status.started()
-            await every(self.ttl_ms / 3000, self.refresh, name="owner_refresh", log=log)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: every(COLLECT_EVERY_S, self.collect_dead, name="owner_collect", log=log))
+                await every(self.ttl_ms / 3000, self.refresh, name="owner_refresh", log=log)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
@@ -106,30 +130,31 @@ class Ownership:
                     pass
 
     async def refresh(self) -> None:
-        """One pipeline: the liveness keys, then every owner key of what is held here."""
-        sessions = {keys.session_owner(s): s for s in self._sessions()}
-        owned = [k for k in [*sessions, *(keys.node_owner(n) for n in self._nodes())] if k not in self._lost]
+        """This instance is alive for another ``ttl_ms``: two commands, whatever it holds."""
         info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms})
         await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms)
         await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
-        replies: list[object] = []
-        for start in range(0, len(owned), REFRESH_CHUNK):  # small groups: no long stall of other Redis calls
-            chunk = owned[start:start + REFRESH_CHUNK]
-            replies += await self._redis.script_many([lua.owner_claim(k, self.instance_id, self.ttl_ms, force=False) for k in chunk])
-        for key, reply in zip(owned, replies, strict=True):
-            if isinstance(reply, RedisUnavailable):
-                raise reply
-            if isinstance(reply, BaseException):
-                event(log, "owner_refresh_error", logging.ERROR, key=key, error=str(reply))
-            elif reply[0] == "LOST":
-                self._lost.add(key)
-                event(log, "owner_lost", logging.WARNING, key=key, owner=reply[1])
-                if key in sessions:  # resumed elsewhere: this instance's copy must stop
-                    self._session_lost(sessions[key])
+
+    async def collect_dead(self) -> int:
+        """Drop the records of every instance whose liveness lapsed: its owner records (those
+        that still name it), its nodes' online flag, its place in the instance list. Any
+        instance may do it, any number of times. Returns how many instances were collected."""
+        dead = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
+        for instance in dead:
+            owned = await self._redis.command("SMEMBERS", keys.owned(instance))
+            node_prefix = keys.node_owner("")[:-2]  # "...:owner:node:" (the id follows in braces)
+            nodes = [k[len(node_prefix):].strip("{}") for k in owned if k.startswith(node_prefix)]
+            if owned:
+                await self._redis.script_many([lua.owner_release(k, instance) for k in owned])
+            if nodes:
+                await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False) for n in nodes])
+            await self._redis.command("DEL", keys.owned(instance))
+            await self._redis.command("ZREM", keys.instances(), instance)
+            event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
+        return len(dead)
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""
         now = now_ms()
-        await self._redis.command("ZREMRANGEBYSCORE", keys.instances(), "-inf", now)
-        pairs = await self._redis.command("ZRANGE", keys.instances(), 0, -1, "WITHSCORES")  # redis-py: [[member, score]]
+        pairs = await self._redis.command("ZRANGEBYSCORE", keys.instances(), now, "+inf", "WITHSCORES")
         return {str(member): round((float(score) - now) / 1000, 3) for member, score in pairs}

@@ -74,13 +74,15 @@ class Relay:
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
                  deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
-                 waiting_sessions: Callable[[], dict[str, list[tuple[int, str]]]] = dict) -> None:
+                 waiting_sessions: Callable[[], dict[str, list[tuple[int, str]]]] = dict,
+                 taken_over: Callable[[str], None] = lambda _: None) -> None:
         self._url = url
         self._redis = adapter
         self.instance_id = instance_id
         self._metrics = metrics
         self._deliver_job = deliver_job
         self._deliver_outcome = deliver_outcome
+        self._taken_over = taken_over  # a session held here was resumed on another instance
         self._waiting_sessions = waiting_sessions  # local sessions with results still owed
         self._stop = threading.Event()
 
@@ -123,6 +125,13 @@ class Relay:
         receivers = await self._redis.command("PUBLISH", keys.answer_channel(owner), _payload(session_id, outcome))
         self._metrics.relay_messages_total.labels("outcome_sent").inc()
         return int(receivers)
+
+    async def send_taken_over(self, owner: str, session_id: str) -> None:
+        """Tell the instance that held the session until now that it was resumed elsewhere
+        (on its answer channel: it ends its copy of the session at once)."""
+        await self._redis.command("PUBLISH", keys.answer_channel(owner), json.dumps({"session_id": session_id,
+                                                                                    "taken_over": True}))
+        self._metrics.relay_messages_total.labels("takeover_sent").inc()
 
     # ------------------------------------------------------------ the reader threads
 
@@ -202,6 +211,9 @@ class Relay:
                     if message is None:
                         continue
                     data = json.loads(message["data"])
+                    if data.get("taken_over"):
+                        trio.from_thread.run_sync(self._taken_over, data["session_id"], trio_token=token)
+                        continue
                     outcome = converter.structure(data["outcome"], JobOutcome)
                     delivered = trio.from_thread.run_sync(self._deliver_outcome, data["session_id"], outcome, trio_token=token)
                     self._metrics.relay_messages_total.labels("outcome_received" if delivered else "outcome_session_gone").inc()

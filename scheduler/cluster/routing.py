@@ -11,7 +11,8 @@ The one place that knows whether a node or a session is held by this instance or
   that resumes the session takes it (:meth:`take_stored`).
 - What arrives over the relay from other instances is delivered here, the same way:
   jobs to local nodes, answers to local sessions (an answer for a job this instance placed
-  also takes it off the dispatcher's books: ``answered``).
+  also takes it off the dispatcher's books: ``answered``), and the note that a session held
+  here was resumed elsewhere (:meth:`session_taken_over` sends it).
 
 The relay (``relay.py``) is transport only; the router owns it and runs it (``async with``).
 """
@@ -47,7 +48,8 @@ class Router:
         self._ownership = ownership
         self._answered = answered
         self.relay = Relay(url, instance_id, metrics, redis, deliver_job=self._job_from_relay,
-                           deliver_outcome=self._answer_from_relay, waiting_sessions=waiting_sessions)
+                           deliver_outcome=self._answer_from_relay, waiting_sessions=waiting_sessions,
+                           taken_over=sessions.take_over)
 
     async def __aenter__(self) -> Router:
         await self.relay.__aenter__()
@@ -108,6 +110,15 @@ class Router:
         placed here), and the answer goes to its session."""
         self._answered(job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
         return self._sessions.deliver(session_id, outcome)
+
+    async def session_taken_over(self, previous_owner: str, session_id: str) -> None:
+        """This instance just took the session over from ``previous_owner`` (a resume): that
+        instance ends its copy at once (its journal writes would be fenced anyway)."""
+        if previous_owner and previous_owner != self.instance_id:
+            try:
+                await self.relay.send_taken_over(previous_owner, session_id)
+            except RedisUnavailable:
+                pass
 
     async def take_stored(self, wanted: dict[str, list[tuple[int, str]]]) -> int:
         """Deliver the answers Redis kept for these sessions' (index, language) pairs."""

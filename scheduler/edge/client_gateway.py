@@ -84,7 +84,7 @@ class ClientGateway(wsutil.Gateway):
                 epoch = await journal.open_session(self._redis, session_id, self.settings.instance_id, meta)
             else:
                 epoch = None  # no journal: not resumable, not fenced
-            await self._ownership.claim_session(session_id)
+            previous_owner = await self._ownership.claim_session(session_id)
         except RedisUnavailable as exc:
             await wsutil.send_error(ws, redis_unavailable(exc))
             return
@@ -96,6 +96,8 @@ class ClientGateway(wsutil.Gateway):
         writer = journal.Journal(self._redis, session_id, epoch, meta, keep=self.settings.resume_keep_results,
                                  result_deadline_ms=self.settings.result_deadline_ms, finalized=next_index,
                                  owed=resumed.owed_from(init.resume_from or 0) if resumed else ())
+        if resumed:
+            await self._router.session_taken_over(previous_owner, session_id)
         previous = self._sessions.add(actor, writer)
         if previous is not None:  # resumed on a newer connection to this same instance
             previous.take_over_nowait()

@@ -106,13 +106,18 @@ def instances() -> str:
 
 
 def session_owner(session_id: str) -> str:
-    """String: the id of the instance holding the session's client socket (TTL, refreshed)."""
+    """String: the id of the instance holding the session's client socket (valid while it lives)."""
     return f"{PREFIX}:owner:session:{{{session_id}}}"
 
 
 def node_owner(node_id: str) -> str:
-    """String: the id of the instance holding the node's socket (TTL, refreshed)."""
+    """String: the id of the instance holding the node's socket (valid while it lives)."""
     return f"{PREFIX}:owner:node:{{{node_id}}}"
+
+
+def owned(instance_id: str) -> str:
+    """Set: the owner keys an instance wrote (collected when it dies, ownership.py)."""
+    return f"{PREFIX}:owned:{{{instance_id}}}"
 
 
 # ---------------------------------------------------------------- relay between instances (relay.py)

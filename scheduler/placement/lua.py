@@ -76,7 +76,7 @@ def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, s
     return (
         "dispatch_task",
         [keys.jobkey(job_key), keys.job(job_id), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
-         keys.leases(), *candidates.keys()],
+         keys.leases(), keys.instances(), *candidates.keys()],
         [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
          keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, audio_b64, sample_rate, deadline_ms,
          locality_slack, *candidates.args()],
@@ -90,7 +90,7 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
     return (
         "redispatch_task",
         [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
-         keys.turn(turn_id), keys.lang_pools(src, tgt), *candidates.keys()],
+         keys.turn(turn_id), keys.lang_pools(src, tgt), keys.instances(), *candidates.keys()],
         [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, near, locality_slack,
          *candidates.args()],
     )
@@ -115,8 +115,8 @@ def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int
     )
 
 
-def owner_claim(owner_key: str, instance_id: str, ttl_ms: int, *, force: bool) -> Call:
-    return "owner_claim", [owner_key], [instance_id, ttl_ms, "1" if force else "0"]
+def owner_claim(owner_key: str, instance_id: str) -> Call:
+    return "owner_claim", [owner_key], [instance_id]
 
 
 def owner_release(owner_key: str, instance_id: str) -> Call:
