@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(finalized utterances, results with latency). Exits 0 when every "
                                         "finalized utterance got its result and the session closed normally.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    client.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon WebSocket URL (/v1/session is appended)")
+    client.add_argument("--url", action="append", metavar="URL",
+                        help="daemon WebSocket URL (/v1/session is appended); repeat it to name several instances: "
+                             "when one goes away (or drains) the session resumes on the next (default ws://127.0.0.1:8765)")
     client.add_argument("--wav", required=True, help="mono 16-bit PCM WAV file")
     client.add_argument("--src", default="zh", help="source language")
     client.add_argument("--tgt", action="append", metavar="LANG", help="target language, repeatable (default: en)")
@@ -163,17 +165,18 @@ def _client(args: argparse.Namespace) -> int:
     from scheduler.reference.client import WavError, print_line, read_wav, stream_session
 
     logs.setup(args.log_level)
+    urls = args.url or ["ws://127.0.0.1:8765"]
     try:
         pcm, rate = read_wav(args.wav)
     except (OSError, WavError) as exc:
         print(f"scheduler client: {exc}", file=sys.stderr)
         return 2
     try:
-        transcript = trio.run(lambda: stream_session(args.url, pcm, src_lang=args.src, tgt_langs=args.tgt or ["en"],
+        transcript = trio.run(lambda: stream_session(urls, pcm, src_lang=args.src, tgt_langs=args.tgt or ["en"],
                                                      sample_rate=rate, chunk_ms=args.chunk_ms, fast=args.fast,
                                                      out=print_line, as_json=args.json))
     except OSError as exc:
-        print(f"scheduler client: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        print(f"scheduler client: cannot connect to {', '.join(urls)}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,45 @@
+"""The reference client (``scheduler client``, :func:`stream_session`) resumes by itself."""
+
+from __future__ import annotations
+
+import trio
+
+from scheduler.reference.client import stream_session
+from scheduler.session.audio import silence, tone
+
+from .helpers import start_node
+
+
+def speech_with_pauses(n: int) -> bytes:
+    """``n`` utterances of 300 ms of tone, each followed by 700 ms of silence."""
+    return b"".join(tone(300, freq=300 + 50 * k) + silence(700) for k in range(n))
+
+
+async def test_the_client_resumes_on_the_next_url_when_its_daemon_drains(start_daemon, nursery):
+    a = await start_daemon(instance_id="a")
+    b = await start_daemon(instance_id="b")
+    await start_node(nursery, b, node_id="nb", delay_ms=20, max_jobs=4)
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        lines.append(line)
+        if line.startswith("finalized #1 "):
+            a.shutdown()  # SIGTERM: a finishes what it holds, closes with reason shutdown
+
+    transcript = await stream_session([a.ws_url, b.ws_url], speech_with_pauses(5), src_lang="zh", tgt_langs=["en"],
+                                      out=out, backoff_s=0.05)
+    assert transcript.complete, lines
+    assert transcript.closed.reason == "client_close" and transcript.closed.utterances == 5, lines
+    assert [r.utterance_index for r in transcript.results] == list(range(transcript.closed.utterances))
+    assert all(r.status == "SUCCESS" for r in transcript.results), lines
+    assert any("resumed" in line and '"resumed":true' in line.replace(" ", "") for line in lines), lines
+
+
+async def test_a_client_that_reaches_no_daemon_says_so(nursery):
+    try:
+        with trio.fail_after(10):
+            await stream_session(["ws://127.0.0.1:9"], bytes(3200), src_lang="zh", tgt_langs=["en"], reconnects=1,
+                                 backoff_s=0.01)
+    except OSError:
+        return
+    raise AssertionError("no OSError")
