@@ -22,12 +22,13 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketRequest, WebSocketServer
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.cluster.routing import Router
 from scheduler.edge import wsutil
 from scheduler.edge.client_gateway import ClientGateway
+from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings
@@ -210,14 +211,13 @@ async def _serve(
     async with parts.router, trio.open_nursery() as nursery:
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
-        ws_server = await nursery.start(
-            lambda task_status: serve_websocket(
-                _router(parts, lambda: running), settings.ws_host, settings.ws_port, None,
-                max_message_size=2 * settings.max_frame_bytes,
-                message_queue_size=4,
-                task_status=task_status,
-            )
+        ws_server = WebSocketServer(
+            _router(parts, lambda: running),
+            await open_listeners(settings.ws_host, settings.ws_port, reuse_port=settings.reuse_port),
+            max_message_size=2 * settings.max_frame_bytes,
+            message_queue_size=4,
         )
+        await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
                             lambda: _status(running, parts.dispatcher))
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)

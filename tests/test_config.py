@@ -127,3 +127,13 @@ def test_logs_are_json_lines_off_a_terminal_and_key_value_on_one():
     assert line["event"] == "session_started" and line["session_id"] == "abc" and line["level"] == "info"
     text = KeyValueFormatter().format(record)
     assert 'event=session_started session_id=abc peer=1.2.3.4:5 note="two words"' in text
+
+
+def test_a_switch_is_a_flag_and_an_env_boolean():
+    assert config.from_sources({}, {}).reuse_port is False
+    assert config.from_sources({}, {"SCHEDULER_REUSE_PORT": "true"}).reuse_port is True
+    assert config.from_sources({}, {"SCHEDULER_REUSE_PORT": "0"}).reuse_port is False
+    args = build_parser().parse_args(["serve", "--reuse-port"])
+    assert config.from_sources(vars(args), {"SCHEDULER_REUSE_PORT": "0"}).reuse_port is True
+    with pytest.raises(config.ConfigError, match="SCHEDULER_REUSE_PORT"):
+        config.from_sources({}, {"SCHEDULER_REUSE_PORT": "maybe"})

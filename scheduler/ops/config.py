@@ -39,6 +39,8 @@ class Settings:
     # Listeners
     ws_host: str = _opt("127.0.0.1", "address of the WebSocket listener (clients and nodes)", group="listeners")
     ws_port: int = _opt(8765, "port of the WebSocket listener; 0 picks a free port", group="listeners")
+    reuse_port: bool = _opt(False, "bind the WebSocket port with SO_REUSEPORT, so that several daemon processes on "
+                                   "this box share it (each must have its own instance_id and admin_port)", group="listeners")
     admin_host: str = _opt("127.0.0.1", "address of the admin HTTP listener (/metrics, /healthz, /readyz)", group="listeners")
     admin_port: int = _opt(8766, "port of the admin HTTP listener; 0 picks a free port", group="listeners")
 
@@ -167,6 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(f"{group_name} options"))
         default = field.default
         shown = "generated" if isinstance(default, attrs.Factory) else ("unset" if default is None else default)
+        if _field_type(field) is bool:  # a switch: --reuse-port turns it on
+            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, action="store_const", const=True,
+                               default=None, help=f"{field.metadata['help']} (default: off; env {env_name(field.name)}=1)")
+            continue
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
@@ -186,6 +192,15 @@ def _coerce(field: attrs.Attribute, value: Any, where: str) -> Any:
         what = {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
         raise ConfigError(f"{where}: {field.name} must be {what}, got {value!r}")
     return value
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -240,7 +255,7 @@ def from_sources(flags: Mapping[str, Any] | None = None, environ: Mapping[str, s
         elif raw not in (None, ""):
             kind = _field_type(field)
             try:
-                values[field.name] = kind(raw)
+                values[field.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ConfigError(f"{env_name(field.name)}={raw!r} is not a valid {kind.__name__}") from None
             origin[field.name] = "env"
@@ -271,6 +286,8 @@ def render(settings: Settings, sources: Mapping[str, str]) -> str:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
