@@ -111,6 +111,7 @@ def _settings(args: argparse.Namespace, sources: dict[str, str] | None = None) -
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from scheduler.ops.supervisor import supervise, worker_count
     from scheduler.server import serve
 
     settings = _settings(args)
@@ -122,7 +123,10 @@ def _serve(args: argparse.Namespace) -> int:
     # ms per full collection under load (bench/load.py, docs/performance.md).
     gc.collect()
     gc.freeze()
-    trio.run(serve, settings)
+    if worker_count(settings.workers) > 1:
+        trio.run(supervise, settings)
+    else:
+        trio.run(serve, settings)
     return 0
 
 

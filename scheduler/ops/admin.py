@@ -29,10 +29,14 @@ REQUEST_TIMEOUT = 5.0
 
 class AdminServer:
     def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
-                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
+                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                 health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")) -> None:
+        """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
+        (default: 200 while the process runs)."""
         self._metrics = metrics
         self._readiness = readiness
         self._status = status
+        self._health = health
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
@@ -43,7 +47,8 @@ class AdminServer:
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render()
         if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
+            healthy, why = self._health()
+            return (200 if healthy else 503), "text/plain", (why + "\n").encode()
         if path == "/readyz":
             ready, why = self._readiness()
             return (200 if ready else 503), "text/plain", (why + "\n").encode()

@@ -92,6 +92,8 @@ class Settings:
     owner_ttl_ms: int = _opt(3000, "this instance's liveness and its session / node owner keys in Redis lapse this long "
                              "after its last refresh (refreshed every third of it)", group="process")
     log_level: str = _opt("info", "log level: debug, info, warning, error", group="process")
+    workers: str = _opt("1", "daemon processes on this box sharing ws_port (SO_REUSEPORT) under one supervisor with one "
+                             "admin port; 'auto': one per CPU core. Each worker is instance <instance_id>-w<i>", group="process")
 
     def __attrs_post_init__(self) -> None:
         errors = validate(self)
@@ -137,6 +139,8 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"drain_timeout_ms must be >= 0 (got {s.drain_timeout_ms})")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         errors.append(f"log_level must be debug, info, warning or error (got {s.log_level!r})")
+    if s.workers != "auto" and not (s.workers.isdigit() and int(s.workers) >= 1):
+        errors.append(f"workers must be 'auto' or a number >= 1 (got {s.workers!r})")
     if not 0 <= s.locality_slack <= 1:
         errors.append(f"locality_slack must be between 0 and 1 (got {s.locality_slack})")
     if s.owner_ttl_ms < 300:

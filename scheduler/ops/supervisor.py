@@ -1,0 +1,211 @@
+"""``scheduler serve --workers N``: N daemon processes behind one port, one admin port for the box.
+
+The supervisor (this module, one Trio run) starts the embedded Valkey once (when no
+``redis_url`` is set) and N worker processes (``scheduler serve``, one instance each) that
+share the WebSocket port with ``SO_REUSEPORT`` (``--reuse-port``): the kernel spreads new
+connections over them. Each worker gets every setting of the supervisor through
+``SCHEDULER_*`` variables, plus its own ``instance_id`` (``<instance_id>-w<i>``) and a private
+admin port on 127.0.0.1.
+
+- **One admin port for the box** (``admin_host:admin_port``): ``/healthz`` is 200 while every
+  worker process runs; ``/readyz`` is 200 only when every worker says ready; ``/status`` lists
+  every worker (pid, restarts, its own ``/status``); ``/metrics`` exposes every worker's
+  series with a ``worker`` label (read with prometheus_client's parser and exposed again
+  through a collector: no text is merged by hand).
+- **A worker that dies is started again** (after ``RESTART_DELAY_S``, logged
+  ``worker_exited``); its clients resume on its siblings (docs/protocol.md, "Resume").
+- **SIGTERM / SIGINT**: every worker gets SIGTERM and drains (``drain_timeout_ms``); then the
+  embedded Valkey stops. systemd gets ``READY=1`` once every worker is ready, ``STOPPING=1``
+  on the signal, and the watchdog from the supervisor (workers do not talk to systemd).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import attrs
+import trio
+from prometheus_client.core import CollectorRegistry, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from scheduler.ops.admin import AdminServer
+from scheduler.ops.config import Settings, env_name
+from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.ops.logs import event
+from scheduler.ops.systemd import Notifier
+
+log = logging.getLogger("scheduler.supervisor")
+
+RESTART_DELAY_S = 1.0
+POLL_S = 0.5
+
+
+def worker_count(workers: str) -> int:
+    """``auto``: one per CPU core; else the number."""
+    return (os.cpu_count() or 1) if workers == "auto" else int(workers)
+
+
+@attrs.define(eq=False)
+class Worker:
+    index: int
+    instance_id: str
+    admin_port: int
+    process: trio.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+    status: dict | None = None
+    metrics_text: str = ""
+
+
+class _WorkerMetrics:
+    """What the admin server renders for ``/metrics``: every worker's last scrape, labelled."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self._workers = workers
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+
+    def collect(self):
+        for worker in self._workers:
+            for family in text_string_to_metric_families(worker.metrics_text):
+                out = Metric(family.name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, "worker": str(worker.index)}, sample.value,
+                                   sample.timestamp, sample.exemplar)
+                yield out
+
+    def render(self) -> bytes:
+        return generate_latest(self._registry)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _worker_env(settings: Settings, worker: Worker, redis_url: str, ws_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    values = attrs.asdict(settings) | {"redis_url": redis_url, "ws_port": ws_port, "reuse_port": True, "workers": "1",
+                                       "instance_id": worker.instance_id, "admin_host": "127.0.0.1",
+                                       "admin_port": worker.admin_port}
+    for name, value in values.items():
+        if value is None:
+            env.pop(env_name(name), None)
+        else:
+            env[env_name(name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    env.pop(env_name("config"), None)  # everything is in the variables above
+    return env
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+async def _poll(worker: Worker) -> None:
+    """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
+    while True:
+        code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz")
+        worker.ready = code == 200
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status")
+        worker.status = json.loads(body) if code == 200 else None
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics")
+        worker.metrics_text = body.decode() if code == 200 else ""
+        await trio.sleep(POLL_S)
+
+
+async def _run_worker(worker: Worker, env: dict[str, str], stopping: trio.Event) -> None:
+    """Start the worker, and start it again whenever it exits, until the supervisor stops."""
+    while not stopping.is_set():
+        worker.process = await trio.lowlevel.open_process([sys.executable, "-m", "scheduler", "serve"], env=env,
+                                                          stdin=subprocess.DEVNULL)
+        event(log, "worker_started", worker=worker.index, pid=worker.process.pid, instance_id=worker.instance_id)
+        code = await worker.process.wait()
+        worker.ready = False
+        if stopping.is_set():
+            event(log, "worker_stopped", worker=worker.index, exit_code=code)
+            return
+        worker.restarts += 1
+        event(log, "worker_exited", logging.WARNING, worker=worker.index, exit_code=code, restarts=worker.restarts)
+        await trio.sleep(RESTART_DELAY_S)
+
+
+async def supervise(settings: Settings) -> None:
+    """Run ``worker_count(settings.workers)`` workers until SIGTERM/SIGINT; see the module docstring."""
+    n = worker_count(settings.workers)
+    embedded = None if settings.redis_url else EmbeddedValkey(settings.data_dir)
+    redis_url = settings.redis_url or embedded.start()
+    try:
+        ws_port = settings.ws_port or _free_port(settings.ws_host)
+        workers = [Worker(i, f"{settings.instance_id}-w{i}", _free_port()) for i in range(n)]
+        await _serve(settings, workers, redis_url, ws_port)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    event(log, "stopped", workers=n)
+
+
+async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_port: int) -> None:
+    stopping = trio.Event()
+    notifier = Notifier()
+    admin = AdminServer(_WorkerMetrics(workers), lambda: _readiness(workers, stopping), lambda: _status(workers),
+                        health=lambda: _health(workers))
+    async with trio.open_nursery() as nursery:
+        admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
+        nursery.start_soon(notifier.watchdog)
+        async with trio.open_nursery() as running:
+            for worker in workers:
+                running.start_soon(_run_worker, worker, _worker_env(settings, worker, redis_url, ws_port), stopping)
+                running.start_soon(_poll, worker)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                while not all(w.ready for w in workers):
+                    await trio.sleep(0.1)
+                event(log, "listening", ws=f"ws://{settings.ws_host}:{ws_port}", admin=f"http://{settings.admin_host}:{admin_port}",
+                      workers=len(workers), redis=redis_url if settings.redis_url else "embedded")
+                notifier.notify("READY=1", f"STATUS={len(workers)} workers on ws://{settings.ws_host}:{ws_port}")
+                async for _ in signals:
+                    break
+            stopping.set()
+            notifier.notify("STOPPING=1")
+            event(log, "draining", workers=len(workers))
+            for worker in workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    worker.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(settings.drain_timeout_ms / 1000 + 10):
+                for worker in workers:
+                    if worker.process is not None:
+                        await worker.process.wait()
+            running.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def _health(workers: list[Worker]) -> tuple[bool, str]:
+    down = [str(w.index) for w in workers if w.process is None or w.process.returncode is not None]
+    return (not down), ("ok" if not down else "workers not running: " + ",".join(down))
+
+
+def _readiness(workers: list[Worker], stopping: trio.Event) -> tuple[bool, str]:
+    if stopping.is_set():
+        return False, "draining"
+    waiting = [str(w.index) for w in workers if not w.ready]
+    return (not waiting), ("ready" if not waiting else "workers not ready: " + ",".join(waiting))
+
+
+async def _status(workers: list[Worker]) -> dict:
+    return {"workers": [{"worker": w.index, "instance_id": w.instance_id, "pid": w.process.pid if w.process else None,
+                         "restarts": w.restarts, "ready": w.ready, "status": w.status} for w in workers]}

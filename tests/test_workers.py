@@ -1,0 +1,91 @@
+"""``scheduler serve --workers 2`` as a real process: one supervisor, two workers on one port
+(SO_REUSEPORT), one admin port for the box, a dead worker started again, SIGTERM drains all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import pytest
+import trio
+
+from .helpers import peer, speak
+from .test_e2e import log_events
+from .test_gateways import http_get
+
+pytestmark = pytest.mark.slow
+
+
+class Supervisor:
+    def __init__(self, tmp, *flags: str) -> None:
+        self.log_path = tmp / "supervisor.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler", "serve", "--workers", "2", "--ws-port", "0",
+                                      "--admin-port", "0", *flags], stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text().splitlines():
+                if '"scheduler.supervisor"' in line and '"listening"' in line:
+                    ev = json.loads(line)
+                    self.ws_url, self.admin_port = ev["ws"], urllib.parse.urlsplit(ev["admin"]).port
+                    return
+            assert self.proc.poll() is None, self.log_path.read_text()
+            time.sleep(0.1)
+        raise AssertionError("supervisor did not start:\n" + self.log_path.read_text())
+
+    async def get(self, path: str) -> tuple[int, str]:
+        return await trio.to_thread.run_sync(http_get, self.admin_port, path)
+
+    async def workers(self) -> list[dict]:
+        return json.loads((await self.get("/status"))[1])["workers"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+async def test_two_workers_one_port_one_admin_restart_and_drain(tmp_path):
+    sup = Supervisor(tmp_path)
+    try:
+        assert (await sup.get("/readyz"))[0] == 200 and (await sup.get("/healthz"))[0] == 200
+        workers = await sup.workers()
+        assert [w["worker"] for w in workers] == [0, 1] and all(w["ready"] for w in workers)
+        assert len({w["status"]["instance_id"] for w in workers}) == 2  # two instances of one Valkey
+        async with peer(sup.ws_url + "/v1/node") as node:
+            await node.register("n1")
+            for _ in range(4):  # sessions land on either worker; the job reaches n1 either way
+                async with peer(sup.ws_url + "/v1/session") as client:
+                    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+                    assert (await client.recv())["type"] == "session_ready"
+                    await speak(client)
+                    await client.send(type="finalize")
+                    job = await node.recv(timeout=10)
+                    await node.send(type="job_result", job_id=job["job_id"], attempt=job["attempt"], status="ok",
+                                    source_text="s", text="t")
+                    result, _ = await client.recv_until("result", timeout=10)
+                    assert result["status"] == "SUCCESS"
+        metrics = (await sup.get("/metrics"))[1]
+        assert 'scheduler_sessions_total{worker="0"}' in metrics and 'scheduler_sessions_total{worker="1"}' in metrics
+        dead = workers[0]["pid"]
+        os.kill(dead, signal.SIGKILL)
+        with trio.fail_after(20):
+            while True:
+                w0 = (await sup.workers())[0]
+                if w0["restarts"] == 1 and w0["ready"] and w0["pid"] != dead:
+                    break
+                await trio.sleep(0.2)
+        assert (await sup.get("/readyz"))[0] == 200
+        assert "worker_exited" in log_events(sup.log_path)
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: sup.proc.wait(timeout=30)) == 0
+        assert "stopped" in log_events(sup.log_path)
+    finally:
+        sup.close()
