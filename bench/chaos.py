@@ -10,6 +10,11 @@ fault from `--faults` strikes:
 - ``term``: an instance gets SIGTERM (it must drain and exit 0), and is started again;
 - ``redis``: Valkey is stopped and started again empty.
 
+With ``--workers N`` the instances are the workers of one ``scheduler serve --workers N``
+(one port, SO_REUSEPORT): ``kill`` and ``term`` strike a worker, and its supervisor must start
+it again by itself; every ``worker_exited`` in the supervisor's log must be one the harness
+caused (exit code -9 after ``kill``, 0 after ``term``), and the supervisor must not exit.
+
 Clients stream utterances (tones of 200-700 ms in 100 ms binary frames, then ``finalize``)
 and resume on another instance (``session_id`` + ``resume_from``) whenever their connection
 breaks, re-sending the one utterance the daemon may not have finalized. Nodes answer like the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
@@ -39,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any
@@ -59,6 +66,8 @@ CONNECTION_ENDED = (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--instances", type=int, default=3, help="scheduler serve processes on one Valkey (default 3)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="instead: one 'scheduler serve --workers N' (N workers behind one port); 0: off (default)")
     p.add_argument("--nodes", type=int, default=6, help="simulated worker nodes, 4 slots each (default 6)")
     p.add_argument("--clients", type=int, default=12, help="clients streaming and resuming (default 12)")
     p.add_argument("--duration", type=float, default=120, help="seconds of streaming with faults (default 120)")
@@ -151,6 +160,50 @@ class Instance:
 
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Box:
+    """One ``scheduler serve --workers N``: its workers are the instances; the supervisor
+    restarts a worker the harness strikes."""
+
+    def __init__(self, redis_url: str, workdir: Path, args: argparse.Namespace) -> None:
+        self.inst = Instance("box", redis_url, workdir, args)
+        self.inst.cmd += ["--workers", str(args.workers)]
+        self.caused: list[tuple[int, int]] = []  # (worker, expected exit code) of every strike
+
+    async def workers(self) -> list[dict]:
+        def get() -> list[dict]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.inst.admin_port}/status", timeout=5) as resp:
+                return json.loads(resp.read())["workers"]
+        return await trio.to_thread.run_sync(get)
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                with contextlib.suppress(OSError, ValueError):
+                    if all(w["ready"] for w in await self.workers()):
+                        return
+                await trio.sleep(0.2)
+
+    async def strike(self, kind: str, report: Report, rng: random.Random) -> None:
+        ready = [w for w in await self.workers() if w["ready"] and w["pid"]]
+        if len(ready) < 2:
+            return  # keep at least one worker serving
+        w = rng.choice(ready)
+        report.fault(kind, f"w{w['worker']}")
+        self.caused.append((w["worker"], -9 if kind == "kill" else 0))
+        os.kill(w["pid"], signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+
+    def check(self, report: Report) -> None:
+        """Every worker exit is one the harness caused, with the exit code it should have."""
+        exits = []
+        for line in self.inst.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if ev.get("event") == "worker_exited":
+                    exits.append((ev["worker"], ev["exit_code"]))
+        if sorted(exits) != sorted(self.caused):
+            report.violation(f"worker exits {sorted(exits)} != caused {sorted(self.caused)}")
 
 
 # ---------------------------------------------------------------- nodes
@@ -398,7 +451,7 @@ async def watch_instances(instances: list[Instance], report: Report) -> None:
 
 
 async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey: EmbeddedValkey, report: Report,
-                 rng: random.Random, nursery: trio.Nursery) -> None:
+                 rng: random.Random, nursery: trio.Nursery, box: Box | None = None) -> None:
     if kind == "node":
         connected = [n for n in nodes if n.scope is not None]
         if connected:
@@ -409,6 +462,9 @@ async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey
     if kind == "redis":
         report.fault("redis", "restart-empty")
         nursery.start_soon(_restart_redis, valkey, rng)  # in the faults' nursery: it finishes even past the end
+        return
+    if box is not None:
+        await box.strike(kind, report, rng)  # its supervisor starts the worker again
         return
     up = [i for i in instances if i.running and not i.expected_exit]
     if len(up) < 2:
@@ -445,12 +501,12 @@ async def _cycle(kind: str, inst: Instance, report: Report, rng: random.Random) 
 
 
 async def faults(args: argparse.Namespace, kinds: list[str], instances: list[Instance], nodes: list[Node],
-                 valkey: EmbeddedValkey, report: Report, rng: random.Random, stop_at: float) -> None:
+                 valkey: EmbeddedValkey, report: Report, rng: random.Random, stop_at: float, box: Box | None) -> None:
     async with trio.open_nursery() as nursery:
         with trio.move_on_at(stop_at):
             while kinds:
                 await trio.sleep(args.fault_every * (0.7 + 0.6 * rng.random()))
-                await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery)
+                await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery, box)
 
 
 # ---------------------------------------------------------------- the run
@@ -469,12 +525,15 @@ async def run(args: argparse.Namespace) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         valkey = EmbeddedValkey(workdir / "valkey", persist=False)
         url = valkey.start()
-        instances = [Instance(f"i{k}", url, workdir, args) for k in range(args.instances)]
+        box = Box(url, workdir, args) if args.workers else None
+        instances = [box.inst] if box else [Instance(f"i{k}", url, workdir, args) for k in range(args.instances)]
         try:
             for inst in instances:
                 inst.start()
             for inst in instances:
                 await inst.wait_listening()
+            if box is not None:
+                await box.wait_ready()
             urls = [i.url for i in instances]
             nodes = [Node(f"n{k}", urls, random.Random(rng.random())) for k in range(args.nodes)]
             clients = [Client(f"c{k}", urls, random.Random(rng.random()), report, args.result_deadline_ms / 1000)
@@ -488,13 +547,15 @@ async def run(args: argparse.Namespace) -> dict:
                 outer.start_soon(watch_instances, instances, report)
                 await trio.sleep(1.0)  # nodes registered
                 async with trio.open_nursery() as inner:
-                    inner.start_soon(faults, args, kinds, instances, nodes, valkey, report, rng, stop_at)
+                    inner.start_soon(faults, args, kinds, instances, nodes, valkey, report, rng, stop_at, box)
                     for c in clients:
                         inner.start_soon(c.run, stop_at, close_by)
                 outer.cancel_scope.cancel()
             for c in clients:
                 if c.next_result != c.confirmed:
                     report.violation(f"{c.name}: {c.confirmed} utterances finalized, {c.next_result} results")
+            if box is not None:
+                box.check(report)
         finally:
             for inst in instances:
                 inst.expected_exit = True
@@ -509,7 +570,8 @@ async def run(args: argparse.Namespace) -> dict:
             valkey.stop()
     share = report.success / report.utterances if report.utterances else 0.0
     summary = {
-        "seed": seed, "duration_s": args.duration, "instances": args.instances, "nodes": args.nodes, "clients": args.clients,
+        "seed": seed, "duration_s": args.duration, "instances": args.workers or args.instances,
+        "workers": bool(args.workers), "nodes": args.nodes, "clients": args.clients,
         "faults_enabled": kinds, "faults": report.faults, "utterances": report.utterances, "success": report.success,
         "success_share": round(share, 5), "resumes": report.resumes, "non_success": report.non_success,
         "violations": report.violations,

@@ -34,3 +34,17 @@ async def test_short_chaos_run_loses_nothing(tmp_path):
     kinds = {f["kind"] for f in summary["faults"]}
     assert {"kill", "term"} & kinds and summary["resumes"] > 0, summary["faults"]  # faults did strike
     assert summary["utterances"] > 100 and summary["ok"], summary
+
+
+async def test_short_chaos_run_on_one_supervisor_loses_nothing(tmp_path):
+    """The same with ``--workers 3``: kill -9 and SIGTERM strike workers of one supervisor,
+    which must start them again by itself; every worker exit is one the run caused."""
+    args = chaos.parser().parse_args([
+        "--workers", "3", "--nodes", "4", "--clients", "6", "--duration", "20", "--fault-every", "3",
+        "--faults", "node,kill,term", "--min-success", "0.8", "--seed", "17", "--out", str(tmp_path / "chaos.json"),
+        "--logs", str(tmp_path / "logs")])
+    summary = await chaos.run(args)
+    chaos.print_summary(summary, args.min_success)
+    assert not summary["violations"], summary["violations"]
+    assert {"kill", "term"} & {f["kind"] for f in summary["faults"]}, summary["faults"]
+    assert summary["utterances"] > 100 and summary["ok"], summary
