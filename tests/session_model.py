@@ -148,6 +148,8 @@ class SessionModel:
         self._audio_checked = 0  # finalized utterances whose audio check passed
         self._results_checked = 0  # results whose check passed
         self._utts = list(self.owed)  # every utterance owed a result so far, in index order
+        self._covered: set[int] = set()  # serials of the frames in a finalized utterance
+        self.close_after = -1  # the last frame sent before close_session (-1: none sent)
         self._audio_last_serial = 0  # the last frame of the last of them
 
     # ------------------------------------------------------------ what a subclass provides
@@ -198,6 +200,8 @@ class SessionModel:
 
     def put_close(self) -> None:
         if self.can_put():
+            if not self.close_put:
+                self.close_after = self.next_serial - 1  # the frames sent before close_session
             self.close_put = True
             self.backlog.put_nowait(CloseIn())
 
@@ -297,6 +301,7 @@ class SessionModel:
             skipped = range(previous_last + 1, serials[0])
             assert all(not self.sent[n].speech for n in skipped), "speech dropped between utterances"
             previous_last = serials[-1]
+            self._covered.update(serials)
             assert fin.audio_ms == len(serials) * FRAME_MS
             self._check_reason(t_fin, fin, [self.sent[n] for n in serials])
             self._audio_checked, self._audio_last_serial = self._audio_checked + 1, previous_last
@@ -377,3 +382,9 @@ class SessionModel:
             assert set(self.port.cancelled) == unanswered, "unanswered jobs not cancelled on exit"
         if self.ended == "taken_over":
             assert not self.port.cancelled, "jobs cancelled though the new owner wants their answers"
+        # completeness: a session closed by its client took every frame sent before the close,
+        # so every speech frame among them is in exactly one utterance
+        last = self.close_after if self.ended == "client_close" else None
+        if last is not None:
+            dropped = [n for n, f in self.sent.items() if f.speech and n <= last and n not in self._covered]
+            assert not dropped, f"speech frames {dropped[:5]} sent before the close are in no utterance"

@@ -8,6 +8,9 @@ the guarantees are checked (``_check``: :meth:`SessionModel.check`).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -17,21 +20,59 @@ FRAMES = st.integers(min_value=2, max_value=127).map(lambda n: [bit == "1" for b
 RESUME = st.none() | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]), max_size=3).map(sorted))
 
 
+STEP_LIMIT_S = 10.0
+"""A step (a rule, the invariant, the end) taking longer than this is a livelock: it fails
+with a message naming the step, instead of hanging the run."""
+
+
+@contextlib.contextmanager
+def step_limit(name: str):
+    """Fail the step with an AssertionError after STEP_LIMIT_S (SIGALRM: Hypothesis runs the
+    machine in the main thread)."""
+    def alarm(signum, frame):
+        raise AssertionError(f"step {name!r} took over {STEP_LIMIT_S:g} s: a livelock?")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, STEP_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class SessionRules(RuleBasedStateMachine):
     """Rules and the invariant; a subclass adds ``@initialize`` (making ``self.h``), ``teardown``
-    and the hooks below."""
+    and says how a step is taken (``do``), how time moves (``advance_by``, ``race``) and how
+    the guarantees are checked (``verify``). Every step runs under :func:`step_limit`."""
 
     def _do(self, fn, *args) -> None:
         """Call ``fn(*args)`` on the client or node side, then let the session take it."""
-        raise NotImplementedError
+        with step_limit(getattr(fn, "__name__", "step")):
+            self.do(fn, *args)
 
     def _advance(self, seconds: float) -> None:
-        raise NotImplementedError
+        with step_limit(f"advance {seconds}"):
+            self.advance_by(seconds)
 
     def _race_with(self, events: list[str], seconds: float) -> None:
-        raise NotImplementedError
+        with step_limit(f"race {events} {seconds}"):
+            self.race(events, seconds)
 
     def _check(self) -> None:
+        with step_limit("check"):
+            self.verify()
+
+    def do(self, fn, *args) -> None:
+        raise NotImplementedError
+
+    def advance_by(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def race(self, events: list[str], seconds: float) -> None:
+        raise NotImplementedError
+
+    def verify(self) -> None:
         raise NotImplementedError
 
     steps = 0

@@ -26,7 +26,7 @@ from hypothesis.stateful import initialize
 from scheduler.session.actor import SessionActor
 
 from .actor_harness import ActorHarness
-from .session_rules import RESUME, SessionRules
+from .session_rules import RESUME, SessionRules, step_limit
 
 
 class _IdleInstrument(trio.abc.Instrument):
@@ -116,23 +116,24 @@ class ActorMachine(SessionRules):
     def teardown(self):
         if hasattr(self, "trio"):
             try:
-                self.trio.call(self.h.finish)
+                with step_limit("finish"):
+                    self.trio.call(self.h.finish)
                 for name in self.h.coverage():
                     event(name)  # what this example reached (--hypothesis-show-statistics)
             finally:
                 self.trio.close()
 
-    def _do(self, fn, *args):
+    def do(self, fn, *args):
         self.trio.call_sync(fn, *args)
         self.trio.call(self.h.settle)
 
-    def _advance(self, seconds):
+    def advance_by(self, seconds):
         self.trio.call(self.h.advance, seconds)
 
-    def _race_with(self, events, seconds):
+    def race(self, events, seconds):
         self.trio.call(self.h.race_with, events, seconds)
 
-    def _check(self):
+    def verify(self):
         self.trio.call_sync(self.h.check)
 
 

@@ -38,8 +38,9 @@ from hypothesis.stateful import initialize, run_state_machine_as_test
 
 from scheduler.session.core import SessionCore
 
+from . import session_rules
 from .core_harness import CoreHarness
-from .session_rules import RESUME, SessionRules
+from .session_rules import RESUME, SessionRules, step_limit
 
 
 class CoreMachine(SessionRules):
@@ -47,26 +48,28 @@ class CoreMachine(SessionRules):
 
     @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]), resume=RESUME)
     def start(self, tgts, outbox, resume):
-        self.h = CoreHarness(core_class=self.core_class, tgt_langs=tgts, outbox_size=outbox, resume=resume)
-        self.h.settle()
+        with step_limit("start"):
+            self.h = CoreHarness(core_class=self.core_class, tgt_langs=tgts, outbox_size=outbox, resume=resume)
+            self.h.settle()
 
     def teardown(self):
         if hasattr(self, "h"):
-            self.h.finish()
+            with step_limit("finish"):
+                self.h.finish()
             for name in self.h.coverage():
                 event(name)  # what this example reached (--hypothesis-show-statistics)
 
-    def _do(self, fn, *args):
+    def do(self, fn, *args):
         fn(*args)
         self.h.settle()
 
-    def _advance(self, seconds):
+    def advance_by(self, seconds):
         self.h.advance(seconds)
 
-    def _race_with(self, events, seconds):
+    def race(self, events, seconds):
         self.h.race_with(events, seconds)
 
-    def _check(self):
+    def verify(self):
         self.h.check()
 
 
@@ -108,4 +111,49 @@ def test_hypothesis_finds_a_stale_deadline():
             settings=settings(max_examples=2000, stateful_step_count=30, phases=[Phase.generate, Phase.shrink],
                               database=None, derandomize=True, deadline=None, print_blob=False,
                               report_multiple_bugs=False),
+        )
+
+
+class DropsSpeechOnClose(SessionCore):
+    """Deliberately broken: close_session drops the open utterance instead of cutting it."""
+
+    def _begin_close(self, reason, now):
+        if self.close_reason is None:
+            self._reset_utterance()
+        super()._begin_close(reason, now)
+
+
+class DropsSpeechMachine(CoreMachine):
+    core_class = DropsSpeechOnClose
+
+
+def test_hypothesis_finds_speech_dropped_on_close():
+    with pytest.raises(AssertionError, match="sent before the close are in no utterance"):
+        run_state_machine_as_test(
+            DropsSpeechMachine,
+            settings=settings(max_examples=2000, stateful_step_count=30, phases=[Phase.generate, Phase.shrink],
+                              database=None, derandomize=True, deadline=None, print_blob=False,
+                              report_multiple_bugs=False),
+        )
+
+
+class SpinsOnTick(SessionCore):
+    """Deliberately broken: a deadline that never goes away, so acting on it never ends."""
+
+    def _expire(self, now):
+        while self.next_deadline() <= now:
+            pass
+
+
+class SpinningMachine(CoreMachine):
+    core_class = SpinsOnTick
+
+
+def test_a_livelock_fails_naming_its_step(monkeypatch):
+    monkeypatch.setattr(session_rules, "STEP_LIMIT_S", 0.5)
+    with pytest.raises(AssertionError, match=r"step '.*' took over .* a livelock\?"):
+        run_state_machine_as_test(
+            SpinningMachine,
+            settings=settings(max_examples=50, stateful_step_count=30, phases=[Phase.generate], database=None,
+                              derandomize=True, deadline=None, print_blob=False, report_multiple_bugs=False),
         )
