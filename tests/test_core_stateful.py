@@ -99,19 +99,21 @@ class StaleTimeoutCore(SessionCore):
             self._timeout_at, self._old_timeout = self._old_timeout, math.inf
 
 
-class BrokenMachine(CoreMachine):
-    core_class = StaleTimeoutCore
+def search_broken(core_class: type[SessionCore], *, max_examples: int = 2000, shrink: bool = True) -> None:
+    """Run the machine on a deliberately broken core; the caller expects the failure.
+    Derandomized: the same search every run, so the test's time is stable."""
+    machine = type(f"{core_class.__name__}Machine", (CoreMachine,), {"core_class": core_class})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(max_examples=max_examples, stateful_step_count=30, database=None, derandomize=True,
+                          phases=[Phase.generate, Phase.shrink] if shrink else [Phase.generate], deadline=None,
+                          print_blob=False, report_multiple_bugs=False),
+    )
 
 
 def test_hypothesis_finds_a_stale_deadline():
     with pytest.raises(AssertionError, match="timeout cut|pause cut|indexes|late|overdue"):
-        run_state_machine_as_test(
-            BrokenMachine,
-            # derandomized: the same search every run, so this test's time is stable
-            settings=settings(max_examples=2000, stateful_step_count=30, phases=[Phase.generate, Phase.shrink],
-                              database=None, derandomize=True, deadline=None, print_blob=False,
-                              report_multiple_bugs=False),
-        )
+        search_broken(StaleTimeoutCore)
 
 
 class DropsSpeechOnClose(SessionCore):
@@ -123,18 +125,9 @@ class DropsSpeechOnClose(SessionCore):
         super()._begin_close(reason, now)
 
 
-class DropsSpeechMachine(CoreMachine):
-    core_class = DropsSpeechOnClose
-
-
 def test_hypothesis_finds_speech_dropped_on_close():
     with pytest.raises(AssertionError, match="sent before the close are in no utterance"):
-        run_state_machine_as_test(
-            DropsSpeechMachine,
-            settings=settings(max_examples=2000, stateful_step_count=30, phases=[Phase.generate, Phase.shrink],
-                              database=None, derandomize=True, deadline=None, print_blob=False,
-                              report_multiple_bugs=False),
-        )
+        search_broken(DropsSpeechOnClose)
 
 
 class SpinsOnTick(SessionCore):
@@ -145,15 +138,7 @@ class SpinsOnTick(SessionCore):
             pass
 
 
-class SpinningMachine(CoreMachine):
-    core_class = SpinsOnTick
-
-
 def test_a_livelock_fails_naming_its_step(monkeypatch):
     monkeypatch.setattr(session_rules, "STEP_LIMIT_S", 0.5)
     with pytest.raises(AssertionError, match=r"step '.*' took over .* a livelock\?"):
-        run_state_machine_as_test(
-            SpinningMachine,
-            settings=settings(max_examples=50, stateful_step_count=30, phases=[Phase.generate], database=None,
-                              derandomize=True, deadline=None, print_blob=False, report_multiple_bugs=False),
-        )
+        search_broken(SpinsOnTick, max_examples=50, shrink=False)
