@@ -56,6 +56,18 @@ stress *ARGS: sync
     for seed in "${seeds[@]}"; do echo "== seed $seed"; cat "$logs/$seed.log"; done
     exit "$status"
 
+# mutation testing (docs/testing.md): mutmut on the session core, backlog, results and dispatcher with the
+# state machines alone as the test command, then the Lua mutants against the Lua machine; prints the caught
+# share per module and every survivor (mutants/ keeps mutmut's cache: delete it for a fresh run)
+mutants *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    uv sync --frozen --group mutants
+    HYPOTHESIS_PROFILE=ci uv run --frozen --group mutants mutmut run --max-children "$(nproc)" {{ARGS}} > /dev/null || true
+    uv run --frozen --group mutants python -m tests.mutants.report
+    HYPOTHESIS_PROFILE=ci uv run --frozen python -m tests.mutants.lua_mutants
+    uv sync --frozen
+
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync
     uv run --frozen python bench/scheduling.py {{ARGS}}

@@ -31,6 +31,7 @@ class ActorHarness(SessionModel):
             self.emitted.append((trio.current_time(), msg))
 
         self.actor._emit = recording_emit
+        self.watch(self.actor.backlog)
         self.done = trio.Event()
         self._scope = trio.CancelScope()
         nursery.start_soon(self._run)

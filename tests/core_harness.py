@@ -23,12 +23,13 @@ from .session_model import EPS, SessionModel
 
 
 class CoreHarness(SessionModel):
-    def __init__(self, *, core_class=SessionCore, start: float = 100.0, **kwargs) -> None:
+    def __init__(self, *, core_class=SessionCore, backlog_class=ClientBacklog, start: float = 100.0, **kwargs) -> None:
         self.t = start
         super().__init__(**kwargs)
         self.core = core_class(**self.session_args)
         max_bytes = 2 * int(self.settings.max_utterance_ms * 16000 * audio.BYTES_PER_SAMPLE / 1000)
-        self.backlog = ClientBacklog(self.settings.max_pending_events, max_bytes, lambda: None)
+        self.backlog = backlog_class(self.settings.max_pending_events, max_bytes, lambda: None)
+        self.watch(self.backlog)
         self.inbox: collections.deque[object] = collections.deque()
         self.outbox: collections.deque[object] = collections.deque()
         self._ran_out = False

@@ -26,6 +26,7 @@ submitted:
 
 from __future__ import annotations
 
+import bisect
 import struct
 
 import attrs
@@ -55,8 +56,10 @@ def make_frame(serial: int, speech: bool) -> bytes:
 
 
 def frame_serial(frame: bytes) -> int:
-    samples = np.frombuffer(frame[:16], dtype="<i2")
-    return int(sum(int(v) << (4 * (7 - i)) for i, v in enumerate(samples)))
+    serial = 0
+    for nibble in struct.unpack("<8h", frame[:16]):
+        serial = (serial << 4) | nibble
+    return serial
 
 
 @attrs.frozen
@@ -149,8 +152,17 @@ class SessionModel:
         self._results_checked = 0  # results whose check passed
         self._utts = list(self.owed)  # every utterance owed a result so far, in index order
         self._covered: set[int] = set()  # serials of the frames in a finalized utterance
-        self.close_after = -1  # the last frame sent before close_session (-1: none sent)
         self._audio_last_serial = 0  # the last frame of the last of them
+        # close: the first cause asked for, the one the session took, and the last frame sent before it
+        self.close_asked: str | None = None
+        self.close_taken: str | None = None
+        self.close_after: int | None = None
+        self.cuts: list[int] = []  # per finalize / is_final sent: the serial of the frame it cuts after
+        self.taken_at: dict[int, float] = {}  # frame serial -> when the session took it
+        self.busy_owed = 0  # busy messages the hysteresis calls for, from the audio events taken
+        self._busy_episode = False
+        self.merged_taken = 0  # frames that arrived merged into another frame's event
+        self._tail_open_audio = False  # the newest queued event is audio that is not final (merging target)
 
     # ------------------------------------------------------------ what a subclass provides
 
@@ -176,10 +188,61 @@ class SessionModel:
     def deadlines(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def watch(self, backlog) -> None:
+        """Record what the session takes from ``backlog``: when each frame was taken, and the
+        busy episodes (protocol.md "Backpressure": a merged event starts one, an unmerged event
+        with less than half the budget queued behind it ends it), for the checks."""
+        take = backlog.take
+
+        def watched():
+            ev = take()
+            if isinstance(ev, AudioIn):
+                now = self.now()
+                for pcm in ev.frames:
+                    self.taken_at[frame_serial(pcm)] = now
+                self.merged_taken += len(ev.frames) - 1
+                behind = len(backlog)
+                assert ev.queued_behind == behind, f"told {ev.queued_behind} events queued behind, {behind} are"
+                if self.closing is None:
+                    if ev.merged and not self._busy_episode:
+                        self._busy_episode, self.busy_owed = True, self.busy_owed + 1
+                    elif not ev.merged and behind < backlog.budget / 2:
+                        self._busy_episode = False
+            return ev
+
+        backlog.take = watched
+
+    def _ask_close(self, reason: str) -> None:
+        """The client or the daemon asks for the end: the first cause asked while open is the one to win."""
+        if self.closing is None and self.close_asked is None:
+            self.close_asked = reason
+            self.close_after = self.next_serial - 1
+
     # ------------------------------------------------------------ client side
 
+    def queued_bytes(self) -> int:
+        """Audio the client sent that the session has not taken yet."""
+        return FRAME_BYTES * (len(self.sent) - len(self.taken_at))
+
     def can_put(self) -> bool:
-        return self.alive and not self.backlog._full()
+        """The client can send while the backlog is under its memory bound (2 x budget events
+        and max_bytes of audio: protocol.md "Backpressure"); past it, its socket blocks."""
+        full = len(self.backlog) >= 2 * self.settings.max_pending_events or self.queued_bytes() >= self.backlog.max_bytes
+        assert self.backlog._full() == full, f"backlog full={self.backlog._full()} with {len(self.backlog)} events, {self.queued_bytes()} bytes"
+        return self.alive and not full
+
+    def _put(self, ev) -> None:
+        """Queue one client event; past the budget, audio joins the newest queued audio event
+        unless that is final (or a finalize or close came after it): merged, never dropped."""
+        if not len(self.backlog):
+            self._tail_open_audio = False
+        before = len(self.backlog)
+        self.backlog.put_nowait(ev)
+        if isinstance(ev, AudioIn) and before >= self.settings.max_pending_events and self._tail_open_audio:
+            assert len(self.backlog) == before, "a frame past the budget was queued on its own instead of merged"
+        else:
+            assert len(self.backlog) == before + 1, "an event under the budget (or after a final one) was merged"
+        self._tail_open_audio = isinstance(ev, AudioIn) and not ev.is_final
 
     def put_frames(self, kinds: list[bool], is_final: bool = False) -> None:
         """Queue frames (True = speech) as separate events, unless the client would be blocked."""
@@ -191,22 +254,25 @@ class SessionModel:
             self.sent[serial] = Sent(serial, speech, self.now())
             final = is_final and n == len(kinds) - 1
             self.finalize_events += final
-            self.backlog.put_nowait(AudioIn.of(make_frame(serial, speech), final))
+            if final:
+                self.cuts.append(serial)
+            self._put(AudioIn.of(make_frame(serial, speech), final))
 
     def put_finalize(self) -> None:
         if self.can_put():
             self.finalize_events += 1
-            self.backlog.put_nowait(FinalizeIn())
+            self.cuts.append(self.next_serial - 1)
+            self._put(FinalizeIn())
 
     def put_close(self) -> None:
         if self.can_put():
-            if not self.close_put:
-                self.close_after = self.next_serial - 1  # the frames sent before close_session
+            self._ask_close("client_close")
             self.close_put = True
-            self.backlog.put_nowait(CloseIn())
+            self._put(CloseIn())
 
     def shutdown(self) -> None:
         if self.alive:
+            self._ask_close("shutdown")
             self.close_put = True
             self._deliver(ShutdownIn())
 
@@ -254,6 +320,15 @@ class SessionModel:
 
     def check(self) -> None:
         s = self.settings
+        # close: the first cause wins and never changes (the client's close_session, the
+        # daemon's shutdown, or else the idle deadline)
+        if self.closing is not None and self.close_taken is None:
+            self.close_taken = self.closing
+            if self.close_after is None:  # idle: every frame sent so far was taken before it
+                self.close_after = self.next_serial - 1
+            first = self.close_asked or "idle_timeout"
+            assert self.closing == first, f"closed for {self.closing!r}, but the first cause was {first!r}"
+        assert self.closing in (None, self.close_taken), f"close reason {self.close_taken!r} overwritten by {self.closing!r}"
         finalized = self.messages(UtteranceFinalized)
         results = self.messages(Result)
         base, first = self.base_index, self.first_index
@@ -303,6 +378,7 @@ class SessionModel:
             previous_last = serials[-1]
             self._covered.update(serials)
             assert fin.audio_ms == len(serials) * FRAME_MS
+            self._check_cuts(t_fin, fin, serials)
             self._check_reason(t_fin, fin, [self.sent[n] for n in serials])
             self._audio_checked, self._audio_last_serial = self._audio_checked + 1, previous_last
 
@@ -312,8 +388,20 @@ class SessionModel:
         assert reasons.count("close") <= 1 and ("close" not in reasons or self.close_put)
         if "backlog" in reasons:
             assert self.backlog.merged_frames_total > 0
-        for _, busy in self.messages(Busy):
+        busies = self.messages(Busy)
+        for _, busy in busies:
             assert busy.action in ("merged", "early_finalize")
+        # busy once per episode: the session sent as many as the episodes it took (fewer only
+        # if it ended on a full outbox)
+        assert len(busies) == self.busy_owed or (not self.alive and len(busies) < self.busy_owed), (
+            f"{len(busies)} busy sent for {self.busy_owed} backpressure episodes")
+
+        # the backlog: drained after every step while the session lives (it was woken), its
+        # byte count and merge count exact
+        assert not self.alive or not len(self.backlog), f"{len(self.backlog)} client events left untaken"
+        assert self.backlog.nbytes == self.queued_bytes(), f"backlog counts {self.backlog.nbytes} bytes, holds {self.queued_bytes()}"
+        if not len(self.backlog):
+            assert self.backlog.merged_frames_total == self.merged_taken, "merged frames miscounted"
 
         # bounds
         assert len(self.backlog) <= 2 * s.max_pending_events
@@ -326,7 +414,23 @@ class SessionModel:
         assert len(closed) <= 1
         if closed:
             assert self.emitted[-1][1] is closed[0][1], "session_closed is not the last message"
+            assert closed[0][1].reason == self.close_taken, f"session_closed says {closed[0][1].reason!r}, the session took {self.close_taken!r}"
             assert len(results) == len(utts), "session_closed before every result"
+
+    def _check_cuts(self, t_fin: float, fin: UtteranceFinalized, serials: list[int]) -> None:
+        """Where one finalized utterance starts and ends: after every frame it holds was sent
+        and before the close was taken; never across a finalize or is_final (so merging moved
+        no frame across one, and swallowed none); and cut no later than utterance_timeout_ms
+        after its first frame was taken (timeout liveness)."""
+        first, last = serials[0], serials[-1]
+        if self.close_after is not None:
+            assert last <= self.close_after, f"utterance #{fin.utterance_index} holds frame {last}, sent after the close was taken"
+        i = bisect.bisect_left(self.cuts, first)
+        assert i == len(self.cuts) or self.cuts[i] >= last, (
+            f"utterance #{fin.utterance_index} (frames {first}-{last}) runs across the finalize after frame {self.cuts[i]}")
+        age = t_fin - self.taken_at[first]
+        assert age <= self.settings.utterance_timeout_ms / 1000 + EPS, (
+            f"utterance #{fin.utterance_index} cut {age * 1000:.0f} ms after its first frame was taken (timeout missed)")
 
     def _expected(self, key: str, cutoff: float):
         """A predicate for the translation ``key`` must have if the deadline fell at ``cutoff``."""

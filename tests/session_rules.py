@@ -90,13 +90,14 @@ class SessionRules(RuleBasedStateMachine):
     def finalize(self):
         self._do(self.h.put_finalize)
 
-    @rule(n=st.integers(min_value=9, max_value=40), then_finalize=st.integers(min_value=0, max_value=8))
-    def flood(self, n, then_finalize):
-        """Faster than the session takes them: merging, busy, early backlog finalize."""
+    @rule(n=st.integers(min_value=9, max_value=40), then=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]),
+                                                                  max_size=8))
+    def flood(self, n, then):
+        """Faster than the session takes them: merging, busy, early backlog finalize; what follows
+        the speech is merged too, across (never past) finalize and is_final."""
         def put():
             self.h.put_frames([True] * n)
-            for _ in range(then_finalize):
-                self.h.put_finalize()
+            self.h.put_events(then)
         self._do(put)
 
     @rule(frames=st.integers(min_value=1, max_value=8), gap=st.sampled_from([0.3, 0.5, 0.7]))
@@ -142,10 +143,12 @@ class SessionRules(RuleBasedStateMachine):
         for key in self.h.unanswered_keys():
             self._do(self.h.answer, key, ok)
 
-    @rule(pick=st.integers(min_value=0, max_value=99))
-    def node_answers_again(self, pick):
+    @rule(pick=st.integers(min_value=0, max_value=99), ok=st.booleans())
+    def node_answers_again(self, pick, ok):
+        """A second answer for one job (a retried node, a relayed copy), maybe with another
+        status: the first one stands."""
         if keys := sorted(self.h.answers):
-            self._do(self.h.answer, keys[pick % len(keys)], True)
+            self._do(self.h.answer, keys[pick % len(keys)], ok)
 
     @rule(pick=st.integers(min_value=0, max_value=99), placed=st.booleans())
     def job_waits_for_a_node(self, pick, placed):

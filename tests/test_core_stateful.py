@@ -36,7 +36,9 @@ from hypothesis import Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, run_state_machine_as_test
 
-from scheduler.session.core import SessionCore
+from scheduler.session.backlog import ClientBacklog, _Merging
+from scheduler.session.core import SessionCore, State
+from scheduler.session.events import AudioIn, CloseIn
 
 from . import session_rules
 from .core_harness import CoreHarness
@@ -45,11 +47,13 @@ from .session_rules import RESUME, SessionRules, step_limit
 
 class CoreMachine(SessionRules):
     core_class: type[SessionCore] = SessionCore
+    backlog_class: type[ClientBacklog] = ClientBacklog
 
     @initialize(tgts=st.sampled_from([("en",), ("en", "de")]), outbox=st.sampled_from([6, 64]), resume=RESUME)
     def start(self, tgts, outbox, resume):
         with step_limit("start"):
-            self.h = CoreHarness(core_class=self.core_class, tgt_langs=tgts, outbox_size=outbox, resume=resume)
+            self.h = CoreHarness(core_class=self.core_class, backlog_class=self.backlog_class, tgt_langs=tgts,
+                                 outbox_size=outbox, resume=resume)
             self.h.settle()
 
     def teardown(self):
@@ -80,11 +84,14 @@ TestCoreMachine.settings = settings(stateful_step_count=30)
 
 
 # ---------------------------------------------------------------- the machine can fail
+#
+# Each class below is one realistic bug, written as a small change to the real core or
+# backlog. The machine must find each one; the test names the check that must fire.
 
 
 class StaleTimeoutCore(SessionCore):
-    """Deliberately broken: the next utterance inherits the timeout deadline of the one cut
-    before it, so an old utterance's deadline takes effect (what generation checks used to prevent)."""
+    """The next utterance inherits the timeout deadline of the one cut before it, so an old
+    utterance's deadline takes effect (what generation checks used to prevent)."""
 
     _old_timeout = math.inf
 
@@ -99,10 +106,105 @@ class StaleTimeoutCore(SessionCore):
             self._timeout_at, self._old_timeout = self._old_timeout, math.inf
 
 
-def search_broken(core_class: type[SessionCore], *, max_examples: int = 2000, shrink: bool = True) -> None:
-    """Run the machine on a deliberately broken core; the caller expects the failure.
-    Derandomized: the same search every run, so the test's time is stable."""
-    machine = type(f"{core_class.__name__}Machine", (CoreMachine,), {"core_class": core_class})
+class DropsSpeechOnClose(SessionCore):
+    """close_session drops the open utterance instead of cutting it."""
+
+    def _begin_close(self, reason, now):
+        if self.close_reason is None:
+            self._reset_utterance()
+        super()._begin_close(reason, now)
+
+
+class TakesAudioAfterClose(SessionCore):
+    """Audio (and finalize) sent after close_session is still cut into utterances."""
+
+    def _on_client(self, ev, now):
+        if self.state is not State.CLOSING or isinstance(ev, CloseIn):
+            return super()._on_client(ev, now)
+        self.state = State.IDLE
+        super()._on_client(ev, now)
+        self.state = State.CLOSING
+
+
+class LaterCloseCauseWins(SessionCore):
+    """A second close cause (shutdown after close_session, say) overwrites the first."""
+
+    def _begin_close(self, reason, now):
+        if self.close_reason is not None:
+            self.close_reason = reason
+        super()._begin_close(reason, now)
+
+
+class TimeoutFromLastFrame(SessionCore):
+    """The utterance timeout is measured from the last frame instead of the utterance's start."""
+
+    def _on_audio(self, ev, now):
+        super()._on_audio(ev, now)
+        if self._chunks:
+            self._timeout_at = now + self.settings.utterance_timeout_ms / 1000
+
+
+class BusyOncePerSession(SessionCore):
+    """busy is sent once per session: the hysteresis never re-arms it."""
+
+    def _on_audio(self, ev, now):
+        sent = self._busy_sent
+        super()._on_audio(ev, now)
+        self._busy_sent = self._busy_sent or sent
+
+
+class SecondAnswerWins(SessionCore):
+    """A second answer for one job overwrites the first."""
+
+    def _on_outcome(self, outcome):
+        utt = self.results._open.get(outcome.utterance_index)
+        if utt is not None:
+            utt.translations.pop(outcome.tgt_lang, None)
+        super()._on_outcome(outcome)
+
+
+class MergesIntoFinal(ClientBacklog):
+    """Merging ignores a queued is_final: later frames join the event before its cut."""
+
+    def put_nowait(self, ev):
+        tail = self._queue[-1] if self._queue else None
+        if isinstance(ev, AudioIn) and len(self._queue) >= self.budget and isinstance(tail, _Merging) and tail.is_final:
+            tail.is_final = False
+            super().put_nowait(AudioIn(ev.frames, True))
+        else:
+            super().put_nowait(ev)
+
+
+class MergesPastFinalize(ClientBacklog):
+    """Merging looks past a queued finalize for the newest audio event, moving frames before it."""
+
+    def put_nowait(self, ev):
+        if isinstance(ev, AudioIn) and len(self._queue) >= self.budget:
+            audio = [item for item in self._queue if isinstance(item, _Merging)]
+            if audio and not audio[-1].is_final and not isinstance(self._queue[-1], _Merging):
+                audio[-1].frames.extend(ev.frames)
+                audio[-1].is_final = ev.is_final
+                self._bytes += ev.nbytes
+                self.merged_frames_total += len(ev.frames)
+                return
+        super().put_nowait(ev)
+
+
+class MergeSwallowsIsFinal(ClientBacklog):
+    """A merged frame's is_final is lost."""
+
+    def put_nowait(self, ev):
+        merging = isinstance(ev, AudioIn) and len(self._queue) >= self.budget and isinstance(self._queue[-1], _Merging)
+        super().put_nowait(AudioIn(ev.frames, False) if merging and not self._queue[-1].is_final else ev)
+
+
+def search_broken(core_class: type[SessionCore] = SessionCore, backlog_class: type[ClientBacklog] = ClientBacklog, *,
+                  max_examples: int = 2000, shrink: bool = False) -> None:
+    """Run the machine on a deliberately broken core or backlog; the caller expects the failure.
+    Derandomized: the same search every run, so the test's time is stable (no shrinking: the
+    first failure's message is what the test matches)."""
+    machine = type(f"{core_class.__name__}{backlog_class.__name__}Machine", (CoreMachine,),
+                   {"core_class": core_class, "backlog_class": backlog_class})
     run_state_machine_as_test(
         machine,
         settings=settings(max_examples=max_examples, stateful_step_count=30, database=None, derandomize=True,
@@ -111,23 +213,22 @@ def search_broken(core_class: type[SessionCore], *, max_examples: int = 2000, sh
     )
 
 
-def test_hypothesis_finds_a_stale_deadline():
-    with pytest.raises(AssertionError, match="timeout cut|pause cut|indexes|late|overdue"):
-        search_broken(StaleTimeoutCore)
-
-
-class DropsSpeechOnClose(SessionCore):
-    """Deliberately broken: close_session drops the open utterance instead of cutting it."""
-
-    def _begin_close(self, reason, now):
-        if self.close_reason is None:
-            self._reset_utterance()
-        super()._begin_close(reason, now)
-
-
-def test_hypothesis_finds_speech_dropped_on_close():
-    with pytest.raises(AssertionError, match="sent before the close are in no utterance"):
-        search_broken(DropsSpeechOnClose)
+@pytest.mark.parametrize(("broken", "check"), [
+    (StaleTimeoutCore, "timeout cut|pause cut|indexes|late|overdue|timeout missed"),
+    (DropsSpeechOnClose, "sent before the close are in no utterance"),
+    (TakesAudioAfterClose, "sent after the close was taken"),
+    (LaterCloseCauseWins, "overwritten by|session_closed says"),
+    (TimeoutFromLastFrame, "timeout missed"),
+    (BusyOncePerSession, "busy sent for"),
+    (SecondAnswerWins, ": got Translation"),
+    (MergesIntoFinal, "runs across the finalize"),
+    (MergesPastFinalize, "runs across the finalize"),
+    (MergeSwallowsIsFinal, "runs across the finalize"),
+], ids=lambda x: x.__name__ if isinstance(x, type) else None)
+def test_the_machine_finds_a_broken_session(broken, check):
+    kind = {"backlog_class" if issubclass(broken, ClientBacklog) else "core_class": broken}
+    with pytest.raises(AssertionError, match=check):
+        search_broken(**kind)
 
 
 class SpinsOnTick(SessionCore):
@@ -141,4 +242,4 @@ class SpinsOnTick(SessionCore):
 def test_a_livelock_fails_naming_its_step(monkeypatch):
     monkeypatch.setattr(session_rules, "STEP_LIMIT_S", 0.5)
     with pytest.raises(AssertionError, match=r"step '.*' took over .* a livelock\?"):
-        search_broken(SpinsOnTick, max_examples=50, shrink=False)
+        search_broken(SpinsOnTick, max_examples=50)

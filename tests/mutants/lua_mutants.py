@@ -1,0 +1,116 @@
+"""Lua mutants: realistic one-line bugs in the scheduling scripts, each run against the Lua
+state machine alone (``tests/test_lua_stateful.py``, real Valkey, single and cluster).
+
+``just mutants`` runs this after mutmut. Each mutant is a literal text replacement in one
+script; the script must contain the text exactly once (a mutant that no longer applies is
+an error, so the list stays true as the scripts change). Prints one line per mutant and a
+summary, writes ``mutants/lua.json``, and exits 1 if any mutant survives.
+
+    uv run python -m tests.mutants.lua_mutants [NAME ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@attrs.frozen
+class Mutant:
+    name: str
+    script: str  # path under luascripts/
+    find: str
+    replace: str
+    bug: str
+
+
+MUTANTS = [
+    Mutant("refused_dispatch_claims_key", "dispatch_task.lua",
+           "local pools, nodes = declared_candidates(7, 20)",
+           "redis.call('SET', jobkey_key, job_id, 'EX', key_ttl_s)\nlocal pools, nodes = declared_candidates(7, 20)",
+           "a refused dispatch leaves its job key claimed: the retry sees EXISTS for a job that does not exist"),
+    Mutant("no_exists_check", "dispatch_task.lua", "if existing then", "if false then",
+           "a second dispatch of one key makes a second job"),
+    Mutant("release_without_membership", "lib/slots.lua",
+           "if redis.call('SREM', jobs_key, job_id) == 1 then", "if redis.call('SREM', jobs_key, job_id) >= 0 then",
+           "a slot is released whether or not the node still held the job (a waiting job's cancel frees it twice)"),
+    Mutant("cancel_after_complete", "cancel_task.lua", "if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then",
+           "if not j[3] then", "a cancel after the answer marks the finished job cancelled"),
+    Mutant("redispatch_keeps_old_lease", "redispatch_task.lua",
+           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)",
+           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, "
+           "tonumber(redis.call('HGET', job_hash_key, 'lease_deadline_ts') or now_ms))",
+           "a redispatched job keeps its old lease: it expires again at once"),
+    Mutant("redispatch_same_attempt", "redispatch_task.lua", "'node_id', chosen, 'attempt', attempt + 1,",
+           "'node_id', chosen, 'attempt', attempt,", "a move does not fence the old attempt's answer"),
+    Mutant("complete_any_attempt", "complete_task.lua", "if tonumber(j[2]) ~= attempt then", "if false then",
+           "an answer of an old attempt is accepted"),
+    Mutant("complete_any_node", "complete_task.lua", "if j[1] ~= node_id then", "if false then",
+           "an answer from a node that does not hold the job is accepted"),
+    Mutant("complete_twice", "complete_task.lua", "if j[3] ~= 'dispatched' then", "if j[3] == 'cancelled' then",
+           "a second answer for a finished job is accepted"),
+    Mutant("complete_keeps_slot", "complete_task.lua", "release_slot(runtime_key, jobs_key, leases_key, job_id)\nif answer",
+           "if answer", "an answered job keeps its slot"),
+    Mutant("over_capacity", "lib/choose_node.lua", "if current >= max_jobs then return nil end",
+           "if current > max_jobs then return nil end", "a node gets one job more than max_jobs"),
+    Mutant("offline_node_chosen", "lib/choose_node.lua", "'online', 'draining', 'max_jobs'", "'max_jobs', 'draining', 'max_jobs'",
+           "the online flag is not read: a dead node is chosen"),
+    Mutant("lease_not_removed", "lib/slots.lua", "  redis.call('ZREM', leases_key, job_id)\n", "",
+           "a job that left its node keeps its lease entry"),
+    Mutant("cancel_keeps_slot", "cancel_task.lua",
+           "release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job", "-- a waiting job",
+           "a cancelled job keeps its slot"),
+]
+
+
+def apply(mutant: Mutant, target: Path) -> None:
+    path = target / mutant.script
+    text = path.read_text()
+    if text.count(mutant.find) != 1:
+        raise SystemExit(f"mutant {mutant.name}: {mutant.find!r} occurs {text.count(mutant.find)} times in {mutant.script}")
+    path.write_text(text.replace(mutant.find, mutant.replace))
+
+
+def run(mutant: Mutant) -> tuple[bool, float, str]:
+    """(caught, seconds, the failure's first assertion line)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "luascripts"
+        shutil.copytree(ROOT / "luascripts", target)
+        apply(mutant, target)
+        env = {**os.environ, "LUA_MUTANT_DIR": str(target), "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lua_stateful.py", "-x", "-q", "-p", "no:cacheprovider",
+                               "-p", "tests.mutants.lua_dir"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        elapsed = time.monotonic() - t0
+    why = next((line.strip() for line in proc.stdout.splitlines() if line.lstrip().startswith("E ")), "")
+    return proc.returncode != 0, elapsed, why[:160]
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    report = []
+    for mutant in chosen:
+        caught, seconds, why = run(mutant)
+        report.append({"name": mutant.name, "script": mutant.script, "bug": mutant.bug, "caught": caught,
+                       "seconds": round(seconds, 1), "failure": why})
+        print(f"{'caught  ' if caught else 'SURVIVED'} {mutant.name:30} {seconds:5.1f}s  {why if caught else mutant.bug}", flush=True)
+    caught = sum(r["caught"] for r in report)
+    print(f"Lua mutants caught by the Lua machine: {caught}/{len(report)}")
+    out = ROOT / "mutants"
+    out.mkdir(exist_ok=True)
+    (out / "lua.json").write_text(json.dumps(report, indent=1))
+    return 0 if caught == len(report) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

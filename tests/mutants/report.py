@@ -1,0 +1,57 @@
+"""Summarise a ``mutmut run`` (``just mutants``): per module, how many mutants the state
+machines caught, how many survived and how many no machine runs; then every survivor with
+its diff (``mutmut show``), for docs/testing.md. Writes ``mutants/report.json``.
+
+    uv run --group mutants python -m tests.mutants.report [--no-diff]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CAUGHT = {1, 3, 36, 24, -24, 152, 255}  # killed (a failing check), or timed out (a hang the limit caught)
+SURVIVED, NO_TESTS = {0}, {5, 33}
+
+
+def load() -> dict[str, dict[str, int | None]]:
+    out = {}
+    for meta in sorted((ROOT / "mutants" / "scheduler").rglob("*.py.meta")):
+        module = str(meta.relative_to(ROOT / "mutants")).removesuffix(".meta")
+        out[module] = json.loads(meta.read_text())["exit_code_by_key"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    data = load()
+    if not data:
+        print("no mutmut results under mutants/: run `just mutants` first")
+        return 1
+    table, survivors = {}, []
+    print(f"{'module':38} {'mutants':>7} {'caught':>7} {'survived':>8} {'no machine':>10} {'caught share':>12}")
+    for module, codes in data.items():
+        counts = collections.Counter("caught" if c in CAUGHT else "survived" if c in SURVIVED else
+                                     "no machine" if c in NO_TESTS else "not run" for c in codes.values())
+        run = counts["caught"] + counts["survived"] + counts["no machine"]
+        share = counts["caught"] / run if run else 0.0
+        table[module] = {**counts, "mutants": len(codes), "share": round(share, 3)}
+        print(f"{module:38} {len(codes):7} {counts['caught']:7} {counts['survived']:8} {counts['no machine']:10} {share:11.1%}"
+              + (f"  ({counts['not run']} not run)" if counts["not run"] else ""))
+        survivors += [name for name, c in codes.items() if c in SURVIVED]
+    (ROOT / "mutants" / "report.json").write_text(json.dumps({"modules": table, "survivors": survivors}, indent=1))
+    print(f"\n{len(survivors)} survivors")
+    for name in survivors:
+        if "--no-diff" in argv:
+            print(name)
+            continue
+        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
+        print(shown.stdout.rstrip() or f"{name}: {shown.stderr.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
