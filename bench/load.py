@@ -34,7 +34,6 @@ Usage: python bench/load.py [--sessions 1000] [--nodes 8] [--duration 30] [--pro
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -56,7 +55,9 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
 
+from scheduler.client import SessionFailed, connect  # noqa: E402
 from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.protocol import Busy, Error, Result, UtteranceFinalized  # noqa: E402
 from scheduler.session.audio import silence, tone  # noqa: E402
 
 RATE = 16000
@@ -213,65 +214,65 @@ class Audio:
     def __init__(self, chunk_ms: int) -> None:
         self.speech = tone(chunk_ms, RATE, amplitude=0.3)
         self.silence = silence(chunk_ms, RATE)
-        self.speech_final = json.dumps({"type": "audio_chunk", "data": base64.b64encode(self.speech).decode(), "is_final": True})
 
 
 async def client(url: str, n: int, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
                  stop_at: list[float], rng: random.Random) -> None:
+    """One real-time client, on the client library (scheduler.client; no resume: a broken
+    session counts as an error)."""
     chunk = args.chunk_ms / 1000
-    async with open_websocket_url(url + "/v1/session") as ws:
-        await ws.send_message(json.dumps({"type": "session_init", "src_lang": PAIR[0], "tgt_langs": [PAIR[1]], "sample_rate": RATE}))
-        ready = json.loads(await ws.get_message())
-        if ready.get("type") != "session_ready":
-            rec.error(ready.get("code", ready.get("type", "?")))
-            return
-        sid = ready["session_id"]
-        rec.ready += 1
-        index = 0  # next utterance index this client will finalize
+    try:
+        async with connect(url, src_lang=PAIR[0], tgt_langs=[PAIR[1]], sample_rate=RATE, reconnects=0) as session:
+            sid = session.session_id
+            rec.ready += 1
 
-        async def receive() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                while True:
-                    msg = json.loads(await ws.get_message())
-                    kind = msg["type"]
+            async def receive() -> None:
+                async for msg in session:
                     now = time.perf_counter()
-                    if kind == "utterance_finalized":
-                        rec.final.setdefault((sid, msg["utterance_index"]), (now, msg["reason"]))
-                    elif kind == "result":
-                        rec.result[(sid, msg["utterance_index"])] = (now, msg["status"])
+                    if isinstance(msg, UtteranceFinalized):
+                        rec.final.setdefault((sid, msg.utterance_index), (now, msg.reason))
+                    elif isinstance(msg, Result):
+                        rec.result[(sid, msg.utterance_index)] = (now, msg.status)
                         rec.result_times.append(now)
-                    elif kind == "busy":
+                    elif isinstance(msg, Busy):
                         rec.busy += 1
-                    elif kind == "error":
-                        rec.error(msg.get("code", "?"))
+                    elif isinstance(msg, Error):
+                        rec.error(msg.code)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
-            await start_active.wait()
-            await trio.sleep(rng.random() * 1.0)  # spread the phase of the frames
-            t = trio.current_time()
-            while t < stop_at[0]:
-                speech = int(rng.uniform(0.6, 3.0) / chunk)
-                final = rng.random() < args.final_prob
-                for k in range(speech):
-                    t += chunk
-                    await trio.sleep_until(t)
-                    rec.send_lag.append(trio.current_time() - t)
-                    if final and k == speech - 1:
-                        rec.final[(sid, index)] = (time.perf_counter(), "is_final")
-                        await ws.send_message(audio.speech_final)
-                    else:
-                        await ws.send_message(audio.speech)
-                index += 1
-                gap = rng.uniform(0.2, 1.0) if final else (args.pause_ms / 1000 + rng.uniform(0.3, 1.0))
-                for _ in range(max(1, int(gap / chunk))):
-                    t += chunk
-                    await trio.sleep_until(t)
-                    await ws.send_message(audio.silence)
-            # close: the daemon delivers the outstanding results, then closes the socket,
-            # which ends receive(); give up after a generous bound
-            await ws.send_message(json.dumps({"type": "close_session"}))
-            nursery.cancel_scope.deadline = trio.current_time() + args.service_ms / 1000 * 20 + 10
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await _talk(session, sid, args, audio, rec, start_active, stop_at, rng, chunk)
+                # close: the daemon delivers the outstanding results, then session_closed ends
+                # receive(); give up after a generous bound
+                await session.close()
+                nursery.cancel_scope.deadline = trio.current_time() + args.service_ms / 1000 * 20 + 10
+    except SessionFailed as exc:
+        rec.error(exc.error.code if exc.error else "CONNECTION_LOST")
+
+
+async def _talk(session, sid: str, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
+                stop_at: list[float], rng: random.Random, chunk: float) -> None:
+    """Utterances of 0.6-3 s of speech until ``stop_at``, each ended by is_final or a pause."""
+    index = 0  # next utterance index this client will finalize
+    await start_active.wait()
+    await trio.sleep(rng.random() * 1.0)  # spread the phase of the frames
+    t = trio.current_time()
+    while t < stop_at[0]:
+        speech = int(rng.uniform(0.6, 3.0) / chunk)
+        final = rng.random() < args.final_prob
+        for k in range(speech):
+            t += chunk
+            await trio.sleep_until(t)
+            rec.send_lag.append(trio.current_time() - t)
+            if final and k == speech - 1:
+                rec.final[(sid, index)] = (time.perf_counter(), "is_final")
+            await session.send_audio(audio.speech, is_final=final and k == speech - 1)
+        index += 1
+        gap = rng.uniform(0.2, 1.0) if final else (args.pause_ms / 1000 + rng.uniform(0.3, 1.0))
+        for _ in range(max(1, int(gap / chunk))):
+            t += chunk
+            await trio.sleep_until(t)
+            await session.send_audio(audio.silence)
 
 
 # ---------------------------------------------------------------- the run

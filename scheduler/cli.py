@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -81,8 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--jitter-ms", type=int, default=0, help="random extra time per job, 0..JITTER")
     node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error")
     node.add_argument("--token", default=None, help="registration token (the daemon's --node-token)")
+    node.add_argument("--cafile", default=None, metavar="PEM",
+                      help="for wss://: trust the certificates in this file instead of the system's trust store")
     node.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
+    _add_client_parser(sub)
+    return parser
+
+
+def _add_client_parser(sub: argparse._SubParsersAction) -> None:
     client = sub.add_parser("client", help="stream a WAV file and print results",
                             description="Stream a mono 16-bit PCM WAV file to the daemon and print every message "
                                         "(finalized utterances, results with latency). Exits 0 when every "
@@ -97,8 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--chunk-ms", type=int, default=100, help="audio per binary frame")
     client.add_argument("--fast", action="store_true", help="send as fast as possible instead of real time")
     client.add_argument("--json", action="store_true", help="print the daemon's messages as raw JSON lines")
+    client.add_argument("--api-key", default=None, help="API key (the daemon's --client-api-keys), sent in the handshake")
+    client.add_argument("--cafile", default=None, metavar="PEM",
+                        help="for wss://: trust the certificates in this file instead of the system's trust store")
     client.add_argument("--log-level", default="warning", help="debug, info, warning, error")
-    return parser
+
+
+def _tls_client(cafile: str | None) -> ssl.SSLContext | None:
+    """A client context trusting ``cafile`` (None: trio-websocket's default, the system's store)."""
+    return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
 def _settings(args: argparse.Namespace, sources: dict[str, str] | None = None) -> config.Settings | None:
@@ -149,7 +164,7 @@ def _node(args: argparse.Namespace) -> int:
     options = NodeOptions(url=args.url, lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
                           pools=tuple(args.pool) if args.pool else None, max_jobs=args.max_jobs,
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
-                          token=args.token, engine=args.engine, **kwargs)
+                          token=args.token, engine=args.engine, ssl_context=_tls_client(args.cafile), **kwargs)
     try:
         node = ReferenceNode(options)
     except RuntimeError as exc:
@@ -178,7 +193,8 @@ def _client(args: argparse.Namespace) -> int:
     try:
         transcript = trio.run(lambda: stream_session(urls, pcm, src_lang=args.src, tgt_langs=args.tgt or ["en"],
                                                      sample_rate=rate, chunk_ms=args.chunk_ms, fast=args.fast,
-                                                     out=print_line, as_json=args.json))
+                                                     out=print_line, as_json=args.json, api_key=args.api_key,
+                                                     ssl_context=_tls_client(args.cafile)))
     except OSError as exc:
         print(f"scheduler client: cannot connect to {', '.join(urls)}: {exc}", file=sys.stderr)
         return 1

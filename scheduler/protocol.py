@@ -20,6 +20,16 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
+SUBPROTOCOL = "scheduler.v1"
+"""The WebSocket subprotocol of this protocol version (docs/protocol.md, "Handshake")."""
+BEARER_PREFIX = "bearer."
+
+
+def bearer_subprotocol(key: str) -> str:
+    """The subprotocol that carries an API key, offered next to :data:`SUBPROTOCOL`
+    (browsers cannot set an ``Authorization`` header): ``bearer.<base64url(key)>``, unpadded."""
+    return BEARER_PREFIX + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
 # ---------------------------------------------------------------- error codes
 
 BAD_MESSAGE = "BAD_MESSAGE"

@@ -26,10 +26,11 @@ from trio_websocket import WebSocketRequest, WebSocketServer
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.cluster.routing import Router
-from scheduler.edge import wsutil
+from scheduler.edge import handshake, wsutil
 from scheduler.edge.client_gateway import ClientGateway
 from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
+from scheduler.ops import tls
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
@@ -44,6 +45,9 @@ from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTT
 from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.server")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""A connection that has not completed its (TLS and) WebSocket handshake by then is dropped."""
 
 HEALTH_INTERVAL = 1.0
 REDIS_START_WAIT_S = 30.0  # at start-up, how long to wait for an unreachable Redis before giving up
@@ -80,7 +84,8 @@ class Running:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.settings.ws_host}:{self.ws_port}"
+        scheme = "wss" if self.settings.tls_cert else "ws"
+        return f"{scheme}://{self.settings.ws_host}:{self.ws_port}"
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Begin the graceful drain (or, with ``immediate``, skip it)."""
@@ -170,24 +175,32 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                   NodeGateway(nodes=nodes, **deps))
 
 
-def _router(parts: _Parts, running: Callable[[], Running | None]) -> Callable[[WebSocketRequest], Awaitable[None]]:
-    """The WebSocket handler: ``/v1/session`` to the client gateway, ``/v1/node`` to the node
-    gateway, anything else 404; ``SHUTTING_DOWN`` while not running or draining. One
-    connection's bug is logged and answered ``INTERNAL``: it never takes the listener down."""
+def _router(parts: _Parts, settings: Settings, running: Callable[[], Running | None]) -> Callable[[WebSocketRequest], Awaitable[None]]:
+    """The WebSocket handler: the handshake policy first (edge/handshake.py: path, browser
+    Origin, subprotocols; a refusal is an HTTP status and a log line), then ``/v1/session``
+    to the client gateway and ``/v1/node`` to the node gateway; ``SHUTTING_DOWN`` while not
+    running or draining. One connection's bug is logged and answered ``INTERNAL``: it never
+    takes the listener down."""
+    policy = handshake.Policy.from_settings(settings.allowed_origins, settings.node_allowed_origins)
 
     async def route(request: WebSocketRequest) -> None:
-        path = request.path.split("?", 1)[0]
-        if path not in ("/v1/session", "/v1/node"):
-            await request.reject(404, body=b"unknown path; use /v1/session or /v1/node\n")
+        decision = handshake.negotiate(request.path, request.headers, request.proposed_subprotocols, policy)
+        if isinstance(decision, handshake.Refuse):
+            parts.metrics.handshakes_refused_total.labels(decision.reason).inc()
+            event(log, "handshake_refused", logging.WARNING, reason=decision.reason, status=decision.status,
+                  path=request.path.split("?", 1)[0][:100], origin=(handshake.header(request.headers, b"origin") or "")[:100],
+                  offered=handshake.shown(request.proposed_subprotocols), peer=str(request.remote))
+            await request.reject(decision.status, body=decision.body.encode())
             return
-        ws = await request.accept()
+        ws = await request.accept(subprotocol=decision.subprotocol)
+        path = decision.path
         try:
             now = running()
             if now is None or now.draining:
                 await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
                                                           fatal=True, close_code=CLOSE_GOING_AWAY))
-            elif path == "/v1/session":
-                await parts.clients.handle(ws, request.headers)
+            elif path == handshake.SESSION_PATH:
+                await parts.clients.handle(ws, decision.api_key)
             else:
                 await parts.node_gw.handle(ws)
         except Exception as exc:
@@ -211,15 +224,18 @@ async def _serve(
     async with parts.router, trio.open_nursery() as nursery:
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
+        context = tls.server_context(settings.tls_cert, settings.tls_key)
         ws_server = WebSocketServer(
-            _router(parts, lambda: running),
-            await open_listeners(settings.ws_host, settings.ws_port, reuse_port=settings.reuse_port),
+            _router(parts, settings, lambda: running),
+            tls.wrap(await open_listeners(settings.ws_host, settings.ws_port, reuse_port=settings.reuse_port), context),
             max_message_size=2 * settings.max_frame_bytes,
             message_queue_size=4,
+            connect_timeout=HANDSHAKE_TIMEOUT_S,
         )
         await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
-                            lambda: _status(running, parts.dispatcher))
+                            lambda: _status(running, parts.dispatcher), cors_origins=settings.admin_cors_origins,
+                            ssl_context=context)
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
@@ -232,7 +248,7 @@ async def _serve(
         if handle_signals:
             nursery.start_soon(_watch_signals, running)
         event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
-              admin=f"http://{settings.admin_host}:{admin_port}",
+              admin=f"{'https' if context else 'http'}://{settings.admin_host}:{admin_port}",
               redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
         task_status.started(running)
         notifier.notify("READY=1", f"STATUS=listening on {running.ws_url}")
@@ -310,6 +326,7 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
             pass
     return {
         "instance_id": running.settings.instance_id,
+        "ws_url": running.ws_url,
         "instances": instances,
         "state": "draining" if running.draining else "ready" if running.redis_ok else "redis_unreachable",
         "redis": {"ok": running.redis_ok, "latency_ms": round(running.metrics.redis_latency_seconds._value.get() * 1000, 3)},

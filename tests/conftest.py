@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import subprocess
 
 import pytest
 import trio
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
@@ -20,6 +22,9 @@ settings.register_profile("dev", max_examples=50, deadline=None, suppress_health
 # just stress: 10,000 examples, run as two searches of STRESS_EXAMPLES=5000 (one per core)
 settings.register_profile("stress", max_examples=int(os.environ.get("STRESS_EXAMPLES", 10_000)), deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# just mutants: the CI examples without shrinking (a mutant only needs to fail, not to fail small)
+settings.register_profile("mutants", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], print_blob=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
@@ -99,3 +104,18 @@ async def start_daemon(redis_url, nursery):
 @pytest.fixture
 async def daemon(start_daemon):
     return await start_daemon()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium for the browser tests: installed with apt-get when missing and we are
+    root (as on CI); elsewhere the test is skipped with the reason."""
+    path = shutil.which("chromium")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium); CI installs it as root")
+    return path

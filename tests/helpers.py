@@ -77,3 +77,14 @@ async def start_node(nursery, running, **options) -> ReferenceNode:
 async def speak(p: Peer, ms: int = 300) -> None:
     for _ in range(ms // 100):
         await p.send_raw(SPEECH_100MS)
+
+
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+"""Headless Chromium on a closed network: without the background-networking flags it keeps
+trying to reach Google's hosts."""
+
+
+def browser(chromium: str, profile: str, *args: str) -> list[str]:
+    """A one-shot headless Chromium command (``--dump-dom``, ``--screenshot``) with a fresh profile."""
+    return [chromium, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=4000", *args]

@@ -38,3 +38,6 @@ async def test_pocketsphinx_node_transcribes_streamed_speech(start_daemon, nurse
     assert all(r.status == "SUCCESS" for r in transcript.results), transcript.results
     assert "test" in texts[0].split(), texts  # recognisable words from the first sentence
     assert all(r.translations["de"].text == f"[de] {t}" for r, t in zip(transcript.results, texts, strict=True))
+    # the node registered the engine it runs, not "fake"
+    nodes = await daemon.scheduling.nodes_status()
+    assert [n["capabilities"] for n in nodes if n["node_id"] == "asr-1"] == [{"engine": "pocketsphinx"}]

@@ -85,6 +85,7 @@ class Relay:
         self._taken_over = taken_over  # a session held here was resumed on another instance
         self._waiting_sessions = waiting_sessions  # local sessions with results still owed
         self._stop = threading.Event()
+        self._readers_done: list[threading.Event] = []  # one per reader thread, set as it returns
 
     async def __aenter__(self) -> Relay:
         try:
@@ -103,13 +104,27 @@ class Relay:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        self._stop.set()  # the reader threads return within POLL_S (abandoned meanwhile)
+        """Stop the readers and wait until their threads have returned (within ``POLL_S``,
+        their read timeout), so that nothing reads Redis after this: a daemon that stops its
+        embedded Valkey next logs no relay error on a clean shutdown."""
+        self._stop.set()
+        with trio.CancelScope(shield=True), trio.move_on_after(POLL_S * 4 + 6):
+            await trio.to_thread.run_sync(lambda: all(done.wait() for done in self._readers_done), abandon_on_cancel=True)
         self._nursery.cancel_scope.cancel()  # the stored-answer poller
         return await self._nursery_cm.__aexit__(*exc_info)
 
     async def _thread(self, fn: Callable[..., None], arg: Any) -> None:
         token = trio.lowlevel.current_trio_token()
-        await trio.to_thread.run_sync(fn, token, arg, abandon_on_cancel=True)
+        done = threading.Event()
+        self._readers_done.append(done)
+
+        def run() -> None:
+            try:
+                fn(token, arg)
+            finally:
+                done.set()
+
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
 
     # ------------------------------------------------------------ sending (any task)
 
@@ -174,8 +189,8 @@ class Relay:
             client.close()
 
     def _read_failed(self, name: str, failing: bool, exc: Exception, **fields: Any) -> bool:
-        """Log a reader's failure once per episode, then wait ``POLL_S`` (or the stop)."""
-        if not failing:
+        """Log a reader's failure once per episode (not while stopping), then wait ``POLL_S`` (or the stop)."""
+        if not failing and not self._stop.is_set():
             level = logging.WARNING if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) \
                 else logging.ERROR
             event(log, name, level, error=f"{type(exc).__name__}: {exc}", **fields)

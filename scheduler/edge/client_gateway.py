@@ -52,21 +52,13 @@ log = logging.getLogger("scheduler.client_gateway")
 WRITE_BATCH = 64
 
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The API key of an ``Authorization: Bearer KEY`` request header, if any."""
-    for name, value in headers:
-        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
-            return value[7:].decode("latin-1").strip()
-    return None
-
-
 class ClientGateway(wsutil.Gateway):
     side = "client"
 
-    async def handle(self, ws: WebSocketConnection, headers: list[tuple[bytes, bytes]] = ()) -> None:
-        """Serve one client connection; ``headers`` are its handshake request headers."""
+    async def handle(self, ws: WebSocketConnection, presented: str | None = None) -> None:
+        """Serve one client connection; ``presented`` is the API key its handshake carried
+        (``Authorization: Bearer`` or the bearer subprotocol: edge/handshake.py), if any."""
         peer = wsutil.peer(ws)
-        presented = _bearer(headers)
         accepted = await self.first_message(ws, peer, lambda message: self._accept_init(message, presented))
         if accepted is None:
             return

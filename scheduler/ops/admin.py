@@ -4,13 +4,20 @@
 while the last Redis health check succeeded and the daemon accepts sessions, else 503 with
 the reason in the body; ``/`` a small live status page (static HTML + JS polling
 ``/status`` every second, no build step); ``/status`` a JSON snapshot (see :meth:`AdminServer`'s ``status``
-callable: sessions, nodes with load, jobs, Redis latency).
+callable: sessions, nodes with load, jobs, Redis latency); ``/app`` the web client (a mic
+page, docs/web-apps.md) and ``/app/scheduler-client.js`` the module it is built on.
+
+CORS: ``/status``, ``/healthz`` and ``/readyz`` answer a request whose ``Origin`` is in
+``cors_origins`` with ``Access-Control-Allow-Origin`` (and ``OPTIONS`` preflights with
+204), so a dashboard on another site can read them; ``/metrics`` and the pages do not.
+TLS: with ``ssl_context`` the listener speaks https.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,31 +26,43 @@ import h11
 import trio
 
 from scheduler.ops.metrics import Metrics
+from scheduler.ops.origins import OriginPolicy
+from scheduler.ops.tls import wrap
 
 log = logging.getLogger("scheduler.admin")
 
 MAX_REQUEST_BYTES = 16 * 1024
-STATUS_PAGE = Path(__file__).resolve().parent / "static" / "status.html"  # "/": a live page reading /status
+STATIC = Path(__file__).resolve().parent / "static"
+STATUS_PAGE = STATIC / "status.html"  # "/": a live page reading /status
+PAGES = {"/": ("status.html", "text/html; charset=utf-8"), "/index.html": ("status.html", "text/html; charset=utf-8"),
+         "/app": ("app.html", "text/html; charset=utf-8"), "/app/": ("app.html", "text/html; charset=utf-8"),
+         "/app/scheduler-client.js": ("scheduler-client.js", "text/javascript; charset=utf-8"),
+         "/app/capture-worklet.js": ("capture-worklet.js", "text/javascript; charset=utf-8")}
+CORS_PATHS = ("/status", "/healthz", "/readyz")
 REQUEST_TIMEOUT = 5.0
 
 
 class AdminServer:
     def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
                  status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-                 health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")) -> None:
+                 health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"), *, cors_origins: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
         (default: 200 while the process runs)."""
         self._metrics = metrics
         self._readiness = readiness
         self._status = status
         self._health = health
+        self._cors = OriginPolicy(cors_origins)
+        self._ssl = ssl_context
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
-        if path in ("/", "/index.html"):
-            return 200, "text/html; charset=utf-8", STATUS_PAGE.read_bytes()
+        if path in PAGES:
+            name, ctype = PAGES[path]
+            return 200, ctype, (STATIC / name).read_bytes()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render()
         if path == "/healthz":
@@ -57,7 +76,7 @@ class AdminServer:
             return 200, "application/json", body
         return 404, "text/plain", b"not found\n"
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
@@ -70,8 +89,14 @@ class AdminServer:
                             return
                         continue
                     if isinstance(ev, h11.Request):
-                        status, ctype, body = await self.route(ev.method.decode(), ev.target.decode("latin-1"))
-                        headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
+                        method, path = ev.method.decode(), ev.target.decode("latin-1")
+                        cors = self._cors_headers(path, ev.headers)
+                        if method == "OPTIONS" and cors:  # a CORS preflight
+                            status, ctype, body = 204, "text/plain", b""
+                            cors += [("access-control-allow-methods", "GET, HEAD"), ("access-control-max-age", "600")]
+                        else:
+                            status, ctype, body = await self.route(method, path)
+                        headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close"), *cors]
                         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
                         if ev.method != b"HEAD":
                             await stream.send_all(conn.send(h11.Data(data=body)))
@@ -82,9 +107,18 @@ class AdminServer:
         finally:
             await stream.aclose()
 
+    def _cors_headers(self, path: str, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+        """CORS response headers for a cross-site read of the admin JSON, if its origin is allowed."""
+        if path.split("?", 1)[0] not in CORS_PATHS:
+            return []
+        origin = next((v.decode("latin-1") for k, v in headers if k.lower() == b"origin"), None)
+        if origin is None or not self._cors.allows(origin):
+            return []
+        return [("access-control-allow-origin", "*" if self._cors.any else origin), ("vary", "origin")]
+
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started(bound)
-            await trio.serve_listeners(self.handle, listeners, handler_nursery=nursery)
+            await trio.serve_listeners(self.handle, wrap(listeners, self._ssl), handler_nursery=nursery)

@@ -43,6 +43,18 @@ class Settings:
                                    "this box share it (each must have its own instance_id and admin_port)", group="listeners")
     admin_host: str = _opt("127.0.0.1", "address of the admin HTTP listener (/metrics, /healthz, /readyz)", group="listeners")
     admin_port: int = _opt(8766, "port of the admin HTTP listener; 0 picks a free port", group="listeners")
+    tls_cert: str | None = _opt(None, "PEM certificate chain: with tls_key, serve wss:// and https:// (the admin "
+                                      "listener too) instead of ws:// and http://", group="listeners")
+    tls_key: str | None = _opt(None, "PEM private key of tls_cert", group="listeners")
+
+    # Browsers (docs/web-apps.md)
+    allowed_origins: str = _opt("*", "browser origins (scheme://host[:port], comma-separated; '*': any) allowed to open "
+                                     "/v1/session; a handshake without Origin (not a browser) is not affected", group="browsers")
+    node_allowed_origins: str | None = _opt(None, "browser origins allowed to open /v1/node; unset: a handshake that "
+                                                  "carries an Origin is refused (a web page never registers as a node)",
+                                            group="browsers")
+    admin_cors_origins: str | None = _opt(None, "origins ('*': any) allowed to read the admin JSON (/status, /healthz, "
+                                                "/readyz) from another site (CORS); unset: none", group="browsers")
 
     # Redis
     redis_url: str | None = _opt(
@@ -147,6 +159,12 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"owner_ttl_ms must be >= 300 (got {s.owner_ttl_ms})")
     if s.node_ttl_ms <= s.heartbeat_interval_ms:
         errors.append("node_ttl_ms must be larger than heartbeat_interval_ms")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        errors.append("tls_cert and tls_key go together: set both or neither")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(s, name)
+        if path is not None and not os.path.isfile(path):
+            errors.append(f"{name}: no such file {path!r}")
     return errors
 
 

@@ -21,6 +21,9 @@ class Metrics:
         self.duplicate_finalize_suppressed_total = Counter(
             p + "duplicate_finalize_suppressed_total",
             "Finalize causes ignored because their utterance was already cut (its pause and timeout due at one tick)", registry=r)
+        self.handshakes_refused_total = Counter(
+            p + "handshakes_refused_total", "WebSocket handshakes refused, by reason (origin, subprotocol, bad_bearer, unknown_path)",
+            ["reason"], registry=r)
         self.duplicate_job_blocked_total = Counter(
             p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
         self.result_gap_timeout_total = Counter(

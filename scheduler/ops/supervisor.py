@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -37,6 +38,7 @@ from prometheus_client.core import CollectorRegistry, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.ops import tls
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings, env_name
 from scheduler.ops.embedded_redis import EmbeddedValkey
@@ -64,6 +66,7 @@ class Worker:
     ready: bool = False
     status: dict | None = None
     metrics_text: str = ""
+    tls: bool = False  # its admin listener speaks https (--tls-cert): polled over TLS, on loopback
 
 
 class _WorkerMetrics:
@@ -107,9 +110,12 @@ def _worker_env(settings: Settings, worker: Worker, redis_url: str, ws_port: int
     return env
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
+def _get(port: int, path: str, tls: bool = False) -> tuple[int, bytes]:
+    """GET a worker's admin path. Over TLS the certificate is not checked: the worker is our
+    own child on loopback, and the certificate names the public host, not 127.0.0.1."""
+    context = ssl._create_unverified_context() if tls else None
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+        with urllib.request.urlopen(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}", timeout=2, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -120,11 +126,11 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 async def _poll(worker: Worker) -> None:
     """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
     while True:
-        code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz")
+        code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz", worker.tls)
         worker.ready = code == 200
-        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status")
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status", worker.tls)
         worker.status = json.loads(body) if code == 200 else None
-        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics")
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics", worker.tls)
         worker.metrics_text = body.decode() if code == 200 else ""
         await trio.sleep(POLL_S)
 
@@ -152,7 +158,7 @@ async def supervise(settings: Settings) -> None:
     redis_url = settings.redis_url or embedded.start()
     try:
         ws_port = settings.ws_port or _free_port(settings.ws_host)
-        workers = [Worker(i, f"{settings.instance_id}-w{i}", _free_port()) for i in range(n)]
+        workers = [Worker(i, f"{settings.instance_id}-w{i}", _free_port(), tls=settings.tls_cert is not None) for i in range(n)]
         await _serve(settings, workers, redis_url, ws_port)
     finally:
         if embedded is not None:
@@ -163,8 +169,9 @@ async def supervise(settings: Settings) -> None:
 async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_port: int) -> None:
     stopping = trio.Event()
     notifier = Notifier()
+    context = tls.server_context(settings.tls_cert, settings.tls_key)
     admin = AdminServer(_WorkerMetrics(workers), lambda: _readiness(workers, stopping), lambda: _status(workers),
-                        health=lambda: _health(workers))
+                        health=lambda: _health(workers), cors_origins=settings.admin_cors_origins, ssl_context=context)
     async with trio.open_nursery() as nursery:
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         nursery.start_soon(notifier.watchdog)
@@ -175,9 +182,10 @@ async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_p
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 while not all(w.ready for w in workers):
                     await trio.sleep(0.1)
-                event(log, "listening", ws=f"ws://{settings.ws_host}:{ws_port}", admin=f"http://{settings.admin_host}:{admin_port}",
+                ws, admin_url = ("wss", "https") if context else ("ws", "http")
+                event(log, "listening", ws=f"{ws}://{settings.ws_host}:{ws_port}", admin=f"{admin_url}://{settings.admin_host}:{admin_port}",
                       workers=len(workers), redis=redis_url if settings.redis_url else "embedded")
-                notifier.notify("READY=1", f"STATUS={len(workers)} workers on ws://{settings.ws_host}:{ws_port}")
+                notifier.notify("READY=1", f"STATUS={len(workers)} workers on {ws}://{settings.ws_host}:{ws_port}")
                 async for _ in signals:
                     break
             stopping.set()

@@ -108,7 +108,7 @@ class SchedulingClient:
         return sum(n for n in held if not isinstance(n, BaseException))
 
     async def nodes_status(self) -> list[dict[str, Any]]:
-        """Every registered node (any instance): id, state, pools, capacity, load, owner."""
+        """Every registered node (any instance): id, state, capacity, load, owner, capabilities."""
         nodes = []
         for node_id in sorted(await self._redis.command("SMEMBERS", keys.nodes_all())):
             info = await self._redis.command("HGETALL", keys.node_info(node_id))
@@ -120,6 +120,7 @@ class SchedulingClient:
                 "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
                 "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
                 "load": json.loads(info.get("load_json") or "{}"),
+                "capabilities": json.loads(info.get("cap_json") or "{}"),
             })
         return nodes
 

@@ -3,13 +3,14 @@
 Audio goes out as binary frames of ``chunk_ms`` at real-time pace (or as fast as the socket
 takes it with ``fast``). At the end the client sends ``finalize`` and ``close_session`` and
 waits for ``session_closed``, so every result of the file is printed before it exits. When
-its daemon goes away it resumes the session on the next URL by itself (:func:`stream_session`).
+its daemon goes away it resumes the session on the next URL by itself: it is built on the
+client library, :mod:`scheduler.client`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import ssl
 import sys
 import wave
 from collections.abc import Callable, Sequence
@@ -17,21 +18,9 @@ from typing import Any, TextIO
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from scheduler.protocol import (
-    CloseSession,
-    Error,
-    Finalize,
-    Result,
-    SessionClosed,
-    SessionInit,
-    SessionReady,
-    UtteranceFinalized,
-    converter,
-    encode,
-    parse_from_daemon,
-)
+from scheduler.client import Session, SessionFailed, connect
+from scheduler.protocol import Error, Result, SessionClosed, UtteranceFinalized, converter, encode
 
 
 class WavError(ValueError):
@@ -110,8 +99,6 @@ def _human(msg: Any, latency_ms: float | None) -> str:
 
 @attrs.define
 class _Options:
-    src_lang: str
-    tgt_langs: list[str]
     sample_rate: int
     chunk_ms: int
     fast: bool
@@ -121,15 +108,6 @@ class _Options:
     @property
     def chunk_bytes(self) -> int:
         return max(2, int(self.sample_rate * self.chunk_ms / 1000) * 2)
-
-
-@attrs.define
-class _Progress:
-    """How far the audio got, across connections."""
-
-    sent: int = 0  # bytes of pcm sent so far
-    resume_at: int = 0  # where to start again after a break: the position when the last
-    # utterance_finalized arrived (what came before it is in a finalized utterance)
 
 
 async def stream_session(
@@ -145,82 +123,50 @@ async def stream_session(
     as_json: bool = False,
     reconnects: int = 5,
     backoff_s: float = 0.5,
+    api_key: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Transcript:
-    """Run one session; returns its :class:`Transcript`. ``out`` gets one line per message.
-
-    Resume: when the connection breaks, or the daemon closes the session with reason
-    ``shutdown``, the client connects again (to the next of ``urls``, round robin, waiting
-    ``backoff_s`` doubled each time, up to ``reconnects`` times) with ``session_id`` and
-    ``resume_from`` (its next missing result), and sends the audio again from where it was
-    when the last ``utterance_finalized`` arrived. Raises OSError when no daemon could be
-    reached at all."""
-    urls = [urls] if isinstance(urls, str) else list(urls)
-    opts = _Options(src_lang, list(tgt_langs), sample_rate, chunk_ms, fast, out, as_json)
-    transcript, progress = Transcript(), _Progress()
-    for attempt in range(reconnects + 1):
-        url = urls[attempt % len(urls)].rstrip("/")
-        url = url if url.endswith("/v1/session") else url + "/v1/session"
-        try:
-            if await _connection(url, pcm, transcript, progress, opts):
-                return transcript
-        except (OSError, HandshakeError) as exc:
-            if transcript.session_id is None and attempt == reconnects:
-                raise OSError(str(exc)) from exc
-        if out:
-            out(f"reconnecting (attempt {attempt + 1} of {reconnects})")
-        await trio.sleep(backoff_s * 2 ** min(attempt, 4))
+    """Run one session with :func:`scheduler.client.connect`; returns its :class:`Transcript`.
+    ``out`` gets one line per message. The library resumes on the next of ``urls`` when the
+    connection breaks or the daemon shuts down. A refusal (an ``error`` at ``session_init``)
+    ends up in ``transcript.errors``; raises OSError when no daemon could be reached at all."""
+    opts = _Options(sample_rate, chunk_ms, fast, out, as_json)
+    transcript = Transcript()
+    try:
+        async with connect(urls, src_lang=src_lang, tgt_langs=tgt_langs, sample_rate=sample_rate, api_key=api_key,
+                           ssl_context=ssl_context, reconnects=reconnects, backoff_s=backoff_s) as session:
+            transcript.session_id = session.session_id
+            _show(opts, session.ready)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_audio, session, pcm, opts)
+                async for msg in session:
+                    _show(opts, msg, transcript.take(msg, trio.current_time()))
+                nursery.cancel_scope.cancel()
+    except SessionFailed as exc:
+        if exc.error is not None:
+            transcript.errors.append(exc.error)
+            _show(opts, exc.error)
+        elif transcript.session_id is None:
+            raise OSError(str(exc)) from exc
+        elif out:
+            out(f"session lost: {exc}")
     return transcript
 
 
-async def _connection(url: str, pcm: bytes, transcript: Transcript, progress: _Progress, opts: _Options) -> bool:
-    """One connection of the session; True when it is over (closed, or refused), False to resume."""
-    init = SessionInit(src_lang=opts.src_lang, tgt_langs=opts.tgt_langs, sample_rate=opts.sample_rate)
-    if transcript.session_id is not None:
-        init = attrs.evolve(init, session_id=transcript.session_id, resume_from=transcript.next_result)
-    async with open_websocket_url(url) as ws:
-        await ws.send_message(encode(init))
-        ready = parse_from_daemon(await ws.get_message(), "client")
-        if opts.out:
-            opts.out(encode(ready) if opts.as_json else _human(ready, None))
-        if isinstance(ready, Error):
-            transcript.errors.append(ready)
-            return True
-        assert isinstance(ready, SessionReady)
-        transcript.session_id = ready.session_id
-        progress.sent = progress.resume_at
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_audio, ws, pcm, progress, opts)
-            try:
-                while True:
-                    message = await ws.get_message()
-                    msg = parse_from_daemon(message, "client")
-                    if isinstance(msg, Result) and msg.utterance_index < transcript.next_result:
-                        continue  # already had it
-                    if isinstance(msg, UtteranceFinalized):
-                        progress.resume_at = progress.sent
-                    latency = transcript.take(msg, trio.current_time())
-                    if opts.out:
-                        opts.out(message if opts.as_json else _human(msg, latency))
-                    if isinstance(msg, SessionClosed):
-                        nursery.cancel_scope.cancel()
-                        return msg.reason != "shutdown"  # the daemon stops: resume elsewhere
-            except ConnectionClosed:
-                nursery.cancel_scope.cancel()
-                return False
+def _show(opts: _Options, msg: Any, latency_ms: float | None = None) -> None:
+    if opts.out:
+        opts.out(encode(msg) if opts.as_json else _human(msg, latency_ms))
 
 
-async def _send_audio(ws: Any, pcm: bytes, progress: _Progress, opts: _Options) -> None:
-    """Frames of ``chunk_bytes`` from ``progress.sent`` on, in real time (or as fast as
-    possible), then finalize and close."""
+async def _send_audio(session: Session, pcm: bytes, opts: _Options) -> None:
+    """Frames of ``chunk_bytes`` in real time (or as fast as possible), then finalize and close."""
     start, step = trio.current_time(), opts.chunk_bytes
-    with contextlib.suppress(ConnectionClosed):  # the reader sees it too
-        for n, offset in enumerate(range(progress.sent, len(pcm), step)):
-            if not opts.fast:
-                await trio.sleep_until(start + n * opts.chunk_ms / 1000)
-            await ws.send_message(pcm[offset : offset + step])
-            progress.sent = offset + len(pcm[offset : offset + step])
-        await ws.send_message(encode(Finalize()))
-        await ws.send_message(encode(CloseSession()))
+    for n, offset in enumerate(range(0, len(pcm), step)):
+        if not opts.fast:
+            await trio.sleep_until(start + n * opts.chunk_ms / 1000)
+        await session.send_audio(pcm[offset : offset + step])
+    await session.finalize()
+    await session.close()
 
 
 def print_line(line: str, stream: TextIO = sys.stdout) -> None:

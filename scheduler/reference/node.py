@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import ssl
 import uuid
 
 import attrs
@@ -43,6 +44,7 @@ class NodeOptions:
     token: str | None = None
     reconnect: bool = True
     engine: str = "fake"
+    ssl_context: ssl.SSLContext | None = None  # for wss:// (None: the system's trust store)
 
 
 class NodeFatal(Exception):
@@ -73,7 +75,7 @@ class ReferenceNode:
         backoff = 0.2
         while True:
             try:
-                async with open_websocket_url(self._url()) as ws:
+                async with open_websocket_url(self._url(), ssl_context=self.options.ssl_context) as ws:
                     backoff = 0.2
                     await self._session(ws, task_status)
                     task_status = trio.TASK_STATUS_IGNORED
@@ -88,7 +90,7 @@ class ReferenceNode:
         o = self.options
         await ws.send_message(encode(Register(node_id=o.node_id, lang_pairs=[list(p) for p in o.lang_pairs],
                                               max_jobs=o.max_jobs, pools=list(o.pools) if o.pools else None,
-                                              capabilities={"engine": "fake"}, token=o.token)))
+                                              capabilities={"engine": o.engine}, token=o.token)))
         reply = parse_from_daemon(await ws.get_message(), "node")
         if isinstance(reply, Error):
             raise NodeFatal(f"{reply.code}: {reply.message}")

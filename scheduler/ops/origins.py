@@ -1,0 +1,23 @@
+"""Lists of browser origins: who may open a WebSocket path (edge/handshake.py) or read the
+admin JSON cross-site (ops/admin.py, CORS)."""
+
+from __future__ import annotations
+
+
+class OriginPolicy:
+    """A comma list of origins (``scheme://host[:port]``), ``*`` for any, empty for none."""
+
+    def __init__(self, spec: str | None) -> None:
+        items = [_normal(o) for o in (spec or "").split(",") if o.strip()]
+        self.any = "*" in items
+        self.origins = frozenset(o for o in items if o != "*")
+
+    def allows(self, origin: str) -> bool:
+        return self.any or _normal(origin) in self.origins
+
+    def __repr__(self) -> str:
+        return "OriginPolicy(*)" if self.any else f"OriginPolicy({sorted(self.origins)})"
+
+
+def _normal(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()

@@ -1,0 +1,108 @@
+"""The web client (``/app`` on the admin port) in a real headless Chromium with a fake
+microphone playing an espeak-ng recording, against a daemon with a pocketsphinx node:
+AudioWorklet capture and resampling to 16 kHz, 100 ms frames, results in order, SUCCESS,
+recognisable words.
+
+Chromium is driven through its DevTools protocol (a WebSocket, spoken with trio-websocket):
+the test reads the page's table until the session is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import wave
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from .helpers import BROWSER_FLAGS, start_node
+
+pytestmark = pytest.mark.slow
+WAV = Path(__file__).parent / "data" / "speech-en.wav"
+
+READ_PAGE = """JSON.stringify({
+  state: document.body.dataset.state || "",
+  frames: Number(document.body.dataset.frames || 0), peak_dbfs: Number(document.body.dataset.peakDbfs || -120),
+  note: document.getElementById("note").textContent,
+  rows: [...document.querySelectorAll("#rows tr")].map((tr) => ({
+    index: Number(tr.dataset.index), status: tr.dataset.status || "", cut: tr.cells[1].textContent,
+    source: tr.cells[3].textContent, translations: tr.cells[4].textContent, latency: tr.cells[5].textContent})),
+})"""
+
+
+async def _devtools_port(profile: Path) -> int:
+    """Chromium writes the port it chose for --remote-debugging-port=0 into its profile."""
+    with trio.fail_after(30):
+        while not (profile / "DevToolsActivePort").exists() or not (profile / "DevToolsActivePort").read_text().strip():
+            await trio.sleep(0.1)
+    return int((profile / "DevToolsActivePort").read_text().split()[0])
+
+
+async def _page_socket(port: int) -> str:
+    def targets() -> list[dict]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    with trio.fail_after(20):
+        while True:
+            pages = [t for t in await trio.to_thread.run_sync(targets) if t.get("type") == "page"]
+            if pages:
+                return pages[0]["webSocketDebuggerUrl"]
+            await trio.sleep(0.2)
+
+
+async def test_web_app_streams_the_microphone_and_shows_ordered_transcripts(start_daemon, nursery, chromium, tmp_path):
+    pytest.importorskip("pocketsphinx")
+    with wave.open(str(WAV)) as w:
+        seconds = w.getnframes() / w.getframerate()
+    daemon = await start_daemon(pause_ms=600, heartbeat_interval_ms=2000, node_ttl_ms=10_000)
+    await start_node(nursery, daemon, node_id="asr-web", lang_pairs=(("en", "de"),), engine="pocketsphinx", delay_ms=0)
+    audio = tmp_path / "mic.wav"
+    shutil.copy(WAV, audio)
+    profile = tmp_path / "profile"
+    url = f"http://127.0.0.1:{daemon.admin_port}/app?autostart=1&src=en&tgt=de&seconds={seconds + 1.5:.1f}"
+    cmd = [chromium, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+           "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+           f"--use-file-for-fake-audio-capture={audio}%noloop", "--autoplay-policy=no-user-gesture-required", url]
+    with open(tmp_path / "chromium.log", "wb") as log:
+        proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log)
+    try:
+        port = await _devtools_port(profile)
+        async with open_websocket_url(await _page_socket(port)) as cdp:
+            page = await _read_until_closed(cdp, timeout=seconds + 45)
+    finally:
+        proc.kill()
+        await proc.wait()
+    rows = page["rows"]
+    assert page["state"] == "closed" and "client_close" in page["note"], page
+    assert [r["index"] for r in rows] == list(range(len(rows))) and len(rows) >= 2, page
+    assert all(r["status"] == "SUCCESS" for r in rows), page
+    words = " ".join(r["source"] for r in rows).split()
+    assert {"test", "weather", "today", "good"} & set(words), page  # recognisable words of the recording
+    assert all(r["translations"].startswith("de: [de] ") for r in rows), page
+    assert all(r["latency"].endswith(" ms") for r in rows), page
+
+
+async def _read_until_closed(cdp, timeout: float) -> dict:
+    """Evaluate READ_PAGE every 0.5 s until the page's session is closed."""
+    page: dict = {}
+    with trio.move_on_after(timeout):
+        for n in range(1, 10_000):
+            await cdp.send_message(json.dumps({"id": n, "method": "Runtime.evaluate",
+                                               "params": {"expression": READ_PAGE, "returnByValue": True}}))
+            while True:
+                reply = json.loads(await cdp.get_message())
+                if reply.get("id") == n:
+                    break
+            value = reply.get("result", {}).get("result", {}).get("value")
+            if value:
+                page = json.loads(value)
+                if page["state"] == "closed":
+                    return page
+            await trio.sleep(0.5)
+    return page
