@@ -63,9 +63,9 @@ mutants *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
     uv sync --frozen --group mutants
-    HYPOTHESIS_PROFILE=ci uv run --frozen --group mutants mutmut run --max-children "$(nproc)" {{ARGS}} > /dev/null || true
+    HYPOTHESIS_PROFILE=mutants uv run --frozen --group mutants mutmut run --max-children "$(nproc)" {{ARGS}} > /dev/null || true
     uv run --frozen --group mutants python -m tests.mutants.report
-    HYPOTHESIS_PROFILE=ci uv run --frozen python -m tests.mutants.lua_mutants
+    HYPOTHESIS_PROFILE=mutants uv run --frozen python -m tests.mutants.lua_mutants
     uv sync --frozen
 
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)

@@ -64,6 +64,10 @@ class ActorHarness(SessionModel):
         return self.actor.closing
 
     @property
+    def state(self):
+        return self.actor.core.state
+
+    @property
     def buffered_ms(self) -> float:
         return self.actor.buffered_ms
 

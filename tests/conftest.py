@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import ssl
 import subprocess
 
 import pytest
@@ -119,3 +120,21 @@ def chromium():
     if path is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium); CI installs it as root")
     return path
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory):
+    """(cert.pem, key.pem, a client SSLContext trusting them) from a trustme CA, for 127.0.0.1."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("tls")
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    for extra in cert.cert_chain_pems[1:]:
+        with open(d / "cert.pem", "ab") as f:
+            f.write(extra.bytes())
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(d / "cert.pem"), str(d / "key.pem"), client

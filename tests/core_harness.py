@@ -49,6 +49,10 @@ class CoreHarness(SessionModel):
         return self.core.closing
 
     @property
+    def state(self):
+        return self.core.state
+
+    @property
     def buffered_ms(self) -> float:
         return self.core.buffered_ms
 

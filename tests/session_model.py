@@ -37,7 +37,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
 from scheduler.session.actor import SlowClient
-from scheduler.session.core import PendingUtterance
+from scheduler.session.core import PendingUtterance, State
 from scheduler.session.events import AudioIn, CloseIn, FinalizeIn, ShutdownIn, TakenOverIn
 
 RATE = 16000
@@ -46,6 +46,8 @@ FRAME_BYTES = RATE * 2 * FRAME_MS // 1000
 EPS = 1e-6
 _TONE = (np.sin(2 * np.pi * 440 * np.arange(FRAME_BYTES // 2) / RATE) * 9000).astype("<i2")
 
+
+REASONS = {"pause", "timeout", "max_duration", "is_final", "backlog", "close"}  # utterance_finalized.reason (protocol)
 
 _BODY = {True: _TONE.tobytes()[16:], False: bytes(FRAME_BYTES - 16)}
 
@@ -94,6 +96,7 @@ class ScriptedPort:
         return None
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
+        assert job_keys, "a cancel of no job"
         self.cancelled.extend(job_keys)
 
 
@@ -160,8 +163,19 @@ class SessionModel:
         self.cuts: list[int] = []  # per finalize / is_final sent: the serial of the frame it cuts after
         self.taken_at: dict[int, float] = {}  # frame serial -> when the session took it
         self.busy_owed = 0  # busy messages the hysteresis calls for, from the audio events taken
+        self.busy_backlog: list[int] = []  # the backlog each of them reports
+        self.early_allowed = 0  # merged events taken with half the budget or more behind them
+        self._take_marks: list[int] = []  # len(emitted) as each client event was taken
+        self._last_speech = 0  # the last speech frame taken while open (0: none)
+        self._silence_after = 0  # silent frames taken after it
         self._busy_episode = False
         self.merged_taken = 0  # frames that arrived merged into another frame's event
+        self._turn = 1  # the number of the turn the next utterance belongs to (protocol: t1, t2, ...)
+        self._last_client_at = self.now()  # when the session last took a client event (idle deadline)
+        self._last_frame_at = self.now()  # when it last took an audio frame (pause deadline)
+        self.both_due = 0  # cuts at which the pause and the timeout deadline were both due
+        self._idle_checked = False
+        self._turn_kept = False  # the last utterance was cut at max_duration: its turn goes on
         self._tail_open_audio = False  # the newest queued event is audio that is not final (merging target)
 
     # ------------------------------------------------------------ what a subclass provides
@@ -182,6 +196,7 @@ class SessionModel:
 
     backlog: object  # the session's ClientBacklog
     closing: str | None
+    state: State | None  # the core's state (None: not visible)
     buffered_ms: float
     outbox_fill: tuple[int, int]  # (used, capacity)
 
@@ -196,16 +211,30 @@ class SessionModel:
 
         def watched():
             ev = take()
+            if ev is not None:
+                self._take_marks.append(len(self.emitted))
+            if ev is not None and self.closing is None:
+                self._last_client_at = self.now()
             if isinstance(ev, AudioIn):
                 now = self.now()
+                if self.closing is None and any(ev.frames):
+                    self._last_frame_at = now
+                    for pcm in ev.frames:  # speech, then how much silence after it
+                        serial = frame_serial(pcm)
+                        if self.sent[serial].speech:
+                            self._last_speech, self._silence_after = serial, 0
+                        else:
+                            self._silence_after += 1
                 for pcm in ev.frames:
                     self.taken_at[frame_serial(pcm)] = now
                 self.merged_taken += len(ev.frames) - 1
                 behind = len(backlog)
                 assert ev.queued_behind == behind, f"told {ev.queued_behind} events queued behind, {behind} are"
                 if self.closing is None:
+                    self.early_allowed += bool(ev.merged) and behind >= backlog.budget / 2
                     if ev.merged and not self._busy_episode:
                         self._busy_episode, self.busy_owed = True, self.busy_owed + 1
+                        self.busy_backlog.append(behind + 1)  # busy.backlog: this event and those behind it
                     elif not ev.merged and behind < backlog.budget / 2:
                         self._busy_episode = False
             return ev
@@ -329,6 +358,24 @@ class SessionModel:
             first = self.close_asked or "idle_timeout"
             assert self.closing == first, f"closed for {self.closing!r}, but the first cause was {first!r}"
         assert self.closing in (None, self.close_taken), f"close reason {self.close_taken!r} overwritten by {self.closing!r}"
+        # the state, as the core's states table names it
+        if self.state is not None and self.alive:
+            expected = State.CLOSING if self.closing is not None else State.OPEN if self.buffered_ms > 0 else State.IDLE
+            assert self.state is expected, f"state {self.state}, expected {expected}"
+        if self.state is not None and not self.alive:
+            assert self.state is State.ENDED, f"state {self.state} after the session ended"
+        # liveness of the pause and idle deadlines: an open utterance is cut (or, if silent,
+        # dropped) pause_ms after its last frame; a session with no client event for
+        # idle_timeout_ms is closed, and never before
+        if self.alive and self.closing is None:
+            quiet = self.now() - self._last_frame_at
+            assert not self.buffered_ms or quiet < s.pause_ms / 1000 + EPS, f"utterance still open {quiet * 1000:.0f} ms after its last frame"
+            idle = self.now() - self._last_client_at
+            assert idle < s.idle_timeout_ms / 1000 + EPS, f"no client event for {idle:.2f} s and the session is still open"
+        if self.close_taken == "idle_timeout" and not self._idle_checked:
+            self._idle_checked = True
+            idle = self.now() - self._last_client_at
+            assert idle >= s.idle_timeout_ms / 1000 - EPS, f"closed for idle after {idle:.2f} s without a client event"
         finalized = self.messages(UtteranceFinalized)
         results = self.messages(Result)
         base, first = self.base_index, self.first_index
@@ -380,7 +427,13 @@ class SessionModel:
             assert fin.audio_ms == len(serials) * FRAME_MS
             self._check_cuts(t_fin, fin, serials)
             self._check_reason(t_fin, fin, [self.sent[n] for n in serials])
+            self._check_jobs(t_fin, fin)
             self._audio_checked, self._audio_last_serial = self._audio_checked + 1, previous_last
+
+        # speech followed by pause_ms of silence is cut there (pause liveness by content)
+        if self.alive and self.closing is None and self._last_speech and self._last_speech not in self._covered:
+            assert self._silence_after * FRAME_MS < s.pause_ms, (
+                f"speech frame {self._last_speech} followed by {self._silence_after * FRAME_MS} ms of silence, not cut")
 
         # counts of reasons that need a client event
         reasons = [m.reason for _, m in finalized]
@@ -388,9 +441,21 @@ class SessionModel:
         assert reasons.count("close") <= 1 and ("close" not in reasons or self.close_put)
         if "backlog" in reasons:
             assert self.backlog.merged_frames_total > 0
+        counted = self.metrics.duplicate_finalize_suppressed_total._value.get()
+        assert counted == self.both_due, f"{counted} cuts counted as pause and timeout due at once, {self.both_due} were"
         busies = self.messages(Busy)
         for _, busy in busies:
             assert busy.action in ("merged", "early_finalize")
+        assert [b.backlog for _, b in busies] == self.busy_backlog[:len(busies)], "busy.backlog is not the events queued"
+        # early finalize: a backlog cut only at a merged event with half the budget behind it,
+        # and busy says early_finalize exactly when it follows such a cut
+        assert reasons.count("backlog") <= self.early_allowed, "a backlog cut without the backlog for it"
+        marks = [*self._take_marks, len(self.emitted)]
+        for start, end in zip(marks, marks[1:], strict=False):  # what each taken event made the session send
+            sent = [m for _, m in self.emitted[start:end]]
+            for busy in (m for m in sent if isinstance(m, Busy)):
+                cut = any(isinstance(m, UtteranceFinalized) and m.reason == "backlog" for m in sent)
+                assert (busy.action == "early_finalize") == cut, f"busy {busy.action} with {sent}"
         # busy once per episode: the session sent as many as the episodes it took (fewer only
         # if it ended on a full outbox)
         assert len(busies) == self.busy_owed or (not self.alive and len(busies) < self.busy_owed), (
@@ -415,7 +480,26 @@ class SessionModel:
         if closed:
             assert self.emitted[-1][1] is closed[0][1], "session_closed is not the last message"
             assert closed[0][1].reason == self.close_taken, f"session_closed says {closed[0][1].reason!r}, the session took {self.close_taken!r}"
+            assert closed[0][1].utterances == base + len(finalized), f"session_closed counts {closed[0][1].utterances} utterances"
             assert len(results) == len(utts), "session_closed before every result"
+
+    def _check_jobs(self, t_fin: float, fin: UtteranceFinalized) -> None:
+        """The utterance's turn (protocol: ``{session_id}:t{n}``, ``:e{epoch}t{n}`` after a
+        resume; a max_duration cut keeps its turn) and every field of its jobs."""
+        prefix = "S:e2t" if self.session_args["epoch"] else "S:t"
+        assert fin.turn_id == f"{prefix}{self._turn}", f"utterance #{fin.utterance_index} in turn {fin.turn_id}, expected {prefix}{self._turn}"
+        action = "keep" if fin.reason == "max_duration" else "end" if self._turn_kept else "none"
+        self._turn_kept = fin.reason == "max_duration"
+        self._turn += not self._turn_kept
+        deadline = t_fin + self.settings.result_deadline_ms / 1000
+        for tgt in self.tgt_langs:
+            key = f"S:{fin.utterance_index}:translate:{tgt}"
+            req = self.port.jobs.get(key) or self.port.refused[key]
+            assert (req.job_key, req.session_id, req.utterance_index, req.src_lang, req.tgt_lang, req.turn_id, req.turn_action,
+                    req.turn_jobs, req.sample_rate, req.epoch) == (
+                key, "S", fin.utterance_index, "zh", tgt, fin.turn_id, action, len(self.tgt_langs), RATE,
+                self.session_args["epoch"]), f"job {key}: {req}"
+            assert abs(req.deadline - deadline) < EPS, f"job {key} deadline {req.deadline}, expected {deadline}"
 
     def _check_cuts(self, t_fin: float, fin: UtteranceFinalized, serials: list[int]) -> None:
         """Where one finalized utterance starts and ends: after every frame it holds was sent
@@ -428,6 +512,11 @@ class SessionModel:
         i = bisect.bisect_left(self.cuts, first)
         assert i == len(self.cuts) or self.cuts[i] >= last, (
             f"utterance #{fin.utterance_index} (frames {first}-{last}) runs across the finalize after frame {self.cuts[i]}")
+        assert fin.reason in REASONS, f"utterance #{fin.utterance_index} cut for {fin.reason!r}"
+        if fin.reason in ("pause", "timeout"):  # the pause and the timeout deadline due at one tick: one cut, counted
+            pause_at = self.taken_at[last] + self.settings.pause_ms / 1000
+            timeout_at = self.taken_at[first] + self.settings.utterance_timeout_ms / 1000
+            self.both_due += max(pause_at, timeout_at) <= t_fin
         age = t_fin - self.taken_at[first]
         assert age <= self.settings.utterance_timeout_ms / 1000 + EPS, (
             f"utterance #{fin.utterance_index} cut {age * 1000:.0f} ms after its first frame was taken (timeout missed)")

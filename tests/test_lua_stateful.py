@@ -48,6 +48,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.next_key = 0
         self.ended: dict[str, dict] = {}  # job id -> {"key", "status"}: finished, failed or cancelled
         self.refused: list[str] = []  # job keys whose dispatch was refused (no job was made)
+        self.alive: dict[str, int] = {}  # online nodes -> their last register or heartbeat (ms)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -77,6 +78,12 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def _register(self, node):
         self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
+        self.alive[node] = self.now
+
+    def _check_placed(self, node):
+        """A node that gets a job is online and heard from within the node TTL (6 s here)."""
+        assert node in self.alive, f"job placed on {node}, which is offline"
+        assert self.now - self.alive[node] <= 6_000, f"job placed on {node}, silent for {self.now - self.alive[node]} ms"
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
@@ -94,6 +101,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             lambda c: lua.redispatch(job_id, old, expected, "s", "t", "zh", "en", self.now, 30_000, 6_000, 7, c))
         if reply[0] == "OK":
             assert reply[3] == job["attempt"] + 1 and reply[2] != old, reply
+            self._check_placed(reply[2])
             job.update(attempt=reply[3], node=reply[2], lease=self.now + 30_000)
         elif reply[0] == "ERR":
             assert reply[1] in ("NO_AVAILABLE_NODE", "EMPTY_POOL"), reply
@@ -120,13 +128,15 @@ class ScriptsMachine(RuleBasedStateMachine):
     def heartbeat(self, pick, dt):
         self.now += dt
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        self._call(*lua.heartbeat(node, self.now))
+        if self._call(*lua.heartbeat(node, self.now))[0] == "OK":
+            self.alive[node] = self.now
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))
     def node_dies(self, pick):
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
         self._call(*lua.node_state(node, "i1", online=False, draining=False))
+        self.alive.pop(node, None)
         for job_id, job in list(self.jobs.items()):
             if job["node"] == node:
                 self._move(job_id)
@@ -150,6 +160,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if reply[0] == "OK":
             assert key not in known, "a second job for one key"
             assert str(reply[1]) == job_id, reply
+            self._check_placed(reply[2])
             self.jobs[job_id] = {"key": key, "attempt": reply[3], "node": reply[2], "left": None,
                                  "lease": self.now + 30_000}
         elif reply[0] == "EXISTS":

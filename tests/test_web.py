@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import ssl
 import urllib.error
 import urllib.request
 
 import pytest
 import trio
-import trustme
 from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
 
 from scheduler.edge import handshake
@@ -104,25 +102,10 @@ async def test_subprotocol_answered_and_the_key_travels_in_it(start_daemon, nurs
     assert await _refused(daemon.ws_url + "/v1/session", subprotocols=["chat"]) == 400
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    d = tmp_path_factory.mktemp("tls")
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    for extra in cert.cert_chain_pems[1:]:
-        with open(d / "cert.pem", "ab") as f:
-            f.write(extra.bytes())
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return str(d / "cert.pem"), str(d / "key.pem"), client
-
-
-async def test_tls_serves_wss_and_https(start_daemon, nursery, certs):
+async def test_tls_serves_wss_and_https(start_daemon, nursery, tls_certs):
     from .helpers import start_node
 
-    cert, key, client = certs
+    cert, key, client = tls_certs
     daemon = await start_daemon(tls_cert=cert, tls_key=key)
     assert daemon.ws_url.startswith("wss://")
     await start_node(nursery, daemon, node_id="n1", ssl_context=client)

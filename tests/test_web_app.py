@@ -9,8 +9,11 @@ the test reads the page's table until the session is closed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import wave
 from pathlib import Path
 
@@ -69,14 +72,15 @@ async def test_web_app_streams_the_microphone_and_shows_ordered_transcripts(star
     cmd = [chromium, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
            f"--use-file-for-fake-audio-capture={audio}%noloop", "--autoplay-policy=no-user-gesture-required", url]
-    with open(tmp_path / "chromium.log", "wb") as log:
-        proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log)
+    with open(tmp_path / "chromium.log", "wb") as log:  # its own process group: killed whole, helpers too
+        proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log, start_new_session=True)
     try:
         port = await _devtools_port(profile)
         async with open_websocket_url(await _page_socket(port)) as cdp:
             page = await _read_until_closed(cdp, timeout=seconds + 45)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
     rows = page["rows"]
     assert page["state"] == "closed" and "client_close" in page["note"], page

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 
 import pytest
@@ -87,5 +88,36 @@ async def test_two_workers_one_port_one_admin_restart_and_drain(tmp_path):
         sup.proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(lambda: sup.proc.wait(timeout=30)) == 0
         assert "stopped" in log_events(sup.log_path)
+    finally:
+        sup.close()
+
+
+async def test_workers_behind_tls(tmp_path, tls_certs):
+    """--tls-cert: the workers serve wss:// on the shared port, the supervisor's admin port
+    https://, and the supervisor reads its workers' admin over TLS (else never ready)."""
+    import urllib.request
+
+    from trio_websocket import open_websocket_url
+
+    cert, key, client = tls_certs
+    sup = Supervisor(tmp_path, "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert sup.ws_url.startswith("wss://")
+
+        def get(path: str) -> int:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{sup.admin_port}{path}", context=client, timeout=5) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        with trio.fail_after(30):
+            while await trio.to_thread.run_sync(get, "/readyz") != 200:
+                await trio.sleep(0.2)
+        async with open_websocket_url(sup.ws_url + "/v1/session", ssl_context=client) as ws:
+            await ws.send_message(json.dumps({"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}))
+            assert json.loads(await ws.get_message())["code"] == "UNSUPPORTED_LANG_PAIR"  # served: no node yet
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # a client that does not trust it
+            await trio.to_thread.run_sync(lambda: urllib.request.urlopen(f"https://127.0.0.1:{sup.admin_port}/healthz", timeout=5))
     finally:
         sup.close()

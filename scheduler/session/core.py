@@ -143,7 +143,7 @@ class SessionCore:
         numbered from ``next_index``, and ``pending`` (consecutive, ending at ``next_index - 1``)
         are finalized utterances still owed a result."""
         if pending and pending[-1].index != next_index - 1:
-            raise ValueError(f"pending utterances must end at next_index - 1 = {next_index - 1}")
+            raise ValueError(f"pending utterances must end at next_index - 1 = {next_index - 1}")  # pragma: no mutate
         self.session_id = session_id
         self.src_lang = src_lang
         self.tgt_langs = tuple(tgt_langs)

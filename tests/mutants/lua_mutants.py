@@ -87,7 +87,7 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
         target = Path(tmp) / "luascripts"
         shutil.copytree(ROOT / "luascripts", target)
         apply(mutant, target)
-        env = {**os.environ, "LUA_MUTANT_DIR": str(target), "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
+        env = {**os.environ, "LUA_MUTANT_DIR": str(target), "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "mutants")}
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lua_stateful.py", "-x", "-q", "-p", "no:cacheprovider",
                                "-p", "tests.mutants.lua_dir"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
