@@ -148,6 +148,8 @@ class SessionModel:
         self.finalize_events = 0  # finalize messages and is_final frames put
         self.close_put = False
         self.answers: dict[str, tuple[float, Translation]] = {}  # first answer per job key
+        self.answer_order: list[str] = []  # job keys in the order of their first answer
+        self.repeated_answers = 0  # second answers delivered to a live session
         self.waiting: dict[str, list[tuple[float, str | None]]] = {}  # job key -> (time, error) notes
         self.client_reading = True
         self.ended: object = None  # close reason, SlowClient, or "disconnected"
@@ -334,6 +336,10 @@ class SessionModel:
         translation = (Translation(status="SUCCESS", text=text, node_id="n1") if ok
                        else Translation(status="FAILED", node_id="n1", error="NODE_ERROR"))
         if self.alive:  # an answer after the session ended is simply refused by its closed inbox
+            if job_key in self.answers:
+                self.repeated_answers += 1  # dropped and counted as LATE
+            else:
+                self.answer_order.append(job_key)
             self.answers.setdefault(job_key, (self.now(), translation))
         self._deliver(JobOutcome(request.utterance_index, request.tgt_lang, translation, f"src:{job_key}"))
 
@@ -400,6 +406,11 @@ class SessionModel:
             assert t_res <= utt.due + EPS, f"result {res.utterance_index} late by {t_res - utt.due:.3f}s"
             assert (res.reason, res.turn_id) == (utt.reason, utt.turn_id)
             assert list(res.translations) == list(tgts)
+            status = next((t.status for t in res.translations.values() if t.status != "SUCCESS"), "SUCCESS")
+            assert res.status == status, f"result {res.utterance_index} status {res.status}, translations say {status}"
+            keys = [f"S:{res.utterance_index}:translate:{t}" for t in tgts]
+            sources = [self._source(keys, utt.due - EPS), self._source(keys, utt.due + EPS)]
+            assert res.source_text in sources, f"result {res.utterance_index} source {res.source_text!r}, expected one of {sources}"
             for tgt, tr in res.translations.items():
                 key = f"S:{res.utterance_index}:translate:{tgt}"
                 # an event at the deadline instant may land on either side of it (float rounding)
@@ -441,6 +452,8 @@ class SessionModel:
         assert reasons.count("close") <= 1 and ("close" not in reasons or self.close_put)
         if "backlog" in reasons:
             assert self.backlog.merged_frames_total > 0
+        dropped = self.metrics.stale_answers_dropped_total.labels("LATE")._value.get()
+        assert dropped >= self.repeated_answers, f"{self.repeated_answers} repeated answers, {dropped} counted as dropped"
         counted = self.metrics.duplicate_finalize_suppressed_total._value.get()
         assert counted == self.both_due, f"{counted} cuts counted as pause and timeout due at once, {self.both_due} were"
         busies = self.messages(Busy)
@@ -531,7 +544,13 @@ class SessionModel:
         notes = [e for t, e in self.waiting.get(key, []) if t < cutoff]
         if notes and notes[-1]:
             return lambda tr: tr.status == "FAILED" and tr.error == notes[-1]
-        return lambda tr: tr.status == "SKIPPED"
+        return lambda tr: tr == Translation(status="SKIPPED", error="RESULT_DEADLINE")
+
+    def _source(self, keys: list[str], cutoff: float) -> str | None:
+        """A result's source_text: that of the first SUCCESS answer accepted before ``cutoff``."""
+        first = next((k for k in self.answer_order if k in keys and self.answers[k][0] < cutoff
+                      and self.answers[k][1].status == "SUCCESS"), None)
+        return None if first is None else f"src:{first}"
 
     def coverage(self) -> list[str]:
         """Names of the interesting things this run reached, for Hypothesis statistics."""
@@ -575,6 +594,9 @@ class SessionModel:
             assert set(self.port.cancelled) == unanswered, "unanswered jobs not cancelled on exit"
         if self.ended == "taken_over":
             assert not self.port.cancelled, "jobs cancelled though the new owner wants their answers"
+        if not self.alive and self.messages(SessionClosed):  # every result out: each SKIPPED one counted once
+            skipped = sum(t.status == "SKIPPED" for _, r in self.messages(Result) for t in r.translations.values())
+            assert self.metrics.result_gap_timeout_total._value.get() == skipped, "result_gap_timeout_total miscounted"
         # completeness: a session closed by its client took every frame sent before the close,
         # so every speech frame among them is in exactly one utterance
         last = self.close_after if self.ended == "client_close" else None

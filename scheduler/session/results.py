@@ -62,7 +62,7 @@ class ResultsSequencer:
 
     def add(self, index: int, *, reason: str, turn_id: str, tgt_langs: tuple[str, ...], deadline: float) -> None:
         if index != self._next_to_add:
-            raise ValueError(f"utterance {index} added out of order; expected {self._next_to_add}")
+            raise ValueError(f"utterance {index} added out of order; expected {self._next_to_add}")  # pragma: no mutate
         self._open[index] = _Open(index, reason, turn_id, deadline, tuple(tgt_langs))
         self._next_to_add += 1
 
