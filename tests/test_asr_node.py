@@ -26,9 +26,9 @@ def test_placeholder_translation_retags_the_source():
 
 async def test_pocketsphinx_node_transcribes_streamed_speech(start_daemon, nursery):
     pytest.importorskip("pocketsphinx")
-    # node and daemon share this process here, and loading the model holds the GIL for a
-    # while on a busy box: give heartbeats the default slack instead of the FAST 2 s
-    daemon = await start_daemon(pause_ms=600, heartbeat_interval_ms=2000, node_ttl_ms=10_000)
+    # node and daemon share this process here, and loading the model or decoding holds the
+    # GIL for a while on a busy box: heartbeats every 2 s with a 30 s TTL, not the FAST 2 s
+    daemon = await start_daemon(pause_ms=600, heartbeat_interval_ms=2000, node_ttl_ms=30_000)
     await start_node(nursery, daemon, node_id="asr-1", lang_pairs=(("en", "de"),), engine="pocketsphinx", delay_ms=0)
     pcm, rate = read_wav(str(WAV))
     transcript = await stream_session(daemon.ws_url, pcm, src_lang="en", tgt_langs=["de"], sample_rate=rate, fast=True)

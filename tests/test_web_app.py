@@ -63,7 +63,8 @@ async def test_web_app_streams_the_microphone_and_shows_ordered_transcripts(star
     pytest.importorskip("pocketsphinx")
     with wave.open(str(WAV)) as w:
         seconds = w.getnframes() / w.getframerate()
-    daemon = await start_daemon(pause_ms=600, heartbeat_interval_ms=2000, node_ttl_ms=10_000)
+    # the pocketsphinx node shares this process (and the GIL) with the daemon: a long TTL
+    daemon = await start_daemon(pause_ms=600, heartbeat_interval_ms=2000, node_ttl_ms=30_000)
     await start_node(nursery, daemon, node_id="asr-web", lang_pairs=(("en", "de"),), engine="pocketsphinx", delay_ms=0)
     audio = tmp_path / "mic.wav"
     shutil.copy(WAV, audio)
