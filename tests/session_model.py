@@ -125,22 +125,25 @@ class SessionModel:
     SETTINGS = dict(pause_ms=800, utterance_timeout_ms=3000, max_utterance_ms=2000, result_deadline_ms=5000,
                     idle_timeout_ms=10_000, max_pending_events=8)
 
-    def __init__(self, *, tgt_langs=("en", "de"), outbox_size: int = 24, resume: tuple[int, list[float]] | None = None,
+    def __init__(self, *, tgt_langs=("en", "de"), outbox_size: int = 24, resume: tuple[int, list[float]] | str | None = None,
                  **overrides) -> None:
-        """``resume=(first, offsets)``: start as a resumed session owed results for utterances
-        ``first, first + 1, ...`` (deadlines ``now + offset``), numbering on after them."""
+        """``resume=(first, offsets)``: start as a resumed session (epoch 2) owed results for
+        utterances ``first, first + 1, ...`` (deadlines ``now + offset``), numbering on after
+        them; ``"fresh"``: a new session with the resume journal on (epoch 1, as the daemon
+        opens one); None: with the journal off (no epoch)."""
         self.settings = Settings(**{**self.SETTINGS, **overrides})
         self.tgt_langs = tuple(tgt_langs)
         self.outbox_size = outbox_size
         self.port = ScriptedPort()
         self.metrics = Metrics()
-        first, offsets = resume or (0, [])
+        epoch = 2 if isinstance(resume, tuple) else 1 if resume == "fresh" else None
+        first, offsets = resume if isinstance(resume, tuple) else (0, [])
         now = self.now()
         self.owed = [Owed(first + i, None, now + off, "pause", f"old:t{i}") for i, off in enumerate(offsets)]
         self.first_index, self.base_index = first, first + len(offsets)
         self.owed_keys = {f"S:{o.index}:translate:{t}": (o.index, t) for o in self.owed for t in tgt_langs}
         self.session_args = dict(session_id="S", src_lang="zh", tgt_langs=self.tgt_langs, sample_rate=RATE,
-                                 settings=self.settings, next_index=self.base_index, epoch=2 if resume else None,
+                                 settings=self.settings, next_index=self.base_index, epoch=epoch,
                                  pending=tuple(PendingUtterance(o.index, o.reason, o.turn_id, o.due) for o in self.owed))
         self.emitted: list[tuple[float, object]] = []
         self.sent: dict[int, Sent] = {}
@@ -198,7 +201,7 @@ class SessionModel:
 
     backlog: object  # the session's ClientBacklog
     closing: str | None
-    state: State | None  # the core's state (None: not visible)
+    state: State  # the core's state
     buffered_ms: float
     outbox_fill: tuple[int, int]  # (used, capacity)
 
@@ -365,10 +368,10 @@ class SessionModel:
             assert self.closing == first, f"closed for {self.closing!r}, but the first cause was {first!r}"
         assert self.closing in (None, self.close_taken), f"close reason {self.close_taken!r} overwritten by {self.closing!r}"
         # the state, as the core's states table names it
-        if self.state is not None and self.alive:
+        if self.alive:
             expected = State.CLOSING if self.closing is not None else State.OPEN if self.buffered_ms > 0 else State.IDLE
             assert self.state is expected, f"state {self.state}, expected {expected}"
-        if self.state is not None and not self.alive:
+        if not self.alive:
             assert self.state is State.ENDED, f"state {self.state} after the session ended"
         # liveness of the pause and idle deadlines: an open utterance is cut (or, if silent,
         # dropped) pause_ms after its last frame; a session with no client event for
@@ -499,7 +502,7 @@ class SessionModel:
     def _check_jobs(self, t_fin: float, fin: UtteranceFinalized) -> None:
         """The utterance's turn (protocol: ``{session_id}:t{n}``, ``:e{epoch}t{n}`` after a
         resume; a max_duration cut keeps its turn) and every field of its jobs."""
-        prefix = "S:e2t" if self.session_args["epoch"] else "S:t"
+        prefix = "S:e2t" if (self.session_args["epoch"] or 0) > 1 else "S:t"
         assert fin.turn_id == f"{prefix}{self._turn}", f"utterance #{fin.utterance_index} in turn {fin.turn_id}, expected {prefix}{self._turn}"
         action = "keep" if fin.reason == "max_duration" else "end" if self._turn_kept else "none"
         self._turn_kept = fin.reason == "max_duration"

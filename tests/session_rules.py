@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 DURATIONS = st.sampled_from([0.01, 0.1, 0.3, 0.79, 0.8, 0.81, 1.0, 2.0, 2.99, 3.0, 3.2, 4.99, 5.0, 5.2, 8.0, 11.0])
 # up to 6 frames, speech (True) or silence, as one draw: the low bits of a number, after a 1
 FRAMES = st.integers(min_value=2, max_value=127).map(lambda n: [bit == "1" for bit in bin(n)[3:]])
-RESUME = st.none() | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]), max_size=3).map(sorted))
+RESUME = st.none() | st.just("fresh") | st.tuples(st.integers(0, 5), st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 5.0]), max_size=3).map(sorted))
 
 
 STEP_LIMIT_S = 10.0
@@ -91,7 +91,7 @@ class SessionRules(RuleBasedStateMachine):
         self._do(self.h.put_finalize)
 
     @rule(n=st.integers(min_value=9, max_value=40), then=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]),
-                                                                  max_size=8))
+                                                                  max_size=12))
     def flood(self, n, then):
         """Faster than the session takes them: merging, busy, early backlog finalize; what follows
         the speech is merged too, across (never past) finalize and is_final."""

@@ -220,7 +220,7 @@ def search_broken(core_class: type[SessionCore] = SessionCore, backlog_class: ty
     (LaterCloseCauseWins, "overwritten by|session_closed says"),
     (TimeoutFromLastFrame, "timeout missed"),
     (BusyOncePerSession, "busy sent for"),
-    (SecondAnswerWins, ": got Translation| source "),
+    (SecondAnswerWins, ": got Translation| source |counted as dropped"),
     (MergesIntoFinal, "runs across the finalize"),
     (MergesPastFinalize, "runs across the finalize"),
     (MergeSwallowsIsFinal, "runs across the finalize"),
