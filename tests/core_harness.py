@@ -6,7 +6,7 @@ item, then up to ``CLIENT_BATCH`` client events, as ``actor.py`` does; time is a
 moves only when a rule says, stopping at every deadline of the core on the way. Effects are
 performed as the shell performs them: ``Send`` to a bounded outbox (full: the client is
 slow, the session ends), ``Submit`` to the scripted port (a refusal goes back into the core),
-``Count`` to the metrics, and the ``Cancel`` of :meth:`SessionCore.end` to the port.
+``Count`` and ``Finalized`` to the metrics, and the ``Cancel`` of :meth:`SessionCore.end` to the port.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import collections
 from scheduler.session import audio
 from scheduler.session.actor import CLIENT_BATCH, INBOX_CAPACITY, SlowClient
 from scheduler.session.backlog import ClientBacklog
-from scheduler.session.core import Cancel, Count, Send, SessionCore, Submit, refused
+from scheduler.session.core import Cancel, Count, Finalized, Send, SessionCore, Submit, refused
 from scheduler.session.events import Tick
 
 from .session_model import EPS, SessionModel
@@ -33,6 +33,7 @@ class CoreHarness(SessionModel):
         self.inbox: collections.deque[object] = collections.deque()
         self.outbox: collections.deque[object] = collections.deque()
         self._ran_out = False
+        self.finalized_effects: list[Finalized] = []
         self._perform(self.core.start(self.t))
 
     # ------------------------------------------------------------ SessionModel's interface
@@ -93,6 +94,9 @@ class CoreHarness(SessionModel):
                 error = self.port.submit_nowait(effect.request)
                 if error is not None:
                     todo.extend(self.core.handle(refused(effect.request, error), self.t))
+            elif isinstance(effect, Finalized):
+                self.metrics.finalize_total.labels(effect.reason).inc()
+                self.finalized_effects.append(effect)
             elif isinstance(effect, Count):
                 counter = getattr(self.metrics, effect.metric)
                 (counter.labels(effect.label) if effect.label else counter).inc(effect.amount)

@@ -449,6 +449,15 @@ class SessionModel:
             assert self._silence_after * FRAME_MS < s.pause_ms, (
                 f"speech frame {self._last_speech} followed by {self._silence_after * FRAME_MS} ms of silence, not cut")
 
+        # the Finalized effect (logs, finalize_total) says what utterance_finalized says
+        for reason in REASONS:
+            counted = self.metrics.finalize_total.labels(reason)._value.get()
+            assert counted == sum(m.reason == reason for _, m in finalized), f"finalize_total{{{reason}}} = {counted}"
+        effects = getattr(self, "finalized_effects", None)
+        if effects is not None:
+            assert [(e.index, e.reason, e.audio_ms, e.turn_id) for e in effects] == [
+                (m.utterance_index, m.reason, m.audio_ms, m.turn_id) for _, m in finalized[:len(effects)]], "Finalized effects differ"
+
         # counts of reasons that need a client event
         reasons = [m.reason for _, m in finalized]
         assert reasons.count("is_final") <= self.finalize_events
