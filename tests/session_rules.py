@@ -100,6 +100,12 @@ class SessionRules(RuleBasedStateMachine):
             self.h.put_events(then)
         self._do(put)
 
+    @rule(speech=st.integers(min_value=1, max_value=5), silence=st.integers(min_value=6, max_value=12))
+    def open_mic(self, speech, silence):
+        """Speech, then the microphone keeps streaming silence: around pause_ms of it, the
+        utterance is cut by its content, with no time passing."""
+        self._do(self.h.put_frames, [True] * speech + [False] * silence)
+
     @rule(frames=st.integers(min_value=1, max_value=8), gap=st.sampled_from([0.3, 0.5, 0.7]))
     def slow_talker(self, frames, gap):
         """One frame at a time with gaps shorter than the pause: the utterance ages (timeout)."""
