@@ -94,6 +94,7 @@ class ActorHarness(SessionModel):
 
     async def settle(self) -> None:
         await trio.testing.wait_all_tasks_blocked()
+        self.settled()
         if self.client_reading:
             while True:
                 try:

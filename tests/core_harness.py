@@ -121,6 +121,7 @@ class CoreHarness(SessionModel):
         """Let the session take everything queued (as the Trio shell does before it blocks)."""
         while self.alive and (self.inbox or len(self.backlog) or self.core.next_deadline() <= self.t):
             self._step(self.inbox.popleft() if self.inbox else None)
+        self.settled()
         if self.client_reading:
             self.outbox.clear()
 

@@ -180,6 +180,7 @@ class SessionModel:
         self._last_frame_at = self.now()  # when it last took an audio frame (pause deadline)
         self.both_due = 0  # cuts at which the pause and the timeout deadline were both due
         self._idle_checked = False
+        self._closed_at: float | None = None  # when the session was first seen closing
         self._turn_kept = False  # the last utterance was cut at max_duration: its turn goes on
         self._tail_open_audio = False  # the newest queued event is audio that is not final (merging target)
 
@@ -224,13 +225,13 @@ class SessionModel:
                 now = self.now()
                 if self.closing is None and any(ev.frames):
                     self._last_frame_at = now
-                    for pcm in ev.frames:  # speech, then how much silence after it
+                    for pcm in filter(None, ev.frames):  # speech, then how much silence after it
                         serial = frame_serial(pcm)
                         if self.sent[serial].speech:
                             self._last_speech, self._silence_after = serial, 0
                         else:
                             self._silence_after += 1
-                for pcm in ev.frames:
+                for pcm in filter(None, ev.frames):  # (an empty frame carries nothing)
                     self.taken_at[frame_serial(pcm)] = now
                 self.merged_taken += len(ev.frames) - 1
                 behind = len(backlog)
@@ -245,6 +246,12 @@ class SessionModel:
             return ev
 
         backlog.take = watched
+
+    def settled(self) -> None:
+        """The harness calls this whenever the session has taken everything due (time stops at
+        every deadline on the way): the time the close was taken is noted here."""
+        if self.closing is not None and self._closed_at is None:
+            self._closed_at = self.now()
 
     def _ask_close(self, reason: str) -> None:
         """The client or the daemon asks for the end: the first cause asked while open is the one to win."""
@@ -315,10 +322,14 @@ class SessionModel:
         self._deliver(TakenOverIn())
 
     def put_events(self, events: list[str]) -> None:
-        """Queue a mixed sequence: "speech", "silence", "speech_final", "finalize"."""
+        """Queue a mixed sequence: "speech", "silence", "speech_final", "finalize", "empty" (a
+        binary frame of no bytes, which the daemon accepts and ignores)."""
         for ev in events:
             if ev == "finalize":
                 self.put_finalize()
+            elif ev == "empty":
+                if self.can_put():
+                    self._put(AudioIn.of(b""))
             else:
                 self.put_frames([ev != "silence"], is_final=ev == "speech_final")
 
@@ -381,9 +392,9 @@ class SessionModel:
             assert not self.buffered_ms or quiet < s.pause_ms / 1000 + EPS, f"utterance still open {quiet * 1000:.0f} ms after its last frame"
             idle = self.now() - self._last_client_at
             assert idle < s.idle_timeout_ms / 1000 + EPS, f"no client event for {idle:.2f} s and the session is still open"
-        if self.close_taken == "idle_timeout" and not self._idle_checked:
+        if self.close_taken == "idle_timeout" and not self._idle_checked and self._closed_at is not None:
             self._idle_checked = True
-            idle = self.now() - self._last_client_at
+            idle = self._closed_at - self._last_client_at
             assert idle >= s.idle_timeout_ms / 1000 - EPS, f"closed for idle after {idle:.2f} s without a client event"
         finalized = self.messages(UtteranceFinalized)
         results = self.messages(Result)

@@ -90,7 +90,8 @@ class SessionRules(RuleBasedStateMachine):
     def finalize(self):
         self._do(self.h.put_finalize)
 
-    @rule(n=st.integers(min_value=9, max_value=40), then=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]),
+    @rule(n=st.integers(min_value=9, max_value=40), then=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize",
+                                                                                  "empty"]),
                                                                   max_size=12))
     def flood(self, n, then):
         """Faster than the session takes them: merging, busy, early backlog finalize; what follows
