@@ -13,7 +13,8 @@ import trio
 from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
 
 from scheduler.edge import handshake
-from scheduler.edge.handshake import Accept, Policy, Refuse, bearer_subprotocol, negotiate
+from scheduler.edge.handshake import Accept, Policy, Refuse, negotiate
+from scheduler.protocol import bearer_subprotocol
 
 from .helpers import Peer
 

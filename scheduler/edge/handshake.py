@@ -26,7 +26,7 @@ import binascii
 import attrs
 
 from scheduler.ops.origins import OriginPolicy
-from scheduler.protocol import BEARER_PREFIX, SUBPROTOCOL, bearer_subprotocol  # noqa: F401 (re-exported)
+from scheduler.protocol import BEARER_PREFIX, SUBPROTOCOL
 
 SESSION_PATH, NODE_PATH = "/v1/session", "/v1/node"
 

@@ -126,8 +126,10 @@ def _get(port: int, path: str, tls: bool = False) -> tuple[int, bytes]:
 async def _poll(worker: Worker) -> None:
     """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
     while True:
+        process = worker.process
         code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz", worker.tls)
-        worker.ready = code == 200
+        # a reply that left before the worker exited must not mark it ready again afterwards
+        worker.ready = code == 200 and worker.process is process and process is not None and process.returncode is None
         code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status", worker.tls)
         worker.status = json.loads(body) if code == 200 else None
         code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics", worker.tls)
