@@ -194,14 +194,22 @@ class Box:
         self.caused.append((w["worker"], -9 if kind == "kill" else 0))
         os.kill(w["pid"], signal.SIGKILL if kind == "kill" else signal.SIGTERM)
 
-    def check(self, report: Report) -> None:
-        """Every worker exit is one the harness caused, with the exit code it should have."""
+    def exits(self) -> list[tuple[int, int]]:
         exits = []
         for line in self.inst.log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 ev = json.loads(line)
                 if ev.get("event") == "worker_exited":
                     exits.append((ev["worker"], ev["exit_code"]))
+        return exits
+
+    async def check(self, report: Report, drain_s: float = 5.0) -> None:
+        """Every worker exit is one the harness caused, with the exit code it should have. A
+        worker struck just before the end may still be draining: wait for it (drain + 5 s)."""
+        with trio.move_on_after(drain_s + 5):
+            while len(self.exits()) < len(self.caused):
+                await trio.sleep(0.2)
+        exits = self.exits()
         if sorted(exits) != sorted(self.caused):
             report.violation(f"worker exits {sorted(exits)} != caused {sorted(self.caused)}")
 
@@ -555,7 +563,7 @@ async def run(args: argparse.Namespace) -> dict:
                 if c.next_result != c.confirmed:
                     report.violation(f"{c.name}: {c.confirmed} utterances finalized, {c.next_result} results")
             if box is not None:
-                box.check(report)
+                await box.check(report)
         finally:
             for inst in instances:
                 inst.expected_exit = True
