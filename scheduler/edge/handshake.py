@@ -25,7 +25,7 @@ import binascii
 
 import attrs
 
-from scheduler.ops.origins import OriginPolicy
+from scheduler.ops.origins import OriginPolicy, header
 from scheduler.protocol import BEARER_PREFIX, SUBPROTOCOL
 
 SESSION_PATH, NODE_PATH = "/v1/session", "/v1/node"
@@ -53,13 +53,6 @@ class Policy:
     @classmethod
     def from_settings(cls, allowed_origins: str | None, node_allowed_origins: str | None) -> Policy:
         return cls(OriginPolicy(allowed_origins), OriginPolicy(node_allowed_origins))
-
-
-def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
 
 
 def bearer_header(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -26,7 +26,7 @@ import h11
 import trio
 
 from scheduler.ops.metrics import Metrics
-from scheduler.ops.origins import OriginPolicy
+from scheduler.ops.origins import OriginPolicy, header
 from scheduler.ops.tls import wrap
 
 log = logging.getLogger("scheduler.admin")
@@ -111,7 +111,7 @@ class AdminServer:
         """CORS response headers for a cross-site read of the admin JSON, if its origin is allowed."""
         if path.split("?", 1)[0] not in CORS_PATHS:
             return []
-        origin = next((v.decode("latin-1") for k, v in headers if k.lower() == b"origin"), None)
+        origin = header(headers, b"origin")
         if origin is None or not self._cors.allows(origin):
             return []
         return [("access-control-allow-origin", "*" if self._cors.any else origin), ("vary", "origin")]

@@ -21,3 +21,12 @@ class OriginPolicy:
 
 def _normal(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of request header ``name`` (lower-case bytes), if present: from a WebSocket
+    handshake or an h11 request alike."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None

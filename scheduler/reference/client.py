@@ -76,11 +76,6 @@ class Transcript:
         return None
 
     @property
-    def next_result(self) -> int:
-        """The index of the first result not received yet (results come in index order)."""
-        return self.results[-1].utterance_index + 1 if self.results else 0
-
-    @property
     def complete(self) -> bool:
         """session_closed seen and one result per utterance, in order (also across a resume)."""
         indexes = [r.utterance_index for r in self.results]
