@@ -1,5 +1,5 @@
 """Lists of browser origins: who may open a WebSocket path (edge/handshake.py) or read the
-admin JSON cross-site (ops/admin.py, CORS)."""
+admin JSON cross-site (ops/admin.py, CORS); and the request-header lookup both use."""
 
 from __future__ import annotations
 
