@@ -1,7 +1,9 @@
 """The reference node with --engine pocketsphinx transcribes real speech through the daemon.
 
-tests/data/speech-en.wav was made with espeak-ng ("this is a test of the speech scheduler",
-pause, "the weather is good today"), resampled to 16 kHz mono.
+tests/data/speech-en.wav was made with Debian's ``flite`` (voice ``rms``): "hello world, this is
+a test", one second of silence, "the weather is good today", as 16 kHz mono s16le (sox). An
+espeak-ng recording came first, but pocketsphinx heard its words only now and then ("test" or
+"dust"), and a test that stands on one word it may mishear fails by chance.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ async def test_pocketsphinx_node_transcribes_streamed_speech(start_daemon, nurse
     assert len(transcript.results) == 2  # two sentences, cut at the pause between them
     texts = [r.source_text or "" for r in transcript.results]
     assert all(r.status == "SUCCESS" for r in transcript.results), transcript.results
-    assert "test" in texts[0].split(), texts  # recognisable words from the first sentence
+    # recognisable words of each sentence (pocketsphinx hears them all in the clean recording)
+    assert len({"hello", "world", "this", "test"} & set(texts[0].split())) >= 3, texts
+    assert len({"weather", "good", "today"} & set(texts[1].split())) >= 2, texts
     assert all(r.translations["de"].text == f"[de] {t}" for r, t in zip(transcript.results, texts, strict=True))
     # the node registered the engine it runs, not "fake"
     nodes = await daemon.scheduling.nodes_status()
