@@ -200,14 +200,13 @@ class Dispatcher:
         return lane
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
-        wanted = set(job_keys)
-        for lane in self._lanes.values():
+        wanted, withdrawn = set(job_keys), []
+        for lane in self._lanes.values():  # no await in here: a lane may be made, or place, meanwhile
             for request in [r for r in lane.queue if r.job_key in wanted]:
-                lane.queue.remove(request)
-                lane.told.discard(request.job_key)
-                self._queued -= 1
-                await self._abandon_move(request.job_key)
-        self._update_waiting_gauge()
+                self._remove(lane, request)
+                withdrawn.append(request.job_key)
+        for job_key in withdrawn:
+            await self._abandon_move(job_key)
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
             if placement is None:
@@ -232,11 +231,17 @@ class Dispatcher:
         self._slot_freed = trio.Event()
 
     def forget(self, job_key: str) -> Placement | None:
-        """The job was answered: stop tracking it."""
+        """The job was answered: stop tracking it. That may be a job on its way to another
+        node (its node reconnected and answered the attempt it held before the move was
+        made): it leaves its lane too, instead of waiting there for a NOOP redispatch."""
         placement = self.placed.pop(job_key, None)
         if placement is not None:
             self._metrics.jobs_in_flight.dec()
-        return placement
+            return placement
+        moving = self._moving.pop(job_key, None)
+        if moving is not None:
+            self._remove(self._lane(moving.request), moving.request)
+        return moving
 
     def answered(self, job_key: str) -> None:
         """``job_key`` was answered elsewhere (its answer reached its session here through
@@ -446,13 +451,12 @@ class Dispatcher:
             await lane.wake.wait()
             return
         now = trio.current_time()
-        batch = list(itertools.islice(lane.queue, self._place_batch))
-        for request in [r for r in batch if r.deadline <= now]:
+        for request in [r for r in lane.queue if r.deadline <= now]:  # the whole queue, not just the batch:
             # never placed: the session resolves it FAILED(blocked code) at this same deadline
             self._remove(lane, request)
             self._metrics.jobs_total.labels("failed").inc()
             await self._abandon_move(request.job_key)
-        batch = [r for r in batch if r.deadline > now]
+        batch = list(itertools.islice(lane.queue, self._place_batch))
         if not batch:
             return
         codes = await self._place(lane, batch)
@@ -479,7 +483,7 @@ class Dispatcher:
             if waiting.job_key not in lane.told:
                 self._tell_waiting(lane, waiting, code)
         freed = self._slot_freed
-        with trio.move_on_at(min(trio.current_time() + self._retry_interval, request.deadline)):
+        with trio.move_on_at(min([trio.current_time() + self._retry_interval, *(r.deadline for r in lane.queue)])):
             await freed.wait()
 
     async def _place(self, lane: _Lane, batch: list[JobRequest]) -> list[str | None]:
