@@ -7,6 +7,7 @@ its diff (``mutmut show``), for docs/testing.md. Writes ``mutants/report.json``.
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import subprocess
@@ -44,13 +45,50 @@ def main(argv: list[str]) -> int:
         survivors += [name for name, c in codes.items() if c in SURVIVED]
     (ROOT / "mutants" / "report.json").write_text(json.dumps({"modules": table, "survivors": survivors}, indent=1))
     print(f"\n{len(survivors)} survivors")
+    kinds: collections.Counter[str] = collections.Counter()
     for name in survivors:
         if "--no-diff" in argv:
             print(name)
             continue
         shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
-        print(shown.stdout.rstrip() or f"{name}: {shown.stderr.strip()}")
+        kind = survivor_kind(shown.stdout)
+        kinds[kind] += 1
+        print(f"[{kind}] " + (shown.stdout.rstrip() or f"{name}: {shown.stderr.strip()}"))
+    if kinds:
+        print("\nsurvivors by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     return 0
+
+
+def _spans(path: Path) -> dict[str, list[tuple[int, int]]]:
+    """Line spans of the log calls (``event(...)``, ``log.x(...)``) and of the metric
+    updates (``self._metrics...``) in a source file."""
+    tree = ast.parse(path.read_text())
+    spans: dict[str, list[tuple[int, int]]] = {"log text": [], "metric": []}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func == "event" or func.startswith("log."):
+                spans["log text"].append((node.lineno, node.end_lineno or node.lineno))
+            elif "_metrics." in func:
+                spans["metric"].append((node.lineno, node.end_lineno or node.lineno))
+    return spans
+
+
+def survivor_kind(diff: str) -> str:
+    """"log text" or "metric" when every changed line of the mutant lies in a log call or a
+    metric update of the original source; "logic" otherwise."""
+    source = next((line[4:].strip() for line in diff.splitlines() if line.startswith("--- ")), "")
+    path = ROOT / source.removeprefix("a/") if source else None
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    if path is None or not path.exists() or not removed:
+        return "logic"
+    lines = path.read_text().splitlines()
+    spans = _spans(path)
+    for kind, ranges in spans.items():
+        inside = {n for a, b in ranges for n in range(a, b + 1)}
+        if all(any(lines[n - 1].strip() == text for n in inside) for text in removed):
+            return kind
+    return "logic"
 
 
 if __name__ == "__main__":
