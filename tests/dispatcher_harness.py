@@ -89,7 +89,8 @@ class DispatcherHarness:
         self.old: dict[str, list[tuple[str, int]]] = {}  # node id -> (job id, attempt) it got and lost
         self._inflight = 0
         self.handed: list[tuple[str, str]] = []  # (job key, node id) as the dispatcher hands jobs over
-        self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane
+        self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
+        self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
         self._quiet = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -115,19 +116,14 @@ class DispatcherHarness:
                 task_status.started()
 
     def _record_placements(self, router: Router) -> None:
-        """Jobs handed to nodes, in the order the dispatcher hands them over; when each job
-        (re)entered a lane (submitted, or moved off its node)."""
-        to_node_here, move = router.to_node_here, self.dispatcher.move
+        """Jobs handed to nodes, in the order the dispatcher hands them over."""
+        to_node_here = router.to_node_here
 
         def recorded(node_id: str, assign: JobAssign) -> bool:
             self.handed.append((assign.job_key, node_id))
             return to_node_here(node_id, assign)
 
-        def moved(placement, reason: str) -> None:
-            self.queued_since[placement.request.job_key] = trio.current_time()
-            move(placement, reason)
-
-        router.to_node_here, self.dispatcher.move = recorded, moved
+        router.to_node_here = recorded
 
     def _count_calls(self, redis: RedisAdapter) -> None:
         """Every adapter call counts as in flight until it returns (see :meth:`settle`)."""
@@ -155,6 +151,11 @@ class DispatcherHarness:
                 break
             await self._quiet.wait()
         self._read_outboxes()
+        moving = {key: id(p) for key, p in self.dispatcher._moving.items()}
+        for job_key, placement in moving.items():  # moved off its node since the last settle: now
+            if self._moving.get(job_key) != placement:
+                self.queued_since[job_key] = trio.current_time()
+        self._moving = moving
 
     async def advance(self, seconds: float) -> None:
         """Move the clock in steps of at most the retry interval, settling after each."""
