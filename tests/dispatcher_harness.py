@@ -84,11 +84,9 @@ class DispatcherHarness:
         self.metrics = Metrics()
         self.nodes = NodeRegistry(self.metrics)
         self.held: dict[str, dict[str, Held]] = {}  # node id -> job id -> what it holds
-        self.assigns: list[tuple[str, str, int, str]] = []  # (job key, job id, attempt, node id) in order
-        self.cancels: list[tuple[str, str, int]] = []  # (node id, job id, attempt)
         self.old: dict[str, list[tuple[str, int]]] = {}  # node id -> (job id, attempt) it got and lost
         self._inflight = 0
-        self.handed: list[tuple[str, str]] = []  # (job key, node id) as the dispatcher hands jobs over
+        self.handed: list[tuple[str, str, int, str]] = []  # (job key, job id, attempt, node id) as jobs are handed over
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
         self._quiet = trio.Event()
@@ -120,7 +118,7 @@ class DispatcherHarness:
         to_node_here = router.to_node_here
 
         def recorded(node_id: str, assign: JobAssign) -> bool:
-            self.handed.append((assign.job_key, node_id))
+            self.handed.append((assign.job_key, assign.job_id, assign.attempt, node_id))
             return to_node_here(node_id, assign)
 
         router.to_node_here = recorded
@@ -170,7 +168,7 @@ class DispatcherHarness:
     async def connect(self, node_id: str, max_jobs: int, pairs: list[tuple[str, str]]) -> None:
         """As the node gateway does on a node's register: Redis, the registry, the lanes told."""
         reg = Register(node_id=node_id, lang_pairs=[list(p) for p in pairs], max_jobs=max_jobs)
-        conn = NodeConnection(node_id, max_jobs, reg, conn_id=f"{node_id}-{len(self.assigns)}-{trio.current_time()}")
+        conn = NodeConnection(node_id, max_jobs, reg, conn_id=f"{node_id}-{len(self.handed)}-{trio.current_time()}")
         await self.gateway._write_registration(reg, conn.conn_id)
         self.nodes.add(conn)
         self.held[node_id] = {}
@@ -203,9 +201,7 @@ class DispatcherHarness:
                 if isinstance(msg, JobAssign):
                     assert msg.job_id not in held, f"{conn.node_id} got job {msg.job_id} again while holding it"
                     held[msg.job_id] = Held(msg.job_key, msg.attempt)
-                    self.assigns.append((msg.job_key, msg.job_id, msg.attempt, conn.node_id))
                 elif isinstance(msg, JobCancel):
-                    self.cancels.append((conn.node_id, msg.job_id, msg.attempt))
                     h = held.get(msg.job_id)
                     if h is not None and h.attempt == msg.attempt:
                         del held[msg.job_id]

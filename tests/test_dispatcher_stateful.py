@@ -161,7 +161,7 @@ class DispatcherMachine(RuleBasedStateMachine):
     def answer_again(self, data):
         """The same answer twice (or from a reconnected node): the second one is refused."""
         node = data.draw(st.sampled_from(self.connected)) if self.h.held else None
-        done = [(job_id, a) for (key, job_id, a, _) in self.h.assigns if self.jobs[key].answer]
+        done = [(job_id, a) for (key, job_id, a, _) in self.h.handed if self.jobs[key].answer]
         if node is not None and done:
             job_id, attempt = data.draw(st.sampled_from(done))
             self.do("answer_again", self.h.answer, node, job_id, attempt, True)
@@ -292,7 +292,7 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     def _check_order(self):
         first: dict[str, int] = {}
-        for key, _ in self.h.handed:
+        for key, *_ in self.h.handed:
             first.setdefault(key, len(first))
         for pair in PAIRS:
             seqs = [self.jobs[k].seq for k in sorted(first, key=first.get) if self.jobs[k].pair == pair]
