@@ -50,6 +50,24 @@ async def test_owner_records_are_valid_while_their_instance_lives(redis_url, red
         assert await i1.alive_instances() == {"i1": pytest.approx(0.6, abs=0.2)}
 
 
+async def test_an_instance_never_collects_itself(redis_url, redis_client):
+    """A stall longer than the TTL lets this instance's liveness lapse; if its collect tick
+    comes before its refresh tick, it must not drop its own records or mark its nodes offline."""
+    async with RedisAdapter(redis_url) as a:
+        me, other = Ownership(a, "me", 200), Ownership(a, "other", 200)
+        await me.refresh()
+        await other.refresh()
+        await me.claim_session("s1")
+        await me.claim_node("n1")
+        await other.claim_session("s2")
+        await trio.sleep(0.4)  # both lapsed
+        assert await me.collect_dead() == 1  # the other one only
+        assert redis_client.get(keys.session_owner("s1")) == "me" and redis_client.get(keys.node_owner("n1")) == "me"
+        assert redis_client.smembers(keys.owned("me")) and not redis_client.exists(keys.owned("other"), keys.session_owner("s2"))
+        await me.refresh()
+        assert await other.session_owner("s1") == "me"  # valid again
+
+
 async def test_daemon_refreshes_only_its_liveness_and_drops_its_records(start_daemon, redis_client):
     daemon = await start_daemon(owner_ttl_ms=600)
     me = daemon.settings.instance_id

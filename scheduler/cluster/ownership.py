@@ -138,8 +138,12 @@ class Ownership:
     async def collect_dead(self) -> int:
         """Drop the records of every instance whose liveness lapsed: its owner records (those
         that still name it), its nodes' online flag, its place in the instance list. Any
-        instance may do it, any number of times. Returns how many instances were collected."""
-        dead = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
+        instance may do it, any number of times. Returns how many instances were collected.
+
+        Never this instance itself: a process that runs this is alive, even if a stall let its
+        liveness lapse; its next refresh brings it back, with its records and nodes intact."""
+        lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
+        dead = [instance for instance in lapsed if instance != self.instance_id]
         for instance in dead:
             owned = await self._redis.command("SMEMBERS", keys.owned(instance))
             node_prefix = keys.node_owner("")[:-2]  # "...:owner:node:" (the id follows in braces)
