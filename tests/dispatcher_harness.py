@@ -1,19 +1,29 @@
-"""The real :class:`Dispatcher` on a real Valkey, with scripted nodes, under a manual MockClock.
+"""The real :class:`Dispatcher` of two instances on a real Valkey, with scripted nodes and
+sessions, under a manual MockClock.
 
-What is real: the dispatcher (lanes, batches, moves, lease expiry, releases), the Redis
-adapter and its Lua scripts, the scheduling client, the node registry and the router, and
-the node gateway's own handlers for what a node does (``_write_registration``,
-``_job_result``, ``_leave``): only the WebSocket is left out. A node here is its
-:class:`NodeConnection` outbox, read by the test. Sessions are a recording inbox.
+What is real, per instance: the dispatcher (lanes, batches, moves, lease expiry, the remote
+watch, the orphan sweep, adopt), the Redis adapter and its Lua scripts, the scheduling
+client, ownership records, the node registry and the router, and the node gateway's own
+handlers for what a node does (``_write_registration``, ``_job_result``, ``_leave``).
+Left out: the WebSockets (a node is its :class:`NodeConnection` outbox, read by the test)
+and the relay's transport (Redis Streams and Pub/Sub read by threads, tested on its own in
+``test_relay.py``): a job or an answer for another instance is handed to that instance's
+router at the next settle, as its relay reader would. Sessions are a recording inbox.
 
-Quiet: :meth:`DispatcherHarness.settle` returns when every task is blocked and no Redis call
-is in flight, so a rule's effects are complete before the checks read anything.
+Time: Redis timestamps (leases, liveness, the orphan grace) come from :class:`VirtualWall`,
+the MockClock from a fixed start, so leases run out as the test moves the clock.
+
+Quiet: :meth:`DispatcherHarness.settle` returns when every task is blocked, no Redis call is
+in flight and nothing waits in the relay, so a rule's effects are complete before the checks
+read anything.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import time as real_time
 
 import attrs
 import trio
@@ -25,33 +35,59 @@ from scheduler.edge.node_gateway import NodeGateway
 from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, job_key_for
 from scheduler.ops.config import Settings
 from scheduler.ops.metrics import Metrics
+from scheduler.placement import keys
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
-from scheduler.placement.redis_adapter import RedisAdapter
+from scheduler.placement.redis_adapter import RedisAdapter, now_ms
 from scheduler.placement.scheduling import SchedulingClient
-from scheduler.protocol import JobAssign, JobCancel, JobResult, Register
+from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode
 
-INSTANCE = "i1"
+INSTANCES = ("i1", "i2")
+SESSIONS = {"s0": "i1", "s1": "i1", "s2": "i2"}  # where each session starts
 PAIRS = (("zh", "en"), ("zh", "de"))
 LEASE_MS = 3000
 RETRY_S = 0.25
+ORPHAN_GRACE_MS = 1000
+FOREVER_MS = 10**9  # liveness of an instance until the test kills it
+
+
+class VirtualWall:
+    """``time.time()`` for the code under test: the MockClock from a fixed start (real time
+    outside the Trio run)."""
+
+    def __init__(self) -> None:
+        self.base = real_time.time()
+
+    def time(self) -> float:
+        try:
+            return self.base + trio.current_time()
+        except RuntimeError:
+            return real_time.time()
+
+    perf_counter = staticmethod(real_time.perf_counter)
+    monotonic = staticmethod(real_time.monotonic)
 
 
 class Inbox:
-    """The sessions: every outcome and waiting notice, in order (a SessionInbox)."""
+    """The sessions one instance holds; every outcome and waiting notice goes to ``got``,
+    shared by the instances, in order (a SessionInbox)."""
 
-    def __init__(self) -> None:
-        self.got: list[tuple[str, JobOutcome | JobWaiting]] = []
+    def __init__(self, got: list, sessions: set[str], instance_id: str) -> None:
+        self.got = got
+        self.sessions = sessions
+        self.instance_id = instance_id
 
     def __contains__(self, session_id: str) -> bool:
-        return True
+        return session_id in self.sessions
 
     def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
-        self.got.append((session_id, outcome))
+        if session_id not in self.sessions:
+            return False
+        self.got.append((session_id, outcome, self.instance_id))
         return True
 
     def take_over(self, session_id: str) -> None:
-        pass
+        self.sessions.discard(session_id)
 
 
 @attrs.define
@@ -62,15 +98,89 @@ class Held:
     attempt: int
 
 
-class ErrorLog(logging.Handler):
-    """Any ERROR from the scheduler's loggers (a crashed lane, a periodic task that raised)."""
+class Journal(logging.Handler):
+    """Every record of the scheduler's loggers at INFO and above."""
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(logging.INFO)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+    @property
+    def errors(self) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.levelno >= logging.ERROR]
+
+
+class Instance:
+    """One scheduler instance's parts. ``alive`` until the test kills it (kill -9: nothing
+    is cleaned up, its memory stays for the checks to read)."""
+
+    def __init__(self, h: DispatcherHarness, instance_id: str) -> None:
+        self.h = h
+        self.id = instance_id
+        self.alive = True
+        self.metrics = Metrics()
+        self.nodes = NodeRegistry(self.metrics)
+        self.inbox = Inbox(h.got, {s for s, i in SESSIONS.items() if i == instance_id}, instance_id)
+        self.scope = trio.CancelScope()
+
+    async def run(self, redis: RedisAdapter, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        h = self.h
+        settings = Settings(instance_id=self.id, result_deadline_ms=30_000)
+        scheduling = SchedulingClient(redis)
+        self.ownership = Ownership(redis, self.id, FOREVER_MS)
+        await self.ownership.refresh()
+        for session_id in self.inbox.sessions:
+            await self.ownership.claim_session(session_id)
+        self.router = Router(instance_id=self.id, url=h.url, redis=redis, metrics=self.metrics, nodes=self.nodes,
+                             sessions=self.inbox, ownership=self.ownership,
+                             answered=lambda key: self.dispatcher.answered(key), waiting_sessions=dict)
+        self.dispatcher = Dispatcher(redis=redis, nodes=self.nodes, sessions=self.inbox, router=self.router,
+                                     metrics=self.metrics, node_ttl_ms=600_000, job_lease_ms=LEASE_MS,
+                                     queue_size=h.queue_size, retry_interval=RETRY_S, place_batch=h.place_batch,
+                                     orphan_grace_ms=ORPHAN_GRACE_MS, instance_id=self.id, scheduling=scheduling)
+        self.gateway = NodeGateway(nodes=self.nodes, settings=settings, redis=redis, scheduling=scheduling,
+                                   dispatcher=self.dispatcher, router=self.router, sessions=self.inbox,
+                                   metrics=self.metrics, ownership=self.ownership)
+        self._wire_relay()
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.dispatcher.run)
+                task_status.started()
+
+    def _wire_relay(self) -> None:
+        """Every placement the dispatcher hands on is recorded (to a node here, or towards
+        another instance); what goes to another instance waits in the harness's relay until
+        the next settle."""
+        h, router = self.h, self.router
+        to_node_here, to_node = router.to_node_here, router.to_node
+
+        def record(node_id: str, assign: JobAssign) -> None:
+            h.handed.append((assign.job_key, assign.job_id, assign.attempt, node_id, self.id))
+
+        def handed_here(node_id: str, assign: JobAssign | Encoded) -> bool:
+            if isinstance(assign, JobAssign) and router.node_is_here(node_id):  # (relayed ones: below)
+                record(node_id, assign)
+            return to_node_here(node_id, assign)
+
+        async def handed_on(node_id: str, assign: JobAssign) -> bool:
+            record(node_id, assign)
+            return await to_node(node_id, assign)
+
+        async def send_job(owner: str, node_id: str, assign: JobAssign) -> None:
+            h.relay.append(("job", owner, node_id, encode(assign)))
+
+        async def send_outcome(owner: str, session_id: str, outcome: JobOutcome) -> int:
+            if not h.instances[owner].alive:
+                return 0
+            h.relay.append(("outcome", owner, session_id, outcome))
+            return 1
+
+        router.to_node_here, router.to_node = handed_here, handed_on
+        router.relay.send_job = send_job
+        router.relay.send_outcome = send_outcome
 
 
 class DispatcherHarness:
@@ -80,48 +190,29 @@ class DispatcherHarness:
         self.url = url
         self.queue_size = queue_size
         self.place_batch = place_batch
-        self.inbox = Inbox()
-        self.metrics = Metrics()
-        self.nodes = NodeRegistry(self.metrics)
-        self.held: dict[str, dict[str, Held]] = {}  # node id -> job id -> what it holds
+        self.got: list[tuple[str, JobOutcome | JobWaiting, str]] = []  # (session, outcome, delivered by)
+        self.instances = {i: Instance(self, i) for i in INSTANCES}
+        self.where: dict[str, str] = {}  # node id -> the instance it is connected to
+        self.held: dict[str, dict[str, Held]] = {}  # node id -> job id -> what it holds (on this connection)
         self.old: dict[str, list[tuple[str, int]]] = {}  # node id -> (job id, attempt) it got and lost
+        self.relay: list[tuple] = []  # ("job", owner, node id, text) | ("outcome", owner, session id, outcome)
         self._inflight = 0
-        self.handed: list[tuple[str, str, int, str]] = []  # (job key, job id, attempt, node id) as jobs are handed over
+        self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
         self._quiet = trio.Event()
 
+    def __getitem__(self, instance_id: str) -> Instance:
+        return self.instances[instance_id]
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with RedisAdapter(self.url, pool_size=1) as redis:  # one batcher: Redis sees the calls in Trio's order
+            self.redis = redis
             self._count_calls(redis)
-            settings = Settings(instance_id=INSTANCE, result_deadline_ms=30_000)
-            scheduling = SchedulingClient(redis)
-            ownership = Ownership(redis, INSTANCE, 60_000)
-            await ownership.refresh()  # this instance is alive (the orphan sweep leaves its jobs alone)
-            router = Router(instance_id=INSTANCE, url=self.url, redis=redis, metrics=self.metrics, nodes=self.nodes,
-                            sessions=self.inbox, ownership=ownership, answered=lambda key: self.dispatcher.answered(key),
-                            waiting_sessions=dict)
-            self.dispatcher = Dispatcher(redis=redis, nodes=self.nodes, sessions=self.inbox, router=router, metrics=self.metrics,
-                                         node_ttl_ms=600_000, job_lease_ms=LEASE_MS, queue_size=self.queue_size,
-                                         retry_interval=RETRY_S, place_batch=self.place_batch, instance_id=INSTANCE,
-                                         scheduling=scheduling)
-            self.gateway = NodeGateway(nodes=self.nodes, settings=settings, redis=redis, scheduling=scheduling,
-                                       dispatcher=self.dispatcher, router=router, sessions=self.inbox, metrics=self.metrics,
-                                       ownership=ownership)
-            self._record_placements(router)
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.dispatcher.run)
+                for instance in self.instances.values():
+                    await nursery.start(instance.run, redis)
                 task_status.started()
-
-    def _record_placements(self, router: Router) -> None:
-        """Jobs handed to nodes, in the order the dispatcher hands them over."""
-        to_node_here = router.to_node_here
-
-        def recorded(node_id: str, assign: JobAssign) -> bool:
-            self.handed.append((assign.job_key, assign.job_id, assign.attempt, node_id))
-            return to_node_here(node_id, assign)
-
-        router.to_node_here = recorded
 
     def _count_calls(self, redis: RedisAdapter) -> None:
         """Every adapter call counts as in flight until it returns (see :meth:`settle`)."""
@@ -142,18 +233,33 @@ class DispatcherHarness:
             setattr(redis, name, counted)
 
     async def settle(self) -> None:
-        """Until every task is blocked and no Redis call is in flight; then the nodes read."""
+        """Until every task is blocked, no Redis call is in flight and the relay is empty;
+        then the nodes read."""
         while True:
             await trio.testing.wait_all_tasks_blocked()
-            if self._inflight == 0:
+            if self._inflight:
+                await self._quiet.wait()
+            elif self.relay:
+                self._deliver_relayed()
+            else:
                 break
-            await self._quiet.wait()
         self._read_outboxes()
-        moving = {key: id(p) for key, p in self.dispatcher._moving.items()}
-        for job_key, placement in moving.items():  # moved off its node since the last settle: now
-            if self._moving.get(job_key) != placement:
+        moving = {(i.id, key): id(p) for i in self.instances.values() if i.alive for key, p in i.dispatcher._moving.items()}
+        for (instance_id, job_key), placement in moving.items():  # moved off its node since the last settle: now
+            if self._moving.get((instance_id, job_key)) != placement:
                 self.queued_since[job_key] = trio.current_time()
         self._moving = moving
+
+    def _deliver_relayed(self) -> None:
+        relayed, self.relay = self.relay, []
+        for kind, owner, target, payload in relayed:
+            instance = self.instances[owner]
+            if not instance.alive:
+                continue  # its stream waits for a reader that never comes back
+            if kind == "job":
+                instance.router._job_from_relay(target, payload)
+            else:
+                instance.router._answer_from_relay(target, payload)
 
     async def advance(self, seconds: float) -> None:
         """Move the clock in steps of at most the retry interval, settling after each."""
@@ -165,22 +271,41 @@ class DispatcherHarness:
 
     # ------------------------------------------------------------ what nodes do
 
-    async def connect(self, node_id: str, max_jobs: int, pairs: list[tuple[str, str]]) -> None:
+    async def connect(self, node_id: str, max_jobs: int, pairs: list[tuple[str, str]], instance_id: str) -> None:
         """As the node gateway does on a node's register: Redis, the registry, the lanes told."""
+        instance = self.instances[instance_id]
         reg = Register(node_id=node_id, lang_pairs=[list(p) for p in pairs], max_jobs=max_jobs)
         conn = NodeConnection(node_id, max_jobs, reg, conn_id=f"{node_id}-{len(self.handed)}-{trio.current_time()}")
-        await self.gateway._write_registration(reg, conn.conn_id)
-        self.nodes.add(conn)
+        await instance.gateway._write_registration(reg, conn.conn_id)
+        instance.nodes.add(conn)
         self.held[node_id] = {}
-        self.dispatcher.slot_freed()
+        self.where[node_id] = instance_id
+        instance.dispatcher.slot_freed()
+
+    def _drop(self, node_id: str) -> None:
+        """The node's connection is gone: what it held is lost to it."""
+        self.old.setdefault(node_id, []).extend((job_id, h.attempt) for job_id, h in self.held.pop(node_id).items())
+        del self.where[node_id]
 
     async def disconnect(self, node_id: str) -> None:
         """As the node gateway does when a node's socket closes."""
-        conn = self.nodes.get(node_id)
-        self.nodes.remove(conn)
+        instance = self.instances[self.where[node_id]]
+        conn = instance.nodes.get(node_id)
+        instance.nodes.remove(conn)
         conn.outbox_send.close()
-        self.old.setdefault(node_id, []).extend((job_id, h.attempt) for job_id, h in self.held.pop(node_id).items())
-        await self.gateway._leave(conn, "disconnected")
+        self._drop(node_id)
+        await instance.gateway._leave(conn, "disconnected")
+
+    async def kill(self, instance_id: str) -> None:
+        """kill -9: the instance stops at once, its nodes lose their connections, its
+        liveness lapses now (as it would ``owner_ttl_ms`` later), and nothing is cleaned up."""
+        instance = self.instances[instance_id]
+        instance.alive = False
+        instance.scope.cancel()
+        for node_id in [n for n, i in self.where.items() if i == instance_id]:
+            self._drop(node_id)
+        await self.redis.command("DEL", keys.instance(instance_id))
+        await self.redis.command("ZADD", keys.instances(), now_ms() - 1, instance_id)
 
     async def answer(self, node_id: str, job_id: str, attempt: int, ok: bool) -> None:
         held = self.held.get(node_id, {})
@@ -188,35 +313,65 @@ class DispatcherHarness:
             del held[job_id]
         result = JobResult(job_id=job_id, attempt=attempt, status="ok" if ok else "error",
                            source_text="src" if ok else None, text=f"{job_id}:{attempt}" if ok else None)
-        await self.gateway._job_result(self.nodes.get(node_id), result)
+        instance = self.instances[self.where[node_id]]
+        await instance.gateway._job_result(instance.nodes.get(node_id), result)
 
     def _read_outboxes(self) -> None:
-        for conn in self.nodes.all():
+        for node_id, instance_id in self.where.items():
+            conn = self.instances[instance_id].nodes.get(node_id)
             while True:
                 try:
                     msg = conn.outbox.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-                held = self.held[conn.node_id]
+                held = self.held[node_id]
+                if isinstance(msg, Encoded) and msg.TYPE == JobAssign.TYPE:  # relayed from another instance
+                    body = json.loads(msg.text)
+                    msg = JobAssign(job_id=body["job_id"], attempt=body["attempt"], job_key=body["job_key"],
+                                    session_id=body["session_id"], utterance_index=body["utterance_index"],
+                                    job_type=body["job_type"], src_lang=body["src_lang"], tgt_lang=body["tgt_lang"],
+                                    turn_id=body["turn_id"], sample_rate=body["sample_rate"], audio=body["audio"],
+                                    deadline_ms=body["deadline_ms"])
                 if isinstance(msg, JobAssign):
-                    assert msg.job_id not in held, f"{conn.node_id} got job {msg.job_id} again while holding it"
+                    assert msg.job_id not in held, f"{node_id} got job {msg.job_id} again while holding it"
                     held[msg.job_id] = Held(msg.job_key, msg.attempt)
                 elif isinstance(msg, JobCancel):
                     h = held.get(msg.job_id)
                     if h is not None and h.attempt == msg.attempt:
                         del held[msg.job_id]
-                        self.old.setdefault(conn.node_id, []).append((msg.job_id, msg.attempt))
+                        self.old.setdefault(node_id, []).append((msg.job_id, msg.attempt))
                 else:
-                    raise AssertionError(f"node {conn.node_id} got {msg!r}")
+                    raise AssertionError(f"node {node_id} got {msg!r}")
 
     # ------------------------------------------------------------ what sessions do
 
-    def submit(self, session_id: str, index: int, pair: tuple[str, str], ttl_s: float) -> str | None:
+    def owner(self, session_id: str) -> Instance | None:
+        """The live instance holding the session (None: its instance died, no resume yet)."""
+        for instance in self.instances.values():
+            if instance.alive and session_id in instance.inbox:
+                return instance
+        return None
+
+    def submit(self, session_id: str, index: int, pair: tuple[str, str], ttl_s: float, epoch: int | None = None) -> str | None:
         request = JobRequest(job_key=job_key_for(session_id, index, pair[1]), session_id=session_id, utterance_index=index,
                              src_lang=pair[0], tgt_lang=pair[1], turn_id=f"{session_id}:t", turn_action="none", turn_jobs=1,
-                             sample_rate=16000, audio=bytes(320), deadline=trio.current_time() + ttl_s)
+                             sample_rate=16000, audio=bytes(320), deadline=trio.current_time() + ttl_s, epoch=epoch)
         self.queued_since[request.job_key] = trio.current_time()
-        return self.dispatcher.submit_nowait(request)
+        return self.owner(session_id).dispatcher.submit_nowait(request)
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
-        await self.dispatcher.cancel(session_id, job_keys)
+        await self.owner(session_id).dispatcher.cancel(session_id, job_keys)
+
+    async def resume(self, session_id: str, instance_id: str, missing: list[tuple[int, str]]) -> int:
+        """The client resumes the session on ``instance_id``, as the client gateway does: the
+        owner record, the answers Redis kept, then adopt. Returns how many jobs were adopted."""
+        instance = self.instances[instance_id]
+        await instance.ownership.claim_session(session_id)
+        instance.inbox.sessions.add(session_id)
+        await instance.router.take_stored({session_id: missing})
+        adopted = [k for k in (job_key_for(session_id, i, t) for i, t in missing)]
+        count = await instance.dispatcher.adopt(session_id, None, missing)
+        for job_key in adopted:
+            if job_key in instance.dispatcher.placed:
+                self.queued_since[job_key] = trio.current_time()
+        return count

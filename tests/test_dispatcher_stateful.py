@@ -1,30 +1,40 @@
-"""The dispatcher under Hypothesis: the real :class:`Dispatcher` on a real Valkey, with
-scripted nodes and a manual MockClock (``dispatcher_harness.py``).
+"""The dispatcher under Hypothesis: the real :class:`Dispatcher` of two instances on a real
+Valkey, with scripted nodes and sessions and a manual MockClock (``dispatcher_harness.py``).
 
-Rules: nodes connect (with 1-3 slots, one or both language pairs) and disconnect; sessions
-submit jobs (deadlines from 0.3 s to 30 s, into a queue of 6) and cancel them; nodes answer
-what they hold (ok or error), answer again, and answer attempts they lost; time moves (lease
-expiry at 3 s, lane retries every 0.25 s); and two of these happen in one tick, with Trio's
-scheduler order drawn by Hypothesis.
+Rules: nodes connect to either instance (with 1-3 slots, one or both language pairs) and
+disconnect; sessions submit jobs (deadlines from 0.3 s to 30 s, into a queue of 4 or 6,
+placed in batches of 1, 2 or 32), submit one again, and cancel them; nodes answer what they
+hold (ok or error), answer again, and answer attempts they lost; time moves (lease expiry at
+3 s, lane retries every 0.25 s, the remote watch every second, the orphan sweep every 2 s);
+a session is resumed elsewhere (fenced: its epoch moves on); instance i2 is killed (kill -9)
+and its session resumed on i1 (the stored answers taken, the jobs adopted); two of these
+happen in one tick, with Trio's scheduler order drawn by Hypothesis.
 
 Checked after every step (:meth:`DispatcherMachine.check`):
 
-- Redis: per node, ``current_jobs`` == its job set == the jobs dispatched on it, within
-  ``max_jobs``; the jobs dispatched anywhere are exactly the dispatcher's placed and moving
-  ones; each placed job's hash names its node and attempt;
-- nodes: a job is held (assigned, not cancelled, not answered) by at most one node, and only
-  by the node and attempt of its placement; a node never gets a job it holds again;
+- Redis: per node, ``current_jobs`` == its job set, within ``max_jobs``; the jobs dispatched
+  anywhere are all on some instance's books; each placed job's hash names its node and
+  attempt; a job key maps to one job id;
+- nodes: a job placed on a node connection is held by it, at that attempt; a node holds a
+  job its own instance no longer placed nowhere (it was told ``job_cancel``); a node never
+  gets a job it holds again;
 - sessions: at most one outcome per job, and exactly the answer of the attempt that was live
-  (its text, its status); none for a job cancelled, refused or lost; ``waiting`` notices come
-  once per blocked episode, and "placed" only after "waiting";
-- order: the first placements of each language pair follow submission order;
+  (its text, its status), or ``FAILED``/``FENCED`` for a fenced session's new job; none for a
+  job cancelled, refused or lost, nor for an answer kept in Redis while its session had no
+  owner (it comes with the resume); ``waiting`` notices alternate per instance, "waiting"
+  first;
+- order: per instance and language pair, first placements follow submission order;
 - books: the queued count, the lanes and the gauges agree; no job waits past its deadline
   by more than one retry; after time moves, no fresh job waits while a node of its pair has
-  a free slot; nothing is logged at ERROR.
+  a free slot;
+- counters: ``OVERLOADED`` refusals, redispatches (placements of attempt > 1) and, at the
+  end, finished jobs match what happened; every label is a known status or code;
+- logs: nothing at ERROR; every dispatcher event is a known one at its level, with fields
+  that name real jobs, nodes and codes; a ``job_moving`` names a placement that was made.
 
 At the end (liveness): a node with room for everything joins, the nodes answer, time moves:
-every job ends (answered, cancelled, refused, or dropped at its deadline), no slot or lease
-is left in Redis, and the books are empty.
+every job ends (answered, cancelled, refused, fenced, dropped at its deadline, or lost with
+its instance), no slot or lease is left in Redis, and the live instances' books are empty.
 """
 
 from __future__ import annotations
@@ -40,15 +50,26 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from scheduler.jobs import JobOutcome, JobWaiting, job_key_for
+from scheduler.placement import dispatcher as dispatcher_module
 from scheduler.placement import keys
+from scheduler.placement import redis_adapter as redis_adapter_module
 from scheduler.placement.redis_adapter import connect
 
-from .dispatcher_harness import PAIRS, RETRY_S, DispatcherHarness, ErrorLog
+from .dispatcher_harness import PAIRS, RETRY_S, SESSIONS, DispatcherHarness, Journal, VirtualWall
 from .session_rules import step_limit
 from .trio_thread import TrioThread
 
 NODES = ("n0", "n1", "n2")
 EPS = 1e-6
+CODES = {"NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR", "REDIS_UNAVAILABLE", "NODE_UNREACHABLE",
+         "JOB_ID_TAKEN", "UNKNOWN_JOB", "FENCED", "OVERLOADED", "INTERNAL"}
+REASONS = {"NODE_LOST", "LEASE_EXPIRED", "NODE_INSTANCE_LOST", "NODE_RECONNECTED", "JOB_LOST", "NODE_UNREACHABLE",
+           "ADOPTED_WAITING"}
+EVENTS = {  # dispatcher event -> its level
+    "job_moving": logging.INFO, "dispatch_blocked": logging.WARNING, "dispatch_unblocked": logging.INFO,
+    "duplicate_job_blocked": logging.WARNING, "job_failed": logging.INFO, "jobs_adopted": logging.INFO,
+    "orphan_job_released": logging.INFO, "orphan_release_refused": logging.WARNING,
+}
 
 
 async def _inline(fn, *args, limiter=None, **_):
@@ -62,31 +83,50 @@ class Job:
     pair: tuple[str, str]
     seq: int
     deadline: float
+    instance: str  # where it was submitted
     refused: bool = False
     cancelled_at: int | None = None  # the inbox length when the session cancelled it
     answer: tuple[str, str | None] | None = None  # (status, text) of the live attempt's answer
     racing: bool = False  # answered and cancelled in one tick: either may win
+    fenced: bool = False  # its session was fenced before it was placed: FAILED(FENCED) may come
+    stored: bool = False  # answered while its session had no owner: kept in Redis until a resume
 
 
 class DispatcherMachine(RuleBasedStateMachine):
     url: str = ""
 
-    @initialize(queue_size=st.sampled_from([4, 6]), place_batch=st.sampled_from([1, 2, 32]))
-    def start(self, queue_size, place_batch):
+    @initialize(queue_size=st.sampled_from([4, 6]), place_batch=st.sampled_from([1, 2, 32]),
+                layout=st.sampled_from(["none", "i1", "i2", "both"]))
+    def start(self, queue_size, place_batch, layout):
         self.r = connect(self.url, decode_responses=True)
         self.r.flushall()
         # Redis calls run inline in the Trio thread, not in a worker thread: when a reply
         # comes back is then no race against the clock, and a failing example replays
-        # exactly (Trio's scheduler order is seeded by Hypothesis)
+        # exactly (Trio's scheduler order is seeded by Hypothesis). Redis timestamps follow
+        # the MockClock.
         self._to_thread, trio.to_thread.run_sync = trio.to_thread.run_sync, _inline
-        self.errors = ErrorLog()
-        logging.getLogger("scheduler").addHandler(self.errors)
+        self._wall = VirtualWall()
+        self._time = redis_adapter_module.time, dispatcher_module.time
+        redis_adapter_module.time = dispatcher_module.time = self._wall
+        self.journal = Journal()
+        scheduler_log = logging.getLogger("scheduler")
+        self._level = scheduler_log.level
+        scheduler_log.setLevel(logging.INFO)
+        scheduler_log.addHandler(self.journal)
+        self.seen_records = 0
         self.trio = TrioThread()
         self.h = self.trio.call_sync(lambda: DispatcherHarness(self.url, queue_size=queue_size, place_batch=place_batch))
         self.trio.call(lambda: self.trio.nursery.start(self.h.run))
         self.jobs: dict[str, Job] = {}
         self.next_index = 0
         self.max_jobs: dict[str, int] = {}
+        self.fenced: set[str] = set()
+        self.resubmitted: set[str] = set()
+        # nodes from the start (most paths need one): none, one on either instance, or one on each
+        for node, instance, max_jobs in {"none": [], "i1": [("n0", "i1", 2)], "i2": [("n0", "i2", 2)],
+                                         "both": [("n0", "i1", 1), ("n1", "i2", 2)]}[layout]:
+            self.max_jobs[node] = max_jobs
+            self.do("connect", self.h.connect, node, max_jobs, list(PAIRS), instance)
 
     def teardown(self):
         if not hasattr(self, "trio"):
@@ -97,7 +137,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         finally:
             self.trio.close()
             trio.to_thread.run_sync = self._to_thread
-            logging.getLogger("scheduler").removeHandler(self.errors)
+            redis_adapter_module.time, dispatcher_module.time = self._time
+            scheduler_log = logging.getLogger("scheduler")
+            scheduler_log.removeHandler(self.journal)
+            scheduler_log.setLevel(self._level)
             self.r.close()
 
     # ------------------------------------------------------------ steps
@@ -116,8 +159,15 @@ class DispatcherMachine(RuleBasedStateMachine):
     def connected(self) -> list[str]:
         return sorted(self.h.held)
 
+    @property
+    def alive(self) -> list[str]:
+        return [i for i, instance in self.h.instances.items() if instance.alive]
+
     def _held(self) -> list[tuple[str, str, int]]:
         return sorted((n, job_id, h.attempt) for n, jobs in self.h.held.items() for job_id, h in jobs.items())
+
+    def _orphaned(self, session_id: str) -> bool:
+        return self.h.owner(session_id) is None
 
     # ------------------------------------------------------------ rules: nodes
 
@@ -125,17 +175,38 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule(data=st.data(), max_jobs=st.integers(1, 3), pairs=st.sampled_from([PAIRS, PAIRS[:1], PAIRS[1:]]))
     def connect_node(self, data, max_jobs, pairs):
         node = data.draw(st.sampled_from([n for n in NODES if n not in self.h.held]))
+        instance = data.draw(st.sampled_from(self.alive))
         self.max_jobs[node] = max_jobs
-        self.do("connect", self.h.connect, node, max_jobs, list(pairs))
+        self.do("connect", self.h.connect, node, max_jobs, list(pairs), instance)
 
     @precondition(lambda self: self.h.held)
     @rule(data=st.data())
     def disconnect_node(self, data):
         self.do("disconnect", self.h.disconnect, data.draw(st.sampled_from(self.connected)))
 
+    @precondition(lambda self: self.h.held)
+    @rule(data=st.data())
+    def bounce_node(self, data):
+        """A node's socket drops and it registers again at once, here or on the other
+        instance: a new connection, which holds none of the old one's jobs."""
+        node = data.draw(st.sampled_from(self.connected))
+        instance = data.draw(st.sampled_from(self.alive))
+        pairs = [tuple(p) for p in self.h[self.h.where[node]].nodes.get(node).registration.lang_pairs]
+
+        async def bounce():
+            await self.h.disconnect(node)
+            await self.h.connect(node, self.max_jobs[node], pairs, instance)
+
+        self.do("bounce", bounce)
+
     def _answer(self, node, job_id, attempt, ok):
-        job = self.jobs[self.h.held[node][job_id].job_key]
+        """The answer of what ``node`` holds: the job's answer, if Redis has that attempt live there."""
+        status, holder, current, key = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
+        if (status, holder, current) != ("dispatched", node, str(attempt)):
+            return
+        job = self.jobs[key]
         job.answer = ("SUCCESS", f"{job_id}:{attempt}") if ok else ("FAILED", None)
+        job.stored = self._orphaned(key.split(":")[0])
 
     @precondition(lambda self: any(self.h.held.values()))
     @rule(data=st.data(), ok=st.booleans())
@@ -151,9 +222,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         connection): refused once the job moved on; while Redis still has that attempt on
         this node (a move not yet made), it is the job's answer, taken once."""
         node, (job_id, attempt) = data.draw(st.sampled_from([(n, o) for n in self.connected for o in self.h.old.get(n, [])]))
-        status, holder, current, key = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
-        if (status, holder, current) == ("dispatched", node, str(attempt)):
-            self.jobs[key].answer = ("SUCCESS", f"{job_id}:{attempt}")
+        self._answer(node, job_id, attempt, True)
         self.do("answer_lost", self.h.answer, node, job_id, attempt, True)
 
     @precondition(lambda self: any(j.answer for j in self.jobs.values()))
@@ -161,33 +230,58 @@ class DispatcherMachine(RuleBasedStateMachine):
     def answer_again(self, data):
         """The same answer twice (or from a reconnected node): the second one is refused."""
         node = data.draw(st.sampled_from(self.connected)) if self.h.held else None
-        done = [(job_id, a) for (key, job_id, a, _) in self.h.handed if self.jobs[key].answer]
+        done = sorted({(job_id, a) for (key, job_id, a, *_) in self.h.handed if self.jobs[key].answer})
         if node is not None and done:
             job_id, attempt = data.draw(st.sampled_from(done))
             self.do("answer_again", self.h.answer, node, job_id, attempt, True)
 
     # ------------------------------------------------------------ rules: sessions and time
 
+    def _live_sessions(self) -> list[str]:
+        return sorted(s for s in SESSIONS if not self._orphaned(s))
+
     def _submit(self, session, pair, ttl):
         index = self.next_index
         self.next_index += 1
         key = job_key_for(session, index, pair[1])
-        job = self.jobs[key] = Job(key, pair, index, self.now + ttl)
+        job = self.jobs[key] = Job(key, pair, index, self.now + ttl, self.h.owner(session).id, fenced=session in self.fenced)
 
         def submit():
-            job.refused = self.h.submit(session, index, pair, ttl) is not None
+            job.refused = self.h.submit(session, index, pair, ttl, epoch=1) is not None
 
         return submit
 
-    @rule(session=st.sampled_from(["s0", "s1"]), pair=st.sampled_from(PAIRS), ttl=st.sampled_from([0.3, 1.0, 5.0, 30.0]))
-    def submit(self, session, pair, ttl):
+    @rule(data=st.data(), pair=st.sampled_from(PAIRS), ttl=st.sampled_from([0.3, 1.0, 5.0, 30.0]))
+    def submit(self, data, pair, ttl):
+        session = data.draw(st.sampled_from(self._live_sessions()))
         self.do("submit", self.trio_sync(self._submit(session, pair, ttl)))
 
+    @precondition(lambda self: any(key for key, *_ in self.h.handed if key.split(":")[0] not in self.fenced
+                                   and not self._orphaned(key.split(":")[0])))
+    @rule(data=st.data())
+    def submit_again(self, data):
+        """A job key that was placed comes again (a session replaying after a resume): Redis
+        says EXISTS, the job is never created twice."""
+        key = data.draw(st.sampled_from(sorted({k for k, *_ in self.h.handed if k.split(":")[0] not in self.fenced
+                                                and not self._orphaned(k.split(":")[0])})))
+        job, session = self.jobs[key], key.split(":")[0]
+        self.resubmitted.add(key)
+        self.resubmits += 1
+
+        def submit():
+            if self.h.submit(session, job.seq, job.pair, 5.0, epoch=1) is not None:
+                self.refused_again += 1
+
+        self.do("submit_again", self.trio_sync(submit))
+
+    refused_again = resubmits = 0
+
     def _cancellable(self) -> list[str]:
-        return sorted(k for k, j in self.jobs.items() if not j.refused and j.cancelled_at is None and j.answer is None)
+        return sorted(k for k, j in self.jobs.items() if not j.refused and j.cancelled_at is None and j.answer is None
+                      and not self._orphaned(k.split(":")[0]))
 
     def _cancel(self, key):
-        self.jobs[key].cancelled_at = len(self.h.inbox.got)
+        self.jobs[key].cancelled_at = len(self.h.got)
         return lambda: self.h.cancel(key.split(":")[0], [key])
 
     @precondition(lambda self: self._cancellable())
@@ -198,7 +292,51 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.05, 0.25, 1.0, 3.1]))
     def advance(self, seconds):
         self.do("advance", self.h.advance, seconds)
-        self.check_no_idle_slot()
+        self.check_no_idle_slot(seconds)
+
+    @precondition(lambda self: len(self.fenced) < 1)
+    @rule(session=st.sampled_from(["s0", "s1"]))
+    def fence(self, session):
+        """The session was resumed elsewhere (its epoch moved on): this instance places none
+        of its new jobs any more; each fails FENCED."""
+        self.fenced.add(session)
+        handed = {key for key, *_ in self.h.handed}
+        for job in self.jobs.values():
+            if job.key.startswith(session + ":") and job.key not in handed:
+                job.fenced = True
+        self.r.hset(keys.session(session), "epoch", 2)
+        self.do("fence", self.trio_sync(lambda: None))
+
+    @precondition(lambda self: self.h["i2"].alive and (self.h["i2"].dispatcher.placed or any(
+        self.h.held[n] for n, i in self.h.where.items() if i == "i2")))
+    @rule()
+    def kill_i2(self):
+        """kill -9 of i2 while it holds something: jobs it placed, or nodes with jobs."""
+        self.do("kill", self.h.kill, "i2")
+
+    @precondition(lambda self: not self.h["i2"].alive and self._orphaned("s2"))
+    @rule()
+    def resume_s2(self):
+        """The client of s2 (held by the dead i2) resumes on i1: the answers Redis kept come
+        first, then i1 adopts the jobs still dispatched or waiting."""
+        delivered = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
+        missing = [(j.seq, j.pair[1]) for j in self.jobs.values() if j.key.startswith("s2:") and j.key not in delivered]
+        stored = {j.key for j in self.jobs.values() if j.stored}
+        expected = 0
+        for index, tgt in missing:
+            key = job_key_for("s2", index, tgt)
+            job_id = self.r.get(keys.jobkey(key))
+            if job_id and key not in stored:
+                status, audio = self.r.hmget(keys.job(job_id), "status", "audio")
+                expected += status in ("dispatched", "waiting") and bool(audio)
+        for job in self.jobs.values():
+            job.stored = False  # taken with the resume
+        adopted = []
+        self.do("resume", lambda: self._resume(adopted, missing))
+        assert adopted == [expected], (adopted, expected)
+
+    async def _resume(self, adopted, missing):
+        adopted.append(await self.h.resume("s2", "i1", missing))
 
     @precondition(lambda self: self._cancellable())
     @rule(data=st.data(), other=st.sampled_from(["answer", "disconnect", "submit", "advance"]), midway=st.booleans())
@@ -216,7 +354,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             node = data.draw(st.sampled_from(self.connected))
             steps.append(lambda: self.h.disconnect(node))
         elif other == "submit":
-            steps.append(self.trio_sync(self._submit("s1", data.draw(st.sampled_from(PAIRS)), 5.0)))
+            steps.append(self.trio_sync(self._submit(data.draw(st.sampled_from(self._live_sessions())),
+                                                     data.draw(st.sampled_from(PAIRS)), 5.0)))
         else:
             steps.append(lambda: self.h.advance(RETRY_S))
 
@@ -241,43 +380,71 @@ class DispatcherMachine(RuleBasedStateMachine):
     def check(self):
         self.trio.call_sync(self._check_books)
         self._check_redis()
-        assert not self.errors.records, [r.getMessage() for r in self.errors.records]
+        self._check_logs()
+        self._check_counters()
+
+    def _live(self):
+        return [i for i in self.h.instances.values() if i.alive]
 
     def _check_books(self):
-        d, h, now = self.h.dispatcher, self.h, self.now
-        queued = [r for lane in d._lanes.values() for r in lane.queue]
-        assert d._queued == len(queued) == d.waiting, (d._queued, len(queued))
-        assert h.metrics.jobs_in_flight._value.get() == len(d.placed)
-        assert h.metrics.jobs_waiting._value.get() == len(queued)
-        for r in queued:
-            due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
-            assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
-            assert r.job_key not in d.placed and not self.jobs[r.job_key].refused
-        holders: dict[str, tuple[str, str, int]] = {}
-        for node, jobs in h.held.items():
-            for job_id, held in jobs.items():
-                assert held.job_key not in holders, f"{held.job_key} held by {holders[held.job_key]} and {node}"
-                holders[held.job_key] = (node, job_id, held.attempt)
-        for key, p in d.placed.items():
-            assert holders.pop(key, None) == (p.node_id, p.job_id, p.attempt), (key, p)
-        assert not holders, f"nodes hold jobs the dispatcher does not: {holders}"
+        h, now = self.h, self.now
+        for instance in self._live():
+            d = instance.dispatcher
+            queued = [r for lane in d._lanes.values() for r in lane.queue]
+            assert d._queued == len(queued) == d.waiting, (instance.id, d._queued, len(queued))
+            assert instance.metrics.jobs_in_flight._value.get() == len(d.placed)
+            assert instance.metrics.jobs_waiting._value.get() == len(queued)
+            for r in queued:
+                due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
+                assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
+                assert r.job_key not in d.placed or r.job_key in self.resubmitted, r.job_key
+                assert not self.jobs[r.job_key].refused or r.job_key in self.resubmitted
+        self._check_holders()
         self._check_sessions()
         self._check_order()
 
+    def _check_holders(self):
+        h = self.h
+        placed = {}  # (node, job id, attempt) -> the live instance whose books have it
+        for instance in self._live():
+            for key, p in instance.dispatcher.placed.items():
+                placed[(p.node_id, p.job_id, p.attempt)] = instance.id
+                conn = instance.nodes.get(p.node_id) or (h.where.get(p.node_id) and h[h.where[p.node_id]].nodes.get(p.node_id))
+                if conn and conn.conn_id == p.conn_id:  # placed on this very connection: it has the job
+                    got = h.held[p.node_id].get(p.job_id)
+                    assert got is not None and (got.job_key, got.attempt) == (key, p.attempt), \
+                        f"{key} placed on {p.node_id} (attempt {p.attempt}), which holds {got}"
+        by = {(job_id, attempt, node): instance for (_, job_id, attempt, node, instance) in h.handed}
+        for node, jobs in h.held.items():
+            for job_id, held in jobs.items():
+                if (node, job_id, held.attempt) in placed:
+                    continue
+                placer = by[(job_id, held.attempt, node)]
+                assert placer != h.where[node] or not h[placer].alive, \
+                    f"{node} still holds {held.job_key} ({job_id}, attempt {held.attempt}), which its instance dropped"
+
     def _check_sessions(self):
         outcomes: dict[str, list[tuple[int, JobOutcome]]] = {}
-        told: dict[str, list[str | None]] = {}
-        for n, (sid, o) in enumerate(self.h.inbox.got):
+        told: dict[tuple[str, str], list[str | None]] = {}
+        for n, (sid, o, by) in enumerate(self.h.got):
             key = job_key_for(sid, o.utterance_index, o.tgt_lang)
             if isinstance(o, JobOutcome):
                 outcomes.setdefault(key, []).append((n, o))
             else:
                 assert isinstance(o, JobWaiting)
-                told.setdefault(key, []).append(o.error)
+                told.setdefault((key, by), []).append(o.error)
         for key, job in self.jobs.items():
             got = outcomes.get(key, [])
+            if key in self.resubmitted and key.split(":")[0] in self.fenced:  # the copy may fail FENCED
+                got = [(n, o) for n, o in got if o.translation.error != "FENCED"]
             if job.answer is None:
+                if job.fenced and got:
+                    assert len(got) == 1 and (got[0][1].translation.status, got[0][1].translation.error) == ("FAILED", "FENCED")
+                    continue
                 assert not got, f"{key}: an outcome nobody answered: {got}"
+                continue
+            if job.stored:
+                assert not got, f"{key}: answered while its session had no owner, yet delivered: {got}"
                 continue
             assert len(got) == 1 or (job.racing and not got), f"{key}: {len(got)} outcomes"
             if not got:
@@ -285,28 +452,34 @@ class DispatcherMachine(RuleBasedStateMachine):
             n, o = got[0]
             assert (o.translation.status, o.translation.text) == job.answer, (key, o, job.answer)
             assert job.cancelled_at is None or n < job.cancelled_at or job.racing, f"{key}: an outcome after its cancel"
-        for key, codes in told.items():
+        for (key, _), codes in told.items():
+            if key in self.resubmitted:
+                continue  # each copy is told it waits
             for a, b in zip(codes, codes[1:], strict=False):
                 assert (a is None) != (b is None), f"{key}: waiting notices {codes}"
             assert codes[0] is not None, f"{key}: 'placed' before 'waiting': {codes}"
 
     def _check_order(self):
-        first: dict[str, int] = {}
-        for key, *_ in self.h.handed:
-            first.setdefault(key, len(first))
-        for pair in PAIRS:
-            seqs = [self.jobs[k].seq for k in sorted(first, key=first.get) if self.jobs[k].pair == pair]
-            assert seqs == sorted(seqs), f"{pair}: first placements out of submission order: {seqs}"
+        """Per instance and language pair, first placements in submission order: fresh jobs
+        take their ids in the order they are placed (one ordered pipeline per batch), so the
+        ids of first attempts, in order, must name the jobs in submission order."""
+        first: dict[tuple[str, tuple[str, str]], dict[str, int]] = {}
+        for key, job_id, attempt, _, by in self.h.handed:
+            if attempt == 1 and self.jobs[key].instance == by:  # (an adopted job is placed again out of turn)
+                first.setdefault((by, self.jobs[key].pair), {})[key] = int(job_id)
+        for (by, pair), ids in first.items():
+            seqs = [self.jobs[k].seq for k in sorted(ids, key=ids.get)]
+            assert seqs == sorted(seqs), f"{by} {pair}: first placements out of submission order: {seqs}"
 
     def _check_redis(self):
-        d = self.h.dispatcher
         nodes = sorted(self.max_jobs)
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.node_runtime(node), "current_jobs")
-        placed, moving = list(d.placed.values()), list(d._moving.values())
-        for p in placed + moving:
+        live = [p for i in self._live() for p in i.dispatcher.placed.values()]
+        moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
+        for p in live + moving:
             pipe.hmget(keys.job(p.job_id), "status", "node_id", "attempt")
         replies = iter(pipe.execute())
         dispatched: set[str] = set()
@@ -314,24 +487,79 @@ class DispatcherMachine(RuleBasedStateMachine):
             held, current = next(replies), int(next(replies) or 0)
             assert current == len(held) <= self.max_jobs[node], (node, current, held)
             dispatched |= held
-        for p in placed:
+        for p in live:
             assert next(replies) == ["dispatched", p.node_id, str(p.attempt)], p
         for m in moving:  # still on the node it leaves, or waiting (its slot released) for a new one
             status, node, attempt = next(replies)
             assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting", (m, status)
-        books = {p.job_id for p in placed} | {m.job_id for m in moving}
+        books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
+        ids: dict[str, str] = {}
+        for key, job_id, *_ in self.h.handed:
+            assert ids.setdefault(key, job_id) == job_id, f"{key} created twice: jobs {ids[key]} and {job_id}"
 
-    def check_no_idle_slot(self):
-        """After time moved: no lane of fresh jobs waits while a node of its pair has room."""
-        d = self.h.dispatcher
-        for pair, lane in d._lanes.items():
-            if not lane.queue or any(r.job_key in d._moving for r in lane.queue):
+    def _check_logs(self):
+        records, self.seen_records = self.journal.records[self.seen_records:], len(self.journal.records)
+        handed = {(key, job_id, attempt, node) for key, job_id, attempt, node, _ in self.h.handed}
+        for r in records:
+            assert r.levelno < logging.ERROR, r.getMessage()
+            if r.name != "scheduler.dispatcher":
                 continue
-            for node in self.connected:
-                if list(pair) in self.h.nodes.get(node).registration.lang_pairs:
-                    free = self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
-                    assert free <= 0, f"{pair}: {len(lane.queue)} jobs wait while {node} has {free} free slots"
+            name, f = r.event, r.fields
+            assert EVENTS.get(name) == r.levelno, f"unknown event or level: {r.levelname} {r.getMessage()}"
+            if "job_key" in f or name in ("job_moving", "dispatch_blocked", "job_failed", "duplicate_job_blocked"):
+                assert f.get("job_key") in self.jobs, r.getMessage()
+            if name == "job_moving":
+                assert f["reason"] in REASONS and (f["job_key"], f["job_id"], f["attempt"], f["from_node"]) in handed, \
+                    r.getMessage()
+            elif name in ("dispatch_blocked", "dispatch_unblocked"):
+                assert (f["src_lang"], f["tgt_lang"]) in PAIRS and isinstance(f["waiting"], int), r.getMessage()
+                assert name == "dispatch_unblocked" or f["code"] in CODES and f["waiting"] > 0, r.getMessage()
+            elif name == "job_failed":
+                assert f["error"] in CODES, r.getMessage()
+            elif name == "duplicate_job_blocked":
+                assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(keys.jobkey(f["job_key"])), r.getMessage()
+            elif name == "jobs_adopted":
+                assert f["session_id"] == "s2" and f["jobs"] > 0, r.getMessage()
+            elif name == "orphan_job_released":
+                job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status")
+                assert job == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
+
+    def _check_counters(self):
+        instances = list(self.h.instances.values())
+
+        def total(name, *labels):
+            return sum((getattr(i.metrics, name).labels(*labels) if labels else getattr(i.metrics, name))._value.get()
+                       for i in instances)
+
+        for i in instances:
+            for counter, known in ((i.metrics.jobs_total, {"finished", "failed", "cancelled"}),
+                                   (i.metrics.dispatch_errors_total, CODES)):
+                for metric in counter.collect():
+                    for sample in metric.samples:
+                        assert not sample.labels or set(sample.labels.values()) <= known, sample
+        refused = sum(j.refused for j in self.jobs.values()) + self.refused_again
+        assert total("dispatch_errors_total", "OVERLOADED") == refused
+        redispatched = {(job_id, attempt) for _, job_id, attempt, *_ in self.h.handed if attempt > 1}
+        assert total("redispatch_total") == len(redispatched), (total("redispatch_total"), sorted(redispatched))
+        assert total("duplicate_job_blocked_total") <= self.resubmits  # each reaches Redis at most once
+
+    def check_no_idle_slot(self, seconds):
+        """After time moved: no lane of fresh jobs waits while a node of its pair has room
+        (within the lane's retry interval it may: a slot freed by another instance, e.g. a
+        cancel of a job it placed there, is not announced here)."""
+        if seconds < RETRY_S:
+            return
+        for instance in self._live():
+            d = instance.dispatcher
+            for pair, lane in d._lanes.items():
+                if not lane.queue or any(r.job_key in d._moving for r in lane.queue):
+                    continue
+                for node in self.connected:
+                    conn = self.h[self.h.where[node]].nodes.get(node)
+                    if list(pair) in conn.registration.lang_pairs:
+                        free = self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
+                        assert free <= 0, f"{instance.id} {pair}: {len(lane.queue)} jobs wait while {node} has {free} free"
 
     # ------------------------------------------------------------ the end
 
@@ -339,8 +567,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         """Liveness: a node with room for everything joins; answer, move time; all ends."""
         if "n9" not in self.h.held:
             self.max_jobs["n9"] = 8
-            self.trio.call(self.h.connect, "n9", 8, list(PAIRS))
-        d = self.h.dispatcher
+            self.trio.call(self.h.connect, "n9", 8, list(PAIRS), "i1")
         for _ in range(400):
             self.trio.call(self.h.settle)
             for node, job_id, attempt in self._held():
@@ -348,17 +575,22 @@ class DispatcherMachine(RuleBasedStateMachine):
                 self.trio.call(self.h.answer, node, job_id, attempt, True)
             self.trio.call(self.h.settle)
             self.check()
-            if not d.waiting and not d.placed and not d._moving and not d._owed_releases:
+            books = [d for i in self._live() for d in [i.dispatcher] if d.waiting or d.placed or d._moving or d._owed_releases]
+            if not books and not self.r.zrange(keys.leases(), 0, -1):
                 break
             self.trio.call(self.h.advance, RETRY_S)
         else:
-            raise AssertionError(f"no end: {d.waiting} queued, {len(d.placed)} placed, {len(d._moving)} moving")
+            raise AssertionError(f"no end: books {books}, leases {self.r.zrange(keys.leases(), 0, -1)}")
+        finished = sum(self.r.hget(keys.job(job_id), "status") == "finished"
+                       for job_id in {job_id for _, job_id, *_ in self.h.handed})
+        assert sum(i.metrics.jobs_total.labels("finished")._value.get() for i in self.h.instances.values()) == finished
+        got = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
         for key, job in self.jobs.items():
-            ended = job.refused or job.cancelled_at is not None or job.answer is not None or job.deadline <= self.now + EPS
+            ended = (job.refused or job.cancelled_at is not None or job.answer is not None or key in got
+                     or job.deadline <= self.now + EPS or not self.h[job.instance].alive)
             assert ended, f"{key} never ended"
         for node in self.max_jobs:
             assert int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0) == 0, node
-        assert not self.r.zrange(keys.leases(), 0, -1)
 
 
 # a Redis round trip or more per step: 40 examples of 25 steps keep CI near 6 s (docs/testing.md);
