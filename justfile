@@ -63,7 +63,7 @@ mutants *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
     uv sync --frozen --group mutants
-    HYPOTHESIS_PROFILE=mutants uv run --frozen --group mutants mutmut run --max-children "$(nproc)" {{ARGS}} > /dev/null || true
+    HYPOTHESIS_PROFILE=mutants DISPATCHER_EXAMPLES=80 uv run --frozen --group mutants mutmut run --max-children "$(nproc)" {{ARGS}} > /dev/null || true
     uv run --frozen --group mutants python -m tests.mutants.report
     HYPOTHESIS_PROFILE=mutants uv run --frozen python -m tests.mutants.lua_mutants
     uv sync --frozen

@@ -169,8 +169,8 @@ class Instance:
             record(node_id, assign)
             return await to_node(node_id, assign)
 
-        async def send_job(owner: str, node_id: str, assign: JobAssign) -> None:
-            h.relay.append(("job", owner, node_id, encode(assign)))
+        async def send_job(owner: str, node_id: str, msg: JobAssign | JobCancel) -> None:
+            h.relay.append((msg.TYPE, owner, node_id, encode(msg)))
 
         async def send_outcome(owner: str, session_id: str, outcome: JobOutcome) -> int:
             if not h.instances[owner].alive:
@@ -195,7 +195,7 @@ class DispatcherHarness:
         self.where: dict[str, str] = {}  # node id -> the instance it is connected to
         self.held: dict[str, dict[str, Held]] = {}  # node id -> job id -> what it holds (on this connection)
         self.old: dict[str, list[tuple[str, int]]] = {}  # node id -> (job id, attempt) it got and lost
-        self.relay: list[tuple] = []  # ("job", owner, node id, text) | ("outcome", owner, session id, outcome)
+        self.relay: list[tuple] = []  # (message type, owner, node id, text) | ("outcome", owner, session id, outcome)
         self._inflight = 0
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
@@ -256,10 +256,10 @@ class DispatcherHarness:
             instance = self.instances[owner]
             if not instance.alive:
                 continue  # its stream waits for a reader that never comes back
-            if kind == "job":
-                instance.router._job_from_relay(target, payload)
-            else:
+            if kind == "outcome":
                 instance.router._answer_from_relay(target, payload)
+            else:
+                instance.router._job_from_relay(target, payload, kind)
 
     async def advance(self, seconds: float) -> None:
         """Move the clock in steps of at most the retry interval, settling after each."""
@@ -325,7 +325,10 @@ class DispatcherHarness:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
                 held = self.held[node_id]
-                if isinstance(msg, Encoded) and msg.TYPE == JobAssign.TYPE:  # relayed from another instance
+                if isinstance(msg, Encoded) and msg.TYPE == JobCancel.TYPE:  # relayed from another instance
+                    body = json.loads(msg.text)
+                    msg = JobCancel(job_id=body["job_id"], attempt=body["attempt"])
+                elif isinstance(msg, Encoded) and msg.TYPE == JobAssign.TYPE:
                     body = json.loads(msg.text)
                     msg = JobAssign(job_id=body["job_id"], attempt=body["attempt"], job_key=body["job_key"],
                                     session_id=body["session_id"], utterance_index=body["utterance_index"],

@@ -15,9 +15,9 @@ Checked after every step (:meth:`DispatcherMachine.check`):
 - Redis: per node, ``current_jobs`` == its job set, within ``max_jobs``; the jobs dispatched
   anywhere are all on some instance's books; each placed job's hash names its node and
   attempt; a job key maps to one job id;
-- nodes: a job placed on a node connection is held by it, at that attempt; a node holds a
-  job its own instance no longer placed nowhere (it was told ``job_cancel``); a node never
-  gets a job it holds again;
+- nodes: a job placed on a node connection is held by it, at that attempt; a node holds
+  only jobs Redis has dispatched on it at that attempt (every other one it was told
+  ``job_cancel``, here or over the relay); a node never gets a job it holds again;
 - sessions: at most one outcome per job, and exactly the answer of the attempt that was live
   (its text, its status), or ``FAILED``/``FENCED`` for a fenced session's new job; none for a
   job cancelled, refused or lost, nor for an answer kept in Redis while its session had no
@@ -291,8 +291,13 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.05, 0.25, 1.0, 3.1]))
     def advance(self, seconds):
-        self.do("advance", self.h.advance, seconds)
-        self.check_no_idle_slot(seconds)
+        if seconds < RETRY_S:
+            self.do("advance", self.h.advance, seconds)
+            return
+        self.do("advance", self.h.advance, seconds - RETRY_S)
+        free = self._free_slots()
+        self.do("advance", self.h.advance, RETRY_S)
+        self.check_no_idle_slot(free)
 
     @precondition(lambda self: len(self.fenced) < 1)
     @rule(session=st.sampled_from(["s0", "s1"]))
@@ -405,23 +410,20 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     def _check_holders(self):
         h = self.h
-        placed = {}  # (node, job id, attempt) -> the live instance whose books have it
         for instance in self._live():
             for key, p in instance.dispatcher.placed.items():
-                placed[(p.node_id, p.job_id, p.attempt)] = instance.id
                 conn = instance.nodes.get(p.node_id) or (h.where.get(p.node_id) and h[h.where[p.node_id]].nodes.get(p.node_id))
                 if conn and conn.conn_id == p.conn_id:  # placed on this very connection: it has the job
                     got = h.held[p.node_id].get(p.job_id)
                     assert got is not None and (got.job_key, got.attempt) == (key, p.attempt), \
                         f"{key} placed on {p.node_id} (attempt {p.attempt}), which holds {got}"
-        by = {(job_id, attempt, node): instance for (_, job_id, attempt, node, instance) in h.handed}
-        for node, jobs in h.held.items():
-            for job_id, held in jobs.items():
-                if (node, job_id, held.attempt) in placed:
-                    continue
-                placer = by[(job_id, held.attempt, node)]
-                assert placer != h.where[node] or not h[placer].alive, \
-                    f"{node} still holds {held.job_key} ({job_id}, attempt {held.attempt}), which its instance dropped"
+        held = [(node, job_id, got.attempt) for node, jobs in h.held.items() for job_id, got in jobs.items()]
+        pipe = self.r.pipeline(transaction=False)
+        for _, job_id, _ in held:
+            pipe.hmget(keys.job(job_id), "status", "node_id", "attempt")
+        for (node, job_id, attempt), live in zip(held, pipe.execute(), strict=True):
+            # moved, cancelled or released by its instance or the orphan sweep: told job_cancel
+            assert live == ["dispatched", node, str(attempt)], f"{node} still holds job {job_id} attempt {attempt}: {live}"
 
     def _check_sessions(self):
         outcomes: dict[str, list[tuple[int, JobOutcome]]] = {}
@@ -544,22 +546,25 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert total("redispatch_total") == len(redispatched), (total("redispatch_total"), sorted(redispatched))
         assert total("duplicate_job_blocked_total") <= self.resubmits  # each reaches Redis at most once
 
-    def check_no_idle_slot(self, seconds):
-        """After time moved: no lane of fresh jobs waits while a node of its pair has room
-        (within the lane's retry interval it may: a slot freed by another instance, e.g. a
-        cancel of a job it placed there, is not announced here)."""
-        if seconds < RETRY_S:
-            return
+    def _free_slots(self) -> dict[str, int]:
+        """Connected node -> its free slots in Redis."""
+        return {node: self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
+                for node in self.connected}
+
+    def check_no_idle_slot(self, free_before: dict[str, int]):
+        """After time moved: no lane of fresh jobs waits while a node of its pair has had room
+        for a whole retry interval (a slot freed by another instance, e.g. by a lease running
+        out there, is not announced: the lane sees it at its next retry)."""
+        free_now = self._free_slots()
         for instance in self._live():
             d = instance.dispatcher
             for pair, lane in d._lanes.items():
                 if not lane.queue or any(r.job_key in d._moving for r in lane.queue):
                     continue
-                for node in self.connected:
+                for node, free in free_now.items():
                     conn = self.h[self.h.where[node]].nodes.get(node)
-                    if list(pair) in conn.registration.lang_pairs:
-                        free = self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
-                        assert free <= 0, f"{instance.id} {pair}: {len(lane.queue)} jobs wait while {node} has {free} free"
+                    if list(pair) in conn.registration.lang_pairs and min(free, free_before.get(node, 0)) > 0:
+                        raise AssertionError(f"{instance.id} {pair}: {len(lane.queue)} jobs wait while {node} has {free} free")
 
     # ------------------------------------------------------------ the end
 

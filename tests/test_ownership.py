@@ -214,6 +214,29 @@ async def test_job_and_answer_cross_instances(start_daemon, redis_url):
     assert 'scheduler_relay_messages_total{kind="outcome_received"} 1.0' in sent_a
 
 
+async def test_a_job_cancel_crosses_instances(start_daemon, redis_url, redis_client):
+    """Session on A, its job on node "far" held by B: when the client's socket closes, the
+    job is cancelled and the node hears ``job_cancel`` over B's stream (found by the
+    dispatcher machine: only nodes connected to A were told, so "far" kept working on the
+    job while Redis gave its slot to the next one)."""
+    a = await start_daemon(redis_url=redis_url, instance_id="a")
+    b = await start_daemon(redis_url=redis_url, instance_id="b")
+    async with peer(b.ws_url + "/v1/node") as node:
+        await node.register("far", max_jobs=1)
+        async with session(a) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            with trio.fail_after(5):
+                job = await node.recv()
+            assert job["type"] == "job_assign"
+        with trio.fail_after(5):
+            cancel = await node.recv(timeout=5)
+        assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
+        assert redis_client.hget(keys.node_runtime("far"), "current_jobs") == "0"
+    assert 'scheduler_relay_messages_total{kind="cancel_sent"} 1.0' in a.metrics.render().decode()
+    assert 'scheduler_relay_messages_total{kind="cancel_received"} 1.0' in b.metrics.render().decode()
+
+
 async def test_a_dead_readers_pending_job_is_reclaimed_and_delivered(start_daemon, redis_url, redis_client, monkeypatch):
     """An entry of b's job stream was taken by a reader that died before acknowledging it:
     b reclaims it (XAUTOCLAIM) once it has been idle long enough and hands it to the node."""

@@ -5,8 +5,9 @@ instance's Redis Stream (consumer group, so entries survive a crash of the reade
 reclaimed with XAUTOCLAIM), and an answer for a session held by another instance travels
 over Pub/Sub to that instance's channel, read by one subscriber connection per instance.
 
-- ``scheduler:jobs:{instance_id}``: stream, field ``node_id`` and ``msg`` (the job_assign
-  JSON); group ``relay``, consumer = the instance id; trimmed to ``STREAM_MAXLEN``.
+- ``scheduler:jobs:{instance_id}``: stream, fields ``node_id``, ``type`` (``job_assign`` or
+  ``job_cancel``; absent means ``job_assign``) and ``msg`` (its JSON); group ``relay``,
+  consumer = the instance id; trimmed to ``STREAM_MAXLEN``.
 - ``scheduler:answers:{instance_id}``: Pub/Sub channel of JobOutcome JSON for its sessions.
 - ``{scheduler}:answer:<job_key>``: every accepted answer, written by ``complete_task`` in
   the same step that accepts it (whichever instance holds the node) and kept until past the
@@ -54,7 +55,7 @@ from scheduler.ops.metrics import Metrics
 from scheduler.placement import keys
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, connect
 from scheduler.placement.resilient import every
-from scheduler.protocol import JobAssign, Translation, converter, encode
+from scheduler.protocol import JobAssign, JobCancel, Translation, converter, encode
 
 log = logging.getLogger("scheduler.relay")
 
@@ -67,13 +68,13 @@ ANSWER_POLL_S = 1.0
 
 
 class Relay:
-    """Async context manager. ``deliver_job(node_id, msg_json) -> bool`` hands a job (its
-    job_assign text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session;
+    """Async context manager. ``deliver_job(node_id, msg_json, msg_type) -> bool`` hands a job
+    or its cancel (the text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session;
     ``waiting_sessions()`` names the local sessions worth a look in Redis, each with the
     (utterance index, target language) answers it still misses."""
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
-                 deliver_job: Callable[[str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
+                 deliver_job: Callable[[str, str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
                  waiting_sessions: Callable[[], dict[str, list[tuple[int, str]]]] = dict,
                  taken_over: Callable[[str], None] = lambda _: None) -> None:
         self._url = url
@@ -128,11 +129,11 @@ class Relay:
 
     # ------------------------------------------------------------ sending (any task)
 
-    async def send_job(self, owner: str, node_id: str, assign: JobAssign) -> None:
-        """XADD the job to the stream of the instance holding ``node_id``."""
+    async def send_job(self, owner: str, node_id: str, msg: JobAssign | JobCancel) -> None:
+        """XADD the job (or its cancel) to the stream of the instance holding ``node_id``."""
         await self._redis.command("XADD", keys.job_stream(owner), "MAXLEN", "~", STREAM_MAXLEN, "*",
-                                  "node_id", node_id, "msg", encode(assign))
-        self._metrics.relay_messages_total.labels("job_sent").inc()
+                                  "node_id", node_id, "type", msg.TYPE, "msg", encode(msg))
+        self._metrics.relay_messages_total.labels("job_sent" if isinstance(msg, JobAssign) else "cancel_sent").inc()
 
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
         """PUBLISH the answer to the instance holding the session; returns the receivers.
@@ -206,8 +207,10 @@ class Relay:
                 if not fields:  # deleted by trimming
                     done.append(entry_id)
                     continue
-                handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], trio_token=token)
-                self._metrics.relay_messages_total.labels("job_received" if handed else "job_node_gone").inc()
+                msg_type = fields.get("type", JobAssign.TYPE)
+                handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], msg_type, trio_token=token)
+                kind = "job" if msg_type == JobAssign.TYPE else "cancel"
+                self._metrics.relay_messages_total.labels(f"{kind}_received" if handed else f"{kind}_node_gone").inc()
                 done.append(entry_id)
             if done:
                 client.xack(stream, GROUP, *done)

@@ -5,6 +5,8 @@ The one place that knows whether a node or a session is held by this instance or
 - :meth:`Router.to_node`: a placed job goes to the node's outbox when the node is connected
   here; else to the instance holding it (its ``node_owner`` record), over that instance's
   job stream. False when neither works (no owner, Redis away): the caller moves the job.
+  :meth:`Router.cancel_on_node` sends a ``job_cancel`` the same way (a job placed on another
+  instance's node that is cancelled, or whose lease ran out, must stop taking its slot there).
 - :meth:`Router.to_session`: an accepted answer goes to the session's inbox when the session
   is held here; else to the instance holding it, over Pub/Sub. With no owner at the moment
   there is nothing to send: ``complete_task`` kept the answer in Redis, and the instance
@@ -26,7 +28,7 @@ from scheduler.cluster.relay import Relay
 from scheduler.jobs import JobOutcome, SessionInbox, job_key_for
 from scheduler.ops.metrics import Metrics
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
-from scheduler.protocol import Encoded, JobAssign
+from scheduler.protocol import Encoded, JobAssign, JobCancel
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
@@ -63,10 +65,10 @@ class Router:
     def node_is_here(self, node_id: str) -> bool:
         return node_id in self._nodes
 
-    def to_node_here(self, node_id: str, assign: JobAssign | Encoded) -> bool:
-        """Hand a job to a node connected here; False if it is not (or is not reading)."""
+    def to_node_here(self, node_id: str, msg: JobAssign | JobCancel | Encoded) -> bool:
+        """Hand a job (or its cancel) to a node connected here; False if it is not (or is not reading)."""
         conn = self._nodes.get(node_id)
-        return conn is not None and conn.send_nowait(assign)
+        return conn is not None and conn.send_nowait(msg)
 
     async def to_node(self, node_id: str, assign: JobAssign) -> bool:
         """Here first, else to the instance holding the node. False: unreachable (move the job)."""
@@ -83,9 +85,21 @@ class Router:
             pass
         return False
 
-    def _job_from_relay(self, node_id: str, msg: str) -> bool:
-        """A job another instance placed on a node held here, as the job_assign text it encoded."""
-        return self.to_node_here(node_id, Encoded(JobAssign.TYPE, msg))
+    async def cancel_on_node(self, node_id: str, cancel: JobCancel) -> None:
+        """Tell a node that a job it holds is no longer wanted: here first, else the instance
+        holding the node. Nothing when the node is nowhere (its answer is refused anyway)."""
+        if self.to_node_here(node_id, cancel) or self.node_is_here(node_id):
+            return
+        try:
+            owner = await self._ownership.node_owner(node_id)
+            if owner and owner != self.instance_id:
+                await self.relay.send_job(owner, node_id, cancel)
+        except RedisUnavailable:
+            pass
+
+    def _job_from_relay(self, node_id: str, msg: str, msg_type: str = JobAssign.TYPE) -> bool:
+        """A job (or its cancel) another instance sent to a node held here, as the text it encoded."""
+        return self.to_node_here(node_id, Encoded(msg_type, msg))
 
     # ------------------------------------------------------------ answers to sessions
 

@@ -49,8 +49,9 @@ class Metrics:
         self.answers_undeliverable_total = Counter(
             p + "answers_undeliverable_total", "Accepted answers whose session was gone or whose inbox was full", registry=r)
         self.relay_messages_total = Counter(
-            p + "relay_messages_total", "Jobs and answers relayed between instances (job_sent, job_received, job_node_gone, "
-            "outcome_sent, outcome_received, outcome_polled, outcome_session_gone)", ["kind"], registry=r)
+            p + "relay_messages_total", "Jobs, job cancels and answers relayed between instances (job_sent, job_received, "
+            "job_node_gone, cancel_sent, cancel_received, cancel_node_gone, outcome_sent, outcome_received, outcome_polled, "
+            "outcome_session_gone, outcome_stored)", ["kind"], registry=r)
         self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
         self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health check succeeded", registry=r)

@@ -214,14 +214,12 @@ class Dispatcher:
             self._metrics.jobs_in_flight.dec()
             reply = await self._release(placement.job_id, job_key, placement.node_id)
             if reply is not None and reply[0] == "OK":
-                self._cancelled(placement.job_id, placement.node_id, placement.attempt)
+                await self._cancelled(placement.job_id, placement.node_id, placement.attempt)
 
-    def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
-        """cancel_task released the job: count it and tell its node, if connected here."""
+    async def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
+        """cancel_task released the job: count it and tell its node (here, or over the relay)."""
         self._metrics.jobs_total.labels("cancelled").inc()
-        node = self._nodes.get(node_id)
-        if node is not None:
-            node.send_nowait(JobCancel(job_id=job_id, attempt=attempt))
+        await self._router.cancel_on_node(node_id, JobCancel(job_id=job_id, attempt=attempt))
 
     # ------------------------------------------------------------ called by the node gateway
 
@@ -335,13 +333,14 @@ class Dispatcher:
         """This instance's jobs whose lease ran out move to another node.
 
         The lease deadline of each placement is kept here too, so the check costs no Redis
-        call (the leases set in Redis is for other instances and for recovery)."""
+        call (the leases set in Redis is for other instances and for recovery). Each node is
+        told ``job_cancel``, here or over the relay."""
         now = trio.current_time()
-        for placement in [p for p in self.placed.values() if p.lease_deadline <= now]:
-            node = self._nodes.get(placement.node_id)
-            if node is not None:
-                node.send_nowait(JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+        expired = [p for p in self.placed.values() if p.lease_deadline <= now]
+        for placement in expired:
             self.move(placement, "LEASE_EXPIRED")
+        for placement in expired:
+            await self._router.cancel_on_node(placement.node_id, JobCancel(job_id=placement.job_id, attempt=placement.attempt))
 
     async def _watch_remote(self) -> None:
         """Jobs placed here on nodes held by other instances: forget the answered ones, move
@@ -404,8 +403,8 @@ class Dispatcher:
         ``{scheduler}:leases`` and its slot stays taken on its node, even after the node
         reconnects here. So any instance looks at leases expired for longer than
         ``orphan_grace_ms``; a job not placed here whose placing instance (``placed_by``) is
-        not alive is cancelled (cancel_task: slot released once), and its node, if connected
-        here, gets ``job_cancel``; nobody else holds its audio to place it again. (A resumed
+        not alive is cancelled (cancel_task: slot released once), and its node gets
+        ``job_cancel`` (here, or over the relay); nobody else holds its audio to place it again. (A resumed
         session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
         left to them."""
         expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
@@ -430,7 +429,7 @@ class Dispatcher:
         reply = await self._release(job_id, job_key, node_id)
         if reply is not None and reply[0] == "OK":
             event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
-            self._cancelled(job_id, node_id, int(attempt))
+            await self._cancelled(job_id, node_id, int(attempt))
 
     async def _run_lane(self, lane: _Lane) -> None:
         """Run :meth:`_lane_step` until cancelled. An unexpected error costs a pause of
