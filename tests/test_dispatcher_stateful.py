@@ -328,18 +328,41 @@ class DispatcherMachine(RuleBasedStateMachine):
         delivered = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
         missing = [(j.seq, j.pair[1]) for j in self.jobs.values() if j.key.startswith("s2:") and j.key not in delivered]
         stored = {j.key for j in self.jobs.values() if j.stored}
-        expected = 0
+        kept: dict[str, dict] = {}  # job key -> its job hash, for each job i1 should adopt
         for index, tgt in missing:
             key = job_key_for("s2", index, tgt)
             job_id = self.r.get(keys.jobkey(key))
             if job_id and key not in stored:
-                status, audio = self.r.hmget(keys.job(job_id), "status", "audio")
-                expected += status in ("dispatched", "waiting") and bool(audio)
+                job = self.r.hgetall(keys.job(job_id))
+                if job.get("status") in ("dispatched", "waiting") and job.get("audio"):
+                    kept[key] = job
         for job in self.jobs.values():
             job.stored = False  # taken with the resume
         adopted = []
         self.do("resume", lambda: self._resume(adopted, missing))
-        assert adopted == [expected], (adopted, expected)
+        assert adopted == [len(kept)], (adopted, sorted(kept))
+        self._check_adopted(kept)
+
+    def _check_adopted(self, kept: dict[str, dict]) -> None:
+        """Each adopted job is on i1's books as its job hash describes it (node, attempt,
+        connection, lease), with the request the session made (index, languages, audio,
+        deadline), and Redis names i1 as the instance that placed it."""
+        d, base = self.h["i1"].dispatcher, self._wall.base
+        for key, job in kept.items():
+            p, original = d.placed.get(key) or d._moving.get(key), self.jobs[key]
+            if p is None:  # adopted and done with at once (dropped at its deadline), or not adopted at all
+                status = self.r.hget(keys.job(job["job_id"]), "status")
+                assert status not in ("dispatched", "waiting") or original.deadline <= self.now + EPS, f"{key} not adopted"
+                continue
+            r = p.request
+            assert (r.job_key, r.session_id, r.utterance_index, r.src_lang, r.tgt_lang, r.turn_id, r.sample_rate, r.audio) == \
+                (key, "s2", original.seq, *original.pair, "s2:t", 16000, bytes(320)), (key, r)
+            assert abs(r.deadline - original.deadline) < 0.01, (key, r.deadline, original.deadline)
+            assert self.r.hget(keys.job(job["job_id"]), "placed_by") == "i1", key
+            if p.attempt == int(job["attempt"]):  # (not placed again since)
+                assert (p.job_id, p.node_id, p.conn_id) == (job["job_id"], job["node_id"], job.get("conn_id", "")), (key, p, job)
+                lease = (int(job["lease_deadline_ts"]) / 1000 - base)
+                assert abs(p.lease_deadline - lease) < 0.01 or job["status"] == "waiting", (key, p.lease_deadline, lease)
 
     async def _resume(self, adopted, missing):
         adopted.append(await self.h.resume("s2", "i1", missing))
