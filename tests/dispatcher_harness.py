@@ -6,9 +6,9 @@ watch, the orphan sweep, adopt), the Redis adapter and its Lua scripts, the sche
 client, ownership records, the node registry and the router, and the node gateway's own
 handlers for what a node does (``_write_registration``, ``_job_result``, ``_leave``).
 Left out: the WebSockets (a node is its :class:`NodeConnection` outbox, read by the test)
-and the relay's transport (Redis Streams and Pub/Sub read by threads, tested on its own in
-``test_relay.py``): a job or an answer for another instance is handed to that instance's
-router at the next settle, as its relay reader would. Sessions are a recording inbox.
+and the relay's transport (Redis Streams and Pub/Sub read by threads, tested across real
+daemons in ``test_ownership.py``): a job or an answer for another instance is handed to
+that instance's router at the next settle, as its relay reader would. Sessions are a recording inbox.
 
 Time: Redis timestamps (leases, liveness, the orphan grace) come from :class:`VirtualWall`,
 the MockClock from a fixed start, so leases run out as the test moves the clock.
