@@ -423,6 +423,9 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert d._queued == len(queued) == d.waiting, (instance.id, d._queued, len(queued))
             assert instance.metrics.jobs_in_flight._value.get() == len(d.placed)
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
+            for key, p in d.placed.items():  # the lease expiry looks every second
+                due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
+                assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
             for r in queued:
                 due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
                 assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
@@ -649,6 +652,11 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.resume_s2()
         m.max_jobs["n2"] = 1
         m.do("connect", h.connect, "n2", 1, list(PAIRS), "i1")
+    elif name == "lease_expiry":  # jobs of both instances held past their lease on i2's node
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.advance(3.1)
+        m.advance(1.0)
     elif name == "remote_reconnect":  # a job of i1 on i2's node, whose socket drops and comes back at once
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m.do("disconnect", h.disconnect, "n0")
@@ -657,11 +665,11 @@ def _path(machine: DispatcherMachine, name: str) -> None:
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
-    assert {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING",
+    assert {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
             "remote_reconnect": "NODE_RECONNECTED"}[name] in reasons, reasons
 
 
-@pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "remote_reconnect"])
+@pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
