@@ -25,8 +25,10 @@ Checked after every step (:meth:`DispatcherMachine.check`):
   first;
 - order: per instance and language pair, first placements follow submission order;
 - books: the queued count, the lanes and the gauges agree; no job waits past its deadline
-  by more than one retry; after time moves, no fresh job waits while a node of its pair has
-  a free slot;
+  by more than one retry, no placement outlives its lease by more than the expiry tick; an
+  adopted job is on i1's books as its job hash and its session's request describe it; a
+  retry interval after time moves, no fresh job waits while a node of its pair has a free
+  slot;
 - counters: ``OVERLOADED`` refusals, redispatches (placements of attempt > 1) and, at the
   end, finished jobs match what happened; every label is a known status or code;
 - logs: nothing at ERROR; every dispatcher event is a known one at its level, with fields

@@ -180,6 +180,16 @@ async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis
         assert redis_client.zscore(keys.leases(), job["job_id"]) is None
 
 
+async def first_job(s, node):
+    """The client finalizes one utterance of speech: the job_assign its node gets."""
+    await s.send_raw(SPEECH_100MS)
+    await s.send(type="finalize")
+    with trio.fail_after(5):
+        job = await node.recv()
+    assert job["type"] == "job_assign"
+    return job
+
+
 @contextlib.asynccontextmanager
 async def answered_across(a, b, text):
     """A session on daemon ``a``, its one utterance answered by node "far" on daemon ``b``:
@@ -187,11 +197,7 @@ async def answered_across(a, b, text):
     async with peer(b.ws_url + "/v1/node") as node:
         await node.register("far", max_jobs=2)
         async with session(a) as s:
-            await s.send_raw(SPEECH_100MS)
-            await s.send(type="finalize")
-            with trio.fail_after(5):
-                job = await node.recv()
-            assert job["type"] == "job_assign"
+            job = await first_job(s, node)
             await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", source_text="s", text=text)
             result, _ = await s.recv_until("result")
             yield s, job, result
@@ -224,11 +230,7 @@ async def test_a_job_cancel_crosses_instances(start_daemon, redis_url, redis_cli
     async with peer(b.ws_url + "/v1/node") as node:
         await node.register("far", max_jobs=1)
         async with session(a) as s:
-            await s.send_raw(SPEECH_100MS)
-            await s.send(type="finalize")
-            with trio.fail_after(5):
-                job = await node.recv()
-            assert job["type"] == "job_assign"
+            job = await first_job(s, node)
         with trio.fail_after(5):
             cancel = await node.recv(timeout=5)
         assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
