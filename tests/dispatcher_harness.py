@@ -21,7 +21,6 @@ read anything.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time as real_time
 
@@ -40,7 +39,7 @@ from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
 from scheduler.placement.redis_adapter import RedisAdapter, now_ms
 from scheduler.placement.scheduling import SchedulingClient
-from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode
+from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode, parse_from_daemon
 
 INSTANCES = ("i1", "i2")
 SESSIONS = {"s0": "i1", "s1": "i1", "s2": "i2"}  # where each session starts
@@ -108,10 +107,6 @@ class Journal(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-    @property
-    def errors(self) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.levelno >= logging.ERROR]
-
 
 class Instance:
     """One scheduler instance's parts. ``alive`` until the test kills it (kill -9: nothing
@@ -165,9 +160,10 @@ class Instance:
                 record(node_id, assign)
             return to_node_here(node_id, assign)
 
-        async def handed_on(node_id: str, assign: JobAssign) -> bool:
-            record(node_id, assign)
-            return await to_node(node_id, assign)
+        async def handed_on(node_id: str, msg: JobAssign | JobCancel) -> bool:
+            if isinstance(msg, JobAssign):
+                record(node_id, msg)
+            return await to_node(node_id, msg)
 
         async def send_job(owner: str, node_id: str, msg: JobAssign | JobCancel) -> None:
             h.relay.append((msg.TYPE, owner, node_id, encode(msg)))
@@ -325,16 +321,8 @@ class DispatcherHarness:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
                 held = self.held[node_id]
-                if isinstance(msg, Encoded) and msg.TYPE == JobCancel.TYPE:  # relayed from another instance
-                    body = json.loads(msg.text)
-                    msg = JobCancel(job_id=body["job_id"], attempt=body["attempt"])
-                elif isinstance(msg, Encoded) and msg.TYPE == JobAssign.TYPE:
-                    body = json.loads(msg.text)
-                    msg = JobAssign(job_id=body["job_id"], attempt=body["attempt"], job_key=body["job_key"],
-                                    session_id=body["session_id"], utterance_index=body["utterance_index"],
-                                    job_type=body["job_type"], src_lang=body["src_lang"], tgt_lang=body["tgt_lang"],
-                                    turn_id=body["turn_id"], sample_rate=body["sample_rate"], audio=body["audio"],
-                                    deadline_ms=body["deadline_ms"])
+                if isinstance(msg, Encoded):  # relayed from another instance, as the node reads it
+                    msg = parse_from_daemon(msg.text, "node")
                 if isinstance(msg, JobAssign):
                     assert msg.job_id not in held, f"{node_id} got job {msg.job_id} again while holding it"
                     held[msg.job_id] = Held(msg.job_key, msg.attempt)
@@ -372,9 +360,8 @@ class DispatcherHarness:
         await instance.ownership.claim_session(session_id)
         instance.inbox.sessions.add(session_id)
         await instance.router.take_stored({session_id: missing})
-        adopted = [k for k in (job_key_for(session_id, i, t) for i, t in missing)]
         count = await instance.dispatcher.adopt(session_id, None, missing)
-        for job_key in adopted:
+        for job_key in (job_key_for(session_id, index, tgt) for index, tgt in missing):
             if job_key in instance.dispatcher.placed:
                 self.queued_since[job_key] = trio.current_time()
         return count

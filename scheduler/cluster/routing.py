@@ -2,11 +2,12 @@
 
 The one place that knows whether a node or a session is held by this instance or another:
 
-- :meth:`Router.to_node`: a placed job goes to the node's outbox when the node is connected
-  here; else to the instance holding it (its ``node_owner`` record), over that instance's
-  job stream. False when neither works (no owner, Redis away): the caller moves the job.
-  :meth:`Router.cancel_on_node` sends a ``job_cancel`` the same way (a job placed on another
-  instance's node that is cancelled, or whose lease ran out, must stop taking its slot there).
+- :meth:`Router.to_node`: a placed job (or its ``job_cancel``) goes to the node's outbox when
+  the node is connected here; else to the instance holding it (its ``node_owner`` record),
+  over that instance's job stream. False when neither works (no owner, Redis away): the
+  caller moves the job (a cancel needs nothing more: the node's answer is refused anyway).
+  A job on another instance's node that is cancelled, or whose lease ran out, must stop
+  taking its slot there, so its cancel travels as the job did.
 - :meth:`Router.to_session`: an accepted answer goes to the session's inbox when the session
   is held here; else to the instance holding it, over Pub/Sub. With no owner at the moment
   there is nothing to send: ``complete_task`` kept the answer in Redis, and the instance
@@ -70,32 +71,20 @@ class Router:
         conn = self._nodes.get(node_id)
         return conn is not None and conn.send_nowait(msg)
 
-    async def to_node(self, node_id: str, assign: JobAssign) -> bool:
+    async def to_node(self, node_id: str, msg: JobAssign | JobCancel) -> bool:
         """Here first, else to the instance holding the node. False: unreachable (move the job)."""
-        if self.to_node_here(node_id, assign):
+        if self.to_node_here(node_id, msg):
             return True
         if self.node_is_here(node_id):
             return False  # held here but not reading
         try:
             owner = await self._ownership.node_owner(node_id)
             if owner and owner != self.instance_id:
-                await self.relay.send_job(owner, node_id, assign)
+                await self.relay.send_job(owner, node_id, msg)
                 return True
         except RedisUnavailable:
             pass
         return False
-
-    async def cancel_on_node(self, node_id: str, cancel: JobCancel) -> None:
-        """Tell a node that a job it holds is no longer wanted: here first, else the instance
-        holding the node. Nothing when the node is nowhere (its answer is refused anyway)."""
-        if self.to_node_here(node_id, cancel) or self.node_is_here(node_id):
-            return
-        try:
-            owner = await self._ownership.node_owner(node_id)
-            if owner and owner != self.instance_id:
-                await self.relay.send_job(owner, node_id, cancel)
-        except RedisUnavailable:
-            pass
 
     def _job_from_relay(self, node_id: str, msg: str, msg_type: str = JobAssign.TYPE) -> bool:
         """A job (or its cancel) another instance sent to a node held here, as the text it encoded."""

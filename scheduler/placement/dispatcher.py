@@ -219,7 +219,7 @@ class Dispatcher:
     async def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
         """cancel_task released the job: count it and tell its node (here, or over the relay)."""
         self._metrics.jobs_total.labels("cancelled").inc()
-        await self._router.cancel_on_node(node_id, JobCancel(job_id=job_id, attempt=attempt))
+        await self._router.to_node(node_id, JobCancel(job_id=job_id, attempt=attempt))
 
     # ------------------------------------------------------------ called by the node gateway
 
@@ -340,7 +340,7 @@ class Dispatcher:
         for placement in expired:
             self.move(placement, "LEASE_EXPIRED")
         for placement in expired:
-            await self._router.cancel_on_node(placement.node_id, JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+            await self._router.to_node(placement.node_id, JobCancel(job_id=placement.job_id, attempt=placement.attempt))
 
     async def _watch_remote(self) -> None:
         """Jobs placed here on nodes held by other instances: forget the answered ones, move
