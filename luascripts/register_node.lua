@@ -9,7 +9,13 @@
 -- conn_id no longer matches); the leases of jobs whose placing instance is dead stay for the
 -- orphan sweep, which cancels them. The same connection registering again (Redis lost the
 -- node) keeps the jobs it holds.
--- Reply: {"OK"}. Errors: none (the caller validates input).
+-- Pools: the info hash keeps the pools the node serves ('pools', a JSON list). A node that
+-- registers again serving fewer pools (restarted with another configuration) leaves the
+-- ones it no longer serves, so it gets no job of a pair it does not serve. The caller reads
+-- 'pools' first and declares those pools' member sets (KEYS[5+2n...]); if the stored list
+-- names a pool not declared (it changed meanwhile), nothing changes: STALE_CANDIDATES, and
+-- the caller reads again.
+-- Reply: {"OK"}. Errors: STALE_CANDIDATES (the caller validates the rest of its input).
 --
 -- KEYS[1]            {scheduler}:node:info:<node_id>      hash
 -- KEYS[2]            {scheduler}:node:runtime:<node_id>   hash
@@ -17,6 +23,7 @@
 -- KEYS[4]            {scheduler}:nodes                    set of node ids
 -- KEYS[4+i]          {scheduler}:pool:<pool_i>:members    set,  i = 1..n
 -- KEYS[4+n+i]        {scheduler}:lang:<src_i>:<tgt_i>     hash, i = 1..n (pool -> "1")
+-- KEYS[4+2n+j]       {scheduler}:pool:<old_j>:members     set,  j = 1..m: the pools stored before
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
@@ -27,6 +34,7 @@ local nodes_key = KEYS[4]
 -- the id of the node's connection (a new one per socket; the same when a connection registers
 -- again because Redis forgot it). dispatch_task returns it with each placement, so that the
 -- placing instance can tell that the connection which got a job is gone (dispatcher.py).
+-- ARGV[9+n] m, ARGV[9+n+j] the name of old pool j (as the caller read them).
 local node_id = ARGV[1]
 local cap_json = ARGV[2]
 local max_jobs = tonumber(ARGV[3])
@@ -35,6 +43,35 @@ local owner = ARGV[5]
 local n = tonumber(ARGV[6])
 local node_ttl_s = tonumber(ARGV[7 + n])
 local conn_id = ARGV[8 + n] or ''
+local m = tonumber(ARGV[9 + n] or '0')
+
+local serves, names = {}, {}
+for i = 1, n do
+  local pool = ARGV[6 + i]
+  if not serves[pool] then
+    serves[pool] = true
+    names[#names + 1] = pool
+  end
+end
+local declared_old = {}
+for j = 1, m do
+  declared_old[ARGV[9 + n + j]] = KEYS[4 + 2 * n + j]
+end
+local leave = {}
+local stored = redis.call('HGET', info_key, 'pools')
+if stored then
+  for _, pool in ipairs(cjson.decode(stored)) do
+    if not serves[pool] then
+      if not declared_old[pool] then
+        return redis.error_reply('STALE_CANDIDATES pools of ' .. node_id .. ' changed since read')
+      end
+      leave[#leave + 1] = declared_old[pool]
+    end
+  end
+end
+for _, members_key in ipairs(leave) do
+  redis.call('SREM', members_key, node_id)
+end
 
 local previous_conn = redis.call('HGET', info_key, 'conn_id')
 if previous_conn and previous_conn ~= conn_id then
@@ -43,7 +80,7 @@ end
 redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
-  'load_json', '{}', 'owner', owner, 'conn_id', conn_id)
+  'load_json', '{}', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names))
 redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)

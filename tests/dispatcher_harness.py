@@ -20,7 +20,10 @@ read anything.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import itertools
 import logging
 import time as real_time
 
@@ -48,6 +51,12 @@ LEASE_MS = 3000
 RETRY_S = 0.25
 ORPHAN_GRACE_MS = 1000
 FOREVER_MS = 10**9  # liveness of an instance until the test kills it
+SAMPLE_RATES = {"s0": 16000, "s1": 8000, "s2": 24000}  # per session, so a rate taken from the wrong place shows
+
+
+def job_audio(job_key: str) -> bytes:
+    """Each job's own 320 bytes of audio, so audio handed to the wrong job shows."""
+    return hashlib.sha256(job_key.encode()).digest() * 10
 
 
 class VirtualWall:
@@ -182,8 +191,9 @@ class Instance:
 class DispatcherHarness:
     """Owns the parts inside a Trio run; every method runs there."""
 
-    def __init__(self, url: str, *, queue_size: int, place_batch: int) -> None:
+    def __init__(self, url: str, *, queue_size: int, place_batch: int, wall_base: float) -> None:
         self.url = url
+        self.wall_base = wall_base  # VirtualWall.base: Trio time 0 in epoch seconds
         self.queue_size = queue_size
         self.place_batch = place_batch
         self.got: list[tuple[str, JobOutcome | JobWaiting, str]] = []  # (session, outcome, delivered by)
@@ -196,6 +206,9 @@ class DispatcherHarness:
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
+        self.requests: dict[str, list[JobRequest]] = {}  # job key -> what the session submitted (each copy)
+        self._conn_ids = itertools.count(1)
+        self.dropped: dict[str, tuple[float, str]] = {}  # node connection id -> (when it dropped, its instance)
         self._quiet = trio.Event()
 
     def __getitem__(self, instance_id: str) -> Instance:
@@ -271,15 +284,16 @@ class DispatcherHarness:
         """As the node gateway does on a node's register: Redis, the registry, the lanes told."""
         instance = self.instances[instance_id]
         reg = Register(node_id=node_id, lang_pairs=[list(p) for p in pairs], max_jobs=max_jobs)
-        conn = NodeConnection(node_id, max_jobs, reg, conn_id=f"{node_id}-{len(self.handed)}-{trio.current_time()}")
+        conn = NodeConnection(node_id, max_jobs, reg, conn_id=f"{node_id}-{next(self._conn_ids)}")
         await instance.gateway._write_registration(reg, conn.conn_id)
         instance.nodes.add(conn)
         self.held[node_id] = {}
         self.where[node_id] = instance_id
         instance.dispatcher.slot_freed()
 
-    def _drop(self, node_id: str) -> None:
+    def _drop(self, node_id: str, conn_id: str) -> None:
         """The node's connection is gone: what it held is lost to it."""
+        self.dropped[conn_id] = (trio.current_time(), self.where[node_id])
         self.old.setdefault(node_id, []).extend((job_id, h.attempt) for job_id, h in self.held.pop(node_id).items())
         del self.where[node_id]
 
@@ -289,7 +303,7 @@ class DispatcherHarness:
         conn = instance.nodes.get(node_id)
         instance.nodes.remove(conn)
         conn.outbox_send.close()
-        self._drop(node_id)
+        self._drop(node_id, conn.conn_id)
         await instance.gateway._leave(conn, "disconnected")
 
     async def kill(self, instance_id: str) -> None:
@@ -299,7 +313,7 @@ class DispatcherHarness:
         instance.alive = False
         instance.scope.cancel()
         for node_id in [n for n, i in self.where.items() if i == instance_id]:
-            self._drop(node_id)
+            self._drop(node_id, instance.nodes.get(node_id).conn_id)
         await self.redis.command("DEL", keys.instance(instance_id))
         await self.redis.command("ZADD", keys.instances(), now_ms() - 1, instance_id)
 
@@ -325,6 +339,7 @@ class DispatcherHarness:
                     msg = parse_from_daemon(msg.text, "node")
                 if isinstance(msg, JobAssign):
                     assert msg.job_id not in held, f"{node_id} got job {msg.job_id} again while holding it"
+                    self.check_assign(msg)
                     held[msg.job_id] = Held(msg.job_key, msg.attempt)
                 elif isinstance(msg, JobCancel):
                     h = held.get(msg.job_id)
@@ -333,6 +348,21 @@ class DispatcherHarness:
                         self.old.setdefault(node_id, []).append((msg.job_id, msg.attempt))
                 else:
                     raise AssertionError(f"node {node_id} got {msg!r}")
+
+    def wall_ms(self, deadline: float) -> float:
+        """A Trio-clock instant as the epoch milliseconds Redis and nodes see (VirtualWall)."""
+        return (self.wall_base + deadline) * 1000
+
+    def check_assign(self, msg: JobAssign) -> None:
+        """Every field of a ``job_assign`` is the request the session made (one of its copies)."""
+        def same(r: JobRequest) -> bool:
+            return ((msg.session_id, msg.utterance_index, msg.job_type, msg.src_lang, msg.tgt_lang, msg.turn_id,
+                     msg.sample_rate, msg.audio) ==
+                    (r.session_id, r.utterance_index, r.job_type, r.src_lang, r.tgt_lang, r.turn_id, r.sample_rate,
+                     base64.b64encode(r.audio).decode()) and abs(msg.deadline_ms - self.wall_ms(r.deadline)) <= 2)
+
+        assert any(same(r) for r in self.requests.get(msg.job_key, [])), \
+            f"job_assign of job {msg.job_id} attempt {msg.attempt} is no request of {msg.job_key}"
 
     # ------------------------------------------------------------ what sessions do
 
@@ -346,8 +376,10 @@ class DispatcherHarness:
     def submit(self, session_id: str, index: int, pair: tuple[str, str], ttl_s: float, epoch: int | None = None) -> str | None:
         request = JobRequest(job_key=job_key_for(session_id, index, pair[1]), session_id=session_id, utterance_index=index,
                              src_lang=pair[0], tgt_lang=pair[1], turn_id=f"{session_id}:t", turn_action="none", turn_jobs=1,
-                             sample_rate=16000, audio=bytes(320), deadline=trio.current_time() + ttl_s, epoch=epoch)
+                             sample_rate=SAMPLE_RATES[session_id], audio=job_audio(job_key_for(session_id, index, pair[1])),
+                             deadline=trio.current_time() + ttl_s, epoch=epoch)
         self.queued_since[request.job_key] = trio.current_time()
+        self.requests.setdefault(request.job_key, []).append(request)
         return self.owner(session_id).dispatcher.submit_nowait(request)
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:

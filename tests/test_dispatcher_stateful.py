@@ -41,6 +41,7 @@ its instance), no slot or lease is left in Redis, and the live instances' books 
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 
@@ -58,12 +59,16 @@ from scheduler.placement import keys
 from scheduler.placement import redis_adapter as redis_adapter_module
 from scheduler.placement.redis_adapter import connect
 
-from .dispatcher_harness import PAIRS, RETRY_S, SESSIONS, DispatcherHarness, Journal, VirtualWall
+from .dispatcher_harness import ORPHAN_GRACE_MS, PAIRS, RETRY_S, SAMPLE_RATES, SESSIONS, DispatcherHarness, Journal, VirtualWall, job_audio
 from .session_rules import step_limit
 from .trio_thread import TrioThread
 
 NODES = ("n0", "n1", "n2")
+JOB_FIELDS = ("job_key", "session_id", "utterance_index", "src_lang", "tgt_lang", "turn_id", "sample_rate", "audio",
+              "placed_by", "conn_id", "deadline_ms", "lease_deadline_ts")
 EPS = 1e-6
+WATCH_S = 1.0  # the remote watch's interval (Dispatcher's default)
+SWEEP_S = 2.0  # the orphan sweep's
 CODES = {"NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR", "REDIS_UNAVAILABLE", "NODE_UNREACHABLE",
          "JOB_ID_TAKEN", "UNKNOWN_JOB", "FENCED", "OVERLOADED", "INTERNAL"}
 REASONS = {"NODE_LOST", "LEASE_EXPIRED", "NODE_INSTANCE_LOST", "NODE_RECONNECTED", "JOB_LOST", "NODE_UNREACHABLE",
@@ -118,7 +123,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         scheduler_log.addHandler(self.journal)
         self.seen_records = 0
         self.trio = TrioThread()
-        self.h = self.trio.call_sync(lambda: DispatcherHarness(self.url, queue_size=queue_size, place_batch=place_batch))
+        self.h = self.trio.call_sync(lambda: DispatcherHarness(self.url, queue_size=queue_size, place_batch=place_batch,
+                                                                   wall_base=self._wall.base))
         self.trio.call(lambda: self.trio.nursery.start(self.h.run))
         self.jobs: dict[str, Job] = {}
         self.next_index = 0
@@ -358,7 +364,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 continue
             r = p.request
             assert (r.job_key, r.session_id, r.utterance_index, r.src_lang, r.tgt_lang, r.turn_id, r.sample_rate, r.audio) == \
-                (key, "s2", original.seq, *original.pair, "s2:t", 16000, bytes(320)), (key, r)
+                (key, "s2", original.seq, *original.pair, "s2:t", SAMPLE_RATES["s2"], job_audio(key)), (key, r)
             assert abs(r.deadline - original.deadline) < 0.01, (key, r.deadline, original.deadline)
             assert self.r.hget(keys.job(job["job_id"]), "placed_by") == "i1", key
             if p.attempt == int(job["attempt"]):  # (not placed again since)
@@ -428,6 +434,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             for key, p in d.placed.items():  # the lease expiry looks every second
                 due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
                 assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
+                if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
+                    when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch
+                    entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
+                    due = when if where == instance.id and when > entered else max(when, entered) + WATCH_S
+                    assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
+                                            f"dropped {now - when:.2f} s ago"
             for r in queued:
                 due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
                 assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
@@ -512,6 +524,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
         for p in live + moving:
             pipe.hmget(keys.job(p.job_id), "status", "node_id", "attempt")
+        for p in live:
+            pipe.hmget(keys.job(p.job_id), *JOB_FIELDS)
         replies = iter(pipe.execute())
         dispatched: set[str] = set()
         for node in nodes:
@@ -523,11 +537,30 @@ class DispatcherMachine(RuleBasedStateMachine):
         for m in moving:  # still on the node it leaves, or waiting (its slot released) for a new one
             status, node, attempt = next(replies)
             assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting", (m, status)
+        for i in self._live():
+            for p in i.dispatcher.placed.values():
+                self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
+        dead = {i for i, instance in self.h.instances.items() if not instance.alive}
+        if dead:  # the orphan sweep: a dead instance's job goes within a sweep of its lease + the grace
+            lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
+            for job_id in lapsed:
+                assert self.r.hget(keys.job(job_id), "placed_by") not in dead, f"job {job_id} of a dead instance not swept"
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
         ids: dict[str, str] = {}
         for key, job_id, *_ in self.h.handed:
             assert ids.setdefault(key, job_id) == job_id, f"{key} created twice: jobs {ids[key]} and {job_id}"
+
+    def _check_job_hash(self, instance_id, p, job):
+        """A placed job's hash is its request (what an adopting instance rebuilds it from),
+        placed by this instance, with the lease this instance keeps for it."""
+        r, h = p.request, self.h
+        assert (job["job_key"], job["session_id"], job["utterance_index"], job["src_lang"], job["tgt_lang"], job["turn_id"],
+                job["sample_rate"], job["audio"], job["placed_by"], job["conn_id"]) == \
+            (r.job_key, r.session_id, str(r.utterance_index), r.src_lang, r.tgt_lang, r.turn_id, str(r.sample_rate),
+             base64.b64encode(r.audio).decode(), instance_id, p.conn_id), (p, job)
+        assert abs(int(job["deadline_ms"]) - h.wall_ms(r.deadline)) <= 2, (p, job)
+        assert abs(int(job["lease_deadline_ts"]) - h.wall_ms(p.lease_deadline)) <= 2, (p, job)
 
     def _check_logs(self):
         records, self.seen_records = self.journal.records[self.seen_records:], len(self.journal.records)

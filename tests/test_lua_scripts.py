@@ -23,6 +23,7 @@ from scheduler.placement.redis_adapter import (
     now_ms,
 )
 from scheduler.placement.scheduling import SchedulingClient
+from scheduler.protocol import Register
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -195,6 +196,26 @@ async def test_a_new_connection_holds_no_jobs(adapter, redis_client):
     with pytest.raises(NoAvailableNode):  # its placer moves it: no other node, it waits ...
         await redispatch(adapter, job_id, "a", attempt=1)
     assert slots(redis_client, "a") == 0  # ... and the slot it no longer held is not released twice
+
+
+async def test_a_node_registered_again_leaves_the_pools_it_no_longer_serves(adapter, redis_client):
+    """A node restarted with fewer language pairs gets no job of a pair it dropped (found by
+    the dispatcher machine: a node re-registered for zh->de only was given zh->en jobs)."""
+    client = SchedulingClient(adapter)
+    both = Register(node_id="a", lang_pairs=[["zh", "en"], ["zh", "de"]], max_jobs=2)
+    await client.register_node(both, "i1", "c1")
+    assert redis_client.smembers(keys.pool_members("zh-en")) == {"a"}
+    de_only = Register(node_id="a", lang_pairs=[["zh", "de"]], max_jobs=2)
+    stale = lua.register_node("a", de_only.pool_pairs(), 2, now_ms(), "i1", conn_id="c2")  # the old pools not declared
+    with pytest.raises(StaleCandidates):
+        await adapter.script(*stale)
+    assert redis_client.smembers(keys.pool_members("zh-en")) == {"a"}  # nothing changed
+    await client.register_node(de_only, "i1", "c2")
+    assert not redis_client.smembers(keys.pool_members("zh-en")) and redis_client.smembers(keys.pool_members("zh-de")) == {"a"}
+    with pytest.raises(EmptyPool):
+        await dispatch(adapter, "k0")
+    await client.register_node(both, "i1", "c3")  # and joins again
+    assert (await dispatch(adapter, "k1"))[2] == "a"
 
 
 async def test_complete_keeps_the_answer_until_its_ttl(adapter, redis_client):

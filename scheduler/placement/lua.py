@@ -18,15 +18,18 @@ Call = tuple[str, list[str], list[Any]]
 
 
 def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs: int, now_ms: int, owner: str,
-                  capabilities: dict[str, Any] | None = None, conn_id: str = "") -> Call:
-    """``conn_id``: the id of the node's connection (dispatch_task returns it with each placement)."""
+                  capabilities: dict[str, Any] | None = None, conn_id: str = "", old_pools: list[str] | tuple = ()) -> Call:
+    """``conn_id``: the id of the node's connection (dispatch_task returns it with each placement).
+    ``old_pools``: the pools its info hash named when read (``'pools'``): the ones it no longer
+    serves, it leaves."""
     return (
         "register_node",
         [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
         + [keys.pool_members(pool) for pool, _, _ in pool_pairs]
-        + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs],
+        + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs]
+        + [keys.pool_members(pool) for pool in old_pools],
         [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs]
-        + [keys.KEY_TTL_S, conn_id],
+        + [keys.KEY_TTL_S, conn_id, len(old_pools), *old_pools],
     )
 
 

@@ -89,9 +89,17 @@ class SchedulingClient:
 
     async def register_node(self, reg: Register, instance_id: str, conn_id: str) -> None:
         """The node is online, held by ``instance_id`` over connection ``conn_id`` (a new
-        connection empties the job set of the one before: register_node.lua)."""
-        await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(), instance_id,
-                                                    reg.capabilities, conn_id))
+        connection empties the job set of the one before), in the pools it serves now and in
+        no other (register_node.lua: the pools it served before are read first)."""
+        for attempt in range(STALE_RETRIES + 1):
+            old = await self._redis.command("HGET", keys.node_info(reg.node_id), "pools")
+            try:
+                await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(), instance_id,
+                                                            reg.capabilities, conn_id, json.loads(old) if old else []))
+                return
+            except StaleCandidates:
+                if attempt == STALE_RETRIES:
+                    raise
 
     async def heartbeat(self, node_id: str, load: dict[str, Any] | None) -> None:
         """Raises UnknownNode when Redis lost the node (restarted empty)."""
