@@ -28,6 +28,7 @@ import logging
 import time as real_time
 
 import attrs
+import redis.exceptions as redis_errors
 import trio
 import trio.testing
 
@@ -210,6 +211,8 @@ class DispatcherHarness:
         self._conn_ids = itertools.count(1)
         self.dropped: dict[str, tuple[float, str]] = {}  # node connection id -> (when it dropped, its instance)
         self._quiet = trio.Event()
+        self.down = False  # a Redis outage: every adapter call fails
+        self.up_since = 0.0  # when the last outage ended
 
     def __getitem__(self, instance_id: str) -> Instance:
         return self.instances[instance_id]
@@ -224,7 +227,16 @@ class DispatcherHarness:
                 task_status.started()
 
     def _count_calls(self, redis: RedisAdapter) -> None:
-        """Every adapter call counts as in flight until it returns (see :meth:`settle`)."""
+        """Every adapter call counts as in flight until it returns (see :meth:`settle`); while
+        ``down``, every batch fails as if Redis could not be reached."""
+        execute = redis._execute_sync
+
+        def execute_or_fail(batch):
+            if self.down:
+                raise redis_errors.ConnectionError("Redis is down (the test's outage)")
+            return execute(batch)
+
+        redis._execute_sync = execute_or_fail
         for name in ("_submit", "_run_group"):
             call = getattr(redis, name)
 

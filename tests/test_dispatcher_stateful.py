@@ -77,6 +77,9 @@ EVENTS = {  # dispatcher event -> its level
     "job_moving": logging.INFO, "dispatch_blocked": logging.WARNING, "dispatch_unblocked": logging.INFO,
     "duplicate_job_blocked": logging.WARNING, "job_failed": logging.INFO, "jobs_adopted": logging.INFO,
     "orphan_job_released": logging.INFO, "orphan_release_refused": logging.WARNING,
+    # the periodic tasks during a Redis outage (resilient.every)
+    "orphan_sweep_failed": logging.WARNING, "orphan_sweep_recovered": logging.INFO,
+    "remote_watch_failed": logging.WARNING, "remote_watch_recovered": logging.INFO,
 }
 
 
@@ -308,6 +311,25 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.do("advance", self.h.advance, RETRY_S)
         self.check_no_idle_slot(free)
 
+    @rule(data=st.data(), seconds=st.sampled_from([0.25, 1.0, 3.1]), cancel=st.booleans())
+    def outage(self, data, seconds, cancel):
+        """Redis cannot be reached for a while (every call fails), maybe while a session
+        cancels a job; then a second passes with Redis back: the releases and ``job_cancel``
+        messages owed meanwhile have gone through (the checks after it)."""
+        self._outage(seconds, data.draw(st.sampled_from(self._cancellable())) if cancel and self._cancellable() else None)
+
+    def _outage(self, seconds, cancel_key):
+        self.h.down = True
+        try:
+            if cancel_key is not None:
+                self.do("cancel", self._cancel(cancel_key))
+            self.do("outage", self.h.advance, seconds)
+        finally:
+            self.h.down, self.h.up_since = False, self.now
+        self.do("advance", self.h.advance, 1.0)
+        for instance in self._live():
+            assert not instance.dispatcher._owed_releases and not instance.dispatcher._owed_cancels, instance.id
+
     @precondition(lambda self: len(self.fenced) < 1)
     @rule(session=st.sampled_from(["s0", "s1"]))
     def fence(self, session):
@@ -435,9 +457,10 @@ class DispatcherMachine(RuleBasedStateMachine):
                 due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
                 assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
-                    when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch
+                    when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
-                    due = when if where == instance.id and when > entered else max(when, entered) + WATCH_S
+                    due = when if where == instance.id and when > entered else max(when, entered, h.up_since) + WATCH_S
+                    due = float("inf") if h.down and due > when else due
                     assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
                                             f"dropped {now - when:.2f} s ago"
             for r in queued:
@@ -541,11 +564,13 @@ class DispatcherMachine(RuleBasedStateMachine):
             for p in i.dispatcher.placed.values():
                 self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
         dead = {i for i, instance in self.h.instances.items() if not instance.alive}
-        if dead:  # the orphan sweep: a dead instance's job goes within a sweep of its lease + the grace
+        if dead and self.now >= self.h.up_since + SWEEP_S and not self.h.down:
+            # the orphan sweep: a dead instance's job goes within a sweep of its lease + the grace
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
             for job_id in lapsed:
                 assert self.r.hget(keys.job(job_id), "placed_by") not in dead, f"job {job_id} of a dead instance not swept"
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
+        books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
         ids: dict[str, str] = {}
         for key, job_id, *_ in self.h.handed:
@@ -642,7 +667,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 self.trio.call(self.h.answer, node, job_id, attempt, True)
             self.trio.call(self.h.settle)
             self.check()
-            books = [d for i in self._live() for d in [i.dispatcher] if d.waiting or d.placed or d._moving or d._owed_releases]
+            books = [d for i in self._live() for d in [i.dispatcher] if d.waiting or d.placed or d._moving or d._owed_releases
+                     or d._owed_cancels]
             if not books and not self.r.zrange(keys.leases(), 0, -1):
                 break
             self.trio.call(self.h.advance, RETRY_S)
@@ -697,14 +723,24 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("disconnect", h.disconnect, "n0")
         m.do("connect", h.connect, "n0", 2, list(PAIRS), "i2")
         m.do("advance", h.advance, 1.0)
+    elif name == "outage_cancel":  # a job on i2's node cancelled while Redis is down: released and told later
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m._outage(0.25, "s2:0:translate:en")
+        assert not h.held["n0"] and h["i2"].metrics.jobs_total.labels("cancelled")._value.get() == 1, h.held
+    elif name == "outage_lease":  # i1's job on i2's node outlives its lease while Redis is down
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m._outage(3.1, None)
+        assert "1" not in h.held["n0"], h.held
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
-    assert {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
-            "remote_reconnect": "NODE_RECONNECTED"}[name] in reasons, reasons
+    mark = {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
+            "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED"}.get(name)
+    assert mark is None or mark in reasons, reasons
 
 
-@pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect"])
+@pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
+                                  "outage_lease"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

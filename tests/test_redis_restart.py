@@ -245,7 +245,9 @@ async def test_daemon_started_while_redis_is_away_waits_for_it(tmp_path):
         async with trio.open_nursery() as nursery:
             started: list[Daemon] = []
             nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: started.append(Daemon(tmp_path / "d", "--redis-url", url))))
-            await trio.sleep(2.0)
+            with trio.fail_after(30):  # (not a fixed sleep: start-up alone can take 2-3 s without cached bytecode)
+                while not (tmp_path / "d" / "daemon.log").exists() or "redis_waiting" not in log_events(tmp_path / "d" / "daemon.log"):
+                    await trio.sleep(0.1)
             valkey.start()
         daemon = started[0]
         assert daemon.proc.poll() is None

@@ -72,7 +72,10 @@ class Router:
         return conn is not None and conn.send_nowait(msg)
 
     async def to_node(self, node_id: str, msg: JobAssign | JobCancel) -> bool:
-        """Here first, else to the instance holding the node. False: unreachable (move the job)."""
+        """Here first, else to the instance holding the node. False: unreachable (a job then
+        moves on). Redis unavailable: a job is unreachable; a ``job_cancel`` raises
+        :class:`RedisUnavailable`, so that the caller sends it again later (a node that kept
+        a cancelled job would run more than its ``max_jobs``)."""
         if self.to_node_here(node_id, msg):
             return True
         if self.node_is_here(node_id):
@@ -83,7 +86,8 @@ class Router:
                 await self.relay.send_job(owner, node_id, msg)
                 return True
         except RedisUnavailable:
-            pass
+            if isinstance(msg, JobCancel):
+                raise
         return False
 
     def _job_from_relay(self, node_id: str, msg: str, msg_type: str = JobAssign.TYPE) -> bool:

@@ -35,7 +35,9 @@ relay also takes its job off the books at once (:meth:`Dispatcher.answered`).
 
 Redis outages: no task here ends on a Redis error. A lane that cannot reach Redis waits and
 retries its head; a slot release (``cancel_task``) that fails is kept and retried every
-second until Redis answers; the periodic tasks log and retry (``resilient.every``).
+second until Redis answers, and its node is told ``job_cancel`` once it went through; a
+``job_cancel`` for another instance's node that cannot be sent (the relay needs Redis) is
+kept and sent again the same way; the periodic tasks log and retry (``resilient.every``).
 
 Outcomes that are not a node's answer (no pool, nowhere to send it) go back to the session
 as a ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
@@ -173,7 +175,9 @@ class Dispatcher:
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
-        self._owed_releases: dict[str, tuple[str, str]] = {}  # job id -> (job key, node id): cancel_task to retry
+        self._owed_releases: dict[str, tuple[str, str, int | None]] = {}  # job id -> (job key, node id, attempt to
+        # cancel on its node once released, or None): cancel_task to retry
+        self._owed_cancels: dict[tuple[str, int], str] = {}  # (job id, attempt) -> node id: job_cancel to send again
 
     # ------------------------------------------------------------ the actor's port
 
@@ -212,14 +216,20 @@ class Dispatcher:
             if placement is None:
                 continue
             self._metrics.jobs_in_flight.dec()
-            reply = await self._release(placement.job_id, job_key, placement.node_id)
-            if reply is not None and reply[0] == "OK":
-                await self._cancelled(placement.job_id, placement.node_id, placement.attempt)
+            await self._release(placement.job_id, job_key, placement.node_id, placement.attempt)
 
     async def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
         """cancel_task released the job: count it and tell its node (here, or over the relay)."""
         self._metrics.jobs_total.labels("cancelled").inc()
-        await self._router.to_node(node_id, JobCancel(job_id=job_id, attempt=attempt))
+        await self._send_cancel(node_id, job_id, attempt)
+
+    async def _send_cancel(self, node_id: str, job_id: str, attempt: int) -> None:
+        """``job_cancel`` to the node (here, or over the relay); kept and sent again every
+        second while Redis is unavailable (:meth:`_retry_releases`)."""
+        try:
+            await self._router.to_node(node_id, JobCancel(job_id=job_id, attempt=attempt))
+        except RedisUnavailable:
+            self._owed_cancels[(job_id, attempt)] = node_id
 
     # ------------------------------------------------------------ called by the node gateway
 
@@ -340,7 +350,7 @@ class Dispatcher:
         for placement in expired:
             self.move(placement, "LEASE_EXPIRED")
         for placement in expired:
-            await self._router.to_node(placement.node_id, JobCancel(job_id=placement.job_id, attempt=placement.attempt))
+            await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
 
     async def _watch_remote(self) -> None:
         """Jobs placed here on nodes held by other instances: forget the answered ones, move
@@ -390,10 +400,14 @@ class Dispatcher:
                 self.move(placement, "JOB_LOST")
 
     async def _retry_releases(self) -> None:
-        """cancel_task calls that failed (Redis unavailable), until each got through."""
-        for job_id, (job_key, node_id) in list(self._owed_releases.items()):
+        """cancel_task calls and ``job_cancel`` messages that failed (Redis unavailable),
+        until each got through."""
+        for job_id, (job_key, node_id, attempt) in list(self._owed_releases.items()):
             self._owed_releases.pop(job_id, None)
-            await self._release(job_id, job_key, node_id)
+            await self._release(job_id, job_key, node_id, attempt)
+        for (job_id, attempt), node_id in list(self._owed_cancels.items()):
+            self._owed_cancels.pop((job_id, attempt), None)
+            await self._send_cancel(node_id, job_id, attempt)
 
     async def _sweep_orphans(self, limit: int = 100) -> None:
         """Release the jobs whose placing instance is gone.
@@ -426,10 +440,9 @@ class Dispatcher:
         alive = keys.instance(placed_by) if placed_by else keys.session_owner(session_id)
         if await self._redis.command("EXISTS", alive):
             return  # its instance is alive and handles its leases
-        reply = await self._release(job_id, job_key, node_id)
+        reply = await self._release(job_id, job_key, node_id, int(attempt))
         if reply is not None and reply[0] == "OK":
             event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
-            await self._cancelled(job_id, node_id, int(attempt))
 
     async def _run_lane(self, lane: _Lane) -> None:
         """Run :meth:`_lane_step` until cancelled. An unexpected error costs a pause of
@@ -561,17 +574,20 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement
 
-    async def _release(self, job_id: str, job_key: str, node_id: str) -> list | None:
+    async def _release(self, job_id: str, job_key: str, node_id: str, attempt: int | None = None) -> list | None:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
-        and lanes waiting for a slot retry. Redis unavailable: the release is owed and retried
-        every second (:meth:`_retry_releases`); returns None then."""
+        and lanes waiting for a slot retry; with ``attempt``, the release is counted and the
+        node told ``job_cancel`` (:meth:`_cancelled`). Redis unavailable: the release is owed
+        and retried every second (:meth:`_retry_releases`); returns None then."""
         try:
             reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
         except RedisUnavailable:
-            self._owed_releases[job_id] = (job_key, node_id)
+            self._owed_releases[job_id] = (job_key, node_id, attempt)
             return None
         if reply[0] == "OK":
             self.slot_freed()
+            if attempt is not None:
+                await self._cancelled(job_id, node_id, attempt)
         return reply
 
     async def _abandon_move(self, job_key: str) -> None:
