@@ -130,6 +130,8 @@ class Instance:
         self.nodes = NodeRegistry(self.metrics)
         self.inbox = Inbox(h.got, {s for s, i in SESSIONS.items() if i == instance_id}, instance_id)
         self.scope = trio.CancelScope()
+        self.crash_next = self.crashed = 0  # placement rounds to crash, and crashed so far (_inject_crash)
+        self.crashed_at = float("-inf")
 
     async def run(self, redis: RedisAdapter, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         h = self.h
@@ -150,10 +152,25 @@ class Instance:
                                    dispatcher=self.dispatcher, router=self.router, sessions=self.inbox,
                                    metrics=self.metrics, ownership=self.ownership)
         self._wire_relay()
+        self._inject_crash()
         with self.scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.dispatcher.run)
                 task_status.started()
+
+    def _inject_crash(self) -> None:
+        """While ``crash_next`` > 0, the next placement rounds raise (a bug in a lane)."""
+        place = self.dispatcher._place
+
+        async def crashing(lane, batch):
+            if self.crash_next > 0:
+                self.crash_next -= 1
+                self.crashed += 1
+                self.crashed_at = trio.current_time()
+                raise RuntimeError("a bug in a placement round (injected by the test)")
+            return await place(lane, batch)
+
+        self.dispatcher._place = crashing
 
     def _wire_relay(self) -> None:
         """Every placement the dispatcher hands on is recorded (to a node here, or towards

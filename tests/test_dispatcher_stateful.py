@@ -311,6 +311,15 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.do("advance", self.h.advance, RETRY_S)
         self.check_no_idle_slot(free)
 
+    @rule(data=st.data(), pair=st.sampled_from(PAIRS))
+    def lane_crash(self, data, pair):
+        """A bug makes the next placement round of the session's instance raise (the job
+        submitted now wakes its lane): the lane logs it, pauses one retry interval, and
+        places its queue after all."""
+        session = data.draw(st.sampled_from(self._live_sessions()))
+        self.h.owner(session).crash_next = 1
+        self.do("lane_crash", self.trio_sync(self._submit(session, pair, 5.0)))
+
     @rule(data=st.data(), seconds=st.sampled_from([0.25, 1.0, 3.1]), cancel=st.booleans())
     def outage(self, data, seconds, cancel):
         """Redis cannot be reached for a while (every call fails), maybe while a session
@@ -591,10 +600,14 @@ class DispatcherMachine(RuleBasedStateMachine):
         records, self.seen_records = self.journal.records[self.seen_records:], len(self.journal.records)
         handed = {(key, job_id, attempt, node) for key, job_id, attempt, node, _ in self.h.handed}
         for r in records:
+            name, f = getattr(r, "event", None), getattr(r, "fields", {})
+            if name == "lane_failed":  # the injected bug (lane_crash): one record per crashed round, with its pair
+                self.lane_failures += 1
+                assert r.levelno == logging.ERROR and r.exc_info and (f["src_lang"], f["tgt_lang"]) in PAIRS, r.getMessage()
+                continue
             assert r.levelno < logging.ERROR, r.getMessage()
             if r.name != "scheduler.dispatcher":
                 continue
-            name, f = r.event, r.fields
             assert EVENTS.get(name) == r.levelno, f"unknown event or level: {r.levelname} {r.getMessage()}"
             if "job_key" in f or name in ("job_moving", "dispatch_blocked", "job_failed", "duplicate_job_blocked"):
                 assert f.get("job_key") in self.jobs, r.getMessage()
@@ -614,6 +627,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status")
                 assert job == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
 
+    lane_failures = 0
+
     def _check_counters(self):
         instances = list(self.h.instances.values())
 
@@ -632,6 +647,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         redispatched = {(job_id, attempt) for _, job_id, attempt, *_ in self.h.handed if attempt > 1}
         assert total("redispatch_total") == len(redispatched), (total("redispatch_total"), sorted(redispatched))
         assert total("duplicate_job_blocked_total") <= self.resubmits  # each reaches Redis at most once
+        assert self.lane_failures == sum(i.crashed for i in instances), self.lane_failures
 
     def _free_slots(self) -> dict[str, int]:
         """Connected node -> its free slots in Redis."""
@@ -645,6 +661,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         free_now = self._free_slots()
         for instance in self._live():
             d = instance.dispatcher
+            if instance.crashed_at >= self.now - RETRY_S - EPS:
+                continue  # a lane crashed within the interval: it pauses one retry interval
             for pair, lane in d._lanes.items():
                 if not lane.queue or any(r.job_key in d._moving for r in lane.queue):
                     continue
