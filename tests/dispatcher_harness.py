@@ -222,6 +222,7 @@ class DispatcherHarness:
         self.relay: list[tuple] = []  # (message type, owner, node id, text) | ("outcome", owner, session id, outcome)
         self._inflight = 0
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
+        self.flushes: list[int] = []  # len(handed) each time Redis lost its data
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
         self.requests: dict[str, list[JobRequest]] = {}  # job key -> what the session submitted (each copy)
@@ -345,6 +346,31 @@ class DispatcherHarness:
             self._drop(node_id, instance.nodes.get(node_id).conn_id)
         await self.redis.command("DEL", keys.instance(instance_id))
         await self.redis.command("ZADD", keys.instances(), now_ms() - 1, instance_id)
+
+    async def lose_data(self) -> None:
+        """Redis restarts without its data, and what each live instance and node does about
+        it, short of the dispatcher's own part (:meth:`notice_data_loss`): liveness and owner
+        records written again (``Ownership.refresh``/``reassert``), each node registered
+        again on its connection (its next heartbeat: ``node_registered_again``)."""
+        self.flushes.append(len(self.handed))
+        await self.redis.command("FLUSHALL")
+        for instance in self.instances.values():
+            if instance.alive:
+                await instance.ownership.refresh()
+                await instance.ownership.reassert(sorted(instance.inbox.sessions), [c.node_id for c in instance.nodes.all()])
+                for conn in instance.nodes.all():
+                    await instance.gateway._write_registration(conn.registration, conn.conn_id)
+
+    async def notice_data_loss(self) -> None:
+        """The health check saw the data marker change: each live dispatcher's part."""
+        for instance in self.instances.values():
+            if instance.alive:
+                await instance.dispatcher.redis_data_lost()
+
+    def generations(self) -> list[list[tuple[str, str, int, str, str]]]:
+        """``handed``, cut where Redis lost its data (job ids and keys start afresh there)."""
+        cuts = [0, *self.flushes, len(self.handed)]
+        return [self.handed[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
     async def answer(self, node_id: str, job_id: str, attempt: int, ok: bool) -> None:
         held = self.held.get(node_id, {})

@@ -481,6 +481,12 @@ class DispatcherMachine(RuleBasedStateMachine):
         self._check_sessions()
         self._check_order()
 
+    def _unnoticed(self) -> set[str]:
+        """Jobs Redis lost (with its data) that are still on their placer's books: it has not
+        noticed yet (the remote watch or the health check)."""
+        lost = {job_id for handed in self.h.generations()[:-1] for _, job_id, *_ in handed}
+        return lost & {p.job_id for i in self._live() for p in i.dispatcher.placed.values()}
+
     def _check_holders(self):
         h = self.h
         for instance in self._live():
@@ -490,7 +496,9 @@ class DispatcherMachine(RuleBasedStateMachine):
                     got = h.held[p.node_id].get(p.job_id)
                     assert got is not None and (got.job_key, got.attempt) == (key, p.attempt), \
                         f"{key} placed on {p.node_id} (attempt {p.attempt}), which holds {got}"
-        held = [(node, job_id, got.attempt) for node, jobs in h.held.items() for job_id, got in jobs.items()]
+        unnoticed = self._unnoticed()  # the node's until its placer noticed (it is told job_cancel then)
+        held = [(node, job_id, got.attempt) for node, jobs in h.held.items() for job_id, got in jobs.items()
+                if job_id not in unnoticed]
         pipe = self.r.pipeline(transaction=False)
         for _, job_id, _ in held:
             pipe.hmget(keys.job(job_id), "status", "node_id", "attempt")
@@ -539,9 +547,12 @@ class DispatcherMachine(RuleBasedStateMachine):
         take their ids in the order they are placed (one ordered pipeline per batch), so the
         ids of first attempts, in order, must name the jobs in submission order."""
         first: dict[tuple[str, tuple[str, str]], dict[str, int]] = {}
-        for key, job_id, attempt, _, by in self.h.handed:
-            if attempt == 1 and self.jobs[key].instance == by:  # (an adopted job is placed again out of turn)
-                first.setdefault((by, self.jobs[key].pair), {})[key] = int(job_id)
+        before: set[str] = set()  # keys placed before Redis lost its data: placed again out of turn
+        for handed in self.h.generations():
+            for key, job_id, attempt, _, by in handed:
+                if attempt == 1 and self.jobs[key].instance == by and key not in before:  # (an adopted job too)
+                    first.setdefault((by, self.jobs[key].pair), {})[key] = int(job_id)
+            before |= {key for key, *_ in handed}
         for (by, pair), ids in first.items():
             seqs = [self.jobs[k].seq for k in sorted(ids, key=ids.get)]
             assert seqs == sorted(seqs), f"{by} {pair}: first placements out of submission order: {seqs}"
@@ -552,7 +563,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         for node in nodes:
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.node_runtime(node), "current_jobs")
-        live = [p for i in self._live() for p in i.dispatcher.placed.values()]
+        unnoticed = self._unnoticed()
+        live = [p for i in self._live() for p in i.dispatcher.placed.values() if p.job_id not in unnoticed]
         moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
         for p in live + moving:
             pipe.hmget(keys.job(p.job_id), "status", "node_id", "attempt")
@@ -571,7 +583,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting", (m, status)
         for i in self._live():
             for p in i.dispatcher.placed.values():
-                self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
+                if p.job_id not in unnoticed:
+                    self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
         dead = {i for i, instance in self.h.instances.items() if not instance.alive}
         if dead and self.now >= self.h.up_since + SWEEP_S and not self.h.down:
             # the orphan sweep: a dead instance's job goes within a sweep of its lease + the grace
@@ -581,9 +594,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
-        ids: dict[str, str] = {}
-        for key, job_id, *_ in self.h.handed:
-            assert ids.setdefault(key, job_id) == job_id, f"{key} created twice: jobs {ids[key]} and {job_id}"
+        for handed in self.h.generations():  # (a job Redis lost is created again)
+            ids: dict[str, str] = {}
+            for key, job_id, *_ in handed:
+                assert ids.setdefault(key, job_id) == job_id, f"{key} created twice: jobs {ids[key]} and {job_id}"
 
     def _check_job_hash(self, instance_id, p, job):
         """A placed job's hash is its request (what an adopting instance rebuilds it from),
@@ -627,7 +641,15 @@ class DispatcherMachine(RuleBasedStateMachine):
                 job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status")
                 assert job == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
 
-    lane_failures = 0
+    lane_failures = finished_lost = 0
+
+    def lose_data(self, noticed: bool = True):
+        """Redis loses its data (the finished jobs it forgets are counted first)."""
+        self.finished_lost += sum(self.r.hget(keys.job(job_id), "status") == "finished"
+                                  for job_id in {job_id for _, job_id, *_ in self.h.handed})
+        self.do("lose_data", self.h.lose_data)
+        if noticed:
+            self.do("notice_data_loss", self.h.notice_data_loss)
 
     def _check_counters(self):
         instances = list(self.h.instances.values())
@@ -673,18 +695,22 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ the end
 
+    def answer_all(self):
+        """Every node answers what it holds (ok)."""
+        self.trio.call(self.h.settle)
+        for node, job_id, attempt in self._held():
+            self._answer(node, job_id, attempt, True)
+            self.trio.call(self.h.answer, node, job_id, attempt, True)
+        self.trio.call(self.h.settle)
+        self.check()
+
     def finish(self):
         """Liveness: a node with room for everything joins; answer, move time; all ends."""
         if "n9" not in self.h.held:
             self.max_jobs["n9"] = 8
             self.trio.call(self.h.connect, "n9", 8, list(PAIRS), "i1")
         for _ in range(400):
-            self.trio.call(self.h.settle)
-            for node, job_id, attempt in self._held():
-                self._answer(node, job_id, attempt, True)
-                self.trio.call(self.h.answer, node, job_id, attempt, True)
-            self.trio.call(self.h.settle)
-            self.check()
+            self.answer_all()
             books = [d for i in self._live() for d in [i.dispatcher] if d.waiting or d.placed or d._moving or d._owed_releases
                      or d._owed_cancels]
             if not books and not self.r.zrange(keys.leases(), 0, -1):
@@ -692,8 +718,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.trio.call(self.h.advance, RETRY_S)
         else:
             raise AssertionError(f"no end: books {books}, leases {self.r.zrange(keys.leases(), 0, -1)}")
-        finished = sum(self.r.hget(keys.job(job_id), "status") == "finished"
-                       for job_id in {job_id for _, job_id, *_ in self.h.handed})
+        finished = self.finished_lost + sum(self.r.hget(keys.job(job_id), "status") == "finished"
+                                            for job_id in {job_id for _, job_id, *_ in self.h.handed})
         assert sum(i.metrics.jobs_total.labels("finished")._value.get() for i in self.h.instances.values()) == finished
         got = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
         for key, job in self.jobs.items():
@@ -749,16 +775,28 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)
         assert "1" not in h.held["n0"], h.held
+    elif name == "data_loss":  # Redis loses its data under a job of each instance on i2's node
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        old = {job_id for _, job_id, *_ in h.handed}
+        m.lose_data(noticed=False)
+        m.do("advance", h.advance, 1.0)  # i1's remote watch sees its job gone first
+        m.do("notice_data_loss", h.notice_data_loss)  # then the health check: i2's own
+        m.do("advance", h.advance, RETRY_S)  # (a lost job's redispatch is refused UNKNOWN_JOB: placed afresh next round)
+        held = set(h.held["n0"])
+        assert len(held) == 2 and not held & old, (held, old)  # placed again as new jobs; the old ones cancelled
+        m.answer_all()
+        assert len([o for _, o, _ in h.got if isinstance(o, JobOutcome)]) == 2, h.got
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
     mark = {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
-            "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED"}.get(name)
+            "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED", "data_loss": "JOB_LOST"}.get(name)
     assert mark is None or mark in reasons, reasons
 
 
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
-                                  "outage_lease"])
+                                  "outage_lease", "data_loss"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

@@ -4,6 +4,7 @@ server and a 3-master cluster (the ``redis_url`` fixture below runs every test o
 import re
 
 import pytest
+import trio
 
 from scheduler.placement import keys, lua
 from scheduler.placement.redis_adapter import (
@@ -305,12 +306,16 @@ async def test_undeclared_candidates_are_refused_then_refreshed(adapter, redis_c
 async def test_job_ids_come_in_blocks_and_are_never_reused(adapter, redis_client):
     await register(adapter, "a", max_jobs=8)
     first, second = SchedulingClient(adapter, id_block=3), SchedulingClient(adapter, id_block=3)
+    before = now_ms() * 1000
     ids = [await c.next_job_id() for c in (first, second, first, second, first, second, first)]
-    assert len(set(ids)) == 7 and int(redis_client.get(keys.job_id_seq())) == 9
+    assert len(set(ids)) == 7 and before < int(ids[0]) and int(redis_client.get(keys.job_id_seq())) == int(ids[0]) + 8
     job_id = (await dispatch(adapter, "k0"))[1]
     call = lua.dispatch("k1", job_id, "s1", 1, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0, lua.Candidates(("zh-en",), ("a",)))
     with pytest.raises(JobIdTaken):
         await adapter.script(*call)
+    redis_client.flushall()  # Redis lost its data: the new sequence starts above every id taken before
+    await trio.sleep(0.002)
+    assert int(await SchedulingClient(adapter).next_job_id()) > max(int(i) for i in [*ids, job_id])
 
 
 async def test_complete_and_cancel_refuse_a_foreign_job_key(adapter, redis_client):

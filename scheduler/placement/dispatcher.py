@@ -379,8 +379,9 @@ class Dispatcher:
             if self.placed.get(placement.request.job_key) is not placement:
                 continue  # answered or moved while we looked
             online, owner, conn_id = infos[placement.node_id]
-            if status is None:
-                self.move(placement, "JOB_LOST")  # Redis lost it: redispatch finds no job and places it afresh
+            if status is None:  # Redis lost it: redispatch finds no job and places it afresh; its node stops it
+                self.move(placement, "JOB_LOST")
+                await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
             elif status != "dispatched" or int(attempt or 0) != placement.attempt:
                 self.answered(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
             elif online != "1":
@@ -392,12 +393,16 @@ class Dispatcher:
 
     async def redis_data_lost(self) -> None:
         """Redis restarted without its data (the health check saw its data marker change):
-        every job placed here that Redis no longer knows is placed again."""
+        every job placed here that Redis no longer knows is placed again (as a new job, under
+        a new id), and its node is told ``job_cancel`` for the old one (Redis no longer counts
+        it in the node's slots)."""
         placed = list(self.placed.values())
         replies = await self._redis.commands_many([("EXISTS", keys.job(p.job_id)) for p in placed])
-        for placement, exists in zip(placed, replies, strict=True):
-            if exists == 0 and self.placed.get(placement.request.job_key) is placement:
+        lost = [p for p, exists in zip(placed, replies, strict=True) if exists == 0]
+        for placement in lost:
+            if self.placed.get(placement.request.job_key) is placement:
                 self.move(placement, "JOB_LOST")
+                await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
 
     async def _retry_releases(self) -> None:
         """cancel_task calls and ``job_cancel`` messages that failed (Redis unavailable),

@@ -10,9 +10,14 @@ What placement needs besides the scripts' arguments:
 
 * Job ids come from ``{scheduler}:job:id_seq`` in blocks (one ``INCRBY`` per
   ``id_block`` jobs), so a job's id is known before dispatch_task runs and its hash is a
-  declared key (Redis Cluster). When Redis lost its data the sequence starts again, and
-  ids taken before can collide: dispatch_task refuses with ``JOB_ID_TAKEN`` and the caller
-  drops its block (:meth:`SchedulingClient.drop_job_ids`) and retries.
+  declared key (Redis Cluster). The sequence starts at the wall clock in milliseconds
+  times 1,000 (``SET NX`` in the same round trip), so when Redis lost its data the new
+  sequence starts above every id handed out before (unless more than 1,000 jobs per
+  millisecond were made since the old one started): a node still holding a job of the
+  lost data set never meets a new job of the same id, and its late answer is refused
+  (``UNKNOWN_JOB``), never taken for another job's. Should ids collide all the same,
+  dispatch_task refuses with ``JOB_ID_TAKEN`` and the caller drops its block
+  (:meth:`SchedulingClient.drop_job_ids`) and retries.
 * Candidates (the pools of a language pair and their members) are cached per pair. The
   scripts check them: on ``STALE_CANDIDATES`` (a node registered since the last read) the
   cache is refreshed and the call repeated, up to ``STALE_RETRIES`` times.
@@ -43,9 +48,11 @@ class SchedulingClient:
         self.candidate_refreshes = 0
 
     async def job_ids(self, n: int) -> list[str]:
-        """``n`` unused job ids (one INCRBY per ``id_block`` ids)."""
+        """``n`` unused job ids (one round trip per ``id_block`` ids)."""
         while len(self._ids) < n:
-            top = int(await self._redis.command("INCRBY", keys.job_id_seq(), self._id_block))
+            _, top = await self._redis.commands_many([("SET", keys.job_id_seq(), now_ms() * 1000, "NX"),
+                                                      ("INCRBY", keys.job_id_seq(), self._id_block)], raise_errors=True)
+            top = int(top)
             self._ids.extend(str(i) for i in range(top - self._id_block + 1, top + 1))
         return [self._ids.popleft() for _ in range(n)]
 
