@@ -49,7 +49,7 @@ INSTANCES = ("i1", "i2")
 SESSIONS = {"s0": "i1", "s1": "i1", "s2": "i2"}  # where each session starts
 PAIRS = (("zh", "en"), ("zh", "de"))
 LEASE_MS = 3000
-RETRY_S = 0.25
+RETRY_S = 0.25  # the Dispatcher's default retry_interval (the harness leaves it to the default)
 ORPHAN_GRACE_MS = 1000
 FOREVER_MS = 10**9  # liveness of an instance until the test kills it
 SAMPLE_RATES = {"s0": 16000, "s1": 8000, "s2": 24000}  # per session, so a rate taken from the wrong place shows
@@ -146,7 +146,7 @@ class Instance:
                              answered=lambda key: self.dispatcher.answered(key), waiting_sessions=dict)
         self.dispatcher = Dispatcher(redis=redis, nodes=self.nodes, sessions=self.inbox, router=self.router,
                                      metrics=self.metrics, node_ttl_ms=600_000, job_lease_ms=LEASE_MS,
-                                     queue_size=h.queue_size, retry_interval=RETRY_S, place_batch=h.place_batch,
+                                     queue_size=h.queue_size, place_batch=h.place_batch,  # (retry: the default)
                                      orphan_grace_ms=ORPHAN_GRACE_MS, instance_id=self.id, scheduling=scheduling)
         self.gateway = NodeGateway(nodes=self.nodes, settings=settings, redis=redis, scheduling=scheduling,
                                    dispatcher=self.dispatcher, router=self.router, sessions=self.inbox,

@@ -140,15 +140,15 @@ class Dispatcher:
         router: NodeRoute,
         metrics: Metrics,
         node_ttl_ms: int,
-        job_lease_ms: int = 15000,
+        job_lease_ms: int,
+        orphan_grace_ms: int,
+        instance_id: str,
+        scheduling: SchedulingClient,
         queue_size: int = 4096,
         retry_interval: float = 0.25,
         place_batch: int = 32,
-        orphan_grace_ms: int = 5000,
         watch_interval: float = 1.0,
         keep_audio: bool = True,
-        instance_id: str = "",
-        scheduling: SchedulingClient | None = None,
         locality_slack: float = 0.0,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
@@ -171,7 +171,7 @@ class Dispatcher:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._slot_freed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._scheduling = scheduling or SchedulingClient(redis)
+        self._scheduling = scheduling
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
