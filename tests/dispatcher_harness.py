@@ -440,14 +440,16 @@ class DispatcherHarness:
     async def cancel(self, session_id: str, job_keys: list[str]) -> None:
         await self.owner(session_id).dispatcher.cancel(session_id, job_keys)
 
-    async def resume(self, session_id: str, instance_id: str, missing: list[tuple[int, str]]) -> int:
-        """The client resumes the session on ``instance_id``, as the client gateway does: the
-        owner record, the answers Redis kept, then adopt. Returns how many jobs were adopted."""
+    async def resume(self, session_id: str, instance_id: str, missing: list[tuple[int, str]], epoch: int) -> int:
+        """The client resumes the session on ``instance_id`` at ``epoch``, as the client
+        gateway does: the session's epoch (session_resume.lua moves it on), the owner record,
+        the answers Redis kept, then adopt. Returns how many jobs were adopted."""
         instance = self.instances[instance_id]
+        await self.redis.command("HSET", keys.session(session_id), "epoch", epoch)
         await instance.ownership.claim_session(session_id)
         instance.inbox.sessions.add(session_id)
         await instance.router.take_stored({session_id: missing})
-        count = await instance.dispatcher.adopt(session_id, None, missing)
+        count = await instance.dispatcher.adopt(session_id, epoch, missing)
         for job_key in (job_key_for(session_id, index, tgt) for index, tgt in missing):
             if job_key in instance.dispatcher.placed:
                 self.queued_since[job_key] = trio.current_time()

@@ -133,6 +133,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.next_index = 0
         self.max_jobs: dict[str, int] = {}
         self.fenced: set[str] = set()
+        self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
         self.resubmitted: set[str] = set()
         # nodes from the start (most paths need one): none, one on either instance, or one on each
         for node, instance, max_jobs in {"none": [], "i1": [("n0", "i1", 2)], "i2": [("n0", "i2", 2)],
@@ -259,7 +260,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         job = self.jobs[key] = Job(key, pair, index, self.now + ttl, self.h.owner(session).id, fenced=session in self.fenced)
 
         def submit():
-            job.refused = self.h.submit(session, index, pair, ttl, epoch=1) is not None
+            job.refused = self.h.submit(session, index, pair, ttl, epoch=self.epochs[session]) is not None
 
         return submit
 
@@ -281,7 +282,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.resubmits += 1
 
         def submit():
-            if self.h.submit(session, job.seq, job.pair, 5.0, epoch=1) is not None:
+            if self.h.submit(session, job.seq, job.pair, 5.0, epoch=self.epochs[session]) is not None:
                 self.refused_again += 1
 
         self.do("submit_again", self.trio_sync(submit))
@@ -382,6 +383,22 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert adopted == [len(kept)], (adopted, sorted(kept))
         self._check_adopted(kept)
 
+    @precondition(lambda self: not self.h["i2"].alive and not self._orphaned("s2"))
+    @rule()
+    def resume_s2_again(self):
+        """The client of s2, resumed on i1, loses its socket and resumes on i1 again: every
+        job of s2 still live is on i1's books already, so nothing is adopted twice and the
+        books stay as they were."""
+        d = self.h["i1"].dispatcher
+        before = {k: id(p) for k, p in d.placed.items()}, {k: id(p) for k, p in d._moving.items()}
+        delivered = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
+        missing = [(j.seq, j.pair[1]) for j in self.jobs.values() if j.key.startswith("s2:") and j.key not in delivered]
+        adopted = []
+        self.do("resume", lambda: self._resume(adopted, missing))
+        assert adopted == [0], adopted
+        assert ({k: id(p) for k, p in d.placed.items() if k in before[0]}, {k: id(p) for k, p in d._moving.items()
+                                                                          if k in before[1]}) == before
+
     def _check_adopted(self, kept: dict[str, dict]) -> None:
         """Each adopted job is on i1's books as its job hash describes it (node, attempt,
         connection, lease), with the request the session made (index, languages, audio,
@@ -394,8 +411,10 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert status not in ("dispatched", "waiting") or original.deadline <= self.now + EPS, f"{key} not adopted"
                 continue
             r = p.request
-            assert (r.job_key, r.session_id, r.utterance_index, r.src_lang, r.tgt_lang, r.turn_id, r.sample_rate, r.audio) == \
-                (key, "s2", original.seq, *original.pair, "s2:t", SAMPLE_RATES["s2"], job_audio(key)), (key, r)
+            assert (r.job_key, r.session_id, r.utterance_index, r.src_lang, r.tgt_lang, r.turn_id, r.sample_rate, r.audio,
+                    r.epoch, r.turn_action, r.turn_jobs) == \
+                (key, "s2", original.seq, *original.pair, "s2:t", SAMPLE_RATES["s2"], job_audio(key), self.epochs["s2"],
+                 "none", 1), (key, r)
             assert abs(r.deadline - original.deadline) < 0.01, (key, r.deadline, original.deadline)
             assert self.r.hget(keys.job(job["job_id"]), "placed_by") == "i1", key
             if p.attempt == int(job["attempt"]):  # (not placed again since)
@@ -404,7 +423,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert abs(p.lease_deadline - lease) < 0.01 or job["status"] == "waiting", (key, p.lease_deadline, lease)
 
     async def _resume(self, adopted, missing):
-        adopted.append(await self.h.resume("s2", "i1", missing))
+        self.epochs["s2"] += 1
+        adopted.append(await self.h.resume("s2", "i1", missing, self.epochs["s2"]))
 
     @precondition(lambda self: self._cancellable())
     @rule(data=st.data(), other=st.sampled_from(["answer", "disconnect", "submit", "advance"]), midway=st.booleans())
@@ -456,6 +476,7 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     def _check_books(self):
         h, now = self.h, self.now
+        answered = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in h.got if isinstance(o, JobOutcome)}
         for instance in self._live():
             d = instance.dispatcher
             queued = [r for lane in d._lanes.values() for r in lane.queue]
@@ -472,7 +493,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                     due = float("inf") if h.down and due > when else due
                     assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
                                             f"dropped {now - when:.2f} s ago"
-            for r in queued:
+            for r in queued:  # an answered job leaves its lane at once (forget)
+                assert r.job_key not in answered or r.job_key in self.resubmitted, f"{r.job_key} answered, yet queued"
                 due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
                 assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
                 assert r.job_key not in d.placed or r.job_key in self.resubmitted, r.job_key
@@ -585,12 +607,13 @@ class DispatcherMachine(RuleBasedStateMachine):
             for p in i.dispatcher.placed.values():
                 if p.job_id not in unnoticed:
                     self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
-        dead = {i for i, instance in self.h.instances.items() if not instance.alive}
-        if dead and self.now >= self.h.up_since + SWEEP_S and not self.h.down:
-            # the orphan sweep: a dead instance's job goes within a sweep of its lease + the grace
+        if self.now >= self.h.up_since + SWEEP_S and not self.h.down:
+            # a lease left behind (its instance died, or its hash is gone) goes within one orphan
+            # sweep of the lease + the grace; every other one is moved or renewed by its placer
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
+            mine = {p.job_id for i in self._live() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
             for job_id in lapsed:
-                assert self.r.hget(keys.job(job_id), "placed_by") not in dead, f"job {job_id} of a dead instance not swept"
+                assert job_id in mine, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
@@ -775,6 +798,28 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)
         assert "1" not in h.held["n0"], h.held
+    elif name == "adopt_after_stored":  # s2's first job answered while s2 has no owner, its second adopted
+        m.max_jobs["n1"] = 2
+        m.do("connect", h.connect, "n1", 2, list(PAIRS), "i1")  # s2's jobs go to i1's node, which outlives i2
+        m.do("disconnect", h.disconnect, "n0")
+        first, second = (m._submit("s2", PAIRS[0], 30.0), m._submit("s2", PAIRS[0], 30.0))
+        m.do("submit", m.trio_sync(first))
+        m.do("submit", m.trio_sync(second))
+        m.do("kill", h.kill, "i2")
+        job_id, held = min(h.held["n1"].items(), key=lambda item: m.jobs[item[1].job_key].seq)
+        m._answer("n1", job_id, held.attempt, True)
+        m.do("answer", h.answer, "n1", job_id, held.attempt, True)
+        m.resume_s2()
+        assert len(h["i1"].dispatcher.placed) == 1, h["i1"].dispatcher.placed
+    elif name == "orphan_hash_gone":  # i2 dies holding a job whose hash then expires: only its lease is left
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("kill", h.kill, "i2")
+        job_id = h.handed[0][1]
+        m.r.delete(keys.job(job_id))
+        m.do("advance", h.advance, 3.1)
+        m.do("advance", h.advance, 3.1)
+        assert m.r.zscore(keys.leases(), job_id) is None
+        m.do("connect", h.connect, "n0", 2, list(PAIRS), "i1")  # (its node comes back: a new connection holds no job)
     elif name == "data_loss":  # Redis loses its data under a job of each instance on i2's node
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
@@ -796,7 +841,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
-                                  "outage_lease", "data_loss"])
+                                  "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

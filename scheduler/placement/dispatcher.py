@@ -288,15 +288,17 @@ class Dispatcher:
         return len(adopted)
 
     def _adopted(self, job_key: str, job_id: str, index: int, session_id: str, epoch: int | None, job: dict) -> Placement:
-        """The placement a job hash describes, with the request rebuilt from what it kept."""
+        """The placement a job hash describes (every field read here is written by
+        dispatch_task), with the request rebuilt from what it kept; no turn action (the turn
+        was its old owner's)."""
         now, now_wall = trio.current_time(), now_ms()
         request = JobRequest(
             job_key=job_key, session_id=session_id, utterance_index=index, src_lang=job["src_lang"], tgt_lang=job["tgt_lang"],
-            turn_id=job.get("turn_id", ""), turn_action="none", turn_jobs=1, sample_rate=int(job.get("sample_rate") or 16000),
-            audio=base64.b64decode(job["audio"]), deadline=now + (int(job.get("deadline_ms") or 0) - now_wall) / 1000, epoch=epoch)
-        lease = now + (int(job.get("lease_deadline_ts") or 0) - now_wall) / 1000
+            turn_id=job["turn_id"], turn_action="none", turn_jobs=1, sample_rate=int(job["sample_rate"]),
+            audio=base64.b64decode(job["audio"]), deadline=now + (int(job["deadline_ms"]) - now_wall) / 1000, epoch=epoch)
+        lease = now + (int(job["lease_deadline_ts"]) - now_wall) / 1000
         return Placement(job_id=job_id, node_id=job["node_id"], attempt=int(job["attempt"]), request=request,
-                         lease_deadline=lease, conn_id=job.get("conn_id", ""))
+                         lease_deadline=lease, conn_id=job["conn_id"])
 
     def job_key_of(self, job_id: str) -> str | None:
         """The job key of a job this instance placed (None if unknown here)."""
