@@ -198,6 +198,10 @@ class Instance:
         async def send_outcome(owner: str, session_id: str, outcome: JobOutcome) -> int:
             if not h.instances[owner].alive:
                 return 0
+            if h.lose_outcomes > 0:  # a Pub/Sub message lost on its way (the answer stays stored in Redis)
+                h.lose_outcomes -= 1
+                h.unheard.add(job_key_for(session_id, outcome.utterance_index, outcome.tgt_lang))
+                return 1
             h.relay.append(("outcome", owner, session_id, outcome))
             return 1
 
@@ -223,6 +227,8 @@ class DispatcherHarness:
         self._inflight = 0
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.flushes: list[int] = []  # len(handed) each time Redis lost its data
+        self.lose_outcomes = 0  # relayed answers to lose (Pub/Sub drops a message)
+        self.unheard: set[str] = set()  # job keys whose relayed answer was lost: their placer learns it from Redis
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)
         self.requests: dict[str, list[JobRequest]] = {}  # job key -> what the session submitted (each copy)

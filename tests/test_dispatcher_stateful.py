@@ -513,6 +513,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         h = self.h
         for instance in self._live():
             for key, p in instance.dispatcher.placed.items():
+                if key in h.unheard:
+                    continue  # answered; its placer learns it at its next remote watch
                 conn = instance.nodes.get(p.node_id) or (h.where.get(p.node_id) and h[h.where[p.node_id]].nodes.get(p.node_id))
                 if conn and conn.conn_id == p.conn_id:  # placed on this very connection: it has the job
                     got = h.held[p.node_id].get(p.job_id)
@@ -586,7 +588,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.node_runtime(node), "current_jobs")
         unnoticed = self._unnoticed()
-        live = [p for i in self._live() for p in i.dispatcher.placed.values() if p.job_id not in unnoticed]
+        live = [p for i in self._live() for p in i.dispatcher.placed.values()
+                if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard]
         moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
         for p in live + moving:
             pipe.hmget(keys.job(p.job_id), "status", "node_id", "attempt")
@@ -605,7 +608,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting", (m, status)
         for i in self._live():
             for p in i.dispatcher.placed.values():
-                if p.job_id not in unnoticed:
+                if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard:
                     self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
         if self.now >= self.h.up_since + SWEEP_S and not self.h.down:
             # a lease left behind (its instance died, or its hash is gone) goes within one orphan
@@ -798,6 +801,30 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)
         assert "1" not in h.held["n0"], h.held
+    elif name in ("remote_node_lost", "remote_instance_lost", "remote_to_here"):
+        # i1's job on i2's node: the node leaves i2; i2 dies; the node moves to i1 on a new connection
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        assert "s0:0:translate:en" in h["i1"].dispatcher.placed and h.where["n0"] == "i2"
+        if name == "remote_node_lost":
+            m.do("disconnect", h.disconnect, "n0")
+        elif name == "remote_instance_lost":
+            m.do("kill", h.kill, "i2")
+        else:
+            m.do("disconnect", h.disconnect, "n0")
+            m.do("connect", h.connect, "n0", 2, list(PAIRS), "i1")
+        m.do("advance", h.advance, 1.0)
+        assert "s0:0:translate:en" not in h["i1"].dispatcher.placed or name == "remote_to_here"
+    elif name == "remote_answer_unheard":  # i1's job on i2's node is answered, and the relayed answer is lost
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        (node, job_id, attempt), = m._held()
+        h.lose_outcomes = 1
+        m._answer(node, job_id, attempt, True)
+        m.jobs["s0:0:translate:en"].stored = True  # (kept in Redis; the session's poll of stored answers is not here)
+        m.do("answer", h.answer, node, job_id, attempt, True)
+        assert "s0:0:translate:en" in h["i1"].dispatcher.placed
+        m.do("advance", h.advance, 1.0)  # the remote watch sees it finished: off the books, not moved
+        assert "s0:0:translate:en" not in h["i1"].dispatcher.placed and not h["i1"].dispatcher._moving
+        assert h["i1"].metrics.redispatch_total._value.get() == 0
     elif name == "adopt_after_stored":  # s2's first job answered while s2 has no owner, its second adopted
         m.max_jobs["n1"] = 2
         m.do("connect", h.connect, "n1", 2, list(PAIRS), "i1")  # s2's jobs go to i1's node, which outlives i2
@@ -836,12 +863,15 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
     mark = {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
-            "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED", "data_loss": "JOB_LOST"}.get(name)
+            "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED", "data_loss": "JOB_LOST",
+            "remote_node_lost": "NODE_LOST", "remote_instance_lost": "NODE_INSTANCE_LOST",
+            "remote_to_here": "NODE_RECONNECTED"}.get(name)
     assert mark is None or mark in reasons, reasons
 
 
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
-                                  "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone"])
+                                  "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
+                                  "remote_instance_lost", "remote_to_here", "remote_answer_unheard"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
