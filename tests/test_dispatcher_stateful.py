@@ -482,6 +482,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             queued = [r for lane in d._lanes.values() for r in lane.queue]
             assert d._queued == len(queued) == d.waiting, (instance.id, d._queued, len(queued))
             assert instance.metrics.jobs_in_flight._value.get() == len(d.placed)
+            assert d.placed.job_keys == {p.job_id: k for k, p in d.placed.items()}, d.placed.job_keys  # (answers name ids)
+            for lane in d._lanes.values():  # a job the lane keeps waiting was told so, last
+                for key in lane.told:
+                    notices = [o.error for s, o, by in h.got if by == instance.id and isinstance(o, JobWaiting)
+                               and job_key_for(s, o.utterance_index, o.tgt_lang) == key]
+                    assert notices and notices[-1] is not None, (instance.id, key, notices)
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
             for key, p in d.placed.items():  # the lease expiry looks every second
                 due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
@@ -825,6 +831,20 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("advance", h.advance, 1.0)  # the remote watch sees it finished: off the books, not moved
         assert "s0:0:translate:en" not in h["i1"].dispatcher.placed and not h["i1"].dispatcher._moving
         assert h["i1"].metrics.redispatch_total._value.get() == 0
+    elif name == "orphan_on_live_node":  # i2 dies with a job on i1's node: the sweep releases it and tells the node
+        m.max_jobs["n1"] = 2
+        m.do("connect", h.connect, "n1", 2, list(PAIRS), "i1")
+        m.do("disconnect", h.disconnect, "n0")
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("kill", h.kill, "i2")
+        assert h.held["n1"]
+        m.do("advance", h.advance, 3.1)
+        m.do("advance", h.advance, 3.1)
+        assert not h.held["n1"], h.held
+    elif name == "relay_unreachable":  # i2's node has no live owner record: i1's job for it moves on
+        m.r.delete(keys.node_owner("n0"))
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        assert "s0:0:translate:en" not in h["i1"].dispatcher.placed, h["i1"].dispatcher.placed
     elif name == "adopt_after_stored":  # s2's first job answered while s2 has no owner, its second adopted
         m.max_jobs["n1"] = 2
         m.do("connect", h.connect, "n1", 2, list(PAIRS), "i1")  # s2's jobs go to i1's node, which outlives i2
@@ -865,13 +885,15 @@ def _path(machine: DispatcherMachine, name: str) -> None:
     mark = {"orphan_sweep": "orphan_job_released", "adopt_waiting": "ADOPTED_WAITING", "lease_expiry": "LEASE_EXPIRED",
             "remote_reconnect": "NODE_RECONNECTED", "outage_lease": "LEASE_EXPIRED", "data_loss": "JOB_LOST",
             "remote_node_lost": "NODE_LOST", "remote_instance_lost": "NODE_INSTANCE_LOST",
-            "remote_to_here": "NODE_RECONNECTED"}.get(name)
+            "remote_to_here": "NODE_RECONNECTED", "orphan_on_live_node": "orphan_job_released",
+            "relay_unreachable": "NODE_UNREACHABLE"}.get(name)
     assert mark is None or mark in reasons, reasons
 
 
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
-                                  "remote_instance_lost", "remote_to_here", "remote_answer_unheard"])
+                                  "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
+                                  "relay_unreachable"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

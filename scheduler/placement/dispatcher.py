@@ -444,8 +444,7 @@ class Dispatcher:
         if job_key is None:  # the job hash is gone: only the lease entry is left
             await self._redis.command("ZREM", keys.leases(), job_id)
             return
-        alive = keys.instance(placed_by) if placed_by else keys.session_owner(session_id)
-        if await self._redis.command("EXISTS", alive):
+        if await self._redis.command("EXISTS", keys.instance(placed_by)):
             return  # its instance is alive and handles its leases
         reply = await self._release(job_id, job_key, node_id, int(attempt))
         if reply is not None and reply[0] == "OK":
