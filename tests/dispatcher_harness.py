@@ -159,8 +159,15 @@ class Instance:
                 task_status.started()
 
     def _inject_crash(self) -> None:
-        """While ``crash_next`` > 0, the next placement rounds raise (a bug in a lane)."""
-        place = self.dispatcher._place
+        """While ``crash_next`` > 0, the next placement rounds raise (a bug in a lane). Every
+        round places at most ``place_batch`` jobs in one pipeline."""
+        place, run_many = self.dispatcher._place, self.dispatcher._scheduling.run_many
+
+        async def bounded(src, tgt, builders):
+            assert len(builders) <= self.h.place_batch, f"{len(builders)} placements in one round"
+            return await run_many(src, tgt, builders)
+
+        self.dispatcher._scheduling.run_many = bounded
 
         async def crashing(lane, batch):
             if self.crash_next > 0:

@@ -134,6 +134,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.max_jobs: dict[str, int] = {}
         self.fenced: set[str] = set()
         self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
+        self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
         self.resubmitted: set[str] = set()
         # nodes from the start (most paths need one): none, one on either instance, or one on each
         for node, instance, max_jobs in {"none": [], "i1": [("n0", "i1", 2)], "i2": [("n0", "i2", 2)],
@@ -260,7 +261,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         job = self.jobs[key] = Job(key, pair, index, self.now + ttl, self.h.owner(session).id, fenced=session in self.fenced)
 
         def submit():
-            job.refused = self.h.submit(session, index, pair, ttl, epoch=self.epochs[session]) is not None
+            full = self.h.owner(session).dispatcher.waiting >= self.h.queue_size
+            code = self.h.submit(session, index, pair, ttl, epoch=self.epochs[session])
+            assert code == ("OVERLOADED" if full else None), (key, code, full)  # refused exactly when the lanes are full
+            job.refused = code is not None
 
         return submit
 
@@ -282,8 +286,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.resubmits += 1
 
         def submit():
-            if self.h.submit(session, job.seq, job.pair, 5.0, epoch=self.epochs[session]) is not None:
-                self.refused_again += 1
+            full = self.h.owner(session).dispatcher.waiting >= self.h.queue_size
+            code = self.h.submit(session, job.seq, job.pair, 5.0, epoch=self.epochs[session])
+            assert code == ("OVERLOADED" if full else None), (key, code, full)
+            self.refused_again += code is not None
 
         self.do("submit_again", self.trio_sync(submit))
 
@@ -491,7 +497,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
             for key, p in d.placed.items():  # the lease expiry looks every second
                 due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
-                assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
+                assert due > now - 1.0 + EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
@@ -662,6 +668,9 @@ class DispatcherMachine(RuleBasedStateMachine):
                     r.getMessage()
             elif name in ("dispatch_blocked", "dispatch_unblocked"):
                 assert (f["src_lang"], f["tgt_lang"]) in PAIRS and isinstance(f["waiting"], int), r.getMessage()
+                pair = (f["src_lang"], f["tgt_lang"])
+                self.blocked[pair] = self.blocked.get(pair, 0) + (1 if name == "dispatch_blocked" else -1)
+                assert self.blocked[pair] >= 0, f"{pair} unblocked more often than blocked"  # (per episode, any instance)
                 assert name == "dispatch_unblocked" or f["code"] in CODES and f["waiting"] > 0, r.getMessage()
             elif name == "job_failed":
                 assert f["error"] in CODES, r.getMessage()
@@ -790,6 +799,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.max_jobs["n2"] = 1
         m.do("connect", h.connect, "n2", 1, list(PAIRS), "i1")
     elif name == "lease_expiry":  # jobs of both instances held past their lease on i2's node
+        m.do("advance", h.advance, 1.5)  # (leases end between two expiry ticks)
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m.advance(3.1)
