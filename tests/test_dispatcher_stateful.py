@@ -678,9 +678,11 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(keys.jobkey(f["job_key"])), r.getMessage()
             elif name == "jobs_adopted":
                 assert f["session_id"] == "s2" and f["jobs"] > 0, r.getMessage()
-            elif name == "orphan_job_released":
-                job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status")
-                assert job == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
+            elif name == "orphan_job_released":  # a job of a dead instance whose lease lapsed more than the grace ago
+                job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status", "lease_deadline_ts",
+                                   "placed_by")
+                assert job[:4] == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
+                assert int(job[4]) <= self.h.wall_ms(self.now) - ORPHAN_GRACE_MS and not self.h[job[5]].alive, job
 
     lane_failures = finished_lost = 0
 

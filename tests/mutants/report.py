@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import collections
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,12 +75,39 @@ def _spans(path: Path) -> dict[str, list[tuple[int, int]]]:
     return spans
 
 
+REDIS_COMMANDS = {"GET", "SET", "DEL", "EXISTS", "INCRBY", "HGET", "HSET", "HMGET", "HGETALL", "HKEYS", "HDEL", "SMEMBERS",
+                  "SADD", "SREM", "SCARD", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZSCORE", "EXPIRE", "PING"}
+STRICT = re.compile(r",\s*strict=(True|False|None)\)|,\s*\)")
+
+
+def _equivalent(removed: list[str], added: list[str]) -> str | None:
+    """The two kinds of survivor no caller can tell from the original, by their diff:
+    a Redis command name in another case (Redis reads command names case-insensitively),
+    and ``zip(..., strict=True)`` made lax where the sequences are equal in length by
+    construction."""
+    if len(removed) != 1 or len(added) != 1:
+        return None
+    old, new = removed[0], added[0]
+    if old != new and old.lower() == new.lower() and any(c.isupper() for c in old):
+        changed = {w for w in re.findall(r'"([A-Z]+)"', old)} - {w for w in re.findall(r'"([A-Z]+)"', new)}
+        if changed and changed <= REDIS_COMMANDS:
+            return "equivalent: Redis command case"
+    if "zip(" in old and "strict=True" in old and STRICT.sub(")", old) == STRICT.sub(")", new):
+        return "equivalent: zip strictness"
+    return None
+
+
 def survivor_kind(diff: str) -> str:
     """"log text" or "metric" when every changed line of the mutant lies in a log call or a
-    metric update of the original source; "logic" otherwise."""
+    metric update of the original source; one of the two equivalent kinds of
+    :func:`_equivalent`; "logic" otherwise."""
     source = next((line[4:].strip() for line in diff.splitlines() if line.startswith("--- ")), "")
     path = ROOT / source.removeprefix("a/") if source else None
     removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    equivalent = _equivalent(removed, added)
+    if equivalent:
+        return equivalent
     if path is None or not path.exists() or not removed:
         return "logic"
     lines = path.read_text().splitlines()
