@@ -497,7 +497,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
             for key, p in d.placed.items():  # the lease expiry looks every second
                 due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
-                assert due > now - 1.0 + EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
+                assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
