@@ -96,9 +96,13 @@ async def test_web_app_streams_the_microphone_and_shows_ordered_transcripts(star
     assert len(SPOKEN & set(words)) >= 5, page  # the recording's words, heard through the page's resampler
     assert all(r["translations"].startswith("de: [de] ") for r in rows), page
     assert all(r["latency"].endswith(" ms") for r in rows), page
-    # the worklet's 16 kHz is the recording again: each utterance lines up with a stretch of it
-    matches = [round(_match(pcm, recording), 3) for pcm in heard]
-    assert len(matches) == len(rows) and all(m > 0.9 for m in matches), matches  # a 1 % rate error gives 0.2-0.4
+    # the worklet's 16 kHz is the recording again: each half second of speech lines up with a
+    # stretch of it. Windows, not whole utterances: a loaded box can make Chromium's fake capture
+    # drop or insert a block, which shifts the rest of that utterance (one window is then lost, a
+    # whole-utterance match falls to ~0.7). A rate error of 0.2 % already fails half the windows.
+    matches = [round(m, 3) for pcm in heard for m in _window_matches(pcm, recording)]
+    assert len(heard) == len(rows) and len(matches) >= 6, (len(heard), matches)
+    assert sum(m > 0.9 for m in matches) >= 0.75 * len(matches), matches  # a 1 % rate error: none
 
 
 def _keep_job_audio(node) -> list[bytes]:
@@ -115,18 +119,25 @@ def _keep_job_audio(node) -> list[bytes]:
     return heard
 
 
-def _match(pcm: bytes, recording: bytes) -> float:
-    """Normalised correlation of an utterance's audio with the recording, at the best offset."""
+def _window_matches(pcm: bytes, recording: bytes, window: int = 8000) -> list[float]:
+    """Each voiced half second of an utterance: its normalised correlation with the stretch of the
+    recording it matches best (each window finds its own stretch)."""
     import numpy as np
 
     x = np.frombuffer(recording, "<i2").astype(float)
     y = np.frombuffer(pcm, "<i2").astype(float)
-    n = 1 << (len(x) + len(y)).bit_length()
-    lag = int(np.argmax(np.fft.irfft(np.fft.rfft(y, n) * np.conj(np.fft.rfft(x, n)), n)))
-    lag = lag if lag < n // 2 else lag - n  # y[t] ~ x[t - lag]
-    a, b = max(0, lag), min(len(y), len(x) + lag)
-    ys, xs = y[a:b], x[a - lag : b - lag]
-    return float((xs * ys).sum() / np.sqrt((xs**2).sum() * (ys**2).sum() + 1e-9))
+    n = 1 << (len(x) + window).bit_length()
+    spectrum = np.fft.rfft(x, n)
+    energy = np.concatenate(([0.0], np.cumsum(x**2)))
+    norms = np.sqrt(np.maximum(energy[window:] - energy[:-window], 0.0))  # |x[o : o + window]|
+    out = []
+    for start in range(0, len(y) - window + 1, window):
+        w = y[start : start + window]
+        if np.sqrt((w**2).mean()) < 300:  # silence (about -40 dBFS): nothing to line up
+            continue
+        dots = np.fft.irfft(spectrum * np.conj(np.fft.rfft(w, n)), n)[: len(norms)]  # x[o : o + window] . w
+        out.append(float((dots / (norms * np.sqrt((w**2).sum()) + 1e-3)).max()))
+    return out
 
 
 async def _read_until_closed(cdp, timeout: float) -> dict:
