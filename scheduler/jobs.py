@@ -96,3 +96,6 @@ class SessionInbox(Protocol):
 
     def take_over(self, session_id: str) -> None:
         """The session was resumed on another instance: end its copy here, leaving its jobs."""
+
+    def epoch(self, session_id: str) -> int | None:
+        """The fencing epoch of the session's copy held here (None: not here, or not fenced)."""

@@ -85,6 +85,10 @@ class Inbox:
         self.got = got
         self.sessions = sessions
         self.instance_id = instance_id
+        self.epochs: dict[str, int] = {}  # the epoch of each session resumed here (as its actor's)
+
+    def epoch(self, session_id: str) -> int | None:
+        return self.epochs.get(session_id) if session_id in self.sessions else None
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.sessions
@@ -460,7 +464,8 @@ class DispatcherHarness:
         instance = self.instances[instance_id]
         await self.redis.command("HSET", keys.session(session_id), "epoch", epoch)
         await instance.ownership.claim_session(session_id)
-        instance.inbox.sessions.add(session_id)
+        instance.inbox.sessions.add(session_id)  # the new actor, registered at its epoch
+        instance.inbox.epochs[session_id] = epoch
         await instance.router.take_stored({session_id: missing})
         count = await instance.dispatcher.adopt(session_id, epoch, missing)
         for job_key in (job_key_for(session_id, index, tgt) for index, tgt in missing):

@@ -891,6 +891,18 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         assert len(held) == 2 and not held & old, (held, old)  # placed again as new jobs; the old ones cancelled
         m.answer_all()
         assert len([o for _, o, _ in h.got if isinstance(o, JobOutcome)]) == 2, h.got
+    elif name == "resume_here_queued":  # s2, resumed on i1, resumes on i1 again with a job waiting in i1's lane
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("kill", h.kill, "i2")
+        m.resume_s2()
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))  # i1 has no node: it waits
+        assert h["i1"].dispatcher.waiting, h["i1"].dispatcher.placed
+        m.resume_s2_again()  # the new epoch owns it: placed under that epoch, not refused FENCED
+        m.max_jobs["n2"] = 2
+        m.do("connect", h.connect, "n2", 2, list(PAIRS), "i1")
+        m.answer_all()
+        outcomes = [o.translation.status for s, o, _ in h.got if isinstance(o, JobOutcome) and o.utterance_index == 1]
+        assert outcomes == ["SUCCESS"], h.got
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -905,7 +917,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
-                                  "relay_unreachable"])
+                                  "relay_unreachable", "resume_here_queued"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

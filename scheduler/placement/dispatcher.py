@@ -348,10 +348,15 @@ class Dispatcher:
         call (the leases set in Redis is for other instances and for recovery). Each node is
         told ``job_cancel``, here or over the relay."""
         now = trio.current_time()
-        expired = [p for p in self.placed.values() if p.lease_deadline <= now]
-        for placement in expired:
-            self.move(placement, "LEASE_EXPIRED")
-        for placement in expired:
+        await self._take_back([p for p in self.placed.values() if p.lease_deadline <= now], "LEASE_EXPIRED")
+
+    async def _take_back(self, placements: list[Placement], reason: str) -> None:
+        """Move each placement on (attempt + 1), then tell its node ``job_cancel`` for the
+        attempt it holds. Every move is made before the first await, so the placements
+        (read from ``placed`` by the caller just before) are all still on the books."""
+        for placement in placements:
+            self.move(placement, reason)
+        for placement in placements:
             await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
 
     async def _watch_remote(self) -> None:
@@ -377,13 +382,13 @@ class Dispatcher:
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners], raise_errors=True)
         alive = {o for o, n in zip(owners, exists, strict=True) if n}
+        lost: list[Placement] = []
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
                 continue  # answered or moved while we looked
             online, owner, conn_id = infos[placement.node_id]
             if status is None:  # Redis lost it: redispatch finds no job and places it afresh; its node stops it
-                self.move(placement, "JOB_LOST")
-                await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
+                lost.append(placement)
             elif status != "dispatched" or int(attempt or 0) != placement.attempt:
                 self.answered(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
             elif online != "1":
@@ -392,6 +397,7 @@ class Dispatcher:
                 self.move(placement, "NODE_INSTANCE_LOST")
             elif placement.conn_id and conn_id != placement.conn_id:
                 self.move(placement, "NODE_RECONNECTED")
+        await self._take_back(lost, "JOB_LOST")
 
     async def redis_data_lost(self) -> None:
         """Redis restarted without its data (the health check saw its data marker change):
@@ -400,11 +406,8 @@ class Dispatcher:
         it in the node's slots)."""
         placed = list(self.placed.values())
         replies = await self._redis.commands_many([("EXISTS", keys.job(p.job_id)) for p in placed])
-        lost = [p for p, exists in zip(placed, replies, strict=True) if exists == 0]
-        for placement in lost:
-            if self.placed.get(placement.request.job_key) is placement:
-                self.move(placement, "JOB_LOST")
-                await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
+        await self._take_back([p for p, exists in zip(placed, replies, strict=True)  # (unless answered meanwhile)
+                               if exists == 0 and self.placed.get(p.request.job_key) is p], "JOB_LOST")
 
     async def _retry_releases(self) -> None:
         """cancel_task calls and ``job_cancel`` messages that failed (Redis unavailable),
@@ -543,12 +546,23 @@ class Dispatcher:
             return lambda c: lua.dispatch(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                 request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs,
-                epoch=request.epoch, placed_by=self._instance_id, audio_b64=audio_b64, sample_rate=request.sample_rate,
+                epoch=self._epoch(request), placed_by=self._instance_id, audio_b64=audio_b64, sample_rate=request.sample_rate,
                 deadline_ms=_epoch_ms(request.deadline), locality_slack=self._locality_slack)
         return lambda c: lua.redispatch(
             moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
             request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c, near=self._instance_id,
             locality_slack=self._locality_slack)
+
+    def _epoch(self, request: JobRequest) -> int | None:
+        """The epoch a job is placed under: its session's as held here now, when newer than
+        the request's. A session resumed on this same instance (a new connection, a new
+        epoch) owns the jobs its previous connection left waiting in the lanes: they are its
+        utterances, and no other instance holds their audio. A session resumed elsewhere is
+        not held here at a newer epoch: its jobs here fail FENCED."""
+        here = self._sessions.epoch(request.session_id)
+        if here is None or request.epoch is None:
+            return request.epoch
+        return max(here, request.epoch)
 
     def _remove(self, lane: _Lane, request: JobRequest) -> None:
         """Take ``request`` out of the lane if it is still there (by identity; usually the head)."""

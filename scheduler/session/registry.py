@@ -59,6 +59,11 @@ class SessionRegistry:
         if actor is not None:
             actor.take_over_nowait()
 
+    def epoch(self, session_id: str) -> int | None:
+        """The fencing epoch of the session's live actor here (None: not here, or not fenced)."""
+        actor = self._actors.get(session_id)
+        return actor.epoch if actor is not None else None
+
     def _changed(self) -> None:
         self.count.value = len(self._actors)
         self._metrics.sessions_active.set(len(self._actors))
