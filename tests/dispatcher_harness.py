@@ -136,6 +136,7 @@ class Instance:
         self.scope = trio.CancelScope()
         self.crash_next = self.crashed = 0  # placement rounds to crash, and crashed so far (_inject_crash)
         self.crashed_at = float("-inf")
+        self.act_crash: tuple[int, bool] = (0, False)  # placements whose handling raises, and after acting? (_inject_crash)
 
     async def run(self, redis: RedisAdapter, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         h = self.h
@@ -182,6 +183,24 @@ class Instance:
             return await place(lane, batch)
 
         self.dispatcher._place = crashing
+        act = self.dispatcher._placed_or_code
+
+        def acting(request, moving, reply, remote):
+            """While ``act_crash`` counts, acting on a placement Redis made raises: before the
+            books and the hand-over, or after them."""
+            left, after = self.act_crash
+            if left > 0 and isinstance(reply, list) and reply[0] == "OK":
+                self.act_crash = (left - 1, after)
+                self.h.acts_crashed.append(request.job_key)
+                if after:
+                    relayed = len(remote)
+                    act(request, moving, reply, remote)
+                    if len(remote) > relayed:  # counted a redispatch (if a move), but never relayed: dropped
+                        self.h.unrelayed.append((request.job_key, str(reply[1]), int(reply[3])))
+                raise RuntimeError("a bug acting on a placement (injected by the test)")
+            return act(request, moving, reply, remote)
+
+        self.dispatcher._placed_or_code = acting
 
     def _wire_relay(self) -> None:
         """Every placement the dispatcher hands on is recorded (to a node here, or towards
@@ -239,6 +258,8 @@ class DispatcherHarness:
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.flushes: list[int] = []  # len(handed) each time Redis lost its data
         self.lose_outcomes = 0  # relayed answers to lose (Pub/Sub drops a message)
+        self.acts_crashed: list[str] = []  # job keys whose placement's handling raised (Instance.act_crash)
+        self.unrelayed: list[tuple[str, str, int]] = []  # (job key, job id, attempt) of those bound for a relay
         self.unheard: set[str] = set()  # job keys whose relayed answer was lost: their placer learns it from Redis
         self.queued_since: dict[str, float] = {}  # job key -> when it last entered a lane (submitted, or moved)
         self._moving: dict[str, int] = {}  # job key -> the placement it is moving from (by identity)

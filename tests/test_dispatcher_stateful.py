@@ -133,6 +133,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.next_index = 0
         self.max_jobs: dict[str, int] = {}
         self.fenced: set[str] = set()
+        self.act_failures: list[str] = []  # job keys of the placement_crashed records (act_crash)
         self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
         self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
         self.resubmitted: set[str] = set()
@@ -326,6 +327,16 @@ class DispatcherMachine(RuleBasedStateMachine):
         session = data.draw(st.sampled_from(self._live_sessions()))
         self.h.owner(session).crash_next = 1
         self.do("lane_crash", self.trio_sync(self._submit(session, pair, 5.0)))
+
+    @rule(data=st.data(), pair=st.sampled_from(PAIRS), after=st.booleans())
+    def act_crash(self, data, pair, after):
+        """A bug makes acting on the next placement Redis makes for the session's instance
+        raise (before the books and the hand-over, or ``after`` them; the job submitted now
+        may be that placement, or a later one): that job fails INTERNAL, and what Redis
+        placed is released (its slot, its node told job_cancel)."""
+        session = data.draw(st.sampled_from(self._live_sessions()))
+        self.h.owner(session).act_crash = (1, after)
+        self.do("act_crash", self.trio_sync(self._submit(session, pair, 5.0)))
 
     @rule(data=st.data(), seconds=st.sampled_from([0.25, 1.0, 3.1]), cancel=st.booleans())
     def outage(self, data, seconds, cancel):
@@ -554,6 +565,9 @@ class DispatcherMachine(RuleBasedStateMachine):
                 told.setdefault((key, by), []).append(o.error)
         for key, job in self.jobs.items():
             got = outcomes.get(key, [])
+            if key in self.h.acts_crashed:  # handling its placement raised: it failed INTERNAL, once
+                assert [(o.translation.status, o.translation.error) for _, o in got] == [("FAILED", "INTERNAL")], (key, got)
+                continue
             if key in self.resubmitted and key.split(":")[0] in self.fenced:  # the copy may fail FENCED
                 got = [(n, o) for n, o in got if o.translation.error != "FENCED"]
             if job.answer is None:
@@ -657,6 +671,10 @@ class DispatcherMachine(RuleBasedStateMachine):
                 self.lane_failures += 1
                 assert r.levelno == logging.ERROR and r.exc_info and (f["src_lang"], f["tgt_lang"]) in PAIRS, r.getMessage()
                 continue
+            if name == "placement_crashed":  # the injected bug (act_crash): one record per crashed placement
+                self.act_failures.append(f["job_key"])
+                assert r.levelno == logging.ERROR and r.exc_info, r.getMessage()
+                continue
             assert r.levelno < logging.ERROR, r.getMessage()
             if r.name != "scheduler.dispatcher":
                 continue
@@ -710,9 +728,13 @@ class DispatcherMachine(RuleBasedStateMachine):
         refused = sum(j.refused for j in self.jobs.values()) + self.refused_again
         assert total("dispatch_errors_total", "OVERLOADED") == refused
         redispatched = {(job_id, attempt) for _, job_id, attempt, *_ in self.h.handed if attempt > 1}
+        redispatched |= {(job_id, attempt) for _, job_id, attempt in self.h.unrelayed if attempt > 1}
+        relayed = {(key, job_id, attempt) for key, job_id, attempt, *_ in self.h.handed}
+        assert not relayed & set(self.h.unrelayed), "a placement whose handling crashed was relayed all the same"
         assert total("redispatch_total") == len(redispatched), (total("redispatch_total"), sorted(redispatched))
         assert total("duplicate_job_blocked_total") <= self.resubmits  # each reaches Redis at most once
         assert self.lane_failures == sum(i.crashed for i in instances), self.lane_failures
+        assert self.act_failures == self.h.acts_crashed, (self.act_failures, self.h.acts_crashed)
 
     def _free_slots(self) -> dict[str, int]:
         """Connected node -> its free slots in Redis."""

@@ -175,8 +175,8 @@ class Dispatcher:
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
-        self._owed_releases: dict[str, tuple[str, str, int | None]] = {}  # job id -> (job key, node id, attempt to
-        # cancel on its node once released, or None): cancel_task to retry
+        self._owed_releases: dict[str, tuple[str, str, int | None, bool]] = {}  # job id -> (job key, node id,
+        # attempt to cancel on its node once released or None, counted): cancel_task to retry
         self._owed_cancels: dict[tuple[str, int], str] = {}  # (job id, attempt) -> node id: job_cancel to send again
 
     # ------------------------------------------------------------ the actor's port
@@ -217,11 +217,6 @@ class Dispatcher:
                 continue
             self._metrics.jobs_in_flight.dec()
             await self._release(placement.job_id, job_key, placement.node_id, placement.attempt)
-
-    async def _cancelled(self, job_id: str, node_id: str, attempt: int) -> None:
-        """cancel_task released the job: count it and tell its node (here, or over the relay)."""
-        self._metrics.jobs_total.labels("cancelled").inc()
-        await self._send_cancel(node_id, job_id, attempt)
 
     async def _send_cancel(self, node_id: str, job_id: str, attempt: int) -> None:
         """``job_cancel`` to the node (here, or over the relay); kept and sent again every
@@ -412,9 +407,9 @@ class Dispatcher:
     async def _retry_releases(self) -> None:
         """cancel_task calls and ``job_cancel`` messages that failed (Redis unavailable),
         until each got through."""
-        for job_id, (job_key, node_id, attempt) in list(self._owed_releases.items()):
+        for job_id, (job_key, node_id, attempt, counted) in list(self._owed_releases.items()):
             self._owed_releases.pop(job_id, None)
-            await self._release(job_id, job_key, node_id, attempt)
+            await self._release(job_id, job_key, node_id, attempt, counted=counted)
         for (job_id, attempt), node_id in list(self._owed_cancels.items()):
             self._owed_cancels.pop((job_id, attempt), None)
             await self._send_cancel(node_id, job_id, attempt)
@@ -520,17 +515,34 @@ class Dispatcher:
             replies = [exc] * len(batch)
         codes: list[str | None] = []
         remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances
+        crashed: list[tuple[str, str, str, int]] = []  # what Redis placed for jobs whose handling crashed
         for request, moving, reply in zip(batch, movings, replies, strict=True):
             try:
                 codes.append(self._placed_or_code(request, moving, reply, remote))
             except Exception:  # a bug here must cost one job, never the daemon
                 event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
-                self._moving.pop(request.job_key, None)
-                self._fail(request, "INTERNAL")
+                self._drop_crashed(request, reply, remote, crashed)
                 codes.append(None)
         for placement, assign in remote:
             await self._relay_job(placement, assign)
+        for job_id, job_key, node_id, attempt in crashed:  # its slot back; its node (if handed it) told job_cancel
+            await self._release(job_id, job_key, node_id, attempt, counted=False)
         return codes
+
+    def _drop_crashed(self, request: JobRequest, reply: Any, remote: list[tuple[Placement, JobAssign]],
+                      crashed: list[tuple[str, str, str, int]]) -> None:
+        """Acting on a reply raised (a bug): the job fails INTERNAL and leaves the books and
+        the relay list; if Redis placed it, that placement is added to ``crashed``, to be
+        released once the round is through (a slot would leak otherwise: no instance's books
+        hold the job, so no lease expiry or sweep would ever free it)."""
+        job_key = request.job_key
+        self._moving.pop(job_key, None)
+        remote[:] = [(p, a) for p, a in remote if p.request is not request]
+        if self.placed.pop(job_key, None) is not None:
+            self._metrics.jobs_in_flight.dec()
+        self._fail(request, "INTERNAL")
+        if isinstance(reply, list) and len(reply) >= 4 and reply[0] == "OK" and str(reply[3]).isdigit():
+            crashed.append((str(reply[1]), job_key, str(reply[2]), int(reply[3])))
 
     async def _relay_job(self, placement: Placement, assign: JobAssign) -> None:
         """The chosen node is held by another instance: the router sends the job over that
@@ -594,20 +606,24 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement
 
-    async def _release(self, job_id: str, job_key: str, node_id: str, attempt: int | None = None) -> list | None:
+    async def _release(self, job_id: str, job_key: str, node_id: str, attempt: int | None = None, *,
+                       counted: bool = True) -> list | None:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
-        and lanes waiting for a slot retry; with ``attempt``, the release is counted and the
-        node told ``job_cancel`` (:meth:`_cancelled`). Redis unavailable: the release is owed
-        and retried every second (:meth:`_retry_releases`); returns None then."""
+        and lanes waiting for a slot retry; with ``attempt``, the node is told ``job_cancel``
+        and (``counted``: not for a job already counted failed) the job counted cancelled.
+        Redis unavailable: the release is owed and retried every second
+        (:meth:`_retry_releases`); returns None then."""
         try:
             reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
         except RedisUnavailable:
-            self._owed_releases[job_id] = (job_key, node_id, attempt)
+            self._owed_releases[job_id] = (job_key, node_id, attempt, counted)
             return None
         if reply[0] == "OK":
             self.slot_freed()
             if attempt is not None:
-                await self._cancelled(job_id, node_id, attempt)
+                if counted:
+                    self._metrics.jobs_total.labels("cancelled").inc()
+                await self._send_cancel(node_id, job_id, attempt)
         return reply
 
     async def _abandon_move(self, job_key: str) -> None:
