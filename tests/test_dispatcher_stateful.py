@@ -240,6 +240,34 @@ class DispatcherMachine(RuleBasedStateMachine):
         self._answer(node, job_id, attempt, True)
         self.do("answer_lost", self.h.answer, node, job_id, attempt, True)
 
+    @precondition(lambda self: any(self.h.held.values()) or any(self.h.old.get(n) for n in self.h.held))
+    @rule(data=st.data(), seconds=st.sampled_from([RETRY_S, 1.0]), midway=st.booleans())
+    def answer_racing(self, data, seconds, midway):
+        """A node answers a job it holds (or lost) while time moves on in the same tick, so
+        the move of that job (its lease ran out) may be under way, in an order Trio's
+        scheduler draws (``midway``: once the clock's wake-ups wait for Redis). Redis takes
+        the answer if it still has that attempt on this node when it arrives: then it is the
+        job's outcome, and the job leaves its lane if it was moving; else a later attempt's."""
+        node, (job_id, attempt) = data.draw(st.sampled_from(
+            [(n, (j, a)) for n, j, a in self._held()] + [(n, o) for n in self.connected for o in self.h.old.get(n, [])]))
+        live = ["dispatched", node, str(attempt)]
+        before = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
+
+        async def both():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.h.advance, seconds)
+                if midway:
+                    await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(self.h.answer, node, job_id, attempt, True)
+
+        with step_limit("answer_racing"):
+            self.trio.call(both)
+            self.trio.call(self.h.settle)
+            if before[:3] == live and self.r.hmget(keys.job(job_id), "status", "node_id", "attempt") == ["finished", *live[1:]]:
+                job = self.jobs[before[3]]  # the lost attempt's answer won: it is the job's
+                job.answer, job.stored = ("SUCCESS", f"{job_id}:{attempt}"), self._orphaned(before[3].split(":")[0])
+            self.check()
+
     @precondition(lambda self: any(j.answer for j in self.jobs.values()))
     @rule(data=st.data())
     def answer_again(self, data):
@@ -925,6 +953,17 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.answer_all()
         outcomes = [o.translation.status for s, o, _ in h.got if isinstance(o, JobOutcome) and o.utterance_index == 1]
         assert outcomes == ["SUCCESS"], h.got
+    elif name == "answer_while_moving":  # two leases run out in one tick; one node, one job placed per round
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m.do("advance", h.advance, 3.1)  # both move; the first finds no other node: the lane waits, the second untried
+        d = h["i1"].dispatcher
+        untried = [p for p in d._moving.values() if m.r.hget(keys.job(p.job_id), "status") == "dispatched"]
+        assert len(d._moving) == 2 and len(untried) == 1, (d._moving, untried)
+        p = untried[0]  # its node answers it (it was told job_cancel, but had finished): Redis takes it
+        m._answer(p.node_id, p.job_id, p.attempt, True)
+        m.do("answer_lost", h.answer, p.node_id, p.job_id, p.attempt, True)
+        assert list(d._moving) != [p.request.job_key] and d.waiting == 1, (d._moving, d.waiting)
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -939,11 +978,12 @@ def _path(machine: DispatcherMachine, name: str) -> None:
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
-                                  "relay_unreachable", "resume_here_queued"])
+                                  "relay_unreachable", "resume_here_queued", "answer_while_moving"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
-    machine.start(queue_size=6, place_batch=2, layout="i2")
+    machine.start(queue_size=6, place_batch=1 if name == "answer_while_moving" else 2,
+                  layout="i1" if name == "answer_while_moving" else "i2")
     try:
         _path(machine, name)
     finally:
