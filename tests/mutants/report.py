@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import difflib
+import functools
 import json
 import re
 import subprocess
@@ -51,13 +53,37 @@ def main(argv: list[str]) -> int:
         if "--no-diff" in argv:
             print(name)
             continue
-        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
-        kind = survivor_kind(shown.stdout)
+        diff = show(name)
+        kind = survivor_kind(diff)
         kinds[kind] += 1
-        print(f"[{kind}] " + (shown.stdout.rstrip() or f"{name}: {shown.stderr.strip()}"))
+        print(f"[{kind}] # {name}\n{diff.rstrip()}")
     if kinds:
         print("\nsurvivors by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     return 0
+
+
+@functools.cache
+def _functions(module: str) -> dict[str, str]:
+    """Every function of mutmut's copy of ``module`` (``mutants/<path>``), by name, as source."""
+    path = ROOT / "mutants" / (module.replace(".", "/") + ".py")
+    lines = path.read_text().splitlines()
+    return {node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) for node in ast.walk(ast.parse("\n".join(lines)))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def show(name: str) -> str:
+    """What ``mutmut show`` prints for a mutant (its diff against the original function),
+    read from mutmut's copy of the module: about 2 s less per mutant than ``mutmut show``."""
+    module, _, function = name.rpartition(".")
+    functions = _functions(module)
+    original = function.rpartition("__mutmut_")[0] + "__mutmut_orig"
+    if function not in functions or original not in functions:
+        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
+        return shown.stdout or f"{name}: {shown.stderr.strip()}"
+    path = module.replace(".", "/") + ".py"
+    old = functions[original].replace(original, "").splitlines()
+    new = functions[function].replace(function, "").splitlines()
+    return "\n".join(difflib.unified_diff(old, new, f"{path}", f"{path}", lineterm="", n=1))
 
 
 def _spans(path: Path) -> dict[str, list[tuple[int, int]]]:
