@@ -335,7 +335,18 @@ class DispatcherMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._cancellable())
     @rule(data=st.data())
     def cancel(self, data):
-        self.do("cancel", self._cancel(data.draw(st.sampled_from(self._cancellable()))))
+        """The session cancels a job, maybe with others of its own in one call (as a close
+        does: answered, refused or cancelled ones change nothing), in a drawn order."""
+        key = data.draw(st.sampled_from(self._cancellable()))
+        session = key.split(":")[0]
+        others = sorted(k for k in self.jobs if k.startswith(session + ":") and k != key)
+        keys = data.draw(st.permutations([key, *data.draw(st.lists(st.sampled_from(others), max_size=2, unique=True))])
+                         if others else st.just([key]))
+        cancellable = set(self._cancellable())
+        for k in keys:
+            if k in cancellable:
+                self.jobs[k].cancelled_at = len(self.h.got)
+        self.do("cancel", lambda: self.h.cancel(session, keys))
 
     @rule(seconds=st.sampled_from([0.05, 0.25, 1.0, 3.1]))
     def advance(self, seconds):
@@ -591,6 +602,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(o, JobWaiting)
                 told.setdefault((key, by), []).append(o.error)
+        for key, *_ in self.h.handed:  # a session fenced before its job was placed: the job fails, never runs
+            assert not self.jobs[key].fenced or key in self.resubmitted, f"{key} of a fenced session was placed"
         for key, job in self.jobs.items():
             got = outcomes.get(key, [])
             if key in self.h.acts_crashed:  # handling its placement raised: it failed INTERNAL, once
@@ -950,6 +963,8 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.resume_s2_again()  # the new epoch owns it: placed under that epoch, not refused FENCED
         m.max_jobs["n2"] = 2
         m.do("connect", h.connect, "n2", 2, list(PAIRS), "i1")
+        assert "s2:1:translate:en" in h["i1"].dispatcher.placed
+        m.resume_s2_again()  # and again, with that job on i1's books: adopted once only
         m.answer_all()
         outcomes = [o.translation.status for s, o, _ in h.got if isinstance(o, JobOutcome) and o.utterance_index == 1]
         assert outcomes == ["SUCCESS"], h.got
@@ -964,6 +979,13 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m._answer(p.node_id, p.job_id, p.attempt, True)
         m.do("answer_lost", h.answer, p.node_id, p.job_id, p.attempt, True)
         assert list(d._moving) != [p.request.job_key] and d.waiting == 1, (d._moving, d.waiting)
+    elif name == "moving_past_deadline":  # a job leaves its node, finds no other, and its deadline passes in the lane
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 1.0)))
+        m.do("disconnect", h.disconnect, "n0")  # its slot released by the node's leave; the job waits as a move
+        d = h["i2"].dispatcher
+        assert list(d._moving) == ["s2:0:translate:en"], d._moving
+        m.do("advance", h.advance, 1.0)  # dropped at its deadline: what it still holds is released
+        assert not d._moving and not d.waiting and m.r.hget(keys.job(h.handed[0][1]), "status") == "cancelled"
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -978,7 +1000,8 @@ def _path(machine: DispatcherMachine, name: str) -> None:
 @pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
-                                  "relay_unreachable", "resume_here_queued", "answer_while_moving"])
+                                  "relay_unreachable", "resume_here_queued", "answer_while_moving",
+                                  "moving_past_deadline"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
