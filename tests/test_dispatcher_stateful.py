@@ -134,6 +134,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.max_jobs: dict[str, int] = {}
         self.fenced: set[str] = set()
         self.act_failures: list[str] = []  # job keys of the placement_crashed records (act_crash)
+        self.astray: set[str] = set()  # job ids whose records a path set astray on purpose (orphan_key_mismatch)
         self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
         self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
         self.resubmitted: set[str] = set()
@@ -683,7 +684,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
             mine = {p.job_id for i in self._live() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
             for job_id in lapsed:
-                assert job_id in mine, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
+                assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
@@ -737,6 +738,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(keys.jobkey(f["job_key"])), r.getMessage()
             elif name == "jobs_adopted":
                 assert f["session_id"] == "s2" and f["jobs"] > 0, r.getMessage()
+            elif name == "orphan_release_refused":  # (orphan_key_mismatch) cancel_task refused a dead instance's job
+                assert f["job_id"] in {job_id for _, job_id, *_ in self.h.handed} and f["code"] == "JOBKEY_MISMATCH", f
             elif name == "orphan_job_released":  # a job of a dead instance whose lease lapsed more than the grace ago
                 job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status", "lease_deadline_ts",
                                    "placed_by")
@@ -986,6 +989,22 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         assert list(d._moving) == ["s2:0:translate:en"], d._moving
         m.do("advance", h.advance, 1.0)  # dropped at its deadline: what it still holds is released
         assert not d._moving and not d.waiting and m.r.hget(keys.job(h.handed[0][1]), "status") == "cancelled"
+    elif name == "orphan_key_mismatch":  # i2 dies holding two jobs; cancel_task refuses the first: the second is released
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("kill", h.kill, "i2")
+        (first_key, first_id, *_), (_, second_id, *_) = h.handed
+        m.r.set(keys.jobkey(first_key), "1")  # its job key now names another job (a record gone astray)
+        m.astray.add(first_id)
+        m.do("advance", h.advance, 3.1)
+        m.do("advance", h.advance, 3.1)
+        refused = [r.fields for r in m.journal.records if getattr(r, "event", None) == "orphan_release_refused"]
+        assert refused and {f["job_id"] for f in refused} == {first_id}, refused
+        assert m.r.hget(keys.job(second_id), "status") == "cancelled" and m.r.hget(keys.job(first_id), "status") == "dispatched"
+        m.r.set(keys.jobkey(first_key), first_id)  # set right: the next sweep releases it
+        m.astray.clear()
+        m.do("advance", h.advance, 3.1)
+        assert m.r.hget(keys.job(first_id), "status") == "cancelled"
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -1001,7 +1020,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
-                                  "moving_past_deadline"])
+                                  "moving_past_deadline", "orphan_key_mismatch"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
