@@ -213,6 +213,8 @@ class Instance:
             h.handed.append((assign.job_key, assign.job_id, assign.attempt, node_id, self.id))
 
         def handed_here(node_id: str, assign: JobAssign | Encoded) -> bool:
+            if node_id in h.not_reading and router.node_is_here(node_id):
+                return False  # its outbox is full: send_nowait refuses
             if isinstance(assign, JobAssign) and router.node_is_here(node_id):  # (relayed ones: below)
                 record(node_id, assign)
             return to_node_here(node_id, assign)
@@ -258,6 +260,7 @@ class DispatcherHarness:
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.flushes: list[int] = []  # len(handed) each time Redis lost its data
         self.lose_outcomes = 0  # relayed answers to lose (Pub/Sub drops a message)
+        self.not_reading: set[str] = set()  # nodes whose outbox is full: a hand-over here fails
         self.acts_crashed: list[str] = []  # job keys whose placement's handling raised (Instance.act_crash)
         self.unrelayed: list[tuple[str, str, int]] = []  # (job key, job id, attempt) of those bound for a relay
         self.unheard: set[str] = set()  # job keys whose relayed answer was lost: their placer learns it from Redis

@@ -1005,6 +1005,16 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.astray.clear()
         m.do("advance", h.advance, 3.1)
         assert m.r.hget(keys.job(first_id), "status") == "cancelled"
+    elif name == "node_not_reading":  # the chosen node's outbox is full: the job goes back to its lane's head
+        h.not_reading.add("n0")
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        d = h["i2"].dispatcher
+        assert [(p.node_id, p.attempt) for p in d._moving.values()] == [("n0", 1)] and not h.handed, d._moving
+        assert ("s2", JobWaiting(0, "en", "NODE_UNREACHABLE"), "i2") in h.got, h.got
+        h.not_reading.clear()
+        m.max_jobs["n2"] = 2
+        m.do("connect", h.connect, "n2", 2, list(PAIRS), "i2")  # placed again, elsewhere, as attempt 2
+        assert [(k, a, n) for k, _, a, n, _ in h.handed] == [("s2:0:translate:en", 2, "n2")], h.handed
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -1020,7 +1030,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
-                                  "moving_past_deadline", "orphan_key_mismatch"])
+                                  "moving_past_deadline", "orphan_key_mismatch", "node_not_reading"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
