@@ -137,6 +137,7 @@ class Instance:
         self.crash_next = self.crashed = 0  # placement rounds to crash, and crashed so far (_inject_crash)
         self.crashed_at = float("-inf")
         self.act_crash: tuple[int, bool] = (0, False)  # placements whose handling raises, and after acting? (_inject_crash)
+        self.act_crashed_at = float("-inf")
 
     async def run(self, redis: RedisAdapter, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         h = self.h
@@ -187,10 +188,13 @@ class Instance:
 
         def acting(request, moving, reply, remote):
             """While ``act_crash`` counts, acting on a placement Redis made raises: before the
-            books and the hand-over, or after them."""
+            books and the hand-over, or after them; or acting on a refusal (before: after it,
+            a refusal may have resolved the job already, which acting never does before raising)."""
             left, after = self.act_crash
-            if left > 0 and isinstance(reply, list) and reply[0] == "OK":
+            placed = isinstance(reply, list) and reply[0] == "OK"
+            if left > 0 and (placed or isinstance(reply, BaseException) and not after):
                 self.act_crash = (left - 1, after)
+                self.act_crashed_at = trio.current_time()
                 self.h.acts_crashed.append(request.job_key)
                 if after:
                     relayed = len(remote)

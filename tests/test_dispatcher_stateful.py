@@ -371,9 +371,10 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule(data=st.data(), pair=st.sampled_from(PAIRS), after=st.booleans())
     def act_crash(self, data, pair, after):
         """A bug makes acting on the next placement Redis makes for the session's instance
-        raise (before the books and the hand-over, or ``after`` them; the job submitted now
-        may be that placement, or a later one): that job fails INTERNAL, and what Redis
-        placed is released (its slot, its node told job_cancel)."""
+        raise (before the books and the hand-over, or ``after`` them), or (not ``after``) on
+        its next refusal; the job submitted now may be that one, or a later one: that job
+        fails INTERNAL, and what Redis holds for it is released (a placement: its slot, its
+        node told job_cancel; a move left waiting: cancelled)."""
         session = data.draw(st.sampled_from(self._live_sessions()))
         self.h.owner(session).act_crash = (1, after)
         self.do("act_crash", self.trio_sync(self._submit(session, pair, 5.0)))
@@ -608,6 +609,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         for key, job in self.jobs.items():
             got = outcomes.get(key, [])
             if key in self.h.acts_crashed:  # handling its placement raised: it failed INTERNAL, once
+                if key in self.resubmitted:  # (and a copy may fail FENCED, or be blocked as a duplicate)
+                    got = [(n, o) for n, o in got if o.translation.error != "FENCED"]
                 assert [(o.translation.status, o.translation.error) for _, o in got] == [("FAILED", "INTERNAL")], (key, got)
                 continue
             if key in self.resubmitted and key.split(":")[0] in self.fenced:  # the copy may fail FENCED
@@ -790,6 +793,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         for a whole retry interval (a slot freed by another instance, e.g. by a lease running
         out there, is not announced: the lane sees it at its next retry)."""
         free_now = self._free_slots()
+        if max(i.act_crashed_at for i in self.h.instances.values()) >= self.now - RETRY_S - EPS:
+            return  # a crashed placement took a slot and gave it back: the other instance's lanes are not told
         for instance in self._live():
             d = instance.dispatcher
             if instance.crashed_at >= self.now - RETRY_S - EPS:
@@ -1015,6 +1020,25 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.max_jobs["n2"] = 2
         m.do("connect", h.connect, "n2", 2, list(PAIRS), "i2")  # placed again, elsewhere, as attempt 2
         assert [(k, a, n) for k, _, a, n, _ in h.handed] == [("s2:0:translate:en", 2, "n2")], h.handed
+    elif name == "copy_while_moving":  # a key placed again (a replay) while its job moves: the copy's deadline is its own
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+
+        async def bounce():  # its node's socket drops and comes back: the job moves, never to the node it leaves
+            await h.disconnect("n0")
+            await h.connect("n0", m.max_jobs["n0"], list(PAIRS), "i2")
+
+        m.do("bounce", bounce)
+        key = "s2:0:translate:en"
+        m.resubmitted.add(key)
+        m.resubmits += 1
+        m.do("submit_again", m.trio_sync(lambda: h.submit("s2", 0, PAIRS[0], 5.0, epoch=m.epochs["s2"])))
+        m.advance(3.1)
+        m.advance(3.1)  # the copy's deadline passed: dropped, and the original still moves
+        assert key in h["i2"].dispatcher._moving, h["i2"].dispatcher._moving
+        m.max_jobs["n2"] = 2
+        m.do("connect", h.connect, "n2", 2, list(PAIRS), "i2")
+        m.answer_all()
+        assert [o.translation.status for _, o, _ in h.got if isinstance(o, JobOutcome)] == ["SUCCESS"], h.got
     else:
         raise AssertionError(name)
     reasons = {r.fields.get("reason") or r.event for r in m.journal.records if r.name == "scheduler.dispatcher"}
@@ -1030,7 +1054,8 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
-                                  "moving_past_deadline", "orphan_key_mismatch", "node_not_reading"])
+                                  "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
+                                  "copy_while_moving"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

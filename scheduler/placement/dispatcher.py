@@ -471,10 +471,12 @@ class Dispatcher:
             # never placed: the session resolves it FAILED(blocked code) at this same deadline
             self._remove(lane, request)
             self._metrics.jobs_total.labels("failed").inc()
-            await self._abandon_move(request.job_key)
+            if self._moving_of(request) is not None:  # (not a copy of a moving job's key: the move is the original's)
+                await self._abandon_move(request.job_key)
         batch = list(itertools.islice(lane.queue, self._place_batch))
         if not batch:
             return
+        freed = self._slot_freed  # taken before the round: a slot freed while it is in flight wakes the lane at once
         codes = await self._place(lane, batch)
         blocked: tuple[str, JobRequest] | None = None
         for request, code in zip(batch, codes, strict=True):
@@ -498,7 +500,6 @@ class Dispatcher:
         for waiting in lane.queue:
             if waiting.job_key not in lane.told:
                 self._tell_waiting(lane, waiting, code)
-        freed = self._slot_freed
         with trio.move_on_at(min([trio.current_time() + self._retry_interval, *(r.deadline for r in lane.queue)])):
             await freed.wait()
 
@@ -506,7 +507,7 @@ class Dispatcher:
         """Place ``batch`` (oldest first) with one ordered pipeline of dispatch_task /
         redispatch_task calls. Per job: None when it is done with (placed, duplicate or failed
         for good), or the error code when it must wait for a node."""
-        movings = [self._moving.get(r.job_key) for r in batch]
+        movings = [self._moving_of(r) for r in batch]
         try:
             fresh_ids = iter(await self._scheduling.job_ids(sum(m is None for m in movings)))
             builders = [self._builder(r, m, None if m else next(fresh_ids)) for r, m in zip(batch, movings, strict=True)]
@@ -515,13 +516,13 @@ class Dispatcher:
             replies = [exc] * len(batch)
         codes: list[str | None] = []
         remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances
-        crashed: list[tuple[str, str, str, int]] = []  # what Redis placed for jobs whose handling crashed
+        crashed: list[tuple[str, str, str, int | None]] = []  # what Redis holds for jobs whose handling crashed
         for request, moving, reply in zip(batch, movings, replies, strict=True):
             try:
                 codes.append(self._placed_or_code(request, moving, reply, remote))
             except Exception:  # a bug here must cost one job, never the daemon
                 event(log, "placement_crashed", logging.ERROR, exc_info=True, job_key=request.job_key)
-                self._drop_crashed(request, reply, remote, crashed)
+                self._drop_crashed(request, moving, reply, remote, crashed)
                 codes.append(None)
         for placement, assign in remote:
             await self._relay_job(placement, assign)
@@ -529,20 +530,24 @@ class Dispatcher:
             await self._release(job_id, job_key, node_id, attempt, counted=False)
         return codes
 
-    def _drop_crashed(self, request: JobRequest, reply: Any, remote: list[tuple[Placement, JobAssign]],
-                      crashed: list[tuple[str, str, str, int]]) -> None:
+    def _drop_crashed(self, request: JobRequest, moving: Placement | None, reply: Any,
+                      remote: list[tuple[Placement, JobAssign]], crashed: list[tuple[str, str, str, int | None]]) -> None:
         """Acting on a reply raised (a bug): the job fails INTERNAL and leaves the books and
-        the relay list; if Redis placed it, that placement is added to ``crashed``, to be
-        released once the round is through (a slot would leak otherwise: no instance's books
-        hold the job, so no lease expiry or sweep would ever free it)."""
+        the relay list; what Redis holds for it is added to ``crashed``, to be released once
+        the round is through: the placement Redis made (a slot would leak otherwise: no
+        instance's books hold the job, so no lease expiry or sweep would ever free it), or
+        else the job a refused move left waiting (a resumed session would adopt it)."""
         job_key = request.job_key
-        self._moving.pop(job_key, None)
+        if moving is not None:
+            self._moving.pop(job_key, None)
         remote[:] = [(p, a) for p, a in remote if p.request is not request]
         if self.placed.pop(job_key, None) is not None:
             self._metrics.jobs_in_flight.dec()
         self._fail(request, "INTERNAL")
         if isinstance(reply, list) and len(reply) >= 4 and reply[0] == "OK" and str(reply[3]).isdigit():
             crashed.append((str(reply[1]), job_key, str(reply[2]), int(reply[3])))
+        elif moving is not None:
+            crashed.append((moving.job_id, job_key, moving.node_id, None))
 
     async def _relay_job(self, placement: Placement, assign: JobAssign) -> None:
         """The chosen node is held by another instance: the router sends the job over that
@@ -575,6 +580,13 @@ class Dispatcher:
         if here is None or request.epoch is None:
             return request.epoch
         return max(here, request.epoch)
+
+    def _moving_of(self, request: JobRequest) -> Placement | None:
+        """The placement ``request`` is moving from, if it is a move. By identity: a copy of
+        the job key (a session replaying after a resume) queued while the original moves is
+        a fresh request (Redis answers it EXISTS), and its deadline is not the move's."""
+        moving = self._moving.get(request.job_key)
+        return moving if moving is not None and moving.request is request else None
 
     def _remove(self, lane: _Lane, request: JobRequest) -> None:
         """Take ``request`` out of the lane if it is still there (by identity; usually the head)."""
