@@ -47,9 +47,15 @@ class Supervisor:
         return json.loads((await self.get("/status"))[1])["workers"]
 
     def close(self) -> None:
+        """SIGTERM (the supervisor stops its workers), SIGKILL if it is not gone in 20 s: a
+        supervisor killed at once would leave its workers running (they do not watch it)."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
 
 
