@@ -381,6 +381,13 @@ class DispatcherHarness:
         self._drop(node_id, conn.conn_id)
         await instance.gateway._leave(conn, "disconnected")
 
+    async def bounce(self, node_id: str, max_jobs: int, instance_id: str) -> None:
+        """The node's socket drops and it registers again at once (same pairs), on ``instance_id``:
+        a new connection, which holds none of the old one's jobs."""
+        pairs = [tuple(p) for p in self.instances[self.where[node_id]].nodes.get(node_id).registration.lang_pairs]
+        await self.disconnect(node_id)
+        await self.connect(node_id, max_jobs, pairs, instance_id)
+
     async def kill(self, instance_id: str) -> None:
         """kill -9: the instance stops at once, its nodes lose their connections, its
         liveness lapses now (as it would ``owner_ttl_ms`` later), and nothing is cleaned up."""

@@ -207,13 +207,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         instance: a new connection, which holds none of the old one's jobs."""
         node = data.draw(st.sampled_from(self.connected))
         instance = data.draw(st.sampled_from(self.alive))
-        pairs = [tuple(p) for p in self.h[self.h.where[node]].nodes.get(node).registration.lang_pairs]
-
-        async def bounce():
-            await self.h.disconnect(node)
-            await self.h.connect(node, self.max_jobs[node], pairs, instance)
-
-        self.do("bounce", bounce)
+        self.do("bounce", self.h.bounce, node, self.max_jobs[node], instance)
 
     def _answer(self, node, job_id, attempt, ok):
         """The answer of what ``node`` holds: the job's answer, if Redis has that attempt live there."""
@@ -254,15 +248,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         live = ["dispatched", node, str(attempt)]
         before = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
 
-        async def both():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.h.advance, seconds)
-                if midway:
-                    await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(self.h.answer, node, job_id, attempt, True)
-
+        steps = [lambda: self.h.answer(node, job_id, attempt, True), lambda: self.h.advance(seconds)]
         with step_limit("answer_racing"):
-            self.trio.call(both)
+            self.trio.call(self._one_tick(steps, midway))
             self.trio.call(self.h.settle)
             if before[:3] == live and self.r.hmget(keys.job(job_id), "status", "node_id", "attempt") == ["finished", *live[1:]]:
                 job = self.jobs[before[3]]  # the lost attempt's answer won: it is the job's
@@ -291,12 +279,16 @@ class DispatcherMachine(RuleBasedStateMachine):
         job = self.jobs[key] = Job(key, pair, index, self.now + ttl, self.h.owner(session).id, fenced=session in self.fenced)
 
         def submit():
-            full = self.h.owner(session).dispatcher.waiting >= self.h.queue_size
-            code = self.h.submit(session, index, pair, ttl, epoch=self.epochs[session])
-            assert code == ("OVERLOADED" if full else None), (key, code, full)  # refused exactly when the lanes are full
-            job.refused = code is not None
+            job.refused = self._submit_checked(session, index, pair, ttl) is not None
 
         return submit
+
+    def _submit_checked(self, session, index, pair, ttl):
+        """Submit to the session's instance; refused (OVERLOADED) exactly when its lanes are full."""
+        full = self.h.owner(session).dispatcher.waiting >= self.h.queue_size
+        code = self.h.submit(session, index, pair, ttl, epoch=self.epochs[session])
+        assert code == ("OVERLOADED" if full else None), (job_key_for(session, index, pair[1]), code, full)
+        return code
 
     @rule(data=st.data(), pair=st.sampled_from(PAIRS), ttl=st.sampled_from([0.3, 1.0, 5.0, 30.0]))
     def submit(self, data, pair, ttl):
@@ -316,10 +308,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.resubmits += 1
 
         def submit():
-            full = self.h.owner(session).dispatcher.waiting >= self.h.queue_size
-            code = self.h.submit(session, job.seq, job.pair, 5.0, epoch=self.epochs[session])
-            assert code == ("OVERLOADED" if full else None), (key, code, full)
-            self.refused_again += code is not None
+            self.refused_again += self._submit_checked(session, job.seq, job.pair, 5.0) is not None
 
         self.do("submit_again", self.trio_sync(submit))
 
@@ -505,14 +494,20 @@ class DispatcherMachine(RuleBasedStateMachine):
         else:
             steps.append(lambda: self.h.advance(RETRY_S))
 
-        async def both():
+        self.do("together", self._one_tick(steps, midway))
+
+    @staticmethod
+    def _one_tick(steps, midway):
+        """The steps in one tick, in an order Trio's scheduler draws; or (``midway``) each
+        step, last first, once the ones before it wait for Redis."""
+        async def run():
             async with trio.open_nursery() as nursery:
                 for step in reversed(steps) if midway else steps:
                     nursery.start_soon(step)
                     if midway:
                         await trio.testing.wait_all_tasks_blocked()  # the lanes now wait for Redis
 
-        self.do("together", both)
+        return run
 
     @staticmethod
     def trio_sync(fn):
@@ -1022,12 +1017,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         assert [(k, a, n) for k, _, a, n, _ in h.handed] == [("s2:0:translate:en", 2, "n2")], h.handed
     elif name == "copy_while_moving":  # a key placed again (a replay) while its job moves: the copy's deadline is its own
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
-
-        async def bounce():  # its node's socket drops and comes back: the job moves, never to the node it leaves
-            await h.disconnect("n0")
-            await h.connect("n0", m.max_jobs["n0"], list(PAIRS), "i2")
-
-        m.do("bounce", bounce)
+        m.do("bounce", h.bounce, "n0", m.max_jobs["n0"], "i2")  # the job moves, never to the node it leaves
         key = "s2:0:translate:en"
         m.resubmitted.add(key)
         m.resubmits += 1
