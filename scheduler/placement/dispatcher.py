@@ -541,7 +541,9 @@ class Dispatcher:
         if moving is not None:
             self._moving.pop(job_key, None)
         remote[:] = [(p, a) for p, a in remote if p.request is not request]
-        if self.placed.pop(job_key, None) is not None:
+        placed = self.placed.get(job_key)
+        if placed is not None and placed.request is request:  # (not the original of a copy: it runs on)
+            del self.placed[job_key]
             self._metrics.jobs_in_flight.dec()
         self._fail(request, "INTERNAL")
         if isinstance(reply, list) and len(reply) >= 4 and reply[0] == "OK" and str(reply[3]).isdigit():
