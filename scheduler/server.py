@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer
+from trio_websocket import WebSocketRequest
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.cluster.routing import Router
@@ -30,8 +30,10 @@ from scheduler.edge import handshake, wsutil
 from scheduler.edge.client_gateway import ClientGateway
 from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
+from scheduler.edge.ws_listener import Connection, WebSocketListener
 from scheduler.ops import tls
 from scheduler.ops.admin import AdminServer
+from scheduler.ops.boundary import Boundary
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
@@ -175,25 +177,28 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                   NodeGateway(nodes=nodes, **deps))
 
 
-def _router(parts: _Parts, settings: Settings, running: Callable[[], Running | None]) -> Callable[[WebSocketRequest], Awaitable[None]]:
+def _router(parts: _Parts, settings: Settings,
+            running: Callable[[], Running | None]) -> Callable[[WebSocketRequest, Connection], Awaitable[None]]:
     """The WebSocket handler: the handshake policy first (edge/handshake.py: path, browser
     Origin, subprotocols; a refusal is an HTTP status and a log line), then ``/v1/session``
     to the client gateway and ``/v1/node`` to the node gateway; ``SHUTTING_DOWN`` while not
     running or draining. One connection's bug is logged and answered ``INTERNAL``: it never
-    takes the listener down."""
+    takes the listener down (and a library's exception is contained one level up, by the
+    listener's per-connection boundary: edge/ws_listener.py)."""
     policy = handshake.Policy.from_settings(settings.allowed_origins, settings.node_allowed_origins)
 
-    async def route(request: WebSocketRequest) -> None:
+    async def route(request: WebSocketRequest, conn: Connection) -> None:
         decision = handshake.negotiate(request.path, request.headers, request.proposed_subprotocols, policy)
         if isinstance(decision, handshake.Refuse):
             parts.metrics.handshakes_refused_total.labels(decision.reason).inc()
             event(log, "handshake_refused", logging.WARNING, reason=decision.reason, status=decision.status,
                   path=request.path.split("?", 1)[0][:100], origin=(handshake.header(request.headers, b"origin") or "")[:100],
-                  offered=handshake.shown(request.proposed_subprotocols), peer=str(request.remote))
+                  offered=handshake.shown(request.proposed_subprotocols), peer=conn.peer)
             await request.reject(decision.status, body=decision.body.encode())
             return
-        ws = await request.accept(subprotocol=decision.subprotocol)
         path = decision.path
+        conn.listener = "session" if path == handshake.SESSION_PATH else "node"
+        ws = await conn.accept(request, decision.subprotocol)
         try:
             now = running()
             if now is None or now.draining:
@@ -225,17 +230,19 @@ async def _serve(
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
         context = tls.server_context(settings.tls_cert, settings.tls_key)
-        ws_server = WebSocketServer(
+        boundary = Boundary(parts.metrics.connections_failed_total)
+        ws_server = WebSocketListener(
             _router(parts, settings, lambda: running),
             tls.wrap(await open_listeners(settings.ws_host, settings.ws_port, reuse_port=settings.reuse_port), context),
+            boundary=boundary,
             max_message_size=2 * settings.max_frame_bytes,
             message_queue_size=4,
-            connect_timeout=HANDSHAKE_TIMEOUT_S,
+            handshake_timeout=HANDSHAKE_TIMEOUT_S,
         )
         await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
                             lambda: _status(running, parts.dispatcher), cors_origins=settings.admin_cors_origins,
-                            ssl_context=context)
+                            ssl_context=context, boundary=boundary)
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,

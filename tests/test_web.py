@@ -13,13 +13,19 @@ import trio
 from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
 
 from scheduler.edge import handshake
-from scheduler.edge.handshake import Accept, Policy, Refuse, negotiate
+from scheduler.edge.handshake import Accept, Policy, Refuse
 from scheduler.protocol import bearer_subprotocol
 
 from .helpers import Peer
 
 EVIL, APP = "https://evil.example", "https://app.example"
 DEFAULT = Policy.from_settings("*", None)
+KEY = (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ==")  # RFC 6455's example: 16 bytes
+
+
+def negotiate(path, headers, offers, policy):
+    """The decision for a request that carries a valid Sec-WebSocket-Key besides ``headers``."""
+    return handshake.negotiate(path, [*headers, KEY], offers, policy)
 
 
 # ---------------------------------------------------------------- the decision, case by case
@@ -57,6 +63,14 @@ def test_subprotocols_and_the_bearer_key():
         assert refused.status == 400 and refused.reason == "subprotocol"
     assert negotiate("/v1/session", [], ("scheduler.v1", "bearer.%%%"), DEFAULT).reason == "bad_bearer"
     assert handshake.shown(["scheduler.v1", bearer_subprotocol(key)]) == ["scheduler.v1", "bearer.***"]
+
+
+def test_a_malformed_websocket_key_is_400():
+    for keys in ([], [(b"sec-websocket-key", b"short")], [(b"sec-websocket-key", b"AAAAAAAAAAAAAAAAAAAAAAAAAAAA")],
+                 [(b"sec-websocket-key", b"not base64 at all!!!!!!!")], [KEY, KEY]):
+        refused = handshake.negotiate("/v1/session", keys, (), DEFAULT)
+        assert isinstance(refused, Refuse) and refused.status == 400 and refused.reason == "bad_key", keys
+    assert isinstance(handshake.negotiate("/v1/session", [KEY], (), DEFAULT), Accept)
 
 
 def test_unknown_path_is_404():

@@ -14,6 +14,9 @@ server performs it (``server._router``). protocol.md "Handshake" is the contract
   to it carries an API key (browsers cannot set ``Authorization``); it is never echoed and
   never logged. An offer without ``scheduler.v1`` is refused with HTTP 400 (a browser would
   otherwise drop the connection with 1006 and nobody would know why).
+- **Sec-WebSocket-Key** (RFC 6455 4.2.1): base64 of exactly 16 bytes, or HTTP 400 (wsproto
+  only checks that the header is there; a wrong ``Sec-WebSocket-Version`` it answers itself,
+  426 with the version it speaks).
 - **API key**: ``Authorization: Bearer KEY`` or the bearer subprotocol; ``session_init``
   may still carry ``api_key`` (the client gateway checks whichever came).
 """
@@ -77,7 +80,20 @@ def shown(offers: tuple[str, ...] | list[str]) -> list[str]:
     return [BEARER_PREFIX + "***" if o.startswith(BEARER_PREFIX) else o[:40] for o in offers]
 
 
+def valid_key(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the one ``Sec-WebSocket-Key`` header is base64 of exactly 16 bytes."""
+    keys = [value for name, value in headers if name.lower() == b"sec-websocket-key"]
+    if len(keys) != 1:
+        return False
+    try:
+        return len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
 def negotiate(path: str, headers: list[tuple[bytes, bytes]], offers: tuple[str, ...] | list[str], policy: Policy) -> Accept | Refuse:
+    if not valid_key(headers):
+        return Refuse(400, "Sec-WebSocket-Key must be base64 of 16 bytes\n", "bad_key")
     path = path.split("?", 1)[0]
     if path not in (SESSION_PATH, NODE_PATH):
         return Refuse(404, f"unknown path; use {SESSION_PATH} or {NODE_PATH}\n", "unknown_path")

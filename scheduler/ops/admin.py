@@ -25,6 +25,7 @@ from typing import Any
 import h11
 import trio
 
+from scheduler.ops.boundary import Boundary, peer_of
 from scheduler.ops.metrics import Metrics
 from scheduler.ops.origins import OriginPolicy, header
 from scheduler.ops.tls import wrap
@@ -46,15 +47,18 @@ class AdminServer:
     def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
                  status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"), *, cors_origins: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, boundary: Boundary | None = None) -> None:
         """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
-        (default: 200 while the process runs)."""
+        (default: 200 while the process runs). Each connection runs inside ``boundary``
+        (ops/boundary.py; a fresh one on ``metrics`` by default): whatever one request
+        raises ends that connection, never the listener."""
         self._metrics = metrics
         self._readiness = readiness
         self._status = status
         self._health = health
         self._cors = OriginPolicy(cors_origins)
         self._ssl = ssl_context
+        self._boundary = boundary or Boundary(metrics.connections_failed_total)
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
@@ -75,6 +79,14 @@ class AdminServer:
             body = json.dumps(await self._status(), separators=(",", ":"), default=str).encode()
             return 200, "application/json", body
         return 404, "text/plain", b"not found\n"
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        async def close() -> None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+        await self._boundary.run(lambda: self.handle(stream), listener=lambda: "admin", peer=peer_of(stream),
+                                 on_failure=close)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
@@ -121,4 +133,4 @@ class AdminServer:
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started(bound)
-            await trio.serve_listeners(self.handle, wrap(listeners, self._ssl), handler_nursery=nursery)
+            await trio.serve_listeners(self._connection, wrap(listeners, self._ssl), handler_nursery=nursery)

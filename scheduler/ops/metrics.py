@@ -24,6 +24,10 @@ class Metrics:
         self.handshakes_refused_total = Counter(
             p + "handshakes_refused_total", "WebSocket handshakes refused, by reason (origin, subprotocol, bad_bearer, unknown_path)",
             ["reason"], registry=r)
+        self.connections_failed_total = Counter(
+            p + "connections_failed_total", "Connections ended by an exception inside their own error boundary (ops/boundary.py), "
+            "by listener (session, node, websocket before the path is known, admin) and reason (websocket_library, "
+            "http_library, tls, transport, bad_encoding, internal)", ["listener", "reason"], registry=r)
         self.duplicate_job_blocked_total = Counter(
             p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
         self.result_gap_timeout_total = Counter(

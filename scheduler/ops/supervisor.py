@@ -34,6 +34,7 @@ import urllib.request
 
 import attrs
 import trio
+from prometheus_client import Counter
 from prometheus_client.core import CollectorRegistry, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,6 +77,9 @@ class _WorkerMetrics:
         self._workers = workers
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
+        self.connections_failed_total = Counter(
+            "scheduler_supervisor_connections_failed_total", "Connections to the supervisor's admin port ended by an exception "
+            "inside their error boundary (ops/boundary.py), by listener and reason", ["listener", "reason"], registry=self._registry)
 
     def collect(self):
         for worker in self._workers:

@@ -1,0 +1,101 @@
+"""The WebSocket listener: our own accept loop over trio-websocket's public pieces.
+
+``trio.serve_listeners`` accepts; each connection gets a nursery of its own, owned here, in
+which ``trio_websocket.wrap_server_stream`` runs the library's reader task over a
+:class:`~scheduler.edge.frames.FrameGuard`, and then the handler (the handshake policy and
+a gateway) runs. The whole connection sits inside a :class:`~scheduler.ops.boundary.Boundary`:
+trio-websocket's own ``WebSocketServer`` runs the reader in a nursery nobody guards, so a
+library exception on one connection ended the listener and the daemon (issue 29).
+
+Resource handling
+    Per connection: the guard (the transport), the library's reader task and message queue
+    (``message_queue_size`` messages of at most ``max_message_size``), the handler. The
+    handshake must complete within ``handshake_timeout`` or the transport is closed. When
+    the handler returns, the WebSocket is closed (bounded by the library's close handshake,
+    at most :data:`CLOSE_TIMEOUT_S`), the reader is cancelled and the transport closed.
+
+Error handling
+    See :mod:`scheduler.ops.boundary`: a failure is logged, counted, and the connection
+    closed with 1011 (no close frame if one went out already); the listener goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+import trio_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest
+
+from scheduler.edge.frames import CLOSE_INTERNAL, FrameGuard
+from scheduler.ops.boundary import Boundary, peer_of
+
+CLOSE_TIMEOUT_S = 2.0
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One accepted connection as the handler sees it: its peer, the listener name for the
+    logs and metrics (``websocket`` until the handler names the path), its guard."""
+
+    peer: str
+    guard: FrameGuard
+    listener: str = "websocket"
+    ws: WebSocketConnection | None = None
+
+    async def accept(self, request: WebSocketRequest, subprotocol: str | None) -> WebSocketConnection:
+        """Complete the handshake; from now on the guard can read the library's close reason."""
+        self.ws = await request.accept(subprotocol=subprotocol)
+        self.guard.connection = self.ws
+        return self.ws
+
+
+Handler = Callable[[WebSocketRequest, Connection], Awaitable[None]]
+
+
+class WebSocketListener:
+    def __init__(self, handler: Handler, listeners: Sequence[trio.abc.Listener], *, boundary: Boundary,
+                 max_message_size: int, message_queue_size: int, handshake_timeout: float) -> None:
+        self._handler = handler
+        self._listeners = list(listeners)
+        self._boundary = boundary
+        self._max_message_size = max_message_size
+        self._message_queue_size = message_queue_size
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def port(self) -> int:
+        """The bound port (of the first socket; they all share it)."""
+        listener = self._listeners[0]
+        sock = getattr(listener, "transport_listener", listener).socket
+        return sock.getsockname()[1]
+
+    async def run(self, *, task_status: trio.TaskStatus[WebSocketListener] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until cancelled; ``started`` once every socket listens."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._connection, self._listeners)
+            task_status.started(self)
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        guard = FrameGuard(stream, self._max_message_size)
+        conn = Connection(peer=peer_of(stream), guard=guard)
+        try:
+            await self._boundary.run(lambda: self._serve(conn), listener=lambda: conn.listener, peer=conn.peer,
+                                     on_failure=lambda: guard.fail(CLOSE_INTERNAL, "internal error"))
+        finally:
+            await guard.aclose()
+
+    async def _serve(self, conn: Connection) -> None:
+        async with trio.open_nursery() as nursery:
+            request = None
+            with trio.move_on_after(self._handshake_timeout):  # TLS and the upgrade request
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, conn.guard, message_queue_size=self._message_queue_size,
+                    max_message_size=self._max_message_size)
+            if request is not None:
+                await self._handler(request, conn)
+                if conn.ws is not None:
+                    with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await conn.ws.aclose()
+            nursery.cancel_scope.cancel()
