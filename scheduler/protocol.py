@@ -1,8 +1,15 @@
 """Wire protocol v1: every message of ``docs/protocol.md`` as an attrs class.
 
-Parsing happens once, at the edge: :func:`parse_client` and :func:`parse_node` turn one
-text frame into a typed message or raise :class:`ProtocolError` (code ``BAD_MESSAGE``)
-with a message a human can act on. Types are checked strictly: ``"5"`` is not an int,
+Parsing happens once, at the edge, in one function: :func:`decode` takes every inbound
+frame of both WebSocket paths and checks, in this order, its size (``FRAME_TOO_LARGE``),
+then for a text frame the JSON (orjson: nesting deeper than 1024 levels, lone surrogate
+escapes such as ``"\ud800"``, ``NaN`` and ``Infinity`` are refused), the nesting depth
+(:data:`MAX_DEPTH`), the ``type``, and finally every field against its documented type,
+range and pattern (cattrs structuring plus the validators below: ids, pools, language
+codes, tokens; docs/protocol.md "Field rules"). Whatever fails raises
+:class:`ProtocolError` ``BAD_MESSAGE`` naming the field, never another exception, so no
+unchecked value reaches Redis, a log line, a metric label or another session
+(tests/test_decode.py fuzzes this). Types are checked strictly: ``"5"`` is not an int,
 ``1`` is not a bool, a string is not a list. Unknown fields are ignored (forward
 compatibility); unknown ``type`` values are errors. :func:`encode` turns any message
 back into one compact JSON text frame.
@@ -13,10 +20,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import attrs
 import cattrs
+import orjson
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
@@ -68,14 +78,62 @@ def redis_unavailable(exc: BaseException) -> ProtocolError:
     return ProtocolError(INTERNAL, f"redis unavailable: {exc}", fatal=True, close_code=CLOSE_INTERNAL)
 
 
-def _nonempty_str(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and not (0 < len(value) <= 128):
-        raise ValueError(f"{attribute.name} must be a non-empty string of at most 128 characters")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Node ids, session ids and pool names: they become Redis key parts, log fields and job ids,
+so no braces (a Redis Cluster hash tag), colons (key separators), spaces or control characters."""
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+LANG_PATTERN = re.compile(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,3}")
+"""A BCP 47-like language code (``en``, ``zh-Hans``, ``pt_BR``): letters first, at most 32 characters."""
+TOKEN_PATTERN = re.compile(r"[\x21-\x7e]{0,512}")
+"""Tokens and API keys: printable ASCII without spaces, at most 512 characters (an empty one is
+let through, to be refused ``UNAUTHORIZED`` like any wrong one)."""
+MAX_DEPTH = 16
+"""Nesting of a message's JSON, objects and lists counted (``capabilities``, ``load``)."""
+MAX_FREE_KEYS = 64
+MAX_ATTEMPT = 1_000_000
+MAX_ERROR_CHARS = 1000
+
+
+def _matches(pattern: re.Pattern, what: str):
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and pattern.fullmatch(value) is None:
+            raise ValueError(f"{attribute.name} must be {what}")
+
+    return check
+
+
+_id = _matches(ID_PATTERN, "1-128 characters of A-Z a-z 0-9 . _ - (a letter or digit first)")
+_lang_check = _matches(LANG_PATTERN, "a language code such as en, zh-Hans or pt_BR (letters first, at most 32 characters)")
+_token = _matches(TOKEN_PATTERN, "at most 512 printable ASCII characters without spaces")
 
 
 def _lang(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not (0 < len(value) <= 32) or ":" in value or "{" in value or "}" in value:
-        raise ValueError(f"{attribute.name} must be a language code of 1-32 characters without ':', '{{' or '}}'")
+    _lang_check(_inst, attribute, value)
+
+
+def _free_object(_inst: Any, attribute: attrs.Attribute, value: dict[str, Any] | None) -> None:
+    """``capabilities``, ``load``: any JSON object of at most 64 keys of at most 64 characters."""
+    if value is not None and (len(value) > MAX_FREE_KEYS or any(len(k) > 64 for k in value)):
+        raise ValueError(f"{attribute.name} must be an object of at most {MAX_FREE_KEYS} keys of at most 64 characters")
+
+
+def _depth(obj: Any) -> int:
+    """How deep ``obj`` nests (a scalar is 0), iteratively: never a RecursionError."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > deepest:
+            deepest = level
+            if deepest > MAX_DEPTH:
+                return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 # ---------------------------------------------------------------- client -> daemon
@@ -87,9 +145,9 @@ class SessionInit:
     src_lang: str = attrs.field(validator=_lang)
     tgt_langs: list[str] = attrs.field()
     sample_rate: int = attrs.field(default=16000)
-    session_id: str | None = attrs.field(default=None, validator=_nonempty_str)
+    session_id: str | None = attrs.field(default=None, validator=_id)
     resume_from: int | None = attrs.field(default=None)
-    api_key: str | None = attrs.field(default=None, repr=False)  # when the daemon requires client API keys
+    api_key: str | None = attrs.field(default=None, repr=False, validator=_token)  # when the daemon requires client API keys
 
     @tgt_langs.validator
     def _check_tgts(self, _attribute: attrs.Attribute, value: list[str]) -> None:
@@ -109,8 +167,8 @@ class SessionInit:
 
     @resume_from.validator
     def _check_resume(self, _attribute: attrs.Attribute, value: int | None) -> None:
-        if value is not None and value < 0:
-            raise ValueError("resume_from must be >= 0")
+        if value is not None and not 0 <= value < 2**53:
+            raise ValueError("resume_from must be between 0 and 2^53")
 
 
 @attrs.frozen
@@ -204,17 +262,19 @@ class SessionClosed:
 @attrs.frozen
 class Register:
     TYPE: ClassVar[str] = "register"
-    node_id: str = attrs.field(validator=_nonempty_str)
+    node_id: str = attrs.field(validator=_id)
     lang_pairs: list[list[str]] = attrs.field()
     max_jobs: int = attrs.field()
     pools: list[str] | None = attrs.field(default=None)
-    capabilities: dict[str, Any] | None = None
-    token: str | None = None
+    capabilities: dict[str, Any] | None = attrs.field(default=None, validator=_free_object)
+    token: str | None = attrs.field(default=None, repr=False, validator=_token)
 
     @lang_pairs.validator
     def _check_pairs(self, attribute: attrs.Attribute, value: list[list[str]]) -> None:
         if not value:
             raise ValueError("lang_pairs must be a non-empty list of [src, tgt]")
+        if len(value) > 256:
+            raise ValueError("lang_pairs may name at most 256 pairs")
         for pair in value:
             if len(pair) != 2:
                 raise ValueError("each lang pair must be [src, tgt]")
@@ -229,10 +289,10 @@ class Register:
     @pools.validator
     def _check_pools(self, attribute: attrs.Attribute, value: list[str] | None) -> None:
         if value is not None:
-            if not value:
-                raise ValueError("pools, when given, must be a non-empty list")
+            if not value or len(value) > 64:
+                raise ValueError("pools, when given, must be a list of 1-64 pool names")
             for pool in value:
-                _nonempty_str(None, attribute, pool)
+                _id(None, attribute, pool)
 
     def pool_pairs(self) -> list[tuple[str, str, str]]:
         """``(pool, src, tgt)`` for each pool and pair this node serves."""
@@ -245,18 +305,28 @@ class Register:
 @attrs.frozen
 class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
-    load: dict[str, Any] | None = None
+    load: dict[str, Any] | None = attrs.field(default=None, validator=_free_object)
 
 
 @attrs.frozen
 class JobResult:
     TYPE: ClassVar[str] = "job_result"
-    job_id: str
-    attempt: int
-    status: Literal["ok", "error"]
+    job_id: str = attrs.field(validator=_matches(JOB_ID_PATTERN, "a job id of 1-64 characters of A-Z a-z 0-9 . _ : -"))
+    attempt: int = attrs.field()
+    status: Literal["ok", "error"] = attrs.field()
     source_text: str | None = None
     text: str | None = None
-    error: str | None = None
+    error: str | None = attrs.field(default=None)
+
+    @attempt.validator
+    def _check_attempt(self, _attribute: attrs.Attribute, value: int) -> None:
+        if not 0 <= value <= MAX_ATTEMPT:
+            raise ValueError(f"attempt must be between 0 and {MAX_ATTEMPT}")
+
+    @error.validator
+    def _check_error(self, _attribute: attrs.Attribute, value: str | None) -> None:
+        if value is not None and len(value) > MAX_ERROR_CHARS:
+            raise ValueError(f"error must be at most {MAX_ERROR_CHARS} characters")
 
 
 @attrs.frozen
@@ -358,20 +428,28 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 
+MAX_ERROR_TEXT = 300
+"""An error text never echoes a peer's value at length (it is sent back and logged)."""
+
+
 def _format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
-    if isinstance(exc, ValueError | TypeError) and str(exc) and "literal" not in str(exc):
+    if getattr(type_, "__origin__", None) is Literal:
+        return "must be one of " + ", ".join(map(str, type_.__args__))
+    if isinstance(exc, ValueError | TypeError) and str(exc):
         return str(exc)
     return format_exception(exc, type_)
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ClassValidationError):
-        return "; ".join(cattrs.transform_error(exc, format_exception=_format_exception))
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return f"unexpected fields {sorted(exc.extra_fields)}"
-    return str(exc)
+        text = "; ".join(cattrs.transform_error(exc, format_exception=_format_exception))
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        text = f"unexpected fields {sorted(exc.extra_fields)}"
+    else:
+        text = str(exc)
+    return ascii(text)[1:-1][:MAX_ERROR_TEXT]
 
 
 def _b64decode(data: str) -> bytes:
@@ -383,23 +461,37 @@ def _b64decode(data: str) -> bytes:
 
 def _parse(text: str | bytes, table: dict[str, type], side: str) -> Any:
     try:
-        obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError(BAD_MESSAGE, "text frame is not valid JSON") from None
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(BAD_MESSAGE, f"text frame is not valid JSON ({str(exc).split(':', 1)[0][:60]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_MESSAGE, "a message must be a JSON object")
+    if _depth(obj) > MAX_DEPTH:
+        raise ProtocolError(BAD_MESSAGE, f"a message may nest at most {MAX_DEPTH} levels")
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(BAD_MESSAGE, "a message needs a string field 'type'")
     cls = table.get(kind)
     if cls is None:
-        raise ProtocolError(BAD_MESSAGE, f"unknown message type {kind!r} for {side}; expected one of {sorted(table)}")
+        raise ProtocolError(BAD_MESSAGE, f"unknown message type {ascii(kind[:40])} for {side}; expected one of {sorted(table)}")
     body = {k: v for k, v in obj.items() if k != "type"}
     try:
         msg = converter.structure(body, cls)
     except Exception as exc:  # cattrs raises several exception types; all mean bad input
         raise ProtocolError(BAD_MESSAGE, f"bad {kind}: {_describe(exc)}") from None
     return msg
+
+
+def decode(message: str | bytes, *, limit: int, parse: Callable[[str], Any]) -> Any:
+    """The one decode path of every inbound frame: its size first (``FRAME_TOO_LARGE``,
+    fatal, close 1009), then a binary frame is returned as it is (audio) and a text frame
+    goes through ``parse`` (:func:`parse_client` or :func:`parse_node`)."""
+    if len(message) > limit:
+        raise ProtocolError(FRAME_TOO_LARGE, f"frame of {len(message)} bytes exceeds max_frame_bytes={limit}",
+                            fatal=True, close_code=CLOSE_TOO_BIG)
+    if isinstance(message, bytes):
+        return message
+    return parse(message)
 
 
 def parse_client(text: str | bytes) -> Any:

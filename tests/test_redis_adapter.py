@@ -2,7 +2,7 @@ import pytest
 import trio
 
 from scheduler.placement import lua
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, load_script_sources
+from scheduler.placement.redis_adapter import BadRequest, RedisAdapter, RedisUnavailable, load_script_sources
 
 
 def test_every_script_binds_keys_and_argv_and_documents_its_contract():
@@ -49,6 +49,36 @@ async def test_one_bad_call_does_not_fail_its_batch(redis_url):
             nursery.start_soon(good)
         assert outcomes["good"] == "x"
         assert "not an integer" in str(outcomes["bad"])
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+async def test_a_poisoned_call_fails_alone_between_good_ones(cluster, flushed_single_url, flushed_cluster_url):
+    """A value redis-py cannot encode (a lone surrogate, None, a bool) used to fail the whole
+    pipeline while it was packed: every call batched beside it failed too (a dispatcher lane
+    with them). Now it is refused alone and its neighbours, in the same pipeline, succeed."""
+    url = flushed_cluster_url if cluster else flushed_single_url
+    async with RedisAdapter(url, pool_size=1) as a:
+        poison = [("SET", "{t}:bad", "\ud800"), ("SET", "{t}:none", None), ("SET", "{t}:bool", True)]
+        good = [("SET", f"{{t}}:good{i}", f"v{i}") for i in range(4)]
+        replies = await a.commands_many([good[0], poison[0], good[1], poison[1], good[2], poison[2], good[3]])
+        assert [isinstance(r, BadRequest) for r in replies] == [False, True, False, True, False, True, False]
+        assert [replies[i] for i in (0, 2, 4, 6)] == [True] * 4
+        # and as separate callers that the batcher puts into one pipeline
+        outcomes = {}
+
+        async def call(name, *args):
+            try:
+                outcomes[name] = await a.command(*args)
+            except BadRequest as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(call, f"good{i}", "ECHO", f"e{i}")
+                nursery.start_soon(call, f"bad{i}", "ECHO", "x\udfff")
+        assert all(outcomes[f"good{i}"] == f"e{i}" for i in range(10))
+        assert all(isinstance(outcomes[f"bad{i}"], BadRequest) for i in range(10))
+        assert a.batches_total < 21  # (they did share pipelines)
 
 
 async def test_scripts_reload_after_script_flush(redis_url):

@@ -54,6 +54,7 @@ WRITE_BATCH = 64
 
 class ClientGateway(wsutil.Gateway):
     side = "client"
+    parse = staticmethod(parse_client)
 
     async def handle(self, ws: WebSocketConnection, presented: str | None = None) -> None:
         """Serve one client connection; ``presented`` is the API key its handshake carried
@@ -125,13 +126,10 @@ class ClientGateway(wsutil.Gateway):
             except RedisUnavailable:
                 pass  # the answer poller looks again; unadopted jobs end SKIPPED at their deadline
 
-    async def _accept_init(self, message: str | bytes, presented_key: str | None) -> tuple[SessionInit, journal.Resumed | None]:
+    async def _accept_init(self, msg: object, presented_key: str | None) -> tuple[SessionInit, journal.Resumed | None]:
         """The first frame must be a valid session_init (with an API key when keys are configured)
         for language pairs some pool serves, or the resume of a session Redis still holds."""
-        if isinstance(message, bytes):
-            raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
-        msg = parse_client(message)
-        if isinstance(msg, AudioChunk):
+        if isinstance(msg, bytes | AudioChunk):
             raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
         if not isinstance(msg, SessionInit):
             raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
@@ -233,5 +231,5 @@ class ClientGateway(wsutil.Gateway):
 
         handlers = {AudioChunk: lambda m: audio(m.pcm, m.is_final), Finalize: finalize, CloseSession: close,
                     SessionInit: init_again}
-        await self.read_frames(ws, parse_client, handlers, on_bytes=audio, session_id=actor.session_id)
+        await self.read_frames(ws, handlers, on_bytes=audio, session_id=actor.session_id)
         scope.cancel()

@@ -51,6 +51,7 @@ ANSWER_KEEP_EXTRA_S = 60  # an answer is kept this long past the result deadline
 
 class NodeGateway(wsutil.Gateway):
     side = "node"
+    parse = staticmethod(parse_node)
 
     def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
         super().__init__(**deps)
@@ -92,11 +93,10 @@ class NodeGateway(wsutil.Gateway):
             await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
         event(log, "node_left", node_id=conn.node_id, reason=reason)
 
-    async def _accept_register(self, message: str | bytes, conn_id: str) -> Register:
+    async def _accept_register(self, msg: object, conn_id: str) -> Register:
         """The first frame must be a register with the right token and a node id not connected here."""
-        if isinstance(message, bytes):
+        if isinstance(msg, bytes):
             raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
-        msg = parse_node(message)
         if not isinstance(msg, Register):
             raise ProtocolError(NOT_REGISTERED, f"send register first, got {msg.TYPE}")
         token = self.settings.node_token
@@ -155,7 +155,7 @@ class NodeGateway(wsutil.Gateway):
             conn.last_seen = trio.current_time()
 
         handlers = {Heartbeat: heartbeat, JobResult: job_result, Drain: drain, Register: register_again}
-        return await self.read_frames(ws, parse_node, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
+        return await self.read_frames(ws, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
 
     async def _drained(self, ws: WebSocketConnection, conn: NodeConnection) -> str | None:
         """A draining node that holds no job of this instance is closed: reason ``drained``."""

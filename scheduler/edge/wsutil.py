@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from scheduler.edge.ratelimit import TokenBucket
 from scheduler.ops.logs import event
-from scheduler.protocol import BAD_MESSAGE, CLOSE_TOO_BIG, FRAME_TOO_LARGE, Error, ProtocolError, encode
+from scheduler.protocol import BAD_MESSAGE, Error, ProtocolError, decode, encode
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
@@ -61,14 +61,6 @@ async def send_error(ws: WebSocketConnection, err: ProtocolError) -> None:
         await close(ws, err.close_code, err.code)
 
 
-def check_size(message: str | bytes, limit: int) -> None:
-    if len(message) > limit:
-        raise ProtocolError(
-            FRAME_TOO_LARGE, f"frame of {len(message)} bytes exceeds max_frame_bytes={limit}",
-            fatal=True, close_code=CLOSE_TOO_BIG,
-        )
-
-
 async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer: str) -> None:
     """Writer task: send everything from ``outbox`` until it is closed (or the socket is)."""
     async for msg in outbox:
@@ -81,6 +73,7 @@ class Gateway:
     """What the client and node gateways share: their dependencies and how they refuse a frame."""
 
     side = "peer"  # "client" or "node": metrics label and log event prefix
+    parse: Callable[[str], Any]  # protocol.parse_client or parse_node: a text frame -> a typed message
 
     def __init__(
         self,
@@ -113,21 +106,24 @@ class Gateway:
         event(log, f"{self.side}_error", code=err.code, fatal=err.fatal, message=err.message, **context)
         await send_error(ws, err)
 
+    def decode(self, message: str | bytes) -> Any:
+        """The one decode path (protocol.decode): size, then audio bytes or a typed message."""
+        return decode(message, limit=self.settings.max_frame_bytes, parse=self.parse)
+
     async def first_message(self, ws: WebSocketConnection, peer: str,
-                            accept: Callable[[str | bytes], Awaitable[T]]) -> T | None:
+                            accept: Callable[[Any], Awaitable[T]]) -> T | None:
         """Read frames until ``accept`` takes one (``session_init``, ``register``).
 
-        ``accept`` parses and checks a frame, raising :class:`ProtocolError` to refuse it: a
-        non-fatal refusal leaves the socket open for a corrected frame, a fatal one closes it.
-        Returns None when the connection ended instead.
+        Each frame is decoded (:meth:`decode`: audio bytes or a typed message); ``accept``
+        checks it, raising :class:`ProtocolError` to refuse it: a non-fatal refusal leaves
+        the socket open for a corrected frame, a fatal one closes it. Returns None when the
+        connection ended instead.
         """
         bucket = self.rate_limit()
         while True:
             try:
                 await bucket.take()
-                message = await ws.get_message()
-                check_size(message, self.settings.max_frame_bytes)
-                return await accept(message)
+                return await accept(self.decode(await ws.get_message()))
             except ProtocolError as err:
                 await self.refuse(ws, err, peer=peer)
                 if err.fatal:
@@ -135,17 +131,16 @@ class Gateway:
             except ConnectionClosed:
                 return None
 
-    async def read_frames(self, ws: WebSocketConnection, parse: Callable[[str], Any], handlers: Mapping[type, Handler], *,
+    async def read_frames(self, ws: WebSocketConnection, handlers: Mapping[type, Handler], *,
                           on_bytes: Callable[[bytes], Awaitable[str | None]], on_frame: Callable[[], None] | None = None,
                           **context: Any) -> str:
         """The read loop of a connection after its first message (trio-websocket's
-        ``_reader_task`` is the model): take a rate token, read a frame, check its size, then
-        hand a binary frame to ``on_bytes`` and a text frame, parsed, to the handler for its
+        ``_reader_task`` is the model): take a rate token, read a frame, decode it
+        (:meth:`decode`), then hand audio bytes to ``on_bytes`` and a typed message to the handler for its
         type (a type with no handler is refused ``BAD_MESSAGE``). A handler returns None to
         read on, or the reason to stop. A :class:`ProtocolError` from parsing or a handler is
         counted, logged with ``context`` and answered; a fatal one ends the loop with its
         code. Returns why the loop ended: ``"disconnected"`` when the peer went away."""
-        limit = self.settings.max_frame_bytes
         bucket = self.rate_limit()
         try:
             while True:
@@ -154,11 +149,10 @@ class Gateway:
                 if on_frame is not None:
                     on_frame()
                 try:
-                    check_size(message, limit)
-                    if isinstance(message, bytes):
-                        stop = await on_bytes(message)
+                    msg = self.decode(message)
+                    if isinstance(msg, bytes):
+                        stop = await on_bytes(msg)
                     else:
-                        msg = parse(message)
                         handler = handlers.get(type(msg))
                         if handler is None:
                             raise ProtocolError(BAD_MESSAGE, f"{msg.TYPE} is not expected now")

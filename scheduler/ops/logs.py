@@ -17,8 +17,10 @@ from typing import Any
 
 def _fmt(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' ="\n\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if not text.isprintable():  # control characters, line breaks, lone surrogates: escaped, one line always
+        return '"' + ascii(text)[1:-1].replace('"', '\\"') + '"'
+    if text == "" or any(c in text for c in ' ="\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
 
@@ -55,7 +57,13 @@ class JsonFormatter(logging.Formatter):
             out["msg"] = record.getMessage()
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        line = json.dumps(out, default=str, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: escape it rather than fail the write
+                line = json.dumps(out, default=str)
+        return line
 
 
 def setup(level: str = "info", *, json_lines: bool | None = None) -> None:

@@ -47,6 +47,10 @@ class RedisUnavailable(Exception):
     """Redis could not be reached or the connection broke mid-call."""
 
 
+class BadRequest(Exception):
+    """A call whose arguments cannot be sent to Redis; refused alone, its batch runs on."""
+
+
 class ScriptError(Exception):
     """A script refused the call with a domain error code (first word of the reply)."""
 
@@ -342,7 +346,18 @@ class RedisAdapter:
         return results
 
     def _execute_sync(self, batch: list[_Call]) -> None:
-        """Worker thread: one pipeline; NOSCRIPT -> load scripts and retry those calls once."""
+        """Worker thread: one pipeline; NOSCRIPT -> load scripts and retry those calls once.
+        A call that cannot be encoded is refused alone (:class:`BadRequest`), before the pipeline."""
+        sendable = []
+        for call in batch:
+            problem = unencodable(call.args)
+            if problem is None:
+                sendable.append(call)
+            else:
+                call.error = BadRequest(problem)
+        batch = sendable
+        if not batch:
+            return
         results = self._run_pipeline(batch)
         retry = [c for c, r in zip(batch, results, strict=True) if isinstance(r, redis.exceptions.NoScriptError)]
         if retry:
@@ -355,6 +370,22 @@ class RedisAdapter:
                 call.error = _map_error(result)
             else:
                 call.result = result
+
+
+def unencodable(args: tuple[Any, ...]) -> str | None:
+    """Why redis-py could not encode ``args`` (None when it can). An ASCII string is known
+    to be fine without a look at its characters (``str.isascii`` is a flag): the ~100 KB
+    base64 audio of a job costs nothing here."""
+    for arg in args:
+        if isinstance(arg, str):
+            if not arg.isascii():
+                try:
+                    arg.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a string argument is not valid UTF-8 (a lone surrogate)"
+        elif type(arg) is bool or not isinstance(arg, bytes | bytearray | memoryview | int | float):
+            return f"an argument of type {type(arg).__name__} cannot be sent to Redis"
+    return None
 
 
 def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
