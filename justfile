@@ -2,6 +2,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export UV_PYTHON_DOWNLOADS := "never"
+export STRESS_EXAMPLES_DECODE := env_var_or_default("STRESS_EXAMPLES_DECODE", "20000")
 
 # list the recipes
 default:
@@ -41,7 +42,8 @@ bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
 # the session core's Hypothesis state machine, 10,000 examples: two searches of 5,000 with fresh seeds,
-# one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N
+# one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N;
+# then the decode path's fuzz properties with 20,000 examples each (STRESS_EXAMPLES_DECODE)
 stress *ARGS: sync
     #!/usr/bin/env bash
     set -euo pipefail
@@ -54,6 +56,8 @@ stress *ARGS: sync
     wait "$first" || status=1
     wait "$second" || status=1
     for seed in "${seeds[@]}"; do echo "== seed $seed"; cat "$logs/$seed.log"; done
+    echo "== the decode path's properties (tests/test_decode.py), $STRESS_EXAMPLES_DECODE examples each"
+    HYPOTHESIS_PROFILE=stress STRESS_EXAMPLES=$STRESS_EXAMPLES_DECODE uv run --frozen pytest tests/test_decode.py -q -p no:cacheprovider --timeout 0 || status=1
     exit "$status"
 
 # mutation testing (docs/testing.md): mutmut on the session core, backlog, results and dispatcher with the
@@ -67,6 +71,12 @@ mutants *ARGS:
     uv run --frozen --group mutants python -m tests.mutants.report
     HYPOTHESIS_PROFILE=mutants uv run --frozen python -m tests.mutants.lua_mutants
     uv sync --frozen
+
+# black-box fuzzing (docs/security.md): a real daemon, two nodes, three witness sessions, hostile frames, handshakes and raw
+# bytes on all three listeners; checks it never exits, answers every case as documented and serves the witnesses in order
+# (just fuzz --seconds 600 --seed 7; a failure prints NAME:SEED, to replay: just fuzz --replay NAME:SEED; --help lists the knobs)
+fuzz *ARGS: sync
+    uv run --frozen python -m tests.fuzz.blackbox {{ARGS}}
 
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync
