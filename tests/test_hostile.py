@@ -163,6 +163,20 @@ async def test_trio_websocket_still_raises_on_an_oversized_message_while_closing
     assert info.group_contains(LocalProtocolError)
 
 
+async def test_log_lines_name_the_peer_by_address(daemon, nursery, caplog):
+    """The gateways log ``peer`` from the connection (trio-websocket asks the stream, which is
+    our guard now): it must still read ``address:port``."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO)
+    await start_node(nursery, daemon, node_id="n1")
+    async with session(daemon):
+        pass
+    peers = [r.fields["peer"] for r in caplog.records if getattr(r, "event", None) in ("session_started", "node_joined")]
+    assert len(peers) == 2 and all(re.fullmatch(r"127\.0\.0\.1:\d+", p) for p in peers), peers
+
+
 # ---------------------------------------------------------------- the scanner alone
 
 

@@ -98,6 +98,58 @@ async def test_two_workers_one_port_one_admin_restart_and_drain(tmp_path):
         sup.close()
 
 
+async def _answer_next_job(node) -> None:
+    job, _ = await node.recv_until("job_assign")
+    await node.send(type="job_result", job_id=job["job_id"], attempt=job["attempt"], status="ok", source_text="s", text="t")
+
+
+async def test_a_dead_workers_session_resumes_on_another_worker(tmp_path):
+    """Whatever still kills a worker (the error boundary keeps one connection's failure inside
+    that connection: docs/security.md) costs its sessions a resume, nothing else: the
+    supervisor starts the worker again, and the client resumes on the shared port with every
+    result in order."""
+    sup = Supervisor(tmp_path, "--node-ttl-ms", "60000")  # (the raw test node sends no heartbeats)
+    try:
+        with trio.fail_after(60):
+            async with peer(sup.ws_url + "/v1/node") as node:
+                await node.register("n1", max_jobs=4)
+                while True:  # the kernel spreads connections over the workers: take one that lands on worker 0
+                    async with peer(sup.ws_url + "/v1/session") as client:
+                        await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+                        session_id = (await client.recv())["session_id"]
+                        holder = None
+                        while holder is None:
+                            for w in await sup.workers():
+                                if any(s["session_id"] == session_id for s in (w["status"] or {}).get("sessions", [])):
+                                    holder = w
+                            await trio.sleep(0.1)
+                        if holder["worker"] != 0:
+                            continue
+                        await speak(client)
+                        await client.send(type="finalize")
+                        await _answer_next_job(node)
+                        assert (await client.recv_until("result"))[0]["utterance_index"] == 0
+                        os.kill(holder["pid"], signal.SIGKILL)
+                        with pytest.raises(Exception):  # noqa: B017 (the connection is cut: ConnectionClosed)
+                            await client.recv(timeout=10)
+                        break
+            async with peer(sup.ws_url + "/v1/node") as node:  # a second node: n1 may have been on worker 0 too
+                await node.register("n2", max_jobs=4)
+                async with peer(sup.ws_url + "/v1/session") as client:
+                    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id, resume_from=0)
+                    ready = await client.recv()
+                    assert ready["type"] == "session_ready" and ready["resumed"] and ready["next_utterance_index"] == 1
+                    assert (await client.recv())["utterance_index"] == 0  # re-sent from the journal
+                    await speak(client)
+                    await client.send(type="finalize")
+                    await _answer_next_job(node)
+                    result, _ = await client.recv_until("result")
+                    assert result["utterance_index"] == 1 and result["status"] == "SUCCESS"
+        assert (await sup.workers())[0]["restarts"] == 1
+    finally:
+        sup.close()
+
+
 async def test_workers_behind_tls(tmp_path, tls_certs):
     """--tls-cert: the workers serve wss:// on the shared port, the supervisor's admin port
     https://, and the supervisor reads its workers' admin over TLS (else never ready)."""

@@ -144,10 +144,13 @@ class FrameGuard(trio.abc.Stream):
 
     ``connection`` is set once the handshake is accepted (the boundary does it), so that
     :meth:`aclose` can read the library's close reason. ``closed_with`` is the close code the
-    guard itself sent, if any (for the connection's log line)."""
+    guard itself sent, if any (for the connection's log line). ``repr()`` of the guard is the
+    peer's ``address:port``: trio-websocket names a stream that is not a socket by ``repr()``
+    (``WebSocketConnection.remote``), and the gateways log that."""
 
-    def __init__(self, inner: trio.abc.Stream, limit: int) -> None:
+    def __init__(self, inner: trio.abc.Stream, limit: int, peer: str = "unknown") -> None:
         self.inner = inner
+        self.peer = peer
         self.scanner = FrameScanner(limit)
         self.connection: WebSocketConnection | None = None
         self.closed_with: int | None = None
@@ -156,6 +159,9 @@ class FrameGuard(trio.abc.Stream):
         self._answered = False  # some response (101 or a refusal) went out
         self._close_sent = False
         self._closed = False
+
+    def __repr__(self) -> str:
+        return self.peer
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:

@@ -78,8 +78,9 @@ class WebSocketListener:
             task_status.started(self)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
-        guard = FrameGuard(stream, self._max_message_size)
-        conn = Connection(peer=peer_of(stream), guard=guard)
+        peer = peer_of(stream)
+        guard = FrameGuard(stream, self._max_message_size, peer)
+        conn = Connection(peer=peer, guard=guard)
         try:
             await self._boundary.run(lambda: self._serve(conn), listener=lambda: conn.listener, peer=conn.peer,
                                      on_failure=lambda: guard.fail(CLOSE_INTERNAL, "internal error"))
