@@ -302,6 +302,7 @@ class Client:
         self.rng = rng
         self.report = report
         self.session_id: str | None = None
+        self.resume_token: str | None = None  # from session_ready, presented on every resume
         self.payloads: list[bytes] = []
         self.audio_of: dict[int, bytes] = {}  # utterance index -> the audio the daemon finalized
         self.finalized_at: dict[int, float] = {}
@@ -340,7 +341,7 @@ class Client:
     async def _connection(self, ws: Any, stop_at: float) -> None:
         init: dict[str, Any] = {"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}
         if self.session_id is not None:
-            init |= {"session_id": self.session_id, "resume_from": self.next_result}
+            init |= {"session_id": self.session_id, "resume_token": self.resume_token, "resume_from": self.next_result}
         await ws.send_message(json.dumps(init))
         ready = json.loads(await ws.get_message())
         if ready["type"] == "error":
@@ -351,6 +352,7 @@ class Client:
         if self.session_id is not None:
             self.report.resumes += 1
         self.session_id = ready["session_id"]
+        self.resume_token = ready.get("resume_token") or self.resume_token
         self._settle(ready["next_utterance_index"])
         async with trio.open_nursery() as nursery:
             confirmed = trio.Event()

@@ -84,6 +84,8 @@ so no braces (a Redis Cluster hash tag), colons (key separators), spaces or cont
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 LANG_PATTERN = re.compile(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,3}")
 """A BCP 47-like language code (``en``, ``zh-Hans``, ``pt_BR``): letters first, at most 32 characters."""
+RESUME_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{22,128}")
+"""A session's resume secret as the daemon hands it out (``secrets.token_urlsafe``: 192 bits)."""
 TOKEN_PATTERN = re.compile(r"[\x21-\x7e]{0,512}")
 """Tokens and API keys: printable ASCII without spaces, at most 512 characters (an empty one is
 let through, to be refused ``UNAUTHORIZED`` like any wrong one)."""
@@ -148,6 +150,8 @@ class SessionInit:
     session_id: str | None = attrs.field(default=None, validator=_id)
     resume_from: int | None = attrs.field(default=None)
     api_key: str | None = attrs.field(default=None, repr=False, validator=_token)  # when the daemon requires client API keys
+    resume_token: str | None = attrs.field(  # with session_id: the secret the session's first session_ready carried
+        default=None, repr=False, validator=_matches(RESUME_TOKEN_PATTERN, "the resume_token of the session's session_ready"))
 
     @tgt_langs.validator
     def _check_tgts(self, _attribute: attrs.Attribute, value: list[str]) -> None:
@@ -204,6 +208,7 @@ class SessionReady:
     resumed: bool
     next_utterance_index: int
     limits: dict[str, int]
+    resume_token: str | None = attrs.field(default=None, repr=False)  # the session's resume secret: keep it, show it nowhere
 
 
 @attrs.frozen

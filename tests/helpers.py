@@ -12,6 +12,15 @@ from trio_websocket import open_websocket_url
 from scheduler.reference.node import NodeOptions, ReferenceNode
 from scheduler.session.audio import silence, tone
 
+RESUME_TOKENS: dict[str, str] = {}
+"""session_id -> its resume_token, from every session_ready a :class:`Peer` received."""
+
+
+def token_of(session_id: str) -> str:
+    """The resume token the daemon gave ``session_id`` (a Peer saw its session_ready)."""
+    return RESUME_TOKENS[session_id]
+
+
 SPEECH_100MS = tone(100)
 SILENCE_100MS = silence(100)
 
@@ -28,7 +37,10 @@ class Peer:
 
     async def recv(self, timeout: float = 5.0) -> dict:
         with trio.fail_after(timeout):
-            return json.loads(await self.ws.get_message())
+            msg = json.loads(await self.ws.get_message())
+        if msg.get("type") == "session_ready" and msg.get("resume_token"):
+            RESUME_TOKENS[msg["session_id"]] = msg["resume_token"]
+        return msg
 
     async def recv_until(self, type_: str, timeout: float = 10.0) -> tuple[dict, list[dict]]:
         """Receive until a message of ``type_``; returns it and everything before it."""

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from scheduler.session.audio import tone
 
-from .helpers import peer, start_node
+from .helpers import peer, start_node, token_of
 from .test_e2e import Daemon
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ class ResumingClient:
         """True once the session closed normally; False when the connection broke."""
         init = {"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}
         if self.session_id is not None:
-            init |= {"session_id": self.session_id,
+            init |= {"session_id": self.session_id, "resume_token": token_of(self.session_id),
                      "resume_from": self.results[-1]["utterance_index"] + 1 if self.results else 0}
         try:
             async with peer(url + "/v1/session") as p:
@@ -184,7 +184,8 @@ async def test_jobs_whose_audio_died_with_their_owner_are_adopted_and_moved(tmp_
         b = Daemon(tmp_path / "b", "--redis-url", redis_url, "--instance-id", "b", "--owner-ttl-ms", "1000")
         async with peer(b.ws_url + "/v1/node") as node_b, peer(b.ws_url + "/v1/session") as resumed:
             await node_b.register("nb", max_jobs=1)
-            await resumed.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+            await resumed.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid,
+                                  resume_token=token_of(sid), resume_from=0)
             ready = await resumed.recv()
             assert (ready["type"], ready["next_utterance_index"]) == ("session_ready", 1), ready
             job = await node_b.recv(timeout=6)  # A's liveness lapses (1 s), B's watch moves the job (1 s)
@@ -228,7 +229,8 @@ async def test_nothing_is_placed_on_a_dead_instance_s_node(tmp_path, redis_url):
                 os.kill(daemons["a"].proc.pid, signal.SIGKILL)
             killed_at = trio.current_time()
             async with peer(daemons["c"].ws_url + "/v1/session") as client:
-                await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+                await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid,
+                                  resume_token=token_of(sid), resume_from=0)
                 assert (await client.recv())["type"] == "session_ready"
                 finalized_at, results = {}, []
                 for k in range(8):

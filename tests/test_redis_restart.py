@@ -14,7 +14,7 @@ from scheduler.jobs import job_key_for
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.placement import keys
 
-from .helpers import peer, session, speak, start_node
+from .helpers import peer, session, speak, start_node, token_of
 from .test_e2e import Daemon, log_events
 from .test_gateways import http_get
 
@@ -86,7 +86,8 @@ async def test_sessions_stay_resumable_after_redis_loses_its_data(tmp_path, star
             finally:
                 client.close()
             async with peer(daemon.ws_url + "/v1/session") as r:  # takes the session over (its jobs stay)
-                await r.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_from=0)
+                await r.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid,
+                                  resume_token=token_of(sid), resume_from=0)
                 ready = await r.recv()
                 assert (ready["type"], ready["resumed"], ready["next_utterance_index"]) == ("session_ready", True, 1), ready
                 result, _ = await r.recv_until("result", timeout=10)

@@ -16,7 +16,7 @@ from scheduler.placement import keys, lua
 from scheduler.placement.redis_adapter import Fenced, RedisAdapter
 from scheduler.protocol import Busy, SessionClosed
 
-from .helpers import SPEECH_100MS, peer, session, start_node
+from .helpers import RESUME_TOKENS, SPEECH_100MS, peer, session, start_node
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -54,7 +54,8 @@ async def resume(running, session_id: str, resume_from: int | None = None):
     p = peer(running.ws_url + "/v1/session")
     client = await p.__aenter__()
     extra = {} if resume_from is None else {"resume_from": resume_from}
-    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id, **extra)
+    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id,
+                      resume_token=RESUME_TOKENS.get(session_id, "x" * 32), **extra)
     client.ready = await client.recv()
     client.cm = p
     return client

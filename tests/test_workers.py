@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 import trio
 
-from .helpers import peer, speak
+from .helpers import peer, speak, token_of
 from .test_e2e import log_events
 from .test_gateways import http_get
 
@@ -136,7 +136,8 @@ async def test_a_dead_workers_session_resumes_on_another_worker(tmp_path):
             async with peer(sup.ws_url + "/v1/node") as node:  # a second node: n1 may have been on worker 0 too
                 await node.register("n2", max_jobs=4)
                 async with peer(sup.ws_url + "/v1/session") as client:
-                    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id, resume_from=0)
+                    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id,
+                                      resume_token=token_of(session_id), resume_from=0)
                     ready = await client.recv()
                     assert ready["type"] == "session_ready" and ready["resumed"] and ready["next_utterance_index"] == 1
                     assert (await client.recv())["utterance_index"] == 0  # re-sent from the journal

@@ -82,6 +82,7 @@ class Session:
         self._failed: SessionFailed | None = None
         self._finishing = False
         self.session_id: str | None = None
+        self._resume_token: str | None = None  # from the first session_ready; never logged or shown
         self.ready: SessionReady | None = None
         self.next_result = 0  # results arrive in index order: the first one not received yet
         self.resumes = 0
@@ -174,7 +175,7 @@ class Session:
         """True when the session is over; False to resume on the next URL."""
         init = self._init
         if self.session_id is not None:
-            init = attrs.evolve(init, session_id=self.session_id, resume_from=self.next_result)
+            init = attrs.evolve(init, session_id=self.session_id, resume_from=self.next_result, resume_token=self._resume_token)
         async with open_websocket_url(url, ssl_context=self._ssl, subprotocols=self._protocols) as ws:
             await ws.send_message(encode(init))
             ready = parse_from_daemon(await ws.get_message(), "client")
@@ -185,6 +186,7 @@ class Session:
                 self.resumes += 1
                 await self._send.send(ready)  # resumed: the caller sees it in the message stream
             self.session_id, self.ready = ready.session_id, ready
+            self._resume_token = ready.resume_token or self._resume_token  # the session's secret: presented on every resume
             self._ready_seen = True
             for pcm, is_final in list(self._kept.frames):  # what the daemon may not have
                 await ws.send_message(_frame(pcm, is_final))

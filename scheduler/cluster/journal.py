@@ -12,6 +12,12 @@ Write-ahead: the client gateway's writer hands each batch of outgoing messages t
 adapter), so the client never holds an ``utterance_finalized`` or ``result`` the journal
 lacks. Audio that was not finalized yet is not journaled: the client resends it.
 
+Resume secret: a new session gets a resume token (:func:`new_resume_token`, 192 random bits)
+in its ``session_ready``; the journal keeps only its digest (``Meta.auth``, with the API key
+that opened the session folded in: :func:`resume_digest`), and :func:`resume` passes the
+digest of what the client presented to ``session_resume.lua``, which compares them in
+constant time before it changes anything. Without the token nobody takes a session over.
+
 Fencing: :func:`resume` raises the epoch atomically with reading the journal. From then on
 the old owner's journal writes fail with :class:`~scheduler.redis_adapter.Fenced` (its
 session ends as ``taken_over`` without cancelling jobs: the new owner wants their answers),
@@ -20,8 +26,10 @@ and so do its job creations (``dispatch_task`` checks the epoch too).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 from typing import Any
 
 import attrs
@@ -38,19 +46,36 @@ RETRY_S = 0.5
 FINAL_CLOSE_REASONS = ("client_close", "idle_timeout")  # not resumable; "shutdown" and lost sockets are
 
 
+RESUME_REFUSED = "is not known here (never opened, expired, ended, or the resume_token does not match)"
+"""The one text of every refused resume: an unknown id, an ended session and a wrong token look alike."""
+
+
+def new_resume_token() -> str:
+    """A session's resume secret: 192 random bits, URL-safe (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def resume_digest(token: str, api_key: str | None) -> str:
+    """What the journal keeps of a resume token (and of the API key that opened the session,
+    "" when the daemon requires none): SHA-256, hex. The token itself is stored nowhere."""
+    return hashlib.sha256(b"scheduler.resume.v1\0" + token.encode() + b"\0" + (api_key or "").encode()).hexdigest()
+
+
 @attrs.frozen
 class Meta:
     src_lang: str
     tgt_langs: tuple[str, ...]
     sample_rate: int
+    auth: str = attrs.field(default="", repr=False)  # resume_digest of the session's token (and key)
 
     def to_json(self) -> str:
-        return json.dumps({"src_lang": self.src_lang, "tgt_langs": list(self.tgt_langs), "sample_rate": self.sample_rate})
+        return json.dumps({"src_lang": self.src_lang, "tgt_langs": list(self.tgt_langs), "sample_rate": self.sample_rate,
+                           "auth": self.auth})
 
     @classmethod
     def from_json(cls, text: str) -> Meta:
         data = json.loads(text)
-        return cls(str(data["src_lang"]), tuple(data["tgt_langs"]), int(data["sample_rate"]))
+        return cls(str(data["src_lang"]), tuple(data["tgt_langs"]), int(data["sample_rate"]), str(data.get("auth", "")))
 
 
 @attrs.frozen
@@ -91,13 +116,22 @@ async def open_session(redis: RedisAdapter, session_id: str, instance_id: str, m
     return 1
 
 
-async def resume(redis: RedisAdapter, session_id: str, instance_id: str) -> Resumed:
-    """Take the session over (epoch + 1) and read its journal; ``UNKNOWN_SESSION`` if there
-    is none (never existed, expired, or closed for good)."""
-    reply = await redis.script(*lua.session_resume(session_id, instance_id))
+class ResumeRefused(ProtocolError):
+    """``UNKNOWN_SESSION`` (fatal, 1008), one text for every cause; ``why`` (``unknown``,
+    ``denied``, ``closed``) is for the metric only, never for the peer."""
+
+    def __init__(self, session_id: str, why: str) -> None:
+        super().__init__(UNKNOWN_SESSION, f"session {session_id} {RESUME_REFUSED}", fatal=True, close_code=CLOSE_POLICY)
+        self.why = why
+
+
+async def resume(redis: RedisAdapter, session_id: str, instance_id: str, auth: str) -> Resumed:
+    """Take the session over (epoch + 1) and read its journal, if ``auth`` (:func:`resume_digest`
+    of the presented token and key) matches; :class:`ResumeRefused` if it does not, or there is
+    no such session (never existed, expired, or closed for good)."""
+    reply = await redis.script(*lua.session_resume(session_id, instance_id, auth))
     if reply[0] != "OK":
-        why = "has ended" if reply[0] == "CLOSED" else "is not known (never opened, or expired)"
-        raise ProtocolError(UNKNOWN_SESSION, f"session {session_id} {why}", fatal=True, close_code=CLOSE_POLICY)
+        raise ResumeRefused(session_id, str(reply[0]).lower())
     return parse(int(reply[1]), reply[2])
 
 

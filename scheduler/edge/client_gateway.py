@@ -15,6 +15,7 @@ import hmac
 import logging
 import uuid
 
+import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
@@ -52,6 +53,18 @@ log = logging.getLogger("scheduler.client_gateway")
 WRITE_BATCH = 64
 
 
+@attrs.frozen
+class Admission:
+    """An accepted ``session_init``: a new session (``resumed`` None; ``auth`` the digest its
+    journal keeps) or a resume; ``token`` is the session's resume secret (sent back in
+    ``session_ready``, never logged)."""
+
+    init: SessionInit
+    resumed: journal.Resumed | None
+    token: str = attrs.field(repr=False)
+    auth: str = attrs.field(repr=False)
+
+
 class ClientGateway(wsutil.Gateway):
     side = "client"
     parse = staticmethod(parse_client)
@@ -63,9 +76,10 @@ class ClientGateway(wsutil.Gateway):
         accepted = await self.first_message(ws, peer, lambda message: self._accept_init(message, presented))
         if accepted is None:
             return
-        init, resumed = accepted
+        init, resumed, token = accepted.init, accepted.resumed, accepted.token
         if resumed is None:
-            session_id, meta, next_index, pending = uuid.uuid4().hex, Meta(init.src_lang, tuple(init.tgt_langs), init.sample_rate), 0, []
+            meta = Meta(init.src_lang, tuple(init.tgt_langs), init.sample_rate, accepted.auth)
+            session_id, next_index, pending = uuid.uuid4().hex, 0, []
         else:
             session_id, meta, next_index = init.session_id, resumed.meta, resumed.next_index
             pending = [PendingUtterance(o.index, o.reason, o.turn_id, trio.current_time() + (o.deadline_ms - now_ms()) / 1000)
@@ -101,7 +115,8 @@ class ClientGateway(wsutil.Gateway):
         reason = "disconnected"
         try:
             await wsutil.send(ws, SessionReady(session_id=session_id, resumed=resumed is not None,
-                                               next_utterance_index=next_index, limits=self.settings.limits))
+                                               next_utterance_index=next_index, limits=self.settings.limits,
+                                               resume_token=token))
             if resumed is not None:
                 for text in resumed.results_from(init.resume_from or 0):
                     await wsutil.send(ws, Encoded(Result.TYPE, text))
@@ -126,25 +141,40 @@ class ClientGateway(wsutil.Gateway):
             except RedisUnavailable:
                 pass  # the answer poller looks again; unadopted jobs end SKIPPED at their deadline
 
-    async def _accept_init(self, msg: object, presented_key: str | None) -> tuple[SessionInit, journal.Resumed | None]:
+    async def _accept_init(self, msg: object, presented_key: str | None) -> Admission:
         """The first frame must be a valid session_init (with an API key when keys are configured)
-        for language pairs some pool serves, or the resume of a session Redis still holds."""
+        for language pairs some pool serves, or the resume of a session Redis still holds by
+        the holder of its resume token (and of the key that opened it). Every refused resume
+        looks the same to the client (journal.ResumeRefused); a missing token is checked like
+        a wrong one, through the same script, so that neither answers sooner."""
         if isinstance(msg, bytes | AudioChunk):
             raise ProtocolError(NOT_INITIALIZED, "send session_init before audio")
         if not isinstance(msg, SessionInit):
             raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
-        keys_ = self.settings.api_keys
-        if keys_:
-            key = (presented_key or msg.api_key or "").encode()
-            if not any(hmac.compare_digest(key, k.encode()) for k in keys_):
-                raise ProtocolError(UNAUTHORIZED, "missing or unknown API key", fatal=True, close_code=CLOSE_POLICY)
+        key = self._api_key(msg, presented_key)
         if msg.session_id is not None:
+            token = msg.resume_token or ""
             try:
-                return msg, await journal.resume(self._redis, msg.session_id, self.settings.instance_id)
+                resumed = await journal.resume(self._redis, msg.session_id, self.settings.instance_id, journal.resume_digest(token, key))
+            except journal.ResumeRefused as exc:
+                self._metrics.resume_refused_total.labels(exc.why).inc()
+                raise
             except RedisUnavailable as exc:
                 raise redis_unavailable(exc) from None
+            return Admission(msg, resumed, token, "")
         await self._check_pairs(msg)
-        return msg, None
+        token = journal.new_resume_token()
+        return Admission(msg, None, token, journal.resume_digest(token, key))
+
+    def _api_key(self, msg: SessionInit, presented: str | None) -> str | None:
+        """The API key the client presented, once checked (None: the daemon requires none)."""
+        keys_ = self.settings.api_keys
+        if not keys_:
+            return None
+        key = presented or msg.api_key or ""
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys_):
+            raise ProtocolError(UNAUTHORIZED, "missing or unknown API key", fatal=True, close_code=CLOSE_POLICY)
+        return key
 
     async def _check_pairs(self, init: SessionInit) -> None:
         missing = []

@@ -40,6 +40,10 @@ class Metrics:
         self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
         self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
                                               "Client sessions resumed here (session_init with session_id)", registry=r)
+        self.resume_refused_total = Counter(
+            p + "resume_refused_total", "Resumes refused UNKNOWN_SESSION, by why: unknown (no such session), denied (the "
+            "resume_token, or the API key, does not match), closed (it ended for good); the client gets one answer for all",
+            ["why"], registry=r)
         self.sessions_taken_over_total = Counter(p + "sessions_taken_over_total",
                                                  "Sessions held here that were resumed on another connection", registry=r)
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)

@@ -134,5 +134,6 @@ def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: 
             [epoch, keys.KEY_TTL_S, meta, keep, "" if finalized is None else finalized, *(x for entry in entries for x in entry)])
 
 
-def session_resume(session_id: str, instance_id: str) -> Call:
-    return "session_resume", [keys.session(session_id)], [instance_id, keys.KEY_TTL_S]
+def session_resume(session_id: str, instance_id: str, auth: str) -> Call:
+    """``auth``: the digest of the presented resume token (and API key), journal.resume_digest."""
+    return "session_resume", [keys.session(session_id)], [instance_id, keys.KEY_TTL_S, auth]

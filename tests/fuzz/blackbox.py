@@ -59,13 +59,13 @@ class Report:
     rss_mb: dict = attrs.field(factory=dict)
 
 
-async def _witness(url: str, index: int, stop: trio.Event, report: Report) -> None:
+async def _witness(url: str, index: int, stop: trio.Event, report: Report, session_ids: list[str]) -> None:
     """A well-behaved client: 300 ms of speech and a finalize, in real time, until ``stop``;
     then close_session and check its results."""
     results: list[dict] = []
     sent = [0]
     try:
-        await _stream(url, stop, results, sent)
+        await _stream(url, stop, results, sent, session_ids)
     except Exception as exc:  # noqa: BLE001 (a group from its nursery too: the daemon cut or refused it)
         report.witnesses.append({"witness": index, "error": repr(exc)[:300], "ok": False})
         return
@@ -75,10 +75,12 @@ async def _witness(url: str, index: int, stop: trio.Event, report: Report) -> No
     report.witnesses.append({"witness": index, "utterances": sent[0], "results": len(results), "statuses": statuses, "ok": ok})
 
 
-async def _stream(url: str, stop: trio.Event, results: list[dict], sent: list[int]) -> None:
+async def _stream(url: str, stop: trio.Event, results: list[dict], sent: list[int], session_ids: list[str]) -> None:
     async with open_websocket_url(url + "/v1/session") as ws:
         await ws.send_message(json.dumps({"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"]}))
-        assert json.loads(await ws.get_message())["type"] == "session_ready"
+        ready = json.loads(await ws.get_message())
+        assert ready["type"] == "session_ready"
+        session_ids.append(ready["session_id"])
 
         async def read() -> None:
             while True:
@@ -169,7 +171,7 @@ async def _run(args: argparse.Namespace, log_path: Path) -> Report:
             baseline = _usage(daemon.pid)
             async with trio.open_nursery() as clients:
                 for i in range(3):
-                    clients.start_soon(_witness, url, i, stop, report)
+                    clients.start_soon(_witness, url, i, stop, report, target.session_ids)
                 clients.start_soon(_health, admin_port, stop, report)
                 rng = random.Random(args.seed)
                 deadline = trio.current_time() + args.seconds

@@ -36,6 +36,7 @@ class Target:
     admin_port: int
     node_token: str
     max_frame_bytes: int
+    session_ids: list[str] = attrs.field(factory=list)  # the witnesses': a hijack must never take one over
 
 
 def _json_value(rng: random.Random, depth: int = 0):
@@ -254,6 +255,30 @@ async def resume_unknown(target: Target, rng: random.Random) -> None:
         await peer.aclose()
 
 
+async def hijack(target: Target, rng: random.Random) -> None:
+    """Resume a witness's session by its id, without its token, with a made-up one or a malformed
+    one: UNKNOWN_SESSION (1008), and the witness goes on (the run checks its results)."""
+    if not target.session_ids:
+        await trio.sleep(0.1)  # the witnesses have not started yet
+        return
+    init = {"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"], "session_id": rng.choice(target.session_ids),
+            "resume_from": 0}
+    token = rng.choice([None, "", f"{rng.getrandbits(128):032x}", "A" * 43, "x"])
+    if token is not None:
+        init["resume_token"] = token
+    peer = await _upgraded(target, "/v1/session")
+    try:
+        await peer.send(frame(0x1, json.dumps(init).encode()))
+        first = await _next_text(peer)
+        if first.get("code") == "BAD_MESSAGE" and token in ("", "x"):
+            return  # a malformed token is refused as such, not fatal
+        code, _ = await _answer(peer)
+        if first.get("code") != "UNKNOWN_SESSION" or code != 1008:
+            raise Violation(f"a hijack without the token got {str(first)[:200]} and close {code}")
+    finally:
+        await peer.aclose()
+
+
 async def bad_handshake(target: Target, rng: random.Random) -> None:
     data, statuses = rng.choice([
         (request(key="c2hvcnQ="), {400}), (request(key=None), {400}), (request(version="8"), {426}),
@@ -313,4 +338,4 @@ async def admin_garbage(target: Target, rng: random.Random) -> None:
 Case = Callable[[Target, random.Random], Awaitable[None]]
 CASES: dict[str, Case] = {f.__name__: f for f in (
     oversized_pair, huge_header, frame_protocol_error, client_garbage, node_garbage, wrong_token, resume_unknown,
-    bad_handshake, random_bytes, admin_garbage)}
+    hijack, bad_handshake, random_bytes, admin_garbage)}

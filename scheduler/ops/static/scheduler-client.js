@@ -43,6 +43,7 @@ export class SchedulerClient extends EventTarget {
     this.maxReconnects = maxReconnects;
     this.keepBytes = Math.round((keepMs / 1000) * sampleRate * 2);
     this.sessionId = null;
+    this._resumeToken = null; // from session_ready; without it nobody (this client included) resumes the session
     this.nextResult = 0; // results arrive in index order: the first one not received yet
     this.state = "idle"; // idle, connecting, ready, finishing, closed
     this._ws = null;
@@ -126,7 +127,9 @@ export class SchedulerClient extends EventTarget {
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       const init = { type: "session_init", src_lang: this.srcLang, tgt_langs: this.tgtLangs, sample_rate: this.sampleRate };
-      if (this.sessionId) Object.assign(init, { session_id: this.sessionId, resume_from: this.nextResult });
+      if (this.sessionId) {
+        Object.assign(init, { session_id: this.sessionId, resume_token: this._resumeToken, resume_from: this.nextResult });
+      }
       this._send(init);
     };
     ws.onmessage = (event) => {
@@ -144,6 +147,7 @@ export class SchedulerClient extends EventTarget {
       case "session_ready": {
         const resumed = this.sessionId !== null;
         this.sessionId = msg.session_id;
+        if (msg.resume_token) this._resumeToken = msg.resume_token; // the session's secret: sent on every resume
         this.state = "ready";
         this._attempt = 0;
         // what the daemon may not have: the audio since the last utterance_finalized,
