@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -30,7 +29,7 @@ from scheduler.edge import handshake, wsutil
 from scheduler.edge.client_gateway import ClientGateway
 from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
-from scheduler.edge.ws_listener import Connection, WebSocketListener
+from scheduler.edge.ws_listener import Connection, Limits, WebSocketListener
 from scheduler.ops import tls
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.boundary import Boundary
@@ -38,6 +37,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
+from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeRegistry
@@ -53,15 +53,6 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 HEALTH_INTERVAL = 1.0
 REDIS_START_WAIT_S = 30.0  # at start-up, how long to wait for an unreachable Redis before giving up
-
-
-def redacted(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 @attrs.define(eq=False)
@@ -109,6 +100,7 @@ async def serve(
     handle_signals: bool = True,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    _warn_if_open(settings)
     embedded: EmbeddedValkey | None = None
     if settings.redis_url:
         url = settings.redis_url
@@ -122,6 +114,35 @@ async def serve(
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+FD_HEADROOM = 256
+"""File descriptors kept for everything but WebSocket connections (Redis, Valkey, admin, logs)."""
+
+
+def connection_limit(configured: int) -> int:
+    """``max_connections``, or when 0 what the open-file limit allows less :data:`FD_HEADROOM`
+    (the soft limit is first raised to the hard one, as far as the system lets it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return configured or max(16, soft - FD_HEADROOM)
+
+
+def _warn_if_open(settings: Settings) -> None:
+    """Protected mode let an open listener start only because the operator said so: say it again."""
+    if not settings.node_tokens and settings.insecure_open_nodes:
+        event(log, "insecure_open_nodes", logging.WARNING, ws_host=settings.ws_host,
+              detail="no node_token: anyone who can reach the port may register as a node and receive users' audio")
+    if not settings.admin_tokens and settings.insecure_open_admin:
+        event(log, "insecure_open_admin", logging.WARNING, admin_host=settings.admin_host,
+              detail="no admin_token: anyone who can reach the admin port may read every session and node")
 
 
 async def _wait_for_redis(redis: RedisAdapter, url: str) -> None:
@@ -235,6 +256,8 @@ async def _serve(
             _router(parts, settings, lambda: running),
             tls.wrap(await open_listeners(settings.ws_host, settings.ws_port, reuse_port=settings.reuse_port), context),
             boundary=boundary,
+            limits=Limits(connection_limit(settings.max_connections), settings.max_connections_per_ip,
+                          parts.metrics.connections_refused_total),
             max_message_size=2 * settings.max_frame_bytes,
             message_queue_size=4,
             handshake_timeout=HANDSHAKE_TIMEOUT_S,
@@ -242,7 +265,7 @@ async def _serve(
         await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
                             lambda: _status(running, parts.dispatcher), cors_origins=settings.admin_cors_origins,
-                            ssl_context=context, boundary=boundary)
+                            ssl_context=context, boundary=boundary, tokens=settings.admin_tokens)
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,

@@ -86,6 +86,7 @@ class RawPeer:
             if not await self._more():
                 return None
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.last_head = head
         if b"content-length:" in head.lower():
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             while len(self.buffer) < length:

@@ -71,3 +71,7 @@ def test_unit_file_is_type_notify_with_watchdog_and_hardening():
     for option in ("DynamicUser", "NoNewPrivileges", "ProtectSystem"):
         assert option in service
     assert "scheduler serve" in service["ExecStart"]
+    text = (ROOT / "deploy" / "scheduler.service").read_text()
+    for secret in ("node_token", "admin_token", "client_api_keys", "redis_url"):  # as credentials, never inline
+        assert f"LoadCredential={secret}:/etc/scheduler/credentials/{secret}" in text
+    assert "token=" not in service["ExecStart"].lower() and "redis://" not in text

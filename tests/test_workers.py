@@ -151,6 +151,36 @@ async def test_a_dead_workers_session_resumes_on_another_worker(tmp_path):
         sup.close()
 
 
+async def test_the_admin_token_guards_the_supervisors_port_and_it_reads_its_workers_with_it(tmp_path):
+    import urllib.request
+
+    sup = Supervisor(tmp_path, "--admin-token", "adm-new,adm-old")
+
+    def get(path: str, token: str | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{sup.admin_port}{path}",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
+    try:
+        with trio.fail_after(30):
+            while (await trio.to_thread.run_sync(get, "/readyz"))[0] != 200:  # open, as /healthz
+                await trio.sleep(0.2)
+            assert (await trio.to_thread.run_sync(get, "/status"))[0] == 401
+            while True:  # the supervisor reads each worker's (guarded) /status with the token
+                code, body = await trio.to_thread.run_sync(get, "/status", "adm-old")
+                if code == 200 and all(w["status"] for w in json.loads(body)["workers"]):
+                    break
+                await trio.sleep(0.2)
+            code, body = await trio.to_thread.run_sync(get, "/metrics", "adm-new")
+            assert code == 200 and b'scheduler_sessions_total{worker="1"}' in body
+    finally:
+        sup.close()
+
+
 async def test_workers_behind_tls(tmp_path, tls_certs):
     """--tls-cert: the workers serve wss:// on the shared port, the supervisor's admin port
     https://, and the supervisor reads its workers' admin over TLS (else never ready)."""

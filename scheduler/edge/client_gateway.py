@@ -11,7 +11,6 @@ fatal error.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 
@@ -22,6 +21,7 @@ from trio_websocket import WebSocketConnection
 from scheduler.cluster import journal
 from scheduler.cluster.journal import Meta
 from scheduler.edge import wsutil
+from scheduler.ops import secrets
 from scheduler.ops.logs import event
 from scheduler.placement.redis_adapter import RedisUnavailable, now_ms
 from scheduler.protocol import (
@@ -172,7 +172,7 @@ class ClientGateway(wsutil.Gateway):
         if not keys_:
             return None
         key = presented or msg.api_key or ""
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys_):
+        if not secrets.matches(key, keys_):
             raise ProtocolError(UNAUTHORIZED, "missing or unknown API key", fatal=True, close_code=CLOSE_POLICY)
         return key
 

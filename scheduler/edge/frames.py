@@ -49,7 +49,10 @@ MAX_REQUEST_BYTES = 16384
 """The upgrade request, headers included; past it: HTTP 431 (h11 lets a request that arrives whole run past its own limit)."""
 REQUEST_TOO_LARGE = 431
 _END_OF_REQUEST = b"\r\n\r\n"
-_HTTP_REFUSALS = {400: b"400 Bad Request", REQUEST_TOO_LARGE: b"431 Request Header Fields Too Large"}
+SERVICE_UNAVAILABLE = 503
+RETRY_AFTER_S = 5
+_HTTP_REFUSALS = {400: b"400 Bad Request", REQUEST_TOO_LARGE: b"431 Request Header Fields Too Large",
+                  SERVICE_UNAVAILABLE: b"503 Service Unavailable\r\nRetry-After: %d" % RETRY_AFTER_S}
 
 
 class FrameScanner:
@@ -187,8 +190,8 @@ class FrameGuard(trio.abc.Stream):
     async def fail(self, code: int, reason: str = "") -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close frame with ``code`` unless one
         went out already, then close the transport. Before the upgrade, answer an HTTP
-        refusal instead (431 for :data:`REQUEST_TOO_LARGE`, else 400). Bounded in time, safe
-        under cancellation."""
+        refusal instead (431 for :data:`REQUEST_TOO_LARGE`, 503 with ``Retry-After`` for
+        :data:`SERVICE_UNAVAILABLE`, else 400). Bounded in time, safe under cancellation."""
         with trio.CancelScope(shield=True):
             last_words = None
             if self._upgraded and not self._close_sent:

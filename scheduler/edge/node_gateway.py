@@ -12,7 +12,6 @@ dispatched again to other nodes (attempt + 1) by the dispatcher.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from typing import Any
@@ -23,6 +22,7 @@ from trio_websocket import WebSocketConnection
 from scheduler.cluster.relay import encode_answer
 from scheduler.edge import wsutil
 from scheduler.jobs import JobOutcome
+from scheduler.ops import secrets
 from scheduler.ops.logs import event
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
 from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
@@ -99,8 +99,8 @@ class NodeGateway(wsutil.Gateway):
             raise ProtocolError(BAD_MESSAGE, "nodes send text frames only")
         if not isinstance(msg, Register):
             raise ProtocolError(NOT_REGISTERED, f"send register first, got {msg.TYPE}")
-        token = self.settings.node_token
-        if token is not None and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
+        accepted = self.settings.node_tokens
+        if accepted and not secrets.matches(msg.token, accepted):
             raise ProtocolError(UNAUTHORIZED, "register token missing or wrong", fatal=True, close_code=CLOSE_POLICY)
         if msg.node_id in self._nodes:
             raise ProtocolError(DUPLICATE_NODE_ID, f"node {msg.node_id} is already connected",

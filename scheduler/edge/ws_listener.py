@@ -8,6 +8,10 @@ trio-websocket's own ``WebSocketServer`` runs the reader in a nursery nobody gua
 library exception on one connection ended the listener and the daemon (issue 29).
 
 Resource handling
+    At most ``max_connections`` connections at once, and ``max_connections_per_ip`` from one
+    peer address (0: no limit): past either, a new connection is answered HTTP 503 with
+    ``Retry-After`` before anything is read, counted in
+    ``scheduler_connections_refused_total{reason}``; nothing already connected is touched.
     Per connection: the guard (the transport), the library's reader task and message queue
     (``message_queue_size`` messages of at most ``max_message_size``), the handler. The
     handshake must complete within ``handshake_timeout`` or the transport is closed. When
@@ -21,6 +25,7 @@ Error handling
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -28,10 +33,13 @@ import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
-from scheduler.edge.frames import CLOSE_INTERNAL, FrameGuard
+from scheduler.edge.frames import CLOSE_INTERNAL, SERVICE_UNAVAILABLE, FrameGuard
 from scheduler.ops.boundary import Boundary, peer_of
+from scheduler.ops.logs import event
 
 CLOSE_TIMEOUT_S = 2.0
+
+log = logging.getLogger("scheduler.edge")
 
 
 @attrs.define(eq=False)
@@ -54,10 +62,48 @@ class Connection:
 Handler = Callable[[WebSocketRequest, Connection], Awaitable[None]]
 
 
+@attrs.define
+class Limits:
+    """How many connections the listener holds at once: in all, and per peer address (0: no
+    limit). ``refused`` counts refusals by reason (a prometheus Counter)."""
+
+    max_connections: int
+    per_ip: int
+    refused: object
+    open: int = 0
+    by_ip: dict[str, int] = attrs.field(factory=dict)
+    full: bool = False  # the max_connections episode, for one log line when it starts and ends
+
+    def admit(self, ip: str) -> str | None:
+        """Take a place for a connection from ``ip``, or say why not."""
+        if self.max_connections and self.open >= self.max_connections:
+            if not self.full:
+                self.full = True
+                event(log, "connections_limit_reached", logging.WARNING, max_connections=self.max_connections)
+            return "max_connections"
+        if self.per_ip and self.by_ip.get(ip, 0) >= self.per_ip:
+            return "max_connections_per_ip"
+        self.open += 1
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.open -= 1
+        left = self.by_ip[ip] - 1
+        if left:
+            self.by_ip[ip] = left
+        else:
+            del self.by_ip[ip]
+        if self.full and self.open < self.max_connections:
+            self.full = False
+            event(log, "connections_limit_cleared", open=self.open)
+
+
 class WebSocketListener:
-    def __init__(self, handler: Handler, listeners: Sequence[trio.abc.Listener], *, boundary: Boundary,
+    def __init__(self, handler: Handler, listeners: Sequence[trio.abc.Listener], *, boundary: Boundary, limits: Limits,
                  max_message_size: int, message_queue_size: int, handshake_timeout: float) -> None:
         self._handler = handler
+        self.limits = limits
         self._listeners = list(listeners)
         self._boundary = boundary
         self._max_message_size = max_message_size
@@ -79,12 +125,20 @@ class WebSocketListener:
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
         peer = peer_of(stream)
+        ip = peer.rpartition(":")[0]
         guard = FrameGuard(stream, self._max_message_size, peer)
+        refused = self.limits.admit(ip)
+        if refused is not None:
+            self.limits.refused.labels(refused).inc()
+            event(log, "connection_refused", logging.DEBUG, reason=refused, peer=peer)
+            await guard.fail(SERVICE_UNAVAILABLE)
+            return
         conn = Connection(peer=peer, guard=guard)
         try:
             await self._boundary.run(lambda: self._serve(conn), listener=lambda: conn.listener, peer=conn.peer,
                                      on_failure=lambda: guard.fail(CLOSE_INTERNAL, "internal error"))
         finally:
+            self.limits.release(ip)
             await guard.aclose()
 
     async def _serve(self, conn: Connection) -> None:

@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from scheduler.edge.ratelimit import TokenBucket
 from scheduler.ops.logs import event
-from scheduler.protocol import BAD_MESSAGE, Error, ProtocolError, decode, encode
+from scheduler.protocol import BAD_MESSAGE, CLOSE_POLICY, INIT_TIMEOUT, Error, ProtocolError, decode, encode
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
@@ -116,9 +116,19 @@ class Gateway:
 
         Each frame is decoded (:meth:`decode`: audio bytes or a typed message); ``accept``
         checks it, raising :class:`ProtocolError` to refuse it: a non-fatal refusal leaves
-        the socket open for a corrected frame, a fatal one closes it. Returns None when the
-        connection ended instead.
+        the socket open for a corrected frame, a fatal one closes it. A connection that has
+        not been accepted ``init_timeout_ms`` after its handshake gets ``INIT_TIMEOUT``
+        (fatal, 1008). Returns None when the connection ended instead.
         """
+        timeout_ms = self.settings.init_timeout_ms
+        with trio.move_on_after(timeout_ms / 1000):
+            return await self._first_message(ws, peer, accept)
+        first = "session_init" if self.side == "client" else "register"
+        await self.refuse(ws, ProtocolError(INIT_TIMEOUT, f"no valid {first} within {timeout_ms} ms", fatal=True,
+                                            close_code=CLOSE_POLICY), peer=peer)
+        return None
+
+    async def _first_message(self, ws: WebSocketConnection, peer: str, accept: Callable[[Any], Awaitable[T]]) -> T | None:
         bucket = self.rate_limit()
         while True:
             try:

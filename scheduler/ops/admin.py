@@ -7,6 +7,12 @@ the reason in the body; ``/`` a small live status page (static HTML + JS polling
 callable: sessions, nodes with load, jobs, Redis latency); ``/app`` the web client (a mic
 page, docs/web-apps.md) and ``/app/scheduler-client.js`` the module it is built on.
 
+Admin token (``--admin-token``, several comma-separated for rotation): when set, every path
+but ``/healthz`` and ``/readyz`` (and a CORS preflight, which carries no credentials) needs
+``Authorization: Bearer TOKEN``; otherwise 401 with ``WWW-Authenticate: Bearer``, counted in
+``scheduler_admin_unauthorized_total``. Prometheus sends it with
+``authorization: {credentials_file: ...}`` in its scrape config.
+
 CORS: ``/status``, ``/healthz`` and ``/readyz`` answer a request whose ``Origin`` is in
 ``cors_origins`` with ``Access-Control-Allow-Origin`` (and ``OPTIONS`` preflights with
 204), so a dashboard on another site can read them; ``/metrics`` and the pages do not.
@@ -25,6 +31,7 @@ from typing import Any
 import h11
 import trio
 
+from scheduler.ops import secrets
 from scheduler.ops.boundary import Boundary, peer_of
 from scheduler.ops.metrics import Metrics
 from scheduler.ops.origins import OriginPolicy, header
@@ -40,6 +47,7 @@ PAGES = {"/": ("status.html", "text/html; charset=utf-8"), "/index.html": ("stat
          "/app/scheduler-client.js": ("scheduler-client.js", "text/javascript; charset=utf-8"),
          "/app/capture-worklet.js": ("capture-worklet.js", "text/javascript; charset=utf-8")}
 CORS_PATHS = ("/status", "/healthz", "/readyz")
+OPEN_PATHS = ("/healthz", "/readyz")  # never behind the admin token: load balancers and probes
 REQUEST_TIMEOUT = 5.0
 
 
@@ -47,7 +55,8 @@ class AdminServer:
     def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
                  status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"), *, cors_origins: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, boundary: Boundary | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, boundary: Boundary | None = None,
+                 tokens: list[str] | None = None) -> None:
         """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
         (default: 200 while the process runs). Each connection runs inside ``boundary``
         (ops/boundary.py; a fresh one on ``metrics`` by default): whatever one request
@@ -59,6 +68,7 @@ class AdminServer:
         self._cors = OriginPolicy(cors_origins)
         self._ssl = ssl_context
         self._boundary = boundary or Boundary(metrics.connections_failed_total)
+        self._tokens = tokens or []
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
@@ -103,12 +113,18 @@ class AdminServer:
                     if isinstance(ev, h11.Request):
                         method, path = ev.method.decode(), ev.target.decode("latin-1")
                         cors = self._cors_headers(path, ev.headers)
+                        extra: list[tuple[str, str]] = []
                         if method == "OPTIONS" and cors:  # a CORS preflight
                             status, ctype, body = 204, "text/plain", b""
                             cors += [("access-control-allow-methods", "GET, HEAD"), ("access-control-max-age", "600")]
+                        elif not self._authorized(path, ev.headers):
+                            status, ctype, body = 401, "text/plain", b"admin token required (Authorization: Bearer)\n"
+                            extra = [("www-authenticate", 'Bearer realm="scheduler admin"')]
+                            self._metrics.admin_unauthorized_total.inc()
                         else:
                             status, ctype, body = await self.route(method, path)
-                        headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close"), *cors]
+                        headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close"), *cors,
+                                   *extra]
                         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
                         if ev.method != b"HEAD":
                             await stream.send_all(conn.send(h11.Data(data=body)))
@@ -118,6 +134,13 @@ class AdminServer:
             pass
         finally:
             await stream.aclose()
+
+    def _authorized(self, path: str, headers: list[tuple[bytes, bytes]]) -> bool:
+        """No token configured, an open path, or a right ``Authorization: Bearer`` (constant time)."""
+        if not self._tokens or path.split("?", 1)[0] in OPEN_PATHS:
+            return True
+        value = header(headers, b"authorization") or ""
+        return value[:7].lower() == "bearer " and secrets.matches(value[7:].strip(), self._tokens)
 
     def _cors_headers(self, path: str, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         """CORS response headers for a cross-site read of the admin JSON, if its origin is allowed."""

@@ -13,6 +13,7 @@ the code.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import tomllib
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+
+from scheduler.ops import secrets
 
 ENV_PREFIX = "SCHEDULER_"
 DEFAULT_CONFIG_FILE = "/etc/scheduler/scheduler.toml"
@@ -46,6 +49,32 @@ class Settings:
     tls_cert: str | None = _opt(None, "PEM certificate chain: with tls_key, serve wss:// and https:// (the admin "
                                       "listener too) instead of ws:// and http://", group="listeners")
     tls_key: str | None = _opt(None, "PEM private key of tls_cert", group="listeners")
+    init_timeout_ms: int = _opt(10000, "a connection that has not sent a valid session_init or register this long after "
+                                       "its handshake gets INIT_TIMEOUT and a 1008 close", group="listeners")
+    max_connections: int = _opt(0, "WebSocket connections this process holds at once; past it a handshake is refused "
+                                   "with HTTP 503 and Retry-After; 0: what the open-file limit allows, less headroom",
+                                group="listeners")
+    max_connections_per_ip: int = _opt(0, "WebSocket connections one peer address holds at once (503 past it); 0: no "
+                                          "limit. Only for a daemon that peers reach directly: behind a proxy every "
+                                          "peer has the proxy's address", group="listeners")
+
+    # Security (docs/security.md): tokens accept several comma-separated values, for rotation
+    admin_token: str | None = _opt(None, "token required as 'Authorization: Bearer' on every admin path but /healthz and "
+                                         "/readyz; required when admin_host is not loopback (or insecure_open_admin)",
+                                   group="security")
+    admin_token_file: str | None = _opt(None, "read admin_token from this file (or the systemd credential admin_token)",
+                                        group="security")
+    node_token_file: str | None = _opt(None, "read node_token from this file (or the systemd credential node_token)",
+                                       group="security")
+    client_api_keys_file: str | None = _opt(None, "read client_api_keys from this file (or the systemd credential "
+                                                  "client_api_keys)", group="security")
+    redis_url_file: str | None = _opt(None, "read redis_url (it may hold a password) from this file (or the systemd "
+                                            "credential redis_url)", group="security")
+    insecure_open_nodes: bool = _opt(False, "let ws_host be off loopback without node_token: anyone who can reach the "
+                                            "port may register as a node and receive users' audio (a warning at every "
+                                            "start)", group="security")
+    insecure_open_admin: bool = _opt(False, "let admin_host be off loopback without admin_token (a warning at every "
+                                            "start)", group="security")
 
     # Browsers (docs/web-apps.md)
     allowed_origins: str = _opt("*", "browser origins (scheme://host[:port], comma-separated; '*': any) allowed to open "
@@ -93,7 +122,9 @@ class Settings:
     heartbeat_interval_ms: int = _opt(2000, "interval nodes are told to heartbeat at", group="nodes")
     node_ttl_ms: int = _opt(6000, "a node without heartbeat for this long is offline", group="nodes")
     job_lease_ms: int = _opt(15000, "a job not answered within this is dispatched again (attempt + 1) on another node", group="nodes")
-    node_token: str | None = _opt(None, "shared secret nodes must send in register; unset: no check", group="nodes")
+    node_token: str | None = _opt(None, "shared secret nodes must send in register (several: comma-separated, for "
+                                        "rotation); unset: no check, allowed only on loopback or with "
+                                        "insecure_open_nodes", group="nodes")
     locality_slack: float = _opt(
         0.25, "several instances: a node attached to this instance is chosen over a less loaded one elsewhere "
               "while its load (busy slots / max_jobs) is at most this much higher; 0: only on a tie, 1: always "
@@ -114,7 +145,15 @@ class Settings:
 
     @property
     def api_keys(self) -> list[str]:
-        return [k.strip() for k in (self.client_api_keys or "").split(",") if k.strip()]
+        return secrets.tokens(self.client_api_keys)
+
+    @property
+    def node_tokens(self) -> list[str]:
+        return secrets.tokens(self.node_token)
+
+    @property
+    def admin_tokens(self) -> list[str]:
+        return secrets.tokens(self.admin_token)
 
     @property
     def limits(self) -> dict[str, int]:
@@ -136,8 +175,18 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
-    "max_messages_per_s",
+    "max_messages_per_s", "init_timeout_ms",
 )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def validate(s: Settings) -> list[str]:
@@ -165,6 +214,23 @@ def validate(s: Settings) -> list[str]:
         path = getattr(s, name)
         if path is not None and not os.path.isfile(path):
             errors.append(f"{name}: no such file {path!r}")
+    for name in ("max_connections", "max_connections_per_ip"):
+        if getattr(s, name) < 0:
+            errors.append(f"{name} must be >= 0 (got {getattr(s, name)})")
+    return errors + protected_mode(s)
+
+
+def protected_mode(s: Settings) -> list[str]:
+    """A listener off loopback needs its token, unless the operator says it may be open."""
+    errors = []
+    if not is_loopback(s.ws_host) and not s.node_tokens and not s.insecure_open_nodes:
+        errors.append(f"ws_host {s.ws_host} is not loopback and no node_token is set: anyone who can reach the port could "
+                      "register as a node and receive users' audio. Set --node-token (or --node-token-file), or "
+                      "--insecure-open-nodes to run open anyway")
+    if not is_loopback(s.admin_host) and not s.admin_tokens and not s.insecure_open_admin:
+        errors.append(f"admin_host {s.admin_host} is not loopback and no admin_token is set: anyone who can reach it could "
+                      "read every session and node. Set --admin-token (or --admin-token-file), or --insecure-open-admin "
+                      "to run open anyway")
     return errors
 
 
@@ -285,10 +351,27 @@ def from_sources(flags: Mapping[str, Any] | None = None, environ: Mapping[str, s
             values[field.name], origin[field.name] = from_file[field.name], f"file {path}"
         else:
             origin[field.name] = "default"
+    _resolve_secrets(values, origin, environ)
     settings = Settings(**values)
     if sources is not None:
         sources.update(origin)
     return settings
+
+
+def _resolve_secrets(values: dict[str, Any], origin: dict[str, str], environ: Mapping[str, str]) -> None:
+    """Fill each secret from its ``<name>_file``, else from the systemd credential of its name,
+    when it was not given itself (both given: an error)."""
+    for name in secrets.SECRETS:
+        path = values.get(f"{name}_file")
+        try:
+            if path is not None:
+                if values.get(name) is not None:
+                    raise ConfigError(f"{name} and {name}_file are both set: set one")
+                values[name], origin[name] = secrets.read_file(name, path), f"file {path}"
+            elif values.get(name) is None and (found := secrets.credential(name, environ)) is not None:
+                values[name], origin[name] = found, "systemd credential"
+        except secrets.SecretError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def render(settings: Settings, sources: Mapping[str, str]) -> str:
@@ -296,8 +379,10 @@ def render(settings: Settings, sources: Mapping[str, str]) -> str:
     lines = []
     for field in attrs.fields(Settings):
         value = getattr(settings, field.name)
-        if field.name in ("node_token", "client_api_keys") and value is not None:
-            shown = '"***"'
+        if field.name == "redis_url" and value is not None:
+            shown = _toml(secrets.redacted(value))
+        elif field.name in secrets.SECRETS and value is not None:
+            shown = f'"{secrets.HIDDEN}"'
         elif value is None:
             lines.append(f"# {field.name} = (unset)  # {sources.get(field.name, 'default')}")
             continue

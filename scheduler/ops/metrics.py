@@ -28,6 +28,11 @@ class Metrics:
             p + "connections_failed_total", "Connections ended by an exception inside their own error boundary (ops/boundary.py), "
             "by listener (session, node, websocket before the path is known, admin) and reason (websocket_library, "
             "http_library, tls, transport, bad_encoding, internal)", ["listener", "reason"], registry=r)
+        self.admin_unauthorized_total = Counter(
+            p + "admin_unauthorized_total", "Admin requests refused 401 for a missing or wrong admin token", registry=r)
+        self.connections_refused_total = Counter(
+            p + "connections_refused_total", "WebSocket handshakes refused with 503 before anything was read, by reason "
+            "(max_connections, max_connections_per_ip)", ["reason"], registry=r)
         self.duplicate_job_blocked_total = Counter(
             p + "duplicate_job_blocked_total", "Job creations blocked because the job_key already existed", registry=r)
         self.result_gap_timeout_total = Counter(

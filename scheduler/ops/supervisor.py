@@ -39,11 +39,12 @@ from prometheus_client.core import CollectorRegistry, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.ops import tls
+from scheduler.ops import secrets, tls
 from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings, env_name
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
+from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 
 log = logging.getLogger("scheduler.supervisor")
@@ -80,6 +81,9 @@ class _WorkerMetrics:
         self.connections_failed_total = Counter(
             "scheduler_supervisor_connections_failed_total", "Connections to the supervisor's admin port ended by an exception "
             "inside their error boundary (ops/boundary.py), by listener and reason", ["listener", "reason"], registry=self._registry)
+        self.admin_unauthorized_total = Counter(
+            "scheduler_supervisor_admin_unauthorized_total", "Requests to the supervisor's admin port refused 401 for a "
+            "missing or wrong admin token", registry=self._registry)
 
     def collect(self):
         for worker in self._workers:
@@ -111,15 +115,20 @@ def _worker_env(settings: Settings, worker: Worker, redis_url: str, ws_port: int
         else:
             env[env_name(name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     env.pop(env_name("config"), None)  # everything is in the variables above
+    for name in secrets.SECRETS:  # resolved above: the worker takes the value, not the file again
+        env.pop(env_name(f"{name}_file"), None)
     return env
 
 
-def _get(port: int, path: str, tls: bool = False) -> tuple[int, bytes]:
-    """GET a worker's admin path. Over TLS the certificate is not checked: the worker is our
+def _get(port: int, path: str, tls: bool = False, token: str | None = None) -> tuple[int, bytes]:
+    """GET a worker's admin path (with the admin token, when one is set: the workers require
+    it as the supervisor does). Over TLS the certificate is not checked: the worker is our
     own child on loopback, and the certificate names the public host, not 127.0.0.1."""
     context = ssl._create_unverified_context() if tls else None
+    request = urllib.request.Request(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}", timeout=2, context=context) as resp:
+        with urllib.request.urlopen(request, timeout=2, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -127,16 +136,16 @@ def _get(port: int, path: str, tls: bool = False) -> tuple[int, bytes]:
         return 0, b""
 
 
-async def _poll(worker: Worker) -> None:
+async def _poll(worker: Worker, token: str | None) -> None:
     """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
     while True:
         process = worker.process
         code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz", worker.tls)
         # a reply that left before the worker exited must not mark it ready again afterwards
         worker.ready = code == 200 and worker.process is process and process is not None and process.returncode is None
-        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status", worker.tls)
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status", worker.tls, token)
         worker.status = json.loads(body) if code == 200 else None
-        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics", worker.tls)
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics", worker.tls, token)
         worker.metrics_text = body.decode() if code == 200 else ""
         await trio.sleep(POLL_S)
 
@@ -177,20 +186,21 @@ async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_p
     notifier = Notifier()
     context = tls.server_context(settings.tls_cert, settings.tls_key)
     admin = AdminServer(_WorkerMetrics(workers), lambda: _readiness(workers, stopping), lambda: _status(workers),
-                        health=lambda: _health(workers), cors_origins=settings.admin_cors_origins, ssl_context=context)
+                        health=lambda: _health(workers), cors_origins=settings.admin_cors_origins, ssl_context=context,
+                        tokens=settings.admin_tokens)
     async with trio.open_nursery() as nursery:
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         nursery.start_soon(notifier.watchdog)
         async with trio.open_nursery() as running:
             for worker in workers:
                 running.start_soon(_run_worker, worker, _worker_env(settings, worker, redis_url, ws_port), stopping)
-                running.start_soon(_poll, worker)
+                running.start_soon(_poll, worker, next(iter(settings.admin_tokens), None))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 while not all(w.ready for w in workers):
                     await trio.sleep(0.1)
                 ws, admin_url = ("wss", "https") if context else ("ws", "http")
                 event(log, "listening", ws=f"{ws}://{settings.ws_host}:{ws_port}", admin=f"{admin_url}://{settings.admin_host}:{admin_port}",
-                      workers=len(workers), redis=redis_url if settings.redis_url else "embedded")
+                      workers=len(workers), redis=redacted(redis_url) if settings.redis_url else "embedded")
                 notifier.notify("READY=1", f"STATUS={len(workers)} workers on {ws}://{settings.ws_host}:{ws_port}")
                 async for _ in signals:
                     break

@@ -36,6 +36,7 @@ import trio
 from redis.commands.core import Script
 
 from scheduler.ops.logs import event
+from scheduler.ops.secrets import redacted
 
 log = logging.getLogger("scheduler.redis")
 
@@ -184,7 +185,7 @@ class RedisAdapter:
         self.cluster = isinstance(client, redis.RedisCluster)
         self._client = client
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
-        event(log, "redis_connected", url=self.url, cluster=self.cluster)
+        event(log, "redis_connected", url=redacted(self.url), cluster=self.cluster)
 
     @property
     def script_names(self) -> list[str]:
