@@ -229,30 +229,27 @@ async def node_garbage(target: Target, rng: random.Random) -> None:
     await _garbage(target, rng, "/v1/node", NODE_FIELDS, register, "registered", {"1001", "1008"})
 
 
-async def wrong_token(target: Target, rng: random.Random) -> None:
-    peer = await _upgraded(target, "/v1/node")
+async def _expect_fatal(target: Target, path: str, message: dict, code: str) -> None:
+    """Send one message; the daemon must answer exactly ``code`` (fatal) and close with 1008."""
+    peer = await _upgraded(target, path)
     try:
-        token = rng.choice([None, "", "wrong", target.node_token + "x", target.node_token[:-1]])
-        await peer.send(frame(0x1, json.dumps({"type": "register", "node_id": "fz-t", "lang_pairs": [["fz", "yy"]],
-                                               "max_jobs": 1, **({} if token is None else {"token": token})}).encode()))
-        code, messages = await _answer(peer)
-        if code != 1008 or [m.get("code") for m in messages] != ["UNAUTHORIZED"]:
-            raise Violation(f"a wrong token got close {code}, {messages}")
+        await peer.send(frame(0x1, json.dumps(message).encode()))
+        close_code, messages = await _answer(peer)
+        if close_code != 1008 or [m.get("code") for m in messages] != [code]:
+            raise Violation(f"expected {code} and 1008, got {messages} and close {close_code}")
     finally:
         await peer.aclose()
+
+
+async def wrong_token(target: Target, rng: random.Random) -> None:
+    token = rng.choice([None, "", "wrong", target.node_token + "x", target.node_token[:-1]])
+    await _expect_fatal(target, "/v1/node", {"type": "register", "node_id": "fz-t", "lang_pairs": [["fz", "yy"]], "max_jobs": 1,
+                                             **({} if token is None else {"token": token})}, "UNAUTHORIZED")
 
 
 async def resume_unknown(target: Target, rng: random.Random) -> None:
-    peer = await _upgraded(target, "/v1/session")
-    try:
-        session_id = f"{rng.getrandbits(128):032x}"
-        await peer.send(frame(0x1, json.dumps({"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"],
-                                               "session_id": session_id, "resume_from": 0}).encode()))
-        code, messages = await _answer(peer)
-        if code != 1008 or [m.get("code") for m in messages] != ["UNKNOWN_SESSION"]:
-            raise Violation(f"resume of an unknown session got {code}, {messages}")
-    finally:
-        await peer.aclose()
+    await _expect_fatal(target, "/v1/session", {"type": "session_init", "src_lang": "zh", "tgt_langs": ["en"],
+                                                "session_id": f"{rng.getrandbits(128):032x}", "resume_from": 0}, "UNKNOWN_SESSION")
 
 
 async def hijack(target: Target, rng: random.Random) -> None:
