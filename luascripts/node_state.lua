@@ -1,19 +1,27 @@
 -- node_state: set a node's online / draining flags, only on behalf of the instance that owns it.
 --
 -- Used when a node socket closes (online=0) and on a node's `drain` (draining=1), so that a
--- stale instance cannot take a node offline that has since reconnected elsewhere.
--- Reply: {"OK"} or {"NOT_OWNER", current_owner}.
+-- stale instance cannot take a node offline that has since reconnected elsewhere. With a
+-- connection id (ARGV[4], the closing socket's), a connection that is no longer the node's
+-- one (it reconnected, to this same instance too) changes nothing either: the close of the
+-- old socket, handled after the new one registered, must not take the new one offline.
+-- Reply: {"OK"}, {"NOT_OWNER", current_owner} or {"STALE_CONN", current conn_id}.
 --
 -- KEYS[1] {scheduler}:node:info:<node_id>  hash
 local info_key = KEYS[1]
--- ARGV[1] owner instance id, ARGV[2] online ("0"/"1"), ARGV[3] draining ("0"/"1")
+-- ARGV[1] owner instance id, ARGV[2] online ("0"/"1"), ARGV[3] draining ("0"/"1"), ARGV[4] conn_id ('' or absent: any)
 local owner = ARGV[1]
 local online = ARGV[2]
 local draining = ARGV[3]
+local conn_id = ARGV[4] or ''
 
 local current = redis.call('HGET', info_key, 'owner')
 if current ~= owner then
   return {'NOT_OWNER', current or ''}
+end
+local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
+if conn_id ~= '' and current_conn ~= conn_id then
+  return {'STALE_CONN', current_conn}
 end
 redis.call('HSET', info_key, 'online', online, 'draining', draining)
 return {'OK'}

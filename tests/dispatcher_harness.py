@@ -381,12 +381,23 @@ class DispatcherHarness:
         self._drop(node_id, conn.conn_id)
         await instance.gateway._leave(conn, "disconnected")
 
-    async def bounce(self, node_id: str, max_jobs: int, instance_id: str) -> None:
+    async def bounce(self, node_id: str, max_jobs: int, instance_id: str, late: bool = False) -> None:
         """The node's socket drops and it registers again at once (same pairs), on ``instance_id``:
-        a new connection, which holds none of the old one's jobs."""
-        pairs = [tuple(p) for p in self.instances[self.where[node_id]].nodes.get(node_id).registration.lang_pairs]
-        await self.disconnect(node_id)
+        a new connection, which holds none of the old one's jobs. ``late``: the old socket's
+        clean-up (``_leave``) runs only after the new registration (its instance was slow to
+        see the close): it must leave the new connection online, owned and placeable."""
+        old_instance = self.instances[self.where[node_id]]
+        pairs = [tuple(p) for p in old_instance.nodes.get(node_id).registration.lang_pairs]
+        if not late:
+            await self.disconnect(node_id)
+            await self.connect(node_id, max_jobs, pairs, instance_id)
+            return
+        conn = old_instance.nodes.get(node_id)
+        old_instance.nodes.remove(conn)
+        conn.outbox_send.close()
+        self._drop(node_id, conn.conn_id)
         await self.connect(node_id, max_jobs, pairs, instance_id)
+        await old_instance.gateway._leave(conn, "disconnected")
 
     async def kill(self, instance_id: str) -> None:
         """kill -9: the instance stops at once, its nodes lose their connections, its

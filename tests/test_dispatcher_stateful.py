@@ -204,10 +204,12 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def bounce_node(self, data):
         """A node's socket drops and it registers again at once, here or on the other
-        instance: a new connection, which holds none of the old one's jobs."""
+        instance: a new connection, which holds none of the old one's jobs. Sometimes the old
+        socket's clean-up runs only after the new registration (``late``)."""
         node = data.draw(st.sampled_from(self.connected))
         instance = data.draw(st.sampled_from(self.alive))
-        self.do("bounce", self.h.bounce, node, self.max_jobs[node], instance)
+        late = data.draw(st.booleans())
+        self.do("bounce", self.h.bounce, node, self.max_jobs[node], instance, late)
 
     def _answer(self, node, job_id, attempt, ok):
         """The answer of what ``node`` holds: the job's answer, if Redis has that attempt live there."""
@@ -521,8 +523,20 @@ class DispatcherMachine(RuleBasedStateMachine):
     def check(self):
         self.trio.call_sync(self._check_books)
         self._check_redis()
+        self._check_nodes()
         self._check_logs()
         self._check_counters()
+
+    def _check_nodes(self):
+        """Every connected node is, in Redis (where Redis still has it), online on its current
+        connection: no close of an older socket (``bounce`` with ``late``) took it offline."""
+        if self.h.down:
+            return
+        for node in self.connected:
+            conn = self.h[self.h.where[node]].nodes.get(node)
+            online, conn_id = self.r.hmget(keys.node_info(node), "online", "conn_id")
+            if online is not None:
+                assert (online, conn_id) == ("1", conn.conn_id), (node, online, conn_id, conn.conn_id)
 
     def _live(self):
         return [i for i in self.h.instances.values() if i.alive]

@@ -417,3 +417,31 @@ async def test_full_pool_gives_freed_slots_to_waiting_jobs_in_arrival_order(daem
                                         source_text="s", text="t")
             expected = [s.ready["session_id"] for s in sessions]
             assert [expected.index(x) for x in order] == [0, 1, 2, 3, 4]
+
+
+async def test_a_node_that_reconnects_at_once_stays_online(daemon, nursery, redis_client, monkeypatch):
+    """The close of a node's old socket, handled after the node registered again on a new one
+    (here: its clean-up is slow), must not take the new registration offline nor drop its
+    owner record; the node keeps getting jobs without a heartbeat in between."""
+    from scheduler.cluster.ownership import Ownership
+    from scheduler.placement import keys
+
+    release = Ownership.release_node
+
+    async def slow_release(self, node_id):
+        await trio.sleep(0.5)
+        await release(self, node_id)
+
+    monkeypatch.setattr(Ownership, "release_node", slow_release)
+    async with peer(daemon.ws_url + "/v1/node") as old:
+        await old.register("n1")
+    async with peer(daemon.ws_url + "/v1/node") as node:
+        await node.register("n1")  # the old socket closed above: off this instance's books, its clean-up still going
+        await trio.sleep(1.0)  # the old socket's clean-up has run by now
+        assert redis_client.hget(keys.node_info("n1"), "online") == "1"
+        assert redis_client.exists(keys.node_owner("n1"))
+        async with session(daemon) as s:
+            await speak(s)
+            await s.send(type="finalize")
+            job, _ = await node.recv_until("job_assign")
+            assert job["attempt"] == 1

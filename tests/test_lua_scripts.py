@@ -134,6 +134,18 @@ async def test_offline_and_draining_nodes_are_skipped(adapter, redis_client):
     assert (await dispatch(adapter, "k0"))[2] == "b"
 
 
+async def test_the_close_of_a_replaced_connection_leaves_the_node_online(adapter):
+    """A node that reconnected (to this instance too) is on a new conn_id: the old socket's
+    close, handled late, names the old one and changes nothing."""
+    await register(adapter, "a", max_jobs=4, conn_id="c1")
+    await register(adapter, "a", max_jobs=4, conn_id="c2")  # reconnected
+    assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False, conn_id="c1")) == ["STALE_CONN", "c2"]
+    assert (await dispatch(adapter, "k0"))[2] == "a"
+    assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False, conn_id="c2")) == ["OK"]
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k1")
+
+
 async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
     await register(adapter, "a", max_jobs=4)
     redis_client.hset(keys.node_info("a"), "last_heartbeat_ts", now_ms() - 60_000)

@@ -141,6 +141,14 @@ class ScriptsMachine(RuleBasedStateMachine):
             if job["node"] == node:
                 self._move(job_id)
 
+    @precondition(lambda self: self.max_jobs)
+    @rule(pick=st.integers(min_value=0, max_value=9))
+    def replaced_connection_closes(self, pick):
+        """The close of a connection the node no longer uses (it reconnected; the machine's nodes
+        register with conn_id ''), handled late: the node stays as it is."""
+        node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
+        assert self._call(*lua.node_state(node, "i1", online=False, draining=False, conn_id="gone"))[0] in ("STALE_CONN", "NOT_OWNER")
+
     @rule(action=st.sampled_from(["none", "keep", "end"]), which=st.sampled_from(["new", "live", "ended", "refused"]),
           pick=st.integers(0, 99), rand=st.integers(0, 100))
     def dispatch(self, action, which, pick, rand):

@@ -56,6 +56,10 @@ class NodeGateway(wsutil.Gateway):
     def __init__(self, *, nodes: NodeRegistry, **deps: Any) -> None:
         super().__init__(**deps)
         self._nodes = nodes
+        # per node id: its registration's Redis writes and an old connection's clean-up run one
+        # at a time, and the clean-up knows whether a newer connection registered meanwhile
+        self._locks: dict[str, trio.Lock] = {}
+        self._latest: dict[str, str] = {}  # node id -> conn_id of the last registration written here
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -84,13 +88,27 @@ class NodeGateway(wsutil.Gateway):
                 await self._leave(conn, reason)
 
     async def _leave(self, conn: NodeConnection, reason: str) -> None:
-        with trio.move_on_after(5):
-            await self._ownership.release_node(conn.node_id)
-            try:
-                await self._scheduling.node_state([conn.node_id], self.settings.instance_id, online=False, draining=False)
-            except RedisUnavailable:
-                pass
-            await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
+        """The node's socket closed: its owner record goes, it is marked offline, its jobs move.
+        Not when it registered here again on a newer connection (a quick reconnect, handled
+        before this close): the node's state is that connection's now (its owner record, the
+        same instance's, would go too), and the remote watch moves the old connection's jobs
+        (``NODE_RECONNECTED``). The offline mark names this connection besides (node_state.lua)."""
+        lock = self._locks.setdefault(conn.node_id, trio.Lock())
+        async with lock:
+            if self._latest.get(conn.node_id) != conn.conn_id:
+                event(log, "node_left", node_id=conn.node_id, reason=reason, replaced=True)
+                return
+            with trio.move_on_after(5):
+                await self._ownership.release_node(conn.node_id)
+                try:
+                    await self._scheduling.node_state([conn.node_id], self.settings.instance_id, online=False, draining=False,
+                                                      conn_id=conn.conn_id)
+                except RedisUnavailable:
+                    pass
+                await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
+            del self._latest[conn.node_id]
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            self._locks.pop(conn.node_id, None)
         event(log, "node_left", node_id=conn.node_id, reason=reason)
 
     async def _accept_register(self, msg: object, conn_id: str) -> Register:
@@ -109,11 +127,15 @@ class NodeGateway(wsutil.Gateway):
         return msg
 
     async def _write_registration(self, reg: Register, conn_id: str) -> None:
-        try:
-            await self._scheduling.register_node(reg, self.settings.instance_id, conn_id)
-            previous = await self._ownership.claim_node(reg.node_id)
-        except RedisUnavailable as exc:
-            raise redis_unavailable(exc) from None
+        """Register the node in Redis on connection ``conn_id`` and claim it for this instance:
+        after an old connection's clean-up (``_leave``) or before it, never in its middle."""
+        async with self._locks.setdefault(reg.node_id, trio.Lock()):
+            try:
+                await self._scheduling.register_node(reg, self.settings.instance_id, conn_id)
+                previous = await self._ownership.claim_node(reg.node_id)
+            except RedisUnavailable as exc:
+                raise redis_unavailable(exc) from None
+            self._latest[reg.node_id] = conn_id
         if previous and previous != self.settings.instance_id:
             event(log, "node_taken_over", node_id=reg.node_id, previous_owner=previous)
 

@@ -37,8 +37,9 @@ def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None) -> 
     return "heartbeat", [keys.node_info(node_id), keys.node_runtime(node_id)], [now_ms, json.dumps(load or {}), keys.KEY_TTL_S]
 
 
-def node_state(node_id: str, owner: str, *, online: bool, draining: bool) -> Call:
-    return "node_state", [keys.node_info(node_id)], [owner, "1" if online else "0", "1" if draining else "0"]
+def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "") -> Call:
+    """``conn_id``: only if the node is still on this connection ('': whichever)."""
+    return "node_state", [keys.node_info(node_id)], [owner, "1" if online else "0", "1" if draining else "0", conn_id]
 
 
 @attrs.frozen

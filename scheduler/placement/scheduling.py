@@ -112,10 +112,12 @@ class SchedulingClient:
         """Raises UnknownNode when Redis lost the node (restarted empty)."""
         await self._redis.script(*lua.heartbeat(node_id, now_ms(), load))
 
-    async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool) -> None:
-        """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance)."""
+    async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool, conn_id: str = "") -> None:
+        """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance);
+        with ``conn_id``, only while the node is still on that connection."""
         if node_ids:
-            await self._redis.script_many([lua.node_state(n, instance_id, online=online, draining=draining) for n in node_ids])
+            await self._redis.script_many([lua.node_state(n, instance_id, online=online, draining=draining, conn_id=conn_id)
+                                           for n in node_ids])
 
     async def jobs_held(self, node_ids: list[str]) -> int:
         """How many jobs these nodes hold in all (a node whose count cannot be read counts 0)."""
