@@ -266,9 +266,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=field.name,
             type=_field_type(field),
             default=None,
-            metavar=field.name.split("_")[-1].upper() if _field_type(field) is not str else "VALUE",
+            metavar=_metavar(field),
             help=f"{field.metadata['help']} (default: {shown}; env {env_name(field.name)})",
         )
+
+
+def _metavar(field: attrs.Attribute) -> str:
+    """``--pause-ms MS``, ``--ws-port PORT``, ``--max-connections N``, ``--node-token VALUE``."""
+    if _field_type(field) is str:
+        return "VALUE"
+    last = field.name.split("_")[-1].upper()
+    return "N" if last in ("CONNECTIONS", "IP") else last
 
 
 def _coerce(field: attrs.Attribute, value: Any, where: str) -> Any:
