@@ -126,6 +126,7 @@ def _settings(args: argparse.Namespace, sources: dict[str, str] | None = None) -
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from scheduler.ops.redis_policy import UnsafeRedis
     from scheduler.ops.supervisor import supervise, worker_count
     from scheduler.server import serve
 
@@ -138,10 +139,14 @@ def _serve(args: argparse.Namespace) -> int:
     # ms per full collection under load (bench/load.py, docs/performance.md).
     gc.collect()
     gc.freeze()
-    if worker_count(settings.workers) > 1:
-        trio.run(supervise, settings)
-    else:
-        trio.run(serve, settings)
+    unsafe: UnsafeRedis | None = None
+    try:
+        trio.run(supervise if worker_count(settings.workers) > 1 else serve, settings)
+    except* UnsafeRedis as group:
+        unsafe = group.exceptions[0]
+    if unsafe is not None:
+        print(f"scheduler: {unsafe}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -37,6 +37,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
+from scheduler.ops.redis_policy import check_policy, embedded_args
 from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 from scheduler.placement.dispatcher import Dispatcher
@@ -105,11 +106,12 @@ async def serve(
     if settings.redis_url:
         url = settings.redis_url
     else:
-        embedded = EmbeddedValkey(settings.data_dir)
+        embedded = EmbeddedValkey(settings.data_dir, extra_args=embedded_args(settings.embedded_maxmemory_mb))
         url = embedded.start()
     try:
         async with RedisAdapter(url, pool_size=settings.redis_pool_size) as redis:
             await _wait_for_redis(redis, url)
+            check_policy(await redis.memory_policies(), url, settings.allow_evicting_redis)
             await _serve(settings, redis, url, embedded, handle_signals, task_status)
     finally:
         if embedded is not None:

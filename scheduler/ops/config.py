@@ -97,6 +97,11 @@ class Settings:
         None, "directory for the embedded Valkey's socket and data; default: a fresh temp dir removed on exit", group="redis"
     )
     redis_pool_size: int = _opt(4, "Redis connections used by the batching adapter (one pipeline in flight per connection)", group="redis")
+    embedded_maxmemory_mb: int = _opt(1024, "memory the embedded Valkey may use (maxmemory, MiB); it never evicts "
+                                            "(noeviction): full, it refuses writes instead of deleting keys", group="redis")
+    allow_evicting_redis: bool = _opt(False, "start even when Redis has an evicting maxmemory-policy (it then deletes "
+                                             "session, job and answer keys silently when it fills; a warning at every "
+                                             "start); without it such a Redis makes serve exit 2", group="redis")
 
     # Session timing (protocol.md limits)
     pause_ms: int = _opt(800, "finalize (reason pause) after this much time without audio or of trailing silence", group="session")
@@ -175,7 +180,7 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
-    "max_messages_per_s", "init_timeout_ms",
+    "max_messages_per_s", "init_timeout_ms", "embedded_maxmemory_mb",
 )
 
 

@@ -44,6 +44,7 @@ from scheduler.ops.admin import AdminServer
 from scheduler.ops.config import Settings, env_name
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
+from scheduler.ops.redis_policy import check_policy, embedded_args, read_policies
 from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 
@@ -169,7 +170,10 @@ async def _run_worker(worker: Worker, env: dict[str, str], stopping: trio.Event)
 async def supervise(settings: Settings) -> None:
     """Run ``worker_count(settings.workers)`` workers until SIGTERM/SIGINT; see the module docstring."""
     n = worker_count(settings.workers)
-    embedded = None if settings.redis_url else EmbeddedValkey(settings.data_dir)
+    if settings.redis_url:  # before any worker starts: N workers exiting 2 in turn would be restarted forever
+        check_policy(await trio.to_thread.run_sync(read_policies, settings.redis_url), settings.redis_url,
+                     settings.allow_evicting_redis)
+    embedded = None if settings.redis_url else EmbeddedValkey(settings.data_dir, extra_args=embedded_args(settings.embedded_maxmemory_mb))
     redis_url = settings.redis_url or embedded.start()
     try:
         ws_port = settings.ws_port or _free_port(settings.ws_host)

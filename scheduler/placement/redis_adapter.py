@@ -36,6 +36,7 @@ import trio
 from redis.commands.core import Script
 
 from scheduler.ops.logs import event
+from scheduler.ops.redis_policy import memory_policies
 from scheduler.ops.secrets import redacted
 
 log = logging.getLogger("scheduler.redis")
@@ -261,6 +262,11 @@ class RedisAdapter:
         start = time.perf_counter()
         await self.command("PING")
         return time.perf_counter() - start
+
+    async def memory_policies(self) -> dict[str, str]:
+        """``maxmemory-policy`` of the server (of each primary of a cluster), from ``INFO memory``
+        (``CONFIG GET`` is often renamed away on managed Redis); raises :class:`RedisUnavailable`."""
+        return memory_policies(await self.command("INFO", "memory"))
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script now (also done lazily on NOSCRIPT); raises
