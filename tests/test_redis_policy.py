@@ -65,3 +65,20 @@ async def test_the_embedded_valkey_never_evicts(nursery):
         assert info["maxmemory_policy"] == "noeviction" and info["maxmemory"] == 200 * 1024 * 1024
     finally:
         running.shutdown(immediate=True)
+
+
+async def test_a_redis_that_refuses_info_is_used_with_a_warning(start_daemon, caplog, tmp_path):
+    """Managed Redis may forbid INFO by ACL: the policy cannot be checked, the daemon says so."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with EmbeddedValkey(port=port) as url:
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw-limited", "~*", "&*", "+@all", "-info")
+        admin.close()
+        caplog.set_level(logging.WARNING)
+        running = await start_daemon(redis_url=f"redis://limited:pw-limited@127.0.0.1:{port}/0")
+        assert any(getattr(r, "event", None) == "redis_policy_unknown" for r in caplog.records)
+        running.shutdown(immediate=True)

@@ -265,8 +265,14 @@ class RedisAdapter:
 
     async def memory_policies(self) -> dict[str, str]:
         """``maxmemory-policy`` of the server (of each primary of a cluster), from ``INFO memory``
-        (``CONFIG GET`` is often renamed away on managed Redis); raises :class:`RedisUnavailable`."""
-        return memory_policies(await self.command("INFO", "memory"))
+        (``CONFIG GET`` is often renamed away on managed Redis); {} when the server refuses
+        ``INFO`` (an ACL), after a warning. Raises :class:`RedisUnavailable`."""
+        try:
+            return memory_policies(await self.command("INFO", "memory"))
+        except redis.exceptions.ResponseError as exc:
+            event(log, "redis_policy_unknown", logging.WARNING, error=str(exc)[:200],
+                  detail="INFO memory refused: cannot check that maxmemory-policy is noeviction")
+            return {}
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script now (also done lazily on NOSCRIPT); raises
@@ -398,11 +404,12 @@ def unencodable(args: tuple[Any, ...]) -> str | None:
 def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
     """A synchronous redis-py client for ``url``: a RedisCluster when the server says
     ``cluster_enabled:1``, else a plain Redis. A server that cannot be reached now is taken
-    as a single server (its calls fail until it is back)."""
+    as a single server (its calls fail until it is back), and so is one that refuses ``INFO``
+    (an ACL on managed Redis; a cluster that refuses it is not detected)."""
     client = redis.Redis.from_url(url, **options)
     try:
         cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError, OSError):
         cluster = False
     if not cluster:
         return client
