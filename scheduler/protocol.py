@@ -106,12 +106,8 @@ def _matches(pattern: re.Pattern, what: str):
 
 
 _id = _matches(ID_PATTERN, "1-128 characters of A-Z a-z 0-9 . _ - (a letter or digit first)")
-_lang_check = _matches(LANG_PATTERN, "a language code such as en, zh-Hans or pt_BR (letters first, at most 32 characters)")
+_lang = _matches(LANG_PATTERN, "a language code such as en, zh-Hans or pt_BR (letters first, at most 32 characters)")
 _token = _matches(TOKEN_PATTERN, "at most 512 printable ASCII characters without spaces")
-
-
-def _lang(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    _lang_check(_inst, attribute, value)
 
 
 def _free_object(_inst: Any, attribute: attrs.Attribute, value: dict[str, Any] | None) -> None:

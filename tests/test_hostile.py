@@ -12,7 +12,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import Request, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from scheduler.edge.frames import CLOSE_TOO_BIG, FrameScanner
+from scheduler.edge.frames import FrameScanner
+from scheduler.protocol import CLOSE_TOO_BIG
 
 from .helpers import session, speak, start_node
 from .rawws import RawPeer, close, frame, request

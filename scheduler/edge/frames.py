@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from scheduler.protocol import CLOSE_TOO_BIG
+
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
 LIBRARY_CLOSES_WITHOUT_FRAME = (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA)
 """Close codes that mean wsproto refused the peer's bytes (trio-websocket then sends no close frame)."""
 

@@ -28,7 +28,7 @@ import binascii
 
 import attrs
 
-from scheduler.ops.origins import OriginPolicy, header
+from scheduler.ops.origins import OriginPolicy, bearer_header, header
 from scheduler.protocol import BEARER_PREFIX, SUBPROTOCOL
 
 SESSION_PATH, NODE_PATH = "/v1/session", "/v1/node"
@@ -56,14 +56,6 @@ class Policy:
     @classmethod
     def from_settings(cls, allowed_origins: str | None, node_allowed_origins: str | None) -> Policy:
         return cls(OriginPolicy(allowed_origins), OriginPolicy(node_allowed_origins))
-
-
-def bearer_header(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The API key of an ``Authorization: Bearer KEY`` header, if any."""
-    value = header(headers, b"authorization")
-    if value is not None and value[:7].lower() == "bearer ":
-        return value[7:].strip()
-    return None
 
 
 def _key_of(offer: str) -> str | None:

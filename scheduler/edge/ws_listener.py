@@ -33,9 +33,10 @@ import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
-from scheduler.edge.frames import CLOSE_INTERNAL, SERVICE_UNAVAILABLE, FrameGuard
+from scheduler.edge.frames import SERVICE_UNAVAILABLE, FrameGuard
 from scheduler.ops.boundary import Boundary, peer_of
 from scheduler.ops.logs import event
+from scheduler.protocol import CLOSE_INTERNAL
 
 CLOSE_TIMEOUT_S = 2.0
 

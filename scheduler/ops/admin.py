@@ -34,7 +34,7 @@ import trio
 from scheduler.ops import secrets
 from scheduler.ops.boundary import Boundary, peer_of
 from scheduler.ops.metrics import Metrics
-from scheduler.ops.origins import OriginPolicy, header
+from scheduler.ops.origins import OriginPolicy, bearer_header, header
 from scheduler.ops.tls import wrap
 
 log = logging.getLogger("scheduler.admin")
@@ -139,8 +139,8 @@ class AdminServer:
         """No token configured, an open path, or a right ``Authorization: Bearer`` (constant time)."""
         if not self._tokens or path.split("?", 1)[0] in OPEN_PATHS:
             return True
-        value = header(headers, b"authorization") or ""
-        return value[:7].lower() == "bearer " and secrets.matches(value[7:].strip(), self._tokens)
+        presented = bearer_header(headers)
+        return presented is not None and secrets.matches(presented, self._tokens)
 
     def _cors_headers(self, path: str, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         """CORS response headers for a cross-site read of the admin JSON, if its origin is allowed."""

@@ -1,5 +1,6 @@
 """Lists of browser origins: who may open a WebSocket path (edge/handshake.py) or read the
-admin JSON cross-site (ops/admin.py, CORS); and the request-header lookup both use."""
+admin JSON cross-site (ops/admin.py, CORS); and the request-header lookups both use
+(``header``, and ``bearer_header`` for an API key in the handshake or the admin token)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,12 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     for key, value in headers:
         if key.lower() == name:
             return value.decode("latin-1").strip()
+    return None
+
+
+def bearer_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, if any."""
+    value = header(headers, b"authorization")
+    if value is not None and value[:7].lower() == "bearer ":
+        return value[7:].strip()
     return None
