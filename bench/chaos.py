@@ -8,7 +8,11 @@ fault from `--faults` strikes:
 - ``node``: a node's socket is cut; it reconnects to a random instance;
 - ``kill``: an instance is killed with SIGKILL, and started again (same id and ports);
 - ``term``: an instance gets SIGTERM (it must drain and exit 0), and is started again;
-- ``redis``: Valkey is stopped and started again empty.
+- ``redis``: Valkey is stopped and started again empty;
+- ``stall``: Valkey is frozen (SIGSTOP) for 3-10 s, then resumed (SIGCONT): every call sent
+  meanwhile times out and runs when it resumes (ambiguous outcomes);
+- ``full``: Valkey's ``maxmemory`` is set below its use for 5-15 s (``noeviction``: every
+  write is refused ``OOM``), then lifted.
 
 With ``--workers N`` the instances are the workers of one ``scheduler serve --workers N``
 (one port, SO_REUSEPORT): ``kill`` and ``term`` strike a worker, and its supervisor must start
@@ -59,7 +63,7 @@ from scheduler.session.audio import tone
 
 RATE = 16000
 FRAME = 3200  # 100 ms of 16 kHz s16le
-FAULTS = ("node", "kill", "term", "redis")
+FAULTS = ("node", "kill", "term", "redis", "stall", "full")
 CONNECTION_ENDED = (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError)
 
 
@@ -473,6 +477,11 @@ async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey
         report.fault("redis", "restart-empty")
         nursery.start_soon(_restart_redis, valkey, rng)  # in the faults' nursery: it finishes even past the end
         return
+    if kind in ("stall", "full"):
+        seconds = rng.uniform(3, 10) if kind == "stall" else rng.uniform(5, 15)
+        report.fault(kind, f"{seconds:.1f}s")
+        nursery.start_soon(_stall_redis if kind == "stall" else _fill_redis, valkey, seconds)
+        return
     if box is not None:
         await box.strike(kind, report, rng)  # its supervisor starts the worker again
         return
@@ -489,6 +498,31 @@ async def _restart_redis(valkey: EmbeddedValkey, rng: random.Random) -> None:
     valkey.stop()
     await trio.sleep(0.5 + rng.random() * 1.5)
     valkey.start()
+
+
+async def _stall_redis(valkey: EmbeddedValkey, seconds: float) -> None:
+    """SIGSTOP for ``seconds``: a fork on a big heap, a slow script, a network blackhole."""
+    if valkey.pid is None:
+        return
+    os.kill(valkey.pid, signal.SIGSTOP)
+    try:
+        await trio.sleep(seconds)
+    finally:
+        os.kill(valkey.pid, signal.SIGCONT)
+
+
+async def _fill_redis(valkey: EmbeddedValkey, seconds: float) -> None:
+    """``maxmemory`` below use for ``seconds`` (noeviction: writes refused OOM), then lifted."""
+    import redis
+
+    client = redis.Redis.from_url(valkey.url, socket_timeout=30)  # (a stall may be under way: wait it out)
+    try:
+        await trio.to_thread.run_sync(client.config_set, "maxmemory", 1)
+        await trio.sleep(seconds)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(client.config_set, "maxmemory", 0)
+        client.close()
 
 
 async def _cycle(kind: str, inst: Instance, report: Report, rng: random.Random) -> None:

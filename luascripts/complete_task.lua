@@ -7,6 +7,10 @@
 -- ARGV[8] seconds (at least the result deadline): until the client was sent its result, any
 -- instance that owns or resumes the session can take it from there (relay.py), so an answer
 -- never dies with the process that received it. An empty ARGV[7] stores nothing.
+-- Idempotent for its caller: with ARGV[9] = '1' (this call repeats one whose reply was lost,
+-- a timeout), a job this same node and attempt already completed as ARGV[3] replies OK again,
+-- as the lost call did, and changes nothing; a node sending its answer twice (no ARGV[9])
+-- still gets ALREADY_COMPLETED.
 -- Reply: {"OK", session_id, job_key, utterance_index, tgt_lang}.
 -- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED, JOBKEY_MISMATCH (KEYS[5] is not
 -- this job's job key: caller bug; nothing changed).
@@ -25,7 +29,7 @@ local jobkey_key = KEYS[5]
 local answer_key = KEYS[6]
 -- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
 -- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone),
--- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s
+-- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s, ARGV[9] '1' for a repeated call
 local node_id = ARGV[1]
 local attempt = tonumber(ARGV[2])
 local status = ARGV[3]
@@ -34,6 +38,7 @@ local job_id = ARGV[5]
 local done_ttl_s = tonumber(ARGV[6])
 local answer = ARGV[7] or ''
 local answer_ttl_s = tonumber(ARGV[8] or '0')
+local again = ARGV[9] == '1'
 
 -- @include slots
 
@@ -46,6 +51,9 @@ if j[1] ~= node_id then
 end
 if tonumber(j[2]) ~= attempt then
   return redis.error_reply('STALE_ATTEMPT job is at attempt ' .. j[2])
+end
+if again and j[3] == status then
+  return {'OK', j[4], j[5], tonumber(j[6]), j[7]}
 end
 if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])

@@ -22,6 +22,9 @@
 --
 -- Reply: {"OK", job_id, node_id, attempt, conn_id} or {"EXISTS", job_id}; conn_id is the chosen
 -- node's connection id (register_node), so the caller can tell when that connection is gone.
+-- A repeat of a call whose reply was lost (same job key, same job id: Redis timed out) gets
+-- {"EXISTS", job_id, node_id, attempt, status, conn_id, lease_deadline_ts}: what the lost call made, so the
+-- caller can hand the job to its node instead of taking it for a duplicate.
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES (nothing
 -- changed: re-read the candidates and call again), JOB_ID_TAKEN (caller bug), FENCED.
 --
@@ -72,6 +75,10 @@ if epoch ~= '' then
 end
 
 local existing = redis.call('GET', jobkey_key)
+if existing == job_id then  -- this very call ran before (its reply was lost): what it made
+  local made = redis.call('HMGET', job, 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
+  return {'EXISTS', existing, made[1] or '', tonumber(made[2] or '0'), made[3] or '', made[4] or '', tonumber(made[5] or '0')}
+end
 if existing then
   return {'EXISTS', existing}
 end

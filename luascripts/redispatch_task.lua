@@ -8,7 +8,9 @@
 -- "waiting" at the same attempt and the call can be repeated. Answers of the old attempt are
 -- refused by complete_task (NODE_MISMATCH / STALE_ATTEMPT).
 --
--- Reply: {"OK", job_id, node_id, attempt, conn_id} (as dispatch_task) or {"NOOP", status, attempt}.
+-- Reply: {"OK", job_id, node_id, attempt, conn_id} (as dispatch_task) or {"NOOP", status, attempt,
+-- node_id, conn_id, lease_deadline_ts}: a repeat of a move whose reply was lost (a timeout) finds the job
+-- dispatched at attempt + 1 and learns where the lost call put it.
 -- Errors: UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE (job left waiting),
 -- STALE_CANDIDATES (nothing changed: re-read the candidates and call again).
 --
@@ -45,13 +47,13 @@ local locality_slack = tonumber(ARGV[9])
 -- @include choose_node
 -- @include slots
 
-local j = redis.call('HMGET', job_hash_key, 'node_id', 'attempt', 'status')
+local j = redis.call('HMGET', job_hash_key, 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
 if not j[3] then
   return redis.error_reply('UNKNOWN_JOB no such job')
 end
 local attempt = tonumber(j[2])
 if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
-  return {'NOOP', j[3], attempt}
+  return {'NOOP', j[3], attempt, j[1] or '', j[4] or '', tonumber(j[5] or '0')}
 end
 local pools, nodes = declared_candidates(8, 9)
 local list, err = candidate_nodes(lang_key, session_key, pools, nodes)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import random
 import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -54,6 +55,7 @@ NOT_REGISTERED = "NOT_REGISTERED"
 SLOW_CONSUMER = "SLOW_CONSUMER"
 INIT_TIMEOUT = "INIT_TIMEOUT"
 INTERNAL = "INTERNAL"
+UNAVAILABLE = "UNAVAILABLE"
 
 # WebSocket close codes (RFC 6455) used by the protocol.
 CLOSE_NORMAL = 1000
@@ -61,22 +63,34 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 
 class ProtocolError(Exception):
     """A frame that breaks the contract. ``fatal`` errors close the connection."""
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False, close_code: int = CLOSE_POLICY):
+    def __init__(self, code: str, message: str, *, fatal: bool = False, close_code: int = CLOSE_POLICY,
+                 retry_after_ms: int | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.fatal = fatal
         self.close_code = close_code
+        self.retry_after_ms = retry_after_ms
+
+
+RETRY_AFTER_MS = (1000, 3000)
+"""``retry_after_ms`` of an ``UNAVAILABLE`` refusal is drawn from this range, so that the
+peers refused during one Redis episode do not all come back in the same millisecond."""
 
 
 def redis_unavailable(exc: BaseException) -> ProtocolError:
-    """The fatal ``INTERNAL`` error (close 1011) a peer gets when Redis cannot be reached
-    while its connection is being set up."""
-    return ProtocolError(INTERNAL, f"redis unavailable: {exc}", fatal=True, close_code=CLOSE_INTERNAL)
+    """The fatal ``UNAVAILABLE`` error (close 1013, try again later, with ``retry_after_ms``) a
+    peer gets when Redis cannot take its connection's set-up now: unreachable, stalled, full
+    (``OOM``), a replica (``READONLY``), loading. The reason word only, never the server's
+    address or reply text."""
+    reply = getattr(exc, "reply", "connection")
+    return ProtocolError(UNAVAILABLE, f"state store unavailable ({reply}), try again later", fatal=True,
+                         close_code=CLOSE_TRY_AGAIN_LATER, retry_after_ms=random.randint(*RETRY_AFTER_MS))
 
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -249,6 +263,7 @@ class Error:
     code: str
     message: str
     fatal: bool = False
+    retry_after_ms: int | None = None  # UNAVAILABLE, SERVER_FULL: when to try again; left out of the frame when None
 
 
 @attrs.frozen
@@ -526,6 +541,8 @@ def encode(msg: Any) -> str:
     if isinstance(msg, Encoded):
         return msg.text
     body = converter.unstructure(msg)
+    if isinstance(msg, Error) and msg.retry_after_ms is None:
+        del body["retry_after_ms"]
     if isinstance(msg, JobAssign):
         # the base64 audio is JSON-safe ASCII: splice it in instead of having json scan and
         # copy ~100 KB per job (a visible share of the daemon's CPU in bench/load.py)

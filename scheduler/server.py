@@ -37,7 +37,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
-from scheduler.ops.redis_policy import check_policy, embedded_args
+from scheduler.ops.redis_policy import MemoryState, check_policy, describe, embedded_args, evicting, memory_state
 from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 from scheduler.placement.dispatcher import Dispatcher
@@ -53,6 +53,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 """A connection that has not completed its (TLS and) WebSocket handshake by then is dropped."""
 
 HEALTH_INTERVAL = 1.0
+FULL = "full: used_memory at maxmemory, writes refused (OOM)"
 REDIS_START_WAIT_S = 30.0  # at start-up, how long to wait for an unreachable Redis before giving up
 
 
@@ -73,6 +74,7 @@ class Running:
     ownership: Ownership | None = None
     draining: bool = False
     redis_ok: bool = True
+    redis_problem: str | None = None  # why Redis is not ready (the health check), None while it is
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _now: trio.Event = attrs.field(factory=trio.Event)
 
@@ -91,7 +93,7 @@ class Running:
         if self.draining:
             return False, "draining"
         if not self.redis_ok:
-            return False, "redis unreachable"
+            return False, f"redis {(self.redis_problem or 'unreachable').split(':')[0]}"
         return True, "ready"
 
 
@@ -180,6 +182,7 @@ class _Parts:
 def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     """Every part, each given what it needs when it is made (nothing is set afterwards)."""
     metrics = Metrics()
+    redis.on_error = lambda reply: metrics.redis_errors_total.labels(reply).inc()
     sessions = SessionRegistry(metrics)
     nodes = NodeRegistry(metrics)
     scheduling = SchedulingClient(redis)
@@ -375,27 +378,75 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
 
 
 async def _health_check(running: Running, nursery: trio.Nursery) -> None:
-    """Ping Redis every second; drives ``/readyz`` and the redis_up / latency metrics. Also
-    reads the data marker (``SchedulingClient.data_marker``): when it changed, Redis restarted without
-    its data, and every session journal held here is written again in the background."""
+    """Ping Redis every second; drives ``/readyz`` and the redis_up / latency / memory metrics.
+    Also reads the data marker (``SchedulingClient.data_marker``): when it changed, Redis
+    restarted without its data, and every session journal held here is written again in the
+    background. Redis is not ready while it cannot be reached, while it is full (an ``OOM``
+    reply since the last check, or used memory at ``maxmemory``) or a replica (``READONLY``:
+    a failover under way), and while it evicts (a policy changed, or a failover to a server
+    set up otherwise: ``--allow-evicting-redis`` lets that be)."""
     marker: str | None = None
+    seen_errors = dict(running.redis.errors)
     while True:
         try:
             with trio.fail_after(5):
                 latency = await running.redis.ping()
+                memory = await _memory(running)
                 seen = await running.scheduling.data_marker(str(uuid.uuid4()))
-            running.redis_ok = True
             running.metrics.redis_latency_seconds.set(latency)
             if marker is not None and seen != marker:
                 event(log, "redis_data_lost", logging.WARNING, sessions=len(running.sessions))
                 nursery.start_soon(_after_data_loss, running)
             marker = seen
+            refused = {r: n - seen_errors.get(r, 0) for r, n in running.redis.errors.items() if r in ("OOM", "READONLY", "MISCONF")}
+            _set_redis_state(running, _redis_problem(running, memory, {r: n for r, n in refused.items() if n > 0}))
         except Exception as exc:  # unreachable, too slow, or an error reply (e.g. still loading): not ready
-            if running.redis_ok:
-                event(log, "redis_unreachable", logging.ERROR, error=str(exc) or type(exc).__name__)
-            running.redis_ok = False
+            reply = getattr(exc, "reply", "")
+            _set_redis_state(running, FULL if reply == "OOM" else f"refusing writes: {reply}" if reply in ("READONLY", "MISCONF")
+                             else f"unreachable: {str(exc) or type(exc).__name__}")
+        seen_errors = dict(running.redis.errors)
         running.metrics.redis_up.set(1 if running.redis_ok else 0)
         await trio.sleep(HEALTH_INTERVAL)
+
+
+async def _memory(running: Running) -> MemoryState | None:
+    """Redis memory now (None when an ACL refuses ``INFO``: then memory is not watched)."""
+    try:
+        memory = memory_state(await running.redis.memory_info())
+    except RedisUnavailable:
+        raise
+    except Exception:  # NOPERM: told once at start-up (redis_policy_unknown)
+        return None
+    running.metrics.redis_memory_used_bytes.set(memory.used)
+    running.metrics.redis_memory_max_bytes.set(memory.limit)
+    return memory
+
+
+def _redis_problem(running: Running, memory: MemoryState | None, refused: dict[str, int]) -> str | None:
+    """Why Redis answers but is not fit for new work (None: it is)."""
+    if "OOM" in refused or (memory is not None and memory.limit and memory.used >= memory.limit):
+        return FULL
+    if refused:
+        return "refusing writes: " + ", ".join(sorted(refused))
+    unsafe = evicting(memory.policies) if memory is not None else {}
+    if unsafe and not running.settings.allow_evicting_redis:
+        return f"evicting maxmemory-policy {describe(unsafe)}: set noeviction (or --allow-evicting-redis)"
+    return None
+
+
+def _set_redis_state(running: Running, problem: str | None) -> None:
+    """Keep ``redis_ok`` / ``redis_problem``; a change is logged once (redis_unreachable,
+    redis_unfit with the reason, redis_recovered)."""
+    if problem == running.redis_problem:
+        return
+    if problem is None:
+        event(log, "redis_recovered", was=running.redis_problem)
+    elif problem.startswith("unreachable"):
+        event(log, "redis_unreachable", logging.ERROR, error=problem.split(": ", 1)[-1])
+    else:
+        event(log, "redis_unfit", logging.ERROR, problem=problem)
+    running.redis_problem = problem
+    running.redis_ok = problem is None
 
 
 async def _after_data_loss(running: Running) -> None:

@@ -275,6 +275,7 @@ class DispatcherHarness:
         self.dropped: dict[str, tuple[float, str]] = {}  # node connection id -> (when it dropped, its instance)
         self._quiet = trio.Event()
         self.down = False  # a Redis outage: every adapter call fails
+        self.replies_lost = False  # Redis times out: every call runs, and its reply is lost
         self.up_since = 0.0  # when the last outage ended
 
     def __getitem__(self, instance_id: str) -> Instance:
@@ -291,12 +292,19 @@ class DispatcherHarness:
 
     def _count_calls(self, redis: RedisAdapter) -> None:
         """Every adapter call counts as in flight until it returns (see :meth:`settle`); while
-        ``down``, every batch fails as if Redis could not be reached."""
+        ``down``, every batch fails as if Redis could not be reached; while ``replies_lost``,
+        every batch of scripts (the writes) runs and then fails as a timeout would (an ambiguous
+        outcome), and every other batch fails as in an outage."""
         execute = redis._execute_sync
 
         def execute_or_fail(batch):
             if self.down:
                 raise redis_errors.ConnectionError("Redis is down (the test's outage)")
+            if self.replies_lost:  # scripts (the writes) run; reads fail as in an outage
+                if all(call.script is not None for call in batch):
+                    execute(batch)
+                    raise redis_errors.TimeoutError("Timeout reading from socket (the test's lost replies)")
+                raise redis_errors.ConnectionError("Redis is down (the test's lost replies)")
             return execute(batch)
 
         redis._execute_sync = execute_or_fail

@@ -75,7 +75,7 @@ REASONS = {"NODE_LOST", "LEASE_EXPIRED", "NODE_INSTANCE_LOST", "NODE_RECONNECTED
            "ADOPTED_WAITING"}
 EVENTS = {  # dispatcher event -> its level
     "job_moving": logging.INFO, "dispatch_blocked": logging.WARNING, "dispatch_unblocked": logging.INFO,
-    "duplicate_job_blocked": logging.WARNING, "job_failed": logging.INFO, "jobs_adopted": logging.INFO,
+    "duplicate_job_blocked": logging.WARNING, "job_failed": logging.INFO, "dispatch_outcome_recovered": logging.INFO, "jobs_adopted": logging.INFO,
     "orphan_job_released": logging.INFO, "orphan_release_refused": logging.WARNING,
     # the periodic tasks during a Redis outage (resilient.every)
     "orphan_sweep_failed": logging.WARNING, "orphan_sweep_recovered": logging.INFO,
@@ -377,14 +377,26 @@ class DispatcherMachine(RuleBasedStateMachine):
         messages owed meanwhile have gone through (the checks after it)."""
         self._outage(seconds, data.draw(st.sampled_from(self._cancellable())) if cancel and self._cancellable() else None)
 
-    def _outage(self, seconds, cancel_key):
-        self.h.down = True
+    @rule(data=st.data(), seconds=st.sampled_from([0.25, 1.0]), cancel=st.booleans())
+    def replies_lost(self, data, seconds, cancel):
+        """Redis times out for a while (a stall): every call runs, but its reply is lost, so
+        each is an ambiguous outcome the dispatcher must resolve, never drop: a placement it
+        did not hear of is still handed to its node (or undone), an answer is stored once."""
+        self._outage(seconds, data.draw(st.sampled_from(self._cancellable())) if cancel and self._cancellable() else None,
+                     lost=True)
+
+    def _outage(self, seconds, cancel_key, lost=False):
+        if lost:
+            self.h.replies_lost = True
+        else:
+            self.h.down = True
         try:
             if cancel_key is not None:
                 self.do("cancel", self._cancel(cancel_key))
             self.do("outage", self.h.advance, seconds)
         finally:
-            self.h.down, self.h.up_since = False, self.now
+            self.h.down = self.h.replies_lost = False
+            self.h.up_since = self.now
         self.do("advance", self.h.advance, 1.0)
         for instance in self._live():
             assert not instance.dispatcher._owed_releases and not instance.dispatcher._owed_cancels, instance.id
@@ -530,7 +542,7 @@ class DispatcherMachine(RuleBasedStateMachine):
     def _check_nodes(self):
         """Every connected node is, in Redis (where Redis still has it), online on its current
         connection: no close of an older socket (``bounce`` with ``late``) took it offline."""
-        if self.h.down:
+        if self.h.down or self.h.replies_lost:
             return
         for node in self.connected:
             conn = self.h[self.h.where[node]].nodes.get(node)
@@ -556,14 +568,15 @@ class DispatcherMachine(RuleBasedStateMachine):
                                and job_key_for(s, o.utterance_index, o.tgt_lang) == key]
                     assert notices and notices[-1] is not None, (instance.id, key, notices)
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
-            for key, p in d.placed.items():  # the lease expiry looks every second
-                due = max(p.lease_deadline, h.queued_since.get(key, 0.0))  # (an adopted one: from its adoption)
+            for key, p in d.placed.items():  # the lease expiry looks every second (once replies come back)
+                # (an adopted one: from its adoption; one placed by a lost call: from when replies came back)
+                due = max(p.lease_deadline, h.queued_since.get(key, 0.0), h.up_since if p.lease_deadline < h.up_since else 0.0)
                 assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
                     due = when if where == instance.id and when > entered else max(when, entered, h.up_since) + WATCH_S
-                    due = float("inf") if h.down and due > when else due
+                    due = float("inf") if (h.down or h.replies_lost) and due > when else due
                     assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
                                             f"dropped {now - when:.2f} s ago"
             for r in queued:  # an answered job leaves its lane at once (forget)
@@ -594,6 +607,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                     assert got is not None and (got.job_key, got.attempt) == (key, p.attempt), \
                         f"{key} placed on {p.node_id} (attempt {p.attempt}), which holds {got}"
         unnoticed = self._unnoticed()  # the node's until its placer noticed (it is told job_cancel then)
+        unnoticed |= {job_id for i in self._live() for job_id in i.dispatcher._lost_releases}  # (a release whose reply was lost)
         held = [(node, job_id, got.attempt) for node, jobs in h.held.items() for job_id, got in jobs.items()
                 if job_id not in unnoticed]
         pipe = self.r.pipeline(transaction=False)
@@ -683,14 +697,15 @@ class DispatcherMachine(RuleBasedStateMachine):
             dispatched |= held
         for p in live:
             assert next(replies) == ["dispatched", p.node_id, str(p.attempt)], p
-        for m in moving:  # still on the node it leaves, or waiting (its slot released) for a new one
-            status, node, attempt = next(replies)
-            assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting", (m, status)
+        for m in moving:  # still on the node it leaves, or waiting (its slot released) for a new one, or (a move whose
+            status, node, attempt = next(replies)  # reply was lost) on a new node at attempt + 1, until the move is repeated
+            assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting" \
+                or m.uncertain and (status, attempt) == ("dispatched", str(m.attempt + 1)), (m, status)
         for i in self._live():
             for p in i.dispatcher.placed.values():
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard:
                     self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
-        if self.now >= self.h.up_since + SWEEP_S and not self.h.down:
+        if self.now >= self.h.up_since + SWEEP_S and not (self.h.down or self.h.replies_lost):
             # a lease left behind (its instance died, or its hash is gone) goes within one orphan
             # sweep of the lease + the grace; every other one is moved or renewed by its placer
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
@@ -699,6 +714,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
         books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
+        books |= {job_id for i in self.h.instances.values() for _, job_id in i.dispatcher._tried.values()}  # (a lost reply)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
         for handed in self.h.generations():  # (a job Redis lost is created again)
             ids: dict[str, str] = {}
@@ -891,10 +907,23 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("disconnect", h.disconnect, "n0")
         m.do("connect", h.connect, "n0", 2, list(PAIRS), "i2")
         m.do("advance", h.advance, 1.0)
+    elif name == "late_bounce_here":  # the node's old socket is cleaned up after it registered here again
+        m.do("advance", h.advance, 0.05)  # (layout "both": the job goes to n0, on i1)
+        m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
+        m.do("advance", h.advance, 0.05)
+        m.do("bounce", h.bounce, "n0", m.max_jobs["n0"], "i1", True)
+        m.do("advance", h.advance, 0.05)  # (the check: its job moved at once, not at the next watch)
     elif name == "outage_cancel":  # a job on i2's node cancelled while Redis is down: released and told later
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m._outage(0.25, "s2:0:translate:en")
         assert not h.held["n0"] and h["i2"].metrics.jobs_total.labels("cancelled")._value.get() == 1, h.held
+    elif name == "lost_replies":  # Redis runs the writes but their replies are lost: a placement, an answer, a cancel
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.h.replies_lost = True
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.do("cancel", m._cancel("s2:0:translate:en"))
+        m._outage(0.25, None, lost=True)
+        assert "s2:1:translate:en" in h["i2"].dispatcher.placed, h["i2"].dispatcher.placed
     elif name == "outage_lease":  # i1's job on i2's node outlives its lease while Redis is down
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)
@@ -1059,12 +1088,12 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
                                   "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
-                                  "copy_while_moving"])
+                                  "copy_while_moving", "late_bounce_here", "lost_replies"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
     machine.start(queue_size=6, place_batch=1 if name == "answer_while_moving" else 2,
-                  layout="i1" if name == "answer_while_moving" else "i2")
+                  layout={"answer_while_moving": "i1", "late_bounce_here": "both"}.get(name, "i2"))
     try:
         _path(machine, name)
     finally:

@@ -66,6 +66,10 @@ async def redispatch(a, job_id, old_node, attempt, turn_id="t1", src="zh", tgt="
                                                 rand)
 
 
+def lease(redis_client, job_id):
+    return int(redis_client.hget(keys.job(job_id), "lease_deadline_ts"))
+
+
 def slots(redis_client, node_id):
     return int(redis_client.hget(keys.node_runtime(node_id), "current_jobs"))
 
@@ -257,6 +261,35 @@ async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     assert redis_client.scard(keys.node_jobs("a")) == 0 and redis_client.zcard(keys.leases()) == 0
 
 
+async def test_a_repeated_dispatch_learns_what_its_lost_call_made(adapter, redis_client):
+    """Redis timed out on a dispatch_task that went through: the repeat (same key, same job
+    id) is told the placement, not taken for a duplicate; another id is a duplicate as ever."""
+    await register(adapter, "n1", max_jobs=4, conn_id="c1")
+    scheduling = SchedulingClient(adapter, id_block=1)
+    (job_id,) = await scheduling.job_ids(1)
+    call = lambda c, i=job_id: lua.dispatch("s1:0:translate:en", i, "s1", 0, "zh", "en", "t1", "none", now_ms(), 30000, 6000, 0, c)  # noqa: E731
+    first = await scheduling.run_many("zh", "en", [call])
+    again = await scheduling.run_many("zh", "en", [call])
+    assert first == [["OK", job_id, "n1", 1, "c1"]] and again[0][:6] == ["EXISTS", job_id, "n1", 1, "dispatched", "c1"]
+    assert again[0][6] == int(redis_client.hget(keys.job(job_id), "lease_deadline_ts"))
+    (other,) = await scheduling.job_ids(1)
+    assert await scheduling.run_many("zh", "en", [lambda c: call(c, other)]) == [["EXISTS", job_id]]
+    assert slots(redis_client, "n1") == 1
+
+
+async def test_a_repeated_complete_gets_the_lost_reply_a_second_answer_does_not(adapter, redis_client):
+    await register(adapter, "a", max_jobs=2)
+    job_id = (await dispatch(adapter, "s1:0:translate:en"))[1]
+    key = await job_key_of(adapter, job_id)
+    first = await adapter.script(*lua.complete(job_id, key, "a", 1, True, now_ms()))
+    assert await adapter.script(*lua.complete(job_id, key, "a", 1, True, now_ms(), again=True)) == first
+    with pytest.raises(AlreadyCompleted):  # the node sending it twice
+        await adapter.script(*lua.complete(job_id, key, "a", 1, True, now_ms()))
+    with pytest.raises(AlreadyCompleted):  # a repeat with another status is not the lost call
+        await adapter.script(*lua.complete(job_id, key, "a", 1, False, now_ms(), again=True))
+    assert slots(redis_client, "a") == 0
+
+
 async def test_redispatch_moves_job_to_another_node_as_next_attempt(adapter, redis_client):
     await register(adapter, "a", max_jobs=2)
     await register(adapter, "b", max_jobs=2)
@@ -266,14 +299,14 @@ async def test_redispatch_moves_job_to_another_node_as_next_attempt(adapter, red
     assert slots(redis_client, first) == 0 and slots(redis_client, other) == 1
     assert redis_client.smembers(keys.node_jobs(other)) == {job_id} and not redis_client.smembers(keys.node_jobs(first))
     # a second trigger for attempt 1 (e.g. lease expiry after the disconnect) changes nothing
-    assert await redispatch(adapter, job_id, first, attempt=1) == ["NOOP", "dispatched", 2]
+    assert await redispatch(adapter, job_id, first, attempt=1) == ["NOOP", "dispatched", 2, other, "", lease(redis_client, job_id)]
     with pytest.raises(NodeMismatch):
         await complete(adapter, job_id, first, attempt=1)
     with pytest.raises(StaleAttempt):
         await complete(adapter, job_id, other, attempt=1)
     assert (await complete(adapter, job_id, other, attempt=2))[0] == "OK"
     assert slots(redis_client, other) == 0
-    assert await redispatch(adapter, job_id, other, attempt=2) == ["NOOP", "finished", 2]
+    assert await redispatch(adapter, job_id, other, attempt=2) == ["NOOP", "finished", 2, other, "", lease(redis_client, job_id)]
 
 
 async def test_redispatch_waits_when_no_other_node_and_can_be_retried(adapter, redis_client):

@@ -2,11 +2,25 @@
 
 Per connection: the first message must be ``register`` (token checked in constant time when
 ``--node-token`` is set; a node id already connected here is refused with
-``DUPLICATE_NODE_ID``); then three tasks run in the connection's nursery: the reader
-(heartbeat, job_result, drain), the writer (``job_assign`` / ``job_cancel`` from the node's
-outbox) and a liveness watchdog that closes a node silent for ``node_ttl_ms``. Answers are
-accepted only through ``complete_task`` (right node, current attempt, once) and then routed
-to their session. When the socket closes the node is marked offline and its jobs are
+``DUPLICATE_NODE_ID``); then four tasks run in the connection's nursery:
+
+* the reader: reads and parses frames and never waits for Redis, so the node's liveness is
+  measured from frames arriving at its socket, not from the daemon's own Redis work. A
+  heartbeat only records the node's load (coalesced: one Redis write is queued at a time,
+  with the newest load); ``job_result`` and ``drain`` go to the worker's queue (capacity
+  ``2 * max_jobs + 16``; when it is full the reader waits, and that wait is the daemon's,
+  not the node's silence);
+* the worker: does the Redis work of those messages in order. An answer is kept until
+  ``complete_task`` gave its outcome: a call that timed out or found Redis unavailable
+  (stalled, full, failing over) is repeated with a bounded backoff for up to
+  ``result_deadline_ms`` (``resilient.until_known``; the repeat is idempotent), so a Redis
+  stall delays answers and loses none;
+* the writer (``job_assign`` / ``job_cancel`` from the node's outbox);
+* a liveness watchdog that closes a node silent for ``node_ttl_ms``.
+
+Answers are accepted only through ``complete_task`` (right node, current attempt, once) and
+then routed to their session. When the socket closes, the answers it delivered are stored
+first (bounded by the same budget), then the node is marked offline and its jobs are
 dispatched again to other nodes (attempt + 1) by the dispatcher.
 """
 
@@ -26,6 +40,7 @@ from scheduler.ops import secrets
 from scheduler.ops.logs import event
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
 from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
+from scheduler.placement.resilient import until_known
 from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -68,6 +83,9 @@ class NodeGateway(wsutil.Gateway):
         if reg is None:
             return
         conn = NodeConnection(reg.node_id, reg.max_jobs, reg, conn_id)
+        # Close semantics: the reader owns the send side and closes it when it ends; the
+        # worker then finishes what is queued (the node's last answers) and returns.
+        work_send, work = trio.open_memory_channel[Heartbeat | JobResult | Drain](2 * reg.max_jobs + 16)
         self._nodes.add(conn)
         event(log, "node_joined", node_id=reg.node_id, peer=peer, max_jobs=reg.max_jobs,
               pools=",".join(sorted({p for p, _, _ in reg.pool_pairs()})))
@@ -79,8 +97,14 @@ class NodeGateway(wsutil.Gateway):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(wsutil.pump, ws, conn.outbox, peer)
                 nursery.start_soon(self._watchdog, ws, conn, nursery.cancel_scope)
-                reason = await self._reader(ws, conn)
+                worker_done = trio.Event()
+                nursery.start_soon(self._worker, ws, conn, work, worker_done)
+                async with work_send:
+                    reason = await self._reader(ws, conn, work_send)
+                with trio.move_on_after(self._answer_budget_s):  # the answers it delivered, stored before its jobs move
+                    await worker_done.wait()
                 nursery.cancel_scope.cancel()
+            reason = conn.end_reason or reason
         finally:
             with trio.CancelScope(shield=True):
                 self._nodes.remove(conn)
@@ -91,11 +115,15 @@ class NodeGateway(wsutil.Gateway):
         """The node's socket closed: its owner record goes, it is marked offline, its jobs move.
         Not when it registered here again on a newer connection (a quick reconnect, handled
         before this close): the node's state is that connection's now (its owner record, the
-        same instance's, would go too), and the remote watch moves the old connection's jobs
-        (``NODE_RECONNECTED``). The offline mark names this connection besides (node_state.lua)."""
+        same instance's, would go too); the jobs this instance placed on the old connection
+        move at once (``NODE_RECONNECTED``), other instances' at their remote watch. The
+        offline mark names this connection besides (node_state.lua)."""
         lock = self._locks.setdefault(conn.node_id, trio.Lock())
         async with lock:
             if self._latest.get(conn.node_id) != conn.conn_id:
+                # back here on a newer connection already: the jobs of this one move now
+                # (those of another instance's newer connection: at the remote watch)
+                await self._dispatcher.node_lost(conn.node_id, "NODE_RECONNECTED", conn_id=conn.conn_id)
                 event(log, "node_left", node_id=conn.node_id, reason=reason, replaced=True)
                 return
             with trio.move_on_after(5):
@@ -140,10 +168,12 @@ class NodeGateway(wsutil.Gateway):
             event(log, "node_taken_over", node_id=reg.node_id, previous_owner=previous)
 
     async def _watchdog(self, ws: WebSocketConnection, conn: NodeConnection, scope: trio.CancelScope) -> None:
-        """Close the node when nothing arrived from it for ``node_ttl_ms``."""
+        """Close the node when nothing arrived from it for ``node_ttl_ms``. While the reader
+        waits for room in the worker's queue (``conn.held``), the node is not silent: the
+        daemon is not reading it."""
         ttl = self.settings.node_ttl_ms / 1000
         while True:
-            deadline = conn.last_seen + ttl
+            deadline = (trio.current_time() if conn.held else conn.last_seen) + ttl
             if trio.current_time() >= deadline:
                 event(log, "node_heartbeat_timeout", logging.WARNING, node_id=conn.node_id)
                 await wsutil.send_error(ws, ProtocolError("HEARTBEAT_TIMEOUT", f"no message for {self.settings.node_ttl_ms} ms",
@@ -152,20 +182,27 @@ class NodeGateway(wsutil.Gateway):
                 return
             await trio.sleep_until(deadline)
 
-    async def _reader(self, ws: WebSocketConnection, conn: NodeConnection) -> str:
-        """Node frames, until the node goes away, is refused fatally, or has drained."""
+    async def _reader(self, ws: WebSocketConnection, conn: NodeConnection,
+                      work: trio.MemorySendChannel[Heartbeat | JobResult | Drain]) -> str:
+        """Node frames, until the node goes away or is refused fatally. No Redis here: the
+        Redis work goes to :meth:`_worker` (module docstring)."""
 
-        async def heartbeat(msg: Heartbeat) -> str | None:
-            await self._heartbeat(conn, msg)
-            return await self._drained(ws, conn)
+        async def heartbeat(msg: Heartbeat) -> None:
+            conn.load = msg.load
+            if not conn.heartbeat_queued:
+                try:
+                    work.send_nowait(msg)
+                    conn.heartbeat_queued = True
+                except trio.WouldBlock:
+                    pass  # the queue is full of answers: a later heartbeat carries the load
 
-        async def job_result(msg: JobResult) -> str | None:
-            await self._job_result(conn, msg)
-            return await self._drained(ws, conn)
-
-        async def drain(_: Drain) -> str | None:
-            await self._drain(conn)
-            return await self._drained(ws, conn)
+        async def queued(msg: JobResult | Drain) -> None:
+            conn.held = True
+            try:
+                await work.send(msg)
+            finally:
+                conn.held = False
+                conn.last_seen = trio.current_time()
 
         async def register_again(_: Register) -> None:
             raise ProtocolError(BAD_MESSAGE, "already registered")
@@ -176,8 +213,26 @@ class NodeGateway(wsutil.Gateway):
         def seen() -> None:
             conn.last_seen = trio.current_time()
 
-        handlers = {Heartbeat: heartbeat, JobResult: job_result, Drain: drain, Register: register_again}
+        handlers = {Heartbeat: heartbeat, JobResult: queued, Drain: queued, Register: register_again}
         return await self.read_frames(ws, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
+
+    async def _worker(self, ws: WebSocketConnection, conn: NodeConnection,
+                      work: trio.MemoryReceiveChannel[Heartbeat | JobResult | Drain], done: trio.Event) -> None:
+        """The Redis work of the node's messages, in order; closes a drained node."""
+        try:
+            async for msg in work:
+                if isinstance(msg, Heartbeat):
+                    conn.heartbeat_queued = False
+                    await self._heartbeat(conn, conn.load)
+                elif isinstance(msg, JobResult):
+                    await self._job_result(conn, msg)
+                else:
+                    await self._drain(conn)
+                conn.end_reason = await self._drained(ws, conn)
+                if conn.end_reason is not None:
+                    return
+        finally:
+            done.set()
 
     async def _drained(self, ws: WebSocketConnection, conn: NodeConnection) -> str | None:
         """A draining node that holds no job of this instance is closed: reason ``drained``."""
@@ -186,9 +241,9 @@ class NodeGateway(wsutil.Gateway):
             return "drained"
         return None
 
-    async def _heartbeat(self, conn: NodeConnection, msg: Heartbeat) -> None:
+    async def _heartbeat(self, conn: NodeConnection, load: dict[str, Any] | None) -> None:
         try:
-            await self._scheduling.heartbeat(conn.node_id, msg.load)
+            await self._scheduling.heartbeat(conn.node_id, load)
         except UnknownNode:
             # Redis lost the node (restarted without its data): register it again, as it is
             if conn.registration is not None:
@@ -218,27 +273,48 @@ class NodeGateway(wsutil.Gateway):
             error=None if ok else (msg.error or "NODE_ERROR"),
         )
         source_text = msg.source_text if ok else None
-        try:
+        answer = encode_answer(translation, source_text)
+        retried = 0
+
+        async def store(again: bool) -> Any:
             # complete_task declares the job key too; jobs placed elsewhere (or before a restart
             # of this instance's memory) are looked up in the job hash
             job_key = self._dispatcher.job_key_of(msg.job_id) or await self._scheduling.job_key_of(msg.job_id)
             if job_key is None:
                 raise UnknownJob(f"UNKNOWN_JOB {msg.job_id}")
-            reply = await self._scheduling.complete(msg.job_id, job_key, conn.node_id, msg.attempt, ok,
-                                                    answer=encode_answer(translation, source_text),
-                                                    answer_ttl_s=self._answer_ttl_s)
+            return await self._scheduling.complete(msg.job_id, job_key, conn.node_id, msg.attempt, ok, answer=answer,
+                                                   answer_ttl_s=self._answer_ttl_s, again=again)
+
+        def retrying(exc: RedisUnavailable) -> None:
+            nonlocal retried
+            if not retried:
+                event(log, "answer_retrying", logging.WARNING, node_id=conn.node_id, job_id=msg.job_id, reply=exc.reply)
+            retried += 1
+            self._metrics.redis_retries_total.labels("answer").inc()
+
+        try:
+            reply = await until_known(store, budget_s=self._answer_budget_s, on_retry=retrying)
         except ScriptError as exc:
             self._metrics.stale_answers_dropped_total.labels(exc.code).inc()
             event(log, "answer_dropped", node_id=conn.node_id, job_id=msg.job_id, attempt=msg.attempt, code=exc.code)
             return
         except RedisUnavailable as exc:
-            event(log, "answer_not_stored", logging.WARNING, node_id=conn.node_id, job_id=msg.job_id, error=str(exc))
+            event(log, "answer_not_stored", logging.ERROR, node_id=conn.node_id, job_id=msg.job_id, reply=exc.reply,
+                  retries=retried, budget_ms=self.settings.result_deadline_ms)
             return
+        if retried:
+            event(log, "answer_stored", node_id=conn.node_id, job_id=msg.job_id, retries=retried)
         _, session_id, job_key, utterance_index, tgt_lang = reply
         self._dispatcher.forget(job_key)
         self._dispatcher.slot_freed()
         self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
         await self._router.to_session(session_id, JobOutcome(int(utterance_index), tgt_lang, translation, source_text))
+
+    @property
+    def _answer_budget_s(self) -> float:
+        """How long an answer is kept and retried while Redis cannot store it: past its
+        result deadline its session has resolved the translation without it."""
+        return self.settings.result_deadline_ms / 1000
 
     @property
     def _answer_ttl_s(self) -> int:

@@ -56,7 +56,7 @@ async def close(ws: WebSocketConnection, code: int, reason: str | None = None) -
 
 async def send_error(ws: WebSocketConnection, err: ProtocolError) -> None:
     """Send an ``error``; when fatal, close with the error's close code afterwards."""
-    await send(ws, Error(code=err.code, message=err.message, fatal=err.fatal))
+    await send(ws, Error(code=err.code, message=err.message, fatal=err.fatal, retry_after_ms=err.retry_after_ms))
     if err.fatal:
         await close(ws, err.close_code, err.code)
 

@@ -67,8 +67,22 @@ class Metrics:
             "outcome_session_gone, outcome_stored)", ["kind"], registry=r)
         self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
+        self._redis(r, p)
+
+    def _redis(self, r: CollectorRegistry, p: str) -> None:
+        """What the daemon sees of Redis."""
         self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health check succeeded", registry=r)
         self.redis_latency_seconds = Gauge(p + "redis_latency_seconds", "Round trip of the last Redis health check", registry=r)
+        self.redis_errors_total = Counter(
+            p + "redis_errors_total", "Redis calls that could not be done now, by reply: an error reply (OOM, READONLY, LOADING, "
+            "MASTERDOWN, BUSY, TRYAGAIN, CLUSTERDOWN, MISCONF, NOREPLICAS, NOSCRIPT), timeout or connection", ["reply"], registry=r)
+        self.redis_memory_used_bytes = Gauge(
+            p + "redis_memory_used_bytes", "used_memory of Redis (the fullest primary of a cluster), health check", registry=r)
+        self.redis_memory_max_bytes = Gauge(
+            p + "redis_memory_max_bytes", "maxmemory of that Redis (0: no limit), health check", registry=r)
+        self.redis_retries_total = Counter(
+            p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
+            "by what", ["what"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
+
 from scheduler.ops.logs import event
 from scheduler.ops.secrets import redacted
 
@@ -43,6 +45,32 @@ def memory_policies(info: Any) -> dict[str, str]:
     return {}
 
 
+@attrs.frozen
+class MemoryState:
+    """What ``INFO memory`` says, for the health check: the fullest server's use and limit."""
+
+    used: int  # used_memory, bytes
+    limit: int  # maxmemory, bytes; 0 for none
+    policies: dict[str, str]
+
+    @property
+    def ratio(self) -> float:
+        return self.used / self.limit if self.limit else 0.0
+
+
+def memory_state(info: Any) -> MemoryState:
+    """:class:`MemoryState` from an ``INFO memory`` reply (one server, or one dict per node)."""
+    servers = [info] if isinstance(info, dict) and "used_memory" in info else \
+        [v for v in info.values() if isinstance(v, dict) and "used_memory" in v] if isinstance(info, dict) else []
+    fullest = max(servers, key=lambda v: int(v["used_memory"]) / (int(v.get("maxmemory", 0)) or 2**63), default={})
+    return MemoryState(int(fullest.get("used_memory", 0)), int(fullest.get("maxmemory", 0)), memory_policies(info))
+
+
+def evicting(policies: dict[str, str]) -> dict[str, str]:
+    """The servers among ``policies`` that would delete keys when full."""
+    return {server: policy for server, policy in policies.items() if policy != EVICTION_SAFE}
+
+
 def read_policies(url: str) -> dict[str, str]:
     """The policies read with a short-lived synchronous client ({} when Redis cannot be
     reached now: the workers check again once they reach it)."""
@@ -58,12 +86,16 @@ def read_policies(url: str) -> dict[str, str]:
         return {}
 
 
+def describe(unsafe: dict[str, str]) -> str:
+    return ", ".join(policy + (f" on {server}" if server != "redis" else "") for server, policy in sorted(unsafe.items()))
+
+
 def check_policy(policies: dict[str, str], url: str, allow: bool) -> None:
     """Raise :class:`UnsafeRedis` when a server evicts (or, with ``allow``, warn)."""
-    evicting = {server: policy for server, policy in policies.items() if policy != EVICTION_SAFE}
-    if not evicting:
+    unsafe = evicting(policies)
+    if not unsafe:
         return
-    shown = ", ".join(policy + (f" on {server}" if server != "redis" else "") for server, policy in sorted(evicting.items()))
+    shown = describe(unsafe)
     if allow:
         event(log, "redis_evicting_policy", logging.WARNING, redis=redacted(url), policy=shown,
               detail="when Redis fills it will delete session, job and answer keys silently")

@@ -96,6 +96,7 @@ class Placement:
     request: JobRequest
     lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
     conn_id: str = ""  # the node connection that got the job (register_node); "" if unknown
+    uncertain: bool = False  # a move of it timed out: it may have gone through (see _resolve)
 
 
 @attrs.define(eq=False)
@@ -175,8 +176,11 @@ class Dispatcher:
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
+        self._tried: dict[str, tuple[JobRequest, str]] = {}  # job key -> (request, job id) of a dispatch whose reply
+        # was lost (a timeout): it is repeated under the same id, and undone if the request is dropped (_abandon_tried)
         self._owed_releases: dict[str, tuple[str, str, int | None, bool]] = {}  # job id -> (job key, node id,
         # attempt to cancel on its node once released or None, counted): cancel_task to retry
+        self._lost_releases: set[str] = set()  # owed releases of which one try may have gone through (a timeout)
         self._owed_cancels: dict[tuple[str, int], str] = {}  # (job id, attempt) -> node id: job_cancel to send again
 
     # ------------------------------------------------------------ the actor's port
@@ -208,9 +212,10 @@ class Dispatcher:
         for lane in self._lanes.values():  # no await in here: a lane may be made, or place, meanwhile
             for request in [r for r in lane.queue if r.job_key in wanted]:
                 self._remove(lane, request)
-                withdrawn.append(request.job_key)
-        for job_key in withdrawn:
-            await self._abandon_move(job_key)
+                withdrawn.append(request)
+        for request in withdrawn:
+            await self._abandon_move(request.job_key)
+            await self._abandon_tried(request)
         for job_key in job_keys:
             placement = self.placed.pop(job_key, None)
             if placement is None:
@@ -302,10 +307,12 @@ class Dispatcher:
     def placements_on(self, node_id: str) -> list[Placement]:
         return [p for p in self.placed.values() if p.node_id == node_id]
 
-    async def node_lost(self, node_id: str, reason: str) -> None:
-        """The node's socket closed with jobs on it: dispatch each again elsewhere."""
+    async def node_lost(self, node_id: str, reason: str, *, conn_id: str = "") -> None:
+        """The node's socket closed with jobs on it: dispatch each again elsewhere. With
+        ``conn_id``, only the jobs placed on that connection (the node is back on a newer one)."""
         for placement in self.placements_on(node_id):
-            self.move(placement, reason)
+            if not conn_id or placement.conn_id == conn_id:
+                self.move(placement, reason)
 
     def move(self, placement: Placement, reason: str) -> None:
         """Dispatch a placed job again (attempt + 1) on another node, ahead of its lane."""
@@ -473,6 +480,7 @@ class Dispatcher:
             self._metrics.jobs_total.labels("failed").inc()
             if self._moving_of(request) is not None:  # (not a copy of a moving job's key: the move is the original's)
                 await self._abandon_move(request.job_key)
+            await self._abandon_tried(request)
         batch = list(itertools.islice(lane.queue, self._place_batch))
         if not batch:
             return
@@ -508,12 +516,16 @@ class Dispatcher:
         redispatch_task calls. Per job: None when it is done with (placed, duplicate or failed
         for good), or the error code when it must wait for a node."""
         movings = [self._moving_of(r) for r in batch]
+        tried = [None if m else self._tried_id(r) for r, m in zip(batch, movings, strict=True)]
+        ids: list[str | None] = [None] * len(batch)
         try:
-            fresh_ids = iter(await self._scheduling.job_ids(sum(m is None for m in movings)))
-            builders = [self._builder(r, m, None if m else next(fresh_ids)) for r, m in zip(batch, movings, strict=True)]
+            fresh_ids = iter(await self._scheduling.job_ids(sum(m is None and t is None for m, t in zip(movings, tried, strict=True))))
+            ids = [None if m else t or next(fresh_ids) for m, t in zip(movings, tried, strict=True)]
+            builders = [self._builder(r, m, i) for r, m, i in zip(batch, movings, ids, strict=True)]
             replies = await self._scheduling.run_many(lane.pair[0], lane.pair[1], builders)
         except RedisUnavailable as exc:
             replies = [exc] * len(batch)
+        replies = [self._resolve(r, m, i, reply) for r, m, i, reply in zip(batch, movings, ids, replies, strict=True)]
         codes: list[str | None] = []
         remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances
         crashed: list[tuple[str, str, str, int | None]] = []  # what Redis holds for jobs whose handling crashed
@@ -529,6 +541,50 @@ class Dispatcher:
         for job_id, job_key, node_id, attempt in crashed:  # its slot back; its node (if handed it) told job_cancel
             await self._release(job_id, job_key, node_id, attempt, counted=False)
         return codes
+
+    def _tried_id(self, request: JobRequest) -> str | None:
+        entry = self._tried.get(request.job_key)
+        return entry[1] if entry is not None and entry[0] is request else None
+
+    def _resolve(self, request: JobRequest, moving: Placement | None, job_id: str | None, reply: Any) -> Any:
+        """Ambiguous outcomes (Redis timed out: the call may have gone through). A dispatch is
+        remembered and repeated under the same job id; a move is marked ``uncertain``. When the
+        repeat finds what the lost call made (dispatch_task's long ``EXISTS``, redispatch_task's
+        ``NOOP`` at attempt + 1), that is taken as this call's ``OK``: the job goes to the node
+        Redis gave it, instead of being taken for a duplicate (and never sent) or for answered."""
+        if isinstance(reply, RedisUnavailable):
+            if reply.ambiguous and moving is None and job_id is not None:
+                self._tried[request.job_key] = (request, job_id)
+            elif reply.ambiguous and moving is not None:
+                moving.uncertain = True
+            return reply
+        if moving is None:
+            if self._tried_id(request) is None:
+                return reply
+            del self._tried[request.job_key]
+            if isinstance(reply, list) and len(reply) == 7 and reply[0] == "EXISTS" and reply[4] == "dispatched" and int(reply[3]) == 1:
+                event(log, "dispatch_outcome_recovered", job_key=request.job_key, job_id=str(reply[1]), node_id=reply[2])
+                return ["OK", reply[1], reply[2], 1, reply[5], int(reply[6])]
+            return reply
+        if (moving.uncertain and isinstance(reply, list) and len(reply) == 6 and reply[0] == "NOOP" and reply[1] == "dispatched"
+                and int(reply[2]) == moving.attempt + 1):
+            event(log, "dispatch_outcome_recovered", job_key=request.job_key, job_id=moving.job_id, node_id=reply[3])
+            return ["OK", moving.job_id, reply[3], int(reply[2]), reply[4], int(reply[5])]
+        return reply
+
+    async def _abandon_tried(self, request: JobRequest) -> None:
+        """``request`` leaves the lane unplaced: a dispatch of it whose reply was lost may have
+        placed it; if so, that job is cancelled (its slot released, its node never got it)."""
+        job_id = self._tried_id(request)
+        if job_id is None:
+            return
+        del self._tried[request.job_key]
+        try:
+            node_id = await self._redis.command("HGET", keys.job(job_id), "node_id")
+        except RedisUnavailable:
+            node_id = ""  # looked up again when the release is retried
+        if node_id is not None:
+            await self._release(job_id, request.job_key, node_id)
 
     def _drop_crashed(self, request: JobRequest, moving: Placement | None, reply: Any,
                       remote: list[tuple[Placement, JobAssign]], crashed: list[tuple[str, str, str, int | None]]) -> None:
@@ -628,10 +684,21 @@ class Dispatcher:
         Redis unavailable: the release is owed and retried every second
         (:meth:`_retry_releases`); returns None then."""
         try:
+            if not node_id:  # a lost dispatch (_abandon_tried) whose node is not known yet
+                node_id = await self._redis.command("HGET", keys.job(job_id), "node_id")
+                if node_id is None:
+                    return None  # it never went through
             reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
-        except RedisUnavailable:
+        except RedisUnavailable as exc:
+            again = exc.ambiguous or job_id in self._lost_releases
             self._owed_releases[job_id] = (job_key, node_id, attempt, counted)
+            if again:
+                self._lost_releases.add(job_id)
             return None
+        if job_id in self._lost_releases:  # a repeat of a release whose reply was lost: if that one went through,
+            self._lost_releases.discard(job_id)  # it is done as it would have been (the node is still told)
+            if reply[0] == "NOOP" and reply[1] == "cancelled":
+                reply = ["OK", node_id, attempt]
         if reply[0] == "OK":
             self.slot_freed()
             if attempt is not None:
@@ -688,8 +755,9 @@ class Dispatcher:
             event(log, "duplicate_job_blocked", logging.WARNING, job_key=request.job_key, job_id=str(reply[1]))
             return None
         job_id, node_id, attempt = str(reply[1]), reply[2], int(reply[3])
+        lease_ms = self._job_lease_ms if len(reply) < 6 else int(reply[5]) - now_ms()  # (a lost call's lease: from when it ran)
         placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request,
-                              lease_deadline=trio.current_time() + self._job_lease_ms / 1000,
+                              lease_deadline=trio.current_time() + lease_ms / 1000,
                               conn_id=str(reply[4]) if len(reply) > 4 else "")
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()

@@ -101,13 +101,15 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
 
 
 def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, now_ms: int,
-             done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0) -> Call:
-    """``answer``: the accepted answer's JSON, kept at ``keys.answer(job_key)`` for ``answer_ttl_s``."""
+             done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0, again: bool = False) -> Call:
+    """``answer``: the accepted answer's JSON, kept at ``keys.answer(job_key)`` for ``answer_ttl_s``.
+    ``again``: this call repeats one whose outcome was not known (a timeout): if that one went
+    through, its reply comes back instead of ``ALREADY_COMPLETED``."""
     return (
         "complete_task",
         [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key),
          keys.answer(job_key)],
-        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s],
+        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else ""],
     )
 
 

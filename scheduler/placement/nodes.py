@@ -5,7 +5,7 @@ them; the router (``cluster/routing.py``) hands jobs to their outboxes, and
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -27,7 +27,11 @@ class NodeConnection:
         self.max_jobs = max_jobs
         self.registration = registration  # written again if Redis forgot the node (restart without data)
         self.draining = False
-        self.last_seen = trio.current_time()
+        self.last_seen = trio.current_time()  # the last frame from the node (its liveness)
+        self.held = False  # the reader waits for room in the worker's queue: the daemon's wait, not the node's silence
+        self.load: dict[str, Any] | None = None  # the newest heartbeat's load, written by the worker
+        self.heartbeat_queued = False  # a heartbeat is in the worker's queue (one at a time)
+        self.end_reason: str | None = None  # set by the worker when it closed the node ("drained")
         self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
 
     def send_nowait(self, msg: object) -> bool:

@@ -21,11 +21,13 @@ call already sent still runs on the server.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import re
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,20 @@ log = logging.getLogger("scheduler.redis")
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached or the connection broke mid-call."""
+    """Redis cannot do the call now: it could not be reached, the connection broke or timed
+    out mid-call (the call may or may not have taken effect: an *ambiguous* outcome), or it
+    answered with a transient error reply (full, read-only replica, loading, busy script,
+    cluster down). ``reply`` names which, from :data:`REPLIES` (a metric label)."""
+
+    def __init__(self, message: str, reply: str = "connection"):
+        super().__init__(message)
+        self.reply = reply
+
+    @property
+    def ambiguous(self) -> bool:
+        """The call may have run on the server (a timeout or a connection lost mid-call);
+        an error reply or a refused connection means it did not."""
+        return self.reply in ("timeout", "connection")
 
 
 class BadRequest(Exception):
@@ -87,15 +102,47 @@ SCRIPT_ERRORS: dict[str, type[ScriptError]] = {
 }
 
 
+TRANSIENT_REPLIES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MISCONF", "NOREPLICAS",
+                     "NOSCRIPT")
+"""Error replies that say "not now" (full, a replica, loading, a busy script, a cluster or a
+primary down, a failed save, too few replicas, scripts lost): the call did not run and can
+be repeated later. They take the Redis-unavailable path, never a connection's INTERNAL."""
+REPLIES = (*TRANSIENT_REPLIES, "timeout", "connection")
+
+# redis-py turns some replies into classes and drops their first word from the message
+_REPLY_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "OOM"), (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.BusyLoadingError, "LOADING"), (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"), (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.NoScriptError, "NOSCRIPT"), (redis.exceptions.TimeoutError, "timeout"),
+)
+
+
+def classify(exc: BaseException) -> str | None:
+    """Which of :data:`REPLIES` ``exc`` is, or None for anything else (a script's domain
+    error, a bug)."""
+    for cls, reply in _REPLY_CLASSES:
+        if isinstance(exc, cls):
+            return reply
+    if isinstance(exc, redis.exceptions.ResponseError):
+        first = str(exc).split(" ", 1)[0].lstrip("-")
+        return first if first in TRANSIENT_REPLIES else None
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.ClusterError | OSError):
+        return "timeout" if isinstance(exc, TimeoutError | socket.timeout) else "connection"
+    return None
+
+
 def _map_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.NoScriptError):
+    if isinstance(exc, RedisUnavailable | ScriptError | BadRequest):
+        return exc
+    reply = classify(exc)
+    if reply is not None:
+        return RedisUnavailable(str(exc) or type(exc).__name__, reply)
+    if isinstance(exc, redis.exceptions.ResponseError):
         text = str(exc)
         cls = SCRIPT_ERRORS.get(text.split(" ", 1)[0])
         if cls is not None:
             return cls(text)
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | redis.exceptions.ClusterDownError
-                  | redis.exceptions.ClusterError | OSError):
-        return RedisUnavailable(str(exc) or type(exc).__name__)
     return exc
 
 
@@ -161,6 +208,7 @@ class RedisAdapter:
         batch_max: int = 64,
         queue_size: int = 4096,
         socket_timeout: float = 5.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
         self.pool_size = pool_size
@@ -176,6 +224,8 @@ class RedisAdapter:
         self._send, self._receive = trio.open_memory_channel[_Call | _Group](queue_size)
         self.calls_total = 0
         self.batches_total = 0
+        self.on_error = on_error  # called with the REPLIES label of each Redis-unavailable error (a metric)
+        self.errors: collections.Counter[str] = collections.Counter()  # the same, counted here (the health check reads it)
 
     def _connect_sync(self) -> None:
         """Make the client: a RedisCluster when the server says ``cluster_enabled:1``, else a
@@ -263,6 +313,11 @@ class RedisAdapter:
         await self.command("PING")
         return time.perf_counter() - start
 
+    async def memory_info(self) -> Any:
+        """``INFO memory`` of the server (a dict per primary of a cluster); raises
+        :class:`RedisUnavailable`, or ``redis.exceptions.ResponseError`` when an ACL refuses it."""
+        return await self.command("INFO", "memory")
+
     async def memory_policies(self) -> dict[str, str]:
         """``maxmemory-policy`` of the server (of each primary of a cluster), from ``INFO memory``
         (``CONFIG GET`` is often renamed away on managed Redis); {} when the server refuses
@@ -312,8 +367,9 @@ class RedisAdapter:
                 try:
                     await trio.to_thread.run_sync(self._execute_sync, batch, limiter=self._limiter)
                 except Exception as exc:  # the whole batch failed: tell every caller
+                    error = self._mapped(exc)
                     for call in batch:
-                        call.error = _map_error(exc)
+                        call.error = error
                 finally:
                     for call in batch:
                         call.done.set()
@@ -380,9 +436,18 @@ class RedisAdapter:
             results = [redo.get(id(c), r) for c, r in zip(batch, results, strict=True)]
         for call, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                call.error = _map_error(result)
+                call.error = self._mapped(result)
             else:
                 call.result = result
+
+    def _mapped(self, exc: BaseException) -> BaseException:
+        """``exc`` as the adapter raises it; a Redis-unavailable one is counted (``on_error``)."""
+        error = _map_error(exc)
+        if isinstance(error, RedisUnavailable):
+            self.errors[error.reply] += 1
+            if self.on_error is not None:
+                self.on_error(error.reply)
+        return error
 
 
 def unencodable(args: tuple[Any, ...]) -> str | None:

@@ -159,11 +159,12 @@ class SchedulingClient:
         return await self._redis.command("HGET", keys.job(job_id), "job_key")
 
     async def complete(self, job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, *, answer: str,
-                       answer_ttl_s: int) -> Any:
+                       answer_ttl_s: int, again: bool = False) -> Any:
         """complete_task: accept the answer of the node holding the current attempt, once,
-        and keep it for ``answer_ttl_s``; refusals raise the adapter's typed errors."""
+        and keep it for ``answer_ttl_s``; refusals raise the adapter's typed errors. ``again``:
+        a repeat of a call whose outcome was not known (its reply, if it went through)."""
         return await self._redis.script(*lua.complete(job_id, job_key, node_id, attempt, ok, now_ms(), answer=answer,
-                                                      answer_ttl_s=answer_ttl_s))
+                                                      answer_ttl_s=answer_ttl_s, again=again))
 
     # ------------------------------------------------------------ placement
 
