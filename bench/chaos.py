@@ -9,10 +9,11 @@ fault from `--faults` strikes:
 - ``kill``: an instance is killed with SIGKILL, and started again (same id and ports);
 - ``term``: an instance gets SIGTERM (it must drain and exit 0), and is started again;
 - ``redis``: Valkey is stopped and started again empty;
-- ``stall``: Valkey is frozen (SIGSTOP) for 3-10 s, then resumed (SIGCONT): every call sent
-  meanwhile times out and runs when it resumes (ambiguous outcomes);
-- ``full``: Valkey's ``maxmemory`` is set below its use for 5-15 s (``noeviction``: every
-  write is refused ``OOM``), then lifted.
+- ``stall``: Valkey is frozen (SIGSTOP) for 30-60 % of the result deadline, then resumed
+  (SIGCONT): every call sent meanwhile times out and runs when it resumes (ambiguous outcomes);
+- ``full``: Valkey's ``maxmemory`` is set below its use for 40-70 % of the result deadline
+  (``noeviction``: every write is refused ``OOM``), then lifted. (Episodes are kept shorter
+  than the deadline: a translation whose deadline passes during one ends SKIPPED.)
 
 With ``--workers N`` the instances are the workers of one ``scheduler serve --workers N``
 (one port, SO_REUSEPORT): ``kill`` and ``term`` strike a worker, and its supervisor must start
@@ -465,7 +466,7 @@ async def watch_instances(instances: list[Instance], report: Report) -> None:
 
 
 async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey: EmbeddedValkey, report: Report,
-                 rng: random.Random, nursery: trio.Nursery, box: Box | None = None) -> None:
+                 rng: random.Random, nursery: trio.Nursery, box: Box | None = None, deadline_s: float = 10.0) -> None:
     if kind == "node":
         connected = [n for n in nodes if n.scope is not None]
         if connected:
@@ -478,7 +479,8 @@ async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey
         nursery.start_soon(_restart_redis, valkey, rng)  # in the faults' nursery: it finishes even past the end
         return
     if kind in ("stall", "full"):
-        seconds = rng.uniform(3, 10) if kind == "stall" else rng.uniform(5, 15)
+        # shorter than the result deadline: deadlines do not count a Redis episode out yet (docs/redis.md)
+        seconds = deadline_s * (rng.uniform(0.3, 0.6) if kind == "stall" else rng.uniform(0.4, 0.7))
         report.fault(kind, f"{seconds:.1f}s")
         nursery.start_soon(_stall_redis if kind == "stall" else _fill_redis, valkey, seconds)
         return
@@ -550,7 +552,8 @@ async def faults(args: argparse.Namespace, kinds: list[str], instances: list[Ins
         with trio.move_on_at(stop_at):
             while kinds:
                 await trio.sleep(args.fault_every * (0.7 + 0.6 * rng.random()))
-                await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery, box)
+                await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery, box,
+                             deadline_s=args.result_deadline_ms / 1000)
 
 
 # ---------------------------------------------------------------- the run
