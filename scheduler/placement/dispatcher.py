@@ -579,12 +579,7 @@ class Dispatcher:
         if job_id is None:
             return
         del self._tried[request.job_key]
-        try:
-            node_id = await self._redis.command("HGET", keys.job(job_id), "node_id")
-        except RedisUnavailable:
-            node_id = ""  # looked up again when the release is retried
-        if node_id is not None:
-            await self._release(job_id, request.job_key, node_id)
+        await self._release(job_id, request.job_key, "")  # (node unknown: _release looks it up, or finds no job)
 
     def _drop_crashed(self, request: JobRequest, moving: Placement | None, reply: Any,
                       remote: list[tuple[Placement, JobAssign]], crashed: list[tuple[str, str, str, int | None]]) -> None:
