@@ -82,6 +82,10 @@ fuzz *ARGS: sync
 bench-scheduling *ARGS: sync
     uv run --frozen python bench/scheduling.py {{ARGS}}
 
+# what --redis-wait-replicas costs: dispatch+complete pairs against a Sentinel group, WAIT off / 1 / 2 (docs/redis.md)
+bench-replicas *ARGS: sync
+    uv run --frozen python bench/replicas.py {{ARGS}}
+
 # 1, 2 and 4 daemon instances on one Valkey: throughput and result latency, ratio to one (docs/scaling.md)
 bench-instances *ARGS: sync
     uv run --frozen python bench/instances.py {{ARGS}}

@@ -37,7 +37,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
-from scheduler.ops.redis_policy import MemoryState, check_policy, describe, embedded_args, evicting, memory_state
+from scheduler.ops.redis_policy import MemoryState, UnsafeRedis, check_policy, describe, embedded_args, evicting, memory_state
 from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 from scheduler.placement.dispatcher import Dispatcher
@@ -54,6 +54,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 HEALTH_INTERVAL = 1.0
 FULL = "full: used_memory at maxmemory, writes refused (OOM)"
+REPLICAS_SHORT = "replicas short: fewer than redis_wait_replicas acknowledged the writes in time"
+REFUSALS = ("OOM", "READONLY", "MISCONF", "replicas")
+"""Error replies that make Redis unfit for new work until a health check passes without one."""
 REDIS_START_WAIT_S = 30.0  # at start-up, how long to wait for an unreachable Redis before giving up
 
 
@@ -111,7 +114,11 @@ async def serve(
         embedded = EmbeddedValkey(settings.data_dir, extra_args=embedded_args(settings.embedded_maxmemory_mb))
         url = embedded.start()
     try:
-        async with RedisAdapter(url, pool_size=settings.redis_pool_size) as redis:
+        async with RedisAdapter(url, pool_size=settings.redis_pool_size, wait_replicas=settings.redis_wait_replicas,
+                                wait_timeout_ms=settings.redis_wait_timeout_ms) as redis:
+            if redis.cluster and settings.redis_wait_replicas:
+                raise UnsafeRedis("--redis-wait-replicas needs one primary (with Sentinel or plain replicas): on a Redis "
+                                  "Cluster WAIT would cover one shard's writes only. Unset it, or use a Sentinel URL")
             await _wait_for_redis(redis, url)
             check_policy(await redis.memory_policies(), url, settings.allow_evicting_redis)
             await _serve(settings, redis, url, embedded, handle_signals, task_status)
@@ -392,18 +399,19 @@ async def _health_check(running: Running, nursery: trio.Nursery) -> None:
             with trio.fail_after(5):
                 latency = await running.redis.ping()
                 memory = await _memory(running)
+                replicas = await _replicas(running)
                 seen = await running.scheduling.data_marker(str(uuid.uuid4()))
             running.metrics.redis_latency_seconds.set(latency)
             if marker is not None and seen != marker:
                 event(log, "redis_data_lost", logging.WARNING, sessions=len(running.sessions))
                 nursery.start_soon(_after_data_loss, running)
             marker = seen
-            refused = {r: n - seen_errors.get(r, 0) for r, n in running.redis.errors.items() if r in ("OOM", "READONLY", "MISCONF")}
-            _set_redis_state(running, _redis_problem(running, memory, {r: n for r, n in refused.items() if n > 0}))
+            refused = {r for r, n in running.redis.errors.items() if r in REFUSALS and n > seen_errors.get(r, 0)}
+            if replicas is not None and replicas < running.settings.redis_wait_replicas:
+                refused.add("replicas")
+            _set_redis_state(running, _redis_problem(running, memory, refused))
         except Exception as exc:  # unreachable, too slow, or an error reply (e.g. still loading): not ready
-            reply = getattr(exc, "reply", "")
-            _set_redis_state(running, FULL if reply == "OOM" else f"refusing writes: {reply}" if reply in ("READONLY", "MISCONF")
-                             else f"unreachable: {str(exc) or type(exc).__name__}")
+            _set_redis_state(running, _refusal({getattr(exc, "reply", "")}) or f"unreachable: {str(exc) or type(exc).__name__}")
         seen_errors = dict(running.redis.errors)
         running.metrics.redis_up.set(1 if running.redis_ok else 0)
         await trio.sleep(HEALTH_INTERVAL)
@@ -422,12 +430,38 @@ async def _memory(running: Running) -> MemoryState | None:
     return memory
 
 
-def _redis_problem(running: Running, memory: MemoryState | None, refused: dict[str, int]) -> str | None:
+async def _replicas(running: Running) -> int | None:
+    """The replicas following the primary now (``INFO replication``), with
+    ``--redis-wait-replicas`` only (None without it, or when an ACL refuses ``INFO``)."""
+    if not running.settings.redis_wait_replicas:
+        return None
+    try:
+        info = await running.redis.command("INFO", "replication")
+    except RedisUnavailable:
+        raise
+    except Exception:
+        return None
+    connected = int(info.get("connected_slaves", 0)) if isinstance(info, dict) else 0
+    running.metrics.redis_replicas.set(connected)
+    return connected
+
+
+def _refusal(replies: set[str]) -> str | None:
+    """Why Redis refuses writes, from the error replies it gave (None: it did not)."""
+    if "OOM" in replies:
+        return FULL
+    if "replicas" in replies:
+        return REPLICAS_SHORT
+    writes = sorted(replies & {"READONLY", "MISCONF"})
+    return "refusing writes: " + ", ".join(writes) if writes else None
+
+
+def _redis_problem(running: Running, memory: MemoryState | None, refused: set[str]) -> str | None:
     """Why Redis answers but is not fit for new work (None: it is)."""
-    if "OOM" in refused or (memory is not None and memory.limit and memory.used >= memory.limit):
+    if memory is not None and memory.limit and memory.used >= memory.limit:
         return FULL
     if refused:
-        return "refusing writes: " + ", ".join(sorted(refused))
+        return _refusal(refused)
     unsafe = evicting(memory.policies) if memory is not None else {}
     if unsafe and not running.settings.allow_evicting_redis:
         return f"evicting maxmemory-policy {describe(unsafe)}: set noeviction (or --allow-evicting-redis)"

@@ -94,6 +94,11 @@ class Relay:
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        except RedisUnavailable as exc:
+            if exc.reply != "replicas":
+                raise
+            # made on the primary, not yet on enough replicas: should a failover lose it, the
+            # reader makes it again (NOGROUP)
         self._nursery_cm = trio.open_nursery()
         nursery = self._nursery = await self._nursery_cm.__aenter__()
         subscribed = trio.Event()

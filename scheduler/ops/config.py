@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from scheduler.ops import secrets
+from scheduler.ops import redis_url, secrets
 
 ENV_PREFIX = "SCHEDULER_"
 DEFAULT_CONFIG_FILE = "/etc/scheduler/scheduler.toml"
@@ -88,8 +88,9 @@ class Settings:
     # Redis
     redis_url: str | None = _opt(
         None,
-        "Redis/Valkey URL (redis://host:port/db or unix:///path.sock; a Redis Cluster node's URL is "
-        "detected and used as a cluster); when unset an embedded "
+        "Redis/Valkey URL (redis://host:port/db, rediss:// for TLS, unix:///path.sock; a Redis Cluster node's URL is "
+        "detected and used as a cluster; redis+sentinel://h1:26379,h2:26379/NAME follows the primary Sentinel "
+        "names NAME across failovers); when unset an embedded "
         "valkey-server is started as a child process and stopped on exit",
         group="redis",
     )
@@ -99,6 +100,13 @@ class Settings:
     redis_pool_size: int = _opt(4, "Redis connections used by the batching adapter (one pipeline in flight per connection)", group="redis")
     embedded_maxmemory_mb: int = _opt(1024, "memory the embedded Valkey may use (maxmemory, MiB); it never evicts "
                                             "(noeviction): full, it refuses writes instead of deleting keys", group="redis")
+    redis_wait_replicas: int = _opt(0, "after each batch of writes, WAIT until this many replicas hold them (a Sentinel or "
+                                       "replicated primary; not on a Cluster): a failover then loses no acknowledged write. "
+                                       "While fewer replicas acknowledge within redis_wait_timeout_ms, writes count as not "
+                                       "done: /readyz is 503, new sessions are refused, answers are held and retried. "
+                                       "0: no WAIT (asynchronous replication)", group="redis")
+    redis_wait_timeout_ms: int = _opt(1000, "how long one WAIT may take before the writes count as not replicated",
+                                      group="redis")
     allow_evicting_redis: bool = _opt(False, "start even when Redis has an evicting maxmemory-policy (it then deletes "
                                              "session, job and answer keys silently when it fills; a warning at every "
                                              "start); without it such a Redis makes serve exit 2", group="redis")
@@ -180,7 +188,7 @@ class ConfigError(ValueError):
 _POSITIVE = (
     "pause_ms", "utterance_timeout_ms", "max_utterance_ms", "result_deadline_ms", "idle_timeout_ms",
     "max_pending_events", "max_frame_bytes", "heartbeat_interval_ms", "node_ttl_ms", "owner_ttl_ms", "redis_pool_size", "job_lease_ms",
-    "max_messages_per_s", "init_timeout_ms", "embedded_maxmemory_mb",
+    "max_messages_per_s", "init_timeout_ms", "embedded_maxmemory_mb", "redis_wait_timeout_ms",
 )
 
 
@@ -201,6 +209,10 @@ def validate(s: Settings) -> list[str]:
             errors.append(f"{name} must be a port number 0-65535 (got {getattr(s, name)})")
     if s.resume_keep_results < 0:
         errors.append(f"resume_keep_results must be >= 0 (got {s.resume_keep_results})")
+    if s.redis_wait_replicas < 0:
+        errors.append(f"redis_wait_replicas must be >= 0 (got {s.redis_wait_replicas})")
+    elif s.redis_wait_replicas and not s.redis_url:
+        errors.append("redis_wait_replicas needs redis_url: the embedded Valkey has no replicas")
     if s.drain_timeout_ms < 0:
         errors.append(f"drain_timeout_ms must be >= 0 (got {s.drain_timeout_ms})")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -219,6 +231,11 @@ def validate(s: Settings) -> list[str]:
         path = getattr(s, name)
         if path is not None and not os.path.isfile(path):
             errors.append(f"{name}: no such file {path!r}")
+    if s.redis_url and redis_url.is_sentinel(s.redis_url):
+        try:
+            redis_url.parse_sentinel(s.redis_url)
+        except redis_url.RedisURLError as exc:
+            errors.append(f"redis_url: {exc}")
     for name in ("max_connections", "max_connections_per_ip"):
         if getattr(s, name) < 0:
             errors.append(f"{name} must be >= 0 (got {getattr(s, name)})")

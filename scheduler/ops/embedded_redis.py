@@ -62,7 +62,8 @@ class EmbeddedValkey:
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, persist: bool | None = None, port: int = 0,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), leading_args: Sequence[str] = ()) -> None:
+        self._leading_args = list(leading_args)  # before the options: a config file, --sentinel
         self._given_dir = Path(data_dir) if data_dir else None
         self._persist = bool(data_dir) if persist is None else persist
         self.port = port  # 0: unix socket only
@@ -95,6 +96,7 @@ class EmbeddedValkey:
             self.socket_path.unlink()
         args = [
             str(binary),
+            *self._leading_args,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket_path),

@@ -80,6 +80,9 @@ class Metrics:
             p + "redis_memory_used_bytes", "used_memory of Redis (the fullest primary of a cluster), health check", registry=r)
         self.redis_memory_max_bytes = Gauge(
             p + "redis_memory_max_bytes", "maxmemory of that Redis (0: no limit), health check", registry=r)
+        self.redis_replicas = Gauge(
+            p + "redis_replicas", "replicas following the primary (connected_slaves), health check; with "
+            "--redis-wait-replicas only", registry=r)
         self.redis_retries_total = Counter(
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
             "by what", ["what"], registry=r)

@@ -76,8 +76,10 @@ def read_policies(url: str) -> dict[str, str]:
     reached now: the workers check again once they reach it)."""
     import redis
 
+    from scheduler.ops.redis_client import client as redis_client
+
     try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+        client = redis_client(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
         try:
             return memory_policies(client.info("memory"))
         finally:

@@ -37,6 +37,7 @@ import redis
 import trio
 from redis.commands.core import Script
 
+from scheduler.ops import redis_client, redis_url
 from scheduler.ops.logs import event
 from scheduler.ops.redis_policy import memory_policies
 from scheduler.ops.secrets import redacted
@@ -49,7 +50,9 @@ log = logging.getLogger("scheduler.redis")
 
 class RedisUnavailable(Exception):
     """Redis cannot do the call now: it could not be reached, the connection broke or timed
-    out mid-call (the call may or may not have taken effect: an *ambiguous* outcome), or it
+    out mid-call (the call may or may not have taken effect: an *ambiguous* outcome), fewer
+    replicas than ``--redis-wait-replicas`` acknowledged a write in time (it took effect on
+    the primary but may not survive a failover: ambiguous too), or it
     answered with a transient error reply (full, read-only replica, loading, busy script,
     cluster down). ``reply`` names which, from :data:`REPLIES` (a metric label)."""
 
@@ -61,7 +64,7 @@ class RedisUnavailable(Exception):
     def ambiguous(self) -> bool:
         """The call may have run on the server (a timeout or a connection lost mid-call);
         an error reply or a refused connection means it did not."""
-        return self.reply in ("timeout", "connection")
+        return self.reply in ("timeout", "connection", "replicas")
 
 
 class BadRequest(Exception):
@@ -107,7 +110,7 @@ TRANSIENT_REPLIES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGA
 """Error replies that say "not now" (full, a replica, loading, a busy script, a cluster or a
 primary down, a failed save, too few replicas, scripts lost): the call did not run and can
 be repeated later. They take the Redis-unavailable path, never a connection's INTERNAL."""
-REPLIES = (*TRANSIENT_REPLIES, "timeout", "connection")
+REPLIES = (*TRANSIENT_REPLIES, "timeout", "connection", "replicas")
 
 # redis-py turns some replies into classes and drops their first word from the message
 _REPLY_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
@@ -174,6 +177,16 @@ def load_script_sources() -> dict[str, str]:
 # ---------------------------------------------------------------- the adapter
 
 _KEYLESS = {"PING", "INFO", "DBSIZE", "TIME"}
+DURABLE_SCRIPTS = frozenset({"dispatch_task", "redispatch_task", "complete_task", "cancel_task", "session_journal",
+                             "session_resume", "owner_claim"})
+"""Writes that must survive a failover (a job, its answer, its end, a session's journal and
+owner): with ``--redis-wait-replicas`` a batch holding one ends with ``WAIT``, and so does
+one holding an ``XADD`` (a job handed to another instance). Everything else is refreshed or
+written again on its own (heartbeats, liveness, node state) and does not wait."""
+
+
+def _durable(call: _Call) -> bool:
+    return call.script in DURABLE_SCRIPTS or (call.script is None and str(call.args[0]).upper() == "XADD")
 
 
 @attrs.define(eq=False)
@@ -209,8 +222,12 @@ class RedisAdapter:
         queue_size: int = 4096,
         socket_timeout: float = 5.0,
         on_error: Callable[[str], None] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.url = url
+        self.wait_replicas = wait_replicas  # >0: WAIT for this many replicas after each batch with a durable write
+        self.wait_timeout_ms = wait_timeout_ms
         self.pool_size = pool_size
         self.batch_max = batch_max
         self._socket_timeout = socket_timeout
@@ -389,7 +406,21 @@ class RedisAdapter:
                 pipe.execute_command(*call.args)
             else:
                 pipe.evalsha(self._scripts[call.script].sha, call.nkeys, *call.args)
-        return pipe.execute(raise_on_error=False)
+        waits = self.wait_replicas > 0 and any(map(_durable, calls))
+        if waits:
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        results = pipe.execute(raise_on_error=False)
+        return self._replicated(calls, results[:-1], results[-1]) if waits else results
+
+    def _replicated(self, calls: list[_Call], results: list[Any], acked: Any) -> list[Any]:
+        """The batch's results once ``WAIT`` said how many replicas hold its writes: with fewer
+        than ``wait_replicas``, each durable write's outcome is ambiguous (done on the primary, maybe
+        lost by a failover), so its caller retries it as after a timeout."""
+        if isinstance(acked, int) and acked >= self.wait_replicas:
+            return results
+        short = RedisUnavailable(f"{acked if isinstance(acked, int) else 0} of {self.wait_replicas} replicas acknowledged "
+                                 f"the writes within {self.wait_timeout_ms} ms", reply="replicas")
+        return [short if _durable(call) else result for call, result in zip(calls, results, strict=True)]
 
     def _run_cluster_pipeline(self, calls: list[_Call]) -> list[Any]:
         """A ClusterPipeline groups the calls by the node owning their slot (and follows
@@ -467,11 +498,14 @@ def unencodable(args: tuple[Any, ...]) -> str | None:
 
 
 def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
-    """A synchronous redis-py client for ``url``: a RedisCluster when the server says
+    """A synchronous redis-py client for ``url``: the primary a Sentinel URL names
+    (:mod:`scheduler.ops.redis_url`), a RedisCluster when the server says
     ``cluster_enabled:1``, else a plain Redis. A server that cannot be reached now is taken
     as a single server (its calls fail until it is back), and so is one that refuses ``INFO``
     (an ACL on managed Redis; a cluster that refuses it is not detected)."""
-    client = redis.Redis.from_url(url, **options)
+    client = redis_client.client(url, **options)
+    if redis_url.is_sentinel(url):
+        return client  # Sentinel watches a primary and its replicas, never a cluster
     try:
         cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError, OSError):
