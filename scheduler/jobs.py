@@ -71,6 +71,16 @@ class JobRequest:
         return job_type_for(self.tgt_lang)
 
 
+@attrs.frozen
+class StoreOutage:
+    """Whether the store that answers go through (Redis) is out, on the Trio clock: ``since``
+    when it went out (None: it does its work), and ``last`` the (start, end) of the last outage
+    that ended (None: none yet)."""
+
+    since: float | None = None
+    last: tuple[float, float] | None = None
+
+
 class JobPort(Protocol):
     """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
 
@@ -78,12 +88,16 @@ class JobPort(Protocol):
     back later as a :class:`JobOutcome` in the actor's inbox), or an error code when the job
     was refused (``OVERLOADED``), which the actor records as FAILED. It never blocks, so a slow
     scheduler can never stall a session. ``cancel`` withdraws jobs whose answers are no
-    longer wanted (slots released, nodes told).
+    longer wanted (slots released, nodes told). ``outage`` says whether answers are held
+    up by Redis.
     """
 
     def submit_nowait(self, request: JobRequest) -> str | None: ...
 
     async def cancel(self, session_id: str, job_keys: list[str]) -> None: ...
+
+    def outage(self, now: float) -> StoreOutage:
+        """The store's outage as of ``now``; result deadlines count it out."""
 
 
 class SessionInbox(Protocol):

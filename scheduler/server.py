@@ -191,6 +191,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     metrics = Metrics()
     redis.on_error = lambda reply: metrics.redis_errors_total.labels(reply).inc()
     sessions = SessionRegistry(metrics)
+    redis.outage.on_end.append(lambda seconds: _outage_ended(seconds, sessions, metrics))
     nodes = NodeRegistry(metrics)
     scheduling = SchedulingClient(redis)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms)
@@ -208,6 +209,15 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                 sessions=sessions, metrics=metrics, ownership=ownership)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router, ClientGateway(**deps),
                   NodeGateway(nodes=nodes, **deps))
+
+
+def _outage_ended(seconds: float, sessions: SessionRegistry, metrics: Metrics) -> None:
+    """Redis is back after an outage the calls saw: the sessions' result deadlines and the
+    dispatcher's leases count it out; every session looks at its deadlines again now."""
+    metrics.redis_outage_seconds_total.inc(seconds)
+    event(log, "redis_outage_counted_out", logging.WARNING, seconds=round(seconds, 3), sessions=len(sessions))
+    for actor in sessions.actors():
+        actor.wake_nowait()
 
 
 def _router(parts: _Parts, settings: Settings,

@@ -90,6 +90,9 @@ class ActorHarness(SessionModel):
     def disconnect(self) -> None:
         self._scope.cancel()
 
+    def wake(self) -> None:
+        self.actor.wake_nowait()
+
     # ------------------------------------------------------------ time
 
     async def settle(self) -> None:
@@ -133,11 +136,12 @@ class ActorHarness(SessionModel):
         """Liveness: close, let answers lapse, and every result and session_closed must come."""
         if self.alive:
             self.port.overloaded = False
+            self.redis_back()
             self.client_reading = True
             await self.settle()
             if self.alive and self.closing is None:
                 while not self.can_put() and self.alive:
                     await self.advance(0.1)
                 self.put_close()
-            await self.advance(self.settings.result_deadline_ms / 1000 + 1)
+            await self.advance(2 * self.settings.result_deadline_ms / 1000 + 1)  # (a deadline an outage moved: up to 2)
         self.check_end()

@@ -104,9 +104,14 @@ class CoreHarness(SessionModel):
             self.ended = "taken_over" if self.core.taken_over else self.core.close_reason
             self._end(self.ended)
 
+    def wake(self) -> None:
+        if self.alive:
+            self._step(None)
+
     def _step(self, item: object | None) -> None:
-        """One turn of the shell's loop: an inbox item (if any), a batch of client events, then
-        a tick if a deadline has passed."""
+        """One turn of the shell's loop: what the store's outage is, an inbox item (if any), a
+        batch of client events, then a tick if a deadline has passed."""
+        self.core.set_outage(self.port.outage(self.t))
         if item is not None:
             self._perform(self.core.handle(item, self.t))
         for _ in range(CLIENT_BATCH):
@@ -150,11 +155,12 @@ class CoreHarness(SessionModel):
         """Liveness: close, let answers lapse, and every result and session_closed must come."""
         if self.alive:
             self.port.overloaded = False
+            self.redis_back()
             self.client_reading = True
             self.settle()
             if self.alive and self.closing is None:
                 while not self.can_put() and self.alive:
                     self.advance(0.1)
                 self.put_close()
-            self.advance(self.settings.result_deadline_ms / 1000 + 1)
+            self.advance(2 * self.settings.result_deadline_ms / 1000 + 1)  # (a deadline an outage moved: up to 2)
         self.check_end()

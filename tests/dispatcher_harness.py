@@ -112,13 +112,18 @@ class Held:
 
 
 class Journal(logging.Handler):
-    """Every record of the scheduler's loggers at INFO and above."""
+    """Every record of the scheduler's loggers at INFO and above, each stamped ``at`` with the
+    MockClock's time when it was logged inside the Trio run."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.at = trio.current_time()
+        except RuntimeError:
+            record.at = None
         self.records.append(record)
 
 

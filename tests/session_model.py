@@ -32,7 +32,7 @@ import struct
 import attrs
 import numpy as np
 
-from scheduler.jobs import JobOutcome, JobWaiting
+from scheduler.jobs import JobOutcome, JobWaiting, StoreOutage
 from scheduler.ops.config import Settings
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
@@ -83,6 +83,11 @@ class ScriptedPort:
         self.refused: dict[str, object] = {}  # refused as OVERLOADED: key -> request
         self.overloaded = False
         self.cancelled: list[str] = []
+        self.out_since: float | None = None  # Redis out since then (the machine's outage)
+        self.last_outage: tuple[float, float] | None = None
+
+    def outage(self, now: float) -> StoreOutage:
+        return StoreOutage(self.out_since, self.last_outage)
 
     def submit_nowait(self, request) -> str | None:
         if request.job_key in self.jobs or request.job_key in self.refused:
@@ -135,6 +140,7 @@ class SessionModel:
         self.tgt_langs = tuple(tgt_langs)
         self.outbox_size = outbox_size
         self.port = ScriptedPort()
+        self.outages: list[list] = []  # [start, end or None]: Redis out, as the port told the session
         self.metrics = Metrics()
         epoch = 2 if isinstance(resume, tuple) else 1 if resume == "fresh" else None
         first, offsets = resume if isinstance(resume, tuple) else (0, [])
@@ -321,6 +327,35 @@ class SessionModel:
         """The session was resumed elsewhere."""
         self._deliver(TakenOverIn())
 
+    def redis_out(self) -> None:
+        """Redis goes out now (the session learns it at its next step, as from the adapter)."""
+        if self.port.out_since is None:
+            self.port.out_since = self.now()
+            self.outages.append([self.now(), None])
+
+    def redis_back(self) -> None:
+        """Redis is back now; the session is woken (the daemon wakes every session)."""
+        if self.port.out_since is not None:
+            self.port.last_outage, self.port.out_since = (self.port.out_since, self.now()), None
+            self.outages[-1][1] = self.now()
+            self.wake()
+
+    def wake(self) -> None:
+        raise NotImplementedError
+
+    def due(self, utt: Owed) -> float:
+        """When ``utt``'s result is due: its deadline, held while Redis is out (at most one more
+        deadline) and later by the outage time it overlapped (at most one deadline), as
+        ``SessionCore.set_outage`` says."""
+        hold, d = self.settings.result_deadline_ms / 1000, utt.due
+        for start, end in self.outages:
+            if d <= start:
+                continue
+            if end is None:
+                return d + hold
+            d += min(max(0.0, end - max(start, d - hold)), hold)
+        return d
+
     def put_events(self, events: list[str]) -> None:
         """Queue a mixed sequence: "speech", "silence", "speech_final", "finalize", "empty" (a
         binary frame of no bytes, which the daemon accepts and ignores)."""
@@ -417,23 +452,26 @@ class SessionModel:
         # checked against, answers and notes given before its deadline, cannot change later)
         done = self._results_checked
         for utt, (t_res, res) in zip(utts[done:], results[done:], strict=False):
-            assert t_res <= utt.due + EPS, f"result {res.utterance_index} late by {t_res - utt.due:.3f}s"
+            due = self.due(utt)
+            assert t_res <= due + EPS, f"result {res.utterance_index} late by {t_res - due:.3f}s"
+            skipped = any(t.status == "SKIPPED" for t in res.translations.values())
+            assert not skipped or t_res >= due - EPS, f"result {res.utterance_index} SKIPPED {due - t_res:.3f}s early"
             assert (res.reason, res.turn_id) == (utt.reason, utt.turn_id)
             assert list(res.translations) == list(tgts)
             status = next((t.status for t in res.translations.values() if t.status != "SUCCESS"), "SUCCESS")
             assert res.status == status, f"result {res.utterance_index} status {res.status}, translations say {status}"
             keys = [f"S:{res.utterance_index}:translate:{t}" for t in tgts]
-            sources = [self._source(keys, utt.due - EPS), self._source(keys, utt.due + EPS)]
+            sources = [self._source(keys, due - EPS), self._source(keys, due + EPS)]
             assert res.source_text in sources, f"result {res.utterance_index} source {res.source_text!r}, expected one of {sources}"
             for tgt, tr in res.translations.items():
                 key = f"S:{res.utterance_index}:translate:{tgt}"
                 # an event at the deadline instant may land on either side of it (float rounding)
-                allowed = [self._expected(key, utt.due - EPS), self._expected(key, utt.due + EPS)]
+                allowed = [self._expected(key, due - EPS), self._expected(key, due + EPS)]
                 assert any(ok(tr) for ok in allowed), f"{key}: got {tr}"
         self._results_checked = len(results)
         # the next result is never overdue while the session lives (no permanent stall)
         if len(results) < len(utts) and self.alive:
-            assert self.now() < utts[len(results)].due + EPS, "result overdue: the session is stuck"
+            assert self.now() < self.due(utts[len(results)]) + EPS, "result overdue: the session is stuck"
 
         # audio: whole consecutive frames, only silence skipped between utterances (a finalized
         # utterance never changes, so each is checked once)

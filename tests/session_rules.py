@@ -166,6 +166,13 @@ class SessionRules(RuleBasedStateMachine):
     def scheduler_overloaded(self, overloaded):
         self.h.port.overloaded = overloaded
 
+    @rule(out=st.booleans())
+    def redis_outage(self, out):
+        """Redis goes out (the adapter's outage clock says since when) or comes back: result
+        deadlines are held meanwhile and then count the outage out; pause, timeout and idle
+        do not move."""
+        self._do(self.h.redis_out if out else self.h.redis_back)
+
     # ------------------------------------------------------------ invariants
     @invariant()
     def guarantees_hold(self):

@@ -71,6 +71,7 @@ WATCH_S = 1.0  # the remote watch's interval (Dispatcher's default)
 SWEEP_S = 2.0  # the orphan sweep's
 CODES = {"NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR", "REDIS_UNAVAILABLE", "NODE_UNREACHABLE",
          "JOB_ID_TAKEN", "UNKNOWN_JOB", "FENCED", "OVERLOADED", "INTERNAL"}
+SEEN_WITHIN_S = 2.0  # the orphan sweep's period: an outage is seen by a failing call at most this late
 REASONS = {"NODE_LOST", "LEASE_EXPIRED", "NODE_INSTANCE_LOST", "NODE_RECONNECTED", "JOB_LOST", "NODE_UNREACHABLE",
            "ADOPTED_WAITING"}
 EVENTS = {  # dispatcher event -> its level
@@ -386,6 +387,9 @@ class DispatcherMachine(RuleBasedStateMachine):
                      lost=True)
 
     def _outage(self, seconds, cancel_key, lost=False):
+        # what each instance holds before: a lease the outage falls in must not run out for it
+        before = {(i.id, key): (p.attempt, p.lease_deadline) for i in self._live() for key, p in i.dispatcher.placed.items()}
+        start, seen = self.now, len(self.journal.records)
         if lost:
             self.h.replies_lost = True
         else:
@@ -400,6 +404,21 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.do("advance", self.h.advance, 1.0)
         for instance in self._live():
             assert not instance.dispatcher._owed_releases and not instance.dispatcher._owed_cancels, instance.id
+        self._check_outage_counted_out(before, start, seconds, seen)
+
+    def _check_outage_counted_out(self, before, start, seconds, seen):
+        """No lease set before the outage and due after it was seen ran out before its deadline
+        plus the outage, less :data:`SEEN_WITHIN_S`: the adapter sees an outage from the first
+        call that fails, and the orphan sweep calls Redis every 2 s (an outage no call met held
+        no answer back, and a lease due before it was seen may run out)."""
+        for r in self.journal.records[seen:]:
+            f = getattr(r, "fields", {})
+            if getattr(r, "event", None) != "job_moving" or f.get("reason") != "LEASE_EXPIRED":
+                continue
+            for (instance_id, key), (attempt, lease) in before.items():
+                if key == f["job_key"] and attempt == f["attempt"] and lease > start + SEEN_WITHIN_S:  # (seen by then)
+                    assert r.at >= lease + seconds - SEEN_WITHIN_S - EPS, \
+                        f"{instance_id}: {key} moved LEASE_EXPIRED at {r.at:.2f}, lease {lease:.2f}, outage {start:.2f}+{seconds}"
 
     @precondition(lambda self: len(self.fenced) < 1)
     @rule(session=st.sampled_from(["s0", "s1"]))
@@ -570,7 +589,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert instance.metrics.jobs_waiting._value.get() == len(queued)
             for key, p in d.placed.items():  # the lease expiry looks every second (once replies come back)
                 # (an adopted one: from its adoption; one placed by a lost call: from when replies came back)
-                due = max(p.lease_deadline, h.queued_since.get(key, 0.0), h.up_since if p.lease_deadline < h.up_since else 0.0)
+                lease = p.lease_due(d._redis.outage.elapsed(now))  # (Redis outages since the lease was set do not count)
+                due = max(lease, h.queued_since.get(key, 0.0), h.up_since if lease < h.up_since else 0.0)
                 assert due > now - 1.0 - EPS, f"{instance.id}: {key} on {p.node_id} {now - due:.2f} s past its lease"
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
@@ -924,10 +944,14 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("cancel", m._cancel("s2:0:translate:en"))
         m._outage(0.25, None, lost=True)
         assert "s2:1:translate:en" in h["i2"].dispatcher.placed, h["i2"].dispatcher.placed
-    elif name == "outage_lease":  # i1's job on i2's node outlives its lease while Redis is down
+    elif name == "outage_lease":  # i1's job on i2's node: Redis is down past its lease, which counts the outage out
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
-        m._outage(3.1, None)
-        assert "1" not in h.held["n0"], h.held
+        m._outage(3.1, None)  # (then a second with Redis back)
+        key = "s0:0:translate:en"
+        held = [(x.job_key, x.attempt) for x in h.held["n0"].values()]
+        assert held == [(key, 1)] and h["i1"].dispatcher.placed[key].node_id == "n0", held
+        m.advance(3.1)  # the lease, later by the outage, runs out: the job moves
+        assert (key, 1) not in [(x.job_key, x.attempt) for x in h.held["n0"].values()], h.held
     elif name in ("remote_node_lost", "remote_instance_lost", "remote_to_here"):
         # i1's job on i2's node: the node leaves i2; i2 dies; the node moves to i1 on a new connection
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))

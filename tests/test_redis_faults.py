@@ -135,6 +135,9 @@ async def test_a_redis_stall_loses_no_answer_and_blames_no_node(valkey, start_da
         assert 503 in unready  # the health check's 5 s bound: not ready while it stalls
     metrics = daemon.metrics.render().decode()
     assert 'scheduler_redis_errors_total{reply="timeout"}' in metrics or seconds < 5
+    counted = [r for r in caplog.records if getattr(r, "event", None) == "redis_outage_counted_out"]
+    assert counted and sum(r.fields["seconds"] for r in counted) >= seconds - 1.5, counted  # deadlines count it out
+    assert daemon.metrics.redis_outage_seconds_total._value.get() >= seconds - 1.5
 
 
 async def test_a_full_redis_refuses_writes_closes_nothing_and_recovers(valkey, start_daemon, nursery, caplog):

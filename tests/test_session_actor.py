@@ -5,9 +5,10 @@ The race-proof Hypothesis treatment lives in its own module; these are the named
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from scheduler.jobs import JobOutcome
+from scheduler.jobs import JobOutcome, StoreOutage
 from scheduler.ops.config import Settings
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import Result, SessionClosed, Translation, UtteranceFinalized
@@ -23,6 +24,11 @@ class RecordingPort:
     def __init__(self):
         self.requests = []
         self.cancelled = []
+        self.out_since = None  # Redis out since then (the test's outage)
+        self.last = None  # the last outage that ended
+
+    def outage(self, now):
+        return StoreOutage(self.out_since, self.last)
 
     def submit_nowait(self, request):
         self.requests.append(request)
@@ -151,6 +157,33 @@ async def test_results_in_order_and_gap_skipped_at_deadline(nursery, autojump_cl
     results = [m for m in h.drain() if isinstance(m, Result)]
     assert [(r.utterance_index, r.status) for r in results] == [(0, "SKIPPED"), (1, "SUCCESS"), (2, "SUCCESS")]
     assert h.metrics.result_gap_timeout_total._value.get() == 1
+
+
+@pytest.mark.parametrize("outage", [False, True])
+async def test_a_redis_outage_is_counted_out_of_the_result_deadlines(nursery, autojump_clock, outage):
+    """Deadline 5 s. Utterance 0 at t=0 (due 5), utterance 1 at t=2 (due 7); Redis out from
+    t=1 to t=6.5: nothing is SKIPPED meanwhile; then utterance 0 is due at 5 + 5 (the outage
+    it overlapped, capped at one deadline) and utterance 1 at 7 + 4.5, so the answers given at
+    t=7 and t=10.5 make it. Without the outage both are SKIPPED at 5 and 7."""
+    h = Harness(nursery, result_deadline_ms=5000)
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    await trio.sleep(1)
+    h.port.out_since = 1.0 if outage else None
+    await trio.sleep(1)
+    await h.send(AudioIn.of(SPEECH, is_final=True))
+    await trio.sleep(4.5)  # t = 6.5: past 5, held while Redis is out (at most another 5 s)
+    early = [(r.utterance_index, r.status) for r in h.drain() if isinstance(r, Result)]
+    assert early == ([] if outage else [(0, "SKIPPED")])
+    if outage:
+        h.port.out_since, h.port.last = None, (1.0, 6.5)
+    h.actor.wake_nowait()  # (the daemon wakes every session when an outage ends)
+    await trio.sleep(0.5)  # t = 7: utterance 0 now due at 5 + min(6.5 - 1, 5) = 10
+    h.answer(0)
+    await trio.sleep(3.5)  # t = 10.5: utterance 1 due at 7 + 4.5 = 11.5
+    h.answer(1)
+    await trio.sleep(1)
+    results = early + [(r.utterance_index, r.status) for r in h.drain() if isinstance(r, Result)]
+    assert results == ([(0, "SUCCESS"), (1, "SUCCESS")] if outage else [(0, "SKIPPED"), (1, "SKIPPED")])
 
 
 async def test_close_finalizes_buffer_and_waits_for_results(nursery, autojump_clock):

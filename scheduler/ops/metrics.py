@@ -83,6 +83,9 @@ class Metrics:
         self.redis_replicas = Gauge(
             p + "redis_replicas", "replicas following the primary (connected_slaves), health check; with "
             "--redis-wait-replicas only", registry=r)
+        self.redis_outage_seconds_total = Counter(
+            p + "redis_outage_seconds", "Time Redis was out as the calls saw it (failing, or a batch in flight over 1 s); "
+            "leases and result deadlines count it out", registry=r)
         self.redis_retries_total = Counter(
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
             "by what", ["what"], registry=r)

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, job_key_for
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement import keys, lua
@@ -97,6 +97,12 @@ class Placement:
     lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
     conn_id: str = ""  # the node connection that got the job (register_node); "" if unknown
     uncertain: bool = False  # a move of it timed out: it may have gone through (see _resolve)
+    outage_at: float = 0.0  # the Redis outage clock (placement/outage.py) when the lease was set
+
+    def lease_due(self, outage_now: float) -> float:
+        """When the lease runs out here: its deadline, later by the Redis outages since it was
+        set (a node's answer waiting on Redis is not the node's fault)."""
+        return self.lease_deadline + (outage_now - self.outage_at)
 
 
 @attrs.define(eq=False)
@@ -298,7 +304,12 @@ class Dispatcher:
             audio=base64.b64decode(job["audio"]), deadline=now + (int(job["deadline_ms"]) - now_wall) / 1000, epoch=epoch)
         lease = now + (int(job["lease_deadline_ts"]) - now_wall) / 1000
         return Placement(job_id=job_id, node_id=job["node_id"], attempt=int(job["attempt"]), request=request,
-                         lease_deadline=lease, conn_id=job["conn_id"])
+                         lease_deadline=lease, conn_id=job["conn_id"], outage_at=self._redis.outage.elapsed(now))
+
+    def outage(self, now: float) -> StoreOutage:
+        """Redis' outage as of ``now``, from the adapter's outage clock."""
+        clock = self._redis.outage
+        return StoreOutage(clock.since(now), clock.last)
 
     def job_key_of(self, job_id: str) -> str | None:
         """The job key of a job this instance placed (None if unknown here)."""
@@ -347,10 +358,13 @@ class Dispatcher:
         """This instance's jobs whose lease ran out move to another node.
 
         The lease deadline of each placement is kept here too, so the check costs no Redis
-        call (the leases set in Redis is for other instances and for recovery). Each node is
+        call (the leases set in Redis is for other instances and for recovery). Time Redis
+        was unavailable does not count (``Placement.lease_due``): while it is out nothing
+        expires, and a lease set before an outage runs out that much later. Each node is
         told ``job_cancel``, here or over the relay."""
         now = trio.current_time()
-        await self._take_back([p for p in self.placed.values() if p.lease_deadline <= now], "LEASE_EXPIRED")
+        outage = self._redis.outage.elapsed(now)
+        await self._take_back([p for p in self.placed.values() if p.lease_due(outage) <= now], "LEASE_EXPIRED")
 
     async def _take_back(self, placements: list[Placement], reason: str) -> None:
         """Move each placement on (attempt + 1), then tell its node ``job_cancel`` for the
@@ -753,6 +767,7 @@ class Dispatcher:
         lease_ms = self._job_lease_ms if len(reply) < 6 else int(reply[5]) - now_ms()  # (a lost call's lease: from when it ran)
         placement = Placement(job_id=job_id, node_id=node_id, attempt=attempt, request=request,
                               lease_deadline=trio.current_time() + lease_ms / 1000,
+                              outage_at=self._redis.outage.elapsed(trio.current_time()),
                               conn_id=str(reply[4]) if len(reply) > 4 else "")
         self.placed[request.job_key] = placement
         self._metrics.jobs_in_flight.inc()

@@ -41,6 +41,7 @@ from scheduler.ops import redis_client, redis_url
 from scheduler.ops.logs import event
 from scheduler.ops.redis_policy import memory_policies
 from scheduler.ops.secrets import redacted
+from scheduler.placement.outage import OutageClock
 
 log = logging.getLogger("scheduler.redis")
 
@@ -243,6 +244,7 @@ class RedisAdapter:
         self.batches_total = 0
         self.on_error = on_error  # called with the REPLIES label of each Redis-unavailable error (a metric)
         self.errors: collections.Counter[str] = collections.Counter()  # the same, counted here (the health check reads it)
+        self.outage = OutageClock()  # how long Redis has been unavailable: deadlines that wait on it count it out
 
     def _connect_sync(self) -> None:
         """Make the client: a RedisCluster when the server says ``cluster_enabled:1``, else a
@@ -381,6 +383,8 @@ class RedisAdapter:
                         batch = batch + _calls(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                token = object()
+                self.outage.started(token, trio.current_time())
                 try:
                     await trio.to_thread.run_sync(self._execute_sync, batch, limiter=self._limiter)
                 except Exception as exc:  # the whole batch failed: tell every caller
@@ -388,6 +392,8 @@ class RedisAdapter:
                     for call in batch:
                         call.error = error
                 finally:
+                    done = not any(isinstance(call.error, RedisUnavailable) for call in batch)
+                    self.outage.finished(token, trio.current_time(), done)
                     for call in batch:
                         call.done.set()
                 self.batches_total += 1

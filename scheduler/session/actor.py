@@ -128,6 +128,10 @@ class SessionActor:
         """For the daemon's drain: finalize what is buffered, deliver, then close (reason shutdown)."""
         return self._put_internal(ShutdownIn())
 
+    def wake_nowait(self) -> None:
+        """Look at the deadlines again (Redis came back: they moved)."""
+        self._post_wake()
+
     def take_over_nowait(self) -> None:
         """The session was resumed elsewhere: end now, without cancelling its jobs."""
         self.taken_over = True  # seen at the next step even when this token finds the inbox full
@@ -188,8 +192,10 @@ class SessionActor:
         self._perform(core.start(trio.current_time()))
         while not core.ended:
             item: object = None
+            self._sync_outage()
             with trio.move_on_at(core.next_deadline()):
                 item = await self._inbox.receive()
+            self._sync_outage()
             if self.taken_over:  # set by take_over_nowait, whose token may not have fit
                 item = TakenOverIn()
             if item is not None and item is not _WAKE:
@@ -198,6 +204,10 @@ class SessionActor:
             if core.next_deadline() <= trio.current_time():  # after what was queued before it
                 self._perform(core.handle(Tick(), trio.current_time()))
         return "taken_over" if core.taken_over else core.close_reason or "disconnected"
+
+    def _sync_outage(self) -> None:
+        """Tell the core whether Redis is out (its result deadlines count an outage out)."""
+        self.core.set_outage(self._jobs.outage(trio.current_time()))
 
     def _read_backlog(self) -> None:
         for _ in range(CLIENT_BATCH):

@@ -48,6 +48,14 @@ looks (``tests/test_core_stateful.py`` shows a core that keeps one is caught). W
 and the timeout deadline of one utterance are both due at one tick, it is cut once and the
 other cause is counted in ``duplicate_finalize_suppressed_total``.
 
+Redis outages: before each step the shell tells the core what the store that answers go
+through says of its outages (``set_outage``: out since when, and the last one that ended).
+While it is out, a result deadline after the outage's start is held, at most
+``result_deadline_ms`` more (an answer that waits on Redis is the daemon's wait, not the
+node's); once it ended, each such deadline moves later by the outage time it overlapped, at
+most ``result_deadline_ms``. The pause, timeout and idle deadlines are the client's and do
+not move.
+
 Backpressure: an :class:`~scheduler.session.events.AudioIn` into which the backlog merged
 frames sends ``busy`` (once per episode: again only after an unmerged event was taken with
 less than half the budget queued behind it). If at least half the budget is still queued
@@ -62,7 +70,7 @@ import math
 
 import attrs
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, job_key_for
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, StoreOutage, job_key_for
 from scheduler.ops.config import Settings
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
 from scheduler.session import audio
@@ -171,6 +179,8 @@ class SessionCore:
         self._pause_at = math.inf
         self._timeout_at = math.inf
         self._idle_at = math.inf
+        self.outage_since: float | None = None  # Redis is out since then (set_outage)
+        self._counted_until = -math.inf  # the end of the last outage counted out
         # turns
         self._turn_seq = 0
         self._turn_prefix = f"{session_id}:t" if not epoch or epoch <= 1 else f"{session_id}:e{epoch}t"
@@ -195,13 +205,34 @@ class SessionCore:
     def deadlines(self) -> dict[str, float]:
         """When each deadline comes due (``inf``: none)."""
         return {"pause": self._pause_at, "timeout": self._timeout_at, "idle": self._idle_at,
-                "result": self.results.next_deadline()}
+                "result": self.results.next_deadline(**self._held())}
+
+    def set_outage(self, outage: StoreOutage) -> None:
+        """What the shell's store says of its outage (see the module docstring); the same news
+        again changes nothing. An outage that ended is counted once, even one that began and
+        ended between two steps."""
+        if outage.since is not None:
+            if self.outage_since is None:
+                self.outage_since = outage.since
+            return
+        self.outage_since = None
+        if outage.last is None or outage.last[1] <= self._counted_until:
+            return
+        (start, end), self._counted_until = outage.last, outage.last[1]
+        hold = self.settings.result_deadline_ms / 1000
+        # the outage time after both its start and the utterance's own start (deadline - hold)
+        self.results.postpone(lambda d: min(max(0.0, end - max(start, d - hold)), hold) if d > start else 0.0)
+
+    def _held(self) -> dict[str, float]:
+        if self.outage_since is None:
+            return {}
+        return {"held_from": self.outage_since, "hold": self.settings.result_deadline_ms / 1000}
 
     def next_deadline(self) -> float:
         """When to call :meth:`handle` with :class:`Tick` if nothing else happens first."""
         if self.state is State.ENDED:
             return math.inf
-        return min(self._pause_at, self._timeout_at, self._idle_at, self.results.next_deadline())
+        return min(self.deadlines().values())
 
     def missing_answers(self) -> list[tuple[int, str]]:
         """(utterance index, target language) of every answer still awaited."""
@@ -263,7 +294,7 @@ class SessionCore:
             elif kind == "idle":
                 self._begin_close("idle_timeout", now)
             else:
-                skipped = self.results.expire(now)
+                skipped = self.results.expire(now, **self._held())
                 if skipped:
                     self._out.append(Count("result_gap_timeout_total", skipped))
                 self._flush_results()

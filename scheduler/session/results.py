@@ -10,6 +10,7 @@ open, and no longer than that index's deadline.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 
@@ -95,18 +96,25 @@ class ResultsSequencer:
     def open_indexes(self) -> list[int]:
         return sorted(self._open)
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, *, held_from: float | None = None, hold: float = 0.0) -> int:
         """Resolve every missing translation of utterances past their deadline: FAILED with the
-        fallback error if one is set, else SKIPPED. Returns how many became SKIPPED."""
+        fallback error if one is set, else SKIPPED. Returns how many became SKIPPED. With
+        ``held_from`` (Redis is out since then), a deadline after it is due ``hold`` later."""
         count = 0
         for utt in self._open.values():
-            if utt.deadline <= now and not utt.complete:
+            if _due(utt.deadline, held_from, hold) <= now and not utt.complete:
                 for tgt in utt.tgt_langs:
                     if tgt not in utt.translations:
                         fallback = utt.fallback.get(tgt)
                         utt.translations[tgt] = fallback or Translation(status=SKIPPED, error="RESULT_DEADLINE")
                         count += fallback is None
         return count
+
+    def postpone(self, by: Callable[[float], float]) -> None:
+        """Move each incomplete utterance's deadline ``d`` later by ``by(d)`` seconds."""
+        for utt in self._open.values():
+            if not utt.complete:
+                utt.deadline += by(utt.deadline)
 
     def pop_ready(self) -> list[Result]:
         """Release, in index order, every complete utterance from ``next_to_deliver`` on."""
@@ -117,6 +125,11 @@ class ResultsSequencer:
             self.next_to_deliver += 1
         return ready
 
-    def next_deadline(self) -> float:
-        """Earliest deadline among incomplete utterances (``inf`` if none)."""
-        return min((u.deadline for u in self._open.values() if not u.complete), default=math.inf)
+    def next_deadline(self, *, held_from: float | None = None, hold: float = 0.0) -> float:
+        """Earliest deadline among incomplete utterances (``inf`` if none); ``held_from`` and
+        ``hold`` as in :meth:`expire`."""
+        return min((_due(u.deadline, held_from, hold) for u in self._open.values() if not u.complete), default=math.inf)
+
+
+def _due(deadline: float, held_from: float | None, hold: float) -> float:
+    return deadline + hold if held_from is not None and deadline > held_from else deadline
