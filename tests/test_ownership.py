@@ -68,6 +68,24 @@ async def test_an_instance_never_collects_itself(redis_url, redis_client):
         assert await other.session_owner("s1") == "me"  # valid again
 
 
+async def test_nobody_is_collected_during_or_just_after_a_redis_outage(redis_url, redis_client):
+    """Every liveness lapses in an outage longer than the TTL (their refreshes failed): while
+    Redis is out and for one TTL after, collection waits, so each instance can refresh first."""
+    async with RedisAdapter(redis_url) as a:
+        me, other = Ownership(a, "me", 200), Ownership(a, "other", 200)
+        await me.refresh()
+        await other.refresh()
+        await other.claim_node("n1")
+        await trio.sleep(0.4)  # both lapsed
+        now = trio.current_time()
+        a.outage.started("stuck", now - 2.0)  # a call in flight for 2 s: Redis is out
+        assert await me.collect_dead() == 0
+        a.outage.finished("stuck", now, ok=True)  # back now
+        assert await me.collect_dead() == 0 and redis_client.get(keys.node_owner("n1")) == "other"
+        await trio.sleep(0.25)  # one TTL after: the other one did not refresh, it is dead
+        assert await me.collect_dead() == 1 and not redis_client.exists(keys.node_owner("n1"))
+
+
 async def test_daemon_refreshes_only_its_liveness_and_drops_its_records(start_daemon, redis_client):
     daemon = await start_daemon(owner_ttl_ms=600)
     me = daemon.settings.instance_id

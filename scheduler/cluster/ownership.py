@@ -22,7 +22,9 @@ A session taken over (resumed on another instance) is told so by its new owner o
 relay (``cluster/routing.py``), and its journal writes are fenced anyway (journal.py).
 
 Refresh failures (Redis down) are logged and retried on the next tick; the liveness then
-lapses, which is what a reader should conclude of an instance it cannot see.
+lapses, which is what a reader should conclude of an instance it cannot see. Collection waits
+while Redis is out and for one ``owner_ttl_ms`` after (every liveness lapsed then, with
+nobody dead).
 """
 
 from __future__ import annotations
@@ -141,7 +143,13 @@ class Ownership:
         instance may do it, any number of times. Returns how many instances were collected.
 
         Never this instance itself: a process that runs this is alive, even if a stall let its
-        liveness lapse; its next refresh brings it back, with its records and nodes intact."""
+        liveness lapse; its next refresh brings it back, with its records and nodes intact.
+        Nor anyone while Redis is out or within ``ttl_ms`` after it came back (the adapter's
+        outage clock): an outage longer than ``ttl_ms`` lets every instance's liveness lapse,
+        because their refreshes failed, not because they died; each gets one ``ttl_ms`` to
+        refresh it before it counts as dead."""
+        if self._outage_grace():
+            return 0
         lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
         dead = [instance for instance in lapsed if instance != self.instance_id]
         for instance in dead:
@@ -156,6 +164,11 @@ class Ownership:
             await self._redis.command("ZREM", keys.instances(), instance)
             event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
         return len(dead)
+
+    def _outage_grace(self) -> bool:
+        now = trio.current_time()
+        outage = self._redis.outage
+        return outage.since(now) is not None or (outage.last is not None and now - outage.last[1] < self.ttl_ms / 1000)
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""
