@@ -18,6 +18,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -427,14 +428,23 @@ async def _health_check(running: Running, nursery: trio.Nursery) -> None:
         await trio.sleep(HEALTH_INTERVAL)
 
 
-async def _memory(running: Running) -> MemoryState | None:
-    """Redis memory now (None when an ACL refuses ``INFO``: then memory is not watched)."""
+async def _info(running: Running, section: str) -> Any:
+    """``INFO <section>`` (None when an ACL refuses ``INFO``: NOPERM, told once at start-up as
+    redis_policy_unknown); RedisUnavailable goes up to the health check."""
     try:
-        memory = memory_state(await running.redis.memory_info())
+        return await running.redis.command("INFO", section)
     except RedisUnavailable:
         raise
-    except Exception:  # NOPERM: told once at start-up (redis_policy_unknown)
+    except Exception:
         return None
+
+
+async def _memory(running: Running) -> MemoryState | None:
+    """Redis memory now (None when an ACL refuses ``INFO``: then memory is not watched)."""
+    info = await _info(running, "memory")
+    if info is None:
+        return None
+    memory = memory_state(info)
     running.metrics.redis_memory_used_bytes.set(memory.used)
     running.metrics.redis_memory_max_bytes.set(memory.limit)
     return memory
@@ -445,11 +455,8 @@ async def _replicas(running: Running) -> int | None:
     ``--redis-wait-replicas`` only (None without it, or when an ACL refuses ``INFO``)."""
     if not running.settings.redis_wait_replicas:
         return None
-    try:
-        info = await running.redis.command("INFO", "replication")
-    except RedisUnavailable:
-        raise
-    except Exception:
+    info = await _info(running, "replication")
+    if info is None:
         return None
     connected = int(info.get("connected_slaves", 0)) if isinstance(info, dict) else 0
     running.metrics.redis_replicas.set(connected)

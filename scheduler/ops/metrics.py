@@ -75,7 +75,8 @@ class Metrics:
         self.redis_latency_seconds = Gauge(p + "redis_latency_seconds", "Round trip of the last Redis health check", registry=r)
         self.redis_errors_total = Counter(
             p + "redis_errors_total", "Redis calls that could not be done now, by reply: an error reply (OOM, READONLY, LOADING, "
-            "MASTERDOWN, BUSY, TRYAGAIN, CLUSTERDOWN, MISCONF, NOREPLICAS, NOSCRIPT), timeout or connection", ["reply"], registry=r)
+            "MASTERDOWN, BUSY, TRYAGAIN, CLUSTERDOWN, MISCONF, NOREPLICAS, NOSCRIPT), timeout, connection, or replicas (a short "
+            "WAIT)", ["reply"], registry=r)
         self.redis_memory_used_bytes = Gauge(
             p + "redis_memory_used_bytes", "used_memory of Redis (the fullest primary of a cluster), health check", registry=r)
         self.redis_memory_max_bytes = Gauge(

@@ -332,11 +332,6 @@ class RedisAdapter:
         await self.command("PING")
         return time.perf_counter() - start
 
-    async def memory_info(self) -> Any:
-        """``INFO memory`` of the server (a dict per primary of a cluster); raises
-        :class:`RedisUnavailable`, or ``redis.exceptions.ResponseError`` when an ACL refuses it."""
-        return await self.command("INFO", "memory")
-
     async def memory_policies(self) -> dict[str, str]:
         """``maxmemory-policy`` of the server (of each primary of a cluster), from ``INFO memory``
         (``CONFIG GET`` is often renamed away on managed Redis); {} when the server refuses

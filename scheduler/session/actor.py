@@ -190,10 +190,10 @@ class SessionActor:
     async def _loop(self) -> str:
         core = self.core
         self._perform(core.start(trio.current_time()))
+        self._sync_outage()
         while not core.ended:
             item: object = None
-            self._sync_outage()
-            with trio.move_on_at(core.next_deadline()):
+            with trio.move_on_at(core.next_deadline()):  # (the outage as of the last wake: nothing awaited since)
                 item = await self._inbox.receive()
             self._sync_outage()
             if self.taken_over:  # set by take_over_nowait, whose token may not have fit

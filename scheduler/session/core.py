@@ -232,7 +232,7 @@ class SessionCore:
         """When to call :meth:`handle` with :class:`Tick` if nothing else happens first."""
         if self.state is State.ENDED:
             return math.inf
-        return min(self.deadlines().values())
+        return min(self._pause_at, self._timeout_at, self._idle_at, self.results.next_deadline(**self._held()))
 
     def missing_answers(self) -> list[tuple[int, str]]:
         """(utterance index, target language) of every answer still awaited."""
