@@ -81,6 +81,23 @@ class StoreOutage:
     last: tuple[float, float] | None = None
 
 
+def outage_postponement(deadline: float, outage: tuple[float, float], hold: float) -> float:
+    """How much later a result deadline falls once the outage ``(start, end)`` ended: by the
+    outage time after both the outage's start and the utterance's own start (``deadline -
+    hold``, ``hold`` being the result deadline), at most ``hold``; a deadline that passed
+    before the outage began does not move. The session (its results) and the dispatcher (its
+    lanes) count an outage out by this one rule, so a job waits in its lane exactly as long as
+    its session waits for it."""
+    start, end = outage
+    return min(max(0.0, end - max(start, deadline - hold)), hold) if deadline > start else 0.0
+
+
+def held_due(deadline: float, held_from: float | None, hold: float) -> float:
+    """When a result deadline comes due while the store is out since ``held_from`` (None: it is
+    not): a deadline after the outage began is held, at most ``hold`` later."""
+    return deadline + hold if held_from is not None and deadline > held_from else deadline
+
+
 class JobPort(Protocol):
     """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
 

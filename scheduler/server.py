@@ -205,7 +205,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     dispatcher = Dispatcher(redis=redis, nodes=nodes, sessions=sessions, router=router, metrics=metrics,
                             node_ttl_ms=settings.node_ttl_ms, orphan_grace_ms=settings.owner_ttl_ms,
                             instance_id=settings.instance_id, job_lease_ms=settings.job_lease_ms, scheduling=scheduling,
-                            locality_slack=settings.locality_slack)
+                            locality_slack=settings.locality_slack, outage_hold=settings.result_deadline_ms / 1000)
     deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
                 sessions=sessions, metrics=metrics, ownership=ownership)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router, ClientGateway(**deps),

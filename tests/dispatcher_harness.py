@@ -158,7 +158,8 @@ class Instance:
         self.dispatcher = Dispatcher(redis=redis, nodes=self.nodes, sessions=self.inbox, router=self.router,
                                      metrics=self.metrics, node_ttl_ms=600_000, job_lease_ms=LEASE_MS,
                                      queue_size=h.queue_size, place_batch=h.place_batch,  # (retry: the default)
-                                     orphan_grace_ms=ORPHAN_GRACE_MS, instance_id=self.id, scheduling=scheduling)
+                                     orphan_grace_ms=ORPHAN_GRACE_MS, instance_id=self.id, scheduling=scheduling,
+                                     outage_hold=settings.result_deadline_ms / 1000)
         self.gateway = NodeGateway(nodes=self.nodes, settings=settings, redis=redis, scheduling=scheduling,
                                    dispatcher=self.dispatcher, router=self.router, sessions=self.inbox,
                                    metrics=self.metrics, ownership=self.ownership)

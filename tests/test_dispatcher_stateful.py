@@ -67,6 +67,7 @@ NODES = ("n0", "n1", "n2")
 JOB_FIELDS = ("job_key", "session_id", "utterance_index", "src_lang", "tgt_lang", "turn_id", "sample_rate", "audio",
               "placed_by", "conn_id", "deadline_ms", "lease_deadline_ts")
 EPS = 1e-6
+HOLD_S = 30.0  # the result deadline (dispatcher_harness: result_deadline_ms): an outage moves a job deadline at most this
 WATCH_S = 1.0  # the remote watch's interval (Dispatcher's default)
 SWEEP_S = 2.0  # the orphan sweep's
 CODES = {"NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR", "REDIS_UNAVAILABLE", "NODE_UNREACHABLE",
@@ -139,6 +140,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
         self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
         self.resubmitted: set[str] = set()
+        self.outages: list[tuple[float, float]] = []  # (start, end) of each Redis outage so far
         # nodes from the start (most paths need one): none, one on either instance, or one on each
         for node, instance, max_jobs in {"none": [], "i1": [("n0", "i1", 2)], "i2": [("n0", "i2", 2)],
                                          "both": [("n0", "i1", 1), ("n1", "i2", 2)]}[layout]:
@@ -401,6 +403,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         finally:
             self.h.down = self.h.replies_lost = False
             self.h.up_since = self.now
+            self.outages.append((start, self.now))
         self.do("advance", self.h.advance, 1.0)
         for instance in self._live():
             assert not instance.dispatcher._owed_releases and not instance.dispatcher._owed_cancels, instance.id
@@ -601,13 +604,23 @@ class DispatcherMachine(RuleBasedStateMachine):
                                             f"dropped {now - when:.2f} s ago"
             for r in queued:  # an answered job leaves its lane at once (forget)
                 assert r.job_key not in answered or r.job_key in self.resubmitted, f"{r.job_key} answered, yet queued"
-                due = max(r.deadline, h.queued_since[r.job_key])  # a job moved after its deadline: from then
+                due = max(r.deadline + self._counted_out(r.deadline), h.queued_since[r.job_key])  # (a job moved after
+                # its deadline: from then)
                 assert due > now - RETRY_S - EPS, f"{r.job_key} waits {now - due:.2f} s past its deadline"
                 assert r.job_key not in d.placed or r.job_key in self.resubmitted, r.job_key
                 assert not self.jobs[r.job_key].refused or r.job_key in self.resubmitted
         self._check_holders()
         self._check_sessions()
         self._check_order()
+
+    def _counted_out(self, deadline: float) -> float:
+        """At most how much later a job deadline falls for the Redis outages so far (as its
+        session's: an outage's time after the deadline less the result deadline counts, up to
+        that much; while Redis is out the deadline is held). The adapter sees an outage end at
+        its first call that goes through, within :data:`SEEN_WITHIN_S`."""
+        if self.h.down or self.h.replies_lost:
+            return float("inf")
+        return sum(min(end - start + SEEN_WITHIN_S, HOLD_S) for start, end in self.outages if end > deadline - HOLD_S)
 
     def _unnoticed(self) -> set[str]:
         """Jobs Redis lost (with its data) that are still on their placer's books: it has not
@@ -944,6 +957,15 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("cancel", m._cancel("s2:0:translate:en"))
         m._outage(0.25, None, lost=True)
         assert "s2:1:translate:en" in h["i2"].dispatcher.placed, h["i2"].dispatcher.placed
+    elif name == "outage_waiting":  # a job waits for a node while Redis is down past its deadline: it still gets one
+        m.do("disconnect", h.disconnect, "n0")
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 2.0)))
+        m._outage(3.1, None)  # (then a second with Redis back: the deadline, 3.1 s later, has not come)
+        d = h["i2"].dispatcher
+        assert d.waiting == 1, d.waiting
+        m.max_jobs["n2"] = 1
+        m.do("connect", h.connect, "n2", 1, list(PAIRS), "i2")
+        assert [(k, n) for k, _, _, n, _ in h.handed] == [("s2:0:translate:en", "n2")], h.handed
     elif name == "outage_lease":  # i1's job on i2's node: Redis is down past its lease, which counts the outage out
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)  # (then a second with Redis back)
@@ -1112,7 +1134,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
                                   "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
-                                  "copy_while_moving", "late_bounce_here", "lost_replies"])
+                                  "copy_while_moving", "late_bounce_here", "lost_replies", "outage_waiting"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

@@ -14,7 +14,9 @@ is unavailable), the lane waits until a slot frees on this instance, or ``retry_
 passes (slots freed by other instances), then retries the head. Every job queued behind a
 blocked head is told to its session as waiting (:class:`~scheduler.session.JobWaiting`):
 if its deadline passes before it is placed, the session resolves it ``FAILED`` with that
-error; the lane drops it at the same deadline.
+error; the lane drops it at the same deadline. Both count Redis outages out by one rule (a
+deadline is held while Redis is out and moves later once it is back: ``deadlines.py``), so a
+job blocked by an outage is still placed when Redis answers again, while its session waits.
 
 Lost nodes and expired leases: when a node holding jobs disconnects (or is closed for
 missing heartbeats), or a job's lease (``job_lease_ms``) runs out, each of its jobs is
@@ -66,6 +68,7 @@ from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, Sto
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement import keys, lua
+from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -157,6 +160,7 @@ class Dispatcher:
         watch_interval: float = 1.0,
         keep_audio: bool = True,
         locality_slack: float = 0.0,
+        outage_hold: float = 30.0,
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
@@ -181,6 +185,7 @@ class Dispatcher:
         self._scheduling = scheduling
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
         self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
+        self.deadlines = JobDeadlines(redis.outage, outage_hold)  # job deadlines, Redis outages counted out
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
         self._tried: dict[str, tuple[JobRequest, str]] = {}  # job key -> (request, job id) of a dispatch whose reply
         # was lost (a timeout): it is repeated under the same id, and undone if the request is dropped (_abandon_tried)
@@ -351,8 +356,18 @@ class Dispatcher:
             nursery.start_soon(partial(every, 2.0, self._sweep_orphans, name="orphan_sweep", log=log))
             nursery.start_soon(partial(every, self._watch_interval, self._watch_remote, name="remote_watch", log=log))
             nursery.start_soon(partial(every, 1.0, self._retry_releases, name="release_retry", log=log))
-            task_status.started()
-            await trio.sleep_forever()
+            self._redis.outage.on_end.append(self._outage_ended)
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._redis.outage.on_end.remove(self._outage_ended)
+
+    def _outage_ended(self, _length: float) -> None:
+        """A Redis outage ended: the deadlines of the jobs held here move later, as their
+        sessions' do (deadlines.py)."""
+        held = [r for lane in self._lanes.values() for r in lane.queue]
+        self.deadlines.count([*held, *(p.request for p in self.placed.values()), *(p.request for p in self._moving.values())])
 
     async def _expire_leases(self) -> None:
         """This instance's jobs whose lease ran out move to another node.
@@ -488,8 +503,8 @@ class Dispatcher:
             await lane.wake.wait()
             return
         now = trio.current_time()
-        for request in [r for r in lane.queue if r.deadline <= now]:  # the whole queue, not just the batch:
-            # never placed: the session resolves it FAILED(blocked code) at this same deadline
+        for request in [r for r in lane.queue if self.deadlines.due(r, now) <= now]:  # the whole queue, not just the
+            # batch; never placed: the session resolves it FAILED(blocked code) at this same deadline (outages counted out)
             self._remove(lane, request)
             self._metrics.jobs_total.labels("failed").inc()
             if self._moving_of(request) is not None:  # (not a copy of a moving job's key: the move is the original's)
@@ -522,7 +537,8 @@ class Dispatcher:
         for waiting in lane.queue:
             if waiting.job_key not in lane.told:
                 self._tell_waiting(lane, waiting, code)
-        with trio.move_on_at(min([trio.current_time() + self._retry_interval, *(r.deadline for r in lane.queue)])):
+        now = trio.current_time()
+        with trio.move_on_at(min([now + self._retry_interval, *(self.deadlines.due(r, now) for r in lane.queue)])):
             await freed.wait()
 
     async def _place(self, lane: _Lane, batch: list[JobRequest]) -> list[str | None]:

@@ -70,7 +70,7 @@ import math
 
 import attrs
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, StoreOutage, job_key_for
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, StoreOutage, job_key_for, outage_postponement
 from scheduler.ops.config import Settings
 from scheduler.protocol import Busy, Result, SessionClosed, Translation, UtteranceFinalized
 from scheduler.session import audio
@@ -218,10 +218,9 @@ class SessionCore:
         self.outage_since = None
         if outage.last is None or outage.last[1] <= self._counted_until:
             return
-        (start, end), self._counted_until = outage.last, outage.last[1]
+        last, self._counted_until = outage.last, outage.last[1]
         hold = self.settings.result_deadline_ms / 1000
-        # the outage time after both its start and the utterance's own start (deadline - hold)
-        self.results.postpone(lambda d: min(max(0.0, end - max(start, d - hold)), hold) if d > start else 0.0)
+        self.results.postpone(lambda d: outage_postponement(d, last, hold))
 
     def _held(self) -> dict[str, float]:
         if self.outage_since is None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import attrs
 
+from scheduler.jobs import held_due
 from scheduler.protocol import Result, Translation
 
 SUCCESS, FAILED, SKIPPED = "SUCCESS", "FAILED", "SKIPPED"
@@ -102,7 +103,7 @@ class ResultsSequencer:
         ``held_from`` (Redis is out since then), a deadline after it is due ``hold`` later."""
         count = 0
         for utt in self._open.values():
-            if _due(utt.deadline, held_from, hold) <= now and not utt.complete:
+            if held_due(utt.deadline, held_from, hold) <= now and not utt.complete:
                 for tgt in utt.tgt_langs:
                     if tgt not in utt.translations:
                         fallback = utt.fallback.get(tgt)
@@ -128,8 +129,4 @@ class ResultsSequencer:
     def next_deadline(self, *, held_from: float | None = None, hold: float = 0.0) -> float:
         """Earliest deadline among incomplete utterances (``inf`` if none); ``held_from`` and
         ``hold`` as in :meth:`expire`."""
-        return min((_due(u.deadline, held_from, hold) for u in self._open.values() if not u.complete), default=math.inf)
-
-
-def _due(deadline: float, held_from: float | None, hold: float) -> float:
-    return deadline + hold if held_from is not None and deadline > held_from else deadline
+        return min((held_due(u.deadline, held_from, hold) for u in self._open.values() if not u.complete), default=math.inf)
