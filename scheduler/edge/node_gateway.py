@@ -12,9 +12,9 @@ Per connection: the first message must be ``register`` (token checked in constan
   not the node's silence);
 * the worker: does the Redis work of those messages in order. An answer is kept until
   ``complete_task`` gave its outcome: a call that timed out or found Redis unavailable
-  (stalled, full, failing over) is repeated with a bounded backoff for up to
-  ``result_deadline_ms`` (``resilient.until_known``; the repeat is idempotent), so a Redis
-  stall delays answers and loses none;
+  (stalled, full, failing over) is repeated with a bounded backoff for up to twice
+  ``result_deadline_ms``, the longest its session waits for it (``resilient.until_known``;
+  the repeat is idempotent), so a Redis stall delays answers and loses none;
 * the writer (``job_assign`` / ``job_cancel`` from the node's outbox);
 * a liveness watchdog that closes a node silent for ``node_ttl_ms``.
 
@@ -300,7 +300,7 @@ class NodeGateway(wsutil.Gateway):
             return
         except RedisUnavailable as exc:
             event(log, "answer_not_stored", logging.ERROR, node_id=conn.node_id, job_id=msg.job_id, reply=exc.reply,
-                  retries=retried, budget_ms=self.settings.result_deadline_ms)
+                  retries=retried, budget_ms=round(self._answer_budget_s * 1000))
             return
         if retried:
             event(log, "answer_stored", node_id=conn.node_id, job_id=msg.job_id, retries=retried)
@@ -312,11 +312,15 @@ class NodeGateway(wsutil.Gateway):
 
     @property
     def _answer_budget_s(self) -> float:
-        """How long an answer is kept and retried while Redis cannot store it: past its
-        result deadline its session has resolved the translation without it."""
-        return self.settings.result_deadline_ms / 1000
+        """How long an answer is kept and retried while Redis cannot store it: twice the result
+        deadline, the longest its session waits for it (a result deadline, held at most as
+        long again by a Redis outage: jobs.outage_postponement); past that the session has
+        resolved the translation without it."""
+        return 2 * self.settings.result_deadline_ms / 1000
 
     @property
     def _answer_ttl_s(self) -> int:
-        """How long complete_task keeps an answer: past any result deadline it could still meet."""
-        return self.settings.result_deadline_ms // 1000 + ANSWER_KEEP_EXTRA_S
+        """How long complete_task keeps an answer: past any result deadline it could still meet
+        (twice the result deadline at most, when a Redis outage held it)."""
+        deadline_s = -(-self.settings.result_deadline_ms // 1000)
+        return max(deadline_s + ANSWER_KEEP_EXTRA_S, 2 * deadline_s)
