@@ -641,6 +641,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                         f"{key} placed on {p.node_id} (attempt {p.attempt}), which holds {got}"
         unnoticed = self._unnoticed()  # the node's until its placer noticed (it is told job_cancel then)
         unnoticed |= {job_id for i in self._live() for job_id in i.dispatcher._lost_releases}  # (a release whose reply was lost)
+        unnoticed |= {job_id for i in self._live() for job_id, _ in i.dispatcher._owed_cancels}  # (told once Redis is back)
         held = [(node, job_id, got.attempt) for node, jobs in h.held.items() for job_id, got in jobs.items()
                 if job_id not in unnoticed]
         pipe = self.r.pipeline(transaction=False)
@@ -966,6 +967,24 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.max_jobs["n2"] = 1
         m.do("connect", h.connect, "n2", 1, list(PAIRS), "i2")
         assert [(k, n) for k, _, _, n, _ in h.handed] == [("s2:0:translate:en", "n2")], h.handed
+    elif name == "crash_after_lost_reply":  # a dispatch's reply is lost and acting on that raises: what it made is undone
+        instance = h.owner("s2")
+        instance.act_crash = (1, False)
+        scheduling = instance.dispatcher._scheduling
+        candidates = scheduling.candidates
+
+        async def then_lose_replies(*args, **kwargs):  # the nodes are read; the reply of its dispatch_task is lost
+            found = await candidates(*args, **kwargs)
+            h.replies_lost = True
+            return found
+
+        scheduling.candidates = then_lose_replies
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        scheduling.candidates = candidates
+        m._outage(0.25, None, lost=True)  # (then a second with Redis back: the release went through)
+        job_id = m.r.get(keys.jobkey("s2:0:translate:en"))
+        assert job_id and m.r.hget(keys.job(job_id), "status") == "cancelled" and not h.handed, (job_id, h.handed)
+        assert [o.translation.error for _, o, _ in h.got if isinstance(o, JobOutcome)] == ["INTERNAL"], h.got
     elif name == "outage_lease":  # i1's job on i2's node: Redis is down past its lease, which counts the outage out
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m._outage(3.1, None)  # (then a second with Redis back)
@@ -1134,7 +1153,8 @@ def _path(machine: DispatcherMachine, name: str) -> None:
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
                                   "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
-                                  "copy_while_moving", "late_bounce_here", "lost_replies", "outage_waiting"])
+                                  "copy_while_moving", "late_bounce_here", "lost_replies", "outage_waiting",
+                                  "crash_after_lost_reply"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

@@ -617,7 +617,8 @@ class Dispatcher:
         the relay list; what Redis holds for it is added to ``crashed``, to be released once
         the round is through: the placement Redis made (a slot would leak otherwise: no
         instance's books hold the job, so no lease expiry or sweep would ever free it), or
-        else the job a refused move left waiting (a resumed session would adopt it)."""
+        else the job a refused move left waiting (a resumed session would adopt it), or the
+        job a dispatch whose reply was lost may have made (``_tried``)."""
         job_key = request.job_key
         if moving is not None:
             self._moving.pop(job_key, None)
@@ -627,10 +628,15 @@ class Dispatcher:
             del self.placed[job_key]
             self._metrics.jobs_in_flight.dec()
         self._fail(request, "INTERNAL")
+        tried = self._tried_id(request)
+        if tried is not None:  # (its repeat will not come)
+            del self._tried[job_key]
         if isinstance(reply, list) and len(reply) >= 4 and reply[0] == "OK" and str(reply[3]).isdigit():
             crashed.append((str(reply[1]), job_key, str(reply[2]), int(reply[3])))
         elif moving is not None:
             crashed.append((moving.job_id, job_key, moving.node_id, None))
+        elif tried is not None:  # a dispatch whose reply was lost may have placed it: undone (its node never got it)
+            crashed.append((tried, job_key, "", None))
 
     async def _relay_job(self, placement: Placement, assign: JobAssign) -> None:
         """The chosen node is held by another instance: the router sends the job over that
