@@ -148,7 +148,7 @@ class Instance:
         h = self.h
         settings = Settings(instance_id=self.id, result_deadline_ms=30_000)
         scheduling = SchedulingClient(redis)
-        self.ownership = Ownership(redis, self.id, FOREVER_MS)
+        self.ownership = Ownership(redis, self.id, FOREVER_MS, grace_ms=ORPHAN_GRACE_MS)  # (the TTL it stands for)
         await self.ownership.refresh()
         for session_id in self.inbox.sessions:
             await self.ownership.claim_session(session_id)

@@ -67,6 +67,7 @@ NODES = ("n0", "n1", "n2")
 JOB_FIELDS = ("job_key", "session_id", "utterance_index", "src_lang", "tgt_lang", "turn_id", "sample_rate", "audio",
               "placed_by", "conn_id", "deadline_ms", "lease_deadline_ts")
 EPS = 1e-6
+LAPSE_S = 3.0  # an outage at least this long lets an instance's liveness lapse (owner_ttl_ms' default)
 HOLD_S = 30.0  # the result deadline (dispatcher_harness: result_deadline_ms): an outage moves a job deadline at most this
 WATCH_S = 1.0  # the remote watch's interval (Dispatcher's default)
 SWEEP_S = 2.0  # the orphan sweep's
@@ -141,6 +142,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
         self.resubmitted: set[str] = set()
         self.outages: list[tuple[float, float]] = []  # (start, end) of each Redis outage so far
+        self.lapsed = False  # the live instances' liveness lapsed in an outage, and is not refreshed yet
         # nodes from the start (most paths need one): none, one on either instance, or one on each
         for node, instance, max_jobs in {"none": [], "i1": [("n0", "i1", 2)], "i2": [("n0", "i2", 2)],
                                          "both": [("n0", "i1", 1), ("n1", "i2", 2)]}[layout]:
@@ -404,7 +406,18 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.h.down = self.h.replies_lost = False
             self.h.up_since = self.now
             self.outages.append((start, self.now))
-        self.do("advance", self.h.advance, 1.0)
+        if seconds >= LAPSE_S:  # the live instances' liveness lapsed (their refreshes failed); each refreshes it
+            self.lapsed = True  # 0.9 s after Redis came back (within the grace, 1 s): until then none counts as dead
+            for instance in self._live():
+                self.r.delete(keys.instance(instance.id))
+                self.r.zadd(keys.instances(), {instance.id: self.h.wall_ms(self.now) - 1})
+            self.do("advance", self.h.advance, 0.9)
+            for instance in self._live():
+                self.trio.call(instance.ownership.refresh)
+            self.lapsed = False
+            self.do("advance", self.h.advance, 0.1)
+        else:
+            self.do("advance", self.h.advance, 1.0)
         for instance in self._live():
             assert not instance.dispatcher._owed_releases and not instance.dispatcher._owed_cancels, instance.id
         self._check_outage_counted_out(before, start, seconds, seen)
@@ -598,7 +611,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
-                    due = when if where == instance.id and when > entered else max(when, entered, h.up_since) + WATCH_S
+                    since = max(when, entered, h.up_since, 0.0 if h[where].alive else self._liveness_grace_end())
+                    due = when if where == instance.id and when > entered else since + WATCH_S
                     due = float("inf") if (h.down or h.replies_lost) and due > when else due
                     assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
                                             f"dropped {now - when:.2f} s ago"
@@ -612,6 +626,12 @@ class DispatcherMachine(RuleBasedStateMachine):
         self._check_holders()
         self._check_sessions()
         self._check_order()
+
+    def _liveness_grace_end(self) -> float:
+        """Until when a lapsed instance still counts as alive: one liveness TTL (the grace)
+        after the last outage the adapter's calls saw end (OutageClock.recent)."""
+        last = self.h.redis.outage.last
+        return last[1] + ORPHAN_GRACE_MS / 1000 if last is not None else 0.0
 
     def _counted_out(self, deadline: float) -> float:
         """At most how much later a job deadline falls for the Redis outages so far (as its
@@ -739,9 +759,10 @@ class DispatcherMachine(RuleBasedStateMachine):
             for p in i.dispatcher.placed.values():
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard:
                     self._check_job_hash(i.id, p, dict(zip(JOB_FIELDS, next(replies), strict=True)))
-        if self.now >= self.h.up_since + SWEEP_S and not (self.h.down or self.h.replies_lost):
+        if self.now >= max(self.h.up_since, self._liveness_grace_end()) + SWEEP_S and not (self.h.down or self.h.replies_lost):
             # a lease left behind (its instance died, or its hash is gone) goes within one orphan
-            # sweep of the lease + the grace; every other one is moved or renewed by its placer
+            # sweep of the lease + the grace; every other one is moved or renewed by its placer (the sweep
+            # waits while Redis is out and one grace after its calls go through again: liveness lapses then)
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
             mine = {p.job_id for i in self._live() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
             for job_id in lapsed:
@@ -785,7 +806,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert EVENTS.get(name) == r.levelno, f"unknown event or level: {r.levelname} {r.getMessage()}"
             if "job_key" in f or name in ("job_moving", "dispatch_blocked", "job_failed", "duplicate_job_blocked"):
                 assert f.get("job_key") in self.jobs, r.getMessage()
-            if name == "job_moving":
+            if name == "job_moving":  # (an instance whose liveness lapsed in an outage is not dead)
+                assert f["reason"] != "NODE_INSTANCE_LOST" or not self.lapsed, r.getMessage()
                 assert f["reason"] in REASONS and (f["job_key"], f["job_id"], f["attempt"], f["from_node"]) in handed, \
                     r.getMessage()
             elif name in ("dispatch_blocked", "dispatch_unblocked"):

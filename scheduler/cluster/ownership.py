@@ -22,9 +22,11 @@ A session taken over (resumed on another instance) is told so by its new owner o
 relay (``cluster/routing.py``), and its journal writes are fenced anyway (journal.py).
 
 Refresh failures (Redis down) are logged and retried on the next tick; the liveness then
-lapses, which is what a reader should conclude of an instance it cannot see. Collection waits
-while Redis is out and for one ``owner_ttl_ms`` after (every liveness lapsed then, with
-nobody dead).
+lapses, which is what a reader should conclude of an instance it cannot see. But an outage
+longer than ``owner_ttl_ms`` lapses every liveness, with nobody dead: so while Redis is out
+and for one ``owner_ttl_ms`` after, a lapsed instance still counts as alive (:meth:`is_alive`,
+and with it the owner records routing reads) and nobody is collected. The dispatcher's orphan
+sweep and remote watch wait the same way (placement/dispatcher.py).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ COLLECT_EVERY_S = 5.0
 
 
 class Ownership:
-    def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "") -> None:
+    def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
+                 grace_ms: int | None = None) -> None:
         self._redis = redis
         self.instance_id = instance_id
         self.ttl_ms = ttl_ms
+        self.grace_ms = ttl_ms if grace_ms is None else grace_ms  # after an outage: liveness lapsed by it still counts
         self.ws_url = ws_url
         self._started_ms = now_ms()
 
@@ -81,9 +85,13 @@ class Ownership:
     async def is_alive(self, instance_id: str) -> bool:
         """False once the instance's liveness lapsed. An instance not listed counts as alive,
         as in choose_node.lua: a dead one is listed until it is collected (and its records with
-        it), and after Redis lost its data every instance is unlisted until its next refresh."""
+        it), and after Redis lost its data every instance is unlisted until its next refresh.
+        While Redis is out, and for one ``ttl_ms`` after, a lapsed instance counts as alive: its
+        refreshes failed, it did not die (``OutageClock.recent``)."""
         lapses = await self._redis.command("ZSCORE", keys.instances(), instance_id)
-        return lapses is None or float(lapses) >= now_ms()
+        if lapses is None or float(lapses) >= now_ms():
+            return True
+        return self._redis.outage.recent(trio.current_time(), self.grace_ms / 1000)
 
     async def _live_owner(self, owner_key: str) -> str | None:
         owner = await self._redis.command("GET", owner_key)
@@ -148,7 +156,7 @@ class Ownership:
         outage clock): an outage longer than ``ttl_ms`` lets every instance's liveness lapse,
         because their refreshes failed, not because they died; each gets one ``ttl_ms`` to
         refresh it before it counts as dead."""
-        if self._outage_grace():
+        if self._redis.outage.recent(trio.current_time(), self.grace_ms / 1000):
             return 0
         lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
         dead = [instance for instance in lapsed if instance != self.instance_id]
@@ -164,11 +172,6 @@ class Ownership:
             await self._redis.command("ZREM", keys.instances(), instance)
             event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
         return len(dead)
-
-    def _outage_grace(self) -> bool:
-        now = trio.current_time()
-        outage = self._redis.outage
-        return outage.since(now) is not None or (outage.last is not None and now - outage.last[1] < self.ttl_ms / 1000)
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""

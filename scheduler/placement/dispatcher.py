@@ -413,6 +413,7 @@ class Dispatcher:
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners], raise_errors=True)
         alive = {o for o, n in zip(owners, exists, strict=True) if n}
+        lapsed_by_outage = self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000)
         lost: list[Placement] = []
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
@@ -425,7 +426,8 @@ class Dispatcher:
             elif online != "1":
                 self.move(placement, "NODE_LOST")
             elif owner not in alive:
-                self.move(placement, "NODE_INSTANCE_LOST")
+                if not lapsed_by_outage:  # (its liveness may have lapsed in the outage: one more TTL to refresh it)
+                    self.move(placement, "NODE_INSTANCE_LOST")
             elif placement.conn_id and conn_id != placement.conn_id:
                 self.move(placement, "NODE_RECONNECTED")
         await self._take_back(lost, "JOB_LOST")
@@ -461,9 +463,14 @@ class Dispatcher:
         not alive is cancelled (cancel_task: slot released once), and its node gets
         ``job_cancel`` (here, or over the relay); nobody else holds its audio to place it again. (A resumed
         session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
-        left to them."""
+        left to them. Nothing is swept while Redis is out, or within ``orphan_grace_ms`` (the
+        instances' liveness TTL) after it came back: a long outage lets every instance's
+        liveness lapse, because their refreshes failed (``OutageClock.recent``; the look at the
+        leases is still made: it is how this instance sees Redis come back)."""
         expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
                                             "LIMIT", 0, limit)
+        if self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000):
+            return
         for job_id in expired:
             if job_id in self.placed.job_keys:
                 continue

@@ -56,6 +56,12 @@ class OutageClock:
         starts = [t for t in (self._since, self._stalled(now)) if t is not None]
         return min(starts) if starts else None
 
+    def recent(self, now: float, within: float) -> bool:
+        """Whether Redis is out, or came back less than ``within`` seconds ago. Liveness keys
+        with a TTL of ``within`` lapse in an outage longer than that, because their refreshes
+        failed, not because their owners died: they count as dead only past this window."""
+        return self.since(now) is not None or (self.last is not None and now - self.last[1] < within)
+
     def elapsed(self, now: float) -> float:
         """Outage seconds so far, the current one included (up to ``now``)."""
         since = self.since(now)
