@@ -212,11 +212,17 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                   NodeGateway(nodes=nodes, **deps))
 
 
+OUTAGE_WARN_S = 1.0
+
+
 def _outage_ended(seconds: float, sessions: SessionRegistry, metrics: Metrics) -> None:
     """Redis is back after an outage the calls saw: the sessions' result deadlines and the
-    dispatcher's leases count it out; every session looks at its deadlines again now."""
+    dispatcher's leases count it out; every session looks at its deadlines again now. Logged
+    at warning from one second on (a full Redis refusing writes between reads that go through
+    makes many short ones: those are at debug, and all are in the metric)."""
     metrics.redis_outage_seconds_total.inc(seconds)
-    event(log, "redis_outage_counted_out", logging.WARNING, seconds=round(seconds, 3), sessions=len(sessions))
+    level = logging.WARNING if seconds >= OUTAGE_WARN_S else logging.DEBUG
+    event(log, "redis_outage_counted_out", level, seconds=round(seconds, 3), sessions=len(sessions))
     for actor in sessions.actors():
         actor.wake_nowait()
 
