@@ -193,3 +193,24 @@ async def new_session_refused(daemon) -> tuple[tuple[str, int], int]:
             while not p.closed:
                 await trio.sleep(0.05)
         return (error.get("code"), p.closed.code), error.get("retry_after_ms", 0)
+
+
+async def test_an_instance_starts_while_redis_is_full(valkey, start_daemon, nursery, caplog):
+    """An instance (re)started during a full Redis (kill -9 and a restart by systemd, while
+    another fault lasts) comes up unready instead of exiting: what it could not write at
+    start (the relay's consumer group) is made once Redis takes writes again."""
+    server, url = valkey
+    caplog.set_level(logging.INFO)
+    admin = redis.Redis.from_url(url)
+    admin.config_set("maxmemory", 1)
+    try:
+        with trio.fail_after(10):
+            daemon = await start_daemon(redis_url=url)
+        await wait_for(lambda: is_unready(daemon), timeout=5)
+    finally:
+        admin.config_set("maxmemory", 256 * 2**20)
+    await wait_for(lambda: is_ready(daemon), timeout=10)
+    assert any(getattr(r, "event", None) == "relay_group_deferred" for r in caplog.records)
+    await start_node(nursery, daemon, node_id="n1", delay_ms=20, max_jobs=2)
+    streams = await stream_through(daemon, nursery, lambda: trio.sleep(0))
+    assert set(streams.statuses()) == {"SUCCESS"} and not streams.closed and not streams.errors, streams.statuses()

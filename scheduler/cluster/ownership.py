@@ -126,7 +126,10 @@ class Ownership:
         """Refresh the liveness every ``ttl_ms / 3`` and collect dead instances' records every
         ``COLLECT_EVERY_S``, until cancelled; then drop this instance's records."""
         try:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except RedisUnavailable as exc:  # (started during a Redis fault: refreshed on the next tick)
+                event(log, "owner_refresh_failed", logging.WARNING, error=str(exc))
             task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: every(COLLECT_EVERY_S, self.collect_dead, name="owner_collect", log=log))

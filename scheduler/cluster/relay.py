@@ -38,7 +38,6 @@ an unexpected reply): each is logged once per episode and the read retried after
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -95,10 +94,10 @@ class Relay:
             if "BUSYGROUP" not in str(exc):
                 raise
         except RedisUnavailable as exc:
-            if exc.reply != "replicas":
-                raise
-            # made on the primary, not yet on enough replicas: should a failover lose it, the
-            # reader makes it again (NOGROUP)
+            # not made (Redis full, loading, unreachable: an instance restarted during a Redis
+            # fault), or made on the primary but not yet on enough replicas: the reader makes
+            # it once Redis answers (NOGROUP), so the instance starts anyway
+            event(log, "relay_group_deferred", logging.WARNING, reply=exc.reply)
         self._nursery_cm = trio.open_nursery()
         nursery = self._nursery = await self._nursery_cm.__aenter__()
         subscribed = trio.Event()
@@ -185,10 +184,16 @@ class Relay:
                         continue
                     if self._stop.is_set():
                         break
-                    # Redis came back without its data: the stream and group are gone
-                    event(log, "relay_group_recreated", logging.WARNING, stream=stream)
-                    with contextlib.suppress(redis.exceptions.RedisError):
+                    # Redis came back without its data (the stream and group are gone), or the
+                    # group could not be made at start (Redis full): made now, or tried again
+                    # after a pause, logged once per episode
+                    try:
                         client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                        event(log, "relay_group_recreated", logging.WARNING, stream=stream)
+                        failing = False
+                    except redis.exceptions.RedisError as create_exc:
+                        if "BUSYGROUP" not in str(create_exc):
+                            failing = self._read_failed("relay_group_failed", failing, create_exc, stream=stream)
                 except Exception as exc:  # connection refused, a restart, a timeout: retry, never end the daemon
                     failing = self._read_failed("relay_read_failed", failing, exc, stream=stream)
         finally:
