@@ -12,8 +12,14 @@ fault from `--faults` strikes:
 - ``stall``: Valkey is frozen (SIGSTOP) for 30-60 % of the result deadline, then resumed
   (SIGCONT): every call sent meanwhile times out and runs when it resumes (ambiguous outcomes);
 - ``full``: Valkey's ``maxmemory`` is set below its use for 40-70 % of the result deadline
-  (``noeviction``: every write is refused ``OOM``), then lifted. (Episodes are kept shorter
-  than the deadline: a translation whose deadline passes during one ends SKIPPED.)
+  (``noeviction``: every write is refused ``OOM``), then lifted.
+
+Redis episodes (``redis``, ``stall``, ``full``) take turns: each starts once the one before
+has ended and Redis has served for :data:`REDIS_GAP_S` (one drawn while another runs waits;
+one that cannot start before the end is dropped). Back to back they would make one outage
+longer than any result deadline can hold: a translation waits at most twice its result
+deadline however long Redis stays out (docs/redis.md), so an outage longer than about one
+deadline ends the translations finalized just before it ``SKIPPED``, by design.
 
 With ``--workers N`` the instances are the workers of one ``scheduler serve --workers N``
 (one port, SO_REUSEPORT): ``kill`` and ``term`` strike a worker, and its supervisor must start
@@ -42,6 +48,7 @@ import argparse
 import base64
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -52,6 +59,8 @@ import tempfile
 import time
 import urllib.request
 import zlib
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -465,8 +474,30 @@ async def watch_instances(instances: list[Instance], report: Report) -> None:
                 inst.start()
 
 
+REDIS_GAP_S = 2.0
+"""Seconds of a serving Redis between two Redis episodes."""
+
+
+class RedisTurns:
+    """Redis episodes one at a time, each after :data:`REDIS_GAP_S` of a serving Redis (the
+    module docstring says why); none starts at or after ``stop_at``."""
+
+    def __init__(self, stop_at: float) -> None:
+        self.stop_at = stop_at
+        self._lock = trio.Lock()  # (fair: episodes start in the order they were drawn)
+
+    async def take(self, report: Report, kind: str, target: str, episode: Callable[[], Awaitable[None]]) -> None:
+        async with self._lock:
+            if trio.current_time() >= self.stop_at:
+                return
+            report.fault(kind, target)
+            await episode()
+            await trio.sleep(REDIS_GAP_S)
+
+
 async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey: EmbeddedValkey, report: Report,
-                 rng: random.Random, nursery: trio.Nursery, box: Box | None = None, deadline_s: float = 10.0) -> None:
+                 rng: random.Random, nursery: trio.Nursery, box: Box | None = None, deadline_s: float = 10.0,
+                 turns: RedisTurns | None = None) -> None:
     if kind == "node":
         connected = [n for n in nodes if n.scope is not None]
         if connected:
@@ -474,15 +505,14 @@ async def strike(kind: str, instances: list[Instance], nodes: list[Node], valkey
             report.fault("node", node.node_id)
             node.cut()
         return
-    if kind == "redis":
-        report.fault("redis", "restart-empty")
-        nursery.start_soon(_restart_redis, valkey, rng)  # in the faults' nursery: it finishes even past the end
+    turns = turns or RedisTurns(math.inf)
+    if kind == "redis":  # (in the faults' nursery: an episode under way finishes even past the end)
+        nursery.start_soon(turns.take, report, "redis", "restart-empty", partial(_restart_redis, valkey, rng))
         return
     if kind in ("stall", "full"):
-        # shorter than the result deadline: deadlines do not count a Redis episode out yet (docs/redis.md)
         seconds = deadline_s * (rng.uniform(0.3, 0.6) if kind == "stall" else rng.uniform(0.4, 0.7))
-        report.fault(kind, f"{seconds:.1f}s")
-        nursery.start_soon(_stall_redis if kind == "stall" else _fill_redis, valkey, seconds)
+        episode = partial(_stall_redis if kind == "stall" else _fill_redis, valkey, seconds)
+        nursery.start_soon(turns.take, report, kind, f"{seconds:.1f}s", episode)
         return
     if box is not None:
         await box.strike(kind, report, rng)  # its supervisor starts the worker again
@@ -548,12 +578,13 @@ async def _cycle(kind: str, inst: Instance, report: Report, rng: random.Random) 
 
 async def faults(args: argparse.Namespace, kinds: list[str], instances: list[Instance], nodes: list[Node],
                  valkey: EmbeddedValkey, report: Report, rng: random.Random, stop_at: float, box: Box | None) -> None:
+    turns = RedisTurns(stop_at)
     async with trio.open_nursery() as nursery:
         with trio.move_on_at(stop_at):
             while kinds:
                 await trio.sleep(args.fault_every * (0.7 + 0.6 * rng.random()))
                 await strike(rng.choice(kinds), instances, nodes, valkey, report, rng, nursery, box,
-                             deadline_s=args.result_deadline_ms / 1000)
+                             deadline_s=args.result_deadline_ms / 1000, turns=turns)
 
 
 # ---------------------------------------------------------------- the run
