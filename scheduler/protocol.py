@@ -56,6 +56,7 @@ SLOW_CONSUMER = "SLOW_CONSUMER"
 INIT_TIMEOUT = "INIT_TIMEOUT"
 INTERNAL = "INTERNAL"
 UNAVAILABLE = "UNAVAILABLE"
+SERVER_FULL = "SERVER_FULL"
 
 # WebSocket close codes (RFC 6455) used by the protocol.
 CLOSE_NORMAL = 1000
@@ -79,8 +80,9 @@ class ProtocolError(Exception):
 
 
 RETRY_AFTER_MS = (1000, 3000)
-"""``retry_after_ms`` of an ``UNAVAILABLE`` refusal is drawn from this range, so that the
-peers refused during one Redis episode do not all come back in the same millisecond."""
+"""``retry_after_ms`` of an ``UNAVAILABLE`` or ``SERVER_FULL`` refusal is drawn from this
+range, so that the peers refused during one episode do not all come back in the same
+millisecond."""
 
 
 def redis_unavailable(exc: BaseException) -> ProtocolError:

@@ -46,6 +46,7 @@ from scheduler.placement.nodes import NodeRegistry
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
+from scheduler.session.admission import AdmissionControl
 from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.server")
@@ -76,6 +77,7 @@ class Running:
     scheduling: SchedulingClient
     dispatcher: Dispatcher
     ownership: Ownership | None = None
+    admission: AdmissionControl | None = None
     draining: bool = False
     redis_ok: bool = True
     redis_problem: str | None = None  # why Redis is not ready (the health check), None while it is
@@ -98,6 +100,8 @@ class Running:
             return False, "draining"
         if not self.redis_ok:
             return False, f"redis {(self.redis_problem or 'unreachable').split(':')[0]}"
+        if self.admission is not None and self.admission.full():
+            return False, "full"
         return True, "ready"
 
 
@@ -208,8 +212,9 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                             locality_slack=settings.locality_slack, outage_hold=settings.result_deadline_ms / 1000)
     deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
                 sessions=sessions, metrics=metrics, ownership=ownership)
-    return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router, ClientGateway(**deps),
-                  NodeGateway(nodes=nodes, **deps))
+    admission = AdmissionControl(settings.max_sessions, metrics)
+    return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router,
+                  ClientGateway(admission=admission, **deps), NodeGateway(nodes=nodes, **deps))
 
 
 OUTAGE_WARN_S = 1.0
@@ -299,7 +304,7 @@ async def _serve(
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
                           scheduling=parts.scheduling,
-                          dispatcher=parts.dispatcher, ownership=parts.ownership)
+                          dispatcher=parts.dispatcher, ownership=parts.ownership, admission=parts.clients.lifecycle.admission)
         parts.ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running, nursery)
         notifier = Notifier()
@@ -387,8 +392,10 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         "instance_id": running.settings.instance_id,
         "ws_url": running.ws_url,
         "instances": instances,
-        "state": "draining" if running.draining else "ready" if running.redis_ok else "redis_unreachable",
+        "state": "draining" if running.draining else "redis_unreachable" if not running.redis_ok else
+                 "full" if running.admission is not None and running.admission.full() else "ready",
         "redis": {"ok": running.redis_ok, "latency_ms": round(running.metrics.redis_latency_seconds._value.get() * 1000, 3)},
+        "admission": _admission_status(running.admission),
         "sessions": [
             {"session_id": a.session_id, "src_lang": a.src_lang, "tgt_langs": list(a.tgt_langs),
              "utterances": a.next_index, "results_owed": a.results.outstanding, "backlog": len(a.backlog),
@@ -399,6 +406,14 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         "jobs": {"in_flight": len(dispatcher.placed), "waiting": dispatcher.waiting},
         "recent_results": list(reversed(running.sessions.recent_results)),
     }
+
+
+def _admission_status(admission: AdmissionControl | None) -> dict | None:
+    """Sessions held against ``max_sessions`` (0: no limit), the resume reserve, and whether
+    new sessions are refused now."""
+    if admission is None:
+        return None
+    return {"held": admission.held, "max_sessions": admission.limit, "reserve": admission.reserve, "full": admission.full()}
 
 
 async def _health_check(running: Running, nursery: trio.Nursery) -> None:

@@ -36,6 +36,7 @@ from scheduler.protocol import (
     parse_client,
 )
 from scheduler.session.actor import SessionActor, SlowClient
+from scheduler.session.admission import AdmissionControl
 from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 from scheduler.session.lifecycle import OpenSession, SessionLifecycle
 
@@ -48,9 +49,9 @@ class ClientGateway(wsutil.Gateway):
     side = "client"
     parse = staticmethod(parse_client)
 
-    def __init__(self, **deps: Any) -> None:
+    def __init__(self, *, admission: AdmissionControl, **deps: Any) -> None:
         super().__init__(**deps)
-        self.lifecycle = SessionLifecycle(**deps)
+        self.lifecycle = SessionLifecycle(admission=admission, **deps)
 
     async def handle(self, ws: WebSocketConnection, presented: str | None = None) -> None:
         """Serve one client connection; ``presented`` is the API key its handshake carried
@@ -60,12 +61,13 @@ class ClientGateway(wsutil.Gateway):
         admission = await self.first_message(ws, peer, lambda message: self.lifecycle.admit(message, presented))
         if admission is None:
             return
-        try:
-            opened = await self.lifecycle.open(admission)
-        except ProtocolError as err:  # (Redis unavailable)
-            await wsutil.send_error(ws, err)
-            return
-        await self.lifecycle.hold(opened, peer, lambda session: self._serve(ws, session, peer))
+        with admission.slot:  # this connection's place (session/admission.py), until it ends
+            try:
+                opened = await self.lifecycle.open(admission)
+            except ProtocolError as err:  # (Redis unavailable)
+                await wsutil.send_error(ws, err)
+                return
+            await self.lifecycle.hold(opened, peer, lambda session: self._serve(ws, session, peer))
 
     async def _serve(self, ws: WebSocketConnection, opened: OpenSession, peer: str) -> str:
         """``session_ready``, the results a resume sends again and what it is owed, then the

@@ -118,6 +118,10 @@ class Settings:
     result_deadline_ms: int = _opt(30000, "after finalize, wait this long for answers before SKIPPED", group="session")
     idle_timeout_ms: int = _opt(60000, "close a session with no client message for this long", group="session")
     max_pending_events: int = _opt(128, "unprocessed client events per session before backpressure", group="session")
+    max_sessions: int = _opt(
+        0, "sessions this instance holds at most (per worker under --workers); past it session_init gets SERVER_FULL "
+           "with retry_after_ms (close 1013) and /readyz is 503; the last twentieth (at least 1, unless the limit is 1) is kept for resumes. "
+           "0: no limit (docs/operations.md: sizing)", group="session")
     max_frame_bytes: int = _opt(1048576, "largest accepted WebSocket frame; larger ones get FRAME_TOO_LARGE", group="session")
     max_messages_per_s: int = _opt(
         500, "per connection (client or node): frames read per second at most; faster peers are read more slowly", group="session")

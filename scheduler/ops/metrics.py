@@ -41,16 +41,6 @@ class Metrics:
             p + "finalize_latency_seconds", "From the event that triggered a finalize to its jobs being queued for dispatch",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
         self.finalize_total = Counter(p + "finalize_total", "Utterances finalized, by reason", ["reason"], registry=r)
-        self.sessions_active = Gauge(p + "sessions_active", "Live client sessions on this instance", registry=r)
-        self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
-        self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
-                                              "Client sessions resumed here (session_init with session_id)", registry=r)
-        self.resume_refused_total = Counter(
-            p + "resume_refused_total", "Resumes refused UNKNOWN_SESSION, by why: unknown (no such session), denied (the "
-            "resume_token, or the API key, does not match), closed (it ended for good); the client gets one answer for all",
-            ["why"], registry=r)
-        self.sessions_taken_over_total = Counter(p + "sessions_taken_over_total",
-                                                 "Sessions held here that were resumed on another connection", registry=r)
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
         self.jobs_total = Counter(p + "jobs_total", "Jobs by final status", ["status"], registry=r)
         self.jobs_in_flight = Gauge(p + "jobs_in_flight", "Jobs placed on a node and not yet answered", registry=r)
@@ -67,7 +57,24 @@ class Metrics:
             "outcome_session_gone, outcome_stored)", ["kind"], registry=r)
         self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
+        self._sessions(r, p)
         self._redis(r, p)
+
+    def _sessions(self, r: CollectorRegistry, p: str) -> None:
+        """Client sessions: held, started, resumed, refused, taken over."""
+        self.sessions_active = Gauge(p + "sessions_active", "Live client sessions on this instance", registry=r)
+        self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
+        self.sessions_refused_total = Counter(
+            p + "sessions_refused_total", "session_init refused SERVER_FULL, by reason: full (a new session, past "
+            "max_sessions less the resume reserve), full_resume (a resume, past max_sessions)", ["reason"], registry=r)
+        self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
+                                              "Client sessions resumed here (session_init with session_id)", registry=r)
+        self.resume_refused_total = Counter(
+            p + "resume_refused_total", "Resumes refused UNKNOWN_SESSION, by why: unknown (no such session), denied (the "
+            "resume_token, or the API key, does not match), closed (it ended for good); the client gets one answer for all",
+            ["why"], registry=r)
+        self.sessions_taken_over_total = Counter(p + "sessions_taken_over_total",
+                                                 "Sessions held here that were resumed on another connection", registry=r)
 
     def _redis(self, r: CollectorRegistry, p: str) -> None:
         """What the daemon sees of Redis."""

@@ -8,8 +8,10 @@ connections over them. Each worker gets every setting of the supervisor through
 admin port on 127.0.0.1.
 
 - **One admin port for the box** (``admin_host:admin_port``): ``/healthz`` is 200 while every
-  worker process runs; ``/readyz`` is 200 only when every worker says ready; ``/status`` lists
-  every worker (pid, restarts, its own ``/status``); ``/metrics`` exposes every worker's
+  worker process runs; ``/readyz`` is 200 only when every worker says ready, or is only full
+  (``--max-sessions``) while another one has room (503 ``full`` when all are); ``/status``
+  lists every worker (pid, restarts, its own ``/status``) and the sessions held against the
+  workers' ``--max-sessions`` together; ``/metrics`` exposes every worker's
   series with a ``worker`` label (read with prometheus_client's parser and exposed again
   through a collector: no text is merged by hand).
 - **A worker that dies is started again** (after ``RESTART_DELAY_S``, logged
@@ -67,6 +69,7 @@ class Worker:
     process: trio.Process | None = None
     restarts: int = 0
     ready: bool = False
+    full: bool = False  # not ready only because it holds --max-sessions (its /readyz says "full")
     status: dict | None = None
     metrics_text: str = ""
     tls: bool = False  # its admin listener speaks https (--tls-cert): polled over TLS, on loopback
@@ -141,9 +144,11 @@ async def _poll(worker: Worker, token: str | None) -> None:
     """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
     while True:
         process = worker.process
-        code, _ = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz", worker.tls)
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/readyz", worker.tls)
         # a reply that left before the worker exited must not mark it ready again afterwards
-        worker.ready = code == 200 and worker.process is process and process is not None and process.returncode is None
+        running = worker.process is process and process is not None and process.returncode is None
+        worker.ready = code == 200 and running
+        worker.full = code == 503 and body.strip() == b"full" and running
         code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/status", worker.tls, token)
         worker.status = json.loads(body) if code == 200 else None
         code, body = await trio.to_thread.run_sync(_get, worker.admin_port, "/metrics", worker.tls, token)
@@ -158,7 +163,7 @@ async def _run_worker(worker: Worker, env: dict[str, str], stopping: trio.Event)
                                                           stdin=subprocess.DEVNULL)
         event(log, "worker_started", worker=worker.index, pid=worker.process.pid, instance_id=worker.instance_id)
         code = await worker.process.wait()
-        worker.ready = False
+        worker.ready = worker.full = False
         if stopping.is_set():
             event(log, "worker_stopped", worker=worker.index, exit_code=code)
             return
@@ -230,10 +235,19 @@ def _health(workers: list[Worker]) -> tuple[bool, str]:
 def _readiness(workers: list[Worker], stopping: trio.Event) -> tuple[bool, str]:
     if stopping.is_set():
         return False, "draining"
-    waiting = [str(w.index) for w in workers if not w.ready]
-    return (not waiting), ("ready" if not waiting else "workers not ready: " + ",".join(waiting))
+    waiting = [str(w.index) for w in workers if not w.ready and not w.full]
+    if waiting:
+        return False, "workers not ready: " + ",".join(waiting)
+    if not any(w.ready for w in workers):  # every worker holds its --max-sessions
+        return False, "full"
+    return True, "ready"
 
 
 async def _status(workers: list[Worker]) -> dict:
+    """Every worker, and the box's sessions against its workers' --max-sessions together."""
+    admissions = [(w.status or {}).get("admission") or {} for w in workers]
     return {"workers": [{"worker": w.index, "instance_id": w.instance_id, "pid": w.process.pid if w.process else None,
-                         "restarts": w.restarts, "ready": w.ready, "status": w.status} for w in workers]}
+                         "restarts": w.restarts, "ready": w.ready, "status": w.status} for w in workers],
+            "admission": {"held": sum(a.get("held", 0) for a in admissions),
+                          "max_sessions": sum(a.get("max_sessions", 0) for a in admissions),
+                          "full": all(w.full for w in workers)}}

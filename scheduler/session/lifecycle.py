@@ -4,9 +4,10 @@ The client gateway (edge/client_gateway.py) is transport: frames in, frames out.
 a connection a session is here, in the order it happens:
 
 1. :meth:`SessionLifecycle.admit`: the first frame must be a valid ``session_init`` (with an
-   API key when keys are configured) for language pairs some pool serves, or the resume of a
-   session Redis still holds, by the holder of its resume token (and of the key that opened
-   it). Refusals are :class:`~scheduler.protocol.ProtocolError`s the gateway sends.
+   API key when keys are configured), admitted by admission control (``SERVER_FULL`` past
+   ``max_sessions``: session/admission.py), for language pairs some pool serves, or the
+   resume of a session Redis still holds, by the holder of its resume token (and of the key
+   that opened it). Refusals are :class:`~scheduler.protocol.ProtocolError`s the gateway sends.
 2. :meth:`SessionLifecycle.open`: the journal (a new session's, when results are kept for a
    resume) and the owner claim; the :class:`SessionActor` and its journal writer; a resumed
    session's previous owner is told it was taken over.
@@ -14,7 +15,8 @@ a connection a session is here, in the order it happens:
    same session here takes it over), counted and logged while the gateway serves it; a
    resumed session first gets back what it is owed (:meth:`recover_owed`). When it ends,
    however it ends, it leaves the registry and its owner record is released (unless another
-   connection took it over).
+   connection took it over). Its admission slot is given back then (the gateway holds it
+   from admission on, so that a session that fails to open gives it back too).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from scheduler.protocol import (
     redis_unavailable,
 )
 from scheduler.session.actor import SessionActor
+from scheduler.session.admission import AdmissionControl, Slot
 from scheduler.session.core import PendingUtterance
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ class Admission:
     resumed: journal.Resumed | None
     token: str = attrs.field(repr=False)
     auth: str = attrs.field(repr=False)
+    slot: Slot = attrs.field(factory=lambda: Slot(None), repr=False)  # its place (admission.py): released when it ends
 
 
 @attrs.frozen
@@ -92,8 +96,10 @@ class OpenSession:
 
 class SessionLifecycle:
     def __init__(self, *, settings: Settings, redis: RedisAdapter, scheduling: SchedulingClient, dispatcher: Dispatcher,
-                 router: Router, sessions: SessionRegistry, metrics: Metrics, ownership: Ownership) -> None:
+                 router: Router, sessions: SessionRegistry, metrics: Metrics, ownership: Ownership,
+                 admission: AdmissionControl) -> None:
         self.settings = settings
+        self.admission = admission
         self._redis = redis
         self._scheduling = scheduling
         self._dispatcher = dispatcher
@@ -113,6 +119,14 @@ class SessionLifecycle:
         if not isinstance(msg, SessionInit):
             raise ProtocolError(BAD_MESSAGE, f"expected session_init first, got {msg.TYPE}")
         key = self._api_key(msg, presented_key)
+        slot = self.admission.take(resume=msg.session_id is not None)  # (before any Redis work: a refusal leaves nothing)
+        try:
+            return await self._admitted(msg, key, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    async def _admitted(self, msg: SessionInit, key: str | None, slot: Slot) -> Admission:
         if msg.session_id is not None:
             token = msg.resume_token or ""
             try:
@@ -122,10 +136,10 @@ class SessionLifecycle:
                 raise
             except RedisUnavailable as exc:
                 raise redis_unavailable(exc) from None
-            return Admission(msg, resumed, token, "")
+            return Admission(msg, resumed, token, "", slot)
         await self._check_pairs(msg)
         token = journal.new_resume_token()
-        return Admission(msg, None, token, journal.resume_digest(token, key))
+        return Admission(msg, None, token, journal.resume_digest(token, key), slot)
 
     def _api_key(self, msg: SessionInit, presented: str | None) -> str | None:
         """The API key the client presented, once checked (None: the daemon requires none)."""

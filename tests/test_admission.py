@@ -1,0 +1,114 @@
+"""Admission control (session/admission.py): past ``--max-sessions`` a new session gets
+``SERVER_FULL`` with ``retry_after_ms`` and close 1013, ``/readyz`` is 503, a resume is still
+admitted into the reserve, and a refused session leaves nothing behind. Real daemon, real
+Valkey, real sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from scheduler.ops.supervisor import Worker, _readiness, _status
+from scheduler.placement import keys
+from scheduler.session.admission import reserve_for
+
+from .helpers import peer, session, speak, start_node
+from .test_gateways import http_get
+from .test_redis_restart import readyz, readyz_is, wait_for
+
+
+async def _init(running, **extra) -> tuple[dict, int | None]:
+    """A session_init: the daemon's first answer and the close code after it (if any); the
+    socket is closed at once when the answer is session_ready (the session ends, resumable)."""
+    async with peer(running.ws_url + "/v1/session") as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], **extra)
+        answer = await p.recv()
+        code = None
+        if answer["type"] == "error":
+            with pytest.raises(ConnectionClosed) as closed:
+                await p.recv()
+            code = closed.value.reason.code
+        return answer, code
+
+
+def _refused(running, reason: str) -> float:
+    return running.metrics.sessions_refused_total.labels(reason)._value.get()
+
+
+def _owner_keys(redis_client) -> int:
+    return sum(1 for _ in redis_client.scan_iter(keys.session_owner("*")))
+
+
+def test_the_reserve_is_a_twentieth_at_least_one_below_the_limit():
+    assert [reserve_for(n) for n in (0, 1, 2, 3, 20, 40, 100, 1000)] == [0, 0, 1, 1, 1, 2, 5, 50]
+
+
+async def test_past_max_sessions_new_sessions_are_refused_and_resumes_admitted(start_daemon, nursery, redis_client):
+    running = await start_daemon(max_sessions=3)  # reserve 1: two new sessions, a third place for a resume
+    await start_node(nursery, running, node_id="n1", max_jobs=2)
+    assert await readyz(running) == 200
+    async with session(running) as a, session(running) as b:
+        owners = _owner_keys(redis_client)
+        await wait_for(lambda: readyz_is(running, 503), timeout=5)  # full for new sessions
+        answer, code = await _init(running)
+        assert answer["type"] == "error" and answer["code"] == "SERVER_FULL" and answer["fatal"] is True, answer
+        assert isinstance(answer["retry_after_ms"], int) and 1000 <= answer["retry_after_ms"] <= 3000, answer
+        assert code == 1013
+        assert _refused(running, "full") == 1 and _owner_keys(redis_client) == owners  # it left nothing behind
+        code, body = await trio.to_thread.run_sync(http_get, running.admin_port, "/readyz")
+        assert code == 503 and "full" in body, body
+        status = json.loads((await trio.to_thread.run_sync(http_get, running.admin_port, "/status"))[1])
+        assert status["state"] == "full" and status["admission"] == {"held": 2, "max_sessions": 3, "reserve": 1,
+                                                                     "full": True}, status
+        sid, token = b.ready["session_id"], b.ready["resume_token"]
+        await speak(a)
+        await a.send(type="finalize")
+        await a.recv_until("result")  # the admitted sessions are served as before
+    # both ended (disconnected, resumable): room again
+    await wait_for(lambda: readyz_is(running, 200), timeout=5)
+    async with session(running), session(running):
+        answer, code = await _init(running)  # a third new one: refused
+        assert answer["code"] == "SERVER_FULL" and code == 1013
+        async with peer(running.ws_url + "/v1/session") as resumed:  # the resume takes the reserved place
+            await resumed.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_token=token,
+                               resume_from=0)
+            ready = await resumed.recv()
+            assert ready["type"] == "session_ready" and ready["resumed"] is True, ready
+            epoch = redis_client.hget(keys.session(sid), "epoch")
+            answer, code = await _init(running, session_id=sid, resume_token=token, resume_from=0)  # none left
+            assert answer["code"] == "SERVER_FULL" and code == 1013
+            assert redis_client.hget(keys.session(sid), "epoch") == epoch  # refused before it took anything over
+    assert _refused(running, "full") == 2 and _refused(running, "full_resume") == 1
+    await wait_for(lambda: readyz_is(running, 200), timeout=5)
+    metrics = running.metrics.render().decode()
+    assert 'scheduler_sessions_refused_total{reason="full"} 2.0' in metrics
+
+    async def all_released() -> bool:
+        return running.admission.held == 0
+
+    await wait_for(all_released, timeout=5)
+
+
+async def test_without_a_limit_nothing_is_refused(daemon, nursery):
+    await start_node(nursery, daemon, node_id="n1")
+    async with session(daemon), session(daemon), session(daemon):
+        assert await readyz(daemon) == 200 and daemon.admission.held == 3 and not daemon.admission.full()
+    assert daemon.metrics.sessions_refused_total.labels("full")._value.get() == 0
+
+
+async def test_a_box_of_workers_is_full_only_when_every_worker_is():
+    """The supervisor's /readyz and /status under --workers (ops/supervisor.py)."""
+    stopping = trio.Event()
+    a, b = Worker(0, "w0", 1), Worker(1, "w1", 2)
+    a.status = {"admission": {"held": 3, "max_sessions": 3, "reserve": 1, "full": True}}
+    b.status = {"admission": {"held": 1, "max_sessions": 3, "reserve": 1, "full": False}}
+    a.full, b.ready = True, True
+    assert _readiness([a, b], stopping) == (True, "ready")  # one has room: the box takes sessions
+    assert (await _status([a, b]))["admission"] == {"held": 4, "max_sessions": 6, "full": False}
+    b.ready, b.full = False, True
+    assert _readiness([a, b], stopping) == (False, "full")
+    b.full = False  # not ready for another reason (starting, Redis): that wins
+    assert _readiness([a, b], stopping) == (False, "workers not ready: 1")
