@@ -11,9 +11,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from scheduler.client import connect
 from scheduler.ops.supervisor import Worker, _readiness, _status
 from scheduler.placement import keys
 from scheduler.session.admission import reserve_for
+from scheduler.session.audio import silence, tone
 
 from .helpers import peer, session, speak, start_node
 from .test_gateways import http_get
@@ -112,3 +114,28 @@ async def test_a_box_of_workers_is_full_only_when_every_worker_is():
     assert _readiness([a, b], stopping) == (False, "full")
     b.full = False  # not ready for another reason (starting, Redis): that wins
     assert _readiness([a, b], stopping) == (False, "workers not ready: 1")
+
+
+async def test_the_client_library_waits_retry_after_ms_and_gets_in(start_daemon, nursery):
+    """A full instance: scheduler.client (and the reference client built on it) waits the
+    refusal's retry_after_ms, tries again, and is admitted once a session ended."""
+    running = await start_daemon(max_sessions=2)  # one new session at a time (reserve 1)
+    await start_node(nursery, running, node_id="n1", max_jobs=2)
+    done = trio.Event()
+
+    async def hold_then_leave():
+        async with session(running):
+            await trio.sleep(0.5)
+        done.set()
+
+    nursery.start_soon(hold_then_leave)
+    await wait_for(lambda: readyz_is(running, 503), timeout=5)
+    started = trio.current_time()
+    async with connect(running.ws_url, src_lang="zh", tgt_langs=["en"], reconnects=5, backoff_s=0.05) as client:
+        waited = trio.current_time() - started
+        await client.send_audio(tone(300) + silence(700))
+        await client.finalize()
+        await client.close()
+        results = [r async for r in client.results()]
+    assert done.is_set() and 0.8 <= waited <= 8, waited  # at least one retry_after_ms (1-3 s, less its jitter)
+    assert [r.status for r in results] == ["SUCCESS"] and _refused(running, "full") >= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import random
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -40,6 +41,17 @@ class SessionFailed(ConnectionError):
     def __init__(self, message: str, error: Error | None = None) -> None:
         super().__init__(message)
         self.error = error
+
+
+class _TryAgain(Exception):
+    """The daemon refused for now (``SERVER_FULL``, ``UNAVAILABLE``) and said when to try again."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.retry_after_s = (error.retry_after_ms or 0) / 1000
+
+
+TRY_AGAIN_CODES = ("SERVER_FULL", "UNAVAILABLE")
 
 
 @attrs.define
@@ -145,7 +157,10 @@ class Session:
     async def _run(self) -> None:
         """Connect, and connect again (the next URL, round robin, after a backoff doubling from
         ``backoff_s``) whenever the connection breaks or the daemon closes the session for a
-        shutdown, until ``session_closed``, a refusal, or ``reconnects`` failures in a row."""
+        shutdown, until ``session_closed``, a refusal, or ``reconnects`` failures in a row. A
+        daemon that is full or cannot reach Redis (``SERVER_FULL``, ``UNAVAILABLE``) says when
+        to try again: the next URL is tried after its ``retry_after_ms`` (with jitter: 0.8-1.2
+        times it, so refused clients do not all come back at once), as one more failure."""
         async with self._send:
             tries = failures = 0
             while True:
@@ -159,13 +174,15 @@ class Session:
                 except SessionFailed as exc:
                     self._fail(exc)
                     return
+                except _TryAgain as exc:
+                    why, wait = str(exc), exc.retry_after_s * random.uniform(0.8, 1.2)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                    why = f"{type(exc).__name__}: {exc}"
+                    why, wait = f"{type(exc).__name__}: {exc}", None
                 failures = 1 if self._ready_seen else failures + 1
                 if failures > self._reconnects:
                     self._fail(SessionFailed(f"no daemon took the session after {failures} attempts ({why})"))
                     return
-                await trio.sleep(self._backoff_s * 2 ** min(failures - 1, 4))
+                await trio.sleep(self._backoff_s * 2 ** min(failures - 1, 4) if wait is None else wait)
 
     def _fail(self, exc: SessionFailed) -> None:
         self._failed = exc
@@ -180,6 +197,8 @@ class Session:
             await ws.send_message(encode(init))
             ready = parse_from_daemon(await ws.get_message(), "client")
             if isinstance(ready, Error):
+                if ready.code in TRY_AGAIN_CODES and ready.retry_after_ms is not None:
+                    raise _TryAgain(ready)
                 raise SessionFailed(f"{ready.code}: {ready.message}", ready)
             assert isinstance(ready, SessionReady)
             if self.session_id is not None:

@@ -32,6 +32,8 @@ export function bearerSubprotocol(key) {
   return "bearer." + btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
+const TRY_AGAIN_CODES = ["SERVER_FULL", "UNAVAILABLE"];
+
 export class SchedulerClient extends EventTarget {
   constructor({ urls, srcLang, tgtLangs, apiKey = null, sampleRate = 16000, maxReconnects = 8, keepMs = 30000 }) {
     super();
@@ -54,6 +56,7 @@ export class SchedulerClient extends EventTarget {
     this._finalizedAt = new Map(); // utterance index -> performance.now() of utterance_finalized
     this._finishing = false;
     this._ready = null;
+    this._retryAfterMs = null; // from a SERVER_FULL / UNAVAILABLE refusal: when to try again
   }
 
   /** Connect and open the session; resolves with session_ready's detail, rejects on refusal. */
@@ -180,6 +183,11 @@ export class SchedulerClient extends EventTarget {
         break;
       case "error":
         this._emit("error", { error: msg });
+        if (msg.fatal && TRY_AGAIN_CODES.includes(msg.code) && Number.isInteger(msg.retry_after_ms)) {
+          // full, or no Redis now: the close that follows brings _lost, which waits this long
+          this._retryAfterMs = msg.retry_after_ms;
+          break;
+        }
         if (msg.fatal && this._ready) {
           this._ready.reject(new Error(`${msg.code}: ${msg.message}`));
           this._ready = null;
@@ -209,7 +217,12 @@ export class SchedulerClient extends EventTarget {
       if (this._ready) this._ready.reject(error);
       return;
     }
-    const delayMs = Math.min(250 * 2 ** this._attempt, 5000);
+    // the daemon said when to try again (SERVER_FULL, UNAVAILABLE): that long, with jitter so that
+    // refused clients do not all come back at once; else a backoff doubling from 250 ms
+    const retryAfterMs = this._retryAfterMs;
+    this._retryAfterMs = null;
+    const delayMs = retryAfterMs !== null ? Math.round(retryAfterMs * (0.8 + 0.4 * Math.random()))
+      : Math.min(250 * 2 ** this._attempt, 5000);
     this._attempt += 1;
     this._urlIndex += 1;
     this.state = "connecting";
