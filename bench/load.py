@@ -302,6 +302,18 @@ def redis_counters(client: redis.Redis) -> dict[str, int]:
             "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0))}
 
 
+def loop_lag_ms(admin_port: int) -> float | None:
+    """The daemon's smoothed event-loop lag (``scheduler_event_loop_lag_seconds``), in ms."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("scheduler_event_loop_lag_seconds "):
+                    return round(float(line.split()[1]) * 1000, 1)
+    except OSError:
+        pass
+    return None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"args": vars(args), "host": {"cpus": os.cpu_count()}}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -320,7 +332,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         daemon, url, admin_port = start_daemon(args, redis_url)
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         try:
-            out.update(await drive(args, url, daemon.pid, valkey.pid, r))
+            out.update(await drive(args, url, daemon.pid, valkey.pid, r, admin_port))
             if "baselines" in out:
                 # frames the daemon handles per second of its CPU (all its work: audio, jobs,
                 # results) against frames a bare trio-websocket echo server turns around per
@@ -340,7 +352,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid: int, r: redis.Redis) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid: int, r: redis.Redis,
+                admin_port: int) -> dict[str, Any]:
     rec = Record()
     rng = random.Random(args.seed)
     timeline: list[dict[str, float]] = []
@@ -352,13 +365,15 @@ async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid:
                                     args.failure_rate, rec, random.Random(rng.random()))
         await trio.sleep(1.0)
         async with trio.open_nursery() as nursery:
-            await _sessions(args, url, daemon_pid, valkey_pid, r, rec, rng, nursery, result, timeline)
+            await _sessions(args, url, (daemon_pid, admin_port), valkey_pid, r, rec, rng, nursery, result, timeline)
         node_nursery.cancel_scope.cancel()  # every client is done: stop the nodes
     return _report(args, rec, result, timeline)
 
 
-async def _sessions(args, url, daemon_pid, valkey_pid, r, rec, rng, nursery, result, timeline) -> None:
-    """Open the sessions (idle phase), stream (active phase); the clients drain in ``nursery``."""
+async def _sessions(args, url, daemon, valkey_pid, r, rec, rng, nursery, result, timeline) -> None:
+    """Open the sessions (idle phase), stream (active phase); the clients drain in ``nursery``.
+    ``daemon`` is its (pid, admin port): the timeline samples its CPU, RSS and event-loop lag."""
+    daemon_pid, admin_port = daemon
     audio = Audio(args.chunk_ms)
     start_active = trio.Event()
     stop_at = [float("inf")]
@@ -404,7 +419,8 @@ async def _sessions(args, url, daemon_pid, valkey_pid, r, rec, rng, nursery, res
         await trio.sleep(1.0)
         cpu, rss = proc_stats(daemon_pid)
         timeline.append({"t": round(time.perf_counter() - t0, 2), "daemon_cpu_pct": round((cpu - last_cpu) * 100, 1),
-                         "daemon_rss_mib": round(rss / 2**20, 1), "results": len(rec.result_times)})
+                         "daemon_rss_mib": round(rss / 2**20, 1), "results": len(rec.result_times),
+                         "loop_lag_ms": await trio.to_thread.run_sync(loop_lag_ms, admin_port)})
         last_cpu = cpu
     cpu1, rss_active = proc_stats(daemon_pid)
     vcpu1, _ = proc_stats(valkey_pid)
@@ -469,6 +485,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
         "harness_send_lag_ms": {"p50": ms(pct(rec.send_lag, 50)), "p99": ms(pct(rec.send_lag, 99))},
+        "daemon_loop_lag_ms": _lag_summary(timeline),
         "node_jobs": rec.node_jobs,
         "node_failed": rec.node_failed,
         "busy": rec.busy,
@@ -477,6 +494,14 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
     result["timeline"] = timeline
     result["_samples"] = {"dispatch": dispatch, "overhead": overhead, "e2e_minus_service": e2e_minus_service}
     return result
+
+
+def _lag_summary(timeline: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The daemon's smoothed event-loop lag over the active phase (one sample a second)."""
+    lags = sorted(x["loop_lag_ms"] for x in timeline if x.get("loop_lag_ms") is not None)
+    if not lags:
+        return {"p50": None, "max": None}
+    return {"p50": lags[len(lags) // 2], "max": lags[-1]}
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

@@ -46,7 +46,7 @@ from scheduler.placement.nodes import NodeRegistry
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
-from scheduler.session.admission import AdmissionControl
+from scheduler.session.admission import AdmissionControl, watch_loop_lag
 from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.server")
@@ -100,8 +100,9 @@ class Running:
             return False, "draining"
         if not self.redis_ok:
             return False, f"redis {(self.redis_problem or 'unreachable').split(':')[0]}"
-        if self.admission is not None and self.admission.full():
-            return False, "full"
+        refusing = self.admission.refusing() if self.admission is not None else None
+        if refusing:
+            return False, refusing
         return True, "ready"
 
 
@@ -212,7 +213,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                             locality_slack=settings.locality_slack, outage_hold=settings.result_deadline_ms / 1000)
     deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
                 sessions=sessions, metrics=metrics, ownership=ownership)
-    admission = AdmissionControl(settings.max_sessions, metrics)
+    admission = AdmissionControl(settings.max_sessions, metrics, lag_limit_s=settings.overload_lag_ms / 1000)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router,
                   ClientGateway(admission=admission, **deps), NodeGateway(nodes=nodes, **deps))
 
@@ -307,6 +308,7 @@ async def _serve(
                           dispatcher=parts.dispatcher, ownership=parts.ownership, admission=parts.clients.lifecycle.admission)
         parts.ownership.ws_url = running.ws_url
         nursery.start_soon(_health_check, running, nursery)
+        nursery.start_soon(watch_loop_lag, parts.clients.lifecycle.admission.lag)  # the overload guard's measure (session/admission.py)
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
         if handle_signals:
@@ -393,7 +395,7 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         "ws_url": running.ws_url,
         "instances": instances,
         "state": "draining" if running.draining else "redis_unreachable" if not running.redis_ok else
-                 "full" if running.admission is not None and running.admission.full() else "ready",
+                 (running.admission.refusing() if running.admission is not None else None) or "ready",
         "redis": {"ok": running.redis_ok, "latency_ms": round(running.metrics.redis_latency_seconds._value.get() * 1000, 3)},
         "admission": _admission_status(running.admission),
         "sessions": [
@@ -413,7 +415,9 @@ def _admission_status(admission: AdmissionControl | None) -> dict | None:
     new sessions are refused now."""
     if admission is None:
         return None
-    return {"held": admission.held, "max_sessions": admission.limit, "reserve": admission.reserve, "full": admission.full()}
+    return {"held": admission.held, "max_sessions": admission.limit, "reserve": admission.reserve, "full": admission.full(),
+            "overloaded": admission.overloaded, "loop_lag_ms": round(admission.lag_s * 1000, 1),
+            "overload_lag_ms": round(admission.lag_limit_s * 1000)}
 
 
 async def _health_check(running: Running, nursery: trio.Nursery) -> None:

@@ -6,6 +6,8 @@ Valkey, real sockets."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pytest
 import trio
@@ -63,8 +65,9 @@ async def test_past_max_sessions_new_sessions_are_refused_and_resumes_admitted(s
         code, body = await trio.to_thread.run_sync(http_get, running.admin_port, "/readyz")
         assert code == 503 and "full" in body, body
         status = json.loads((await trio.to_thread.run_sync(http_get, running.admin_port, "/status"))[1])
-        assert status["state"] == "full" and status["admission"] == {"held": 2, "max_sessions": 3, "reserve": 1,
-                                                                     "full": True}, status
+        assert status["state"] == "full" and status["admission"]["held"] == 2 and status["admission"]["full"], status
+        assert {k: status["admission"][k] for k in ("max_sessions", "reserve", "overloaded")} == \
+            {"max_sessions": 3, "reserve": 1, "overloaded": False}, status
         sid, token = b.ready["session_id"], b.ready["resume_token"]
         await speak(a)
         await a.send(type="finalize")
@@ -139,3 +142,37 @@ async def test_the_client_library_waits_retry_after_ms_and_gets_in(start_daemon,
         results = [r async for r in client.results()]
     assert done.is_set() and 0.8 <= waited <= 8, waited  # at least one retry_after_ms (1-3 s, less its jitter)
     assert [r.status for r in results] == ["SUCCESS"] and _refused(running, "full") >= 1
+
+
+async def test_the_overload_guard_refuses_new_sessions_while_the_loop_lags(start_daemon, nursery, caplog):
+    """The daemon's event loop is kept busy (the test blocks it: the daemon runs in this
+    process): past --overload-lag-ms new sessions get SERVER_FULL and /readyz is 503
+    "overloaded", an admitted session is still served, and once the loop is free again the
+    guard releases and new sessions are admitted."""
+    caplog.set_level(logging.INFO)
+    running = await start_daemon(overload_lag_ms=100)
+    await start_node(nursery, running, node_id="n1", max_jobs=2)
+    busy = trio.Event()
+
+    async def hog():  # the loop runs nothing else for 250 ms at a time
+        while not busy.is_set():
+            time.sleep(0.25)
+            await trio.sleep(0.01)
+
+    async with session(running) as admitted:
+        nursery.start_soon(hog)
+        await wait_for(lambda: trio.to_thread.run_sync(lambda: running.admission.overloaded), timeout=10)
+        answer, code = await _init(running)
+        assert answer["code"] == "SERVER_FULL" and "overloaded" in answer["message"] and code == 1013, answer
+        assert running.readiness() == (False, "overloaded") and _refused(running, "overload") >= 1
+        busy.set()
+        await speak(admitted)
+        await admitted.send(type="finalize")
+        result, _ = await admitted.recv_until("result")
+        assert result["translations"]["en"]["status"] == "SUCCESS", result
+    await wait_for(lambda: readyz_is(running, 200), timeout=10)
+    async with session(running):
+        pass
+    names = [getattr(r, "event", None) for r in caplog.records]
+    assert "overload_guard_engaged" in names and "overload_guard_released" in names
+    assert running.metrics.event_loop_lag_seconds._value.get() < 0.05

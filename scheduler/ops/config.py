@@ -27,6 +27,7 @@ from scheduler.ops import redis_url, secrets
 
 ENV_PREFIX = "SCHEDULER_"
 DEFAULT_CONFIG_FILE = "/etc/scheduler/scheduler.toml"
+OVERLOAD_LAG_MS = 200  # the overload guard's default (docs/performance.md, "Overload")
 
 
 def _opt(default: Any, help: str, *, group: str = "daemon") -> Any:
@@ -122,6 +123,10 @@ class Settings:
         0, "sessions this instance holds at most (per worker under --workers); past it session_init gets SERVER_FULL "
            "with retry_after_ms (close 1013) and /readyz is 503; the last twentieth (at least 1, unless the limit is 1) is kept for resumes. "
            "0: no limit (docs/operations.md: sizing)", group="session")
+    overload_lag_ms: int = _opt(
+        OVERLOAD_LAG_MS, "overload guard: refuse new sessions (SERVER_FULL, /readyz 503) while the event loop runs this "
+                         "late, smoothed over about a second; admitted sessions keep their service; released below half "
+                         "of it. 0: off", group="session")
     max_frame_bytes: int = _opt(1048576, "largest accepted WebSocket frame; larger ones get FRAME_TOO_LARGE", group="session")
     max_messages_per_s: int = _opt(
         500, "per connection (client or node): frames read per second at most; faster peers are read more slowly", group="session")
@@ -211,8 +216,9 @@ def validate(s: Settings) -> list[str]:
     for name in ("ws_port", "admin_port"):
         if not 0 <= getattr(s, name) <= 65535:
             errors.append(f"{name} must be a port number 0-65535 (got {getattr(s, name)})")
-    if s.resume_keep_results < 0:
-        errors.append(f"resume_keep_results must be >= 0 (got {s.resume_keep_results})")
+    for name in ("resume_keep_results", "max_sessions", "overload_lag_ms"):
+        if getattr(s, name) < 0:
+            errors.append(f"{name} must be >= 0 (got {getattr(s, name)})")
     if s.redis_wait_replicas < 0:
         errors.append(f"redis_wait_replicas must be >= 0 (got {s.redis_wait_replicas})")
     elif s.redis_wait_replicas and not s.redis_url:

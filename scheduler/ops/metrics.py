@@ -66,7 +66,11 @@ class Metrics:
         self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
         self.sessions_refused_total = Counter(
             p + "sessions_refused_total", "session_init refused SERVER_FULL, by reason: full (a new session, past "
-            "max_sessions less the resume reserve), full_resume (a resume, past max_sessions)", ["reason"], registry=r)
+            "max_sessions less the resume reserve), full_resume (a resume, past max_sessions), overload (a new session "
+            "while the event loop lags past overload_lag_ms)", ["reason"], registry=r)
+        self.event_loop_lag_seconds = Gauge(
+            p + "event_loop_lag_seconds", "How late a periodic task wakes, smoothed over about a second: the time the "
+            "event loop is too busy to run a ready task (the overload guard's measure)", registry=r)
         self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
                                               "Client sessions resumed here (session_init with session_id)", registry=r)
         self.resume_refused_total = Counter(

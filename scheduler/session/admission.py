@@ -10,6 +10,13 @@ A resume of a session (held here or by a sibling before) is admitted before new 
 the last :func:`reserve_for` places are kept for resumes, so an instance that took over the
 sessions of a dead sibling is not filled by new ones first.
 
+Besides the fixed limit, an **overload guard**: the instance measures its own event-loop lag
+(how late a periodic Trio task wakes: :func:`watch_loop_lag`), smoothed over about a second
+(:data:`LAG_SMOOTHING`). While the smoothed lag is above ``--overload-lag-ms`` new sessions
+are refused the same way (``SERVER_FULL``, reason ``overload``) and ``/readyz`` is 503
+``overloaded``; the guard releases once it is below half of it. Admitted sessions keep
+their service, and resumes are admitted (their sessions exist already).
+
 A :class:`Slot` is taken when the ``session_init`` is admitted (before any Redis work, so a
 refused session leaves nothing behind) and released when the session ends, however it
 ends; :meth:`Slot.release` is idempotent and a slot is a context manager. No await happens
@@ -20,12 +27,30 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
+
+import trio
 
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import CLOSE_TRY_AGAIN_LATER, RETRY_AFTER_MS, SERVER_FULL, ProtocolError
 
 log = logging.getLogger("scheduler.admission")
+
+
+LAG_SMOOTHING = 0.2
+"""Weight of each lag sample (one every :data:`LAG_EVERY_S`) in the smoothed lag: about a
+second of samples counts."""
+LAG_EVERY_S = 0.1
+
+
+async def watch_loop_lag(on_lag: Callable[[float], None], every_s: float = LAG_EVERY_S) -> None:
+    """Sleep ``every_s`` again and again, until cancelled; tell ``on_lag`` how late each wake
+    was: the time the event loop was too busy to run a ready task."""
+    while True:
+        start = trio.current_time()
+        await trio.sleep(every_s)
+        on_lag(max(0.0, trio.current_time() - start - every_s))
 
 
 def reserve_for(limit: int) -> int:
@@ -53,26 +78,54 @@ class Slot:
 
 
 class AdmissionControl:
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: Metrics, *, lag_limit_s: float = 0.0) -> None:
         self.limit = limit  # 0: no limit
         self.reserve = reserve_for(limit)
         self.held = 0  # slots taken: sessions admitted and not ended
+        self.lag_limit_s = lag_limit_s  # the overload guard's threshold (0: off)
+        self.lag_s = 0.0  # the event loop's smoothed lag
+        self.overloaded = False  # the overload guard refuses new sessions
         self._metrics = metrics
         self._was_full = False
 
     def full(self) -> bool:
-        """Whether a new session would be refused now (a resume may still be admitted)."""
+        """Whether a new session would be refused now for want of a place (a resume may still
+        be admitted)."""
         return self.limit > 0 and self.held >= self.limit - self.reserve
 
+    def refusing(self) -> str | None:
+        """Why new sessions are refused now (``full``, ``overloaded``), or None."""
+        return "full" if self.full() else "overloaded" if self.overloaded else None
+
     def take(self, *, resume: bool) -> Slot:
-        """A place for a session, or ProtocolError ``SERVER_FULL`` (counted, by kind)."""
+        """A place for a session, or ProtocolError ``SERVER_FULL`` (counted, by reason)."""
         if self.limit > 0 and self.held >= (self.limit if resume else self.limit - self.reserve):
-            self._metrics.sessions_refused_total.labels("full_resume" if resume else "full").inc()
-            raise ProtocolError(SERVER_FULL, f"this instance holds its maximum of {self.limit} sessions, try again later",
-                                fatal=True, close_code=CLOSE_TRY_AGAIN_LATER, retry_after_ms=random.randint(*RETRY_AFTER_MS))
+            self._refuse("full_resume" if resume else "full", f"this instance holds its maximum of {self.limit} sessions")
+        if self.overloaded and not resume:
+            self._refuse("overload", f"this instance is overloaded (its event loop runs {self.lag_s * 1000:.0f} ms late)")
         self.held += 1
         self._changed()
         return Slot(self)
+
+    def _refuse(self, reason: str, why: str) -> None:
+        self._metrics.sessions_refused_total.labels(reason).inc()
+        raise ProtocolError(SERVER_FULL, f"{why}, try again later", fatal=True, close_code=CLOSE_TRY_AGAIN_LATER,
+                            retry_after_ms=random.randint(*RETRY_AFTER_MS))
+
+    def lag(self, seconds: float) -> None:
+        """One sample of the event loop's lag (:func:`watch_loop_lag`): the guard engages while
+        the smoothed lag is above ``lag_limit_s`` and releases below half of it."""
+        self.lag_s += (seconds - self.lag_s) * LAG_SMOOTHING
+        self._metrics.event_loop_lag_seconds.set(self.lag_s)
+        if not self.lag_limit_s:
+            return
+        if not self.overloaded and self.lag_s > self.lag_limit_s:
+            self.overloaded = True
+            event(log, "overload_guard_engaged", logging.WARNING, lag_ms=round(self.lag_s * 1000), limit_ms=round(self.lag_limit_s * 1000),
+                  held=self.held)
+        elif self.overloaded and self.lag_s < self.lag_limit_s / 2:
+            self.overloaded = False
+            event(log, "overload_guard_released", lag_ms=round(self.lag_s * 1000), held=self.held)
 
     def _released(self) -> None:
         self.held -= 1
