@@ -167,6 +167,7 @@ class Session:
                 url = self._urls[tries % len(self._urls)]
                 tries += 1
                 self._ready_seen = False
+                wait: float | None = None  # (the daemon's retry_after_ms, when it said one)
                 try:
                     if await self._one_connection(url):
                         return
@@ -177,7 +178,7 @@ class Session:
                 except _TryAgain as exc:
                     why, wait = str(exc), exc.retry_after_s * random.uniform(0.8, 1.2)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                    why, wait = f"{type(exc).__name__}: {exc}", None
+                    why = f"{type(exc).__name__}: {exc}"
                 failures = 1 if self._ready_seen else failures + 1
                 if failures > self._reconnects:
                     self._fail(SessionFailed(f"no daemon took the session after {failures} attempts ({why})"))
