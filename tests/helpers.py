@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from scheduler.reference.node import NodeOptions, ReferenceNode
 from scheduler.session.audio import silence, tone
@@ -68,6 +68,21 @@ class Peer:
 async def peer(url: str):
     async with open_websocket_url(url) as ws:
         yield Peer(ws)
+
+
+async def init_answer(running, **extra) -> tuple[dict, int | None]:
+    """A ``session_init`` (zh -> en, plus ``extra``): the daemon's first answer, and the close
+    code that followed an ``error`` (None otherwise; the socket is closed then)."""
+    async with peer(running.ws_url + "/v1/session") as p:
+        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], **extra)
+        answer = await p.recv()
+        if answer["type"] != "error":
+            return answer, None
+        try:
+            await p.recv()
+        except ConnectionClosed as closed:
+            return answer, closed.reason.code
+        raise AssertionError(f"{answer} was not followed by a close")
 
 
 @asynccontextmanager

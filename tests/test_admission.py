@@ -9,9 +9,7 @@ import json
 import logging
 import time
 
-import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
 from scheduler.client import connect
 from scheduler.ops.supervisor import Worker, _readiness, _status
@@ -19,23 +17,9 @@ from scheduler.placement import keys
 from scheduler.session.admission import reserve_for
 from scheduler.session.audio import silence, tone
 
-from .helpers import peer, session, speak, start_node
+from .helpers import init_answer, peer, session, speak, start_node
 from .test_gateways import http_get
 from .test_redis_restart import readyz, readyz_is, wait_for
-
-
-async def _init(running, **extra) -> tuple[dict, int | None]:
-    """A session_init: the daemon's first answer and the close code after it (if any); the
-    socket is closed at once when the answer is session_ready (the session ends, resumable)."""
-    async with peer(running.ws_url + "/v1/session") as p:
-        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], **extra)
-        answer = await p.recv()
-        code = None
-        if answer["type"] == "error":
-            with pytest.raises(ConnectionClosed) as closed:
-                await p.recv()
-            code = closed.value.reason.code
-        return answer, code
 
 
 def _refused(running, reason: str) -> float:
@@ -57,7 +41,7 @@ async def test_past_max_sessions_new_sessions_are_refused_and_resumes_admitted(s
     async with session(running) as a, session(running) as b:
         owners = _owner_keys(redis_client)
         await wait_for(lambda: readyz_is(running, 503), timeout=5)  # full for new sessions
-        answer, code = await _init(running)
+        answer, code = await init_answer(running)
         assert answer["type"] == "error" and answer["code"] == "SERVER_FULL" and answer["fatal"] is True, answer
         assert isinstance(answer["retry_after_ms"], int) and 1000 <= answer["retry_after_ms"] <= 3000, answer
         assert code == 1013
@@ -75,7 +59,7 @@ async def test_past_max_sessions_new_sessions_are_refused_and_resumes_admitted(s
     # both ended (disconnected, resumable): room again
     await wait_for(lambda: readyz_is(running, 200), timeout=5)
     async with session(running), session(running):
-        answer, code = await _init(running)  # a third new one: refused
+        answer, code = await init_answer(running)  # a third new one: refused
         assert answer["code"] == "SERVER_FULL" and code == 1013
         async with peer(running.ws_url + "/v1/session") as resumed:  # the resume takes the reserved place
             await resumed.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=sid, resume_token=token,
@@ -83,7 +67,7 @@ async def test_past_max_sessions_new_sessions_are_refused_and_resumes_admitted(s
             ready = await resumed.recv()
             assert ready["type"] == "session_ready" and ready["resumed"] is True, ready
             epoch = redis_client.hget(keys.session(sid), "epoch")
-            answer, code = await _init(running, session_id=sid, resume_token=token, resume_from=0)  # none left
+            answer, code = await init_answer(running, session_id=sid, resume_token=token, resume_from=0)  # none left
             assert answer["code"] == "SERVER_FULL" and code == 1013
             assert redis_client.hget(keys.session(sid), "epoch") == epoch  # refused before it took anything over
     assert _refused(running, "full") == 2 and _refused(running, "full_resume") == 1
@@ -162,7 +146,7 @@ async def test_the_overload_guard_refuses_new_sessions_while_the_loop_lags(start
     async with session(running) as admitted:
         nursery.start_soon(hog)
         await wait_for(lambda: trio.to_thread.run_sync(lambda: running.admission.overloaded), timeout=10)
-        answer, code = await _init(running)
+        answer, code = await init_answer(running)
         assert answer["code"] == "SERVER_FULL" and "overloaded" in answer["message"] and code == 1013, answer
         assert running.readiness() == (False, "overloaded") and _refused(running, "overload") >= 1
         busy.set()

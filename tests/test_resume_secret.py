@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
 from scheduler.cluster import journal
 from scheduler.placement import keys, lua
 from scheduler.placement.redis_adapter import RedisAdapter
 
-from .helpers import peer, session, speak, start_node
+from .helpers import init_answer, session, speak, start_node
 
 
 async def _attempt(running, session_id: str, **extra) -> tuple[dict, int | None]:
     """A resume attempt: the daemon's first answer and the close code that followed (if any)."""
-    async with peer(running.ws_url + "/v1/session") as p:
-        await p.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id, resume_from=0, **extra)
-        answer = await p.recv()
-        code = None
-        if answer["type"] == "error":
-            with pytest.raises(ConnectionClosed) as closed:
-                await p.recv()
-            code = closed.value.reason.code
-        return answer, code
+    return await init_answer(running, session_id=session_id, resume_from=0, **extra)
 
 
 async def _utter(s) -> dict:
