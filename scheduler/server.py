@@ -14,16 +14,19 @@ drain.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
+from scheduler.cluster.location import locate
 from scheduler.cluster.ownership import Ownership
 from scheduler.cluster.routing import Router
 from scheduler.edge import handshake, wsutil
@@ -45,7 +48,7 @@ from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeRegistry
 from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.placement.scheduling import SchedulingClient
-from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, INTERNAL, SHUTTING_DOWN, ProtocolError
+from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, ID_PATTERN, INTERNAL, SHUTTING_DOWN, ProtocolError
 from scheduler.session.admission import AdmissionControl, watch_loop_lag
 from scheduler.session.registry import SessionRegistry
 
@@ -300,13 +303,16 @@ async def _serve(
         await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
                             lambda: _status(running, parts.dispatcher), cors_origins=settings.admin_cors_origins,
-                            ssl_context=context, boundary=boundary, tokens=settings.admin_tokens)
+                            ssl_context=context, boundary=boundary, tokens=settings.admin_tokens,
+                            lookups={"/sessions/": partial(_session_location, redis, parts.ownership)})
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
                           scheduling=parts.scheduling,
                           dispatcher=parts.dispatcher, ownership=parts.ownership, admission=parts.clients.lifecycle.admission)
         parts.ownership.ws_url = running.ws_url
+        with contextlib.suppress(RedisUnavailable):  # its liveness record names the URL now (the location API)
+            await parts.ownership.refresh()
         nursery.start_soon(_health_check, running, nursery)
         nursery.start_soon(watch_loop_lag, parts.clients.lifecycle.admission.lag)  # the overload guard's measure (session/admission.py)
         notifier = Notifier()
@@ -408,6 +414,20 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         "jobs": {"in_flight": len(dispatcher.placed), "waiting": dispatcher.waiting},
         "recent_results": list(reversed(running.sessions.recent_results)),
     }
+
+
+async def _session_location(redis: RedisAdapter, ownership: Ownership, session_id: str) -> tuple[int, dict]:
+    """``GET /sessions/<id>``: where the session is (cluster/location.py), from Redis; 400 for
+    an id that cannot be one, 404 for one Redis does not know, 503 while Redis cannot answer."""
+    if not ID_PATTERN.fullmatch(session_id):
+        return 400, {"error": "BAD_SESSION_ID", "message": "not a session id"}
+    try:
+        found = await locate(redis, ownership, session_id)
+    except RedisUnavailable as exc:
+        return 503, {"error": "UNAVAILABLE", "message": f"state store unavailable ({exc.reply})"}
+    if found is None:
+        return 404, {"error": "UNKNOWN_SESSION", "message": "no such session (never opened, expired, or not journaled)"}
+    return 200, found
 
 
 def _admission_status(admission: AdmissionControl | None) -> dict | None:

@@ -39,6 +39,8 @@ from scheduler.ops.tls import wrap
 
 log = logging.getLogger("scheduler.admin")
 
+Lookup = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
+
 MAX_REQUEST_BYTES = 16 * 1024
 STATIC = Path(__file__).resolve().parent / "static"
 STATUS_PAGE = STATIC / "status.html"  # "/": a live page reading /status
@@ -56,11 +58,13 @@ class AdminServer:
                  status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"), *, cors_origins: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, boundary: Boundary | None = None,
-                 tokens: list[str] | None = None) -> None:
+                 tokens: list[str] | None = None, lookups: dict[str, Lookup] | None = None) -> None:
         """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
         (default: 200 while the process runs). Each connection runs inside ``boundary``
         (ops/boundary.py; a fresh one on ``metrics`` by default): whatever one request
-        raises ends that connection, never the listener."""
+        raises ends that connection, never the listener. ``lookups`` answers paths under a
+        prefix (``/sessions/``: the location API) with ``(status, JSON object)`` for the rest
+        of the path; the lookup checks that rest itself."""
         self._metrics = metrics
         self._readiness = readiness
         self._status = status
@@ -69,6 +73,7 @@ class AdminServer:
         self._ssl = ssl_context
         self._boundary = boundary or Boundary(metrics.connections_failed_total)
         self._tokens = tokens or []
+        self._lookups = lookups or {}
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
@@ -88,6 +93,10 @@ class AdminServer:
         if path == "/status" and self._status is not None:
             body = json.dumps(await self._status(), separators=(",", ":"), default=str).encode()
             return 200, "application/json", body
+        for prefix, lookup in self._lookups.items():
+            if path.startswith(prefix):
+                status, answer = await lookup(path[len(prefix):])
+                return status, "application/json", json.dumps(answer, separators=(",", ":"), default=str).encode()
         return 404, "text/plain", b"not found\n"
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
