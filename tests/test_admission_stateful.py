@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import SERVER_FULL, ProtocolError
-from scheduler.session.admission import LAG_SMOOTHING, AdmissionControl, Slot, reserve_for
+from scheduler.session.admission import ENGAGE_AFTER, LAG_SMOOTHING, AdmissionControl, Slot, reserve_for
 
 
 class AdmissionMachine(RuleBasedStateMachine):
@@ -34,7 +34,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.metrics = Metrics()
         self.control = AdmissionControl(limit, self.metrics, lag_limit_s=lag_limit)
         self.limit, self.reserve, self.lag_limit = limit, reserve_for(limit), lag_limit
-        self.lag, self.overloaded = 0.0, False
+        self.lag, self.overloaded, self.above = 0.0, False, 0
         self.slots: list[Slot] = []
         self.refused = {"full": 0, "full_resume": 0, "overload": 0}
         self.was_full = False
@@ -70,13 +70,14 @@ class AdmissionMachine(RuleBasedStateMachine):
     def resume(self):
         self._take(True)
 
-    @rule(seconds=st.sampled_from([0.0, 0.001, 0.03, 0.12, 0.5, 2.0]), times=st.integers(1, 12))
+    @rule(seconds=st.sampled_from([0.0, 0.001, 0.03, 0.12, 0.5, 2.0]), times=st.integers(1, 30))
     def loop_lag(self, seconds, times):
         """The event loop wakes the lag watcher this late, ``times`` samples in a row."""
         for _ in range(times):
             self.control.lag(seconds)
             self.lag += (seconds - self.lag) * LAG_SMOOTHING
-            if self.lag_limit and not self.overloaded and self.lag > self.lag_limit:
+            self.above = self.above + 1 if self.lag_limit and self.lag > self.lag_limit else 0
+            if self.lag_limit and not self.overloaded and self.above >= ENGAGE_AFTER:
                 self.overloaded = True
             elif self.overloaded and self.lag < self.lag_limit / 2:
                 self.overloaded = False

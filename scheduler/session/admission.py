@@ -12,8 +12,9 @@ sessions of a dead sibling is not filled by new ones first.
 
 Besides the fixed limit, an **overload guard**: the instance measures its own event-loop lag
 (how late a periodic Trio task wakes: :func:`watch_loop_lag`), smoothed over about a second
-(:data:`LAG_SMOOTHING`). While the smoothed lag is above ``--overload-lag-ms`` new sessions
-are refused the same way (``SERVER_FULL``, reason ``overload``) and ``/readyz`` is 503
+(:data:`LAG_SMOOTHING`). Once the smoothed lag has stayed above ``--overload-lag-ms`` for
+:data:`ENGAGE_AFTER` samples in a row (two seconds: a start-up or a recovery after a Redis
+stall makes spikes of a fraction of a second), new sessions are refused the same way (``SERVER_FULL``, reason ``overload``) and ``/readyz`` is 503
 ``overloaded``; the guard releases once it is below half of it. Admitted sessions keep
 their service, and resumes are admitted (their sessions exist already).
 
@@ -42,6 +43,8 @@ LAG_SMOOTHING = 0.2
 """Weight of each lag sample (one every :data:`LAG_EVERY_S`) in the smoothed lag: about a
 second of samples counts."""
 LAG_EVERY_S = 0.1
+ENGAGE_AFTER = 20
+"""Samples in a row above the threshold before the guard engages (two seconds)."""
 
 
 async def watch_loop_lag(on_lag: Callable[[float], None], every_s: float = LAG_EVERY_S) -> None:
@@ -85,6 +88,7 @@ class AdmissionControl:
         self.lag_limit_s = lag_limit_s  # the overload guard's threshold (0: off)
         self.lag_s = 0.0  # the event loop's smoothed lag
         self.overloaded = False  # the overload guard refuses new sessions
+        self._above = 0  # samples in a row with the smoothed lag above lag_limit_s
         self._metrics = metrics
         self._was_full = False
 
@@ -113,13 +117,15 @@ class AdmissionControl:
                             retry_after_ms=random.randint(*RETRY_AFTER_MS))
 
     def lag(self, seconds: float) -> None:
-        """One sample of the event loop's lag (:func:`watch_loop_lag`): the guard engages while
-        the smoothed lag is above ``lag_limit_s`` and releases below half of it."""
+        """One sample of the event loop's lag (:func:`watch_loop_lag`): the guard engages once
+        the smoothed lag stayed above ``lag_limit_s`` for :data:`ENGAGE_AFTER` samples, and
+        releases below half of it."""
         self.lag_s += (seconds - self.lag_s) * LAG_SMOOTHING
         self._metrics.event_loop_lag_seconds.set(self.lag_s)
         if not self.lag_limit_s:
             return
-        if not self.overloaded and self.lag_s > self.lag_limit_s:
+        self._above = self._above + 1 if self.lag_s > self.lag_limit_s else 0
+        if not self.overloaded and self._above >= ENGAGE_AFTER:
             self.overloaded = True
             event(log, "overload_guard_engaged", logging.WARNING, lag_ms=round(self.lag_s * 1000), limit_ms=round(self.lag_limit_s * 1000),
                   held=self.held)
