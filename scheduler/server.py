@@ -193,6 +193,7 @@ class _Parts:
     router: Router
     clients: ClientGateway
     node_gw: NodeGateway
+    admission: AdmissionControl
 
 
 def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
@@ -218,7 +219,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
                 sessions=sessions, metrics=metrics, ownership=ownership)
     admission = AdmissionControl(settings.max_sessions, metrics, lag_limit_s=settings.overload_lag_ms / 1000)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router,
-                  ClientGateway(admission=admission, **deps), NodeGateway(nodes=nodes, **deps))
+                  ClientGateway(admission=admission, **deps), NodeGateway(nodes=nodes, **deps), admission)
 
 
 OUTAGE_WARN_S = 1.0
@@ -309,12 +310,12 @@ async def _serve(
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
                           scheduling=parts.scheduling,
-                          dispatcher=parts.dispatcher, ownership=parts.ownership, admission=parts.clients.lifecycle.admission)
+                          dispatcher=parts.dispatcher, ownership=parts.ownership, admission=parts.admission)
         parts.ownership.ws_url = running.ws_url
         with contextlib.suppress(RedisUnavailable):  # its liveness record names the URL now (the location API)
             await parts.ownership.refresh()
         nursery.start_soon(_health_check, running, nursery)
-        nursery.start_soon(watch_loop_lag, parts.clients.lifecycle.admission.lag)  # the overload guard's measure (session/admission.py)
+        nursery.start_soon(watch_loop_lag, parts.admission.lag)  # the overload guard's measure (session/admission.py)
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
         if handle_signals:

@@ -91,7 +91,7 @@ class Ownership:
         lapses = await self._redis.command("ZSCORE", keys.instances(), instance_id)
         if lapses is None or float(lapses) >= now_ms():
             return True
-        return self._redis.outage.recent(trio.current_time(), self.grace_ms / 1000)
+        return self._liveness_unsure()
 
     async def _live_owner(self, owner_key: str) -> str | None:
         owner = await self._redis.command("GET", owner_key)
@@ -159,7 +159,7 @@ class Ownership:
         outage clock): an outage longer than ``ttl_ms`` lets every instance's liveness lapse,
         because their refreshes failed, not because they died; each gets one ``ttl_ms`` to
         refresh it before it counts as dead."""
-        if self._redis.outage.recent(trio.current_time(), self.grace_ms / 1000):
+        if self._liveness_unsure():
             return 0
         lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
         dead = [instance for instance in lapsed if instance != self.instance_id]
@@ -175,6 +175,11 @@ class Ownership:
             await self._redis.command("ZREM", keys.instances(), instance)
             event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
         return len(dead)
+
+    def _liveness_unsure(self) -> bool:
+        """Whether a lapsed instance may just not have refreshed its liveness yet: Redis is out,
+        or came back less than ``grace_ms`` (one liveness TTL) ago (OutageClock.recent)."""
+        return self._redis.outage.recent(trio.current_time(), self.grace_ms / 1000)
 
     async def alive_instances(self) -> dict[str, float]:
         """Instance id -> seconds until its liveness lapses, for the instances alive now."""

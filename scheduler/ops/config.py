@@ -124,9 +124,9 @@ class Settings:
            "with retry_after_ms (close 1013) and /readyz is 503; the last twentieth (at least 1, unless the limit is 1) is kept for resumes. "
            "0: no limit (docs/operations.md: sizing)", group="session")
     overload_lag_ms: int = _opt(
-        OVERLOAD_LAG_MS, "overload guard: refuse new sessions (SERVER_FULL, /readyz 503) while the event loop runs this "
-                         "late, smoothed over about a second; admitted sessions keep their service; released below half "
-                         "of it. 0: off", group="session")
+        OVERLOAD_LAG_MS, "overload guard: refuse new sessions (SERVER_FULL, /readyz 503) once the event loop has run "
+                         "this late (smoothed over about a second) for two seconds; admitted sessions keep their service "
+                         "and resumes are admitted; released below half of it. 0: off", group="session")
     max_frame_bytes: int = _opt(1048576, "largest accepted WebSocket frame; larger ones get FRAME_TOO_LARGE", group="session")
     max_messages_per_s: int = _opt(
         500, "per connection (client or node): frames read per second at most; faster peers are read more slowly", group="session")

@@ -413,7 +413,7 @@ class Dispatcher:
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners], raise_errors=True)
         alive = {o for o, n in zip(owners, exists, strict=True) if n}
-        lapsed_by_outage = self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000)
+        lapsed_by_outage = self._liveness_unsure()
         lost: list[Placement] = []
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
@@ -469,7 +469,7 @@ class Dispatcher:
         leases is still made: it is how this instance sees Redis come back)."""
         expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
                                             "LIMIT", 0, limit)
-        if self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000):
+        if self._liveness_unsure():
             return
         for job_id in expired:
             if job_id in self.placed.job_keys:
@@ -478,6 +478,11 @@ class Dispatcher:
                 await self._release_orphan(str(job_id))
             except ScriptError as exc:  # one odd job must not stop the sweep of the others
                 event(log, "orphan_release_refused", logging.WARNING, job_id=str(job_id), code=exc.code)
+
+    def _liveness_unsure(self) -> bool:
+        """Whether a lapsed instance may just not have refreshed its liveness yet: Redis is out,
+        or came back less than one liveness TTL (``orphan_grace_ms``) ago (OutageClock.recent)."""
+        return self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000)
 
     async def _release_orphan(self, job_id: str) -> None:
         job_key, session_id, node_id, attempt, placed_by = await self._redis.command(
