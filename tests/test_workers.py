@@ -110,7 +110,7 @@ async def test_a_dead_workers_session_resumes_on_another_worker(tmp_path):
     result in order."""
     sup = Supervisor(tmp_path, "--node-ttl-ms", "60000")  # (the raw test node sends no heartbeats)
     try:
-        with trio.fail_after(60):
+        with trio.fail_after(60):  # (each phase has its own bound: a timeout names the phase)
             async with peer(sup.ws_url + "/v1/node") as node:
                 await node.register("n1", max_jobs=4)
                 while True:  # the kernel spreads connections over the workers: take one that lands on worker 0
@@ -133,22 +133,29 @@ async def test_a_dead_workers_session_resumes_on_another_worker(tmp_path):
                         with pytest.raises(Exception):  # noqa: B017 (the connection is cut: ConnectionClosed)
                             await client.recv(timeout=10)
                         break
-            async with peer(sup.ws_url + "/v1/node") as node:  # a second node: n1 may have been on worker 0 too
-                await node.register("n2", max_jobs=4)
-                async with peer(sup.ws_url + "/v1/session") as client:
-                    await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id,
-                                      resume_token=token_of(session_id), resume_from=0)
-                    ready = await client.recv()
-                    assert ready["type"] == "session_ready" and ready["resumed"] and ready["next_utterance_index"] == 1
-                    assert (await client.recv())["utterance_index"] == 0  # re-sent from the journal
-                    await speak(client)
-                    await client.send(type="finalize")
-                    await _answer_next_job(node)
-                    result, _ = await client.recv_until("result")
-                    assert result["utterance_index"] == 1 and result["status"] == "SUCCESS"
-        assert (await sup.workers())[0]["restarts"] == 1
+        with trio.fail_after(30):  # worker 0 restarted and ready: either worker may take the resume
+            while not ((w0 := (await sup.workers())[0])["restarts"] == 1 and w0["ready"]):
+                await trio.sleep(0.2)
+        with trio.fail_after(30):
+            await _resume_after_the_kill(sup, session_id)
     finally:
         sup.close()
+
+
+async def _resume_after_the_kill(sup: Supervisor, session_id: str) -> None:
+    async with peer(sup.ws_url + "/v1/node") as node:  # a second node: n1 may have been on worker 0 too
+        await node.register("n2", max_jobs=4)
+        async with peer(sup.ws_url + "/v1/session") as client:
+            await client.send(type="session_init", src_lang="zh", tgt_langs=["en"], session_id=session_id,
+                              resume_token=token_of(session_id), resume_from=0)
+            ready = await client.recv()
+            assert ready["type"] == "session_ready" and ready["resumed"] and ready["next_utterance_index"] == 1
+            assert (await client.recv())["utterance_index"] == 0  # re-sent from the journal
+            await speak(client)
+            await client.send(type="finalize")
+            await _answer_next_job(node)
+            result, _ = await client.recv_until("result")
+            assert result["utterance_index"] == 1 and result["status"] == "SUCCESS"
 
 
 async def test_the_admin_token_guards_the_supervisors_port_and_it_reads_its_workers_with_it(tmp_path):
