@@ -1,4 +1,6 @@
--- heartbeat: mark a registered node alive, stamp the time, store its load.
+-- heartbeat: mark a registered node alive, stamp the time, store its load, its load score and
+-- whether that score is above the holding instance's --node-load-threshold (choose_node skips a
+-- saturated node).
 --
 -- Reply: {"OK", current_jobs}. Errors: UNKNOWN_NODE (never registered, or its info expired).
 --
@@ -6,15 +8,19 @@
 -- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
--- ARGV[1] now_ms, ARGV[2] load_json, ARGV[3] key TTL (s) of the node's keys (refreshed here)
+-- ARGV[1] now_ms, ARGV[2] load_json, ARGV[3] key TTL (s) of the node's keys (refreshed here),
+-- ARGV[4] load score 0-1 ('' when the node sent none), ARGV[5] saturated '1' / '0'
 local now_ms = ARGV[1]
 local load_json = ARGV[2]
 local key_ttl_s = tonumber(ARGV[3])
+local load_score = ARGV[4] or ''
+local saturated = ARGV[5] or '0'
 
 if redis.call('EXISTS', info_key) == 0 then
   return redis.error_reply('UNKNOWN_NODE node is not registered')
 end
-redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json)
+redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json,
+  'load_score', load_score, 'saturated', saturated)
 redis.call('EXPIRE', info_key, key_ttl_s)
 redis.call('EXPIRE', runtime_key, key_ttl_s)
 return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}

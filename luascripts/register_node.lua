@@ -80,7 +80,7 @@ end
 redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
-  'load_json', '{}', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names))
+  'load_json', '{}', 'load_score', '', 'saturated', '0', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names))
 redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import random
 import re
 from collections.abc import Callable
@@ -321,10 +322,20 @@ class Register:
         return [(pool, src, tgt) for pool in self.pools for src, tgt in pairs]
 
 
+def _unit_interval(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{attribute.name} must be a number from 0 to 1")
+
+
 @attrs.frozen
 class Heartbeat:
+    """``load``: free-form, shown as sent. ``load_score``: how busy the node's engine is, 0 (idle)
+    to 1 (saturated); above the daemon's ``--node-load-threshold`` the node gets no new jobs.
+    A heartbeat without one leaves the node judged by its free slots alone."""
+
     TYPE: ClassVar[str] = "heartbeat"
     load: dict[str, Any] | None = attrs.field(default=None, validator=_free_object)
+    load_score: float | None = attrs.field(default=None, validator=_unit_interval)
 
 
 @attrs.frozen
@@ -545,6 +556,8 @@ def encode(msg: Any) -> str:
     body = converter.unstructure(msg)
     if isinstance(msg, Error) and msg.retry_after_ms is None:
         del body["retry_after_ms"]
+    if isinstance(msg, Heartbeat) and msg.load_score is None:
+        del body["load_score"]
     if isinstance(msg, JobAssign):
         # the base64 audio is JSON-safe ASCII: splice it in instead of having json scan and
         # copy ~100 KB per job (a visible share of the daemon's CPU in bench/load.py)

@@ -50,6 +50,7 @@ from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, ID_PATTERN, INTERNAL, SHUTTING_DOWN, ProtocolError
 from scheduler.session.admission import AdmissionControl, watch_loop_lag
+from scheduler.session.lag import watch_session_lag
 from scheduler.session.registry import SessionRegistry
 
 log = logging.getLogger("scheduler.server")
@@ -316,6 +317,7 @@ async def _serve(
             await parts.ownership.refresh()
         nursery.start_soon(_health_check, running, nursery)
         nursery.start_soon(watch_loop_lag, parts.admission.lag)  # the overload guard's measure (session/admission.py)
+        nursery.start_soon(watch_session_lag, parts.sessions, parts.metrics)  # session/lag.py
         notifier = Notifier()
         nursery.start_soon(notifier.watchdog)
         if handle_signals:
@@ -408,8 +410,8 @@ async def _status(running: Running | None, dispatcher: Dispatcher) -> dict:
         "sessions": [
             {"session_id": a.session_id, "src_lang": a.src_lang, "tgt_langs": list(a.tgt_langs),
              "utterances": a.next_index, "results_owed": a.results.outstanding, "backlog": len(a.backlog),
-             "closing": a.closing}
-            for a in running.sessions.actors()
+             "lag_ms": round(lag_ms), "oldest_frame_age_ms": round(age * 1000), "closing": a.closing}
+            for a in running.sessions.actors() for lag_ms, age in [a.lag(trio.current_time())]
         ],
         "nodes": nodes,
         "jobs": {"in_flight": len(dispatcher.placed), "waiting": dispatcher.waiting},

@@ -380,6 +380,18 @@ class DispatcherHarness:
         self.where[node_id] = instance_id
         instance.dispatcher.slot_freed()
 
+    async def report_load(self, node_id: str, score: float | None) -> None:
+        """The node's heartbeat with a load score, through the node gateway's own handler
+        (above ``--node-load-threshold``: saturated, no new jobs; back below: lanes retry)."""
+        instance = self.instances[self.where[node_id]]
+        conn = instance.nodes.get(node_id)
+        conn.load_score = score
+        await instance.gateway._heartbeat(conn)
+
+    def saturated(self) -> set[str]:
+        """The connected nodes whose last load score was above the threshold, as their gateway judged."""
+        return {n for n, where in self.where.items() if self.instances[where].nodes.get(n).saturated}
+
     def _drop(self, node_id: str, conn_id: str) -> None:
         """The node's connection is gone: what it held is lost to it."""
         self.dropped[conn_id] = (trio.current_time(), self.where[node_id])

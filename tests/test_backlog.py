@@ -8,9 +8,39 @@ def frame(n: int) -> bytes:
     return bytes([n % 256]) * 4
 
 
-def make(budget=3, max_bytes=10_000):
+def make(budget=3, max_bytes=10_000, clock=lambda: 0.0):
     wakes = []
-    return ClientBacklog(budget, max_bytes, lambda: wakes.append(1)), wakes
+    return ClientBacklog(budget, max_bytes, lambda: wakes.append(1), clock), wakes
+
+
+def test_lag_is_the_queued_audio_and_the_age_of_its_oldest_frame():
+    now = [10.0]
+    b, _ = make(budget=2, clock=lambda: now[0])
+    assert b.lag(now[0]) == (0, 0.0)
+    b.put_nowait(FinalizeIn())  # not audio: no lag
+    assert b.lag(12.0) == (0, 0.0)
+    b.put_nowait(AudioIn.of(frame(0)))
+    now[0] = 10.5
+    b.put_nowait(AudioIn.of(frame(1)))  # merged into the first audio event: still its age
+    assert b.lag(11.0) == (8, 1.0)
+    b.take()  # the finalize
+    assert b.lag(11.0) == (8, 1.0)
+    b.take()
+    assert b.lag(11.0) == (0, 0.0)
+
+
+async def test_a_put_waiting_for_room_counts_its_frame_as_unprocessed(autojump_clock):
+    b, _ = make(budget=1, max_bytes=4, clock=trio.current_time)
+    b.put_nowait(AudioIn.of(frame(0)))
+    b.take()  # processed: the backlog is empty, yet a full one follows
+    b.put_nowait(AudioIn.of(frame(1)))  # 4 bytes: at the memory bound
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.put, AudioIn.of(frame(2)))
+        await trio.sleep(2)
+        assert b.lag(trio.current_time()) == (4, 2.0)  # the queued frame's age (both arrived at `start`)
+        b.take()
+    assert b.lag(start + 3) == (4, 3.0)
 
 
 def test_queues_as_is_up_to_budget_then_merges_audio_in_order():

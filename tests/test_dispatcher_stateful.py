@@ -135,6 +135,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.jobs: dict[str, Job] = {}
         self.next_index = 0
         self.max_jobs: dict[str, int] = {}
+        self.held_when_saturated: dict[str, set[str]] = {}  # saturated node -> its jobs in Redis then (no new one since)
         self.fenced: set[str] = set()
         self.act_failures: list[str] = []  # job keys of the placement_crashed records (act_crash)
         self.astray: set[str] = set()  # job ids whose records a path set astray on purpose (orphan_key_mismatch)
@@ -215,6 +216,28 @@ class DispatcherMachine(RuleBasedStateMachine):
         instance = data.draw(st.sampled_from(self.alive))
         late = data.draw(st.booleans())
         self.do("bounce", self.h.bounce, node, self.max_jobs[node], instance, late)
+
+    @precondition(lambda self: self.h.held)
+    @rule(data=st.data(), score=st.sampled_from([None, 0.2, 0.9]))
+    def report_load(self, data, score):
+        """A heartbeat's load score: 0.9 is above the default threshold (0.75), so the node gets
+        no new job until a later one is not (the Redis state checks: no placement on it)."""
+        node = data.draw(st.sampled_from(self.connected))
+        self.do("load", self.h.report_load, node, score)
+        if not (self.h.down or self.h.replies_lost):
+            assert self.r.hget(keys.node_info(node), "saturated") == ("1" if score == 0.9 else "0")
+        if node in self.h.saturated():
+            self.held_when_saturated.setdefault(node, set(self.r.smembers(keys.node_jobs(node))))
+
+    def _check_saturated_nodes(self):
+        """A node stays saturated until a later score is not, or it connects again; meanwhile
+        no job is placed on it."""
+        saturated = self.h.saturated()
+        for node in [n for n in self.held_when_saturated if n not in saturated]:
+            del self.held_when_saturated[node]
+        for node, before in self.held_when_saturated.items():
+            new = set(self.r.smembers(keys.node_jobs(node))) - before
+            assert not new, f"jobs {sorted(new)} placed on {node}, whose load score is above the threshold"
 
     def _answer(self, node, job_id, attempt, ok):
         """The answer of what ``node`` holds: the job's answer, if Redis has that attempt live there."""
@@ -571,6 +594,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.trio.call_sync(self._check_books)
         self._check_redis()
         self._check_nodes()
+        self._check_saturated_nodes()
         self._check_logs()
         self._check_counters()
 
@@ -865,8 +889,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert self.act_failures == self.h.acts_crashed, (self.act_failures, self.h.acts_crashed)
 
     def _free_slots(self) -> dict[str, int]:
-        """Connected node -> its free slots in Redis."""
-        return {node: self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
+        """Connected node -> its free slots in Redis (none while its load score is above the threshold)."""
+        saturated = self.h.saturated()
+        return {node: 0 if node in saturated else self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
                 for node in self.connected}
 
     def check_no_idle_slot(self, free_before: dict[str, int]):

@@ -42,7 +42,8 @@ async def test_admin_endpoints(daemon, nursery):
     assert status == 200
     for name in ("scheduler_session_actor_backlog_size", "scheduler_duplicate_finalize_suppressed_total",
                  "scheduler_duplicate_job_blocked_total", "scheduler_result_gap_timeout_total",
-                 "scheduler_finalize_latency_seconds_bucket", "scheduler_nodes_online 1.0", "process_resident_memory_bytes"):
+                 "scheduler_finalize_latency_seconds_bucket", "scheduler_nodes_online 1.0", "process_resident_memory_bytes",
+                 "scheduler_session_lag_seconds_bucket", "scheduler_nodes_saturated 0.0"):
         assert name in body
     assert (await trio.to_thread.run_sync(http_get, daemon.admin_port, "/nope"))[0] == 404
     async with session(daemon) as s:
@@ -50,6 +51,7 @@ async def test_admin_endpoints(daemon, nursery):
         snap = json.loads(body)
         assert status == 200 and snap["state"] == "ready" and snap["redis"]["ok"] is True
         assert [x["session_id"] for x in snap["sessions"]] == [s.ready["session_id"]]
+        assert (snap["sessions"][0]["lag_ms"], snap["sessions"][0]["oldest_frame_age_ms"]) == (0, 0)  # caught up
         (node,) = snap["nodes"]
         assert (node["node_id"], node["online"], node["local"], node["current_jobs"]) == ("n1", True, True, 0)
         assert snap["jobs"] == {"in_flight": 0, "waiting": 0}

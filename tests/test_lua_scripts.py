@@ -157,6 +157,36 @@ async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
         await dispatch(adapter, "k0")
 
 
+async def test_a_saturated_node_gets_no_new_job_even_of_its_turn(adapter, redis_client):
+    """A node whose load score was above the threshold (the heartbeat's saturated flag) is
+    skipped, its turn affinity too; with every node saturated a job waits as for a full pool;
+    the next heartbeat below the threshold, or a new registration, makes it eligible again."""
+    await register(adapter, "a", max_jobs=10)
+    await register(adapter, "b", max_jobs=10)
+    assert (await dispatch(adapter, "k0", turn_id="T", turn_action="keep", rand=0))[2] == "a"
+    await adapter.script(*lua.heartbeat("a", now_ms(), None, 0.9, True))
+    assert redis_client.hmget(keys.node_info("a"), "load_score", "saturated") == ["0.9", "1"]
+    assert (await dispatch(adapter, "k1", turn_id="T", turn_action="keep"))[2] == "b"  # the turn moves on
+    assert redis_client.hget(keys.turn("T"), "affinity_node_id") == "b"
+    await adapter.script(*lua.heartbeat("b", now_ms(), None, 1.0, True))
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k2")
+    await adapter.script(*lua.heartbeat("a", now_ms(), None, 0.5, False))
+    assert (await dispatch(adapter, "k2"))[2] == "a"
+    await register(adapter, "b", max_jobs=10)  # a new connection starts unjudged
+    assert redis_client.hmget(keys.node_info("b"), "load_score", "saturated") == ["", "0"]
+
+
+async def test_a_load_score_counts_as_load_when_it_is_above_the_busy_share(adapter, redis_client):
+    await register(adapter, "a", max_jobs=4)
+    await register(adapter, "b", max_jobs=4)
+    await adapter.script(*lua.heartbeat("a", now_ms(), None, 0.6, False))  # busy engine, free slots
+    placed = [(await dispatch(adapter, f"k{i}", rand=i))[2] for i in range(4)]
+    assert placed == ["b", "b", "b", "a"]  # b at 0, 1/4, 2/4 is below a's 0.6; at 3/4 it is above
+    await adapter.script(*lua.heartbeat("a", now_ms()))  # a heartbeat without a score: slots alone
+    assert redis_client.hmget(keys.node_info("a"), "load_score", "saturated") == ["", "0"]
+
+
 async def test_turn_affinity_keeps_node_then_ends(adapter, redis_client):
     await register(adapter, "a", max_jobs=10)
     await register(adapter, "b", max_jobs=10)

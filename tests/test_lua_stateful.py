@@ -1,6 +1,7 @@
 """Hypothesis state machine over the Lua scheduling scripts, against a real Valkey.
 
-Rules register nodes (and reconnect them), heartbeat, kill nodes (offline + every job
+Rules register nodes (and reconnect them), heartbeat (with a load score, above or below the
+threshold: a saturated node must get no job), kill nodes (offline + every job
 moved as the dispatcher does), dispatch jobs (with turn keep/end), complete them from the
 right or a wrong node and attempt, cancel them, expire their leases (redispatch), and fire
 stale redispatch triggers. After every step the Redis state itself must be consistent:
@@ -49,6 +50,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.ended: dict[str, dict] = {}  # job id -> {"key", "status"}: finished, failed or cancelled
         self.refused: list[str] = []  # job keys whose dispatch was refused (no job was made)
         self.alive: dict[str, int] = {}  # online nodes -> their last register or heartbeat (ms)
+        self.saturated: set[str] = set()  # nodes whose last heartbeat said saturated (a registration clears it)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -79,11 +81,13 @@ class ScriptsMachine(RuleBasedStateMachine):
     def _register(self, node):
         self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
         self.alive[node] = self.now
+        self.saturated.discard(node)
 
     def _check_placed(self, node):
         """A node that gets a job is online and heard from within the node TTL (6 s here)."""
         assert node in self.alive, f"job placed on {node}, which is offline"
         assert self.now - self.alive[node] <= 6_000, f"job placed on {node}, silent for {self.now - self.alive[node]} ms"
+        assert node not in self.saturated, f"job placed on {node}, whose load score is above the threshold"
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
@@ -124,12 +128,18 @@ class ScriptsMachine(RuleBasedStateMachine):
         self._register(node)
 
     @precondition(lambda self: self.max_jobs)
-    @rule(pick=st.integers(min_value=0, max_value=9), dt=st.integers(min_value=0, max_value=8000))
-    def heartbeat(self, pick, dt):
+    @rule(pick=st.integers(min_value=0, max_value=9), dt=st.integers(min_value=0, max_value=8000),
+          score=st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])))
+    def heartbeat(self, pick, dt, score):
         self.now += dt
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        if self._call(*lua.heartbeat(node, self.now))[0] == "OK":
+        saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
+        if self._call(*lua.heartbeat(node, self.now, None, score, saturated))[0] == "OK":
             self.alive[node] = self.now
+            if saturated:
+                self.saturated.add(node)
+            else:
+                self.saturated.discard(node)
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))

@@ -58,11 +58,26 @@ def test_node_register_pools_default_to_one_per_pair():
         '{"type":"register","node_id":"","lang_pairs":[["zh","en"]],"max_jobs":1}',
         '{"type":"job_result","job_id":"1","attempt":1,"status":"maybe"}',
         '{"type":"heartbeat","load":[1]}',
+        '{"type":"heartbeat","load_score":1.01}',
+        '{"type":"heartbeat","load_score":-0.1}',
+        '{"type":"heartbeat","load_score":"0.5"}',
+        '{"type":"heartbeat","load_score":true}',
+        '{"type":"heartbeat","load_score":1e999}',
     ],
 )
 def test_bad_node_frames(frame):
     with pytest.raises(p.ProtocolError):
         p.parse_node(frame)
+
+
+def test_a_load_score_is_a_number_from_0_to_1_and_optional():
+    assert p.parse_node('{"type":"heartbeat","load_score":0}').load_score == 0.0
+    assert p.parse_node('{"type":"heartbeat","load_score":1}').load_score == 1.0
+    assert p.parse_node('{"type":"heartbeat"}').load_score is None
+    assert "load_score" not in json.loads(p.encode(p.Heartbeat()))
+    assert json.loads(p.encode(p.Heartbeat(load_score=0.5)))["load_score"] == 0.5
+    with pytest.raises(p.ProtocolError, match="load_score must be a number from 0 to 1"):
+        p.parse_node('{"type":"heartbeat","load_score":2}')
 
 
 def test_client_and_node_message_sets_are_separate():

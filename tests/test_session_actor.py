@@ -325,3 +325,34 @@ async def test_pause_fire_overtaken_by_new_audio_is_void(nursery, autojump_clock
     await trio.sleep(0.9)  # the second frame's own pause deadline (0.8 s after it was taken)
     assert finalized(h.drain()) == [(0, "pause")]
     assert h.port.requests[0].audio == SPEECH * 2
+
+
+async def test_a_session_behind_real_time_is_measured_and_logged_once_per_episode(autojump_clock, caplog):
+    """session/lag.py over a real actor whose loop is not running yet (so nothing it was sent
+    is processed): its lag is the audio queued and the age of the oldest frame; past 1 s one
+    ``session_lagging`` warning, below half a second one ``session_caught_up``."""
+    import logging
+
+    from scheduler.session import lag
+    from scheduler.session.registry import SessionRegistry
+
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+    actor = SessionActor(session_id="S", src_lang="zh", tgt_langs=("en",), sample_rate=16000, settings=Settings(),
+                         jobs=RecordingPort(), metrics=metrics)
+    sessions = SessionRegistry(metrics)
+    sessions.add(actor)
+    for _ in range(3):
+        await actor.put_client_event(AudioIn.of(SPEECH))
+    assert actor.lag(trio.current_time()) == (300.0, 0.0)
+    for _ in range(4):  # 0.5 s per sample: 0, 0.5, 1.0, 1.5 s old
+        lag.sample(sessions, metrics, trio.current_time())
+        await trio.sleep(0.5)
+    while actor.backlog.take() is not None:  # processed
+        pass
+    lag.sample(sessions, metrics, trio.current_time())
+    lag.sample(sessions, metrics, trio.current_time())
+    events = [(r.event, r.fields) for r in caplog.records if getattr(r, "event", "").startswith("session_")]
+    assert events == [("session_lagging", {"session_id": "S", "lag_ms": 300, "oldest_frame_age_ms": 1500}),
+                      ("session_caught_up", {"session_id": "S", "lag_ms": 0})]
+    assert metrics.session_lag_seconds._sum.get() == pytest.approx(0 + 0.5 + 1.0 + 1.5)

@@ -59,12 +59,13 @@ local function candidate_nodes(lang_key, session_key, pools, nodes)
 end
 
 -- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
--- turn's affinity node if it is in list and eligible; else the least-loaded (current_jobs /
--- max_jobs) eligible node, ties broken by rand, preferring nodes held by instance `near`
+-- turn's affinity node if it is in list and eligible; else the least-loaded eligible node (load:
+-- current_jobs / max_jobs, or the node's load score when that is higher), ties broken by rand, preferring nodes held by instance `near`
 -- (their info's owner; '' prefers none): the least loaded of those wins when its load is at
 -- most `slack` above the least loaded of all (locality first: no job crosses instances for
 -- a small difference in load). `exclude` (may be '') is never chosen. A node is eligible when
--- online = 1, draining = 0, its last heartbeat is at most node_ttl_ms old and
+-- online = 1, draining = 0, not saturated (its last heartbeat's load score was above the
+-- threshold: heartbeat.lua), its last heartbeat is at most node_ttl_ms old and
 -- current_jobs < max_jobs, and the instance holding it (its info's owner) is not known dead:
 -- its liveness in instances_key ({scheduler}:instances, id -> lapse time in epoch ms) has not
 -- lapsed (an owner not listed counts as alive: its records are collected, and its nodes marked
@@ -73,8 +74,9 @@ local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exc
   -- load and owner of an eligible node, nil otherwise
   local function eligible_load(node)
     if node == exclude then return nil end
-    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner')
-    if info[1] ~= '1' or info[2] == '1' then return nil end
+    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner',
+                            'saturated', 'load_score')
+    if info[1] ~= '1' or info[2] == '1' or info[6] == '1' then return nil end
     if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
     local max_jobs = tonumber(info[3] or '0')
     local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
@@ -83,7 +85,8 @@ local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exc
       local lapses = redis.call('ZSCORE', instances_key, info[5])
       if lapses and tonumber(lapses) < now_ms then return nil end
     end
-    return current / max_jobs, info[5]
+    local score = tonumber(info[7] or '') or 0
+    return math.max(current / max_jobs, score), info[5]
   end
   local in_list = {}
   for _, node in ipairs(list) do in_list[node] = true end

@@ -6,8 +6,8 @@ Per connection: the first message must be ``register`` (token checked in constan
 
 * the reader: reads and parses frames and never waits for Redis, so the node's liveness is
   measured from frames arriving at its socket, not from the daemon's own Redis work. A
-  heartbeat only records the node's load (coalesced: one Redis write is queued at a time,
-  with the newest load); ``job_result`` and ``drain`` go to the worker's queue (capacity
+  heartbeat only records the node's load and load score (coalesced: one Redis write is
+  queued at a time, with the newest values); ``job_result`` and ``drain`` go to the worker's queue (capacity
   ``2 * max_jobs + 16``; when it is full the reader waits, and that wait is the daemon's,
   not the node's silence);
 * the worker: does the Redis work of those messages in order. An answer is kept until
@@ -26,6 +26,7 @@ dispatched again to other nodes (attempt + 1) by the dispatcher.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -188,7 +189,7 @@ class NodeGateway(wsutil.Gateway):
         Redis work goes to :meth:`_worker` (module docstring)."""
 
         async def heartbeat(msg: Heartbeat) -> None:
-            conn.load = msg.load
+            conn.load, conn.load_score = msg.load, msg.load_score
             if not conn.heartbeat_queued:
                 try:
                     work.send_nowait(msg)
@@ -223,7 +224,7 @@ class NodeGateway(wsutil.Gateway):
             async for msg in work:
                 if isinstance(msg, Heartbeat):
                     conn.heartbeat_queued = False
-                    await self._heartbeat(conn, conn.load)
+                    await self._heartbeat(conn)
                 elif isinstance(msg, JobResult):
                     await self._job_result(conn, msg)
                 else:
@@ -241,9 +242,26 @@ class NodeGateway(wsutil.Gateway):
             return "drained"
         return None
 
-    async def _heartbeat(self, conn: NodeConnection, load: dict[str, Any] | None) -> None:
+    async def _heartbeat(self, conn: NodeConnection) -> None:
+        """Store the newest load and load score. A score above ``--node-load-threshold`` makes
+        the node saturated: no instance places new jobs on it (choose_node.lua); when it falls
+        back, this instance's waiting lanes try again at once (others at their next retry)."""
+        score = conn.load_score
+        saturated = score is not None and score > self.settings.node_load_threshold
         try:
-            await self._scheduling.heartbeat(conn.node_id, load)
+            await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated)
+            if score is None:
+                with contextlib.suppress(KeyError):
+                    self._metrics.node_load_score.remove(conn.node_id)
+            else:
+                self._metrics.node_load_score.labels(conn.node_id).set(score)
+            if saturated != conn.saturated:
+                conn.saturated = saturated
+                self._nodes.count_saturated()
+                event(log, "node_saturated" if saturated else "node_unsaturated", logging.WARNING if saturated else logging.INFO,
+                      node_id=conn.node_id, load_score=score, threshold=self.settings.node_load_threshold)
+                if not saturated:
+                    self._dispatcher.slot_freed()
         except UnknownNode:
             # Redis lost the node (restarted without its data): register it again, as it is
             if conn.registration is not None:

@@ -151,6 +151,10 @@ class Settings:
         0.25, "several instances: a node attached to this instance is chosen over a less loaded one elsewhere "
               "while its load (busy slots / max_jobs) is at most this much higher; 0: only on a tie, 1: always "
               "when one is free (jobs that cross instances cost the relay)", group="nodes")
+    node_load_threshold: float = _opt(
+        0.75, "a node whose heartbeat's load_score is above this gets no new jobs (its turns' next jobs go to "
+              "another node); when every node of a language pair is above it, jobs wait as for a full pool. "
+              "1: never", group="nodes")
 
     # Process
     instance_id: str = _opt(attrs.Factory(_default_instance_id), "id of this daemon instance (default: host-pid-random)", group="process")
@@ -231,6 +235,8 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"workers must be 'auto' or a number >= 1 (got {s.workers!r})")
     if not 0 <= s.locality_slack <= 1:
         errors.append(f"locality_slack must be between 0 and 1 (got {s.locality_slack})")
+    if not 0 < s.node_load_threshold <= 1:
+        errors.append(f"node_load_threshold must be above 0 and at most 1 (got {s.node_load_threshold})")
     if s.owner_ttl_ms < 300:
         errors.append(f"owner_ttl_ms must be >= 300 (got {s.owner_ttl_ms})")
     if s.node_ttl_ms <= s.heartbeat_interval_ms:

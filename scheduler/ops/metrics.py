@@ -41,7 +41,16 @@ class Metrics:
             p + "finalize_latency_seconds", "From the event that triggered a finalize to its jobs being queued for dispatch",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
         self.finalize_total = Counter(p + "finalize_total", "Utterances finalized, by reason", ["reason"], registry=r)
+        self.session_lag_seconds = Histogram(
+            p + "session_lag_seconds", "Per live session, sampled every second: the age of the oldest audio frame its "
+            "client sent that the session has not processed yet (0 when it is caught up): how far behind real time it is",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0), registry=r)
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
+        self.node_load_score = Gauge(
+            p + "node_load_score", "Each node's last reported load score (0-1) for the nodes connected to this instance "
+            "that report one; above --node-load-threshold a node gets no new jobs", ["node_id"], registry=r)
+        self.nodes_saturated = Gauge(
+            p + "nodes_saturated", "Nodes connected to this instance whose load score is above --node-load-threshold", registry=r)
         self.jobs_total = Counter(p + "jobs_total", "Jobs by final status", ["status"], registry=r)
         self.jobs_in_flight = Gauge(p + "jobs_in_flight", "Jobs placed on a node and not yet answered", registry=r)
         self.jobs_waiting = Gauge(p + "jobs_waiting", "Jobs waiting for a free node slot", registry=r)

@@ -5,6 +5,7 @@ them; the router (``cluster/routing.py``) hands jobs to their outboxes, and
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import trio
@@ -30,6 +31,8 @@ class NodeConnection:
         self.last_seen = trio.current_time()  # the last frame from the node (its liveness)
         self.held = False  # the reader waits for room in the worker's queue: the daemon's wait, not the node's silence
         self.load: dict[str, Any] | None = None  # the newest heartbeat's load, written by the worker
+        self.load_score: float | None = None  # ... and its load score (None: the node reports none)
+        self.saturated = False  # its score above --node-load-threshold, as last written to Redis
         self.heartbeat_queued = False  # a heartbeat is in the worker's queue (one at a time)
         self.end_reason: str | None = None  # set by the worker when it closed the node ("drained")
         self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
@@ -68,7 +71,13 @@ class NodeRegistry:
     def remove(self, conn: NodeConnection) -> None:
         if self._nodes.get(conn.node_id) is conn:
             del self._nodes[conn.node_id]
+            with contextlib.suppress(KeyError):
+                self._metrics.node_load_score.remove(conn.node_id)
         self._metrics.nodes_online.set(len(self._nodes))
+        self.count_saturated()
+
+    def count_saturated(self) -> None:
+        self._metrics.nodes_saturated.set(sum(c.saturated for c in self._nodes.values()))
 
 
 class NodeRoute(Protocol):

@@ -108,9 +108,11 @@ class SchedulingClient:
                 if attempt == STALE_RETRIES:
                     raise
 
-    async def heartbeat(self, node_id: str, load: dict[str, Any] | None) -> None:
-        """Raises UnknownNode when Redis lost the node (restarted empty)."""
-        await self._redis.script(*lua.heartbeat(node_id, now_ms(), load))
+    async def heartbeat(self, node_id: str, load: dict[str, Any] | None, load_score: float | None = None,
+                        saturated: bool = False) -> None:
+        """Raises UnknownNode when Redis lost the node (restarted empty). A ``saturated`` node
+        gets no new jobs from any instance (choose_node.lua)."""
+        await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated))
 
     async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool, conn_id: str = "") -> None:
         """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance);
@@ -137,6 +139,8 @@ class SchedulingClient:
                 "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
                 "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
                 "load": json.loads(info.get("load_json") or "{}"),
+                "load_score": float(info["load_score"]) if info.get("load_score") else None,
+                "saturated": info.get("saturated") == "1",
                 "capabilities": json.loads(info.get("cap_json") or "{}"),
             })
         return nodes

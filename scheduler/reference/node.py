@@ -116,7 +116,8 @@ class ReferenceNode:
     async def _heartbeats(self, ws, interval: float) -> None:
         while True:
             await trio.sleep(interval)
-            await ws.send_message(encode(Heartbeat(load={"jobs": len(self._jobs)})))
+            busy = len(self._jobs)  # its load score: busy slots over max_jobs (an engine's own measure would do too)
+            await ws.send_message(encode(Heartbeat(load={"jobs": busy}, load_score=min(1.0, busy / self.options.max_jobs))))
 
     async def _job(self, ws, job: JobAssign) -> None:
         o = self.options

@@ -113,6 +113,7 @@ class SessionActor:
         self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
         self.started_at = trio.current_time()
         self.taken_over = False
+        self.lagging = False  # a session_lagging episode is open (session/lag.py)
 
     # ------------------------------------------------------------ producers' API
 
@@ -164,6 +165,12 @@ class SessionActor:
     @property
     def buffered_ms(self) -> float:
         return self.core.buffered_ms
+
+    def lag(self, now: float) -> tuple[float, float]:
+        """How far behind real time the actor is with the client's audio: (ms of audio received
+        and not yet processed, age in seconds of the oldest such frame)."""
+        nbytes, age = self.backlog.lag(now)
+        return nbytes * 1000 / (self.sample_rate * audio.BYTES_PER_SAMPLE), age
 
     def timer_deadlines(self) -> dict[str, float]:
         """When each of the core's deadlines comes due (``inf``: none); for tests and introspection."""

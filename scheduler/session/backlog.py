@@ -12,6 +12,11 @@ and close events are never merged and never dropped.
 Memory bound: :meth:`put` waits (so the reader stops reading the socket, pushing back on the
 client over TCP) while the backlog holds ``2 * budget`` events or ``max_bytes`` of audio.
 So one session holds at most that much, whatever its client sends.
+
+Real-time lag (:meth:`lag`): how far behind the actor is with the client's audio, as the
+audio queued here (received, not yet processed: bytes, turned into ms by the session) and
+the age of the oldest frame not yet processed (queued here, or held by a :meth:`put` that
+waits for room), on the Trio clock.
 """
 
 from __future__ import annotations
@@ -31,20 +36,24 @@ class _Merging:
 
     frames: list[bytes]
     is_final: bool
+    since: float  # when its first frame arrived (the backlog's clock: trio.current_time())
 
     def freeze(self, queued_behind: int) -> AudioIn:
         return AudioIn(tuple(self.frames), self.is_final, queued_behind)
 
 
 class ClientBacklog:
-    def __init__(self, budget: int, max_bytes: int, wake: Callable[[], None]) -> None:
+    def __init__(self, budget: int, max_bytes: int, wake: Callable[[], None],
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.budget = budget
+        self._clock = clock
         self.max_bytes = max_bytes
         self._wake = wake
         self._queue: collections.deque[_Merging | FinalizeIn | CloseIn] = collections.deque()
         self._bytes = 0
         self._space = trio.Event()
         self.merged_frames_total = 0
+        self._blocked_since: float | None = None  # a put waits for room since then (its frame is unprocessed too)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -58,12 +67,18 @@ class ClientBacklog:
 
     async def put(self, ev: ClientEvent) -> None:
         """Queue (or merge) one client event; waits while the backlog is at its memory bound."""
-        while self._full():
-            self._space = trio.Event() if self._space.is_set() else self._space
-            await self._space.wait()
-        self.put_nowait(ev)
+        arrived = self._clock()
+        if self._full():
+            self._blocked_since = arrived
+            try:
+                while self._full():
+                    self._space = trio.Event() if self._space.is_set() else self._space
+                    await self._space.wait()
+            finally:
+                self._blocked_since = None
+        self.put_nowait(ev, arrived)
 
-    def put_nowait(self, ev: ClientEvent) -> None:
+    def put_nowait(self, ev: ClientEvent, arrived: float | None = None) -> None:
         """Like :meth:`put` without the memory bound (for tests that drive the actor directly)."""
         was_empty = not self._queue
         if isinstance(ev, AudioIn):
@@ -74,11 +89,19 @@ class ClientBacklog:
                 tail.is_final = ev.is_final
                 self.merged_frames_total += len(ev.frames)
             else:
-                self._queue.append(_Merging(list(ev.frames), ev.is_final))
+                self._queue.append(_Merging(list(ev.frames), ev.is_final, self._clock() if arrived is None else arrived))
         else:
             self._queue.append(ev)
         if was_empty:
             self._wake()
+
+    def lag(self, now: float) -> tuple[int, float]:
+        """(audio bytes received and not yet processed, age in seconds of the oldest such
+        frame; 0 when there is none)."""
+        oldest = next((item.since for item in self._queue if isinstance(item, _Merging)), None)
+        if self._blocked_since is not None:
+            oldest = self._blocked_since if oldest is None else min(oldest, self._blocked_since)
+        return self._bytes, 0.0 if oldest is None else max(0.0, now - oldest)
 
     def take(self) -> ClientEvent | None:
         """Next event for the actor, or None when empty. Frees room for a waiting :meth:`put`."""
