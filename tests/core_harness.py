@@ -28,7 +28,7 @@ class CoreHarness(SessionModel):
         super().__init__(**kwargs)
         self.core = core_class(**self.session_args)
         max_bytes = 2 * int(self.settings.max_utterance_ms * 16000 * audio.BYTES_PER_SAMPLE / 1000)
-        self.backlog = backlog_class(self.settings.max_pending_events, max_bytes, lambda: None)
+        self.backlog = backlog_class(self.settings.max_pending_events, max_bytes, lambda: None, lambda: self.t)
         self.watch(self.backlog)
         self.inbox: collections.deque[object] = collections.deque()
         self.outbox: collections.deque[object] = collections.deque()
