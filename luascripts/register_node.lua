@@ -34,7 +34,8 @@ local nodes_key = KEYS[4]
 -- the id of the node's connection (a new one per socket; the same when a connection registers
 -- again because Redis forgot it). dispatch_task returns it with each placement, so that the
 -- placing instance can tell that the connection which got a job is gone (dispatcher.py).
--- ARGV[9+n] m, ARGV[9+n+j] the name of old pool j (as the caller read them).
+-- ARGV[9+n] m, ARGV[9+n+j] the name of old pool j (as the caller read them),
+-- ARGV[10+n+m] the language pairs served, a JSON list of [src, tgt] (shown by /cluster).
 local node_id = ARGV[1]
 local cap_json = ARGV[2]
 local max_jobs = tonumber(ARGV[3])
@@ -44,6 +45,7 @@ local n = tonumber(ARGV[6])
 local node_ttl_s = tonumber(ARGV[7 + n])
 local conn_id = ARGV[8 + n] or ''
 local m = tonumber(ARGV[9 + n] or '0')
+local pairs_json = ARGV[10 + n + m] or '[]'
 
 local serves, names = {}, {}
 for i = 1, n do
@@ -80,7 +82,8 @@ end
 redis.call('HSET', info_key,
   'node_id', node_id, 'online', '1', 'draining', '0', 'cap_json', cap_json,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
-  'load_json', '{}', 'load_score', '', 'saturated', '0', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names))
+  'load_json', '{}', 'load_score', '', 'saturated', '0', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names),
+  'lang_pairs', pairs_json)
 redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)

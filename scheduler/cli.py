@@ -1,9 +1,10 @@
-"""Command line: ``scheduler serve | node | client`` (also ``python -m scheduler``)."""
+"""Command line: ``scheduler serve | status | node | client`` (also ``python -m scheduler``)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import ssl
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ scripts on Redis/Valkey, and streams results back in order.
 
 commands:
   serve    run the daemon (embedded Valkey unless --redis-url is given)
+  status   print the cluster (instances, nodes, language pairs) from an admin port
   node     run a reference worker node (fake transcription, for tests and demos)
   client   stream a WAV file to the daemon and print the results
 
@@ -87,7 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
     _add_client_parser(sub)
+    _add_status_parser(sub)
     return parser
+
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="print the cluster from an admin port",
+                            description="Print the cluster as Redis knows it (GET /cluster on the admin port of any "
+                                        "instance or --workers supervisor: every one answers the same): instances "
+                                        "with their sessions and jobs, nodes with slots and load scores, per "
+                                        "language pair the nodes that can take a job and their free slots, and the "
+                                        "balance of jobs over nodes. Exit code 1 when the port cannot be read.",
+                            epilog="The admin token (the daemon's --admin-token) is read from SCHEDULER_ADMIN_TOKEN, "
+                                   "or from the file named by --admin-token-file / SCHEDULER_ADMIN_TOKEN_FILE; "
+                                   "never give it on the command line.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    status.add_argument("--url", default="http://127.0.0.1:8766", metavar="ADMIN",
+                        help="the admin URL of an instance or supervisor")
+    status.add_argument("--json", action="store_true", help="print the /cluster JSON instead of tables")
+    status.add_argument("--admin-token-file", default=None, metavar="FILE", help="read the admin token from FILE")
+    status.add_argument("--cafile", default=None, metavar="PEM",
+                        help="for https://: trust the certificates in this file instead of the system's trust store")
 
 
 def _add_client_parser(sub: argparse._SubParsersAction) -> None:
@@ -208,6 +230,18 @@ def _client(args: argparse.Namespace) -> int:
     return 0 if transcript.complete and not transcript.errors else 1
 
 
+def _status(args: argparse.Namespace) -> int:
+    from scheduler.ops.status_cli import StatusError, admin_token, fetch_cluster, render
+
+    try:
+        cluster = fetch_cluster(args.url, admin_token(args.admin_token_file), args.cafile)
+    except StatusError as exc:
+        print(f"scheduler status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(cluster, indent=2) if args.json else render(cluster))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,5 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _client(args)
     if args.command == "config":
         return _config(args, parser)
+    if args.command == "status":
+        return _status(args)
     parser.print_help()
     return 2

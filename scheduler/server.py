@@ -27,6 +27,7 @@ import trio
 from trio_websocket import WebSocketRequest
 
 from scheduler.cluster.location import locate
+from scheduler.cluster.overview import overview
 from scheduler.cluster.ownership import Ownership
 from scheduler.cluster.routing import Router
 from scheduler.edge import handshake, wsutil
@@ -205,7 +206,9 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     redis.outage.on_end.append(lambda seconds: _outage_ended(seconds, sessions, metrics))
     nodes = NodeRegistry(metrics)
     scheduling = SchedulingClient(redis)
-    ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms)
+    ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,  # (its counts: GET /cluster)
+                          stats=lambda: {"sessions": len(sessions), "nodes": len(nodes),
+                                         "jobs_in_flight": len(dispatcher.placed), "jobs_waiting": dispatcher.waiting})
     # The router hands the dispatcher's jobs to nodes, and tells the dispatcher when an answer
     # for one of its jobs arrived over the relay: the dispatcher is made just below, so that
     # one call is looked up when it happens.
@@ -306,7 +309,8 @@ async def _serve(
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),
                             lambda: _status(running, parts.dispatcher), cors_origins=settings.admin_cors_origins,
                             ssl_context=context, boundary=boundary, tokens=settings.admin_tokens,
-                            lookups={"/sessions/": partial(_session_location, redis, parts.ownership)})
+                            lookups={"/sessions/": partial(_session_location, redis, parts.ownership),
+                                     "/cluster": partial(_cluster, redis, parts.ownership, parts.scheduling)})
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         running = Running(settings=settings, ws_port=ws_server.port, admin_port=admin_port, redis_url=url,
                           metrics=parts.metrics, sessions=parts.sessions, nodes=parts.nodes, redis=redis,
@@ -431,6 +435,16 @@ async def _session_location(redis: RedisAdapter, ownership: Ownership, session_i
     if found is None:
         return 404, {"error": "UNKNOWN_SESSION", "message": "no such session (never opened, expired, or not journaled)"}
     return 200, found
+
+
+async def _cluster(redis: RedisAdapter, ownership: Ownership, scheduling: SchedulingClient, rest: str) -> tuple[int, dict]:
+    """``GET /cluster``: every instance, node and language pair, from Redis (cluster/overview.py)."""
+    if rest not in ("", "/"):
+        return 404, {"error": "NOT_FOUND", "message": "no such path"}
+    try:
+        return 200, await overview(redis, ownership, scheduling)
+    except RedisUnavailable as exc:
+        return 503, {"error": "UNAVAILABLE", "message": f"state store unavailable ({exc.reply})"}
 
 
 def _admission_status(admission: AdmissionControl | None) -> dict | None:

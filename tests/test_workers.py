@@ -71,7 +71,9 @@ async def test_two_workers_one_port_one_admin_restart_and_drain(tmp_path):
             for _ in range(4):  # sessions land on either worker; the job reaches n1 either way
                 async with peer(sup.ws_url + "/v1/session") as client:
                     await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
-                    assert (await client.recv())["type"] == "session_ready"
+                    ready = await client.recv()
+                    assert ready["type"] == "session_ready"
+                    session_id = ready["session_id"]
                     await speak(client)
                     await client.send(type="finalize")
                     job = await node.recv(timeout=10)
@@ -79,6 +81,13 @@ async def test_two_workers_one_port_one_admin_restart_and_drain(tmp_path):
                                     source_text="s", text="t")
                     result, _ = await client.recv_until("result", timeout=10)
                     assert result["status"] == "SUCCESS"
+            code, cluster = await sup.get("/cluster")  # the cluster and location APIs, asked of a worker
+            assert code == 200 and {i["instance_id"] for i in json.loads(cluster)["instances"]} == \
+                {w["status"]["instance_id"] for w in workers}
+            assert [n["node_id"] for n in json.loads(cluster)["nodes"]] == ["n1"]
+        code, where = await sup.get(f"/sessions/{session_id}")
+        assert code == 200 and json.loads(where)["state"] in ("ended", "resumable"), where
+        assert (await sup.get("/sessions/" + "0" * 32))[0] == 404 and (await sup.get("/sessions/{x}"))[0] == 400
         metrics = (await sup.get("/metrics"))[1]
         assert 'scheduler_sessions_total{worker="0"}' in metrics and 'scheduler_sessions_total{worker="1"}' in metrics
         dead = workers[0]["pid"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -50,12 +51,13 @@ COLLECT_EVERY_S = 5.0
 
 class Ownership:
     def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
-                 grace_ms: int | None = None) -> None:
+                 grace_ms: int | None = None, stats: Callable[[], dict[str, int]] = dict) -> None:
         self._redis = redis
         self.instance_id = instance_id
         self.ttl_ms = ttl_ms
         self.grace_ms = ttl_ms if grace_ms is None else grace_ms  # after an outage: liveness lapsed by it still counts
         self.ws_url = ws_url
+        self.stats = stats  # counts published with the liveness record (cluster/overview.py)
         self._started_ms = now_ms()
 
     # ------------------------------------------------------------ claims
@@ -144,7 +146,7 @@ class Ownership:
 
     async def refresh(self) -> None:
         """This instance is alive for another ``ttl_ms``: two commands, whatever it holds."""
-        info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms})
+        info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms, **self.stats()})
         await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms)
         await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
 

@@ -42,13 +42,14 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.ops import secrets, tls
-from scheduler.ops.admin import AdminServer
+from scheduler.ops.admin import AdminServer, Lookup
 from scheduler.ops.config import Settings, env_name
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
 from scheduler.ops.redis_policy import check_policy, embedded_args, read_policies
 from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
+from scheduler.protocol import ID_PATTERN
 
 log = logging.getLogger("scheduler.supervisor")
 
@@ -140,6 +141,33 @@ def _get(port: int, path: str, tls: bool = False, token: str | None = None) -> t
         return 0, b""
 
 
+async def _ask_a_worker(workers: list[Worker], token: str | None, path: str) -> tuple[int, dict]:
+    """A Redis-backed answer (``/sessions/<id>``, ``/cluster``) from the first worker that
+    gives one, ready ones first: any worker answers the same from Redis. 503 when none can."""
+    for worker in sorted(workers, key=lambda w: not w.ready):
+        code, body = await trio.to_thread.run_sync(_get, worker.admin_port, path, worker.tls, token)
+        if code in (200, 400, 404):
+            return code, json.loads(body)
+    return 503, {"error": "UNAVAILABLE", "message": "no worker could answer"}
+
+
+def _lookups(workers: list[Worker], token: str | None) -> dict[str, Lookup]:
+    """The location and cluster APIs on the supervisor's port, asked of a worker (the input
+    checked here first, as the worker would: only a valid id travels on)."""
+
+    async def session(rest: str) -> tuple[int, dict]:
+        if not ID_PATTERN.fullmatch(rest):
+            return 400, {"error": "BAD_SESSION_ID", "message": "not a session id"}
+        return await _ask_a_worker(workers, token, "/sessions/" + rest)
+
+    async def cluster(rest: str) -> tuple[int, dict]:
+        if rest not in ("", "/"):
+            return 404, {"error": "NOT_FOUND", "message": "no such path"}
+        return await _ask_a_worker(workers, token, "/cluster")
+
+    return {"/sessions/": session, "/cluster": cluster}
+
+
 async def _poll(worker: Worker, token: str | None) -> None:
     """Keep the worker's readiness, status and metrics fresh for the box's admin port."""
     while True:
@@ -196,7 +224,7 @@ async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_p
     context = tls.server_context(settings.tls_cert, settings.tls_key)
     admin = AdminServer(_WorkerMetrics(workers), lambda: _readiness(workers, stopping), lambda: _status(workers),
                         health=lambda: _health(workers), cors_origins=settings.admin_cors_origins, ssl_context=context,
-                        tokens=settings.admin_tokens)
+                        tokens=settings.admin_tokens, lookups=_lookups(workers, next(iter(settings.admin_tokens), None)))
     async with trio.open_nursery() as nursery:
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         nursery.start_soon(notifier.watchdog)

@@ -29,7 +29,8 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
         + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs]
         + [keys.pool_members(pool) for pool in old_pools],
         [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs]
-        + [keys.KEY_TTL_S, conn_id, len(old_pools), *old_pools],
+        + [keys.KEY_TTL_S, conn_id, len(old_pools), *old_pools,
+           json.dumps(sorted({(src, tgt) for _, src, tgt in pool_pairs}))],
     )
 
 

@@ -127,19 +127,23 @@ class SchedulingClient:
         return sum(n for n in held if not isinstance(n, BaseException))
 
     async def nodes_status(self) -> list[dict[str, Any]]:
-        """Every registered node (any instance): id, state, capacity, load, owner, capabilities."""
+        """Every registered node (any instance): id, state, capacity, load, owner, capabilities,
+        language pairs; two round trips, however many nodes."""
+        node_ids = sorted(await self._redis.command("SMEMBERS", keys.nodes_all()))
+        replies = await self._redis.commands_many(
+            [c for n in node_ids for c in (("HGETALL", keys.node_info(n)), ("HGET", keys.node_runtime(n), "current_jobs"))],
+            raise_errors=True)
         nodes = []
-        for node_id in sorted(await self._redis.command("SMEMBERS", keys.nodes_all())):
-            info = await self._redis.command("HGETALL", keys.node_info(node_id))
+        for node_id, info, current in zip(node_ids, replies[::2], replies[1::2], strict=True):
             if not info:
                 continue
-            current = await self._redis.command("HGET", keys.node_runtime(node_id), "current_jobs")
             nodes.append({
                 "node_id": node_id, "online": info.get("online") == "1", "draining": info.get("draining") == "1",
                 "max_jobs": int(info.get("max_jobs", 0)), "current_jobs": int(current or 0),
                 "last_heartbeat_ts": int(info.get("last_heartbeat_ts", 0)), "owner": info.get("owner"),
                 "load": json.loads(info.get("load_json") or "{}"),
                 "load_score": float(info["load_score"]) if info.get("load_score") else None,
+                "lang_pairs": json.loads(info.get("lang_pairs") or "[]"),
                 "saturated": info.get("saturated") == "1",
                 "capabilities": json.loads(info.get("cap_json") or "{}"),
             })
