@@ -97,6 +97,7 @@ class ActorHarness(SessionModel):
 
     async def settle(self) -> None:
         await trio.testing.wait_all_tasks_blocked()
+        self.check_worked_off()
         self.settled()
         if self.client_reading:
             while True:
@@ -104,6 +105,15 @@ class ActorHarness(SessionModel):
                     self.actor.outbox.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+
+    def check_worked_off(self) -> None:
+        """Every task is blocked: a live actor waits for its inbox, so nothing it was given may
+        still be queued. Queued client input (or an inbox item) now would wait for an unrelated
+        event (an answer, a deadline) instead of being worked off at once."""
+        if self.alive:
+            inbox = self.actor.inbox_send.statistics().current_buffer_used
+            assert not len(self.actor.backlog) and not inbox, (
+                f"{len(self.actor.backlog)} client events and {inbox} inbox items queued while the actor waits")
 
     async def race_with(self, events: list[str], seconds: float) -> None:
         """Queue ``events`` and move the clock in one step (no checkpoint in between)."""

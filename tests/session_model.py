@@ -173,6 +173,7 @@ class SessionModel:
         self.close_after: int | None = None
         self.cuts: list[int] = []  # per finalize / is_final sent: the serial of the frame it cuts after
         self.taken_at: dict[int, float] = {}  # frame serial -> when the session took it
+        self.taken_open: set[int] = set()  # serials of the speech frames taken while the session was open
         self.busy_owed = 0  # busy messages the hysteresis calls for, from the audio events taken
         self.busy_backlog: list[int] = []  # the backlog each of them reports
         self.early_allowed = 0  # merged events taken with half the budget or more behind them
@@ -239,6 +240,8 @@ class SessionModel:
                             self._silence_after += 1
                 for pcm in filter(None, ev.frames):  # (an empty frame carries nothing)
                     self.taken_at[frame_serial(pcm)] = now
+                    if self.closing is None and self.sent[frame_serial(pcm)].speech:
+                        self.taken_open.add(frame_serial(pcm))
                 self.merged_taken += len(ev.frames) - 1
                 behind = len(backlog)
                 assert ev.queued_behind == behind, f"told {ev.queued_behind} events queued behind, {behind} are"
@@ -664,3 +667,9 @@ class SessionModel:
         if last is not None:
             dropped = [n for n, f in self.sent.items() if f.speech and n <= last and n not in self._covered]
             assert not dropped, f"speech frames {dropped[:5]} sent before the close are in no utterance"
+        # a drain (shutdown) or an idle close finalizes the open utterance: every speech frame
+        # the session took before it closed is in an utterance, whose results went out before
+        # session_closed (checked above: no session_closed before every result)
+        if self.ended in ("shutdown", "idle_timeout", "client_close"):
+            dropped = sorted(self.taken_open - self._covered)
+            assert not dropped, f"speech frames {dropped[:5]} taken before the {self.ended} are in no utterance"

@@ -15,11 +15,12 @@ result and ``session_closed``, no permanent stall), at most 60 examples of 30 st
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize
+from hypothesis.stateful import initialize, run_state_machine_as_test
 
 from scheduler.session.actor import SessionActor
 
@@ -67,6 +68,25 @@ class ActorMachine(SessionRules):
 TestActorMachine = ActorMachine.TestCase
 # the shell's machine is the smaller one: the core's (test_core_stateful.py) explores the decisions
 TestActorMachine.settings = settings(settings(), max_examples=min(settings().max_examples, 60), stateful_step_count=30)
+
+
+class ForgetsTheWakeToken(SessionActor):
+    """The backlog does not wake the actor: client input waits for the next answer or deadline."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.backlog._wake = lambda: None
+
+
+def test_the_actor_machine_finds_input_left_waiting():
+    """The check that queued input is worked off at once can fail: it catches an actor that
+    lets its input wait for an unrelated event."""
+    class Broken(ActorMachine):
+        actor_class = ForgetsTheWakeToken
+
+    with pytest.raises(AssertionError, match="queued while the actor waits"):
+        run_state_machine_as_test(Broken, settings=settings(max_examples=200, stateful_step_count=10, deadline=None,
+                                                            database=None, print_blob=False))
 
 
 # ---------------------------------------------------------------- named regressions (seed cases)

@@ -115,6 +115,15 @@ class DropsSpeechOnClose(SessionCore):
         super()._begin_close(reason, now)
 
 
+class DropsSpeechOnShutdown(SessionCore):
+    """The daemon's drain drops the open utterance (close_session still cuts it)."""
+
+    def _begin_close(self, reason, now):
+        if self.close_reason is None and reason == "shutdown":
+            self._reset_utterance()
+        super()._begin_close(reason, now)
+
+
 class TakesAudioAfterClose(SessionCore):
     """Audio (and finalize) sent after close_session is still cut into utterances."""
 
@@ -215,7 +224,8 @@ def search_broken(core_class: type[SessionCore] = SessionCore, backlog_class: ty
 
 @pytest.mark.parametrize(("broken", "check"), [
     (StaleTimeoutCore, "timeout cut|pause cut|indexes|late|overdue|timeout missed"),
-    (DropsSpeechOnClose, "sent before the close are in no utterance"),
+    (DropsSpeechOnClose, "sent before the close are in no utterance|taken before the"),
+    (DropsSpeechOnShutdown, "taken before the shutdown are in no utterance"),
     (TakesAudioAfterClose, "sent after the close was taken"),
     (LaterCloseCauseWins, "overwritten by|session_closed says"),
     (TimeoutFromLastFrame, "timeout missed"),
