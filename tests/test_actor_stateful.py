@@ -86,7 +86,7 @@ def test_the_actor_machine_finds_input_left_waiting():
 
     with pytest.raises(AssertionError, match="queued while the actor waits"):
         run_state_machine_as_test(Broken, settings=settings(max_examples=200, stateful_step_count=10, deadline=None,
-                                                            database=None, print_blob=False))
+                                                            database=None, print_blob=False, report_multiple_bugs=False))
 
 
 # ---------------------------------------------------------------- named regressions (seed cases)

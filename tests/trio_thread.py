@@ -31,8 +31,10 @@ class TrioThread:
     on thread timing, and a failing example replays exactly.
     """
 
-    def __init__(self) -> None:
-        self.clock = trio.testing.MockClock()
+    def __init__(self, *, real_time: bool = False) -> None:
+        """``real_time``: Trio's own clock instead (a daemon's sockets and timers run as in
+        production; a call still returns once the loop has nothing runnable)."""
+        self.clock = None if real_time else trio.testing.MockClock()
         self._instrument = _IdleInstrument()
         self._ready = threading.Event()
         self.error: BaseException | None = None
