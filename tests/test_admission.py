@@ -160,3 +160,44 @@ async def test_the_overload_guard_refuses_new_sessions_while_the_loop_lags(start
     names = [getattr(r, "event", None) for r in caplog.records]
     assert "overload_guard_engaged" in names and "overload_guard_released" in names
     assert running.metrics.event_loop_lag_seconds._value.get() < 0.05
+
+
+async def test_a_daemon_process_refuses_when_full_and_while_its_loop_lags(tmp_path):
+    """`scheduler serve` as its own process: past --max-sessions a new session gets
+    SERVER_FULL and /readyz 503 "full"; then the process is stopped for 3 s (SIGSTOP: its event
+    loop wakes that late once), so the overload guard engages (new sessions refused,
+    "overloaded") and releases by itself, and new sessions are admitted again."""
+    import os
+    import signal
+    import urllib.parse
+
+    from .test_e2e import Daemon, log_events
+
+    d = Daemon(tmp_path, "--max-sessions", "2", "--overload-lag-ms", "5")
+    running = d  # (init_answer and session need only its ws_url, readyz its admin_url)
+    admin_port = urllib.parse.urlsplit(d.admin_url).port
+    try:
+        with trio.fail_after(60):
+            await wait_for(lambda: readyz_is(d, 200), timeout=10)
+            async with peer(d.ws_url + "/v1/node") as node:
+                await node.register("n1", max_jobs=2)
+                async with session(running):  # one new session (the second place is the resume reserve)
+                    answer, code = await init_answer(running)
+                    assert answer["code"] == "SERVER_FULL" and code == 1013, answer
+                    assert await trio.to_thread.run_sync(http_get, admin_port, "/readyz") == (503, "full\n")
+                await wait_for(lambda: readyz_is(d, 200), timeout=10)
+                os.kill(d.proc.pid, signal.SIGSTOP)
+                await trio.sleep(3)
+                os.kill(d.proc.pid, signal.SIGCONT)
+                seen = set()
+                while "overload_guard_released" not in log_events(d.log_path):
+                    answer, code = await init_answer(running)
+                    seen.add("overloaded" if answer["type"] == "error" and "overloaded" in answer["message"] else answer["type"])
+                    await trio.sleep(0.05)
+                assert "overloaded" in seen, seen  # refused while the guard was engaged
+                async with session(running):  # and admitted again once it released
+                    pass
+        assert "overload_guard_engaged" in log_events(d.log_path)
+    finally:
+        assert d.stop() == 0
+
