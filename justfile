@@ -41,6 +41,12 @@ bench-adapter *ARGS: sync
 bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
+# overload A/B: one daemon process offered about twice what it carries (clients arriving over 20 s),
+# with --max-sessions and without any limit, in one period; JSON in bench/results/overload.json
+# (just bench-overload --offered 300 --max-sessions 150 --rounds 2; docs/performance.md, "Overload, A/B")
+bench-overload *ARGS: sync
+    uv run --frozen --group bench python bench/overload.py {{ARGS}}
+
 # the session core's Hypothesis state machine, 10,000 examples: two searches of 5,000 with fresh seeds,
 # one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N;
 # then the decode path's fuzz properties with 20,000 examples each (STRESS_EXAMPLES_DECODE)

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,7 @@ class Record:
         self.node_jobs = 0
         self.node_failed = 0
         self.ready = 0
+        self.admit_wait: list[float] = []  # per admitted session: from asking to session_ready (refusals waited out)
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -217,14 +219,19 @@ class Audio:
 
 
 async def client(url: str, n: int, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
-                 stop_at: list[float], rng: random.Random) -> None:
-    """One real-time client, on the client library (scheduler.client; no resume: a broken
-    session counts as an error)."""
+                 stop_at: list[float], rng: random.Random, reconnects: int = 0,
+                 on_ready: Callable[[], None] = lambda: None) -> None:
+    """One real-time client, on the client library (scheduler.client; by default no resume:
+    a broken session counts as an error; with ``reconnects`` a refused one waits the daemon's
+    retry_after_ms and tries again, that many times)."""
     chunk = args.chunk_ms / 1000
     try:
-        async with connect(url, src_lang=PAIR[0], tgt_langs=[PAIR[1]], sample_rate=RATE, reconnects=0) as session:
+        asked = trio.current_time()
+        async with connect(url, src_lang=PAIR[0], tgt_langs=[PAIR[1]], sample_rate=RATE, reconnects=reconnects) as session:
             sid = session.session_id
             rec.ready += 1
+            rec.admit_wait.append(trio.current_time() - asked)
+            on_ready()
 
             async def receive() -> None:
                 async for msg in session:
@@ -278,13 +285,15 @@ async def _talk(session, sid: str, args: argparse.Namespace, audio: Audio, rec: 
 # ---------------------------------------------------------------- the run
 
 
-def start_daemon(args: argparse.Namespace, redis_url: str) -> tuple[subprocess.Popen, str, int]:
+def start_daemon(args: argparse.Namespace, redis_url: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen, str, int]:
+    """``cpus``: pin the daemon (every thread it will have) to these CPUs."""
     ws_port, admin_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "scheduler", "serve", "--ws-port", str(ws_port), "--admin-port", str(admin_port),
            "--redis-url", redis_url, "--idle-timeout-ms", "600000", "--pause-ms", str(args.pause_ms),
            "--log-level", "warning", "--redis-pool-size", str(args.redis_pool_size), *args.daemon_arg]
     with open(Path(args.out).with_suffix(".daemon.log"), "w") as log:  # the child keeps its own descriptor
-        daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -435,9 +444,9 @@ async def _sessions(args, url, daemon, valkey_pid, r, rec, rng, nursery, result,
     # now the clients close their sessions and wait for the last answers
 
 
-def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timeline: list[dict[str, float]]) -> dict[str, Any]:
-    w = result.pop("_window")
-    active_s, results_in_window = w["active_s"], w["results_in_window"]
+def latencies(rec: Record) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per utterance with a result: (finalize -> dispatch, e2e - service, daemon overhead,
+    order wait), in seconds (module docstring)."""
     dispatch, e2e_minus_service, overhead, order_wait = [], [], [], []
     by_session: dict[str, list[int]] = {}
     for (sid, idx) in rec.result:
@@ -456,6 +465,13 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
                 order_wait.append(wait)
                 overhead.append(got - final_t - service - wait)
             prev_result = got
+    return dispatch, e2e_minus_service, overhead, order_wait
+
+
+def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timeline: list[dict[str, float]]) -> dict[str, Any]:
+    w = result.pop("_window")
+    active_s, results_in_window = w["active_s"], w["results_in_window"]
+    dispatch, e2e_minus_service, overhead, order_wait = latencies(rec)
     statuses: dict[str, int] = {}
     for _, status in rec.result.values():
         statuses[status] = statuses.get(status, 0) + 1

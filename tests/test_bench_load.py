@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import load  # noqa: E402
+import overload  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,3 +28,23 @@ async def test_small_load_run_reports_every_number(tmp_path):
     assert active["redis_evalsha_per_result"] >= 2  # dispatch + complete at least
     assert not active["errors"]
     assert data["timeline"] and len(data["_samples"]["overhead"]) == active["finalize_to_dispatch_ms"]["n"]
+
+
+async def test_small_overload_ab_refuses_the_excess_only_with_admission(tmp_path):
+    """bench/overload.py (`just bench-overload`): 8 clients for 3 places (2 new, 1 resume
+    reserve), both modes; the harness gives its CPU pinning back afterwards."""
+    import os
+
+    before = os.sched_getaffinity(0)
+    args = overload.parser().parse_args(["--offered", "8", "--max-sessions", "3", "--ramp", "0.5", "--hold", "3",
+                                         "--session-s", "100", "--nodes", "1", "--service-ms", "50",
+                                         "--out", str(tmp_path / "overload.json")])
+    data = await overload.run(args)
+    assert os.sched_getaffinity(0) == before
+    by_mode = {p["mode"]: p for p in data["phases"]}
+    admission, open_ = by_mode["admission"], by_mode["open"]
+    assert admission["admitted"] == 2 and admission["refused"].get("full", 0) >= 6  # each of the 6 others asked
+    assert open_["admitted"] == 8 and not open_["refused"]
+    for phase in (admission, open_):
+        assert phase["utterances"] > 0 and phase["daemon_overhead_ms"]["p99"] is not None and not phase["errors"]
+        assert set(phase["result_status"]) == {"SUCCESS"} and phase["timeline"]
