@@ -559,22 +559,27 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=1000, help="concurrent client sessions (default 1000)")
-    parser.add_argument("--nodes", type=int, default=8, help="simulated worker nodes (default 8)")
+def traffic_arguments(parser: argparse.ArgumentParser, nodes: int) -> None:
+    """The knobs bench/load.py and bench/overload.py share: nodes, audio, service, the daemon."""
+    parser.add_argument("--nodes", type=int, default=nodes, help=f"simulated worker nodes (default {nodes})")
     parser.add_argument("--max-jobs", type=int, default=200, help="max_jobs per node (default 200)")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of real-time streaming (default 30)")
     parser.add_argument("--chunk-ms", type=int, default=200, help="audio per frame (default 200 ms)")
     parser.add_argument("--pause-ms", type=int, default=800, help="the daemon's pause finalize (default 800)")
     parser.add_argument("--final-prob", type=float, default=0.5, help="share of utterances ended by is_final (default 0.5)")
     parser.add_argument("--service-ms", type=float, default=300.0, help="median node service time (default 300)")
     parser.add_argument("--service-sigma", type=float, default=0.5, help="log-normal sigma of the service time (default 0.5)")
-    parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
     parser.add_argument("--redis-pool-size", type=int, default=4)
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                         help="extra flag for scheduler serve (repeat: --daemon-arg=--owner-ttl-ms --daemon-arg=9000)")
     parser.add_argument("--seed", type=int, default=1)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=1000, help="concurrent client sessions (default 1000)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of real-time streaming (default 30)")
+    parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
+    traffic_arguments(parser, nodes=8)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon during the active phase (collapsed stacks next to the JSON)")
     parser.add_argument("--out", default="bench/results/load.json", help="JSON path; the PNG goes next to it")

@@ -40,7 +40,19 @@ import redis
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import Audio, Record, client, latencies, loop_lag_ms, ms, pct, proc_stats, sim_node, start_daemon  # noqa: E402
+from load import (  # noqa: E402
+    Audio,
+    Record,
+    client,
+    latencies,
+    loop_lag_ms,
+    ms,
+    pct,
+    proc_stats,
+    sim_node,
+    start_daemon,
+    traffic_arguments,
+)
 
 from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
 
@@ -168,16 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds, the order alternating (default 1)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["admission", "open"],
                    help="the phases of a round, in order (default admission,open; the next round reverses it)")
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--max-jobs", type=int, default=200)
-    p.add_argument("--chunk-ms", type=int, default=200)
-    p.add_argument("--pause-ms", type=int, default=800)
-    p.add_argument("--final-prob", type=float, default=0.5)
-    p.add_argument("--service-ms", type=float, default=300.0)
-    p.add_argument("--service-sigma", type=float, default=0.5)
-    p.add_argument("--redis-pool-size", type=int, default=4)
-    p.add_argument("--daemon-arg", action="append", default=[], metavar="ARG", help="extra flag for the daemon (repeatable)")
-    p.add_argument("--seed", type=int, default=1)
+    traffic_arguments(p, nodes=4)
     p.add_argument("--out", default="bench/results/overload.json")
     return p
 
