@@ -253,7 +253,9 @@ async def test_a_job_cancel_crosses_instances(start_daemon, redis_url, redis_cli
             cancel = await node.recv(timeout=5)
         assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
         assert redis_client.hget(keys.node_runtime("far"), "current_jobs") == "0"
-    assert 'scheduler_relay_messages_total{kind="cancel_sent"} 1.0' in a.metrics.render().decode()
+    with trio.fail_after(5):  # (a counts its send once the XADD's reply is back: b may deliver before that)
+        while 'scheduler_relay_messages_total{kind="cancel_sent"} 1.0' not in a.metrics.render().decode():
+            await trio.sleep(0.01)
     assert 'scheduler_relay_messages_total{kind="cancel_received"} 1.0' in b.metrics.render().decode()
 
 
