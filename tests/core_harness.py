@@ -104,6 +104,11 @@ class CoreHarness(SessionModel):
             self.ended = "taken_over" if self.core.taken_over else self.core.close_reason
             self._end(self.ended)
 
+    @property
+    def held(self) -> bool:
+        """The session takes no input now: max_jobs_per_session of its translations unanswered."""
+        return not self.core.takes_input()
+
     def wake(self) -> None:
         if self.alive:
             self._step(None)
@@ -115,7 +120,7 @@ class CoreHarness(SessionModel):
         if item is not None:
             self._perform(self.core.handle(item, self.t))
         for _ in range(CLIENT_BATCH):
-            ev = self.backlog.take() if self.alive else None
+            ev = self.backlog.take() if self.alive and self.core.takes_input() else None
             if ev is None:
                 break
             self._perform(self.core.handle(ev, self.t))
@@ -124,7 +129,7 @@ class CoreHarness(SessionModel):
 
     def settle(self) -> None:
         """Let the session take everything queued (as the Trio shell does before it blocks)."""
-        while self.alive and (self.inbox or len(self.backlog) or self.core.next_deadline() <= self.t):
+        while self.alive and (self.inbox or len(self.backlog) and self.core.takes_input() or self.core.next_deadline() <= self.t):
             self._step(self.inbox.popleft() if self.inbox else None)
         self.settled()
         if self.client_reading:
@@ -158,9 +163,12 @@ class CoreHarness(SessionModel):
             self.redis_back()
             self.client_reading = True
             self.settle()
+            period = 2 * self.settings.result_deadline_ms / 1000 + 1  # (a deadline an outage moved: up to 2)
             if self.alive and self.closing is None:
                 while not self.can_put() and self.alive:
-                    self.advance(0.1)
+                    self.advance(period if self.held else 0.1)
                 self.put_close()
-            self.advance(2 * self.settings.result_deadline_ms / 1000 + 1)  # (a deadline an outage moved: up to 2)
+            for _ in range(len(self.backlog) + 2):  # held input: each lapse of its answers takes one event at least
+                if self.alive:
+                    self.advance(period)
         self.check_end()

@@ -46,13 +46,13 @@ from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode, parse_from_daemon
 
 INSTANCES = ("i1", "i2")
-SESSIONS = {"s0": "i1", "s1": "i1", "s2": "i2"}  # where each session starts
+SESSIONS = {"s0": "i1", "s1": "i1", "s3": "i1", "s2": "i2"}  # where each session starts (three share i1's lanes)
 PAIRS = (("zh", "en"), ("zh", "de"))
 LEASE_MS = 3000
 RETRY_S = 0.25  # the Dispatcher's default retry_interval (the harness leaves it to the default)
 ORPHAN_GRACE_MS = 1000
 FOREVER_MS = 10**9  # liveness of an instance until the test kills it
-SAMPLE_RATES = {"s0": 16000, "s1": 8000, "s2": 24000}  # per session, so a rate taken from the wrong place shows
+SAMPLE_RATES = {"s0": 16000, "s1": 8000, "s2": 24000, "s3": 48000}  # per session, so a rate taken from the wrong place shows
 
 
 def job_audio(job_key: str) -> bytes:

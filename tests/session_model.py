@@ -187,6 +187,7 @@ class SessionModel:
         self._last_frame_at = self.now()  # when it last took an audio frame (pause deadline)
         self.both_due = 0  # cuts at which the pause and the timeout deadline were both due
         self._idle_checked = False
+        self._held_now, self._held_ended = False, float("-inf")  # its input held (max_jobs_per_session), and when that ended
         self._closed_at: float | None = None  # when the session was first seen closing
         self._turn_kept = False  # the last utterance was cut at max_duration: its turn goes on
         self._tail_open_audio = False  # the newest queued event is audio that is not final (merging target)
@@ -198,6 +199,10 @@ class SessionModel:
 
     @property
     def alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def held(self) -> bool:
         raise NotImplementedError
 
     def _deliver(self, item: object) -> None:
@@ -224,6 +229,10 @@ class SessionModel:
 
         def watched():
             ev = take()
+            if isinstance(ev, CloseIn) and self.closing is None and self.close_asked is None:
+                # the client's close counts from when the session takes it (held input waits:
+                # a shutdown delivered meanwhile comes first), over the frames sent before it
+                self.close_asked, self.close_after = "client_close", self._close_put_after
             if ev is not None:
                 self._take_marks.append(len(self.emitted))
             if ev is not None and self.closing is None:
@@ -261,6 +270,10 @@ class SessionModel:
         every deadline on the way): the time the close was taken is noted here."""
         if self.closing is not None and self._closed_at is None:
             self._closed_at = self.now()
+        if self.alive and self.held:
+            self._held_now = True
+        elif self._held_now:
+            self._held_now, self._held_ended = False, self.now()
 
     def _ask_close(self, reason: str) -> None:
         """The client or the daemon asks for the end: the first cause asked while open is the one to win."""
@@ -316,7 +329,8 @@ class SessionModel:
 
     def put_close(self) -> None:
         if self.can_put():
-            self._ask_close("client_close")
+            if not self.close_put:  # (asked when the session takes the first one: watch())
+                self._close_put_after = self.next_serial - 1
             self.close_put = True
             self._put(CloseIn())
 
@@ -428,8 +442,9 @@ class SessionModel:
         if self.alive and self.closing is None:
             quiet = self.now() - self._last_frame_at
             assert not self.buffered_ms or quiet < s.pause_ms / 1000 + EPS, f"utterance still open {quiet * 1000:.0f} ms after its last frame"
-            idle = self.now() - self._last_client_at
-            assert idle < s.idle_timeout_ms / 1000 + EPS, f"no client event for {idle:.2f} s and the session is still open"
+            idle = self.now() - max(self._last_client_at, self._held_ended)  # (held: its idle deadline waits)
+            assert self._held_now or idle < s.idle_timeout_ms / 1000 + EPS, (
+                f"no client event for {idle:.2f} s and the session is still open")
         if self.close_taken == "idle_timeout" and not self._idle_checked and self._closed_at is not None:
             self._idle_checked = True
             idle = self._closed_at - self._last_client_at
@@ -538,9 +553,11 @@ class SessionModel:
         assert len(busies) == self.busy_owed or (not self.alive and len(busies) < self.busy_owed), (
             f"{len(busies)} busy sent for {self.busy_owed} backpressure episodes")
 
-        # the backlog: drained after every step while the session lives (it was woken), its
-        # byte count and merge count exact
-        assert not self.alive or not len(self.backlog), f"{len(self.backlog)} client events left untaken"
+        # the backlog: drained after every step while the session lives (it was woken) unless
+        # it holds max_jobs_per_session unanswered translations of a language (then its own
+        # answers or deadlines free it: no stall, checked at the end), its byte count and
+        # merge count exact
+        assert not self.alive or not len(self.backlog) or self.held, f"{len(self.backlog)} client events left untaken"
         assert self.backlog.nbytes == self.queued_bytes(), f"backlog counts {self.backlog.nbytes} bytes, holds {self.queued_bytes()}"
         if not len(self.backlog):
             assert self.backlog.merged_frames_total == self.merged_taken, "merged frames miscounted"

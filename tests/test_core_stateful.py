@@ -227,7 +227,7 @@ def search_broken(core_class: type[SessionCore] = SessionCore, backlog_class: ty
     (DropsSpeechOnClose, "sent before the close are in no utterance|taken before the"),
     (DropsSpeechOnShutdown, "taken before the shutdown are in no utterance"),
     (TakesAudioAfterClose, "sent after the close was taken"),
-    (LaterCloseCauseWins, "overwritten by|session_closed says"),
+    (LaterCloseCauseWins, "overwritten by|session_closed says|sent before the close are in no utterance"),
     (TimeoutFromLastFrame, "timeout missed"),
     (BusyOncePerSession, "busy sent for"),
     (SecondAnswerWins, ": got Translation| source |counted as dropped"),

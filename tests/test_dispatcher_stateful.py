@@ -103,6 +103,8 @@ class Job:
     answer: tuple[str, str | None] | None = None  # (status, text) of the live attempt's answer
     racing: bool = False  # answered and cancelled in one tick: either may win
     fenced: bool = False  # its session was fenced before it was placed: FAILED(FENCED) may come
+    ahead: int | None = None  # submitted at a quiet point: its session's fresh jobs queued ahead of it then
+    mark: int = 0  # len(handed) when it was submitted
     stored: bool = False  # answered while its session had no owner: kept in Redis until a resume
 
 
@@ -302,13 +304,20 @@ class DispatcherMachine(RuleBasedStateMachine):
     def _live_sessions(self) -> list[str]:
         return sorted(s for s in SESSIONS if not self._orphaned(s))
 
-    def _submit(self, session, pair, ttl):
+    def _submit(self, session, pair, ttl, quiet=False):
+        """``quiet``: submitted at a quiet point (no placement round in flight): its lane's
+        fairness is checked (_check_fair_turns)."""
         index = self.next_index
         self.next_index += 1
         key = job_key_for(session, index, pair[1])
         job = self.jobs[key] = Job(key, pair, index, self.now + ttl, self.h.owner(session).id, fenced=session in self.fenced)
 
         def submit():
+            d = self.h.owner(session).dispatcher
+            lane = d._lanes.get(pair)
+            if quiet:
+                job.mark = len(self.h.handed)
+                job.ahead = sum(1 for r in (lane.queue if lane else ()) if r.session_id == session and d._moving_of(r) is None)
             job.refused = self._submit_checked(session, index, pair, ttl) is not None
 
         return submit
@@ -323,7 +332,20 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule(data=st.data(), pair=st.sampled_from(PAIRS), ttl=st.sampled_from([0.3, 1.0, 5.0, 30.0]))
     def submit(self, data, pair, ttl):
         session = data.draw(st.sampled_from(self._live_sessions()))
-        self.do("submit", self.trio_sync(self._submit(session, pair, ttl)))
+        self.do("submit", self.trio_sync(self._submit(session, pair, ttl, quiet=True)))
+
+    @rule(data=st.data(), pair=st.sampled_from(PAIRS), n=st.integers(2, 4), ttl=st.sampled_from([1.0, 30.0]))
+    def burst(self, data, pair, n, ttl):
+        """One session floods a lane (n jobs in one step) that other sessions share: their
+        later jobs must not wait behind the whole burst (_check_fair_turns)."""
+        session = data.draw(st.sampled_from(self._live_sessions()))
+        submits = [self._submit(session, pair, ttl, quiet=True) for _ in range(n)]
+
+        def all_of_them():
+            for submit in submits:
+                submit()
+
+        self.do("burst", self.trio_sync(all_of_them))
 
     @precondition(lambda self: any(key for key, *_ in self.h.handed if key.split(":")[0] not in self.fenced
                                    and not self._orphaned(key.split(":")[0])))
@@ -739,19 +761,45 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert codes[0] is not None, f"{key}: 'placed' before 'waiting': {codes}"
 
     def _check_order(self):
-        """Per instance and language pair, first placements in submission order: fresh jobs
-        take their ids in the order they are placed (one ordered pipeline per batch), so the
-        ids of first attempts, in order, must name the jobs in submission order."""
-        first: dict[tuple[str, tuple[str, str]], dict[str, int]] = {}
+        """Per instance, language pair and session, first placements in submission order:
+        fresh jobs take their ids in the order they are placed (one ordered pipeline per
+        batch), so the ids of a session's first attempts, in order, must name its jobs in
+        submission order (sessions take turns: fairqueue.py)."""
+        first: dict[tuple[str, tuple[str, str], str], dict[str, int]] = {}
         before: set[str] = set()  # keys placed before Redis lost its data: placed again out of turn
         for handed in self.h.generations():
             for key, job_id, attempt, _, by in handed:
                 if attempt == 1 and self.jobs[key].instance == by and key not in before:  # (an adopted job too)
-                    first.setdefault((by, self.jobs[key].pair), {})[key] = int(job_id)
+                    first.setdefault((by, self.jobs[key].pair, key.split(":")[0]), {})[key] = int(job_id)
             before |= {key for key, *_ in handed}
-        for (by, pair), ids in first.items():
+        for (by, pair, session), ids in first.items():
             seqs = [self.jobs[k].seq for k in sorted(ids, key=ids.get)]
-            assert seqs == sorted(seqs), f"{by} {pair}: first placements out of submission order: {seqs}"
+            assert seqs == sorted(seqs), f"{by} {pair} {session}: first placements out of submission order: {seqs}"
+        self._check_fair_turns()
+
+    def _check_fair_turns(self):
+        """Sessions take turns in a lane: a job submitted at a quiet point with ``ahead`` jobs
+        of its own session queued before it waits behind at most ``ahead + 1`` first
+        placements of any other session (same instance and pair) until it is placed itself."""
+        if self.h.flushes:
+            return  # (job ids and placements start afresh after Redis lost its data)
+        handed = self.h.handed
+        first_at = {key: i for i, (key, _, attempt, _, by) in enumerate(handed)
+                    if attempt == 1 and self.jobs[key].instance == by and key not in self.resubmitted}
+        for key, pos in first_at.items():
+            job = self.jobs[key]
+            if job.ahead is None:
+                continue
+            session = key.split(":")[0]
+            others: dict[str, int] = {}
+            for i in range(job.mark, pos):
+                other = handed[i][0]
+                if first_at.get(other) == i and other.split(":")[0] != session and handed[i][4] == job.instance \
+                        and self.jobs[other].pair == job.pair:
+                    others[other.split(":")[0]] = others.get(other.split(":")[0], 0) + 1
+            worst = max(others.values(), default=0)
+            assert worst <= job.ahead + 1, (f"{key} ({job.ahead} of its own ahead) waited behind {worst} jobs of another "
+                                            f"session: {others}")
 
     def _check_redis(self):
         nodes = sorted(self.max_jobs)
@@ -970,6 +1018,14 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("kill", h.kill, "i2")
         m.do("advance", h.advance, 3.1)
         m.do("advance", h.advance, 3.1)
+    elif name == "fair_turns":  # s0 floods a lane with no node; s1 submits one job; then a node comes
+        m.do("disconnect", h.disconnect, "n0")
+        m.burst(_Draws("s0"), PAIRS[0], 4, 30.0)
+        m.do("submit", m.trio_sync(m._submit("s1", PAIRS[0], 30.0, quiet=True)))
+        m.max_jobs["n2"] = 8
+        m.do("connect", h.connect, "n2", 8, list(PAIRS), "i1")
+        first = [k.split(":")[0] for k, _, attempt, _, _ in h.handed if attempt == 1]
+        assert first[:2] == ["s0", "s1"], first  # s1's job right after s0's first, not behind the whole burst
     elif name == "adopt_waiting":  # the job waits for a node (its node left) when i2 dies; s2 resumes on i1
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m.do("disconnect", h.disconnect, "n0")
@@ -1195,7 +1251,32 @@ def _path(machine: DispatcherMachine, name: str) -> None:
     assert mark is None or mark in reasons, reasons
 
 
-@pytest.mark.parametrize("name", ["orphan_sweep", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
+class _Draws:
+    """A stand-in for Hypothesis' ``data`` in a fixed path: every draw gives ``value``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def draw(self, _strategy):
+        return self.value
+
+
+def test_the_machine_finds_a_first_come_first_served_lane(flushed_single_url, monkeypatch):
+    """The fairness check can fail: a lane that offers its jobs in submission order (moves
+    first, then oldest first, whatever the session: the lane before fairqueue.py) makes s1's
+    job wait behind s0's whole burst, and _check_fair_turns says so."""
+    from scheduler.placement.fairqueue import FairQueue
+
+    def first_come(queue):
+        yield from queue._moves
+        yield from sorted((r for q in queue._sessions.values() for r in q), key=lambda r: r.utterance_index)
+
+    monkeypatch.setattr(FairQueue, "__iter__", first_come)
+    with pytest.raises(AssertionError, match="waited behind"):
+        test_dispatcher_paths(flushed_single_url, "fair_turns")
+
+
+@pytest.mark.parametrize("name", ["orphan_sweep", "fair_turns", "adopt_waiting", "lease_expiry", "remote_reconnect", "outage_cancel",
                                   "outage_lease", "data_loss", "adopt_after_stored", "orphan_hash_gone", "remote_node_lost",
                                   "remote_instance_lost", "remote_to_here", "remote_answer_unheard", "orphan_on_live_node",
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",

@@ -356,3 +356,23 @@ async def test_a_session_behind_real_time_is_measured_and_logged_once_per_episod
     assert events == [("session_lagging", {"session_id": "S", "lag_ms": 300, "oldest_frame_age_ms": 1500}),
                       ("session_caught_up", {"session_id": "S", "lag_ms": 0})]
     assert metrics.session_lag_seconds._sum.get() == pytest.approx(0 + 0.5 + 1.0 + 1.5)
+
+
+async def test_a_session_takes_no_input_past_its_unanswered_jobs_until_one_is_answered(nursery, autojump_clock):
+    """Fair share (max_jobs_per_session 2): with two translations unanswered the session takes
+    no more input (its later utterances wait in its backlog, nothing is dropped); an answer
+    lets one more in, a result deadline lets the rest go too; the idle deadline waits."""
+    h = Harness(nursery, max_jobs_per_session=2, result_deadline_ms=5000, idle_timeout_ms=3000)
+    for _ in range(4):
+        await h.send(AudioIn.of(SPEECH, is_final=True))
+    assert [r.utterance_index for r in h.port.requests] == [0, 1] and len(h.actor.backlog) == 2
+    assert not h.actor.core.takes_input()
+    h.answer(0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [r.utterance_index for r in h.port.requests] == [0, 1, 2] and len(h.actor.backlog) == 1
+    await trio.sleep(4)  # past idle_timeout_ms: the session waits for its own jobs, its client is not idle
+    assert h.actor.closing is None
+    await trio.sleep(1.5)  # utterance 1's and 2's deadlines: SKIPPED, and the last one goes in
+    assert [r.utterance_index for r in h.port.requests] == [0, 1, 2, 3] and not len(h.actor.backlog)
+    statuses = [(m.utterance_index, m.translations["en"].status) for m in h.drain() if isinstance(m, Result)]
+    assert statuses == [(0, "SUCCESS"), (1, "SKIPPED"), (2, "SKIPPED")]

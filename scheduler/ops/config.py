@@ -119,6 +119,10 @@ class Settings:
     result_deadline_ms: int = _opt(30000, "after finalize, wait this long for answers before SKIPPED", group="session")
     idle_timeout_ms: int = _opt(60000, "close a session with no client message for this long", group="session")
     max_pending_events: int = _opt(128, "unprocessed client events per session before backpressure", group="session")
+    max_jobs_per_session: int = _opt(
+        4, "translations one session may have unanswered (waiting or running) per target language; at it, the session "
+           "takes no more input until one is answered (its client is read more slowly: TCP pushes back on it alone). "
+           "0: no bound", group="session")
     max_sessions: int = _opt(
         0, "sessions this instance holds at most (per worker under --workers); past it session_init gets SERVER_FULL "
            "with retry_after_ms (close 1013) and /readyz is 503; the last twentieth (at least 1, unless the limit is 1) is kept for resumes. "
@@ -220,7 +224,7 @@ def validate(s: Settings) -> list[str]:
     for name in ("ws_port", "admin_port"):
         if not 0 <= getattr(s, name) <= 65535:
             errors.append(f"{name} must be a port number 0-65535 (got {getattr(s, name)})")
-    for name in ("resume_keep_results", "max_sessions", "overload_lag_ms"):
+    for name in ("resume_keep_results", "max_sessions", "overload_lag_ms", "max_jobs_per_session"):
         if getattr(s, name) < 0:
             errors.append(f"{name} must be >= 0 (got {getattr(s, name)})")
     if s.redis_wait_replicas < 0:

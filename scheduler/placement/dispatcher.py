@@ -2,12 +2,14 @@
 
 The session actor calls :meth:`Dispatcher.submit` and moves on; placement runs here. Jobs
 go into one *lane* per (src, tgt) language pair; each lane is one task that places its jobs
-in submission order (FIFO per pool, as protocol.md asks), and lanes run in parallel, sharing
-the batching Redis adapter. A lane places up to ``place_batch`` jobs from its head at once:
-their dispatch_task calls go to Redis as one ordered group in one pipeline
+in turn over sessions (fairqueue.py: moves first, then one job of each session with work in
+the lane in turn, each session's own jobs in submission order), so one session's burst
+waits behind its own jobs only; lanes run in parallel, sharing the batching Redis adapter.
+A lane places up to ``place_batch`` jobs from its head at once: their dispatch_task calls go
+to Redis as one ordered group in one pipeline
 (``RedisAdapter.script_many``), so Redis places them in queue order, and a lane is not
 limited to one job per Redis round trip (that capped it at a few hundred jobs/s under load,
-bench/load.py). A freed slot goes to the oldest waiting job.
+bench/load.py). A freed slot goes to the next job in that order.
 
 Full pool: when the head of a lane gets ``NO_AVAILABLE_NODE`` (or ``EMPTY_POOL``, or Redis
 is unavailable), the lane waits until a slot frees on this instance, or ``retry_interval``
@@ -52,7 +54,6 @@ FAILED at once: an overloaded scheduler never stalls a session). :meth:`run` end
 from __future__ import annotations
 
 import base64
-import collections
 import itertools
 import logging
 import random
@@ -69,6 +70,7 @@ from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement import keys, lua
 from scheduler.placement.deadlines import JobDeadlines
+from scheduler.placement.fairqueue import FairQueue
 from scheduler.placement.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -113,7 +115,7 @@ class _Lane:
     """Jobs of one language pair, placed in order by one task."""
 
     pair: tuple[str, str]
-    queue: collections.deque[JobRequest] = attrs.Factory(collections.deque)
+    queue: FairQueue = attrs.Factory(FairQueue)  # moves first, then sessions in turn (fairqueue.py)
     wake: trio.Event = attrs.Factory(trio.Event)
     blocked_code: str | None = None  # set while the head cannot be placed
     told: set[str] = attrs.Factory(set)  # job keys whose session was told "waiting"
@@ -691,15 +693,8 @@ class Dispatcher:
 
     def _remove(self, lane: _Lane, request: JobRequest) -> None:
         """Take ``request`` out of the lane if it is still there (by identity; usually the head)."""
-        if lane.queue and lane.queue[0] is request:
-            lane.queue.popleft()
-        else:
-            for i, queued in enumerate(lane.queue):
-                if queued is request:
-                    del lane.queue[i]
-                    break
-            else:
-                return
+        if not lane.queue.remove(request):
+            return
         lane.told.discard(request.job_key)
         self._queued -= 1
         self._update_waiting_gauge()

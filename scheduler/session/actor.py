@@ -12,7 +12,10 @@ owns the queues and the clock and performs the core's effects:
 - the loop waits for the next inbox item inside ``trio.move_on_at(core.next_deadline())``,
   hands it to the core, then up to :data:`CLIENT_BATCH` client events from the backlog (so
   answers and deadlines are never starved by a flood of audio), and then, if the core's next
-  deadline has passed, a :class:`Tick`. There are no timer tasks and no queued timer fires:
+  deadline has passed, a :class:`Tick`. Client events are taken only while the core
+  ``takes_input()``: at ``max_jobs_per_session`` unanswered translations for a language the
+  backlog waits for one of the session's own answers or deadlines (which wake the loop), and
+  the backlog's bound pushes back on that client alone. There are no timer tasks and no queued timer fires:
   the core keeps its deadlines and acts on them only when ticked, so a deadline of an
   utterance already cut cannot take effect (``core.py`` explains it); events queued before a
   deadline passed are taken before it.
@@ -210,6 +213,8 @@ class SessionActor:
             self._read_backlog()
             if core.next_deadline() <= trio.current_time():  # after what was queued before it
                 self._perform(core.handle(Tick(), trio.current_time()))
+                if len(self.backlog) and core.takes_input():
+                    self._post_wake()  # a deadline resolved what held the input: read on
         return "taken_over" if core.taken_over else core.close_reason or "disconnected"
 
     def _sync_outage(self) -> None:
@@ -218,8 +223,8 @@ class SessionActor:
 
     def _read_backlog(self) -> None:
         for _ in range(CLIENT_BATCH):
-            if self.core.ended:
-                return
+            if self.core.ended or not self.core.takes_input():
+                return  # (held: an answer or a deadline of its own brings the loop back)
             ev = self.backlog.take()
             if ev is None:
                 return

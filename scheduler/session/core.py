@@ -65,6 +65,7 @@ behind it, the open utterance is cut at once (reason ``backlog``, ``busy.action 
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 
@@ -233,6 +234,17 @@ class SessionCore:
             return math.inf
         return min(self._pause_at, self._timeout_at, self._idle_at, self.results.next_deadline(**self._held()))
 
+    def takes_input(self) -> bool:
+        """Whether the shell may hand the core client input now: not while, for some target
+        language, ``max_jobs_per_session`` translations are unanswered (waiting in a lane or
+        running on a node). The session's own answers, or their result deadlines, free it; its
+        input waits in its backlog meanwhile (fair share: one session's flood costs it alone)."""
+        limit = self.settings.max_jobs_per_session
+        if not limit or self.state is not State.IDLE and self.state is not State.OPEN:
+            return True
+        unanswered = collections.Counter(tgt for _, tgt in self.missing_answers())
+        return all(n < limit for n in unanswered.values())
+
     def missing_answers(self) -> list[tuple[int, str]]:
         """(utterance index, target language) of every answer still awaited."""
         return [(index, tgt) for index in self.results.open_indexes() for tgt in self.results.pending_languages(index)]
@@ -290,6 +302,8 @@ class SessionCore:
                 if max(self._pause_at, self._timeout_at) <= now:
                     self._out.append(Count("duplicate_finalize_suppressed_total"))  # both causes due: one cut
                 self._cut(kind, now)
+            elif kind == "idle" and not self.takes_input():  # its client waits for the session, not the other way:
+                self._idle_at = now + self.settings.idle_timeout_ms / 1000  # idle counts once its input is taken again
             elif kind == "idle":
                 self._begin_close("idle_timeout", now)
             else:
