@@ -447,3 +447,30 @@ async def test_a_node_that_reconnects_at_once_stays_online(daemon, nursery, redi
             await s.send(type="finalize")
             job, _ = await node.recv_until("job_assign")
             assert job["attempt"] == 1
+
+
+async def test_audio_faster_than_the_realtime_factor_is_read_more_slowly(start_daemon, nursery, caplog):
+    """--max-realtime-factor 4: after a 10 s burst a client's audio is read at 4x real time
+    at most (16 s sent at once take 1.5 s more), and its session still gets every result;
+    with 0 nothing is paced."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    for factor, slower in ((4.0, True), (0.0, False)):
+        daemon = await start_daemon(max_realtime_factor=factor)
+        await start_node(nursery, daemon, node_id=f"n{int(factor)}", delay_ms=10)
+        async with session(daemon) as s:
+            start = trio.current_time()
+            for _ in range(150):
+                await s.send_raw(b"\x00" * 3200)  # 15 s of silence
+            for _ in range(9):
+                await s.send_raw(SPEECH_100MS)
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            result, _ = await s.recv_until("result", timeout=20)
+            took = trio.current_time() - start
+            assert result["status"] == "SUCCESS" and result["utterance_index"] == 0, result
+            assert (took >= 1.45) is slower, took
+            paced = daemon.metrics.sessions_paced_total._value.get()
+            assert paced == (1 if slower else 0)
+    assert sum(getattr(r, "event", "") == "client_paced" for r in caplog.records) == 1

@@ -366,7 +366,7 @@ async def test_a_session_takes_no_input_past_its_unanswered_jobs_until_one_is_an
     for _ in range(4):
         await h.send(AudioIn.of(SPEECH, is_final=True))
     assert [r.utterance_index for r in h.port.requests] == [0, 1] and len(h.actor.backlog) == 2
-    assert not h.actor.core.takes_input()
+    assert not h.actor.core.takes_input() and h.metrics.session_input_held_total._value.get() == 1
     h.answer(0)
     await trio.testing.wait_all_tasks_blocked()
     assert [r.utterance_index for r in h.port.requests] == [0, 1, 2] and len(h.actor.backlog) == 1

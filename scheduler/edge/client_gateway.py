@@ -18,6 +18,7 @@ from trio_websocket import WebSocketConnection
 
 from scheduler.cluster import journal
 from scheduler.edge import wsutil
+from scheduler.edge.ratelimit import AudioPacer
 from scheduler.ops.logs import event
 from scheduler.protocol import (
     BAD_MESSAGE,
@@ -37,12 +38,14 @@ from scheduler.protocol import (
 )
 from scheduler.session.actor import SessionActor, SlowClient
 from scheduler.session.admission import AdmissionControl
+from scheduler.session.audio import BYTES_PER_SAMPLE
 from scheduler.session.events import AudioIn, CloseIn, FinalizeIn
 from scheduler.session.lifecycle import OpenSession, SessionLifecycle
 
 log = logging.getLogger("scheduler.client_gateway")
 
 WRITE_BATCH = 64
+PACE_BURST_S = 10.0  # audio a client may send at once before --max-realtime-factor paces it
 
 
 class ClientGateway(wsutil.Gateway):
@@ -142,7 +145,16 @@ class ClientGateway(wsutil.Gateway):
         """Client frames into the session's backlog, until the client goes away or is refused
         fatally; then the connection's nursery ends."""
 
+        pacer = AudioPacer(self.settings.max_realtime_factor, PACE_BURST_S)
+        bytes_per_s = actor.sample_rate * BYTES_PER_SAMPLE
+
         async def audio(pcm: bytes, is_final: bool = False) -> None:
+            waited = await pacer.take(len(pcm) / bytes_per_s)  # faster than --max-realtime-factor: read more slowly
+            if waited:
+                self._metrics.audio_paced_seconds_total.inc(waited)
+                if pacer.paced_s == waited:  # the first time
+                    self._metrics.sessions_paced_total.inc()
+                    event(log, "client_paced", session_id=actor.session_id, factor=self.settings.max_realtime_factor)
             await actor.put_client_event(AudioIn.of(pcm, is_final))
 
         async def finalize(_: Finalize) -> None:

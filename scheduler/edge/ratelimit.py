@@ -1,9 +1,13 @@
-"""Per-connection message rate limit: a token bucket that paces, never drops.
+"""Per-connection rate limits: token buckets that pace, never drop.
 
 :meth:`TokenBucket.take` returns at once while tokens are left and otherwise sleeps until
 the next one accrues. The gateway readers take a token before each frame, so a client or
 node sending faster than ``rate`` messages per second is simply read more slowly (TCP
 pushes back on it); nothing it sent is lost and nobody else is slowed down.
+
+:class:`AudioPacer` does the same for a session's audio, counted in seconds of audio: a
+client may send faster than real time (a file, a resume catching up), up to ``factor``
+times real time after a ``burst`` of seconds; faster, its audio is read more slowly.
 """
 
 from __future__ import annotations
@@ -31,3 +35,30 @@ class TokenBucket:
         else:
             await trio.lowlevel.checkpoint()
         self._tokens -= 1
+
+
+class AudioPacer:
+    """Seconds of audio accrue at ``factor`` per second of wall time, up to ``burst``;
+    :meth:`take` waits until the frame's duration is there. ``factor`` 0: no pacing."""
+
+    def __init__(self, factor: float, burst_s: float) -> None:
+        self.factor = factor
+        self.capacity = burst_s
+        self._audio_s = burst_s
+        self._stamp = trio.current_time()
+        self.paced_s = 0.0  # how long takes waited in all
+
+    async def take(self, audio_s: float) -> float:
+        """Wait until ``audio_s`` seconds of audio may be read; returns how long it waited."""
+        if not self.factor:
+            return 0.0
+        now = trio.current_time()
+        self._audio_s = min(self.capacity, self._audio_s + (now - self._stamp) * self.factor)
+        self._stamp = now
+        self._audio_s -= audio_s
+        if self._audio_s >= 0:
+            return 0.0
+        wait = -self._audio_s / self.factor
+        await trio.sleep(wait)
+        self.paced_s += wait
+        return wait

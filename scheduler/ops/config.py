@@ -119,6 +119,9 @@ class Settings:
     result_deadline_ms: int = _opt(30000, "after finalize, wait this long for answers before SKIPPED", group="session")
     idle_timeout_ms: int = _opt(60000, "close a session with no client message for this long", group="session")
     max_pending_events: int = _opt(128, "unprocessed client events per session before backpressure", group="session")
+    max_realtime_factor: float = _opt(
+        4.0, "a session may send audio up to this many times faster than real time (after a 10 s burst); a faster "
+             "client is read more slowly (TCP pushes back on it alone). 0: no limit", group="session")
     max_jobs_per_session: int = _opt(
         4, "translations one session may have unanswered (waiting or running) per target language; at it, the session "
            "takes no more input until one is answered (its client is read more slowly: TCP pushes back on it alone). "
@@ -239,6 +242,8 @@ def validate(s: Settings) -> list[str]:
         errors.append(f"workers must be 'auto' or a number >= 1 (got {s.workers!r})")
     if not 0 <= s.locality_slack <= 1:
         errors.append(f"locality_slack must be between 0 and 1 (got {s.locality_slack})")
+    if s.max_realtime_factor < 0 or 0 < s.max_realtime_factor < 1:
+        errors.append(f"max_realtime_factor must be 0 (off) or at least 1 (got {s.max_realtime_factor})")
     if not 0 < s.node_load_threshold <= 1:
         errors.append(f"node_load_threshold must be above 0 and at most 1 (got {s.node_load_threshold})")
     if s.owner_ttl_ms < 300:

@@ -45,6 +45,15 @@ class Metrics:
             p + "session_lag_seconds", "Per live session, sampled every second: the age of the oldest audio frame its "
             "client sent that the session has not processed yet (0 when it is caught up): how far behind real time it is",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0), registry=r)
+        self.audio_paced_seconds_total = Counter(
+            p + "audio_paced_seconds_total", "Time session readers waited because their client sent audio faster than "
+            "--max-realtime-factor times real time", registry=r)
+        self.sessions_paced_total = Counter(
+            p + "sessions_paced_total", "Sessions whose client sent audio faster than --max-realtime-factor (counted once)",
+            registry=r)
+        self.session_input_held_total = Counter(
+            p + "session_input_held_total", "Times a session stopped taking input because it held --max-jobs-per-session "
+            "unanswered translations of a language", registry=r)
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
         self.node_load_score = Gauge(
             p + "node_load_score", "Each node's last reported load score (0-1) for the nodes connected to this instance "

@@ -117,6 +117,7 @@ class SessionActor:
         self.started_at = trio.current_time()
         self.taken_over = False
         self.lagging = False  # a session_lagging episode is open (session/lag.py)
+        self._input_held = self._held_logged = False  # input held at max_jobs_per_session now; logged once
 
     # ------------------------------------------------------------ producers' API
 
@@ -223,8 +224,18 @@ class SessionActor:
 
     def _read_backlog(self) -> None:
         for _ in range(CLIENT_BATCH):
-            if self.core.ended or not self.core.takes_input():
-                return  # (held: an answer or a deadline of its own brings the loop back)
+            if self.core.ended:
+                return
+            if not self.core.takes_input():  # (held: an answer or a deadline of its own brings the loop back)
+                if len(self.backlog) and not self._input_held:
+                    self._input_held = True
+                    self._metrics.session_input_held_total.inc()
+                    if not self._held_logged:
+                        self._held_logged = True  # (once per session: a flooding session is held again and again)
+                        event(log, "session_input_held", session_id=self.session_id,
+                              max_jobs_per_session=self.settings.max_jobs_per_session, backlog=len(self.backlog))
+                return
+            self._input_held = False
             ev = self.backlog.take()
             if ev is None:
                 return
