@@ -47,6 +47,11 @@ bench *ARGS: sync
 bench-overload *ARGS: sync
     uv run --frozen --group bench python bench/overload.py {{ARGS}}
 
+# fair share: a real-time witness beside three flooding sessions, alone / flooded / flooded with the
+# session bounds off; JSON in bench/results/fairness.json (docs/performance.md, "Fair share")
+bench-fairness *ARGS: sync
+    uv run --frozen --group bench python bench/fairness.py {{ARGS}}
+
 # the session core's Hypothesis state machine, 10,000 examples: two searches of 5,000 with fresh seeds,
 # one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N;
 # then the decode path's fuzz properties with 20,000 examples each (STRESS_EXAMPLES_DECODE)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import fairness  # noqa: E402
 import load  # noqa: E402
 import overload  # noqa: E402
 
@@ -48,3 +49,19 @@ async def test_small_overload_ab_refuses_the_excess_only_with_admission(tmp_path
     for phase in (admission, open_):
         assert phase["utterances"] > 0 and phase["daemon_overhead_ms"]["p99"] is not None and not phase["errors"]
         assert set(phase["result_status"]) == {"SUCCESS"} and phase["timeline"]
+
+
+async def test_flooding_sessions_cost_a_real_time_witness_nothing(tmp_path):
+    """Fair share against real processes (bench/fairness.py: a daemon process, a node with 64
+    slots answering in 10 ms): three sessions send 100 ms of speech and a finalize as fast as
+    the daemon reads them, beside a witness streaming 300 ms utterances in real time; every
+    witness result is SUCCESS and none takes a second."""
+    args = fairness.parser().parse_args(["--utterances", "12", "--no-pin", "--out", str(tmp_path / "fairness.json")])
+    valkey = fairness.EmbeddedValkey()
+    try:
+        flooded = await fairness.phase(args, "flooded", valkey.start())
+    finally:
+        valkey.stop()
+    assert flooded["status"] == {"SUCCESS": 12}, flooded
+    assert flooded["latency_ms"]["max"] < 1000, flooded
+    assert flooded["flooders"].get("result", 0) > 12 * 3 and not flooded["flooders"].get("closed"), flooded  # (they did flood)
