@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import random
 import sys
 import time
@@ -34,12 +33,21 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import PAIR, RATE, Record, ms, pct, proc_stats, sim_node, start_daemon  # noqa: E402
+from load import (  # noqa: E402
+    DAEMON_CPUS,
+    PAIR,
+    RATE,
+    Record,
+    harness_off_the_daemon,
+    ms,
+    pct,
+    proc_stats,
+    sim_node,
+    start_daemon,
+)
 
-from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
 from scheduler.session.audio import silence, tone  # noqa: E402
 
-DAEMON_CPUS = {0}
 SPEECH = tone(100, RATE, amplitude=0.3)
 QUIET = silence(100, RATE)
 PHASES = {"alone": [], "flooded": [], "flooded-unbounded": ["--max-jobs-per-session", "0", "--max-realtime-factor", "0"]}
@@ -142,21 +150,12 @@ async def phase(args: argparse.Namespace, name: str, redis_url: str) -> dict[str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    before = os.sched_getaffinity(0)
-    others = set(range(os.cpu_count() or 1)) - DAEMON_CPUS
-    if args.pin and others:
-        os.sched_setaffinity(0, others)
-    valkey = EmbeddedValkey()
-    redis_url = valkey.start()
     out: dict[str, Any] = {"args": vars(args), "phases": []}
-    try:
+    with harness_off_the_daemon(args.pin) as (redis_url, _cpus):
         for name in ["alone", "flooded", *(["flooded-unbounded"] if args.unbounded else [])]:
             print(f"{name} ...", file=sys.stderr)
             out["phases"].append(await phase(args, name, redis_url))
             print(json.dumps(out["phases"][-1]), file=sys.stderr)
-    finally:
-        valkey.stop()
-        os.sched_setaffinity(0, before)
     return out
 
 

@@ -305,6 +305,26 @@ def start_daemon(args: argparse.Namespace, redis_url: str, cpus: set[int] | None
     raise RuntimeError("daemon did not become ready in 30 s")
 
 
+DAEMON_CPUS = {0}
+
+
+@contextlib.contextmanager
+def harness_off_the_daemon(pin: bool = True):
+    """This harness (and the Valkey it starts) on the CPUs other than :data:`DAEMON_CPUS`
+    (``start_daemon(..., cpus=DAEMON_CPUS)`` pins the daemon there), given back on exit.
+    Yields (the Valkey's URL, the harness's CPUs)."""
+    before = os.sched_getaffinity(0)
+    others = set(range(os.cpu_count() or 1)) - DAEMON_CPUS
+    if pin and others:
+        os.sched_setaffinity(0, others)
+    valkey = EmbeddedValkey()
+    try:
+        yield valkey.start(), sorted(others if pin and others else before)
+    finally:
+        valkey.stop()
+        os.sched_setaffinity(0, before)
+
+
 def redis_counters(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {"commands": int(client.info("stats")["total_commands_processed"]),

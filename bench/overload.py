@@ -41,9 +41,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import (  # noqa: E402
+    DAEMON_CPUS,
     Audio,
     Record,
     client,
+    harness_off_the_daemon,
     latencies,
     loop_lag_ms,
     ms,
@@ -54,9 +56,6 @@ from load import (  # noqa: E402
     traffic_arguments,
 )
 
-from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
-
-DAEMON_CPUS = {0}
 MODES = {"admission": lambda a: ["--max-sessions", str(a.max_sessions)],
          "open": lambda a: ["--max-sessions", "0", "--overload-lag-ms", "0"]}
 
@@ -75,7 +74,7 @@ def refusals(admin_port: int) -> dict[str, int]:
     return out
 
 
-async def phase(args: argparse.Namespace, mode: str, redis_url: str, valkey_pid: int) -> dict[str, Any]:
+async def phase(args: argparse.Namespace, mode: str, redis_url: str) -> dict[str, Any]:
     redis.Redis.from_url(redis_url).flushall()
     phase_args = argparse.Namespace(**{**vars(args), "daemon_arg": [*args.daemon_arg, *MODES[mode](args)],
                                        "out": str(Path(args.out).with_suffix(f".{mode}.json"))})
@@ -148,24 +147,15 @@ async def phase(args: argparse.Namespace, mode: str, redis_url: str, valkey_pid:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    before = os.sched_getaffinity(0)
-    others = set(range(os.cpu_count() or 1)) - DAEMON_CPUS
-    if others:
-        os.sched_setaffinity(0, others)  # this harness (and the Valkey it starts) off the daemon's CPU
-    valkey = EmbeddedValkey()
-    redis_url = valkey.start()
-    out: dict[str, Any] = {"args": vars(args), "host": {"cpus": os.cpu_count(), "daemon_cpus": sorted(DAEMON_CPUS),
-                                                         "harness_cpus": sorted(others)}, "phases": []}
-    try:
+    out: dict[str, Any] = {"args": vars(args), "phases": []}
+    with harness_off_the_daemon() as (redis_url, harness_cpus):
+        out["host"] = {"cpus": os.cpu_count(), "daemon_cpus": sorted(DAEMON_CPUS), "harness_cpus": harness_cpus}
         for r in range(args.rounds):
             for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):
                 print(f"round {r + 1}: {mode} ...", file=sys.stderr)
-                result = await phase(args, mode, redis_url, valkey.pid)
+                result = await phase(args, mode, redis_url)
                 print(json.dumps({k: v for k, v in result.items() if k != "timeline"}), file=sys.stderr)
                 out["phases"].append(result)
-    finally:
-        valkey.stop()
-        os.sched_setaffinity(0, before)
     return out
 
 

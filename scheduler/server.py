@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -86,6 +88,7 @@ class Running:
     draining: bool = False
     redis_ok: bool = True
     redis_problem: str | None = None  # why Redis is not ready (the health check), None while it is
+    drain_within_s: float | None = None  # a drain shorter than drain_timeout_ms (the supervisor is gone)
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _now: trio.Event = attrs.field(factory=trio.Event)
 
@@ -94,8 +97,11 @@ class Running:
         scheme = "wss" if self.settings.tls_cert else "ws"
         return f"{scheme}://{self.settings.ws_host}:{self.ws_port}"
 
-    def shutdown(self, *, immediate: bool = False) -> None:
-        """Begin the graceful drain (or, with ``immediate``, skip it)."""
+    def shutdown(self, *, immediate: bool = False, within_s: float | None = None) -> None:
+        """Begin the graceful drain (or, with ``immediate``, skip it); ``within_s``: drain for at
+        most that long, however long ``drain_timeout_ms`` is."""
+        if within_s is not None:
+            self.drain_within_s = within_s
         self._stop.set()
         if immediate:
             self._now.set()
@@ -326,6 +332,9 @@ async def _serve(
         nursery.start_soon(notifier.watchdog)
         if handle_signals:
             nursery.start_soon(_watch_signals, running)
+        supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+        if supervisor.isdigit():  # a --workers worker: it must never outlive its supervisor
+            nursery.start_soon(_watch_supervisor, running, int(supervisor))
         event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
               admin=f"{'https' if context else 'http'}://{settings.admin_host}:{admin_port}",
               redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
@@ -360,7 +369,7 @@ async def _drain(running: Running) -> None:
     they hold (other instances' jobs included). Both bounded by ``drain_timeout_ms``. Jobs
     still held when the node sockets close are moved by the instances that placed them.
     (The nodes stay eligible while the sessions here drain: their last utterances need them.)"""
-    deadline = trio.current_time() + running.settings.drain_timeout_ms / 1000
+    deadline = trio.current_time() + min(running.settings.drain_timeout_ms / 1000, running.drain_within_s or math.inf)
     event(log, "draining", sessions=len(running.sessions), nodes=len(running.nodes),
           drain_timeout_ms=running.settings.drain_timeout_ms)
     for actor in running.sessions.actors():
@@ -586,6 +595,22 @@ async def _reassert_journals(running: Running) -> None:
                 await journal.reassert()
             except Exception as exc:  # Fenced (resumed elsewhere meanwhile) or a bug: the next session
                 event(log, "journal_reassert_failed", logging.WARNING, session_id=session_id, error=str(exc))
+
+
+SUPERVISOR_PID_ENV = "SCHEDULER_SUPERVISOR_PID"  # set by ops/supervisor.py for its workers
+SUPERVISOR_POLL_S = 0.2
+ORPHAN_DRAIN_S = 1.5  # a worker whose supervisor died drains this long at most, then exits
+
+
+async def _watch_supervisor(running: Running, supervisor_pid: int) -> None:
+    """A worker whose supervisor is gone (``kill -9``: nobody else would stop it, and it
+    would keep serving on the shared port) drains for at most :data:`ORPHAN_DRAIN_S` and
+    exits: its clients resume elsewhere. The parent pid is polled: ``PR_SET_PDEATHSIG`` fires
+    when the forking *thread* exits, which Trio's process spawning does not make safe."""
+    while os.getppid() == supervisor_pid:
+        await trio.sleep(SUPERVISOR_POLL_S)
+    event(log, "supervisor_gone", logging.WARNING, supervisor_pid=supervisor_pid, action="drain")
+    running.shutdown(within_s=ORPHAN_DRAIN_S)
 
 
 async def _watch_signals(running: Running) -> None:

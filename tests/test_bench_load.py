@@ -57,11 +57,8 @@ async def test_flooding_sessions_cost_a_real_time_witness_nothing(tmp_path):
     the daemon reads them, beside a witness streaming 300 ms utterances in real time; every
     witness result is SUCCESS and none takes a second."""
     args = fairness.parser().parse_args(["--utterances", "12", "--no-pin", "--out", str(tmp_path / "fairness.json")])
-    valkey = fairness.EmbeddedValkey()
-    try:
-        flooded = await fairness.phase(args, "flooded", valkey.start())
-    finally:
-        valkey.stop()
+    with load.harness_off_the_daemon(pin=False) as (redis_url, _):
+        flooded = await fairness.phase(args, "flooded", redis_url)
     assert flooded["status"] == {"SUCCESS": 12}, flooded
     assert flooded["latency_ms"]["max"] < 1000, flooded
     assert flooded["flooders"].get("result", 0) > 12 * 3 and not flooded["flooders"].get("closed"), flooded  # (they did flood)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,9 +12,11 @@ import sys
 import time
 import urllib.error
 import urllib.parse
+from pathlib import Path
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from .helpers import peer, speak, token_of
 from .test_e2e import log_events
@@ -224,5 +227,71 @@ async def test_workers_behind_tls(tmp_path, tls_certs):
             assert json.loads(await ws.get_message())["code"] == "UNSUPPORTED_LANG_PAIR"  # served: no node yet
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # a client that does not trust it
             await trio.to_thread.run_sync(lambda: urllib.request.urlopen(f"https://127.0.0.1:{sup.admin_port}/healthz", timeout=5))
+    finally:
+        sup.close()
+
+
+async def test_workers_never_outlive_their_supervisor(tmp_path):
+    """kill -9 of the supervisor: its workers see their parent gone, drain for at most 1.5 s
+    and exit (supervisor_gone), and its embedded Valkey dies with it: nothing is left
+    serving on the shared port."""
+    sup = Supervisor(tmp_path)
+    try:
+        with trio.fail_after(30):
+            while not all(w["ready"] for w in await sup.workers()):
+                await trio.sleep(0.2)
+        pids = [w["pid"] for w in await sup.workers()]
+        valkey = next(json.loads(line)["pid"] for line in sup.log_path.read_text().splitlines()
+                      if '"embedded_redis_started"' in line)
+        sup.proc.kill()
+        sup.proc.wait()
+        with trio.fail_after(5):  # (2 s to drain and exit, with room for a slow box)
+            while any(_alive(pid) for pid in [*pids, valkey]):
+                await trio.sleep(0.1)
+        assert log_events(sup.log_path).get("supervisor_gone"), "a worker did not say why it stopped"
+    finally:
+        sup.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie (its parent gone, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+async def test_sigterm_drains_every_worker_as_one_daemon_drains(tmp_path):
+    """systemctl stop (SIGTERM to the supervisor): every worker drains as a single daemon
+    does: the open utterance of each session is finalized (reason close) and its result
+    arrives before session_closed (reason shutdown)."""
+    sup = Supervisor(tmp_path)
+    try:
+        with trio.fail_after(60):
+            async with peer(sup.ws_url + "/v1/node") as node, trio.open_nursery() as nursery:
+                await node.register("n1", max_jobs=8)
+
+                async def answer_everything():
+                    with contextlib.suppress(ConnectionClosed):  # (its worker closes it once drained)
+                        while True:
+                            await _answer_next_job(node)
+
+                nursery.start_soon(answer_everything)
+                async with contextlib.AsyncExitStack() as stack:
+                    clients = [await stack.enter_async_context(peer(sup.ws_url + "/v1/session")) for _ in range(4)]
+                    for client in clients:  # the kernel spreads them over both workers
+                        await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
+                        assert (await client.recv())["type"] == "session_ready"
+                        await speak(client)  # an utterance left open
+                    sup.proc.send_signal(signal.SIGTERM)
+                    for client in clients:
+                        fin, _ = await client.recv_until("utterance_finalized", timeout=20)
+                        result, _ = await client.recv_until("result", timeout=20)
+                        closed, _ = await client.recv_until("session_closed", timeout=20)
+                        assert (fin["reason"], result["status"], closed["reason"]) == ("close", "SUCCESS", "shutdown")
+                nursery.cancel_scope.cancel()
+        assert await trio.to_thread.run_sync(lambda: sup.proc.wait(timeout=30)) == 0
     finally:
         sup.close()

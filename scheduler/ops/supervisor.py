@@ -120,6 +120,7 @@ def _worker_env(settings: Settings, worker: Worker, redis_url: str, ws_port: int
         else:
             env[env_name(name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     env.pop(env_name("config"), None)  # everything is in the variables above
+    env["SCHEDULER_SUPERVISOR_PID"] = str(os.getpid())  # the worker exits when its supervisor is gone (server.py)
     for name in secrets.SECRETS:  # resolved above: the worker takes the value, not the file again
         env.pop(env_name(f"{name}_file"), None)
     return env
