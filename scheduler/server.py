@@ -325,16 +325,7 @@ async def _serve(
         parts.ownership.ws_url = running.ws_url
         with contextlib.suppress(RedisUnavailable):  # its liveness record names the URL now (the location API)
             await parts.ownership.refresh()
-        nursery.start_soon(_health_check, running, nursery)
-        nursery.start_soon(watch_loop_lag, parts.admission.lag)  # the overload guard's measure (session/admission.py)
-        nursery.start_soon(watch_session_lag, parts.sessions, parts.metrics)  # session/lag.py
-        notifier = Notifier()
-        nursery.start_soon(notifier.watchdog)
-        if handle_signals:
-            nursery.start_soon(_watch_signals, running)
-        supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
-        if supervisor.isdigit():  # a --workers worker: it must never outlive its supervisor
-            nursery.start_soon(_watch_supervisor, running, int(supervisor))
+        notifier = _start_watchers(nursery, running, parts, handle_signals)
         event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
               admin=f"{'https' if context else 'http'}://{settings.admin_host}:{admin_port}",
               redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
@@ -347,6 +338,23 @@ async def _serve(
         await _drain(running)
         nursery.cancel_scope.cancel()
     event(log, "stopped", instance_id=settings.instance_id)
+
+
+def _start_watchers(nursery: trio.Nursery, running: Running, parts: _Parts, handle_signals: bool) -> Notifier:
+    """The running instance's periodic tasks: Redis health, the overload guard's loop lag,
+    sessions' real-time lag, the systemd watchdog, signals, and (a --workers worker) its
+    supervisor's life. Returns the systemd notifier."""
+    nursery.start_soon(_health_check, running, nursery)
+    nursery.start_soon(watch_loop_lag, parts.admission.lag)  # the overload guard's measure (session/admission.py)
+    nursery.start_soon(watch_session_lag, parts.sessions, parts.metrics)  # session/lag.py
+    notifier = Notifier()
+    nursery.start_soon(notifier.watchdog)
+    if handle_signals:
+        nursery.start_soon(_watch_signals, running)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit():  # a --workers worker: it must never outlive its supervisor
+        nursery.start_soon(_watch_supervisor, running, int(supervisor))
+    return notifier
 
 
 def _long_waiting(sessions: SessionRegistry, settings: Settings, older_than_s: float = 2.0) -> dict[str, list[tuple[int, str]]]:

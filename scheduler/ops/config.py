@@ -123,7 +123,7 @@ class Settings:
         4.0, "a session may send audio up to this many times faster than real time (after a 10 s burst); a faster "
              "client is read more slowly (TCP pushes back on it alone). 0: no limit", group="session")
     max_jobs_per_session: int = _opt(
-        4, "translations one session may have unanswered (waiting or running) per target language; at it, the session "
+        16, "translations one session may have unanswered (waiting or running) per target language; at it, the session "
            "takes no more input until one is answered (its client is read more slowly: TCP pushes back on it alone). "
            "0: no bound", group="session")
     max_sessions: int = _opt(

@@ -15,6 +15,13 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         p = "scheduler_"
+        self._edge_and_sessions(p, r)
+        self._nodes_and_jobs(p, r)
+        self._sessions(r, p)
+        self._redis(r, p)
+
+    def _edge_and_sessions(self, p: str, r: CollectorRegistry) -> None:
+        """The edge (handshakes, connections, bad frames) and what sessions do with their audio."""
         self.session_actor_backlog_size = Histogram(
             p + "session_actor_backlog_size", "Unprocessed client events in a session's inbox when it takes one",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
@@ -54,6 +61,9 @@ class Metrics:
         self.session_input_held_total = Counter(
             p + "session_input_held_total", "Times a session stopped taking input because it held --max-jobs-per-session "
             "unanswered translations of a language", registry=r)
+
+    def _nodes_and_jobs(self, p: str, r: CollectorRegistry) -> None:
+        """Nodes, jobs, the relay and results."""
         self.nodes_online = Gauge(p + "nodes_online", "Worker nodes connected to this instance", registry=r)
         self.node_load_score = Gauge(
             p + "node_load_score", "Each node's last reported load score (0-1) for the nodes connected to this instance "
@@ -75,8 +85,6 @@ class Metrics:
             "outcome_session_gone, outcome_stored)", ["kind"], registry=r)
         self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
-        self._sessions(r, p)
-        self._redis(r, p)
 
     def _sessions(self, r: CollectorRegistry, p: str) -> None:
         """Client sessions: held, started, resumed, refused, taken over."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import random
 import ssl
+import time
 import uuid
 
 import attrs
@@ -114,10 +116,18 @@ class ReferenceNode:
                         raise NodeFatal(f"{msg.code}: {msg.message}")
 
     async def _heartbeats(self, ws, interval: float) -> None:
+        """Every ``interval``: the jobs held, and as ``load_score`` the engine's measured load:
+        the CPU this process used since the last heartbeat over the CPU the box has (busy slots
+        over max_jobs would only repeat, late, what the daemon knows at once from its slots:
+        a node whose slots had just freed would stay saturated until its next heartbeat)."""
+        cores = os.cpu_count() or 1
+        last_wall, last_cpu = time.monotonic(), time.process_time()
         while True:
             await trio.sleep(interval)
-            busy = len(self._jobs)  # its load score: busy slots over max_jobs (an engine's own measure would do too)
-            await ws.send_message(encode(Heartbeat(load={"jobs": busy}, load_score=min(1.0, busy / self.options.max_jobs))))
+            wall, cpu = time.monotonic(), time.process_time()
+            score = min(1.0, max(0.0, (cpu - last_cpu) / max(1e-6, (wall - last_wall) * cores)))
+            last_wall, last_cpu = wall, cpu
+            await ws.send_message(encode(Heartbeat(load={"jobs": len(self._jobs)}, load_score=round(score, 3))))
 
     async def _job(self, ws, job: JobAssign) -> None:
         o = self.options
