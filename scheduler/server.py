@@ -325,7 +325,7 @@ async def _serve(
         parts.ownership.ws_url = running.ws_url
         with contextlib.suppress(RedisUnavailable):  # its liveness record names the URL now (the location API)
             await parts.ownership.refresh()
-        notifier = _start_watchers(nursery, running, parts, handle_signals)
+        notifier = await _start_watchers(nursery, running, parts, handle_signals)
         event(log, "listening", ws=running.ws_url, sessions_path="/v1/session", nodes_path="/v1/node",
               admin=f"{'https' if context else 'http'}://{settings.admin_host}:{admin_port}",
               redis=("embedded " if embedded else "") + redacted(url), instance_id=settings.instance_id)
@@ -340,7 +340,7 @@ async def _serve(
     event(log, "stopped", instance_id=settings.instance_id)
 
 
-def _start_watchers(nursery: trio.Nursery, running: Running, parts: _Parts, handle_signals: bool) -> Notifier:
+async def _start_watchers(nursery: trio.Nursery, running: Running, parts: _Parts, handle_signals: bool) -> Notifier:
     """The running instance's periodic tasks: Redis health, the overload guard's loop lag,
     sessions' real-time lag, the systemd watchdog, signals, and (a --workers worker) its
     supervisor's life. Returns the systemd notifier."""
@@ -349,8 +349,8 @@ def _start_watchers(nursery: trio.Nursery, running: Running, parts: _Parts, hand
     nursery.start_soon(watch_session_lag, parts.sessions, parts.metrics)  # session/lag.py
     notifier = Notifier()
     nursery.start_soon(notifier.watchdog)
-    if handle_signals:
-        nursery.start_soon(_watch_signals, running)
+    if handle_signals:  # (started: its handlers are in place before "listening" is logged)
+        await nursery.start(_watch_signals, running)
     supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
     if supervisor.isdigit():  # a --workers worker: it must never outlive its supervisor
         nursery.start_soon(_watch_supervisor, running, int(supervisor))
@@ -621,10 +621,18 @@ async def _watch_supervisor(running: Running, supervisor_pid: int) -> None:
     running.shutdown(within_s=ORPHAN_DRAIN_S)
 
 
-async def _watch_signals(running: Running) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(running: Running, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGTERM / SIGINT drain (a second one exits at once). SIGHUP is logged and ignored: one
+    process cannot replace itself without cutting its sessions; a --workers supervisor
+    replaces its workers one at a time (ops/supervisor.py)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         count = 0
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                event(log, "reload_unsupported", logging.WARNING,
+                      detail="one process cannot reload without cutting its sessions: run it with --workers")
+                continue
             count += 1
             name = signal.Signals(signum).name
             if count == 1:

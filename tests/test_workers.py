@@ -18,7 +18,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from .helpers import peer, speak, token_of
+from scheduler.reference.node import NodeOptions, ReferenceNode
+
+from .helpers import SPEECH_100MS, peer, speak, token_of
 from .test_e2e import log_events
 from .test_gateways import http_get
 
@@ -293,5 +295,45 @@ async def test_sigterm_drains_every_worker_as_one_daemon_drains(tmp_path):
                         assert (fin["reason"], result["status"], closed["reason"]) == ("close", "SUCCESS", "shutdown")
                 nursery.cancel_scope.cancel()
         assert await trio.to_thread.run_sync(lambda: sup.proc.wait(timeout=30)) == 0
+    finally:
+        sup.close()
+
+
+async def test_a_reload_replaces_the_workers_one_at_a_time_and_loses_nothing(tmp_path):
+    """SIGHUP (systemctl reload) to a --workers 2 supervisor while three clients stream: each
+    worker is replaced by a new process (ready first, then the old one drains), the clients
+    of a draining worker resume on the others, and every utterance ends SUCCESS, in order,
+    with no gap."""
+    from scheduler.client import connect
+
+    sup = Supervisor(tmp_path, "--drain-timeout-ms", "5000")
+    utterances = 12
+    try:
+        with trio.fail_after(90):
+            before = {w["pid"] for w in await sup.workers()}
+            async with trio.open_nursery() as nursery:  # a reference node: it registers again when its worker drains
+                await nursery.start(ReferenceNode(NodeOptions(url=sup.ws_url, node_id="n1", max_jobs=8, delay_ms=50)).run)
+                got: list[list] = []
+
+                async def client():
+                    async with connect(sup.ws_url, src_lang="zh", tgt_langs=["en"], reconnects=10) as session:
+                        for _ in range(utterances):
+                            for k in range(3):
+                                await session.send_audio(SPEECH_100MS, is_final=k == 2)
+                            await trio.sleep(0.4)
+                        await session.close()
+                        got.append([(r.utterance_index, r.status) async for r in session.results()])
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(3):
+                        clients.start_soon(client)
+                    await trio.sleep(1.5)
+                    sup.proc.send_signal(signal.SIGHUP)
+                nursery.cancel_scope.cancel()
+            assert got == [[(i, "SUCCESS") for i in range(utterances)]] * 3, got
+            events = log_events(sup.log_path)
+            assert events["reload_done"]["replaced"] == 2, events.get("reload_done")
+            after = {w["pid"] for w in await sup.workers()}
+            assert not before & after and all(w["ready"] for w in await sup.workers())
     finally:
         sup.close()

@@ -16,6 +16,10 @@ admin port on 127.0.0.1.
   through a collector: no text is merged by hand).
 - **A worker that dies is started again** (after ``RESTART_DELAY_S``, logged
   ``worker_exited``); its clients resume on its siblings (docs/protocol.md, "Resume").
+- **SIGHUP** (``systemctl reload``): the workers are replaced one at a time: a new process
+  (instance ``<instance_id>-w<i>-g<generation>``, a new private admin port) starts and is
+  ready, then the old one gets SIGTERM and drains; its clients resume on the others. Logged
+  ``reload_started``, ``worker_replaced`` per worker, ``reload_done``.
 - **SIGTERM / SIGINT**: every worker gets SIGTERM and drains (``drain_timeout_ms``); then the
   embedded Valkey stops. systemd gets ``READY=1`` once every worker is ready, ``STOPPING=1``
   on the signal, and the watchdog from the supervisor (workers do not talk to systemd).
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -68,6 +73,8 @@ class Worker:
     instance_id: str
     admin_port: int
     process: trio.Process | None = None
+    generation: int = 0  # +1 per reload (the process that replaced the last one)
+    base_id: str = ""  # its first instance_id (a reload's successor is <base_id>-g<generation>)
     restarts: int = 0
     ready: bool = False
     full: bool = False  # not ready only because it holds --max-sessions (its /readyz says "full")
@@ -185,13 +192,17 @@ async def _poll(worker: Worker, token: str | None) -> None:
         await trio.sleep(POLL_S)
 
 
-async def _run_worker(worker: Worker, env: dict[str, str], stopping: trio.Event) -> None:
-    """Start the worker, and start it again whenever it exits, until the supervisor stops."""
+async def _run_worker(worker: Worker, env_for: Callable[[Worker], dict[str, str]], stopping: trio.Event) -> None:
+    """Start the worker, and start it again whenever it exits, until the supervisor stops or a
+    reload replaced it (its successor runs in a task of its own: :func:`_replace`)."""
     while not stopping.is_set():
-        worker.process = await trio.lowlevel.open_process([sys.executable, "-m", "scheduler", "serve"], env=env,
-                                                          stdin=subprocess.DEVNULL)
-        event(log, "worker_started", worker=worker.index, pid=worker.process.pid, instance_id=worker.instance_id)
-        code = await worker.process.wait()
+        process = await trio.lowlevel.open_process([sys.executable, "-m", "scheduler", "serve"], env=env_for(worker),
+                                                   stdin=subprocess.DEVNULL)
+        worker.process = process
+        event(log, "worker_started", worker=worker.index, pid=process.pid, instance_id=worker.instance_id)
+        code = await process.wait()
+        if worker.process is not process:  # replaced by a reload
+            return
         worker.ready = worker.full = False
         if stopping.is_set():
             event(log, "worker_stopped", worker=worker.index, exit_code=code)
@@ -199,6 +210,48 @@ async def _run_worker(worker: Worker, env: dict[str, str], stopping: trio.Event)
         worker.restarts += 1
         event(log, "worker_exited", logging.WARNING, worker=worker.index, exit_code=code, restarts=worker.restarts)
         await trio.sleep(RESTART_DELAY_S)
+
+
+async def _replace(worker: Worker, start: Callable[[], None], drain_s: float) -> bool:
+    """One step of a reload: start the worker's successor (new instance id and admin port),
+    and once it is ready give the old process SIGTERM and wait while it drains. False (and
+    the old process left running) when the successor is not ready within 60 s."""
+    old, old_id, old_port = worker.process, worker.instance_id, worker.admin_port
+    worker.generation += 1
+    worker.base_id = worker.base_id or old_id
+    worker.instance_id = f"{worker.base_id}-g{worker.generation}"
+    worker.admin_port, worker.ready, worker.full = _free_port(), False, False
+    start()
+    with trio.move_on_after(60):
+        while not (worker.ready and worker.process is not old):
+            await trio.sleep(0.1)
+    if not worker.ready:
+        event(log, "worker_replace_failed", logging.ERROR, worker=worker.index, instance_id=worker.instance_id)
+        return False
+    if old is not None and old.returncode is None:
+        old.send_signal(signal.SIGTERM)
+        with trio.move_on_after(drain_s + 10):
+            await old.wait()
+    event(log, "worker_replaced", worker=worker.index, old=old_id, new=worker.instance_id, old_port=old_port)
+    return True
+
+
+async def _reload(workers: list[Worker], start: Callable[[Worker], None], drain_s: float, busy: list[bool]) -> None:
+    """SIGHUP: replace the workers one at a time (module docstring); one reload at a time."""
+    if busy[0]:
+        event(log, "reload_ignored", reason="a reload is under way")
+        return
+    busy[0] = True
+    try:
+        event(log, "reload_started", workers=len(workers))
+        replaced = 0
+        for worker in workers:
+            if not await _replace(worker, lambda w=worker: start(w), drain_s):
+                break
+            replaced += 1
+        event(log, "reload_done", replaced=replaced, workers=len(workers))
+    finally:
+        busy[0] = False
 
 
 async def supervise(settings: Settings) -> None:
@@ -230,18 +283,24 @@ async def _serve(settings: Settings, workers: list[Worker], redis_url: str, ws_p
         admin_port = await nursery.start(admin.serve, settings.admin_host, settings.admin_port)
         nursery.start_soon(notifier.watchdog)
         async with trio.open_nursery() as running:
+            def start(worker: Worker) -> None:
+                running.start_soon(_run_worker, worker, lambda w: _worker_env(settings, w, redis_url, ws_port), stopping)
+
             for worker in workers:
-                running.start_soon(_run_worker, worker, _worker_env(settings, worker, redis_url, ws_port), stopping)
+                start(worker)
                 running.start_soon(_poll, worker, next(iter(settings.admin_tokens), None))
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            reloading = [False]
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 while not all(w.ready for w in workers):
                     await trio.sleep(0.1)
                 ws, admin_url = ("wss", "https") if context else ("ws", "http")
                 event(log, "listening", ws=f"{ws}://{settings.ws_host}:{ws_port}", admin=f"{admin_url}://{settings.admin_host}:{admin_port}",
                       workers=len(workers), redis=redacted(redis_url) if settings.redis_url else "embedded")
                 notifier.notify("READY=1", f"STATUS={len(workers)} workers on {ws}://{settings.ws_host}:{ws_port}")
-                async for _ in signals:
-                    break
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        break
+                    running.start_soon(_reload, workers, start, settings.drain_timeout_ms / 1000, reloading)
             stopping.set()
             notifier.notify("STOPPING=1")
             event(log, "draining", workers=len(workers))

@@ -67,6 +67,7 @@ class ReferenceNode:
         self.jobs_done = 0
         self.jobs_cancelled = 0
         self._jobs: dict[tuple[str, int], trio.CancelScope] = {}
+        self._registered = False
 
     def _url(self) -> str:
         url = self.options.url.rstrip("/")
@@ -80,9 +81,8 @@ class ReferenceNode:
                 async with open_websocket_url(self._url(), ssl_context=self.options.ssl_context) as ws:
                     backoff = 0.2
                     await self._session(ws, task_status)
-                    task_status = trio.TASK_STATUS_IGNORED
-            except (ConnectionClosed, HandshakeError, OSError) as exc:
-                event(log, "node_disconnected", logging.WARNING, node_id=self.options.node_id, error=repr(exc))
+            except* (ConnectionClosed, HandshakeError, OSError) as group:  # (also from inside its nursery: a group)
+                event(log, "node_disconnected", logging.WARNING, node_id=self.options.node_id, error=repr(group.exceptions[0]))
             if not self.options.reconnect:
                 return
             await trio.sleep(backoff * (0.5 + random.random()))
@@ -98,7 +98,9 @@ class ReferenceNode:
             raise NodeFatal(f"{reply.code}: {reply.message}")
         assert isinstance(reply, Registered)
         event(log, "node_registered", node_id=o.node_id, url=self._url(), max_jobs=o.max_jobs)
-        task_status.started()
+        if not self._registered:  # (the first registration only: a reconnect must not report again)
+            self._registered = True
+            task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats, ws, reply.heartbeat_interval_ms / 1000)
             while True:
