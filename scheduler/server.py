@@ -624,7 +624,17 @@ async def _watch_supervisor(running: Running, supervisor_pid: int) -> None:
 async def _watch_signals(running: Running, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """SIGTERM / SIGINT drain (a second one exits at once). SIGHUP is logged and ignored: one
     process cannot replace itself without cutting its sessions; a --workers supervisor
-    replaces its workers one at a time (ops/supervisor.py)."""
+    replaces its workers one at a time (ops/supervisor.py). Once this watcher ends (the
+    daemon has drained and is closing down), later signals are ignored: a SIGINT arriving
+    then would be a KeyboardInterrupt in the middle of the clean-up."""
+    try:
+        await _signal_loop(running, task_status)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+async def _signal_loop(running: Running, task_status: trio.TaskStatus[None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         count = 0
