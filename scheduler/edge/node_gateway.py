@@ -26,7 +26,6 @@ dispatched again to other nodes (attempt + 1) by the dispatcher.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from typing import Any
@@ -250,14 +249,7 @@ class NodeGateway(wsutil.Gateway):
         saturated = score is not None and score > self.settings.node_load_threshold
         try:
             await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated)
-            if score is None:
-                with contextlib.suppress(KeyError):
-                    self._metrics.node_load_score.remove(conn.node_id)
-            else:
-                self._metrics.node_load_score.labels(conn.node_id).set(score)
-            if saturated != conn.saturated:
-                conn.saturated = saturated
-                self._nodes.count_saturated()
+            if self._nodes.note_load(conn, score, saturated):
                 event(log, "node_saturated" if saturated else "node_unsaturated", logging.WARNING if saturated else logging.INFO,
                       node_id=conn.node_id, load_score=score, threshold=self.settings.node_load_threshold)
                 if not saturated:

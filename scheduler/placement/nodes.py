@@ -71,13 +71,25 @@ class NodeRegistry:
     def remove(self, conn: NodeConnection) -> None:
         if self._nodes.get(conn.node_id) is conn:
             del self._nodes[conn.node_id]
-            with contextlib.suppress(KeyError):
-                self._metrics.node_load_score.remove(conn.node_id)
+            self._show_score(conn.node_id, None)
         self._metrics.nodes_online.set(len(self._nodes))
-        self.count_saturated()
-
-    def count_saturated(self) -> None:
         self._metrics.nodes_saturated.set(sum(c.saturated for c in self._nodes.values()))
+
+    def note_load(self, conn: NodeConnection, score: float | None, saturated: bool) -> bool:
+        """The node's load score and saturation as just written to Redis: the gauges follow.
+        Returns whether its saturation changed."""
+        self._show_score(conn.node_id, score)
+        changed, conn.saturated = conn.saturated != saturated, saturated
+        if changed:
+            self._metrics.nodes_saturated.set(sum(c.saturated for c in self._nodes.values()))
+        return changed
+
+    def _show_score(self, node_id: str, score: float | None) -> None:
+        if score is not None:
+            self._metrics.node_load_score.labels(node_id).set(score)
+        else:
+            with contextlib.suppress(KeyError):  # (a node that reported none has no series)
+                self._metrics.node_load_score.remove(node_id)
 
 
 class NodeRoute(Protocol):
