@@ -37,6 +37,7 @@ class JobOutcome:
     tgt_lang: str
     translation: Translation
     source_text: str | None = None
+    node_s: float | None = None  # the job's time at its node, as the instance holding the node saw it
 
 
 @attrs.frozen

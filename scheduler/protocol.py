@@ -547,6 +547,7 @@ class Encoded:
 
     TYPE: str
     text: str
+    job_id: str = ""  # of a job_assign / job_cancel (the node connection keeps its assigned jobs)
 
 
 def encode(msg: Any) -> str:

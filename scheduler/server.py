@@ -228,6 +228,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     deps = dict(settings=settings, redis=redis, scheduling=scheduling, dispatcher=dispatcher, router=router,
                 sessions=sessions, metrics=metrics, ownership=ownership)
     admission = AdmissionControl(settings.max_sessions, metrics, lag_limit_s=settings.overload_lag_ms / 1000)
+    metrics.watch_pairs(jobs=dispatcher.by_pair, slots=nodes.slots_by_pair)
     return _Parts(metrics, sessions, nodes, scheduling, dispatcher, ownership, router,
                   ClientGateway(admission=admission, **deps), NodeGateway(nodes=nodes, **deps), admission)
 

@@ -57,6 +57,41 @@ async def test_admin_endpoints(daemon, nursery):
         assert snap["jobs"] == {"in_flight": 0, "waiting": 0}
 
 
+def _sample(body: str, name: str) -> float | None:
+    """The value of the series ``name`` (with its labels, as exposed) in a /metrics body."""
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+async def test_pair_gauges_and_overhead_leave_the_node_time_out(daemon, nursery):
+    """The dashboard's per-pair capacity and the daemon's own overhead per result
+    (docs/operations.md, "Metrics"): a node that takes 600 ms per job holds one slot of four
+    while it works, and those 600 ms are not counted as the daemon's overhead."""
+    await start_node(nursery, daemon, node_id="n1", delay_ms=600, max_jobs=4, lang_pairs=(("zh", "en"), ("zh", "de")))
+    scrape = lambda: trio.to_thread.run_sync(http_get, daemon.admin_port, "/metrics")  # noqa: E731
+    async with session(daemon) as s:
+        await speak(s)
+        await s.send(type="audio_chunk", data=base64.b64encode(SPEECH_100MS).decode(), is_final=True)
+        await s.recv_until("utterance_finalized")
+        await trio.sleep(0.3)
+        _, body = await scrape()
+        assert _sample(body, 'scheduler_pair_jobs_in_flight{pair="zh-en"}') == 1
+        assert _sample(body, 'scheduler_pair_slots{pair="zh-en"}') == 4
+        assert _sample(body, 'scheduler_pair_slots{pair="zh-de"}') == 4
+        assert _sample(body, 'scheduler_pair_slots_free{pair="zh-en"}') == 3
+        assert _sample(body, 'scheduler_pair_slots_free{pair="zh-de"}') == 3  # one node: its slots are shared
+        result, _ = await s.recv_until("result")
+        assert result["status"] == "SUCCESS"
+    _, body = await scrape()
+    assert _sample(body, 'scheduler_pair_jobs_in_flight{pair="zh-en"}') == 0
+    assert _sample(body, 'scheduler_pair_jobs_waiting{pair="zh-en"}') == 0
+    assert _sample(body, 'scheduler_pair_slots_free{pair="zh-en"}') == 4
+    assert _sample(body, "scheduler_result_overhead_seconds_count") == 1
+    assert _sample(body, "scheduler_result_overhead_seconds_sum") < 0.3  # the node's 600 ms are left out
+
+
 async def test_bad_messages_keep_the_session_alive(daemon, nursery):
     await start_node(nursery, daemon, node_id="n1", delay_ms=10)
     async with session(daemon) as s:

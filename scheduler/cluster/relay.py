@@ -67,13 +67,13 @@ ANSWER_POLL_S = 1.0
 
 
 class Relay:
-    """Async context manager. ``deliver_job(node_id, msg_json, msg_type) -> bool`` hands a job
+    """Async context manager. ``deliver_job(node_id, msg_json, msg_type, job_id) -> bool`` hands a job
     or its cancel (the text, sent to the node as it is) to a local node; ``deliver_outcome(session_id, outcome) -> bool`` to a local session;
     ``waiting_sessions()`` names the local sessions worth a look in Redis, each with the
     (utterance index, target language) answers it still misses."""
 
     def __init__(self, url: str, instance_id: str, metrics: Metrics, adapter: RedisAdapter, *,
-                 deliver_job: Callable[[str, str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
+                 deliver_job: Callable[[str, str, str, str], bool], deliver_outcome: Callable[[str, JobOutcome], bool],
                  waiting_sessions: Callable[[], dict[str, list[tuple[int, str]]]] = dict,
                  taken_over: Callable[[str], None] = lambda _: None) -> None:
         self._url = url
@@ -136,7 +136,8 @@ class Relay:
     async def send_job(self, owner: str, node_id: str, msg: JobAssign | JobCancel) -> None:
         """XADD the job (or its cancel) to the stream of the instance holding ``node_id``."""
         await self._redis.command("XADD", keys.job_stream(owner), "MAXLEN", "~", STREAM_MAXLEN, "*",
-                                  "node_id", node_id, "type", msg.TYPE, "msg", encode(msg))
+                                  "node_id", node_id, "type", msg.TYPE, "job_id", msg.job_id,
+                                  "msg", encode(msg))
         self._metrics.relay_messages_total.labels("job_sent" if isinstance(msg, JobAssign) else "cancel_sent").inc()
 
     async def send_outcome(self, owner: str, session_id: str, outcome: JobOutcome) -> int:
@@ -218,7 +219,8 @@ class Relay:
                     done.append(entry_id)
                     continue
                 msg_type = fields.get("type", JobAssign.TYPE)
-                handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], msg_type, trio_token=token)
+                handed = trio.from_thread.run_sync(self._deliver_job, fields["node_id"], fields["msg"], msg_type,
+                                                   fields.get("job_id", ""), trio_token=token)
                 kind = "job" if msg_type == JobAssign.TYPE else "cancel"
                 self._metrics.relay_messages_total.labels(f"{kind}_received" if handed else f"{kind}_node_gone").inc()
                 done.append(entry_id)

@@ -90,9 +90,9 @@ class Router:
                 raise
         return False
 
-    def _job_from_relay(self, node_id: str, msg: str, msg_type: str = JobAssign.TYPE) -> bool:
+    def _job_from_relay(self, node_id: str, msg: str, msg_type: str = JobAssign.TYPE, job_id: str = "") -> bool:
         """A job (or its cancel) another instance sent to a node held here, as the text it encoded."""
-        return self.to_node_here(node_id, Encoded(msg_type, msg))
+        return self.to_node_here(node_id, Encoded(msg_type, msg, job_id))
 
     # ------------------------------------------------------------ answers to sessions
 

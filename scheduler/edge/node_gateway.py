@@ -275,6 +275,7 @@ class NodeGateway(wsutil.Gateway):
         event(log, "node_draining", node_id=conn.node_id, jobs=len(self._dispatcher.placements_on(conn.node_id)))
 
     async def _job_result(self, conn: NodeConnection, msg: JobResult) -> None:
+        node_s = conn.answered(msg.job_id)  # (before the Redis work below: that is the daemon's share)
         ok = msg.status == "ok"
         translation = Translation(
             status="SUCCESS" if ok else "FAILED",
@@ -318,7 +319,8 @@ class NodeGateway(wsutil.Gateway):
         self._dispatcher.forget(job_key)
         self._dispatcher.slot_freed()
         self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
-        await self._router.to_session(session_id, JobOutcome(int(utterance_index), tgt_lang, translation, source_text))
+        await self._router.to_session(session_id, JobOutcome(int(utterance_index), tgt_lang, translation, source_text,
+                                                             node_s=node_s))
 
     @property
     def _answer_budget_s(self) -> float:

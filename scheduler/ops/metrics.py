@@ -6,7 +6,14 @@ one test process without clashing). Process metrics (CPU, RSS, fds) are included
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# (src, tgt) -> the numbers of one language pair, read when /metrics is scraped
+PairView = Callable[[], Mapping[tuple[str, str], Mapping[str, int]]]
 
 
 class Metrics:
@@ -47,6 +54,11 @@ class Metrics:
         self.finalize_latency_seconds = Histogram(
             p + "finalize_latency_seconds", "From the event that triggered a finalize to its jobs being queued for dispatch",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.result_overhead_seconds = Histogram(
+            p + "result_overhead_seconds", "Per translation answered by a node: from its utterance's finalize to the "
+            "answer reaching the session, less the time the job spent at its node (the daemon's own queueing, Redis and "
+            "relay work; waits for a free slot count, waits for an earlier result do not)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
         self.finalize_total = Counter(p + "finalize_total", "Utterances finalized, by reason", ["reason"], registry=r)
         self.session_lag_seconds = Histogram(
             p + "session_lag_seconds", "Per live session, sampled every second: the age of the oldest audio frame its "
@@ -128,5 +140,35 @@ class Metrics:
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
             "by what", ["what"], registry=r)
 
+    def watch_pairs(self, jobs: PairView, slots: PairView) -> None:
+        """Per language pair gauges, computed at scrape time from the dispatcher (``jobs``:
+        waiting, in_flight) and the nodes connected here (``slots``: slots, free). The pairs are
+        those that authenticated nodes registered (a session's pairs are checked against them
+        at session_init), so a client cannot add a label value."""
+        self.registry.register(_PairCollector(jobs, slots))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_PAIR_GAUGES = (
+    ("pair_jobs_waiting", "jobs", "waiting", "Jobs of the pair queued in its lane on this instance (new, waiting for a "
+     "free slot, or moving)"),
+    ("pair_jobs_in_flight", "jobs", "in_flight", "Jobs of the pair this instance placed on a node, not yet answered"),
+    ("pair_slots", "slots", "slots", "max_jobs of the nodes connected to this instance that serve the pair"),
+    ("pair_slots_free", "slots", "free", "Of those, the slots with no job assigned through this instance's "
+     "connection (jobs relayed from other instances included)"),
+)
+
+
+class _PairCollector(Collector):
+    def __init__(self, jobs: PairView, slots: PairView) -> None:
+        self._views = {"jobs": jobs, "slots": slots}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        views = {name: view() for name, view in self._views.items()}
+        for name, view, field, doc in _PAIR_GAUGES:
+            family = GaugeMetricFamily("scheduler_" + name, doc, labels=["pair"])
+            for (src, tgt), numbers in sorted(views[view].items()):
+                family.add_metric([f"{src}-{tgt}"], numbers.get(field, 0))
+            yield family

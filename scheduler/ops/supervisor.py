@@ -42,7 +42,7 @@ from collections.abc import Callable
 import attrs
 import trio
 from prometheus_client import Counter
-from prometheus_client.core import CollectorRegistry, Metric
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,6 +98,15 @@ class _WorkerMetrics:
             "missing or wrong admin token", registry=self._registry)
 
     def collect(self):
+        restarts = CounterMetricFamily("scheduler_supervisor_worker_restarts", "Times the supervisor started a worker "
+                                       "again after it exited on its own (not a reload), by worker", labels=["worker"])
+        ready = GaugeMetricFamily("scheduler_supervisor_worker_ready", "1 while the worker answers its /readyz 200 "
+                                  "(or is only full), by worker", labels=["worker"])
+        for worker in self._workers:
+            restarts.add_metric([str(worker.index)], worker.restarts)
+            ready.add_metric([str(worker.index)], 1 if worker.ready or worker.full else 0)
+        yield restarts
+        yield ready
         for worker in self._workers:
             for family in text_string_to_metric_families(worker.metrics_text):
                 out = Metric(family.name, family.documentation, family.type, family.unit)

@@ -709,6 +709,15 @@ class Dispatcher:
         """Jobs queued in the lanes (new, waiting for a node, or moving)."""
         return sum(len(lane.queue) for lane in self._lanes.values())
 
+    def by_pair(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Per language pair: jobs ``waiting`` in its lane and ``in_flight`` (placed from here);
+        read by the scrape (ops/metrics.py, ``watch_pairs``)."""
+        out = {pair: {"waiting": len(lane.queue), "in_flight": 0} for pair, lane in self._lanes.items()}
+        for placement in self.placed.values():
+            pair = (placement.request.src_lang, placement.request.tgt_lang)
+            out.setdefault(pair, {"waiting": 0, "in_flight": 0})["in_flight"] += 1
+        return out
+
     def _update_waiting_gauge(self) -> None:
         self._metrics.jobs_waiting.set(self.waiting)
 

@@ -13,6 +13,8 @@ import trio
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import JobAssign, Register
 
+ASSIGNED_KEPT = 2  # NodeConnection.assigned keeps at most this many times max_jobs stamps
+
 
 class NodeConnection:
     """A registered node on this instance. ``outbox`` holds messages for its writer.
@@ -36,13 +38,30 @@ class NodeConnection:
         self.heartbeat_queued = False  # a heartbeat is in the worker's queue (one at a time)
         self.end_reason: str | None = None  # set by the worker when it closed the node ("drained")
         self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)
+        # job_id -> when its job_assign was queued for this node (trio clock); popped by its
+        # answer or its job_cancel. Its size is the jobs this connection sees at the node (free
+        # slots), and the answer's time at the node is now minus the stamp (overhead metric).
+        self.assigned: dict[str, float] = {}
 
-    def send_nowait(self, msg: object) -> bool:
+    def send_nowait(self, msg: Any) -> bool:
         try:
             self.outbox_send.send_nowait(msg)
-            return True
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        job_id = getattr(msg, "job_id", "")
+        if job_id and msg.TYPE == JobAssign.TYPE:
+            self.assigned[job_id] = trio.current_time()
+            if len(self.assigned) > ASSIGNED_KEPT * self.max_jobs:  # a job whose lease ran out and was never answered
+                del self.assigned[next(iter(self.assigned))]
+        elif job_id:
+            self.assigned.pop(job_id, None)
+        return True
+
+    def answered(self, job_id: str) -> float | None:
+        """The node answered ``job_id``: seconds since its job_assign was queued (None if this
+        connection did not assign it)."""
+        sent = self.assigned.pop(job_id, None)
+        return None if sent is None else trio.current_time() - sent
 
 
 class NodeRegistry:
@@ -74,6 +93,20 @@ class NodeRegistry:
             self._show_score(conn.node_id, None)
         self._metrics.nodes_online.set(len(self._nodes))
         self._metrics.nodes_saturated.set(sum(c.saturated for c in self._nodes.values()))
+
+    def slots_by_pair(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Per language pair the nodes here serve: their ``slots`` (max_jobs) and the ``free``
+        ones as their connections see them (none on a draining or saturated node); read by the scrape (ops/metrics.py)."""
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        for conn in self._nodes.values():
+            if conn.registration is None:
+                continue
+            free = 0 if conn.draining or conn.saturated else max(0, conn.max_jobs - len(conn.assigned))
+            for src, tgt in {(src, tgt) for src, tgt in conn.registration.lang_pairs}:
+                numbers = out.setdefault((src, tgt), {"slots": 0, "free": 0})
+                numbers["slots"] += conn.max_jobs
+                numbers["free"] += free
+        return out
 
     def note_load(self, conn: NodeConnection, score: float | None, saturated: bool) -> bool:
         """The node's load score and saturation as just written to Redis: the gauges follow.

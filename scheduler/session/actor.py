@@ -65,6 +65,9 @@ INBOX_CAPACITY = 512
 CLIENT_BATCH = 64
 """Client events handled per inbox item, so that deadlines and answers interleave with a flood."""
 
+FINALIZED_KEPT = 256
+"""Finalize times kept per session (the newest) for ``result_overhead_seconds``."""
+
 CANCEL_TIMEOUT_S = 5
 """How long the shell tries to cancel a finished session's unanswered jobs."""
 
@@ -118,6 +121,7 @@ class SessionActor:
         self.taken_over = False
         self.lagging = False  # a session_lagging episode is open (session/lag.py)
         self._input_held = self._held_logged = False  # input held at max_jobs_per_session now; logged once
+        self._finalized_at: dict[int, float] = {}  # utterance index -> finalize time, for the overhead metric
 
     # ------------------------------------------------------------ producers' API
 
@@ -210,6 +214,8 @@ class SessionActor:
             if self.taken_over:  # set by take_over_nowait, whose token may not have fit
                 item = TakenOverIn()
             if item is not None and item is not _WAKE:
+                if isinstance(item, JobOutcome) and item.node_s is not None:
+                    self._observe_overhead(item.utterance_index, item.node_s)
                 self._perform(core.handle(item, trio.current_time()))
             self._read_backlog()
             if core.next_deadline() <= trio.current_time():  # after what was queued before it
@@ -269,11 +275,21 @@ class SessionActor:
                     pass  # only end() cancels, and _cleanup performs it
 
     def _finalized(self, fin: Finalized, started: float) -> None:
+        self._finalized_at[fin.index] = started
+        if len(self._finalized_at) > FINALIZED_KEPT:  # answers of the oldest never came
+            del self._finalized_at[next(iter(self._finalized_at))]
         latency = max(0.0, trio.current_time() - started)
         self._metrics.finalize_total.labels(fin.reason).inc()
         self._metrics.finalize_latency_seconds.observe(latency)
         event(log, "utterance_finalized", session_id=self.session_id, utterance_index=fin.index, reason=fin.reason,
               audio_ms=fin.audio_ms, turn_id=fin.turn_id, latency_ms=round(latency * 1000, 3))
+
+    def _observe_overhead(self, index: int, node_s: float) -> None:
+        """The daemon's own share of an answer's wait: since its utterance's finalize, less its
+        time at the node (utterances finalized before a resume here are not known)."""
+        finalized = self._finalized_at.get(index)
+        if finalized is not None:
+            self._metrics.result_overhead_seconds.observe(max(0.0, trio.current_time() - finalized - node_s))
 
     def _emit(self, msg: UtteranceFinalized | Result | Busy | SessionClosed) -> None:
         try:
