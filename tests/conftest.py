@@ -109,19 +109,30 @@ async def daemon(start_daemon):
     return await start_daemon()
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's chromium for the browser tests: installed with apt-get when missing and we are
-    root (as on CI); elsewhere the test is skipped with the reason."""
-    path = shutil.which("chromium")
+def debian_tool(binary: str, package: str) -> str:
+    """The path of ``binary`` from Debian's ``package``: installed with apt-get when it is
+    missing and we are root (as on CI); elsewhere the calling test is skipped with the reason."""
+    path = shutil.which(binary)
     if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
-        path = shutil.which("chromium")
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, capture_output=True, timeout=900)
+        path = shutil.which(binary)
     if path is None:
-        pytest.skip("needs Debian's chromium (apt-get install chromium); CI installs it as root")
+        pytest.skip(f"needs Debian's {package} (apt-get install {package}); CI installs it as root")
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, for the browser tests."""
+    return debian_tool("chromium", "chromium")
+
+
+@pytest.fixture(scope="session")
+def prometheus():
+    """Debian's prometheus package: (prometheus, promtool), for the monitoring tests."""
+    return debian_tool("prometheus", "prometheus"), debian_tool("promtool", "prometheus")
 
 
 @pytest.fixture(scope="session")
