@@ -103,7 +103,7 @@ bench-instances *ARGS: sync
 
 # chaos: 3 instances on one Valkey, nodes, resuming clients; kill -9 / SIGTERM / node cuts every ~5 s (docs/scaling.md)
 # (just chaos --duration 120; add Redis faults with --faults node,kill,term,redis,stall,full; --workers 3 strikes the
-# workers of one supervisor instead; --help lists the knobs)
+# workers of one supervisor instead, and there --faults ...,reload sends it SIGHUP too; --help lists the knobs)
 chaos *ARGS: sync
     uv run --frozen python bench/chaos.py {{ARGS}}
 

@@ -25,6 +25,10 @@ With ``--workers N`` the instances are the workers of one ``scheduler serve --wo
 (one port, SO_REUSEPORT): ``kill`` and ``term`` strike a worker, and its supervisor must start
 it again by itself; every ``worker_exited`` in the supervisor's log must be one the harness
 caused (exit code -9 after ``kill``, 0 after ``term``), and the supervisor must not exit.
+``reload`` (``--workers`` only) sends the supervisor SIGHUP (``systemctl reload``): it
+replaces its workers one at a time, each new one ready before the old one drains. A reload
+exits no worker by ``worker_exited``, and each ends ``reload_done`` (or ``reload_ignored``
+while the previous one is still under way), never ``worker_replace_failed``.
 
 Clients stream utterances (tones of 200-700 ms in 100 ms binary frames, then ``finalize``)
 and resume on another instance (``session_id`` + ``resume_from``) whenever their connection
@@ -73,7 +77,7 @@ from scheduler.session.audio import tone
 
 RATE = 16000
 FRAME = 3200  # 100 ms of 16 kHz s16le
-FAULTS = ("node", "kill", "term", "redis", "stall", "full")
+FAULTS = ("node", "kill", "term", "redis", "stall", "full", "reload")
 CONNECTION_ENDED = (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError)
 
 
@@ -184,6 +188,7 @@ class Box:
         self.inst = Instance("box", redis_url, workdir, args)
         self.inst.cmd += ["--workers", str(args.workers)]
         self.caused: list[tuple[int, int]] = []  # (worker, expected exit code) of every strike
+        self.reloads = 0  # SIGHUPs sent
 
     async def workers(self) -> list[dict]:
         def get() -> list[dict]:
@@ -200,6 +205,12 @@ class Box:
                 await trio.sleep(0.2)
 
     async def strike(self, kind: str, report: Report, rng: random.Random) -> None:
+        if kind == "reload":
+            report.fault("reload", "box")
+            self.reloads += 1
+            assert self.inst.proc is not None
+            self.inst.proc.send_signal(signal.SIGHUP)
+            return
         ready = [w for w in await self.workers() if w["ready"] and w["pid"]]
         if len(ready) < 2:
             return  # keep at least one worker serving
@@ -208,24 +219,35 @@ class Box:
         self.caused.append((w["worker"], -9 if kind == "kill" else 0))
         os.kill(w["pid"], signal.SIGKILL if kind == "kill" else signal.SIGTERM)
 
-    def exits(self) -> list[tuple[int, int]]:
-        exits = []
+    def events(self, name: str) -> list[dict]:
+        """The supervisor's log events called ``name``."""
+        found = []
         for line in self.inst.log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 ev = json.loads(line)
-                if ev.get("event") == "worker_exited":
-                    exits.append((ev["worker"], ev["exit_code"]))
-        return exits
+                if ev.get("event") == name and ev.get("logger") == "scheduler.supervisor":
+                    found.append(ev)
+        return found
+
+    def exits(self) -> list[tuple[int, int]]:
+        return [(ev["worker"], ev["exit_code"]) for ev in self.events("worker_exited")]
+
+    def reloads_ended(self) -> int:
+        return len(self.events("reload_done")) + len(self.events("reload_ignored"))
 
     async def check(self, report: Report, drain_s: float = 5.0) -> None:
         """Every worker exit is one the harness caused, with the exit code it should have. A
         worker struck just before the end may still be draining: wait for it (drain + 5 s)."""
-        with trio.move_on_after(drain_s + 5):
-            while len(self.exits()) < len(self.caused):
+        with trio.move_on_after(drain_s + 5 + 30 * bool(self.reloads)):
+            while len(self.exits()) < len(self.caused) or self.reloads_ended() < self.reloads:
                 await trio.sleep(0.2)
         exits = self.exits()
         if sorted(exits) != sorted(self.caused):
             report.violation(f"worker exits {sorted(exits)} != caused {sorted(self.caused)}")
+        if self.reloads_ended() != self.reloads or self.events("worker_replace_failed"):
+            report.violation(f"{self.reloads} reloads sent, {len(self.events('reload_done'))} done, "
+                             f"{len(self.events('reload_ignored'))} ignored, "
+                             f"{len(self.events('worker_replace_failed'))} replacements failed")
 
 
 # ---------------------------------------------------------------- nodes
@@ -595,6 +617,8 @@ async def run(args: argparse.Namespace) -> dict:
     unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise SystemExit(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    if "reload" in kinds and not args.workers:
+        raise SystemExit("the reload fault needs --workers (SIGHUP replaces a supervisor's workers)")
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     report = Report()

@@ -1,6 +1,7 @@
 """The chaos run (bench/chaos.py, `just chaos`) in its short CI variant: three real
 ``scheduler serve`` processes on one Valkey, simulated nodes and resuming clients, with
-node cuts, kill -9, SIGTERM and Redis restarts striking every ~3 s.
+node cuts, kill -9, SIGTERM and Redis restarts striking every ~3 s; and one ``--workers 3``
+supervisor whose workers are struck, and which is reloaded (SIGHUP) meanwhile.
 
 It fails on anything lost, duplicated, reordered or answered with the wrong audio, on a
 session that cannot be resumed, and on a daemon that exits without being told to (or exits
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.slow
     # three instances; Redis restarts too
     ["--instances", "3", "--duration", "24", "--faults", "node,kill,term,redis", "--seed", "13"],
     # one supervisor with three workers: kill -9 and SIGTERM strike workers, which it must start
-    # again by itself; every worker exit is one the run caused
-    ["--workers", "3", "--duration", "20", "--faults", "node,kill,term", "--seed", "17"],
+    # again by itself; every worker exit is one the run caused; SIGHUP (systemctl reload)
+    # replaces them all one at a time, and every reload ends done (or ignored while one runs)
+    ["--workers", "3", "--duration", "20", "--faults", "node,kill,term,reload", "--seed", "17"],
 ], ids=["instances", "workers"])
 async def test_short_chaos_run_loses_nothing(tmp_path, how):
     args = chaos.parser().parse_args([
@@ -39,4 +41,5 @@ async def test_short_chaos_run_loses_nothing(tmp_path, how):
     assert not summary["violations"], summary["violations"]
     kinds = {f["kind"] for f in summary["faults"]}
     assert {"kill", "term"} & kinds and summary["resumes"] > 0, summary["faults"]  # faults did strike
+    assert "reload" in kinds or "reload" not in summary["faults_enabled"], summary["faults"]
     assert summary["utterances"] > 100 and summary["ok"], summary
