@@ -8,11 +8,12 @@ import json
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from scheduler import __version__
-from scheduler.ops import config, logs
+from scheduler.ops import config, logs, secrets
 
 DESCRIPTION = """\
 Real-time speech job scheduler. Clients stream audio over WebSocket (/v1/session); the
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--delay-ms", type=int, default=200, help="time to answer a job")
     node.add_argument("--jitter-ms", type=int, default=0, help="random extra time per job, 0..JITTER")
     node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error")
-    node.add_argument("--token", default=None, help="registration token (the daemon's --node-token)")
+    node.add_argument("--token", default=None, help="registration token (the daemon's --node-token); visible to "
+                                                     "other users in the process list: prefer --token-file")
+    node.add_argument("--token-file", default=None, metavar="FILE",
+                      help="read the registration token from FILE (the first of several comma-separated ones)")
     node.add_argument("--cafile", default=None, metavar="PEM",
                       help="for wss://: trust the certificates in this file instead of the system's trust store")
     node.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -188,10 +192,17 @@ def _node(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     kwargs = {"node_id": args.node_id} if args.node_id else {}
+    token = args.token
+    if args.token_file:
+        try:
+            token = (secrets.tokens(Path(args.token_file).read_text()) or [None])[0]
+        except OSError as exc:
+            print(f"scheduler node: cannot read --token-file: {exc.strerror}", file=sys.stderr)
+            return 2
     options = NodeOptions(url=args.url, lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
                           pools=tuple(args.pool) if args.pool else None, max_jobs=args.max_jobs,
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
-                          token=args.token, engine=args.engine, ssl_context=_tls_client(args.cafile), **kwargs)
+                          token=token, engine=args.engine, ssl_context=_tls_client(args.cafile), **kwargs)
     try:
         node = ReferenceNode(options)
     except RuntimeError as exc:

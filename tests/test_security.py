@@ -268,3 +268,21 @@ async def _drive(ws_port: int, admin_port: int, canary: dict[str, str], nursery)
     assert status[0] == 200 and metrics[0] == 200
     return {"status": status[1].decode(), "metrics": metrics[1].decode(), "errors": json.dumps(errors),
             "node messages": json.dumps(node_saw), "resume_tokens": f"{ready['resume_token']} {token_of(sid)}"}
+
+
+async def test_the_reference_node_takes_its_token_from_a_file_not_the_command_line(start_daemon, tmp_path):
+    """``scheduler node --token-file``: the token never shows in the process list; a file it
+    cannot read exits 2 with the reason (and without the token)."""
+    daemon = await start_daemon(node_token="n0de-s3cret")
+    (tmp_path / "token").write_text("n0de-s3cret\n")
+    cmd = [sys.executable, "-m", "scheduler", "node", "--url", daemon.ws_url, "--node-id", "nf", "--log-level", "warning"]
+    missing = await trio.run_process([*cmd, "--token-file", str(tmp_path / "nope")], capture_stderr=True, check=False)
+    assert missing.returncode == 2 and b"cannot read --token-file" in missing.stderr
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(lambda task_status: trio.run_process(
+            [*cmd, "--token-file", str(tmp_path / "token")], stdin=subprocess.DEVNULL, check=False, task_status=task_status))
+        with trio.fail_after(20):
+            while "nf" not in daemon.nodes:
+                await trio.sleep(0.1)
+        assert "n0de-s3cret" not in " ".join(proc.args)
+        proc.terminate()
