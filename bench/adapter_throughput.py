@@ -15,7 +15,7 @@ import redis
 import trio
 from _common import redis_url
 
-from scheduler.placement.redis_adapter import RedisAdapter
+from scheduler.store.redis_adapter import RedisAdapter
 
 KEYS = ["{scheduler}:job:bench", "{scheduler}:node:runtime:bench"]
 
@@ -46,7 +46,7 @@ def raw_pipelined(url: str, calls: int, depth: int = 64) -> float:
 
 
 def open_script() -> str:
-    from scheduler.placement.redis_adapter import load_script_sources
+    from scheduler.store.redis_adapter import load_script_sources
 
     return load_script_sources()["cancel_task"]
 

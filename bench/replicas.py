@@ -27,9 +27,9 @@ import trio
 from scheduling import setup_nodes
 
 from scheduler.ops.embedded_sentinel import EmbeddedSentinelGroup
-from scheduler.placement import lua
-from scheduler.placement.redis_adapter import RedisAdapter
-from scheduler.placement.scheduling import SchedulingClient
+from scheduler.store import lua
+from scheduler.store.redis_adapter import RedisAdapter
+from scheduler.store.scheduling import SchedulingClient
 
 VARIANTS = (0, 1, 2)
 

@@ -24,9 +24,9 @@ import redis
 import trio
 from _common import redis_url
 
-from scheduler.placement import lua
-from scheduler.placement.redis_adapter import RedisAdapter, load_script_sources
-from scheduler.placement.scheduling import SchedulingClient
+from scheduler.store import lua
+from scheduler.store.redis_adapter import RedisAdapter, load_script_sources
+from scheduler.store.scheduling import SchedulingClient
 
 PAIR = [("zh-en", "zh", "en")]
 

@@ -49,12 +49,12 @@ from scheduler.ops.secrets import redacted
 from scheduler.ops.systemd import Notifier
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeRegistry
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
-from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, ID_PATTERN, INTERNAL, SHUTTING_DOWN, ProtocolError
 from scheduler.session.admission import AdmissionControl, watch_loop_lag
 from scheduler.session.lag import watch_session_lag
 from scheduler.session.registry import SessionRegistry
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable
+from scheduler.store.scheduling import SchedulingClient
 
 log = logging.getLogger("scheduler.server")
 

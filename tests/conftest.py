@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, Phase, settings
 
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
-from scheduler.placement.redis_adapter import connect
 from scheduler.server import serve
+from scheduler.store.redis_adapter import connect
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -38,12 +38,12 @@ from scheduler.edge.node_gateway import NodeGateway
 from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, job_key_for
 from scheduler.ops.config import Settings
 from scheduler.ops.metrics import Metrics
-from scheduler.placement import keys
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
-from scheduler.placement.redis_adapter import RedisAdapter, now_ms
-from scheduler.placement.scheduling import SchedulingClient
 from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode, parse_from_daemon
+from scheduler.store import keys
+from scheduler.store.redis_adapter import RedisAdapter, now_ms
+from scheduler.store.scheduling import SchedulingClient
 
 INSTANCES = ("i1", "i2")
 SESSIONS = {"s0": "i1", "s1": "i1", "s3": "i1", "s2": "i2"}  # where each session starts (three share i1's lanes)

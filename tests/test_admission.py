@@ -13,9 +13,9 @@ import trio
 
 from scheduler.client import connect
 from scheduler.ops.supervisor import Worker, _readiness, _status
-from scheduler.placement import keys
 from scheduler.session.admission import reserve_for
 from scheduler.session.audio import silence, tone
+from scheduler.store import keys
 
 from .helpers import init_answer, peer, session, speak, start_node
 from .test_gateways import http_get

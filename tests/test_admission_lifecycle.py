@@ -29,11 +29,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 from scheduler.ops.config import Settings
-from scheduler.placement import keys
-from scheduler.placement.redis_adapter import connect
 from scheduler.reference.node import NodeOptions, ReferenceNode
 from scheduler.server import serve
 from scheduler.session.admission import reserve_for
+from scheduler.store import keys
+from scheduler.store.redis_adapter import connect
 
 from .conftest import FAST
 from .trio_thread import TrioThread

@@ -55,9 +55,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from scheduler.jobs import JobOutcome, JobWaiting, job_key_for
 from scheduler.placement import dispatcher as dispatcher_module
-from scheduler.placement import keys
-from scheduler.placement import redis_adapter as redis_adapter_module
-from scheduler.placement.redis_adapter import connect
+from scheduler.store import keys
+from scheduler.store import redis_adapter as redis_adapter_module
+from scheduler.store.redis_adapter import connect
 
 from .dispatcher_harness import ORPHAN_GRACE_MS, PAIRS, RETRY_S, SAMPLE_RATES, SESSIONS, DispatcherHarness, Journal, VirtualWall, job_audio
 from .session_rules import step_limit

@@ -11,8 +11,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from scheduler.placement import keys
 from scheduler.reference.node import NodeFatal, NodeOptions, ReferenceNode
+from scheduler.store import keys
 
 from .helpers import SPEECH_100MS, peer, session, speak, start_node
 
@@ -461,7 +461,7 @@ async def test_a_node_that_reconnects_at_once_stays_online(daemon, nursery, redi
     (here: its clean-up is slow), must not take the new registration offline nor drop its
     owner record; the node keeps getting jobs without a heartbeat in between."""
     from scheduler.cluster.ownership import Ownership
-    from scheduler.placement import keys
+    from scheduler.store import keys
 
     release = Ownership.release_node
 

@@ -6,8 +6,9 @@ import re
 import pytest
 import trio
 
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import (
+from scheduler.protocol import Register
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import (
     AlreadyCompleted,
     EmptyPool,
     JobIdTaken,
@@ -23,8 +24,7 @@ from scheduler.placement.redis_adapter import (
     load_script_sources,
     now_ms,
 )
-from scheduler.placement.scheduling import SchedulingClient
-from scheduler.protocol import Register
+from scheduler.store.scheduling import SchedulingClient
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -7,8 +7,8 @@ import time
 import pytest
 import redis
 
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import load_script_sources
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import load_script_sources
 
 
 def call(scripts, c):

@@ -27,8 +27,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import connect, load_script_sources
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
 

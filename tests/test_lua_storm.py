@@ -14,8 +14,8 @@ import time
 import pytest
 import redis
 
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import connect, load_script_sources
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = {f"n{i}": 3 for i in range(4)}
 

@@ -9,7 +9,7 @@ import logging
 
 import trio
 
-from scheduler.placement import keys
+from scheduler.store import keys
 
 from .helpers import peer, session, speak
 from .test_gateways import http_get

@@ -1,10 +1,10 @@
-"""The Redis outage clock (placement/outage.py), with explicit times."""
+"""The Redis outage clock (store/outage.py), with explicit times."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler.placement.outage import OutageClock
+from scheduler.store.outage import OutageClock
 
 
 def test_a_failed_batch_starts_an_outage_from_its_start_and_a_success_ends_it():

@@ -15,8 +15,8 @@ import trio
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.jobs import job_key_for
-from scheduler.placement import keys
-from scheduler.placement.redis_adapter import RedisAdapter
+from scheduler.store import keys
+from scheduler.store.redis_adapter import RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session
 from .test_e2e import Daemon

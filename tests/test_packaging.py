@@ -25,7 +25,7 @@ def test_wheel_contains_luascripts_and_loads_them(tmp_path):
     # Unpacked on its own (no checkout next to it), the package loads its scripts from inside.
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = ("import scheduler.placement.redis_adapter as r; d = r.scripts_dir(); "
+    code = ("import scheduler.store.redis_adapter as r; d = r.scripts_dir(); "
             "assert 'site' in str(d), d; print(sorted(r.load_script_sources()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, timeout=60)

@@ -1,8 +1,8 @@
 import pytest
 import trio
 
-from scheduler.placement import lua
-from scheduler.placement.redis_adapter import BadRequest, RedisAdapter, RedisUnavailable, load_script_sources
+from scheduler.store import lua
+from scheduler.store.redis_adapter import BadRequest, RedisAdapter, RedisUnavailable, load_script_sources
 
 
 def test_every_script_binds_keys_and_argv_and_documents_its_contract():

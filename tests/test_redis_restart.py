@@ -12,7 +12,7 @@ import trio
 
 from scheduler.jobs import job_key_for
 from scheduler.ops.embedded_redis import EmbeddedValkey
-from scheduler.placement import keys
+from scheduler.store import keys
 
 from .helpers import peer, session, speak, start_node, token_of
 from .test_e2e import Daemon, log_events

@@ -12,9 +12,9 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from scheduler.cluster import journal
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import Fenced, RedisAdapter
 from scheduler.protocol import Busy, SessionClosed
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import Fenced, RedisAdapter
 
 from .helpers import RESUME_TOKENS, SPEECH_100MS, peer, session, start_node
 

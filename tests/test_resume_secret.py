@@ -9,8 +9,8 @@ import json
 import trio
 
 from scheduler.cluster import journal
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import RedisAdapter
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import RedisAdapter
 
 from .helpers import init_answer, session, speak, start_node
 

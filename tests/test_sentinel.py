@@ -19,8 +19,8 @@ import trio
 
 from scheduler.ops.embedded_redis import EmbeddedValkey, _free_port_pairs
 from scheduler.ops.embedded_sentinel import EmbeddedSentinelGroup
-from scheduler.placement.redis_adapter import RedisUnavailable
 from scheduler.server import REPLICAS_SHORT
+from scheduler.store.redis_adapter import RedisUnavailable
 
 from .held_link import HeldLink
 from .helpers import start_node

@@ -121,7 +121,7 @@ def test_the_session_core_does_no_io_and_reads_no_clock():
 
 
 def test_named_files_exist():
-    """Paths such as ``scheduler/placement/keys.py``, ``luascripts/x.lua`` or ``docs/x.md`` in
+    """Paths such as ``scheduler/store/keys.py``, ``luascripts/x.lua`` or ``docs/x.md`` in
     the package and the docs point at files of the repository."""
     pattern = re.compile(r"\b((?:scheduler|luascripts|docs|tests|bench)/[\w/.-]+\.(?:py|lua|md))\b")  # NAME: a placeholder
     texts = [*PKG.rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]

@@ -36,9 +36,9 @@ import attrs
 import trio
 
 from scheduler.ops.logs import event
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 from scheduler.protocol import CLOSE_POLICY, UNKNOWN_SESSION, ProtocolError, Result, SessionClosed, UtteranceFinalized, encode
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 
 log = logging.getLogger("scheduler.journal")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from scheduler.placement import keys
-from scheduler.placement.redis_adapter import RedisAdapter
+from scheduler.store import keys
+from scheduler.store.redis_adapter import RedisAdapter
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership

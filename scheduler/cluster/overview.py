@@ -23,9 +23,9 @@ import json
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from scheduler.placement import keys
-from scheduler.placement.redis_adapter import RedisAdapter
-from scheduler.placement.scheduling import SchedulingClient
+from scheduler.store import keys
+from scheduler.store.redis_adapter import RedisAdapter
+from scheduler.store.scheduling import SchedulingClient
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership

@@ -39,9 +39,9 @@ from collections.abc import Callable
 import trio
 
 from scheduler.ops.logs import event
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
-from scheduler.placement.resilient import every
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
+from scheduler.store.resilient import every
 
 log = logging.getLogger("scheduler.ownership")
 

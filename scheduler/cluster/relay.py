@@ -51,10 +51,10 @@ import trio
 from scheduler.jobs import JobOutcome, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
-from scheduler.placement import keys
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, connect
-from scheduler.placement.resilient import every
 from scheduler.protocol import JobAssign, JobCancel, Translation, converter, encode
+from scheduler.store import keys
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, connect
+from scheduler.store.resilient import every
 
 log = logging.getLogger("scheduler.relay")
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 from scheduler.cluster.relay import Relay
 from scheduler.jobs import JobOutcome, SessionInbox, job_key_for
 from scheduler.ops.metrics import Metrics
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.protocol import Encoded, JobAssign, JobCancel
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership

@@ -39,8 +39,6 @@ from scheduler.jobs import JobOutcome
 from scheduler.ops import secrets
 from scheduler.ops.logs import event
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
-from scheduler.placement.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
-from scheduler.placement.resilient import until_known
 from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -58,6 +56,8 @@ from scheduler.protocol import (
     parse_node,
     redis_unavailable,
 )
+from scheduler.store.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
+from scheduler.store.resilient import until_known
 
 log = logging.getLogger("scheduler.node_gateway")
 

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from scheduler.ops.config import Settings
     from scheduler.ops.metrics import Metrics
     from scheduler.placement.dispatcher import Dispatcher
-    from scheduler.placement.redis_adapter import RedisAdapter
-    from scheduler.placement.scheduling import SchedulingClient
     from scheduler.session.registry import SessionRegistry
+    from scheduler.store.redis_adapter import RedisAdapter
+    from scheduler.store.scheduling import SchedulingClient
 
 log = logging.getLogger("scheduler.ws")
 

@@ -1,2 +1,2 @@
-"""Placing jobs on worker nodes: the dispatcher, the Lua scheduling scripts and their callers,
-the Redis adapter, key names and the book of nodes attached to this instance."""
+"""Placing jobs on worker nodes: the dispatcher, its fair queue and deadlines, and the book of
+nodes attached to this instance. The Redis calls it makes live in ``scheduler/store/``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from scheduler.jobs import JobRequest, held_due, outage_postponement
-from scheduler.placement.outage import OutageClock
+from scheduler.store.outage import OutageClock
 
 
 class JobDeadlines:

@@ -68,10 +68,11 @@ import trio
 from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
-from scheduler.placement import keys, lua
 from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.fairqueue import FairQueue
-from scheduler.placement.redis_adapter import (
+from scheduler.protocol import JobAssign, JobCancel, Translation
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import (
     EmptyPool,
     Fenced,
     JobIdTaken,
@@ -83,9 +84,8 @@ from scheduler.placement.redis_adapter import (
     UnknownJob,
     now_ms,
 )
-from scheduler.placement.resilient import every
-from scheduler.placement.scheduling import SchedulingClient
-from scheduler.protocol import JobAssign, JobCancel, Translation
+from scheduler.store.resilient import every
+from scheduler.store.scheduling import SchedulingClient
 
 if TYPE_CHECKING:
     from scheduler.placement.nodes import NodeRegistry, NodeRoute
@@ -102,7 +102,7 @@ class Placement:
     lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
     conn_id: str = ""  # the node connection that got the job (register_node); "" if unknown
     uncertain: bool = False  # a move of it timed out: it may have gone through (see _resolve)
-    outage_at: float = 0.0  # the Redis outage clock (placement/outage.py) when the lease was set
+    outage_at: float = 0.0  # the Redis outage clock (store/outage.py) when the lease was set
 
     def lease_due(self, outage_now: float) -> float:
         """When the lease runs out here: its deadline, later by the Redis outages since it was

@@ -35,7 +35,6 @@ from scheduler.ops import secrets
 from scheduler.ops.config import Settings
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
-from scheduler.placement.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 from scheduler.protocol import (
     BAD_MESSAGE,
     CLOSE_POLICY,
@@ -50,13 +49,14 @@ from scheduler.protocol import (
 from scheduler.session.actor import SessionActor
 from scheduler.session.admission import AdmissionControl, Slot
 from scheduler.session.core import PendingUtterance
+from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
     from scheduler.cluster.routing import Router
     from scheduler.placement.dispatcher import Dispatcher
-    from scheduler.placement.scheduling import SchedulingClient
     from scheduler.session.registry import SessionRegistry
+    from scheduler.store.scheduling import SchedulingClient
 
 log = logging.getLogger("scheduler.client_gateway")  # (the session_started/ended events keep their logger)
 

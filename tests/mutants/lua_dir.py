@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from scheduler.placement import redis_adapter
+from scheduler.store import redis_adapter
 
 
 def pytest_configure(config):

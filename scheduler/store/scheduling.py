@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from scheduler.placement import keys, lua
-from scheduler.placement.redis_adapter import RedisAdapter, StaleCandidates, now_ms
 from scheduler.protocol import Register
+from scheduler.store import keys, lua
+from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, now_ms
 
 STALE_RETRIES = 3
 

@@ -26,7 +26,7 @@ import trio
 from trio_util import periodic
 
 from scheduler.ops.logs import event
-from scheduler.placement.redis_adapter import RedisUnavailable
+from scheduler.store.redis_adapter import RedisUnavailable
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from scheduler.placement import keys
+from scheduler.store import keys
 
 Call = tuple[str, list[str], list[Any]]
 

@@ -41,7 +41,7 @@ from scheduler.ops import redis_client, redis_url
 from scheduler.ops.logs import event
 from scheduler.ops.redis_policy import memory_policies
 from scheduler.ops.secrets import redacted
-from scheduler.placement.outage import OutageClock
+from scheduler.store.outage import OutageClock
 
 log = logging.getLogger("scheduler.redis")
 
