@@ -100,7 +100,7 @@ def held_due(deadline: float, held_from: float | None, hold: float) -> float:
 
 
 class JobPort(Protocol):
-    """What the actor needs from scheduling; the real one is :class:`scheduler.dispatcher.Dispatcher`.
+    """What the actor needs from scheduling; the real one is :class:`scheduler.placement.dispatcher.Dispatcher`.
 
     ``submit_nowait`` queues a job and returns at once: None when queued (the outcome comes
     back later as a :class:`JobOutcome` in the actor's inbox), or an error code when the job

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -127,4 +128,38 @@ def test_named_files_exist():
     texts = [*PKG.rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
     missing = {(str(f.relative_to(ROOT)), m) for f in texts for m in pattern.findall(f.read_text())
                if "NAME" not in m and not (ROOT / m).exists()}
+    assert not missing, sorted(missing)
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``scheduler.a.b.Name[.attr]`` names a module of the package, or something
+    defined in one (imported and looked up: what a reader would find)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_named_code_exists():
+    """Dotted names such as ``scheduler.session.core.SessionCore`` and short paths such as
+    ``placement/dispatcher.py`` in the package and the docs point at code that exists: a
+    module moved or a class renamed must take its mentions along."""
+    # (not in a string literal: logger names such as "scheduler.relay" are names, not code)
+    dotted = re.compile(r"(?<![\w\"'])scheduler(?:\.(?!json|toml|service|example|v1\b)[A-Za-z_]\w*)+")
+    short = re.compile(r"(?<![\w/.-])((?:edge|session|placement|store|cluster|ops|client|reference)/[\w/]+\.py)\b")
+    texts = [*PKG.rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    missing = set()
+    for f in texts:
+        text = f.read_text()
+        where = str(f.relative_to(ROOT))
+        missing |= {(where, m) for m in dotted.findall(text) if not _resolves(m)}
+        missing |= {(where, m) for m in short.findall(text) if not (PKG / m).exists()}
     assert not missing, sorted(missing)

@@ -19,7 +19,7 @@ digest of what the client presented to ``session_resume.lua``, which compares th
 constant time before it changes anything. Without the token nobody takes a session over.
 
 Fencing: :func:`resume` raises the epoch atomically with reading the journal. From then on
-the old owner's journal writes fail with :class:`~scheduler.redis_adapter.Fenced` (its
+the old owner's journal writes fail with :class:`~scheduler.store.redis_adapter.Fenced` (its
 session ends as ``taken_over`` without cancelling jobs: the new owner wants their answers),
 and so do its job creations (``dispatch_task`` checks the epoch too).
 """

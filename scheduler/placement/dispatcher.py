@@ -14,7 +14,7 @@ bench/load.py). A freed slot goes to the next job in that order.
 Full pool: when the head of a lane gets ``NO_AVAILABLE_NODE`` (or ``EMPTY_POOL``, or Redis
 is unavailable), the lane waits until a slot frees on this instance, or ``retry_interval``
 passes (slots freed by other instances), then retries the head. Every job queued behind a
-blocked head is told to its session as waiting (:class:`~scheduler.session.JobWaiting`):
+blocked head is told to its session as waiting (:class:`~scheduler.jobs.JobWaiting`):
 if its deadline passes before it is placed, the session resolves it ``FAILED`` with that
 error; the lane drops it at the same deadline. Both count Redis outages out by one rule (a
 deadline is held while Redis is out and moves later once it is back: ``deadlines.py``), so a
@@ -44,7 +44,7 @@ second until Redis answers, and its node is told ``job_cancel`` once it went thr
 kept and sent again the same way; the periodic tasks log and retry (``resilient.every``).
 
 Outcomes that are not a node's answer (no pool, nowhere to send it) go back to the session
-as a ``FAILED`` :class:`~scheduler.session.JobOutcome` through the session registry.
+as a ``FAILED`` :class:`~scheduler.jobs.JobOutcome` through the session registry.
 
 Bounds: at most ``queue_size`` jobs wait in all lanes together; past that
 :meth:`submit_nowait` refuses with ``OVERLOADED`` (the session records the translation as

@@ -4,7 +4,7 @@ With the ``fake`` engine (default) the answer is deterministic so tests can chec
 end: the duration of the job's audio and its CRC-32, tagged with the language
 (``[zh] 1200ms crc32=1a2b3c4d``). With ``pocketsphinx`` it really transcribes (English
 model bundled with the package) and tags the transcript as a placeholder translation
-(see :mod:`scheduler.asr`). Jobs run
+(see :mod:`scheduler.reference.asr`). Jobs run
 concurrently (the daemon never sends more than ``max_jobs``), each after ``delay_ms``;
 ``job_cancel`` cancels the job's task. The node reconnects with backoff when the socket
 drops, and stops on a fatal error (bad token, duplicate node id).

@@ -6,7 +6,7 @@ moment or come back empty. None of them may end the daemon for that: docs/scalin
 promises that a Redis outage closes no connection.
 
 Error handling: an exception from ``work`` is logged (``<name>_failed``: a warning for
-:class:`~scheduler.redis_adapter.RedisUnavailable`, an error with the traceback for anything
+:class:`~scheduler.store.redis_adapter.RedisUnavailable`, an error with the traceback for anything
 else; once per failing episode, not once per tick) and the next tick tries again;
 ``<name>_recovered`` is logged when a tick succeeds after failures. Cancellation is never
 caught. On overrun the next tick starts at once (trio-util's ``periodic``).
