@@ -15,7 +15,7 @@ import trio
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.jobs import job_key_for
-from scheduler.store import keys
+from scheduler.store import keys, liveness
 from scheduler.store.redis_adapter import RedisAdapter
 
 from .helpers import SPEECH_100MS, peer, session
@@ -153,7 +153,12 @@ def test_a_killed_instance_is_void_at_once_and_collected(tmp_path, redis_url, re
                 await trio.sleep(0.05)
             assert time.monotonic() - start <= 1.8  # owner_ttl_ms after the last refresh (+ polling slack)
             assert await other.collect_dead() == 1
+            assert await other.collect_dead() == 0  # collected once: it stays listed, dead (a tombstone)
+            assert not await other.is_alive("doomed")
+            assert await liveness.alive(a, ["doomed", "survivor", "never-seen"], unsure=False) == {"survivor", "never-seen"}
+            assert await liveness.alive(a, ["doomed"], unsure=True) == {"doomed"}  # Redis just came back: unsure
         assert not redis_client.exists(keys.session_owner(sid), keys.node_owner("n9"), keys.instance("doomed"))
+        assert redis_client.zscore(keys.instances(), "doomed") < 0
         assert redis_client.hget(keys.node_info("n9"), "online") == "0"  # never chosen again
 
     try:
@@ -300,3 +305,15 @@ async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url
         assert kept is not None and '"kept"' in kept  # kept until past the result deadline (a resume may want it)
     assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()
+
+
+def test_one_liveness_rule():
+    """store/liveness.py: listed with a lapse ahead, or not listed (Redis lost its data): alive;
+    lapsed or a tombstone: dead, unless Redis was out within a TTL (unsure)."""
+    now = 1_000_000
+    assert liveness.is_alive(now + 1, now, unsure=False) and liveness.is_alive(None, now, unsure=False)
+    assert not liveness.is_alive(now - 1, now, unsure=False)
+    assert not liveness.is_alive(liveness.tombstone(now - 5), now, unsure=False)
+    assert liveness.is_alive(now - 1, now, unsure=True) and liveness.is_alive(liveness.tombstone(now), now, unsure=True)
+    low, high = liveness.expired_tombstones(now + liveness.TOMBSTONE_MS)
+    assert float(low.lstrip("(")) == liveness.tombstone(now) and high == "(0"  # older than that one goes

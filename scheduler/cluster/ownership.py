@@ -16,7 +16,8 @@ An owner record is valid while its instance lives: :meth:`session_owner` and
 records are therefore void within ``owner_ttl_ms``; any instance then collects them
 (:meth:`collect_dead`, every ``COLLECT_EVERY_S``): its owner records are dropped, its nodes
 marked offline (so ``dispatch_task`` never chooses them; before that, choose_node.lua skips
-a node whose owner's liveness has lapsed) and it leaves ``{scheduler}:instances``.
+a node whose owner's liveness has lapsed) and it stays in ``{scheduler}:instances`` as a
+tombstone, dead (store/liveness.py: the one rule every reader applies).
 
 A session taken over (resumed on another instance) is told so by its new owner over the
 relay (``cluster/routing.py``), and its journal writes are fenced anyway (journal.py).
@@ -39,7 +40,7 @@ from collections.abc import Callable
 import trio
 
 from scheduler.ops.logs import event
-from scheduler.store import keys, lua
+from scheduler.store import keys, liveness, lua
 from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 from scheduler.store.resilient import every
 
@@ -85,15 +86,11 @@ class Ownership:
         return await self._live_owner(keys.node_owner(node_id))
 
     async def is_alive(self, instance_id: str) -> bool:
-        """False once the instance's liveness lapsed. An instance not listed counts as alive,
-        as in choose_node.lua: a dead one is listed until it is collected (and its records with
-        it), and after Redis lost its data every instance is unlisted until its next refresh.
-        While Redis is out, and for one ``ttl_ms`` after, a lapsed instance counts as alive: its
+        """False once the instance's liveness lapsed (store/liveness.py: the rule every reader
+        applies; an instance not listed counts as alive, a collected one is listed dead). While
+        Redis is out, and for one ``ttl_ms`` after, a lapsed instance counts as alive: its
         refreshes failed, it did not die (``OutageClock.recent``)."""
-        lapses = await self._redis.command("ZSCORE", keys.instances(), instance_id)
-        if lapses is None or float(lapses) >= now_ms():
-            return True
-        return self._liveness_unsure()
+        return bool(await liveness.alive(self._redis, [instance_id], unsure=self._liveness_unsure()))
 
     async def _live_owner(self, owner_key: str) -> str | None:
         owner = await self._redis.command("GET", owner_key)
@@ -163,7 +160,7 @@ class Ownership:
         refresh it before it counts as dead."""
         if self._liveness_unsure():
             return 0
-        lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), "-inf", now_ms() - 1)
+        lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), 0, now_ms() - 1)  # (not the tombstones)
         dead = [instance for instance in lapsed if instance != self.instance_id]
         for instance in dead:
             owned = await self._redis.command("SMEMBERS", keys.owned(instance))
@@ -174,8 +171,10 @@ class Ownership:
             if nodes:
                 await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False) for n in nodes])
             await self._redis.command("DEL", keys.owned(instance))
-            await self._redis.command("ZREM", keys.instances(), instance)
+            # listed as dead from now on (liveness.py): its orphaned jobs are still known as such
+            await self._redis.command("ZADD", keys.instances(), "XX", liveness.tombstone(now_ms()), instance)
             event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
+        await self._redis.command("ZREMRANGEBYSCORE", keys.instances(), *liveness.expired_tombstones(now_ms()))
         return len(dead)
 
     def _liveness_unsure(self) -> bool:

@@ -71,7 +71,7 @@ from scheduler.ops.metrics import Metrics
 from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.fairqueue import FairQueue
 from scheduler.protocol import JobAssign, JobCancel, Translation
-from scheduler.store import keys, lua
+from scheduler.store import keys, liveness, lua
 from scheduler.store.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -413,9 +413,8 @@ class Dispatcher:
             + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
         jobs, infos = replies[:len(remote)], dict(zip(node_ids, replies[len(remote):], strict=True))
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
-        exists = await self._redis.commands_many([("EXISTS", keys.instance(o)) for o in owners], raise_errors=True)
-        alive = {o for o, n in zip(owners, exists, strict=True) if n}
         lapsed_by_outage = self._liveness_unsure()
+        alive = await liveness.alive(self._redis, owners, unsure=lapsed_by_outage)
         lost: list[Placement] = []
         for placement, (status, attempt) in zip(remote, jobs, strict=True):
             if self.placed.get(placement.request.job_key) is not placement:
@@ -492,7 +491,7 @@ class Dispatcher:
         if job_key is None:  # the job hash is gone: only the lease entry is left
             await self._redis.command("ZREM", keys.leases(), job_id)
             return
-        if await self._redis.command("EXISTS", keys.instance(placed_by)):
+        if await liveness.alive(self._redis, [placed_by], unsure=self._liveness_unsure()):
             return  # its instance is alive and handles its leases
         reply = await self._release(job_id, job_key, node_id, int(attempt))
         if reply is not None and reply[0] == "OK":
