@@ -590,7 +590,7 @@ async def _after_data_loss(running: Running) -> None:
             if running.ownership is not None:
                 await running.ownership.reassert([a.session_id for a in running.sessions.actors()],
                                                  [conn.node_id for conn in running.nodes.all()])
-            await running.dispatcher.redis_data_lost()
+            await running.dispatcher.recovery.redis_data_lost()
     except Exception as exc:  # Redis away again, or a bug: the lease expiry moves what is left
         event(log, "jobs_recheck_failed", logging.WARNING, error=str(exc))
     await _reassert_journals(running)

@@ -454,7 +454,7 @@ class DispatcherHarness:
         """The health check saw the data marker change: each live dispatcher's part."""
         for instance in self.instances.values():
             if instance.alive:
-                await instance.dispatcher.redis_data_lost()
+                await instance.dispatcher.recovery.redis_data_lost()
 
     def generations(self) -> list[list[tuple[str, str, int, str, str]]]:
         """``handed``, cut where Redis lost its data (job ids and keys start afresh there)."""
@@ -539,7 +539,7 @@ class DispatcherHarness:
         instance.inbox.sessions.add(session_id)  # the new actor, registered at its epoch
         instance.inbox.epochs[session_id] = epoch
         await instance.router.take_stored({session_id: missing})
-        count = await instance.dispatcher.adopt(session_id, epoch, missing)
+        count = await instance.dispatcher.recovery.adopt(session_id, epoch, missing)
         for job_key in (job_key_for(session_id, index, tgt) for index, tgt in missing):
             if job_key in instance.dispatcher.placed:
                 self.queued_since[job_key] = trio.current_time()

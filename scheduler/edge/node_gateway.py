@@ -123,7 +123,7 @@ class NodeGateway(wsutil.Gateway):
             if self._latest.get(conn.node_id) != conn.conn_id:
                 # back here on a newer connection already: the jobs of this one move now
                 # (those of another instance's newer connection: at the remote watch)
-                await self._dispatcher.node_lost(conn.node_id, "NODE_RECONNECTED", conn_id=conn.conn_id)
+                await self._dispatcher.recovery.node_lost(conn.node_id, "NODE_RECONNECTED", conn_id=conn.conn_id)
                 event(log, "node_left", node_id=conn.node_id, reason=reason, replaced=True)
                 return
             with trio.move_on_after(5):
@@ -133,7 +133,7 @@ class NodeGateway(wsutil.Gateway):
                                                       conn_id=conn.conn_id)
                 except RedisUnavailable:
                     pass
-                await self._dispatcher.node_lost(conn.node_id, "NODE_LOST")
+                await self._dispatcher.recovery.node_lost(conn.node_id, "NODE_LOST")
             del self._latest[conn.node_id]
         if not lock.locked() and lock.statistics().tasks_waiting == 0:
             self._locks.pop(conn.node_id, None)
@@ -290,7 +290,7 @@ class NodeGateway(wsutil.Gateway):
         async def store(again: bool) -> Any:
             # complete_task declares the job key too; jobs placed elsewhere (or before a restart
             # of this instance's memory) are looked up in the job hash
-            job_key = self._dispatcher.job_key_of(msg.job_id) or await self._scheduling.job_key_of(msg.job_id)
+            job_key = await self._dispatcher.job_key_of(msg.job_id)
             if job_key is None:
                 raise UnknownJob(f"UNKNOWN_JOB {msg.job_id}")
             return await self._scheduling.complete(msg.job_id, job_key, conn.node_id, msg.attempt, ok, answer=answer,
@@ -316,8 +316,7 @@ class NodeGateway(wsutil.Gateway):
         if retried:
             event(log, "answer_stored", node_id=conn.node_id, job_id=msg.job_id, retries=retried)
         _, session_id, job_key, utterance_index, tgt_lang = reply
-        self._dispatcher.forget(job_key)
-        self._dispatcher.slot_freed()
+        self._dispatcher.answered(job_key, freed_here=True)  # (a slot of a node here is free, whoever placed the job)
         self._metrics.jobs_total.labels("finished" if ok else "failed").inc()
         await self._router.to_session(session_id, JobOutcome(int(utterance_index), tgt_lang, translation, source_text,
                                                              node_s=node_s))

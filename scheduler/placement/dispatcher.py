@@ -20,22 +20,13 @@ error; the lane drops it at the same deadline. Both count Redis outages out by o
 deadline is held while Redis is out and moves later once it is back: ``deadlines.py``), so a
 job blocked by an outage is still placed when Redis answers again, while its session waits.
 
-Lost nodes and expired leases: when a node holding jobs disconnects (or is closed for
-missing heartbeats), or a job's lease (``job_lease_ms``) runs out, each of its jobs is
+Lost nodes, expired leases, other instances' nodes, dead instances, adopted sessions and
+Redis data loss are the dispatcher's recovery (recovery.py, its own task): a placed job is
 dispatched again through ``redispatch_task`` as attempt + 1 on another node, ahead of the
-jobs queued in its lane, while its result deadline allows; the old node gets ``job_cancel``
-when it is still connected. Answers of the old attempt are refused by ``complete_task``.
-
-Jobs on nodes of other instances: the node's instance moves only the jobs it placed itself,
-so :meth:`Dispatcher._watch_remote` looks, every ``watch_interval``, at each job this
-instance placed on a node it does not hold. A job answered (or cancelled) meanwhile leaves
-the books at once (no move, no cancel, no failure count); a job whose node is offline, whose
-node's connection is not the one that got the job (``conn_id``: the node reconnected), or
-whose node's instance is not alive (killed, or stopped) moves (attempt + 1) from here: this
-instance holds its audio. So a job never waits for its lease because of a node or instance
-that left: it moves within ``watch_interval`` of a disconnect and within ``owner_ttl_ms`` +
-``watch_interval`` of an instance's death. An answer that reaches a session here through the
-relay also takes its job off the books at once (:meth:`Dispatcher.answered`).
+jobs queued in its lane (:meth:`Dispatcher.move`), while its result deadline allows; the old
+node gets ``job_cancel`` when it is still connected, and answers of the old attempt are
+refused by ``complete_task``. An accepted answer leaves the books through
+:meth:`Dispatcher.answered` only, whoever saw it.
 
 Redis outages: no task here ends on a Redis error. A lane that cannot reach Redis waits and
 retries its head; a slot release (``cancel_task``) that fails is kept and retried every
@@ -65,13 +56,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage, job_key_for
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
+from scheduler.placement.books import Placed, Placement
 from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.fairqueue import FairQueue
+from scheduler.placement.recovery import Recovery
 from scheduler.protocol import JobAssign, JobCancel, Translation
-from scheduler.store import keys, liveness, lua
+from scheduler.store import keys, lua
 from scheduler.store.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -80,7 +73,6 @@ from scheduler.store.redis_adapter import (
     NoPoolForLangPair,
     RedisAdapter,
     RedisUnavailable,
-    ScriptError,
     UnknownJob,
     now_ms,
 )
@@ -93,23 +85,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("scheduler.dispatcher")
 
 
-@attrs.define
-class Placement:
-    job_id: str
-    node_id: str
-    attempt: int
-    request: JobRequest
-    lease_deadline: float = float("inf")  # trio clock; mirrors the lease stored in Redis
-    conn_id: str = ""  # the node connection that got the job (register_node); "" if unknown
-    uncertain: bool = False  # a move of it timed out: it may have gone through (see _resolve)
-    outage_at: float = 0.0  # the Redis outage clock (store/outage.py) when the lease was set
-
-    def lease_due(self, outage_now: float) -> float:
-        """When the lease runs out here: its deadline, later by the Redis outages since it was
-        set (a node's answer waiting on Redis is not the node's fault)."""
-        return self.lease_deadline + (outage_now - self.outage_at)
-
-
 @attrs.define(eq=False)
 class _Lane:
     """Jobs of one language pair, placed in order by one task."""
@@ -119,27 +94,6 @@ class _Lane:
     wake: trio.Event = attrs.Factory(trio.Event)
     blocked_code: str | None = None  # set while the head cannot be placed
     told: set[str] = attrs.Factory(set)  # job keys whose session was told "waiting"
-
-
-class _Placed(dict[str, Placement]):
-    """job key -> Placement, with an index job id -> job key (answers name only the job id)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.job_keys: dict[str, str] = {}
-
-    def __setitem__(self, job_key: str, placement: Placement) -> None:
-        super().__setitem__(job_key, placement)
-        self.job_keys[placement.job_id] = job_key
-
-    def __delitem__(self, job_key: str) -> None:
-        self.pop(job_key)
-
-    def pop(self, job_key: str, default: Placement | None = None) -> Placement | None:  # type: ignore[override]
-        placement = super().pop(job_key, default)
-        if placement is not None and placement is not default:
-            self.job_keys.pop(placement.job_id, None)
-        return placement
 
 
 class Dispatcher:
@@ -174,8 +128,6 @@ class Dispatcher:
         self._job_lease_ms = job_lease_ms
         self._retry_interval = retry_interval
         self._place_batch = place_batch
-        self._orphan_grace_ms = orphan_grace_ms
-        self._watch_interval = watch_interval
         self._keep_audio = keep_audio  # dispatch_task keeps each job's audio until answered (for adopt)
         self._instance_id = instance_id
         self._rand = rand
@@ -186,7 +138,7 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         self._scheduling = scheduling
         self._locality_slack = locality_slack  # this instance's nodes first, within this much load (choose_node.lua)
-        self.placed = _Placed()  # job key -> where it runs now (this instance's jobs)
+        self.placed = Placed()  # job key -> where it runs now (this instance's jobs)
         self.deadlines = JobDeadlines(redis.outage, outage_hold)  # job deadlines, Redis outages counted out
         self._moving: dict[str, Placement] = {}  # job key -> placement left behind, awaiting redispatch
         self._tried: dict[str, tuple[JobRequest, str]] = {}  # job key -> (request, job id) of a dispatch whose reply
@@ -194,6 +146,8 @@ class Dispatcher:
         self._owed_releases: dict[str, tuple[str, str, int | None, bool]] = {}  # job id -> (job key, node id,
         # attempt to cancel on its node once released or None, counted): cancel_task to retry
         self._lost_releases: set[str] = set()  # owed releases of which one try may have gone through (a timeout)
+        self.recovery = Recovery(self, redis=redis, nodes=nodes, metrics=metrics, instance_id=instance_id,
+                                 orphan_grace_ms=orphan_grace_ms, watch_interval=watch_interval)
         self._owed_cancels: dict[tuple[str, int], str] = {}  # (job id, attempt) -> node id: job_cancel to send again
 
     # ------------------------------------------------------------ the actor's port
@@ -234,9 +188,9 @@ class Dispatcher:
             if placement is None:
                 continue
             self._metrics.jobs_in_flight.dec()
-            await self._release(placement.job_id, job_key, placement.node_id, placement.attempt)
+            await self.release(placement.job_id, job_key, placement.node_id, placement.attempt)
 
-    async def _send_cancel(self, node_id: str, job_id: str, attempt: int) -> None:
+    async def send_cancel(self, node_id: str, job_id: str, attempt: int) -> None:
         """``job_cancel`` to the node (here, or over the relay); kept and sent again every
         second while Redis is unavailable (:meth:`_retry_releases`)."""
         try:
@@ -251,7 +205,7 @@ class Dispatcher:
         self._slot_freed.set()
         self._slot_freed = trio.Event()
 
-    def forget(self, job_key: str) -> Placement | None:
+    def _forget(self, job_key: str) -> Placement | None:
         """The job was answered: stop tracking it. That may be a job on its way to another
         node (its node reconnected and answered the attempt it held before the move was
         made): it leaves its lane too, instead of waiting there for a NOOP redispatch."""
@@ -264,73 +218,31 @@ class Dispatcher:
             self._remove(self._lane(moving.request), moving.request)
         return moving
 
-    def answered(self, job_key: str) -> None:
-        """``job_key`` was answered elsewhere (its answer reached its session here through
-        the relay, or the watch saw it done): if this instance placed the job, it leaves the
-        books now, so it is never moved, cancelled or counted failed later; a lane waiting
-        for a slot retries."""
-        if self.forget(job_key) is not None:
+    def answered(self, job_key: str, *, freed_here: bool = False) -> None:
+        """``job_key`` was answered: the one way an accepted answer leaves the books, whoever
+        saw it (the node gateway, for a node here: ``freed_here``; the router, when the answer
+        reached its session here through the relay; the remote watch, when it saw the job
+        done). If this instance placed the job, it leaves the books now, so it is never moved,
+        cancelled or counted failed later; a lane waiting for a slot retries."""
+        if self._forget(job_key) is not None or freed_here:
             self.slot_freed()
 
-    async def adopt(self, session_id: str, epoch: int | None, missing: list[tuple[int, str]]) -> int:
-        """A session resumed here still misses these (utterance index, target language)
-        answers, and its previous owner (dead, or taken over) placed their jobs. Each job
-        still dispatched or waiting in Redis, with its audio (``keep_audio``), comes onto
-        this instance's books as if placed here: a dispatched one is watched (and moved, by
-        this instance, when its node or node connection or node instance is gone), a
-        waiting one is placed again. ``placed_by`` becomes this instance, so the orphan sweep
-        leaves it alone. Returns how many were adopted."""
-        job_keys = [job_key_for(session_id, index, tgt) for index, tgt in missing]
-        ids = await self._redis.commands_many([("GET", keys.jobkey(k)) for k in job_keys])
-        found = [(k, index, str(job_id)) for k, (index, _), job_id in zip(job_keys, missing, ids, strict=True)
-                 if job_id and not isinstance(job_id, BaseException) and k not in self.placed and k not in self._moving]
-        jobs = await self._redis.commands_many([("HGETALL", keys.job(job_id)) for _, _, job_id in found])
-        adopted = []
-        for (job_key, index, job_id), job in zip(found, jobs, strict=True):
-            if isinstance(job, BaseException) or job.get("status") not in ("dispatched", "waiting") or not job.get("audio"):
-                continue
-            placement = self._adopted(job_key, job_id, index, session_id, epoch, job)
-            self.placed[job_key] = placement
-            self._metrics.jobs_in_flight.inc()
-            if job["status"] == "waiting":
-                self.move(placement, "ADOPTED_WAITING")
-            adopted.append(job_id)
-        if adopted:
-            await self._redis.commands_many([("HSET", keys.job(job_id), "placed_by", self._instance_id) for job_id in adopted])
-            event(log, "jobs_adopted", session_id=session_id, jobs=len(adopted))
-        return len(adopted)
-
-    def _adopted(self, job_key: str, job_id: str, index: int, session_id: str, epoch: int | None, job: dict) -> Placement:
-        """The placement a job hash describes (every field read here is written by
-        dispatch_task), with the request rebuilt from what it kept; no turn action (the turn
-        was its old owner's)."""
-        now, now_wall = trio.current_time(), now_ms()
-        request = JobRequest(
-            job_key=job_key, session_id=session_id, utterance_index=index, src_lang=job["src_lang"], tgt_lang=job["tgt_lang"],
-            turn_id=job["turn_id"], turn_action="none", turn_jobs=1, sample_rate=int(job["sample_rate"]),
-            audio=base64.b64decode(job["audio"]), deadline=now + (int(job["deadline_ms"]) - now_wall) / 1000, epoch=epoch)
-        lease = now + (int(job["lease_deadline_ts"]) - now_wall) / 1000
-        return Placement(job_id=job_id, node_id=job["node_id"], attempt=int(job["attempt"]), request=request,
-                         lease_deadline=lease, conn_id=job["conn_id"], outage_at=self._redis.outage.elapsed(now))
+    def holds(self, job_key: str) -> bool:
+        """Whether the job is on this instance's books (placed, or on its way to another node)."""
+        return job_key in self.placed or job_key in self._moving
 
     def outage(self, now: float) -> StoreOutage:
         """Redis' outage as of ``now``, from the adapter's outage clock."""
         clock = self._redis.outage
         return StoreOutage(clock.since(now), clock.last)
 
-    def job_key_of(self, job_id: str) -> str | None:
-        """The job key of a job this instance placed (None if unknown here)."""
-        return self.placed.job_keys.get(job_id)
+    async def job_key_of(self, job_id: str) -> str | None:
+        """The job key of a job: from the books when this instance placed it, else from its
+        job hash in Redis (placed by another instance, or before a restart); None if unknown."""
+        return self.placed.job_keys.get(job_id) or await self._scheduling.job_key_of(job_id)
 
     def placements_on(self, node_id: str) -> list[Placement]:
         return [p for p in self.placed.values() if p.node_id == node_id]
-
-    async def node_lost(self, node_id: str, reason: str, *, conn_id: str = "") -> None:
-        """The node's socket closed with jobs on it: dispatch each again elsewhere. With
-        ``conn_id``, only the jobs placed on that connection (the node is back on a newer one)."""
-        for placement in self.placements_on(node_id):
-            if not conn_id or placement.conn_id == conn_id:
-                self.move(placement, reason)
 
     def move(self, placement: Placement, reason: str) -> None:
         """Dispatch a placed job again (attempt + 1) on another node, ahead of its lane."""
@@ -354,9 +266,7 @@ class Dispatcher:
         cancelled; no Redis error ends it."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(partial(every, 1.0, self._expire_leases, name="lease_expiry", log=log))
-            nursery.start_soon(partial(every, 2.0, self._sweep_orphans, name="orphan_sweep", log=log))
-            nursery.start_soon(partial(every, self._watch_interval, self._watch_remote, name="remote_watch", log=log))
+            await nursery.start(self.recovery.run)  # lease expiry, orphan sweep, remote watch (recovery.py)
             nursery.start_soon(partial(every, 1.0, self._retry_releases, name="release_retry", log=log))
             self._redis.outage.on_end.append(self._outage_ended)
             try:
@@ -371,131 +281,15 @@ class Dispatcher:
         held = [r for lane in self._lanes.values() for r in lane.queue]
         self.deadlines.count([*held, *(p.request for p in self.placed.values()), *(p.request for p in self._moving.values())])
 
-    async def _expire_leases(self) -> None:
-        """This instance's jobs whose lease ran out move to another node.
-
-        The lease deadline of each placement is kept here too, so the check costs no Redis
-        call (the leases set in Redis is for other instances and for recovery). Time Redis
-        was unavailable does not count (``Placement.lease_due``): while it is out nothing
-        expires, and a lease set before an outage runs out that much later. Each node is
-        told ``job_cancel``, here or over the relay."""
-        now = trio.current_time()
-        outage = self._redis.outage.elapsed(now)
-        await self._take_back([p for p in self.placed.values() if p.lease_due(outage) <= now], "LEASE_EXPIRED")
-
-    async def _take_back(self, placements: list[Placement], reason: str) -> None:
-        """Move each placement on (attempt + 1), then tell its node ``job_cancel`` for the
-        attempt it holds. Every move is made before the first await, so the placements
-        (read from ``placed`` by the caller just before) are all still on the books."""
-        for placement in placements:
-            self.move(placement, reason)
-        for placement in placements:
-            await self._send_cancel(placement.node_id, placement.job_id, placement.attempt)
-
-    async def _watch_remote(self) -> None:
-        """Jobs placed here on nodes held by other instances: forget the answered ones, move
-        those whose node or node connection or node instance is gone; and jobs on nodes here
-        that came back on a new connection (module docstring).
-
-        Two pipelined round trips per tick, only while there are jobs on other instances'
-        nodes: the jobs' status and attempt with each node's state, then whether each node's
-        instance is alive."""
-        for placement in list(self.placed.values()):  # a node back here on a new connection lost its old jobs
-            conn = self._nodes.get(placement.node_id)
-            if conn is not None and placement.conn_id and conn.conn_id != placement.conn_id:
-                self.move(placement, "NODE_RECONNECTED")
-        remote = [p for p in self.placed.values() if p.node_id not in self._nodes]
-        if not remote:
-            return
-        node_ids = sorted({p.node_id for p in remote})
-        replies = await self._redis.commands_many(
-            [("HMGET", keys.job(p.job_id), "status", "attempt") for p in remote]
-            + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
-        jobs, infos = replies[:len(remote)], dict(zip(node_ids, replies[len(remote):], strict=True))
-        owners = sorted({str(info[1]) for info in infos.values() if info[1]})
-        lapsed_by_outage = self._liveness_unsure()
-        alive = await liveness.alive(self._redis, owners, unsure=lapsed_by_outage)
-        lost: list[Placement] = []
-        for placement, (status, attempt) in zip(remote, jobs, strict=True):
-            if self.placed.get(placement.request.job_key) is not placement:
-                continue  # answered or moved while we looked
-            online, owner, conn_id = infos[placement.node_id]
-            if status is None:  # Redis lost it: redispatch finds no job and places it afresh; its node stops it
-                lost.append(placement)
-            elif status != "dispatched" or int(attempt or 0) != placement.attempt:
-                self.answered(placement.request.job_key)  # answered or cancelled: off the books, nothing to move
-            elif online != "1":
-                self.move(placement, "NODE_LOST")
-            elif owner not in alive:
-                if not lapsed_by_outage:  # (its liveness may have lapsed in the outage: one more TTL to refresh it)
-                    self.move(placement, "NODE_INSTANCE_LOST")
-            elif placement.conn_id and conn_id != placement.conn_id:
-                self.move(placement, "NODE_RECONNECTED")
-        await self._take_back(lost, "JOB_LOST")
-
-    async def redis_data_lost(self) -> None:
-        """Redis restarted without its data (the health check saw its data marker change):
-        every job placed here that Redis no longer knows is placed again (as a new job, under
-        a new id), and its node is told ``job_cancel`` for the old one (Redis no longer counts
-        it in the node's slots)."""
-        placed = list(self.placed.values())
-        replies = await self._redis.commands_many([("EXISTS", keys.job(p.job_id)) for p in placed])
-        await self._take_back([p for p, exists in zip(placed, replies, strict=True)  # (unless answered meanwhile)
-                               if exists == 0 and self.placed.get(p.request.job_key) is p], "JOB_LOST")
-
     async def _retry_releases(self) -> None:
         """cancel_task calls and ``job_cancel`` messages that failed (Redis unavailable),
         until each got through."""
         for job_id, (job_key, node_id, attempt, counted) in list(self._owed_releases.items()):
             self._owed_releases.pop(job_id, None)
-            await self._release(job_id, job_key, node_id, attempt, counted=counted)
+            await self.release(job_id, job_key, node_id, attempt, counted=counted)
         for (job_id, attempt), node_id in list(self._owed_cancels.items()):
             self._owed_cancels.pop((job_id, attempt), None)
-            await self._send_cancel(node_id, job_id, attempt)
-
-    async def _sweep_orphans(self, limit: int = 100) -> None:
-        """Release the jobs whose placing instance is gone.
-
-        Each instance moves its own jobs when their lease runs out (:meth:`_expire_leases`).
-        A job whose instance died (kill -9) has nobody to do that: its lease stays in
-        ``{scheduler}:leases`` and its slot stays taken on its node, even after the node
-        reconnects here. So any instance looks at leases expired for longer than
-        ``orphan_grace_ms``; a job not placed here whose placing instance (``placed_by``) is
-        not alive is cancelled (cancel_task: slot released once), and its node gets
-        ``job_cancel`` (here, or over the relay); nobody else holds its audio to place it again. (A resumed
-        session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
-        left to them. Nothing is swept while Redis is out, or within ``orphan_grace_ms`` (the
-        instances' liveness TTL) after it came back: a long outage lets every instance's
-        liveness lapse, because their refreshes failed (``OutageClock.recent``; the look at the
-        leases is still made: it is how this instance sees Redis come back)."""
-        expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
-                                            "LIMIT", 0, limit)
-        if self._liveness_unsure():
-            return
-        for job_id in expired:
-            if job_id in self.placed.job_keys:
-                continue
-            try:
-                await self._release_orphan(str(job_id))
-            except ScriptError as exc:  # one odd job must not stop the sweep of the others
-                event(log, "orphan_release_refused", logging.WARNING, job_id=str(job_id), code=exc.code)
-
-    def _liveness_unsure(self) -> bool:
-        """Whether a lapsed instance may just not have refreshed its liveness yet: Redis is out,
-        or came back less than one liveness TTL (``orphan_grace_ms``) ago (OutageClock.recent)."""
-        return self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000)
-
-    async def _release_orphan(self, job_id: str) -> None:
-        job_key, session_id, node_id, attempt, placed_by = await self._redis.command(
-            "HMGET", keys.job(job_id), "job_key", "session_id", "node_id", "attempt", "placed_by")
-        if job_key is None:  # the job hash is gone: only the lease entry is left
-            await self._redis.command("ZREM", keys.leases(), job_id)
-            return
-        if await liveness.alive(self._redis, [placed_by], unsure=self._liveness_unsure()):
-            return  # its instance is alive and handles its leases
-        reply = await self._release(job_id, job_key, node_id, int(attempt))
-        if reply is not None and reply[0] == "OK":
-            event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
+            await self.send_cancel(node_id, job_id, attempt)
 
     async def _run_lane(self, lane: _Lane) -> None:
         """Run :meth:`_lane_step` until cancelled. An unexpected error costs a pause of
@@ -582,7 +376,7 @@ class Dispatcher:
         for placement, assign in remote:
             await self._relay_job(placement, assign)
         for job_id, job_key, node_id, attempt in crashed:  # its slot back; its node (if handed it) told job_cancel
-            await self._release(job_id, job_key, node_id, attempt, counted=False)
+            await self.release(job_id, job_key, node_id, attempt, counted=False)
         return codes
 
     def _tried_id(self, request: JobRequest) -> str | None:
@@ -622,7 +416,7 @@ class Dispatcher:
         if job_id is None:
             return
         del self._tried[request.job_key]
-        await self._release(job_id, request.job_key, "")  # (node unknown: _release looks it up, or finds no job)
+        await self.release(job_id, request.job_key, "")  # (node unknown: release looks it up, or finds no job)
 
     def _drop_crashed(self, request: JobRequest, moving: Placement | None, reply: Any,
                       remote: list[tuple[Placement, JobAssign]], crashed: list[tuple[str, str, str, int | None]]) -> None:
@@ -722,7 +516,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement
 
-    async def _release(self, job_id: str, job_key: str, node_id: str, attempt: int | None = None, *,
+    async def release(self, job_id: str, job_key: str, node_id: str, attempt: int | None = None, *,
                        counted: bool = True) -> list | None:
         """cancel_task: the job is no longer wanted; its slot (if it holds one) is released once,
         and lanes waiting for a slot retry; with ``attempt``, the node is told ``job_cancel``
@@ -750,14 +544,14 @@ class Dispatcher:
             if attempt is not None:
                 if counted:
                     self._metrics.jobs_total.labels("cancelled").inc()
-                await self._send_cancel(node_id, job_id, attempt)
+                await self.send_cancel(node_id, job_id, attempt)
         return reply
 
     async def _abandon_move(self, job_key: str) -> None:
         """A job that was leaving its node is no longer wanted: release what it still holds."""
         moving = self._moving.pop(job_key, None)
         if moving is not None:
-            await self._release(moving.job_id, job_key, moving.node_id)
+            await self.release(moving.job_id, job_key, moving.node_id)
 
     def _refused(self, request: JobRequest, moving: Placement | None, reply: BaseException) -> str | None:
         """A dispatch_task / redispatch_task call refused: the code to wait with (the lane

@@ -228,6 +228,6 @@ class SessionLifecycle:
         with trio.move_on_after(2):
             try:
                 await self._router.take_stored({actor.session_id: actor.missing_answers()})
-                await self._dispatcher.adopt(actor.session_id, actor.epoch, actor.missing_answers())
+                await self._dispatcher.recovery.adopt(actor.session_id, actor.epoch, actor.missing_answers())
             except RedisUnavailable:
                 pass  # the answer poller looks again; unadopted jobs end SKIPPED at their deadline

@@ -26,13 +26,13 @@ _CRASHED_MOVE = ("a crash acting on a move: act_crash meets a redispatch only wh
 _AFFINITY = "turn affinity and locality are not modelled: the machine checks that a node is online and free, not which"
 
 RULES: list[tuple[str, str, str, str, str]] = [
-    # ---- _Placed: a dict that keeps a job id -> job key index
+    # ---- Placed: a dict that keeps a job id -> job key index
     ("pop", "super().pop(job_key, default)", "super().pop(job_key, None)", EQ, _NO_DEFAULT),
     ("pop", "placement is not None and placement is not default", "or", EQ,
      "with the default None (every caller), both conditions read 'placement is not None'"),
     ("pop", "self.job_keys.pop(placement.job_id, None)", "self.job_keys.pop(placement.job_id, )", EQ,
-     "_Placed adds the id with every entry and removes it with the entry: it is always there"),
-    ("*", "self.placed.pop(", ", )", EQ, "_Placed.pop's default is None"),
+     "Placed adds the id with every entry and removes it with the entry: it is always there"),
+    ("*", "self.placed.pop(", ", )", EQ, "Placed.pop's default is None"),
     # ---- defaults and wiring
     ("__init__", "queue_size: int = 4096", "", MISSED, "a default the daemon passes its setting for; the machine sets 4 or 6"),
     ("__init__", "place_batch: int = 32", "", MISSED, "a default the machine overrides (1, 2 or 32)"),
@@ -54,7 +54,7 @@ RULES: list[tuple[str, str, str, str, str]] = [
     ("_retry_releases", "self._release(job_id, job_key,", "self._release(job_id, None,", MISSED, _KEY_TTL),
     ("_release_orphan", "self._release(job_id, job_key,", "self._release(job_id, None,", MISSED, _KEY_TTL),
     ("_abandon_move", "self._release(moving.job_id, job_key,", "self._release(moving.job_id, None,", MISSED, _KEY_TTL),
-    ("_release", "lua.cancel(job_id, job_key,", "lua.cancel(job_id, None,", MISSED, _KEY_TTL),
+    ("release", "lua.cancel(job_id, job_key,", "lua.cancel(job_id, None,", MISSED, _KEY_TTL),
     # ---- adopt: guards whose other half decides
     ("adopt", "if job_id and not isinstance(job_id, BaseException) and k not in self.placed and k not in", "BaseException) or k",
      EQ, "a key with no job id (or a failed read) is then looked up as job 'None', which has no hash: skipped below"),
@@ -121,7 +121,7 @@ RULES: list[tuple[str, str, str, str, str]] = [
     ("_lane_step", "lane.blocked_code = code", "lane.blocked_code = None", MISSED,
      "dispatch_blocked would be logged at every retry of an episode: the records carry no instance id, and two "
      "instances may each log an episode for one pair, so the machine cannot count them per lane"),
-    ("answered", "if self.forget(job_key) is not None:", "is None", MISSED,
+    ("answered", "if self._forget(job_key) is not None or freed_here:", "is None", MISSED,
      "a lane waiting for a slot is then woken by its retry timer (0.25 s) instead of at once: latency, not an outcome"),
     ("*", 'logging.INFO, ', "", EQ, "INFO is event()'s default level"),
     # ---- the placement pipeline
