@@ -117,8 +117,10 @@ def _api(port: int, path: str, **params: str) -> dict:
         return json.loads(resp.read())
 
 
-@contextlib.contextmanager
-def _running_prometheus(binary: str, tmp: Path, targets: list[str]):
+def _start_prometheus(binary: str, tmp: Path, targets: list[str]) -> tuple[subprocess.Popen, int]:
+    """Prometheus on a free port, scraping ``targets`` every second as job "scheduler", with
+    the rules and alerts loaded; returns once it is ready. (Blocking: run it in a thread, so
+    that the in-process daemon and nodes keep their heartbeats meanwhile.)"""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(PROM / "rules.yml"), str(PROM / "alerts.yml")],
@@ -126,24 +128,20 @@ def _running_prometheus(binary: str, tmp: Path, targets: list[str]):
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    log = open(tmp / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "prometheus.log").read_text()
-            time.sleep(0.2)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+    with open(tmp / "prometheus.log", "w") as log:
+        proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, port
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((tmp / "prometheus.log").read_text())
+        time.sleep(0.2)
 
 
 async def _talk(url: str, stop: trio.Event, counts: dict) -> None:
@@ -180,28 +178,34 @@ async def test_a_real_prometheus_gets_data_for_every_panel_and_rule(prometheus, 
         node = ReferenceNode(NodeOptions(url=daemon.ws_url, node_id=f"n{n}", reconnect=False, delay_ms=100, max_jobs=4,
                                          lang_pairs=(("zh", "en"), ("zh", "de"))))
         await nursery.start(node.run)
-    sup = Supervisor(tmp_path, "--redis-url", redis_url, "--instance-id", "box")
+    # (both waits block: in a thread, so that the nodes' heartbeats here go on meanwhile)
+    sup = await trio.to_thread.run_sync(lambda: Supervisor(tmp_path, "--redis-url", redis_url, "--instance-id", "box"))
+    prom = None
     try:
-        with _running_prometheus(binary, tmp_path, [f"127.0.0.1:{daemon.admin_port}", f"127.0.0.1:{sup.admin_port}"]) as port:
-            stop, counts = trio.Event(), {"refused": 0}
-            async with trio.open_nursery() as clients:
-                for url in [daemon.ws_url] * 3 + [sup.ws_url] * 4:  # the box has no node: its jobs are relayed
-                    clients.start_soon(_talk, url, stop, counts)
-                queries = ([(title, q) for title, q in _dashboard_queries()] + [(name, name) for name in _recorded()]
-                           + [("up", 'up{job="scheduler"} == 1')])
-                missing = await _all_return_data(port, queries, within_s=60)
-                stop.set()
-            assert not missing, (missing, counts)
-            assert counts["refused"] >= 1 and counts.get("SUCCESS", 0) > 0, counts
-            up = await trio.to_thread.run_sync(lambda: _api(port, "query", query='up{job="scheduler"} == 1'))
-            assert len(up["data"]["result"]) == 2  # the daemon and the box
-            for variable in ("instance", "worker"):  # the dashboard's variables
-                values = await trio.to_thread.run_sync(
-                    lambda v=variable: _api(port, f"label/{v}/values", **{"match[]": "scheduler_sessions_active"}))
-                assert values["data"], variable
-            groups = (await trio.to_thread.run_sync(lambda: _api(port, "rules")))["data"]["groups"]
-            rules = [rule for group in groups for rule in group["rules"]]
-            assert len(rules) == len(_recorded()) + len(_alerts())
-            assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
+        prom, port = await trio.to_thread.run_sync(
+            _start_prometheus, binary, tmp_path, [f"127.0.0.1:{daemon.admin_port}", f"127.0.0.1:{sup.admin_port}"])
+        stop, counts = trio.Event(), {"refused": 0}
+        async with trio.open_nursery() as clients:
+            for url in [daemon.ws_url] * 3 + [sup.ws_url] * 4:  # the box has no node: its jobs are relayed
+                clients.start_soon(_talk, url, stop, counts)
+            queries = ([(title, q) for title, q in _dashboard_queries()] + [(name, name) for name in _recorded()]
+                       + [("up", 'up{job="scheduler"} == 1')])
+            missing = await _all_return_data(port, queries, within_s=60)
+            stop.set()
+        assert not missing, (missing, counts)
+        assert counts["refused"] >= 1 and counts.get("SUCCESS", 0) > 0, counts
+        up = await trio.to_thread.run_sync(lambda: _api(port, "query", query='up{job="scheduler"} == 1'))
+        assert len(up["data"]["result"]) == 2  # the daemon and the box
+        for variable in ("instance", "worker"):  # the dashboard's variables
+            values = await trio.to_thread.run_sync(
+                lambda v=variable: _api(port, f"label/{v}/values", **{"match[]": "scheduler_sessions_active"}))
+            assert values["data"], variable
+        groups = (await trio.to_thread.run_sync(lambda: _api(port, "rules")))["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert len(rules) == len(_recorded()) + len(_alerts())
+        assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     finally:
-        sup.close()
+        if prom is not None:
+            prom.terminate()
+            prom.wait(timeout=20)
+        await trio.to_thread.run_sync(sup.close)
