@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import ssl
@@ -155,6 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
     from scheduler.ops.redis_policy import UnsafeRedis
     from scheduler.ops.supervisor import supervise, worker_count
     from scheduler.server import serve
+    from scheduler.store import layout
 
     settings = _settings(args)
     if settings is None:
@@ -167,7 +169,10 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()
     unsafe: UnsafeRedis | None = None
     try:
-        trio.run(supervise if worker_count(settings.workers) > 1 else serve, settings)
+        if worker_count(settings.workers) > 1:
+            trio.run(functools.partial(supervise, preflight=layout.check_url), settings)
+        else:
+            trio.run(serve, settings)
     except* UnsafeRedis as group:
         unsafe = group.exceptions[0]
     if unsafe is not None:

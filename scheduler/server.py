@@ -53,6 +53,7 @@ from scheduler.protocol import CLOSE_GOING_AWAY, CLOSE_INTERNAL, ID_PATTERN, INT
 from scheduler.session.admission import AdmissionControl, watch_loop_lag
 from scheduler.session.lag import watch_session_lag
 from scheduler.session.registry import SessionRegistry
+from scheduler.store import layout
 from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.store.scheduling import SchedulingClient
 
@@ -138,6 +139,7 @@ async def serve(
                                   "Cluster WAIT would cover one shard's writes only. Unset it, or use a Sentinel URL")
             await _wait_for_redis(redis, url)
             check_policy(await redis.memory_policies(), url, settings.allow_evicting_redis)
+            await layout.check(redis, url)
             await _serve(settings, redis, url, embedded, handle_signals, task_status)
     finally:
         if embedded is not None:
@@ -591,6 +593,7 @@ async def _after_data_loss(running: Running) -> None:
                 await running.ownership.reassert([a.session_id for a in running.sessions.actors()],
                                                  [conn.node_id for conn in running.nodes.all()])
             await running.dispatcher.recovery.redis_data_lost()
+            await layout.claim(running.redis)  # (the layout key went with the data)
     except Exception as exc:  # Redis away again, or a bug: the lease expiry moves what is left
         event(log, "jobs_recheck_failed", logging.WARNING, error=str(exc))
     await _reassert_journals(running)

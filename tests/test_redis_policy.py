@@ -17,6 +17,7 @@ from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.redis_policy import UnsafeRedis, check_policy, memory_policies
 from scheduler.server import serve
+from scheduler.store import keys, layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +83,22 @@ async def test_a_redis_that_refuses_info_is_used_with_a_warning(start_daemon, ca
         running = await start_daemon(redis_url=f"redis://limited:pw-limited@127.0.0.1:{port}/0")
         assert any(getattr(r, "event", None) == "redis_policy_unknown" for r in caplog.records)
         running.shutdown(immediate=True)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_exits_2_on_a_redis_of_another_key_layout(redis_url, redis_client, workers):
+    """store/layout.py: a Redis whose scheduling state has another key layout is refused, by a
+    single daemon and by a supervisor before any worker; one of ours is recorded and kept."""
+    redis_client.set(keys.layout(), "99")
+    done = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--redis-url", redis_url, "--ws-port", "0",
+                           "--admin-port", "0", "--workers", workers], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert f"key layout 99, and this daemon uses layout {layout.LAYOUT}" in done.stderr, done.stderr
+    assert "worker_started" not in done.stdout + done.stderr
+    assert redis_client.get(keys.layout()) == "99"  # not overwritten
+
+
+async def test_a_fresh_redis_gets_this_layout(start_daemon, redis_client):
+    assert redis_client.get(keys.layout()) is None
+    await start_daemon()
+    assert redis_client.get(keys.layout()) == layout.LAYOUT

@@ -263,12 +263,16 @@ async def _reload(workers: list[Worker], start: Callable[[Worker], None], drain_
         busy[0] = False
 
 
-async def supervise(settings: Settings) -> None:
-    """Run ``worker_count(settings.workers)`` workers until SIGTERM/SIGINT; see the module docstring."""
+async def supervise(settings: Settings, preflight: Callable[[str], None] | None = None) -> None:
+    """Run ``worker_count(settings.workers)`` workers until SIGTERM/SIGINT; see the module
+    docstring. ``preflight(redis_url)`` may raise :class:`UnsafeRedis` too (the key layout
+    check: store/layout.py, handed in by the CLI, as this layer does not know the keys)."""
     n = worker_count(settings.workers)
     if settings.redis_url:  # before any worker starts: N workers exiting 2 in turn would be restarted forever
         check_policy(await trio.to_thread.run_sync(read_policies, settings.redis_url), settings.redis_url,
                      settings.allow_evicting_redis)
+        if preflight is not None:
+            await trio.to_thread.run_sync(preflight, settings.redis_url)
     embedded = None if settings.redis_url else EmbeddedValkey(settings.data_dir, extra_args=embedded_args(settings.embedded_maxmemory_mb))
     redis_url = settings.redis_url or embedded.start()
     try:

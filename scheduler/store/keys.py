@@ -86,6 +86,11 @@ def data_marker() -> str:
     return f"{TAG}:data_marker"
 
 
+def layout() -> str:
+    """String: the key layout version of the scheduling state in this Redis (store/layout.py)."""
+    return f"{TAG}:layout"
+
+
 def job_id_seq() -> str:
     return f"{TAG}:job:id_seq"
 
