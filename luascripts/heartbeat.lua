@@ -1,6 +1,9 @@
 -- heartbeat: mark a registered node alive, stamp the time, store its load, its load score and
 -- whether that score is above the holding instance's --node-load-threshold (choose_node skips a
--- saturated node).
+-- saturated node). A draining node's heartbeat says so again (ARGV[6] = '1'), so that a drain
+-- whose node_state call failed (Redis out) or was forgotten (Redis lost its data and the node
+-- was registered again) reaches Redis with the next heartbeat; only on the node's current
+-- connection (ARGV[7]), and never back to '0' (a node's drain lasts as long as its connection).
 --
 -- Reply: {"OK", current_jobs}. Errors: UNKNOWN_NODE (never registered, or its info expired).
 --
@@ -9,18 +12,24 @@
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
 -- ARGV[1] now_ms, ARGV[2] load_json, ARGV[3] key TTL (s) of the node's keys (refreshed here),
--- ARGV[4] load score 0-1 ('' when the node sent none), ARGV[5] saturated '1' / '0'
+-- ARGV[4] load score 0-1 ('' when the node sent none), ARGV[5] saturated '1' / '0',
+-- ARGV[6] draining '1' / '' (nothing to say), ARGV[7] the connection the heartbeat came on ('' any)
 local now_ms = ARGV[1]
 local load_json = ARGV[2]
 local key_ttl_s = tonumber(ARGV[3])
 local load_score = ARGV[4] or ''
 local saturated = ARGV[5] or '0'
+local draining = ARGV[6] or ''
+local conn_id = ARGV[7] or ''
 
 if redis.call('EXISTS', info_key) == 0 then
   return redis.error_reply('UNKNOWN_NODE node is not registered')
 end
 redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json,
   'load_score', load_score, 'saturated', saturated)
+if draining == '1' and (conn_id == '' or redis.call('HGET', info_key, 'conn_id') == conn_id) then
+  redis.call('HSET', info_key, 'draining', '1')
+end
 redis.call('EXPIRE', info_key, key_ttl_s)
 redis.call('EXPIRE', runtime_key, key_ttl_s)
 return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}

@@ -388,6 +388,21 @@ class DispatcherHarness:
         conn.load_score = score
         await instance.gateway._heartbeat(conn)
 
+    async def drain(self, node_id: str) -> None:
+        """The node sends ``drain``, through the node gateway's own handler (no new jobs from
+        any instance; a drain Redis did not take is written again by the next heartbeat)."""
+        instance = self.instances[self.where[node_id]]
+        await instance.gateway._drain(instance.nodes.get(node_id))
+
+    def draining(self) -> dict[str, str]:
+        """The connected nodes whose connection is draining -> that connection's id."""
+        out = {}
+        for node_id, where in self.where.items():
+            conn = self.instances[where].nodes.get(node_id)
+            if conn.draining:
+                out[node_id] = conn.conn_id
+        return out
+
     def saturated(self) -> set[str]:
         """The connected nodes whose last load score was above the threshold, as their gateway judged."""
         return {n for n, where in self.where.items() if self.instances[where].nodes.get(n).saturated}

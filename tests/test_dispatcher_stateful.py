@@ -138,6 +138,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.next_index = 0
         self.max_jobs: dict[str, int] = {}
         self.held_when_saturated: dict[str, set[str]] = {}  # saturated node -> its jobs in Redis then (no new one since)
+        self.held_when_draining: dict[tuple[str, str], set[str]] = {}  # (draining node, conn) -> its jobs in Redis
+        # once Redis knew of the drain (no new one since)
         self.fenced: set[str] = set()
         self.act_failures: list[str] = []  # job keys of the placement_crashed records (act_crash)
         self.astray: set[str] = set()  # job ids whose records a path set astray on purpose (orphan_key_mismatch)
@@ -228,8 +230,41 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.do("load", self.h.report_load, node, score)
         if not (self.h.down or self.h.replies_lost):
             assert self.r.hget(keys.node_info(node), "saturated") == ("1" if score == 0.9 else "0")
+            if node in self.h.draining():  # a drain Redis missed is written by the node's next heartbeat
+                assert self.r.hget(keys.node_info(node), "draining") == "1", f"{node} drains, Redis does not know"
         if node in self.h.saturated():
             self.held_when_saturated.setdefault(node, set(self.r.smembers(keys.node_jobs(node))))
+
+    @precondition(lambda self: self.h.held)
+    @rule(data=st.data())
+    def drain_node(self, data):
+        """A node sends ``drain``, sometimes as Redis refuses that one call (then only its next
+        heartbeat, the ``report_load`` rule, gets it to Redis). From the moment Redis knows, no instance places
+        a job on it (:meth:`_check_draining_nodes`)."""
+        node = data.draw(st.sampled_from(self.connected))
+        if not data.draw(st.booleans()):
+            self.do("drain", self.h.drain, node)
+            return
+        self.h.down = True  # Redis refuses this one call (a blip): the drain's own write is lost
+        try:
+            self.do("drain", self.h.drain, node)
+        finally:
+            self.h.down = False
+            self.h.up_since = self.now
+            self.outages.append((self.now, self.now))
+
+    def _check_draining_nodes(self):
+        """A draining node whose drain Redis holds gets no new job while on that connection;
+        and after a heartbeat that got through, Redis holds it (``report_load`` checks that)."""
+        draining = self.h.draining()
+        for key in [k for k in self.held_when_draining if draining.get(k[0]) != k[1]]:
+            del self.held_when_draining[key]
+        for node, conn_id in draining.items():
+            if (node, conn_id) not in self.held_when_draining and self.r.hget(keys.node_info(node), "draining") == "1":
+                self.held_when_draining[(node, conn_id)] = set(self.r.smembers(keys.node_jobs(node)))
+        for (node, _), before in self.held_when_draining.items():
+            new = set(self.r.smembers(keys.node_jobs(node))) - before
+            assert not new, f"jobs {sorted(new)} placed on {node}, which is draining"
 
     def _check_saturated_nodes(self):
         """A node stays saturated until a later score is not, or it connects again; meanwhile
@@ -617,6 +652,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self._check_redis()
         self._check_nodes()
         self._check_saturated_nodes()
+        self._check_draining_nodes()
         self._check_logs()
         self._check_counters()
 
@@ -937,9 +973,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert self.act_failures == self.h.acts_crashed, (self.act_failures, self.h.acts_crashed)
 
     def _free_slots(self) -> dict[str, int]:
-        """Connected node -> its free slots in Redis (none while its load score is above the threshold)."""
-        saturated = self.h.saturated()
-        return {node: 0 if node in saturated else self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
+        """Connected node -> its free slots in Redis (none while its load score is above the
+        threshold, or while Redis knows it drains)."""
+        closed = self.h.saturated() | {n for n in self.connected if self.r.hget(keys.node_info(n), "draining") == "1"}
+        return {node: 0 if node in closed else self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
                 for node in self.connected}
 
     def check_no_idle_slot(self, free_before: dict[str, int]):

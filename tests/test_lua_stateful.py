@@ -1,7 +1,9 @@
 """Hypothesis state machine over the Lua scheduling scripts, against a real Valkey.
 
 Rules register nodes (and reconnect them), heartbeat (with a load score, above or below the
-threshold: a saturated node must get no job), kill nodes (offline + every job
+threshold: a saturated node must get no job; a draining node's heartbeat says so again),
+drain nodes (sometimes the drain's own write is lost: its next heartbeat must carry it; a
+draining node must get no job), kill nodes (offline + every job
 moved as the dispatcher does), dispatch jobs (with turn keep/end), complete them from the
 right or a wrong node and attempt, cancel them, expire their leases (redispatch), and fire
 stale redispatch triggers. After every step the Redis state itself must be consistent:
@@ -51,6 +53,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.refused: list[str] = []  # job keys whose dispatch was refused (no job was made)
         self.alive: dict[str, int] = {}  # online nodes -> their last register or heartbeat (ms)
         self.saturated: set[str] = set()  # nodes whose last heartbeat said saturated (a registration clears it)
+        self.drain_said: set[str] = set()  # nodes whose connection is draining (the gateway's conn.draining)
+        self.draining: set[str] = set()  # ... and whose drain reached Redis (node_state, or a heartbeat since)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -82,12 +86,15 @@ class ScriptsMachine(RuleBasedStateMachine):
         self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
         self.alive[node] = self.now
         self.saturated.discard(node)
+        self.drain_said.discard(node)  # a new connection: not draining
+        self.draining.discard(node)
 
     def _check_placed(self, node):
         """A node that gets a job is online and heard from within the node TTL (6 s here)."""
         assert node in self.alive, f"job placed on {node}, which is offline"
         assert self.now - self.alive[node] <= 6_000, f"job placed on {node}, silent for {self.now - self.alive[node]} ms"
         assert node not in self.saturated, f"job placed on {node}, whose load score is above the threshold"
+        assert node not in self.draining, f"job placed on {node}, which is draining"
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
@@ -134,12 +141,24 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.now += dt
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
         saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
-        if self._call(*lua.heartbeat(node, self.now, None, score, saturated))[0] == "OK":
+        if self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said))[0] == "OK":
             self.alive[node] = self.now
+            if node in self.drain_said:
+                self.draining.add(node)
             if saturated:
                 self.saturated.add(node)
             else:
                 self.saturated.discard(node)
+
+    @precondition(lambda self: self.alive)
+    @rule(pick=st.integers(min_value=0, max_value=9), written=st.booleans())
+    def drain(self, pick, written):
+        """A node sends ``drain``: its connection is draining from now on. ``written``: the
+        node_state call got through; else Redis was out and only its next heartbeat tells it."""
+        node = sorted(self.alive)[pick % len(self.alive)]
+        self.drain_said.add(node)
+        if written and self._call(*lua.node_state(node, "i1", online=True, draining=True))[0] == "OK":
+            self.draining.add(node)
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))

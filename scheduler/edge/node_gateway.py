@@ -244,11 +244,12 @@ class NodeGateway(wsutil.Gateway):
     async def _heartbeat(self, conn: NodeConnection) -> None:
         """Store the newest load and load score. A score above ``--node-load-threshold`` makes
         the node saturated: no instance places new jobs on it (choose_node.lua); when it falls
-        back, this instance's waiting lanes try again at once (others at their next retry)."""
+        back, this instance's waiting lanes try again at once (others at their next retry). A
+        draining node's heartbeat writes its drain again (a drain sent while Redis was out)."""
         score = conn.load_score
         saturated = score is not None and score > self.settings.node_load_threshold
         try:
-            await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated)
+            await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated, conn.draining, conn.conn_id)
             if self._nodes.note_load(conn, score, saturated):
                 event(log, "node_saturated" if saturated else "node_unsaturated", logging.WARNING if saturated else logging.INFO,
                       node_id=conn.node_id, load_score=score, threshold=self.settings.node_load_threshold)

@@ -35,10 +35,10 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
 
 
 def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, load_score: float | None = None,
-              saturated: bool = False) -> Call:
+              saturated: bool = False, draining: bool = False, conn_id: str = "") -> Call:
     return "heartbeat", [keys.node_info(node_id), keys.node_runtime(node_id)], [
         now_ms, json.dumps(load or {}), keys.KEY_TTL_S, "" if load_score is None else repr(float(load_score)),
-        "1" if saturated else "0"]
+        "1" if saturated else "0", "1" if draining else "", conn_id]
 
 
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "") -> Call:
