@@ -317,3 +317,17 @@ def test_one_liveness_rule():
     assert liveness.is_alive(now - 1, now, unsure=True) and liveness.is_alive(liveness.tombstone(now), now, unsure=True)
     low, high = liveness.expired_tombstones(now + liveness.TOMBSTONE_MS)
     assert float(low.lstrip("(")) == liveness.tombstone(now) and high == "(0"  # older than that one goes
+
+
+async def test_a_clean_stop_leaves_the_instance_dead_not_unlisted(redis_url, redis_client):
+    """Unlisted counts as alive (Redis lost its data): a stopped instance is listed dead, so that
+    jobs it left behind are orphans the others' sweep releases."""
+    async with RedisAdapter(redis_url) as a:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Ownership(a, "leaving", 600).run)
+            assert await liveness.alive(a, ["leaving"], unsure=False) == {"leaving"}
+            nursery.cancel_scope.cancel()
+        assert redis_client.zscore(keys.instances(), "leaving") < 0 and not redis_client.exists(keys.instance("leaving"))
+        assert await liveness.alive(a, ["leaving"], unsure=False) == set()
+        await Ownership(a, "leaving", 600).refresh()  # started again under the same id: alive again
+        assert await liveness.alive(a, ["leaving"], unsure=False) == {"leaving"}

@@ -137,7 +137,9 @@ class Ownership:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
                     await self._redis.command("DEL", keys.instance(self.instance_id))
-                    await self._redis.command("ZREM", keys.instances(), self.instance_id)
+                    # dead from now on, not unlisted (liveness.py: unlisted counts as alive): jobs it
+                    # leaves behind are orphans the others' sweep releases
+                    await self._redis.command("ZADD", keys.instances(), liveness.tombstone(now_ms()), self.instance_id)
                 except RedisUnavailable:
                     pass
 

@@ -8,8 +8,9 @@ pushed forward by every refresh (cluster/ownership.py). An instance is
 - **alive** when its lapse is in the future, or when it is not listed at all: after Redis
   lost its data every instance is unlisted until its next refresh (within a third of the
   TTL), and choose_node.lua counts it alive for that;
-- **dead** when its lapse is past. A dead instance stays listed once collected, with the
-  negated collection time as its score (a *tombstone*: ``collect_dead``), so that the jobs it
+- **dead** when its lapse is past. A dead instance stays listed once collected, or once it
+  stopped cleanly, with the negated time of that as its score (a *tombstone*: ``collect_dead``,
+  ``Ownership.run``), so that the jobs it
   placed are still known to be orphans (the orphan sweep) until the tombstone is dropped
   after :data:`TOMBSTONE_MS`; an instance that comes back under the same id refreshes its
   score and is alive again;
