@@ -68,8 +68,9 @@ end
 -- threshold: heartbeat.lua), its last heartbeat is at most node_ttl_ms old and
 -- current_jobs < max_jobs, and the instance holding it (its info's owner) is not known dead:
 -- its liveness in instances_key ({scheduler}:instances, id -> lapse time in epoch ms) has not
--- lapsed (an owner not listed counts as alive: its records are collected, and its nodes marked
--- offline, once it is gone; ownership.py). Returns the node id, or nil and NO_AVAILABLE_NODE.
+-- lapsed (the one liveness rule, scheduler/store/liveness.py: an owner not listed counts as alive,
+-- as after Redis lost its data; a collected or stopped one is listed with a negative score, dead).
+-- Returns the node id, or nil and NO_AVAILABLE_NODE.
 local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key)
   -- load and owner of an eligible node, nil otherwise
   local function eligible_load(node)
