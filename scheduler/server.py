@@ -216,7 +216,10 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     scheduling = SchedulingClient(redis)
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,  # (its counts: GET /cluster)
                           stats=lambda: {"sessions": len(sessions), "nodes": len(nodes),
-                                         "jobs_in_flight": len(dispatcher.placed), "jobs_waiting": dispatcher.waiting})
+                                         "jobs_in_flight": len(dispatcher.placed), "jobs_waiting": dispatcher.waiting},
+                          held=lambda: ([a.session_id for a in sessions.actors()],
+                                        [(c.node_id, c.draining, c.conn_id) for c in nodes.all()]),
+                          on_lapse=metrics.liveness_lapses_total.inc)
     # The router hands the dispatcher's jobs to nodes, and tells the dispatcher when an answer
     # for one of its jobs arrived over the relay: the dispatcher is made just below, so that
     # one call is looked up when it happens.

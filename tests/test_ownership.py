@@ -15,8 +15,8 @@ import trio
 
 from scheduler.cluster.ownership import Ownership
 from scheduler.jobs import job_key_for
-from scheduler.store import keys, liveness
-from scheduler.store.redis_adapter import RedisAdapter
+from scheduler.store import keys, liveness, lua
+from scheduler.store.redis_adapter import RedisAdapter, now_ms
 
 from .helpers import SPEECH_100MS, peer, session
 from .test_e2e import Daemon
@@ -331,3 +331,33 @@ async def test_a_clean_stop_leaves_the_instance_dead_not_unlisted(redis_url, red
         assert await liveness.alive(a, ["leaving"], unsure=False) == set()
         await Ownership(a, "leaving", 600).refresh()  # started again under the same id: alive again
         assert await liveness.alive(a, ["leaving"], unsure=False) == {"leaving"}
+
+
+async def test_a_collected_instance_that_was_only_stalled_takes_its_records_back(redis_url, redis_client):
+    """i2 stalls past its TTL and i1 collects it (owner records dropped, its node offline),
+    though i2 still holds the sockets. At its next refresh i2 sees its record was gone and takes
+    back what nobody else took meanwhile: s1 and its node, not s9 (resumed on i1 meanwhile)."""
+    lapses = []
+    async with RedisAdapter(redis_url) as a:
+        i1 = Ownership(a, "i1", 600)
+        i2 = Ownership(a, "i2", 600, held=lambda: (["s1", "s9"], [("n1", True, "c1")]), on_lapse=lambda: lapses.append(1))
+        await i1.refresh()
+        await i2.refresh()
+        await a.script(*lua.register_node("n1", [("zh-en", "zh", "en")], 2, now_ms(), "i2", conn_id="c1"))
+        for s in ("s1", "s9"):
+            await i2.claim_session(s)
+        await i2.claim_node("n1")
+        await i2.refresh()
+        assert not lapses  # an ordinary refresh
+        await trio.sleep(0.7)  # i2 stalls
+        await i1.refresh()
+        assert await i1.collect_dead() == 1
+        assert redis_client.hget(keys.node_info("n1"), "online") == "0" and not redis_client.exists(keys.session_owner("s1"))
+        await i1.claim_session("s9")  # its client resumed on i1
+        await i2.refresh()  # i2 wakes up
+        assert lapses == [1]
+        assert redis_client.get(keys.session_owner("s1")) == "i2" and redis_client.get(keys.node_owner("n1")) == "i2"
+        assert redis_client.get(keys.session_owner("s9")) == "i1"  # not taken back
+        assert redis_client.hmget(keys.node_info("n1"), "online", "draining") == ["1", "1"]
+        assert redis_client.smembers(keys.owned("i2")) == {keys.session_owner("s1"), keys.node_owner("n1")}
+        assert await i1.is_alive("i2")

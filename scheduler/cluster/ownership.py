@@ -46,14 +46,21 @@ from scheduler.store.resilient import every
 
 log = logging.getLogger("scheduler.ownership")
 
+Held = tuple[list[str], list[tuple[str, bool, str]]]
+"""What an instance holds: its session ids, and its nodes as (node id, draining, connection id)."""
+
 COLLECT_EVERY_S = 5.0
 """How often an instance looks for dead instances' records to collect."""
 
 
 class Ownership:
     def __init__(self, redis: RedisAdapter, instance_id: str, ttl_ms: int, *, ws_url: str = "",
-                 grace_ms: int | None = None, stats: Callable[[], dict[str, int]] = dict) -> None:
+                 grace_ms: int | None = None, stats: Callable[[], dict[str, int]] = dict,
+                 held: Callable[[], Held] = lambda: ([], []), on_lapse: Callable[[], None] = lambda: None) -> None:
         self._redis = redis
+        self._held = held  # what this instance holds now, re-claimed if its liveness lapsed (refresh)
+        self._on_lapse = on_lapse
+        self._refreshed = False
         self.instance_id = instance_id
         self.ttl_ms = ttl_ms
         self.grace_ms = ttl_ms if grace_ms is None else grace_ms  # after an outage: liveness lapsed by it still counts
@@ -144,10 +151,38 @@ class Ownership:
                     pass
 
     async def refresh(self) -> None:
-        """This instance is alive for another ``ttl_ms``: two commands, whatever it holds."""
+        """This instance is alive for another ``ttl_ms``: two commands, whatever it holds.
+
+        When the record was gone (its liveness lapsed: a stall longer than ``ttl_ms``, a
+        refresh that failed; or Redis lost its data), another instance may have collected
+        this one meanwhile: dropped its owner records and marked its nodes offline, though it
+        still holds their sockets. It takes them back (:meth:`reclaim`), logged
+        ``liveness_lapsed``."""
         info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms, **self.stats()})
-        await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms)
+        previous = await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms, "GET")
         await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
+        if previous is None and self._refreshed:
+            sessions, nodes = self._held()
+            event(log, "liveness_lapsed", logging.WARNING, sessions=len(sessions), nodes=len(nodes))
+            await self.reclaim(sessions, nodes)
+            self._on_lapse()
+        self._refreshed = True
+
+    async def reclaim(self, session_ids: list[str], nodes: list[tuple[str, bool, str]]) -> None:
+        """After this instance's liveness lapsed: its owner records written again where nobody
+        else wrote one meanwhile (a session resumed elsewhere stays there), and its nodes
+        online again (with their drain) where it still owns them on the same connection
+        (node_state checks both)."""
+        owner_keys = [keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n, _, _ in nodes]
+        for start in range(0, len(owner_keys), 64):  # small groups: no long stall of other Redis calls
+            chunk = owner_keys[start:start + 64]
+            written = await self._redis.commands_many([("SET", k, self.instance_id, "NX") for k in chunk], raise_errors=True)
+            taken = [k for k, ok in zip(chunk, written, strict=True) if ok]
+            if taken:
+                await self._redis.command("SADD", keys.owned(self.instance_id), *taken)
+        if nodes:
+            await self._redis.script_many([lua.node_state(n, self.instance_id, online=True, draining=draining, conn_id=conn)
+                                           for n, draining, conn in nodes])
 
     async def collect_dead(self) -> int:
         """Drop the records of every instance whose liveness lapsed: its owner records (those

@@ -136,6 +136,9 @@ class Metrics:
         self.redis_outage_seconds_total = Counter(
             p + "redis_outage_seconds", "Time Redis was out as the calls saw it (failing, or a batch in flight over 1 s); "
             "leases and result deadlines count it out", registry=r)
+        self.liveness_lapses_total = Counter(
+            p + "liveness_lapses_total", "Times this instance found its liveness record gone at a refresh (a stall or "
+            "failed refreshes longer than owner_ttl_ms, or Redis lost its data) and took its records back", registry=r)
         self.redis_retries_total = Counter(
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
             "by what", ["what"], registry=r)
