@@ -596,7 +596,6 @@ async def _after_data_loss(running: Running) -> None:
                 await running.ownership.reassert([a.session_id for a in running.sessions.actors()],
                                                  [conn.node_id for conn in running.nodes.all()])
             await running.dispatcher.recovery.redis_data_lost()
-            await layout.claim(running.redis)  # (the layout key went with the data)
     except Exception as exc:  # Redis away again, or a bug: the lease expiry moves what is left
         event(log, "jobs_recheck_failed", logging.WARNING, error=str(exc))
     await _reassert_journals(running)

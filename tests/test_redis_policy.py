@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import trio
 
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
@@ -99,6 +100,11 @@ def test_serve_exits_2_on_a_redis_of_another_key_layout(redis_url, redis_client,
 
 
 async def test_a_fresh_redis_gets_this_layout(start_daemon, redis_client):
+    """Written at start-up, and by the health check once Redis lost its data."""
     assert redis_client.get(keys.layout()) is None
     await start_daemon()
     assert redis_client.get(keys.layout()) == layout.LAYOUT
+    redis_client.flushall()
+    with trio.fail_after(5):
+        while redis_client.get(keys.layout()) != layout.LAYOUT:
+            await trio.sleep(0.1)

@@ -2,8 +2,8 @@
 layouts never share scheduling state by accident: each would read the other's keys as
 missing, place jobs twice and count slots wrong.
 
-The first daemon to find the key missing writes its :data:`LAYOUT` (``SET NX``, at start-up
-and again after Redis lost its data); a daemon that finds another one refuses to start (exit
+The first daemon to find the key missing writes its :data:`LAYOUT` (``SET NX``, at start-up,
+and with every health check, so after Redis lost its data or refused writes too); a daemon that finds another one refuses to start (exit
 status 2, with both versions and what to do). docs/redis.md, "Keys".
 """
 
@@ -18,15 +18,16 @@ LAYOUT = "1"
 """1: every scheduling key under the one hash tag ``{scheduler}`` (docs/redis.md, "Keys")."""
 
 
-async def claim(redis: RedisAdapter) -> str:
-    """Write :data:`LAYOUT` unless a layout is recorded; return the one recorded."""
-    _, found = await redis.commands_many([("SET", keys.layout(), LAYOUT, "NX"), ("GET", keys.layout())], raise_errors=True)
-    return str(found)
-
-
 async def check(redis: RedisAdapter, url: str) -> None:
-    """Raise :class:`UnsafeRedis` when Redis holds scheduling state of another key layout."""
-    _refuse_other(await claim(redis), url)
+    """Raise :class:`UnsafeRedis` when Redis holds scheduling state of another key layout.
+    A Redis that refuses writes now (full, loading) is only read: the layout is written by
+    the health check once it takes writes (``SchedulingClient.data_marker``)."""
+    set_reply, found = await redis.commands_many([("SET", keys.layout(), LAYOUT, "NX"), ("GET", keys.layout())])
+    if isinstance(found, BaseException):
+        raise found
+    if found is None and isinstance(set_reply, BaseException):
+        return  # nothing recorded, and nothing can be now: written later
+    _refuse_other(str(found), url)
 
 
 def check_url(url: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from scheduler.protocol import Register
 from scheduler.store import keys, lua
+from scheduler.store.layout import LAYOUT
 from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, now_ms
 
 STALE_RETRIES = 3
@@ -152,8 +153,10 @@ class SchedulingClient:
 
     async def data_marker(self, mark: str) -> str:
         """Set the data marker to ``mark`` unless one is set; return the one set. A different
-        one than last time means Redis restarted without its data."""
-        _, seen = await self._redis.commands_many([("SET", keys.data_marker(), mark, "NX"), ("GET", keys.data_marker())])
+        one than last time means Redis restarted without its data. The key layout is written
+        too, unless recorded (store/layout.py: after data loss, or a start on a full Redis)."""
+        _, seen, _ = await self._redis.commands_many([("SET", keys.data_marker(), mark, "NX"), ("GET", keys.data_marker()),
+                                                      ("SET", keys.layout(), LAYOUT, "NX")])  # (store/layout.py)
         if isinstance(seen, BaseException):
             raise seen
         return seen
