@@ -382,7 +382,8 @@ async def _drain(running: Running) -> None:
     here draining (no new jobs from any instance) and wait until they have answered the jobs
     they hold (other instances' jobs included). Both bounded by ``drain_timeout_ms``. Jobs
     still held when the node sockets close are moved by the instances that placed them.
-    (The nodes stay eligible while the sessions here drain: their last utterances need them.)"""
+    (The nodes stay eligible while the sessions here drain, and :data:`NODES_DRAIN_AFTER_S`
+    more: their last utterances, and those of instances stopping at the same time, need them.)"""
     deadline = trio.current_time() + min(running.settings.drain_timeout_ms / 1000, running.drain_within_s or math.inf)
     event(log, "draining", sessions=len(running.sessions), nodes=len(running.nodes),
           drain_timeout_ms=running.settings.drain_timeout_ms)
@@ -397,8 +398,16 @@ async def _drain(running: Running) -> None:
         event(log, "drain_timeout", logging.WARNING, sessions_left=len(running.sessions))
 
 
+NODES_DRAIN_AFTER_S = 1.0
+"""After this instance's sessions are done, how long its nodes stay eligible before they are
+marked draining: other instances stopping at the same moment (the workers of a box on
+``systemctl stop``) still place their sessions' last utterances on them."""
+
+
 async def _wait_drained(running: Running, poll_s: float = 0.1) -> None:
     await running.sessions.count.wait_value(0)
+    if running.nodes.all():
+        await trio.sleep(NODES_DRAIN_AFTER_S)
     nodes = running.nodes.all()
     if nodes:
         node_ids = [conn.node_id for conn in nodes]
