@@ -33,6 +33,7 @@ from scheduler.store import keys, lua
 from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
+OWNER = {"n0": "i1", "n1": "i2", "n2": "i1", "n3": "i2"}  # the instance holding each node's socket (locality)
 
 
 class ScriptsMachine(RuleBasedStateMachine):
@@ -55,6 +56,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.saturated: set[str] = set()  # nodes whose last heartbeat said saturated (a registration clears it)
         self.drain_said: set[str] = set()  # nodes whose connection is draining (the gateway's conn.draining)
         self.draining: set[str] = set()  # ... and whose drain reached Redis (node_state, or a heartbeat since)
+        self.score: dict[str, float] = {}  # each node's last reported load score (a registration clears it)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -83,7 +85,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         return reply
 
     def _register(self, node):
-        self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, "i1"))
+        self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, OWNER[node]))
+        self.score.pop(node, None)
         self.alive[node] = self.now
         self.saturated.discard(node)
         self.drain_said.discard(node)  # a new connection: not draining
@@ -95,6 +98,30 @@ class ScriptsMachine(RuleBasedStateMachine):
         assert self.now - self.alive[node] <= 6_000, f"job placed on {node}, silent for {self.now - self.alive[node]} ms"
         assert node not in self.saturated, f"job placed on {node}, whose load score is above the threshold"
         assert node not in self.draining, f"job placed on {node}, which is draining"
+
+    def _loads(self) -> dict[str, float]:
+        """Each node a job could go to now, with its load: the larger of its busy share and its
+        last load score (choose_node.lua's rule, from the machine's own books)."""
+        busy = {n: 0 for n in self.max_jobs}
+        for job in self.jobs.values():
+            if job["node"] is not None:
+                busy[job["node"]] += 1
+        return {n: max(busy[n] / self.max_jobs[n], self.score.get(n, 0.0)) for n, seen in self.alive.items()
+                if self.now - seen <= 6_000 and n not in self.saturated and n not in self.draining
+                and busy[n] < self.max_jobs[n]}
+
+    def _check_choice(self, node, loads, affinity, near, slack):
+        """The turn's affinity node if it could take the job; else the least loaded node, or
+        one of ``near``'s nodes when the least loaded of those is within ``slack`` of it."""
+        if affinity in loads:
+            assert node == affinity, f"{node} chosen, the turn's affinity {affinity} could take it"
+            return
+        best = min(loads.values())
+        local = [load for n, load in loads.items() if OWNER[n] == near]
+        if local and min(local) <= best + slack + 1e-9:
+            assert OWNER[node] == near and abs(loads[node] - min(local)) < 1e-9, (node, loads, near, slack)
+        else:
+            assert abs(loads[node] - best) < 1e-9, (node, loads, near, slack)
 
     def _cancel(self, job_id):
         job = self.jobs[job_id]
@@ -143,6 +170,10 @@ class ScriptsMachine(RuleBasedStateMachine):
         saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
         if self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said))[0] == "OK":
             self.alive[node] = self.now
+            if score is None:
+                self.score.pop(node, None)
+            else:
+                self.score[node] = score
             if node in self.drain_said:
                 self.draining.add(node)
             if saturated:
@@ -157,14 +188,14 @@ class ScriptsMachine(RuleBasedStateMachine):
         node_state call got through; else Redis was out and only its next heartbeat tells it."""
         node = sorted(self.alive)[pick % len(self.alive)]
         self.drain_said.add(node)
-        if written and self._call(*lua.node_state(node, "i1", online=True, draining=True))[0] == "OK":
+        if written and self._call(*lua.node_state(node, OWNER[node], online=True, draining=True))[0] == "OK":
             self.draining.add(node)
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))
     def node_dies(self, pick):
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        self._call(*lua.node_state(node, "i1", online=False, draining=False))
+        self._call(*lua.node_state(node, OWNER[node], online=False, draining=False))
         self.alive.pop(node, None)
         for job_id, job in list(self.jobs.items()):
             if job["node"] == node:
@@ -176,12 +207,15 @@ class ScriptsMachine(RuleBasedStateMachine):
         """The close of a connection the node no longer uses (it reconnected; the machine's nodes
         register with conn_id ''), handled late: the node stays as it is."""
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        assert self._call(*lua.node_state(node, "i1", online=False, draining=False, conn_id="gone"))[0] in ("STALE_CONN", "NOT_OWNER")
+        assert self._call(*lua.node_state(node, OWNER[node], online=False, draining=False, conn_id="gone"))[0] in (
+            "STALE_CONN", "NOT_OWNER")
 
     @rule(action=st.sampled_from(["none", "keep", "end"]), which=st.sampled_from(["new", "live", "ended", "refused"]),
-          pick=st.integers(0, 99), rand=st.integers(0, 100))
-    def dispatch(self, action, which, pick, rand):
-        """A new key, or again the key of a live job, of an ended one, or of a refused dispatch."""
+          pick=st.integers(0, 99), rand=st.integers(0, 100), near=st.sampled_from(["", "i1", "i2"]),
+          slack=st.sampled_from([0.0, 0.25, 0.5]))
+    def dispatch(self, action, which, pick, rand, near, slack):
+        """A new key, or again the key of a live job, of an ended one, or of a refused dispatch;
+        placed by instance ``near`` (or none), whose nodes win within ``slack`` of load."""
         known = {j["key"]: job_id for job_id, j in [*self.jobs.items(), *self.ended.items()]}
         pool = {"live": [j["key"] for j in self.jobs.values()], "ended": [j["key"] for j in self.ended.values()],
                 "refused": [k for k in self.refused if k not in known]}.get(which)
@@ -192,12 +226,15 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.next_key += 1
         self.next_id += 1
         job_id = str(self.next_id)
+        loads, affinity = self._loads(), self.r.hget(keys.turn("t"), "affinity_node_id")
         reply = self._with_candidates(
-            lambda c: lua.dispatch(key, job_id, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand, c))
+            lambda c: lua.dispatch(key, job_id, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand, c,
+                                   placed_by=near, locality_slack=slack))
         if reply[0] == "OK":
             assert key not in known, "a second job for one key"
             assert str(reply[1]) == job_id, reply
             self._check_placed(reply[2])
+            self._check_choice(reply[2], loads, affinity, near, slack)
             self.jobs[job_id] = {"key": key, "attempt": reply[3], "node": reply[2], "left": None,
                                  "lease": self.now + 30_000}
         elif reply[0] == "EXISTS":
