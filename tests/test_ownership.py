@@ -155,6 +155,7 @@ def test_a_killed_instance_is_void_at_once_and_collected(tmp_path, redis_url, re
             assert await other.collect_dead() == 1
             assert await other.collect_dead() == 0  # collected once: it stays listed, dead (a tombstone)
             assert not await other.is_alive("doomed")
+            await other.refresh()  # (its own 1 s TTL may have run out while it waited above)
             assert await liveness.alive(a, ["doomed", "survivor", "never-seen"], unsure=False) == {"survivor", "never-seen"}
             assert await liveness.alive(a, ["doomed"], unsure=True) == {"doomed"}  # Redis just came back: unsure
         assert not redis_client.exists(keys.session_owner(sid), keys.node_owner("n9"), keys.instance("doomed"))
