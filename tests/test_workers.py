@@ -334,7 +334,8 @@ async def test_a_reload_replaces_the_workers_one_at_a_time_and_loses_nothing(tmp
                     sup.proc.send_signal(signal.SIGHUP)
                 nursery.cancel_scope.cancel()
             assert got == [[(i, "SUCCESS") for i in range(utterances)]] * 3, got
-            events = log_events(sup.log_path)
+            while "reload_done" not in (events := log_events(sup.log_path)):  # (it may outlast the clients)
+                await trio.sleep(0.2)
             assert events["reload_done"]["replaced"] == 2, events.get("reload_done")
             after = {w["pid"] for w in await sup.workers()}
             assert not before & after and all(w["ready"] for w in await sup.workers())
