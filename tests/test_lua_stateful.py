@@ -29,7 +29,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from scheduler.store import keys, lua
+from scheduler.store import keys, liveness, lua
 from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
@@ -57,6 +57,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.drain_said: set[str] = set()  # nodes whose connection is draining (the gateway's conn.draining)
         self.draining: set[str] = set()  # ... and whose drain reached Redis (node_state, or a heartbeat since)
         self.score: dict[str, float] = {}  # each node's last reported load score (a registration clears it)
+        self.lapse: dict[str, float | None] = {}  # instance -> its score in {scheduler}:instances (None: unlisted)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -98,6 +99,27 @@ class ScriptsMachine(RuleBasedStateMachine):
         assert self.now - self.alive[node] <= 6_000, f"job placed on {node}, silent for {self.now - self.alive[node]} ms"
         assert node not in self.saturated, f"job placed on {node}, whose load score is above the threshold"
         assert node not in self.draining, f"job placed on {node}, which is draining"
+        assert self._owner_alive(node), f"job placed on {node}, whose instance is dead: {self.lapse}"
+
+    def _owner_alive(self, node) -> bool:
+        """store/liveness.py's rule as choose_node applies it: unlisted, or a lapse not past."""
+        lapse = self.lapse.get(OWNER[node])
+        return lapse is None or lapse >= self.now
+
+    @rule(instance=st.sampled_from(["i1", "i2"]), state=st.sampled_from(["alive", "lapses_now", "lapsed", "unlisted",
+                                                                          "tombstone"]))
+    def instance_liveness(self, instance, state):
+        """An instance's liveness just before, at and after a placement: refreshed (alive for
+        30 s), lapsing at this very millisecond (still alive), lapsed a millisecond ago, not
+        listed (Redis lost its data: alive), or collected (a tombstone: dead). A node whose
+        instance is dead gets no job (choose_node.lua)."""
+        value = {"alive": self.now + 30_000, "lapses_now": self.now, "lapsed": self.now - 1,
+                 "unlisted": None, "tombstone": liveness.tombstone(self.now)}[state]
+        self.lapse[instance] = value
+        if value is None:
+            self.r.zrem(keys.instances(), instance)
+        else:
+            self.r.zadd(keys.instances(), {instance: value})
 
     def _loads(self) -> dict[str, float]:
         """Each node a job could go to now, with its load: the larger of its busy share and its
@@ -108,7 +130,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 busy[job["node"]] += 1
         return {n: max(busy[n] / self.max_jobs[n], self.score.get(n, 0.0)) for n, seen in self.alive.items()
                 if self.now - seen <= 6_000 and n not in self.saturated and n not in self.draining
-                and busy[n] < self.max_jobs[n]}
+                and busy[n] < self.max_jobs[n] and self._owner_alive(n)}
 
     def _check_choice(self, node, loads, affinity, near, slack):
         """The turn's affinity node if it could take the job; else the least loaded node, or
@@ -241,6 +263,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert known.get(key) == str(reply[1]), f"EXISTS names job {reply[1]} for {key}, which holds {known.get(key)}"
         else:
             assert reply[1] in ("NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR"), reply
+            assert not loads, f"{reply[1]} while {sorted(loads)} could take the job"
             assert key not in known, f"{key} holds job {known.get(key)}, yet dispatch was refused"
             self.refused.append(key)
 
