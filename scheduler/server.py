@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -278,8 +279,9 @@ def _router(parts: _Parts, settings: Settings,
         try:
             now = running()
             if now is None or now.draining:
-                await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down",
-                                                          fatal=True, close_code=CLOSE_GOING_AWAY))
+                await wsutil.send_error(ws, ProtocolError(SHUTTING_DOWN, "the daemon is shutting down", fatal=True,
+                                                          close_code=CLOSE_GOING_AWAY,
+                                                          retry_after_ms=random.randint(*SHUTDOWN_RETRY_AFTER_MS)))
             elif path == handshake.SESSION_PATH:
                 await parts.clients.handle(ws, decision.api_key)
             else:
@@ -397,6 +399,10 @@ async def _drain(running: Running) -> None:
     if scope.cancelled_caught and len(running.sessions):
         event(log, "drain_timeout", logging.WARNING, sessions_left=len(running.sessions))
 
+
+SHUTDOWN_RETRY_AFTER_MS = (100, 500)
+"""``retry_after_ms`` of ``SHUTTING_DOWN``: short, since another instance, or another worker
+of the box on the same port, can take the connection at once (docs/protocol.md, v1.6)."""
 
 NODES_DRAIN_AFTER_S = 1.0
 """After this instance's sessions are done, how long its nodes stay eligible before they are

@@ -67,3 +67,20 @@ async def test_a_broken_connection_resumes_on_the_next_url_with_each_result_once
     assert all(r.status == "SUCCESS" for r in results)
     assert session.resumes == 1 and any(isinstance(m, SessionReady) and m.resumed for m in seen)
     assert isinstance(seen[-1], SessionClosed) and seen[-1].reason == "client_close" and seen[-1].utterances == 4
+
+
+async def test_a_draining_daemon_sends_the_client_to_the_next_url(start_daemon, nursery):
+    """v1.6: SHUTTING_DOWN says when to try again; the library tries the next URL instead of
+    giving the session up (a reload of a box: the next try may reach a live worker)."""
+    a = await start_daemon(instance_id="a")
+    b = await start_daemon(instance_id="b")
+    await start_node(nursery, a, node_id="slow", delay_ms=3000, max_jobs=4)  # keeps a draining a while
+    async with connect(a.ws_url, src_lang="zh", tgt_langs=["en"]) as held:
+        await held.send_audio(tone(300))
+        a.shutdown()  # a finalizes held's utterance and waits for its result: it drains for ~3 s
+        with trio.fail_after(2):
+            while not a.draining:
+                await trio.sleep(0.01)
+        async with connect([a.ws_url, b.ws_url], src_lang="zh", tgt_langs=["en"], backoff_s=0.05) as session:
+            assert session.session_id in [actor.session_id for actor in b.sessions.actors()]
+            assert a.draining  # (still: this was the SHUTTING_DOWN path, not a refused connection)

@@ -295,7 +295,7 @@ async def test_shutdown_drains_sessions_and_refuses_newcomers(daemon, nursery):
         assert fin["reason"] == "close"
         async with peer(daemon.ws_url + "/v1/session") as late:
             err = await late.recv()
-            assert err["code"] == "SHUTTING_DOWN" and err["fatal"]
+            assert err["code"] == "SHUTTING_DOWN" and err["fatal"] and 100 <= err["retry_after_ms"] <= 500  # (v1.6)
         result, _ = await s.recv_until("result")
         assert result["status"] == "SUCCESS"
         closed, _ = await s.recv_until("session_closed")

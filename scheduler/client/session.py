@@ -51,7 +51,7 @@ class _TryAgain(Exception):
         self.retry_after_s = (error.retry_after_ms or 0) / 1000
 
 
-TRY_AGAIN_CODES = ("SERVER_FULL", "UNAVAILABLE")
+TRY_AGAIN_CODES = ("SERVER_FULL", "UNAVAILABLE", "SHUTTING_DOWN")  # (SHUTTING_DOWN: another instance, or worker, next)
 
 
 @attrs.define
@@ -158,8 +158,8 @@ class Session:
         """Connect, and connect again (the next URL, round robin, after a backoff doubling from
         ``backoff_s``) whenever the connection breaks or the daemon closes the session for a
         shutdown, until ``session_closed``, a refusal, or ``reconnects`` failures in a row. A
-        daemon that is full or cannot reach Redis (``SERVER_FULL``, ``UNAVAILABLE``) says when
-        to try again: the next URL is tried after its ``retry_after_ms`` (with jitter: 0.8-1.2
+        daemon that is full, cannot reach Redis or is stopping (``SERVER_FULL``, ``UNAVAILABLE``,
+        ``SHUTTING_DOWN``) says when to try again: the next URL is tried after its ``retry_after_ms`` (with jitter: 0.8-1.2
         times it, so refused clients do not all come back at once), as one more failure."""
         async with self._send:
             tries = failures = 0

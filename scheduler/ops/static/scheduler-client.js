@@ -32,7 +32,7 @@ export function bearerSubprotocol(key) {
   return "bearer." + btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-const TRY_AGAIN_CODES = ["SERVER_FULL", "UNAVAILABLE"];
+const TRY_AGAIN_CODES = ["SERVER_FULL", "UNAVAILABLE", "SHUTTING_DOWN"]; // (SHUTTING_DOWN: another instance next)
 
 export class SchedulerClient extends EventTarget {
   constructor({ urls, srcLang, tgtLangs, apiKey = null, sampleRate = 16000, maxReconnects = 8, keepMs = 30000 }) {
@@ -184,7 +184,7 @@ export class SchedulerClient extends EventTarget {
       case "error":
         this._emit("error", { error: msg });
         if (msg.fatal && TRY_AGAIN_CODES.includes(msg.code) && Number.isInteger(msg.retry_after_ms)) {
-          // full, or no Redis now: the close that follows brings _lost, which waits this long
+          // full, no Redis now, or stopping: the close that follows brings _lost, which waits this long
           this._retryAfterMs = msg.retry_after_ms;
           break;
         }
