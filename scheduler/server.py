@@ -39,7 +39,7 @@ from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
 from scheduler.edge.ws_listener import Connection, Limits, WebSocketListener
 from scheduler.ops import tls
-from scheduler.ops.admin import AdminServer
+from scheduler.ops.admin import AdminServer, bad_session_id, no_such_path
 from scheduler.ops.boundary import Boundary
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
@@ -465,7 +465,7 @@ async def _session_location(redis: RedisAdapter, ownership: Ownership, session_i
     """``GET /sessions/<id>``: where the session is (cluster/location.py), from Redis; 400 for
     an id that cannot be one, 404 for one Redis does not know, 503 while Redis cannot answer."""
     if not ID_PATTERN.fullmatch(session_id):
-        return 400, {"error": "BAD_SESSION_ID", "message": "not a session id"}
+        return bad_session_id()
     try:
         found = await locate(redis, ownership, session_id)
     except RedisUnavailable as exc:
@@ -478,7 +478,7 @@ async def _session_location(redis: RedisAdapter, ownership: Ownership, session_i
 async def _cluster(redis: RedisAdapter, ownership: Ownership, scheduling: SchedulingClient, rest: str) -> tuple[int, dict]:
     """``GET /cluster``: every instance, node and language pair, from Redis (cluster/overview.py)."""
     if rest not in ("", "/"):
-        return 404, {"error": "NOT_FOUND", "message": "no such path"}
+        return no_such_path()
     try:
         return 200, await overview(redis, ownership, scheduling)
     except RedisUnavailable as exc:

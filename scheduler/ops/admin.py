@@ -41,6 +41,17 @@ log = logging.getLogger("scheduler.admin")
 
 Lookup = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
 
+
+def bad_session_id() -> tuple[int, dict[str, Any]]:
+    """The answer of ``/sessions/<id>`` to an id that cannot be one (the daemon's and a
+    ``--workers`` supervisor's alike: the supervisor checks before asking a worker)."""
+    return 400, {"error": "BAD_SESSION_ID", "message": "not a session id"}
+
+
+def no_such_path() -> tuple[int, dict[str, Any]]:
+    """The answer to a path below a lookup that names nothing (``/cluster/x``)."""
+    return 404, {"error": "NOT_FOUND", "message": "no such path"}
+
 MAX_REQUEST_BYTES = 16 * 1024
 STATIC = Path(__file__).resolve().parent / "static"
 STATUS_PAGE = STATIC / "status.html"  # "/": a live page reading /status

@@ -47,7 +47,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.ops import secrets, tls
-from scheduler.ops.admin import AdminServer, Lookup
+from scheduler.ops.admin import AdminServer, Lookup, bad_session_id, no_such_path
 from scheduler.ops.config import Settings, env_name
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.ops.logs import event
@@ -174,12 +174,12 @@ def _lookups(workers: list[Worker], token: str | None) -> dict[str, Lookup]:
 
     async def session(rest: str) -> tuple[int, dict]:
         if not ID_PATTERN.fullmatch(rest):
-            return 400, {"error": "BAD_SESSION_ID", "message": "not a session id"}
+            return bad_session_id()
         return await _ask_a_worker(workers, token, "/sessions/" + rest)
 
     async def cluster(rest: str) -> tuple[int, dict]:
         if rest not in ("", "/"):
-            return 404, {"error": "NOT_FOUND", "message": "no such path"}
+            return no_such_path()
         return await _ask_a_worker(workers, token, "/cluster")
 
     return {"/sessions/": session, "/cluster": cluster}
