@@ -362,3 +362,20 @@ async def test_a_collected_instance_that_was_only_stalled_takes_its_records_back
         assert redis_client.hmget(keys.node_info("n1"), "online", "draining") == ["1", "1"]
         assert redis_client.smembers(keys.owned("i2")) == {keys.session_owner("s1"), keys.node_owner("n1")}
         assert await i1.is_alive("i2")
+
+
+async def test_a_process_started_again_under_the_same_id_drops_what_the_last_one_left(redis_url, redis_client):
+    """A worker killed and started again keeps its instance id: the nodes its last process
+    held (their sockets died with it) must not stay online under an id that is alive again."""
+    async with RedisAdapter(redis_url) as a:
+        before = Ownership(a, "w0", 600)
+        await before.refresh()
+        await a.script(*lua.register_node("n1", [("zh-en", "zh", "en")], 2, now_ms(), "w0", conn_id="c1"))
+        await before.claim_node("n1")
+        await before.claim_session("s1")  # ... and then the process is killed: nothing cleaned up
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Ownership(a, "w0", 600).run)  # the same id, a new process
+            assert redis_client.hget(keys.node_info("n1"), "online") == "0"
+            assert not redis_client.exists(keys.node_owner("n1"), keys.session_owner("s1"), keys.owned("w0"))
+            assert await liveness.alive(a, ["w0"], unsure=False) == {"w0"}
+            nursery.cancel_scope.cancel()

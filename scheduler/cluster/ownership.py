@@ -133,6 +133,7 @@ class Ownership:
         ``COLLECT_EVERY_S``, until cancelled; then drop this instance's records."""
         try:
             try:
+                await self.drop_previous_life()
                 await self.refresh()
             except RedisUnavailable as exc:  # (started during a Redis fault: refreshed on the next tick)
                 event(log, "owner_refresh_failed", logging.WARNING, error=str(exc))
@@ -200,19 +201,35 @@ class Ownership:
         lapsed = await self._redis.command("ZRANGEBYSCORE", keys.instances(), 0, now_ms() - 1)  # (not the tombstones)
         dead = [instance for instance in lapsed if instance != self.instance_id]
         for instance in dead:
-            owned = await self._redis.command("SMEMBERS", keys.owned(instance))
-            node_prefix = keys.node_owner("")[:-2]  # "...:owner:node:" (the id follows in braces)
-            nodes = [k[len(node_prefix):].strip("{}") for k in owned if k.startswith(node_prefix)]
-            if owned:
-                await self._redis.script_many([lua.owner_release(k, instance) for k in owned])
-            if nodes:
-                await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False) for n in nodes])
-            await self._redis.command("DEL", keys.owned(instance))
+            owned, nodes = await self._drop_records(instance)
             # listed as dead from now on (liveness.py): its orphaned jobs are still known as such
             await self._redis.command("ZADD", keys.instances(), "XX", liveness.tombstone(now_ms()), instance)
-            event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=len(owned), nodes=len(nodes))
+            event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=owned, nodes=nodes)
         await self._redis.command("ZREMRANGEBYSCORE", keys.instances(), *liveness.expired_tombstones(now_ms()))
         return len(dead)
+
+    async def _drop_records(self, instance: str) -> tuple[int, int]:
+        """Drop ``instance``'s owner records (those that still name it) and mark its nodes
+        offline (those it still owns); returns how many of each."""
+        owned = await self._redis.command("SMEMBERS", keys.owned(instance))
+        node_prefix = keys.node_owner("")[:-2]  # "...:owner:node:" (the id follows in braces)
+        nodes = [k[len(node_prefix):].strip("{}") for k in owned if k.startswith(node_prefix)]
+        if owned:
+            await self._redis.script_many([lua.owner_release(k, instance) for k in owned])
+        if nodes:
+            await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False) for n in nodes])
+        await self._redis.command("DEL", keys.owned(instance))
+        return len(owned), len(nodes)
+
+    async def drop_previous_life(self) -> None:
+        """Before this process serves: what an earlier process under the same instance id left
+        (killed and started again, as a supervisor restarts a worker) is void. Its nodes' sockets
+        died with it, but they stay online under this id, and this id is alive again, so jobs
+        would be placed on them. The records are dropped as a dead instance's are; logged
+        ``previous_life_dropped`` when there were any."""
+        owned, nodes = await self._drop_records(self.instance_id)
+        if owned:
+            event(log, "previous_life_dropped", logging.WARNING, instance_id=self.instance_id, owned=owned, nodes=nodes)
 
     def _liveness_unsure(self) -> bool:
         """Whether a lapsed instance may just not have refreshed its liveness yet: Redis is out,
