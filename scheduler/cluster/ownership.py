@@ -120,11 +120,8 @@ class Ownership:
     async def reassert(self, session_ids: list[str], node_ids: list[str]) -> None:
         """Redis lost its data: write the owner records of every session and node held here
         again (they are written once per connection, never refreshed)."""
-        owner_keys = [keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n in node_ids]
-        for start in range(0, len(owner_keys), 64):  # small groups: no long stall of other Redis calls
-            chunk = owner_keys[start:start + 64]
-            await self._redis.script_many([lua.owner_claim(k, self.instance_id) for k in chunk])
-            await self._redis.command("SADD", keys.owned(self.instance_id), *chunk)
+        await self._write_owner_keys([keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n in node_ids],
+                                     only_free=False)
 
     # ------------------------------------------------------------ liveness
 
@@ -174,16 +171,26 @@ class Ownership:
         else wrote one meanwhile (a session resumed elsewhere stays there), and its nodes
         online again (with their drain) where it still owns them on the same connection
         (node_state checks both)."""
-        owner_keys = [keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n, _, _ in nodes]
-        for start in range(0, len(owner_keys), 64):  # small groups: no long stall of other Redis calls
-            chunk = owner_keys[start:start + 64]
-            written = await self._redis.commands_many([("SET", k, self.instance_id, "NX") for k in chunk], raise_errors=True)
-            taken = [k for k, ok in zip(chunk, written, strict=True) if ok]
-            if taken:
-                await self._redis.command("SADD", keys.owned(self.instance_id), *taken)
+        await self._write_owner_keys([keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n, _, _ in nodes],
+                                     only_free=True)
         if nodes:
             await self._redis.script_many([lua.node_state(n, self.instance_id, online=True, draining=draining, conn_id=conn)
                                            for n, draining, conn in nodes])
+
+    async def _write_owner_keys(self, owner_keys: list[str], *, only_free: bool) -> None:
+        """Name this instance in ``owner_keys`` (owner_claim: whoever held them), or with
+        ``only_free`` only in those nobody holds, and list the written ones in its owned set;
+        in groups of 64, so that no batch stalls other Redis calls for long."""
+        for start in range(0, len(owner_keys), 64):
+            chunk = owner_keys[start:start + 64]
+            if only_free:
+                written = await self._redis.commands_many([("SET", k, self.instance_id, "NX") for k in chunk],
+                                                          raise_errors=True)
+                chunk = [k for k, ok in zip(chunk, written, strict=True) if ok]
+            else:
+                await self._redis.script_many([lua.owner_claim(k, self.instance_id) for k in chunk])
+            if chunk:
+                await self._redis.command("SADD", keys.owned(self.instance_id), *chunk)
 
     async def collect_dead(self) -> int:
         """Drop the records of every instance whose liveness lapsed: its owner records (those
