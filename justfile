@@ -89,6 +89,11 @@ mutants *ARGS:
 fuzz *ARGS: sync
     uv run --frozen python -m tests.fuzz.blackbox {{ARGS}}
 
+# scheduling shards by simulation: the real scripts on K = 1, 2, 4 valkey-servers at the rate of
+# 2,000 real-time sessions; Valkey CPU per result and each shard's share (docs/scaling.md)
+bench-shards *ARGS: sync
+    uv run --frozen python bench/shards.py {{ARGS}}
+
 # scheduling core: load balance over 8 nodes, dispatch+complete pairs/s adapter vs raw (prints JSON)
 bench-scheduling *ARGS: sync
     uv run --frozen python bench/scheduling.py {{ARGS}}

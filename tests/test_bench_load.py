@@ -62,3 +62,21 @@ async def test_flooding_sessions_cost_a_real_time_witness_nothing(tmp_path):
     assert flooded["status"] == {"SUCCESS": 12}, flooded
     assert flooded["latency_ms"]["max"] < 1000, flooded
     assert flooded["flooders"].get("result", 0) > 12 * 3 and not flooded["flooders"].get("closed"), flooded  # (they did flood)
+
+
+def test_shard_simulation_gives_each_shard_its_share(tmp_path):
+    """`just bench-shards` end to end, small: the real scripts on 1 and 3 valkey-servers; every
+    call succeeds and each of the 3 carries a third of the commands."""
+    import json
+    import subprocess
+
+    out = tmp_path / "shards.json"
+    subprocess.run([sys.executable, str(Path(load.__file__).parent / "shards.py"), "--sessions", "60", "--rate", "2",
+                    "--shards", "1,3", "--modes", "same-tick", "--rounds", "1", "--duration", "2", "--warmup", "1",
+                    "--idle", "0.2", "--out", str(out)], check=True, capture_output=True, timeout=120)
+    one, three = json.loads(out.read_text())["runs"]
+    for run in (one, three):
+        assert run["results"] > 100 and run["failed_calls"] == 0
+        assert 4 <= run["evalsha_per_result"] < 5  # dispatch, complete, two journal writes, heartbeats
+    assert len(three["shard_commands"]) == 3 and three["shard_commands_spread"] < 0.25
+    assert abs(three["commands_per_result"] / one["commands_per_result"] - 1) < 0.1
