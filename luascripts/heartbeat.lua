@@ -5,7 +5,14 @@
 -- was registered again) reaches Redis with the next heartbeat; only on the node's current
 -- connection (ARGV[7]), and never back to '0' (a node's drain lasts as long as its connection).
 --
--- Reply: {"OK", current_jobs}. Errors: UNKNOWN_NODE (never registered, or its info expired).
+-- A heartbeat that came on another connection than the node's current one changes nothing
+-- ({"STALE_CONN", current conn_id}): the node reconnected since (the old socket's load is not
+-- the node's), or that connection closed (node_state cleared it: a heartbeat handled late,
+-- after the close, must not bring the node back online). A node marked offline on its
+-- current connection by another instance (it took this one for dead) is online again.
+--
+-- Reply: {"OK", current_jobs} or {"STALE_CONN", conn_id}. Errors: UNKNOWN_NODE (never
+-- registered, or its info expired).
 --
 -- KEYS[1] {scheduler}:node:info:<node_id>     hash
 -- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
@@ -25,9 +32,13 @@ local conn_id = ARGV[7] or ''
 if redis.call('EXISTS', info_key) == 0 then
   return redis.error_reply('UNKNOWN_NODE node is not registered')
 end
+local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
+if conn_id ~= '' and current_conn ~= conn_id then
+  return {'STALE_CONN', current_conn}
+end
 redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json,
   'load_score', load_score, 'saturated', saturated)
-if draining == '1' and (conn_id == '' or redis.call('HGET', info_key, 'conn_id') == conn_id) then
+if draining == '1' then
   redis.call('HSET', info_key, 'draining', '1')
 end
 redis.call('EXPIRE', info_key, key_ttl_s)

@@ -5,6 +5,11 @@
 -- connection id (ARGV[4], the closing socket's), a connection that is no longer the node's
 -- one (it reconnected, to this same instance too) changes nothing either: the close of the
 -- old socket, handled after the new one registered, must not take the new one offline.
+-- Offline with a connection id means that connection closed for good: the node's conn_id is
+-- cleared too, so that a heartbeat of that connection handled late (heartbeat.lua) or a move
+-- check (recovery.py: the placement's conn_id no longer matches) sees it gone. Offline
+-- without one (another instance collecting this node's instance, which may yet be alive)
+-- keeps it: the node's next heartbeat on that connection brings it back online.
 -- Reply: {"OK"}, {"NOT_OWNER", current_owner} or {"STALE_CONN", current conn_id}.
 --
 -- KEYS[1] {scheduler}:node:info:<node_id>  hash
@@ -24,4 +29,7 @@ if conn_id ~= '' and current_conn ~= conn_id then
   return {'STALE_CONN', current_conn}
 end
 redis.call('HSET', info_key, 'online', online, 'draining', draining)
+if online == '0' and conn_id ~= '' then
+  redis.call('HSET', info_key, 'conn_id', '')
+end
 return {'OK'}

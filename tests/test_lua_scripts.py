@@ -150,6 +150,25 @@ async def test_the_close_of_a_replaced_connection_leaves_the_node_online(adapter
         await dispatch(adapter, "k1")
 
 
+async def test_a_heartbeat_of_a_closed_or_replaced_connection_changes_nothing(adapter, redis_client):
+    """A heartbeat handled late, after its connection's close was written, leaves the node
+    offline; one of a connection the node left leaves the new one's load alone. After another
+    instance took the node's for dead (offline, no connection named), its heartbeat is taken."""
+    client = SchedulingClient(adapter)
+    await register(adapter, "a", max_jobs=4, conn_id="c1")
+    assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False, conn_id="c1")) == ["OK"]
+    assert not await client.heartbeat("a", {"late": 1}, conn_id="c1")
+    assert redis_client.hget(keys.node_info("a"), "online") == "0"
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k0")
+    await register(adapter, "a", max_jobs=4, conn_id="c2")  # back, on a new connection
+    assert not await client.heartbeat("a", {"old": 1}, 0.9, saturated=True, conn_id="c1")
+    assert redis_client.hget(keys.node_info("a"), "saturated") == "0"
+    assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False)) == ["OK"]  # collected
+    assert await client.heartbeat("a", {"new": 1}, conn_id="c2")
+    assert (await dispatch(adapter, "k1"))[2] == "a"
+
+
 async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
     await register(adapter, "a", max_jobs=4)
     redis_client.hset(keys.node_info("a"), "last_heartbeat_ts", now_ms() - 60_000)

@@ -1,7 +1,10 @@
 """Hypothesis state machine over the Lua scheduling scripts, against a real Valkey.
 
 Rules register nodes (and reconnect them), heartbeat (with a load score, above or below the
-threshold: a saturated node must get no job; a draining node's heartbeat says so again),
+threshold: a saturated node must get no job; a draining node's heartbeat says so again; a
+heartbeat on an old connection, or on one that closed, must change nothing: a node whose
+connection closed stays offline until it registers again), collect an instance that is in
+fact alive (its nodes offline; their next heartbeat brings them back),
 drain nodes (sometimes the drain's own write is lost: its next heartbeat must carry it; a
 draining node must get no job), kill nodes (offline + every job
 moved as the dispatcher does), dispatch jobs (with turn keep/end), complete them from the
@@ -58,6 +61,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.draining: set[str] = set()  # ... and whose drain reached Redis (node_state, or a heartbeat since)
         self.score: dict[str, float] = {}  # each node's last reported load score (a registration clears it)
         self.lapse: dict[str, float | None] = {}  # instance -> its score in {scheduler}:instances (None: unlisted)
+        self.closed: set[str] = set()  # nodes whose connection closed (node_state cleared its conn_id)
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -86,7 +90,9 @@ class ScriptsMachine(RuleBasedStateMachine):
         return reply
 
     def _register(self, node):
-        self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, OWNER[node]))
+        self._call(*lua.register_node(node, [("zh-en", "zh", "en")], self.max_jobs[node], self.now, OWNER[node],
+                                      conn_id=f"c-{node}"))
+        self.closed.discard(node)
         self.score.pop(node, None)
         self.alive[node] = self.now
         self.saturated.discard(node)
@@ -185,23 +191,30 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9), dt=st.integers(min_value=0, max_value=8000),
-          score=st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])))
-    def heartbeat(self, pick, dt, score):
+          score=st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])), old_conn=st.booleans())
+    def heartbeat(self, pick, dt, score, old_conn):
+        """``old_conn``: the heartbeat came on a connection the node left (handled late, after
+        it reconnected); a node whose connection closed has only such heartbeats."""
         self.now += dt
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
         saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
-        if self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said))[0] == "OK":
-            self.alive[node] = self.now
-            if score is None:
-                self.score.pop(node, None)
-            else:
-                self.score[node] = score
-            if node in self.drain_said:
-                self.draining.add(node)
-            if saturated:
-                self.saturated.add(node)
-            else:
-                self.saturated.discard(node)
+        reply = self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said,
+                                          f"old-{node}" if old_conn else f"c-{node}"))
+        if old_conn or node in self.closed:
+            assert reply[0] == "STALE_CONN", f"a heartbeat of a connection {node} no longer has was taken: {reply}"
+            return
+        assert reply[0] == "OK", f"the heartbeat of {node}'s own connection was refused: {reply}"  # (after a collection too)
+        self.alive[node] = self.now
+        if score is None:
+            self.score.pop(node, None)
+        else:
+            self.score[node] = score
+        if node in self.drain_said:
+            self.draining.add(node)
+        if saturated:
+            self.saturated.add(node)
+        else:
+            self.saturated.discard(node)
 
     @precondition(lambda self: self.alive)
     @rule(pick=st.integers(min_value=0, max_value=9), written=st.booleans())
@@ -216,12 +229,27 @@ class ScriptsMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))
     def node_dies(self, pick):
+        """The node's connection closes: offline on that connection (the gateway's leave)."""
         node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        self._call(*lua.node_state(node, OWNER[node], online=False, draining=False))
+        if node not in self.closed:
+            assert self._call(*lua.node_state(node, OWNER[node], online=False, draining=False, conn_id=f"c-{node}"))[0] == "OK"
+            self.closed.add(node)
         self.alive.pop(node, None)
         for job_id, job in list(self.jobs.items()):
             if job["node"] == node:
                 self._move(job_id)
+
+    @precondition(lambda self: self.max_jobs)
+    @rule(instance=st.sampled_from(["i1", "i2"]))
+    def alive_instance_collected(self, instance):
+        """Another instance took ``instance`` for dead (its liveness lapsed in a stall) and
+        marked its nodes offline (Ownership.collect_dead, no connection named); their sockets
+        are open, their jobs stay. No job goes to them until a heartbeat brings them back."""
+        for node in sorted(self.max_jobs):
+            if OWNER[node] == instance and node not in self.closed:
+                assert self._call(*lua.node_state(node, instance, online=False, draining=False))[0] == "OK"
+                self.alive.pop(node, None)
+                self.draining.discard(node)  # (its connection's drain comes back with its next heartbeat)
 
     @precondition(lambda self: self.max_jobs)
     @rule(pick=st.integers(min_value=0, max_value=9))

@@ -249,7 +249,12 @@ class NodeGateway(wsutil.Gateway):
         score = conn.load_score
         saturated = score is not None and score > self.settings.node_load_threshold
         try:
-            await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated, conn.draining, conn.conn_id)
+            if not await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated, conn.draining, conn.conn_id):
+                self._metrics.node_heartbeats_stale_total.inc()
+                if not conn.heartbeat_stale:
+                    conn.heartbeat_stale = True
+                    event(log, "node_heartbeat_stale", logging.WARNING, node_id=conn.node_id)
+                return
             if self._nodes.note_load(conn, score, saturated):
                 event(log, "node_saturated" if saturated else "node_unsaturated", logging.WARNING if saturated else logging.INFO,
                       node_id=conn.node_id, load_score=score, threshold=self.settings.node_load_threshold)

@@ -89,6 +89,9 @@ class Metrics:
         self.redispatch_total = Counter(p + "redispatch_total", "Jobs dispatched again with attempt + 1", registry=r)
         self.stale_answers_dropped_total = Counter(
             p + "stale_answers_dropped_total", "Node answers dropped (wrong node, old attempt, unknown or finished job)", ["code"], registry=r)
+        self.node_heartbeats_stale_total = Counter(
+            p + "node_heartbeats_stale_total", "Node heartbeats Redis refused because they came on a connection that is not "
+            "the node's current one (it reconnected, or that connection was closed); nothing was written", registry=r)
         self.answers_undeliverable_total = Counter(
             p + "answers_undeliverable_total", "Accepted answers whose session was gone or whose inbox was full", registry=r)
         self.relay_messages_total = Counter(

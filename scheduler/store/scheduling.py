@@ -110,11 +110,14 @@ class SchedulingClient:
                     raise
 
     async def heartbeat(self, node_id: str, load: dict[str, Any] | None, load_score: float | None = None,
-                        saturated: bool = False, draining: bool = False, conn_id: str = "") -> None:
+                        saturated: bool = False, draining: bool = False, conn_id: str = "") -> bool:
         """Raises UnknownNode when Redis lost the node (restarted empty). A ``saturated`` node
         gets no new jobs from any instance (choose_node.lua); a ``draining`` one says so again
-        (on its connection ``conn_id``), in case its drain never reached Redis."""
-        await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated, draining, conn_id))
+        (on its connection ``conn_id``), in case its drain never reached Redis. False when
+        ``conn_id`` is not the node's connection in Redis (it reconnected since, or this one
+        was closed): nothing was written (heartbeat.lua)."""
+        reply = await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated, draining, conn_id))
+        return str(reply[0]) == "OK"
 
     async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool, conn_id: str = "") -> None:
         """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance);
