@@ -131,13 +131,15 @@ class Instance:
     """One scheduler instance's parts. ``alive`` until the test kills it (kill -9: nothing
     is cleaned up, its memory stays for the checks to read)."""
 
-    def __init__(self, h: DispatcherHarness, instance_id: str) -> None:
+    def __init__(self, h: DispatcherHarness, instance_id: str, *, restarted: bool = False) -> None:
         self.h = h
         self.id = instance_id
         self.alive = True
+        self.restarted = restarted  # started again under the id of a killed one: no session, and what
+        # its previous life left is dropped first (Ownership.drop_previous_life)
         self.metrics = Metrics()
         self.nodes = NodeRegistry(self.metrics)
-        self.inbox = Inbox(h.got, {s for s, i in SESSIONS.items() if i == instance_id}, instance_id)
+        self.inbox = Inbox(h.got, set() if restarted else {s for s, i in SESSIONS.items() if i == instance_id}, instance_id)
         self.scope = trio.CancelScope()
         self.crash_next = self.crashed = 0  # placement rounds to crash, and crashed so far (_inject_crash)
         self.crashed_at = float("-inf")
@@ -149,6 +151,8 @@ class Instance:
         settings = Settings(instance_id=self.id, result_deadline_ms=30_000)
         scheduling = SchedulingClient(redis)
         self.ownership = Ownership(redis, self.id, FOREVER_MS, grace_ms=ORPHAN_GRACE_MS)  # (the TTL it stands for)
+        if self.restarted:
+            await self.ownership.drop_previous_life()
         await self.ownership.refresh()
         for session_id in self.inbox.sessions:
             await self.ownership.claim_session(session_id)
@@ -262,6 +266,9 @@ class DispatcherHarness:
         self.place_batch = place_batch
         self.got: list[tuple[str, JobOutcome | JobWaiting, str]] = []  # (session, outcome, delivered by)
         self.instances = {i: Instance(self, i) for i in INSTANCES}
+        self.killed_at: dict[str, float] = {}  # instance id -> when it was last killed
+        self.restarted_at: dict[str, float] = {}  # ... and started again
+        self.past: list[Instance] = []  # killed instances started again since: their memory, for the checks
         self.where: dict[str, str] = {}  # node id -> the instance it is connected to
         self.held: dict[str, dict[str, Held]] = {}  # node id -> job id -> what it holds (on this connection)
         self.old: dict[str, list[tuple[str, int]]] = {}  # node id -> (job id, attempt) it got and lost
@@ -292,6 +299,7 @@ class DispatcherHarness:
             self.redis = redis
             self._count_calls(redis)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for instance in self.instances.values():
                     await nursery.start(instance.run, redis)
                 task_status.started()
@@ -445,11 +453,26 @@ class DispatcherHarness:
         liveness lapses now (as it would ``owner_ttl_ms`` later), and nothing is cleaned up."""
         instance = self.instances[instance_id]
         instance.alive = False
+        self.killed_at[instance_id] = trio.current_time()
         instance.scope.cancel()
         for node_id in [n for n, i in self.where.items() if i == instance_id]:
             self._drop(node_id, instance.nodes.get(node_id).conn_id)
         await self.redis.command("DEL", keys.instance(instance_id))
         await self.redis.command("ZADD", keys.instances(), now_ms() - 1, instance_id)
+
+    def lives(self) -> list[Instance]:
+        """Every instance process there has been: the current ones and the killed ones started again."""
+        return [*self.instances.values(), *self.past]
+
+    async def restart(self, instance_id: str) -> None:
+        """The supervisor starts a killed instance again under the same id: a new process with
+        empty books and no session (its clients resume elsewhere, or never)."""
+        old = self.instances[instance_id]
+        assert not old.alive
+        self.past.append(old)
+        self.restarted_at[instance_id] = trio.current_time()
+        self.instances[instance_id] = Instance(self, instance_id, restarted=True)
+        await self._nursery.start(self.instances[instance_id].run, self.redis)
 
     async def lose_data(self) -> None:
         """Redis restarts without its data, and what each live instance and node does about

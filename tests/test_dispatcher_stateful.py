@@ -106,6 +106,7 @@ class Job:
     ahead: int | None = None  # submitted at a quiet point: its session's fresh jobs queued ahead of it then
     mark: int = 0  # len(handed) when it was submitted
     stored: bool = False  # answered while its session had no owner: kept in Redis until a resume
+    owner_killed: bool = False  # the instance it was submitted to was killed (restarted since, maybe)
 
 
 class DispatcherMachine(RuleBasedStateMachine):
@@ -534,7 +535,19 @@ class DispatcherMachine(RuleBasedStateMachine):
     @rule()
     def kill_i2(self):
         """kill -9 of i2 while it holds something: jobs it placed, or nodes with jobs."""
+        for job in self.jobs.values():
+            job.owner_killed = job.owner_killed or job.instance == "i2"
         self.do("kill", self.h.kill, "i2")
+
+    @precondition(lambda self: not self.h["i2"].alive)
+    @rule()
+    def restart_i2(self):
+        """The supervisor starts the killed i2 again under its id (``--workers``): a new process,
+        empty books, no session (the client of s2 never comes back). It drops its previous
+        life's nodes first (Ownership.drop_previous_life). The jobs that life placed on i1's
+        nodes name a live instance again, so i1's orphan sweep leaves them; the new i2's own
+        sweep must release them (the lease check below: within a sweep of lease + grace)."""
+        self.do("restart", self.h.restart, "i2")
 
     @precondition(lambda self: not self.h["i2"].alive and self._orphaned("s2"))
     @rule()
@@ -693,7 +706,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 if p.conn_id in h.dropped:  # its node connection is gone: moved at once when it drops here
                     when, where = h.dropped[p.conn_id]  # (node_lost), else within a remote watch of Redis
                     entered = h.queued_since.get(key, 0.0)  # (an adopted job: after the drop, maybe)
-                    since = max(when, entered, h.up_since, 0.0 if h[where].alive else self._liveness_grace_end())
+                    dead = not h[where].alive or h.killed_at.get(where, float("-inf")) >= when  # (restarted since)
+                    since = max(when, entered, h.up_since, self._liveness_grace_end() if dead else 0.0)
                     due = when if where == instance.id and when > entered else since + WATCH_S
                     due = float("inf") if (h.down or h.replies_lost) and due > when else due
                     assert due > now - EPS, f"{instance.id}: {key} on {p.node_id}, whose connection (on {where}) " \
@@ -874,10 +888,13 @@ class DispatcherMachine(RuleBasedStateMachine):
             lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
             mine = {p.job_id for i in self._live() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
             for job_id in lapsed:
+                placed_by = self.r.hget(keys.job(job_id), "placed_by")  # a previous life's job: its restarted
+                if self.now < self.h.restarted_at.get(placed_by, float("-inf")) + SWEEP_S + EPS:  # instance's first sweep
+                    continue
                 assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
-        books = {p.job_id for i in self.h.instances.values() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
-        books |= {job_id for i in self.h.instances.values() for job_id in i.dispatcher._owed_releases}  # (an outage)
-        books |= {job_id for i in self.h.instances.values() for _, job_id in i.dispatcher._tried.values()}  # (a lost reply)
+        books = {p.job_id for i in self.h.lives() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
+        books |= {job_id for i in self.h.lives() for job_id in i.dispatcher._owed_releases}  # (an outage)
+        books |= {job_id for i in self.h.lives() for _, job_id in i.dispatcher._tried.values()}  # (a lost reply)
         assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
         for handed in self.h.generations():  # (a job Redis lost is created again)
             ids: dict[str, str] = {}
@@ -936,7 +953,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status", "lease_deadline_ts",
                                    "placed_by")
                 assert job[:4] == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
-                assert int(job[4]) <= self.h.wall_ms(self.now) - ORPHAN_GRACE_MS and not self.h[job[5]].alive, job
+                assert int(job[4]) <= self.h.wall_ms(self.now) - ORPHAN_GRACE_MS, job
+                assert not self.h[job[5]].alive or (self.h[job[5]].restarted and f["previous_life"]), (job, f)
 
     lane_failures = finished_lost = 0
 
@@ -949,7 +967,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.do("notice_data_loss", self.h.notice_data_loss)
 
     def _check_counters(self):
-        instances = list(self.h.instances.values())
+        instances = self.h.lives()
 
         def total(name, *labels):
             return sum((getattr(i.metrics, name).labels(*labels) if labels else getattr(i.metrics, name))._value.get()
@@ -984,7 +1002,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for a whole retry interval (a slot freed by another instance, e.g. by a lease running
         out there, is not announced: the lane sees it at its next retry)."""
         free_now = self._free_slots()
-        if max(i.act_crashed_at for i in self.h.instances.values()) >= self.now - RETRY_S - EPS:
+        if max(i.act_crashed_at for i in self.h.lives()) >= self.now - RETRY_S - EPS:
             return  # a crashed placement took a slot and gave it back: the other instance's lanes are not told
         for instance in self._live():
             d = instance.dispatcher
@@ -1025,11 +1043,11 @@ class DispatcherMachine(RuleBasedStateMachine):
             raise AssertionError(f"no end: books {books}, leases {self.r.zrange(keys.leases(), 0, -1)}")
         finished = self.finished_lost + sum(self.r.hget(keys.job(job_id), "status") == "finished"
                                             for job_id in {job_id for _, job_id, *_ in self.h.handed})
-        assert sum(i.metrics.jobs_total.labels("finished")._value.get() for i in self.h.instances.values()) == finished
+        assert sum(i.metrics.jobs_total.labels("finished")._value.get() for i in self.h.lives()) == finished
         got = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
         for key, job in self.jobs.items():
             ended = (job.refused or job.cancelled_at is not None or job.answer is not None or key in got
-                     or job.deadline <= self.now + EPS or not self.h[job.instance].alive)
+                     or job.deadline <= self.now + EPS or not self.h[job.instance].alive or job.owner_killed)
             assert ended, f"{key} never ended"
         for node in self.max_jobs:
             assert int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0) == 0, node
@@ -1055,6 +1073,13 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("kill", h.kill, "i2")
         m.do("advance", h.advance, 3.1)
         m.do("advance", h.advance, 3.1)
+    elif name == "orphan_of_previous_life":  # i2's job on i1's node; i2 is killed and started again at once
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
+        m.kill_i2()
+        m.restart_i2()
+        for _ in range(3):
+            m.do("advance", h.advance, 3.1)
+        assert not m.r.zrange(keys.leases(), 0, -1) and not h.held["n0"], h.held  # released by the new i2's sweep
     elif name == "fair_turns":  # s0 floods a lane with no node; s1 submits one job; then a node comes
         m.do("disconnect", h.disconnect, "n0")
         m.burst(_Draws("s0"), PAIRS[0], 4, 30.0)
@@ -1319,12 +1344,12 @@ def test_the_machine_finds_a_first_come_first_served_lane(flushed_single_url, mo
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
                                   "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
                                   "copy_while_moving", "late_bounce_here", "lost_replies", "outage_waiting",
-                                  "crash_after_lost_reply"])
+                                  "crash_after_lost_reply", "orphan_of_previous_life"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()
     machine.start(queue_size=6, place_batch=1 if name == "answer_while_moving" else 2,
-                  layout={"answer_while_moving": "i1", "late_bounce_here": "both"}.get(name, "i2"))
+                  layout={"answer_while_moving": "i1", "late_bounce_here": "both", "orphan_of_previous_life": "i1"}.get(name, "i2"))
     try:
         _path(machine, name)
     finally:

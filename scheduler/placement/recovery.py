@@ -15,8 +15,9 @@ module takes its jobs back when the world changed under them, in a task of its o
   its audio. So a job moves within ``watch_interval`` of a disconnect and within
   ``owner_ttl_ms`` + ``watch_interval`` of an instance's death, never waiting for its lease;
 - **the orphan sweep** (every 2 s): leases expired for longer than ``orphan_grace_ms`` of jobs
-  whose placing instance is dead: nobody holds their audio, so their slot is released
-  (cancel_task) and their node told ``job_cancel``;
+  whose placing instance is dead, or is this one's previous life (same id, restarted):
+  nobody holds their audio, so their slot is released (cancel_task) and their node told
+  ``job_cancel``;
 - **adoption** (:meth:`Recovery.adopt`, when a session resumes here): the jobs its previous
   owner placed come onto this instance's books;
 - **Redis data loss** (:meth:`Recovery.redis_data_lost`): jobs Redis no longer knows are placed
@@ -201,7 +202,10 @@ class Recovery:
         not alive is cancelled (cancel_task: slot released once), and its node gets
         ``job_cancel`` (here, or over the relay); nobody else holds its audio to place it again. (A resumed
         session resolves that utterance SKIPPED at its deadline.) Jobs of live instances are
-        left to them. Nothing is swept while Redis is out, or within ``orphan_grace_ms`` (the
+        left to them, but for this instance's own id: a job placed under it that this process
+        does not hold was placed by its previous life (the process was killed and started again
+        under the same id, as ``--workers`` restarts a worker), whose id is alive again, so no
+        other instance releases it. Nothing is swept while Redis is out, or within ``orphan_grace_ms`` (the
         instances' liveness TTL) after it came back: a long outage lets every instance's
         liveness lapse, because their refreshes failed (``OutageClock.recent``; the look at the
         leases is still made: it is how this instance sees Redis come back)."""
@@ -228,8 +232,13 @@ class Recovery:
         if job_key is None:  # the job hash is gone: only the lease entry is left
             await self._redis.command("ZREM", keys.leases(), job_id)
             return
-        if await liveness.alive(self._redis, [placed_by], unsure=self._liveness_unsure()):
+        previous_life = placed_by == self._instance_id
+        if previous_life:
+            if self._books.holds(job_key):
+                return  # placed (or being moved) by this very process
+        elif await liveness.alive(self._redis, [placed_by], unsure=self._liveness_unsure()):
             return  # its instance is alive and handles its leases
         reply = await self._books.release(job_id, job_key, node_id, int(attempt))
         if reply is not None and reply[0] == "OK":
-            event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id)
+            event(log, "orphan_job_released", job_id=job_id, job_key=job_key, node_id=node_id, session_id=session_id,
+                  previous_life=previous_life)
