@@ -830,7 +830,10 @@ class DispatcherMachine(RuleBasedStateMachine):
     def _check_fair_turns(self):
         """Sessions take turns in a lane: a job submitted at a quiet point with ``ahead`` jobs
         of its own session queued before it waits behind at most ``ahead + 1`` first
-        placements of any other session (same instance and pair) until it is placed itself."""
+        placements of any other session (same instance and pair) until it is placed itself.
+        Placement order is job id order (an instance takes its ids in the order it places),
+        not hand-over order: a job placed on another instance's node is handed over later,
+        through the relay, than one placed after it on a node here."""
         if self.h.flushes:
             return  # (job ids and placements start afresh after Redis lost its data)
         handed = self.h.handed
@@ -840,12 +843,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             job = self.jobs[key]
             if job.ahead is None:
                 continue
-            session = key.split(":")[0]
+            session, job_id = key.split(":")[0], int(handed[pos][1])
             others: dict[str, int] = {}
-            for i in range(job.mark, pos):
+            for i in range(job.mark, len(handed)):  # (handed after it was submitted, placed before it)
                 other = handed[i][0]
                 if first_at.get(other) == i and other.split(":")[0] != session and handed[i][4] == job.instance \
-                        and self.jobs[other].pair == job.pair:
+                        and self.jobs[other].pair == job.pair and int(handed[i][1]) < job_id:
                     others[other.split(":")[0]] = others.get(other.split(":")[0], 0) + 1
             worst = max(others.values(), default=0)
             assert worst <= job.ahead + 1, (f"{key} ({job.ahead} of its own ahead) waited behind {worst} jobs of another "
