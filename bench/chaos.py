@@ -43,6 +43,10 @@ exited without being told to, or exited non-zero after SIGTERM; a SUCCESS share 
 `--min-success`. Printed: utterances, the SUCCESS share, every non-SUCCESS result with its
 status, error and the last fault before it, and the faults applied; JSON in `--out`.
 
+``--redis-cluster 3`` runs it all on a 3-master Valkey cluster instead of one Valkey, and
+``--redis-url`` on a Redis (or cluster) already running, flushed first (node, kill, term and
+reload faults only, either way).
+
 Usage: python bench/chaos.py [--duration 120] [--fault-every 5] [--faults node,kill,term,redis]
 """
 
@@ -72,8 +76,9 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster
 from scheduler.session.audio import tone
+from scheduler.store.redis_adapter import connect
 
 RATE = 16000
 FRAME = 3200  # 100 ms of 16 kHz s16le
@@ -93,6 +98,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", default="node,kill,term", help=f"comma list of {', '.join(FAULTS)} (default node,kill,term)")
     p.add_argument("--result-deadline-ms", type=int, default=10000, help="the daemons' result deadline (default 10000)")
     p.add_argument("--min-success", type=float, default=0.995, help="fail below this SUCCESS share (default 0.995)")
+    p.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
+                   help="run on a Valkey cluster of this many masters instead of one Valkey (no Redis faults then)")
+    p.add_argument("--redis-url", default=None,
+                   help="run on this Redis (or cluster) instead of starting one; it is flushed first (no Redis faults then)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     p.add_argument("--out", default="bench/results/chaos.json", help="JSON summary (default bench/results/chaos.json)")
     p.add_argument("--daemon-arg", action="append", default=[], help="extra flag for every daemon (repeatable)")
@@ -612,6 +621,22 @@ async def faults(args: argparse.Namespace, kinds: list[str], instances: list[Ins
 # ---------------------------------------------------------------- the run
 
 
+class _GivenRedis:
+    """A Redis the run did not start (``--redis-url``): flushed at the start, left running."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def start(self) -> str:
+        client = connect(self.url)
+        client.flushall()  # (on every primary of a cluster)
+        client.close()
+        return self.url
+
+    def stop(self) -> None:
+        pass
+
+
 async def run(args: argparse.Namespace) -> dict:
     kinds = [k for k in args.faults.split(",") if k]
     unknown = set(kinds) - set(FAULTS)
@@ -619,13 +644,17 @@ async def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     if "reload" in kinds and not args.workers:
         raise SystemExit("the reload fault needs --workers (SIGHUP replaces a supervisor's workers)")
+    if (args.redis_cluster or args.redis_url) and {"redis", "stall", "full"} & set(kinds):
+        raise SystemExit("the redis, stall and full faults strike the Valkey this run starts: not with --redis-cluster "
+                         "or --redis-url")
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     report = Report()
     with tempfile.TemporaryDirectory(prefix="sched-chaos-") as tmp:
         workdir = Path(args.logs or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        valkey = EmbeddedValkey(workdir / "valkey", persist=False)
+        valkey = _GivenRedis(args.redis_url) if args.redis_url else EmbeddedValkeyCluster(
+            args.redis_cluster) if args.redis_cluster else EmbeddedValkey(workdir / "valkey", persist=False)
         url = valkey.start()
         box = Box(url, workdir, args) if args.workers else None
         instances = [box.inst] if box else [Instance(f"i{k}", url, workdir, args) for k in range(args.instances)]
@@ -673,6 +702,7 @@ async def run(args: argparse.Namespace) -> dict:
     share = report.success / report.utterances if report.utterances else 0.0
     summary = {
         "seed": seed, "duration_s": args.duration, "instances": args.workers or args.instances,
+        "redis_cluster_masters": args.redis_cluster, "redis_url_given": bool(args.redis_url),
         "workers": bool(args.workers), "nodes": args.nodes, "clients": args.clients,
         "faults_enabled": kinds, "faults": report.faults, "utterances": report.utterances, "success": report.success,
         "success_share": round(share, 5), "resumes": report.resumes, "non_success": report.non_success,

@@ -1,7 +1,8 @@
 """The chaos run (bench/chaos.py, `just chaos`) in its short CI variant: three real
 ``scheduler serve`` processes on one Valkey, simulated nodes and resuming clients, with
 node cuts, kill -9, SIGTERM and Redis restarts striking every ~3 s; and one ``--workers 3``
-supervisor whose workers are struck, and which is reloaded (SIGHUP) meanwhile.
+supervisor whose workers are struck, and which is reloaded (SIGHUP) meanwhile; and three
+instances on the suite's 3-master Valkey cluster, with node cuts, kill -9 and SIGTERM.
 
 It fails on anything lost, duplicated, reordered or answered with the wrong audio, on a
 session that cannot be resumed, and on a daemon that exits without being told to (or exits
@@ -31,8 +32,12 @@ pytestmark = pytest.mark.slow
     # again by itself; every worker exit is one the run caused; SIGHUP (systemctl reload)
     # replaces them all one at a time, and every reload ends done (or ignored while one runs)
     ["--workers", "3", "--duration", "20", "--faults", "node,kill,term,reload", "--seed", "17"],
-], ids=["instances", "workers"])
-async def test_short_chaos_run_loses_nothing(tmp_path, how):
+    # three instances on the suite's 3-master Valkey cluster (no Redis faults: they strike one Valkey)
+    ["--instances", "3", "--duration", "12", "--faults", "node,kill,term", "--seed", "19", "--redis-url", "CLUSTER"],
+], ids=["instances", "workers", "cluster"])
+async def test_short_chaos_run_loses_nothing(tmp_path, request, how):
+    if "CLUSTER" in how:
+        how = [request.getfixturevalue("valkey_cluster_url") if a == "CLUSTER" else a for a in how]
     args = chaos.parser().parse_args([
         *how, "--nodes", "4", "--clients", "6", "--fault-every", "3", "--min-success", "0.8",
         "--out", str(tmp_path / "chaos.json"), "--logs", str(tmp_path / "logs")])

@@ -1,5 +1,5 @@
-"""End to end over real processes: `scheduler serve` (embedded Valkey) + 2 reference nodes +
-3 concurrent `scheduler client` processes, all on loopback.
+"""End to end over real processes: `scheduler serve` (embedded Valkey, or the suite's 3-master
+Valkey cluster) + 2 reference nodes + 3 concurrent `scheduler client` processes, all on loopback.
 
 Every client must get results 0..n-1 exactly once, in order, each carrying the node's answer
 for exactly the bytes of that utterance (duration and CRC-32 of the WAV slice).
@@ -99,8 +99,11 @@ def check_transcript(lines: list[str], pcm: bytes, expected_utterances: int) -> 
     assert len(rest) < 1000 * BYTES_PER_MS and rest == bytes(len(rest))
 
 
-def test_three_clients_two_nodes_real_processes(tmp_path):
-    daemon = Daemon(tmp_path)
+@pytest.mark.parametrize("redis", ["embedded", "cluster"])
+def test_three_clients_two_nodes_real_processes(tmp_path, request, redis):
+    """``cluster``: the same on the suite's 3-master Valkey cluster (``--redis-url``)."""
+    cluster = redis == "cluster"
+    daemon = Daemon(tmp_path, *(["--redis-url", request.getfixturevalue("flushed_cluster_url")] if cluster else []))
     nodes, clients = [], []
     try:
         for name in ("node-a", "node-b"):
@@ -129,9 +132,9 @@ def test_three_clients_two_nodes_real_processes(tmp_path):
     log = daemon.log_path.read_text()
     assert code == 0, log
     events = log_events(daemon.log_path)
-    assert "stopped" in events and "embedded_redis_stopped" in events
+    assert "stopped" in events and ("embedded_redis_stopped" in events) != cluster
     assert events["utterance_finalized"]["reason"] in ("pause", "is_final") and "latency_ms" in events["utterance_finalized"]
-    assert not pid_alive(daemon.valkey_pid)
+    assert cluster or not pid_alive(daemon.valkey_pid)
     assert "Traceback" not in log and '"level": "error"' not in log, log
     # the relay stops (its reader threads returned) before the embedded Valkey does
     assert '"logger": "scheduler.relay"' not in log, log
