@@ -27,6 +27,11 @@ Also: results/s, the daemon's CPU (% of one core) per session, Redis commands an
 per result, harness send lag (how late this process was; if it is large, the harness, not
 the daemon, was the limit).
 
+With ``--redis-cluster 3`` the daemon runs on a 3-master Valkey cluster (children of this
+harness) instead, and commands, EVALSHA and Valkey CPU are reported per master
+(``redis_per_server``, with ``commands_spread``: how far the busiest or idlest master is from
+the mean): how evenly the deployment's Redis work spreads over the primaries.
+
 Writes JSON and a PNG (matplotlib) to --out (default bench/results/load.json / .png).
 Usage: python bench/load.py [--sessions 1000] [--nodes 8] [--duration 30] [--profile]
 """
@@ -57,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
 
 from scheduler.client import SessionFailed, connect  # noqa: E402
-from scheduler.ops.embedded_redis import EmbeddedValkey  # noqa: E402
+from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster  # noqa: E402
 from scheduler.protocol import Busy, Error, Result, UtteranceFinalized  # noqa: E402
 from scheduler.session.audio import silence, tone  # noqa: E402
 
@@ -331,6 +336,37 @@ def redis_counters(client: redis.Redis) -> dict[str, int]:
             "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0))}
 
 
+class Servers:
+    """The Redis the daemon runs on: one valkey-server, or (``masters`` > 0) a Valkey cluster of
+    that many masters; commands, EVALSHA and CPU are read per server."""
+
+    def __init__(self, masters: int = 0) -> None:
+        self._cluster = EmbeddedValkeyCluster(masters) if masters else None
+        self._single = None if masters else EmbeddedValkey()
+        self._clients: list[redis.Redis] = []
+
+    def start(self) -> str:
+        url = self._cluster.start() if self._cluster else self._single.start()
+        self._clients = [redis.Redis.from_url(s.url, decode_responses=True) for s in self.servers]
+        return url
+
+    @property
+    def servers(self) -> list[EmbeddedValkey]:
+        return self._cluster.nodes if self._cluster else [self._single]
+
+    def sample(self) -> list[dict[str, float]]:
+        """Per server: commands and EVALSHA so far, and CPU seconds."""
+        return [{**redis_counters(c), "cpu": proc_stats(s.pid)[0]} for c, s in zip(self._clients, self.servers, strict=True)]
+
+    def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        if self._cluster:
+            self._cluster.stop()
+        else:
+            self._single.stop()
+
+
 def loop_lag_ms(admin_port: int) -> float | None:
     """The daemon's smoothed event-loop lag (``scheduler_event_loop_lag_seconds``), in ms."""
     try:
@@ -347,10 +383,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"args": vars(args), "host": {"cpus": os.cpu_count()}}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon child inherits it
-    valkey = EmbeddedValkey()
-    redis_url = valkey.start()
+    servers = Servers(args.redis_cluster)
+    redis_url = servers.start()
     try:
-        if not args.skip_baselines:
+        if not args.skip_baselines and not args.redis_cluster:
             print("baselines ...", file=sys.stderr)
             many = await adapter_throughput(redis_url, 20_000, 64, args.redis_pool_size)
             out["baselines"] = {
@@ -359,9 +395,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "trio_websocket_echo_frames_per_s": round(await echo_baseline(3.0)),
             }
         daemon, url, admin_port = start_daemon(args, redis_url)
-        r = redis.Redis.from_url(redis_url, decode_responses=True)
         try:
-            out.update(await drive(args, url, daemon.pid, valkey.pid, r, admin_port))
+            out.update(await drive(args, url, daemon.pid, servers, admin_port))
             if "baselines" in out:
                 # frames the daemon handles per second of its CPU (all its work: audio, jobs,
                 # results) against frames a bare trio-websocket echo server turns around per
@@ -375,14 +410,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             daemon.terminate()
             daemon.wait(timeout=20)
-            r.close()
     finally:
-        valkey.stop()
+        servers.stop()
     return out
 
 
-async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid: int, r: redis.Redis,
-                admin_port: int) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, url: str, daemon_pid: int, servers: Servers, admin_port: int) -> dict[str, Any]:
     rec = Record()
     rng = random.Random(args.seed)
     timeline: list[dict[str, float]] = []
@@ -394,12 +427,12 @@ async def drive(args: argparse.Namespace, url: str, daemon_pid: int, valkey_pid:
                                     args.failure_rate, rec, random.Random(rng.random()))
         await trio.sleep(1.0)
         async with trio.open_nursery() as nursery:
-            await _sessions(args, url, (daemon_pid, admin_port), valkey_pid, r, rec, rng, nursery, result, timeline)
+            await _sessions(args, url, (daemon_pid, admin_port), servers, rec, rng, nursery, result, timeline)
         node_nursery.cancel_scope.cancel()  # every client is done: stop the nodes
     return _report(args, rec, result, timeline)
 
 
-async def _sessions(args, url, daemon, valkey_pid, r, rec, rng, nursery, result, timeline) -> None:
+async def _sessions(args, url, daemon, servers, rec, rng, nursery, result, timeline) -> None:
     """Open the sessions (idle phase), stream (active phase); the clients drain in ``nursery``.
     ``daemon`` is its (pid, admin port): the timeline samples its CPU, RSS and event-loop lag."""
     daemon_pid, admin_port = daemon
@@ -432,9 +465,8 @@ async def _sessions(args, url, daemon, valkey_pid, r, rec, rng, nursery, result,
     print(json.dumps(result["idle"]), file=sys.stderr)
 
     print(f"active: {args.duration} s of real-time audio ...", file=sys.stderr)
-    counters0 = redis_counters(r)
+    counters0 = servers.sample()
     cpu0, _ = proc_stats(daemon_pid)
-    vcpu0, _ = proc_stats(valkey_pid)
     t0 = time.perf_counter()
     stop_at[0] = trio.current_time() + args.duration
     start_active.set()
@@ -452,12 +484,13 @@ async def _sessions(args, url, daemon, valkey_pid, r, rec, rng, nursery, result,
                          "loop_lag_ms": await trio.to_thread.run_sync(loop_lag_ms, admin_port)})
         last_cpu = cpu
     cpu1, rss_active = proc_stats(daemon_pid)
-    vcpu1, _ = proc_stats(valkey_pid)
-    counters1 = redis_counters(r)
+    counters1 = servers.sample()
     active_s = time.perf_counter() - t0
-    result["_window"] = dict(cpu=cpu1 - cpu0, vcpu=vcpu1 - vcpu0, rss_active=rss_active, rss_before=rss_before, active_s=active_s,
-                             commands=counters1["commands"] - counters0["commands"],
-                             evalsha=counters1["evalsha"] - counters0["evalsha"],
+    per_server = [{k: b[k] - a[k] for k in a} for a, b in zip(counters0, counters1, strict=True)]
+    result["_window"] = dict(cpu=cpu1 - cpu0, vcpu=sum(s["cpu"] for s in per_server), rss_active=rss_active,
+                             rss_before=rss_before, active_s=active_s, per_server=per_server,
+                             commands=sum(s["commands"] for s in per_server),
+                             evalsha=sum(s["evalsha"] for s in per_server),
                              results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]))
     if profiler is not None:
         await trio.to_thread.run_sync(profiler.wait)
@@ -520,6 +553,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "daemon_rss_growth_per_session_kib": round((w["rss_active"] - w["rss_before"]) / max(1, rec.ready) / 1024, 1),
         "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
+        "redis_per_server": per_server_report(w["per_server"], active_s),
         "harness_send_lag_ms": {"p50": ms(pct(rec.send_lag, 50)), "p99": ms(pct(rec.send_lag, 99))},
         "daemon_loop_lag_ms": _lag_summary(timeline),
         "node_jobs": rec.node_jobs,
@@ -530,6 +564,16 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
     result["timeline"] = timeline
     result["_samples"] = {"dispatch": dispatch, "overhead": overhead, "e2e_minus_service": e2e_minus_service}
     return result
+
+
+def per_server_report(per_server: list[dict[str, float]], active_s: float) -> dict[str, Any]:
+    """Each server's share of the commands and its CPU; ``commands_spread``: the largest
+    deviation of one server's commands from their mean, as a fraction of the mean."""
+    commands = [s["commands"] for s in per_server]
+    mean = statistics.fmean(commands) if commands else 0.0
+    return {"commands": [int(c) for c in commands], "evalsha": [int(s["evalsha"]) for s in per_server],
+            "cpu_pct_of_core": [round(s["cpu"] / active_s * 100, 1) for s in per_server],
+            "commands_spread": round(max(abs(c - mean) for c in commands) / mean, 3) if mean else None}
 
 
 def _lag_summary(timeline: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -601,6 +645,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
     traffic_arguments(parser, nodes=8)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
+                        help="run the daemon on a Valkey cluster of this many masters (no replicas) instead of one "
+                             "Valkey; commands and CPU are reported per master (`redis_per_server`); no baselines")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon during the active phase (collapsed stacks next to the JSON)")
     parser.add_argument("--out", default="bench/results/load.json", help="JSON path; the PNG goes next to it")
     return parser
