@@ -31,6 +31,19 @@ async def test_small_load_run_reports_every_number(tmp_path):
     assert data["timeline"] and len(data["_samples"]["overhead"]) == active["finalize_to_dispatch_ms"]["n"]
 
 
+async def test_load_run_on_a_cluster_reports_each_master(tmp_path):
+    """`just bench --redis-cluster 3`, small: commands and CPU per master. Layout 1 puts every
+    scheduling key on one slot, so one master carries nearly all of it (docs/scaling.md); the
+    scheduling shards (layout 2) are to change that, and this assertion with it."""
+    args = load.parser().parse_args(["--sessions", "4", "--nodes", "1", "--duration", "3", "--service-ms", "50",
+                                     "--redis-cluster", "3", "--out", str(tmp_path / "load.json")])
+    active = (await load.run(args))["active"]
+    assert active["results"] > 0 and not active["errors"]
+    per = active["redis_per_server"]
+    assert len(per["commands"]) == len(per["cpu_pct_of_core"]) == 3
+    assert max(per["commands"]) > 0.9 * sum(per["commands"]) and per["commands_spread"] > 1.5  # one master: layout 1
+
+
 async def test_small_overload_ab_refuses_the_excess_only_with_admission(tmp_path):
     """bench/overload.py (`just bench-overload`): 8 clients for 3 places (2 new, 1 resume
     reserve), both modes; the harness gives its CPU pinning back afterwards."""
