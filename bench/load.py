@@ -59,6 +59,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import spread  # noqa: E402
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
 
 from scheduler.client import SessionFailed, connect  # noqa: E402
@@ -570,10 +571,9 @@ def per_server_report(per_server: list[dict[str, float]], active_s: float) -> di
     """Each server's share of the commands and its CPU; ``commands_spread``: the largest
     deviation of one server's commands from their mean, as a fraction of the mean."""
     commands = [s["commands"] for s in per_server]
-    mean = statistics.fmean(commands) if commands else 0.0
     return {"commands": [int(c) for c in commands], "evalsha": [int(s["evalsha"]) for s in per_server],
             "cpu_pct_of_core": [round(s["cpu"] / active_s * 100, 1) for s in per_server],
-            "commands_spread": round(max(abs(c - mean) for c in commands) / mean, 3) if mean else None}
+            "commands_spread": spread(commands)}
 
 
 def _lag_summary(timeline: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -36,11 +36,11 @@ import itertools
 import json
 import os
 import random
-import statistics
 import time
 from pathlib import Path
 
 import redis
+from _common import spread
 
 from scheduler.ops.embedded_redis import EmbeddedValkey
 from scheduler.store import lua
@@ -199,12 +199,6 @@ def window(shards: list[Shard], driver: Driver, args: argparse.Namespace, tick_s
             "driver_lag_p99_ms": round(1000 * sorted(lags)[int(0.99 * (len(lags) - 1))], 1) if lags else 0.0}
 
 
-def spread(values: list[float]) -> float:
-    """Largest deviation from the mean, as a fraction of the mean."""
-    mean = statistics.fmean(values)
-    return round(max(abs(v - mean) for v in values) / mean, 3) if mean else 0.0
-
-
 def run_k(k: int, mode: str, args: argparse.Namespace, server_cpus: set[int]) -> dict:
     """``mode`` "same-tick": every shard's pipeline goes every ``--tick-ms``, so each carries 1/K
     of the calls; "same-batch": every ``--tick-ms`` x K, so each carries as many as at K = 1."""
@@ -233,8 +227,8 @@ def run_k(k: int, mode: str, args: argparse.Namespace, server_cpus: set[int]) ->
         "evalsha_per_result": round(sum(s["evalsha"] for s in w["per_shard"]) / results, 2),
         "shard_commands": [s["commands"] for s in w["per_shard"]],
         "shard_cpu_pct": [round(100 * s["cpu_s"] / w["elapsed"], 2) for s in w["per_shard"]],
-        "shard_commands_spread": spread([s["commands"] for s in w["per_shard"]]),
-        "shard_cpu_spread": spread([s["cpu_s"] for s in w["per_shard"]]),
+        "shard_commands_spread": spread([s["commands"] for s in w["per_shard"]]) or 0.0,
+        "shard_cpu_spread": spread([s["cpu_s"] for s in w["per_shard"]]) or 0.0,
         "driver_cpu_pct": round(100 * w["driver_cpu"], 1), "driver_lag_p99_ms": w["driver_lag_p99_ms"],
         "failed_calls": driver.failures,
     }
