@@ -3,6 +3,8 @@
 -- Idempotent on job_key: if a job exists for it, nothing changes and its id is returned
 -- ("EXISTS"). Otherwise the job is created under the id the caller allocated (blocks of
 -- {scheduler}:job:id_seq, see scheduler/scheduling.py), so that its hash is a declared key.
+-- The session's side (fencing, the job key, next index, turn) is lib/session_claim.lua, the
+-- shard's (node choice, slot, job hash) lib/place.lua.
 -- Pool and node choice: lib/choose_node.lua (preferred pool, turn affinity, least loaded,
 -- nodes held by the placing instance (ARGV[16]) first within ARGV[20] of load, ties by ARGV rand). Takes one slot on the chosen node, adds the job to the node's job set
 -- and its lease to the leases set.
@@ -66,12 +68,12 @@ local locality_slack = tonumber(ARGV[20])  -- see choose_node: how much more loa
 
 -- @include choose_node
 -- @include slots
+-- @include place
+-- @include session_claim
 
-if epoch ~= '' then
-  local current = redis.call('HGET', session_key, 'epoch')
-  if current and current ~= epoch then
-    return redis.error_reply('FENCED session ' .. session_id .. ' is at epoch ' .. current)
-  end
+local fenced = claim_fenced(session_key, session_id, epoch)
+if fenced then
+  return redis.error_reply(fenced)
 end
 
 local existing = redis.call('GET', jobkey_key)
@@ -87,42 +89,16 @@ if redis.call('EXISTS', job) == 1 then
 end
 
 local pools, nodes = declared_candidates(7, 20)
-local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
-local chosen
-if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, '', placed_by, locality_slack, instances_key)
-end
+local chosen, conn_id = place_job({
+  job = job, lang_key = lang_key, leases_key = leases_key, instances_key = instances_key,
+  preferred = redis.call('HGET', session_key, 'preferred_pool'), affinity = redis.call('HGET', turn_key, 'affinity_node_id'),
+  pools = pools, nodes = nodes, job_id = job_id, job_key = job_key, session_id = session_id,
+  utterance_index = utterance_index, src_lang = src_lang, tgt_lang = tgt_lang, turn_id = turn_id, placed_by = placed_by,
+  audio = audio, sample_rate = sample_rate, deadline_ms = deadline_ms, now_ms = now_ms, lease_ms = lease_ms,
+  node_ttl_ms = node_ttl_ms, key_ttl_s = key_ttl_s, rand = rand, locality_slack = locality_slack})
 if not chosen then
-  return redis.error_reply(err .. ' ' .. src_lang .. '->' .. tgt_lang)
+  return redis.error_reply(conn_id)
 end
-
-take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
-local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
-redis.call('HSET', job,
-  'job_id', job_id, 'job_key', job_key, 'node_id', chosen, 'attempt', 1,
-  'session_id', session_id, 'utterance_index', utterance_index,
-  'src_lang', src_lang, 'tgt_lang', tgt_lang, 'turn_id', turn_id,
-  'status', 'dispatched', 'created_ts', now_ms, 'lease_deadline_ts', now_ms + lease_ms, 'placed_by', placed_by,
-  'sample_rate', sample_rate, 'deadline_ms', deadline_ms, 'conn_id', conn_id)
-if audio ~= '' then
-  redis.call('HSET', job, 'audio', audio)
-end
-redis.call('EXPIRE', job, key_ttl_s)
--- leases of jobs nobody will complete (their instance died long ago) do not pile up
-redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now_ms - key_ttl_s * 1000)
-redis.call('SET', jobkey_key, job_id, 'EX', key_ttl_s)
-redis.call('HSET', session_key, 'current_turn_id', turn_id)
-if tonumber(redis.call('HGET', session_key, 'next_utterance_index') or '0') <= tonumber(utterance_index) then
-  redis.call('HSET', session_key, 'next_utterance_index', tonumber(utterance_index) + 1)
-end
-redis.call('EXPIRE', session_key, key_ttl_s)
-
-if turn_action == 'keep' then
-  redis.call('HSET', turn_key, 'affinity_node_id', chosen)
-  redis.call('EXPIRE', turn_key, key_ttl_s)
-elseif turn_action == 'end' and redis.call('EXISTS', turn_key) == 1 then
-  if redis.call('HINCRBY', turn_key, 'ended_jobs', 1) >= turn_jobs then
-    redis.call('DEL', turn_key)
-  end
-end
+claim_record(jobkey_key, job_id, session_key, turn_id, utterance_index, key_ttl_s)
+claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

@@ -56,7 +56,7 @@ if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') t
   return {'NOOP', j[3], attempt, j[1] or '', j[4] or '', tonumber(j[5] or '0')}
 end
 local pools, nodes = declared_candidates(8, 9)
-local list, err = candidate_nodes(lang_key, session_key, pools, nodes)
+local list, err = candidate_nodes(lang_key, redis.call('HGET', session_key, 'preferred_pool'), pools, nodes)
 if err == 'STALE_CANDIDATES' then
   return redis.error_reply(err .. ' job ' .. job_id)
 end
@@ -67,7 +67,7 @@ end
 
 local chosen
 if list then
-  chosen, err = choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, old_node, near, locality_slack, instances_key)
+  chosen, err = choose_node(list, nodes, redis.call('HGET', turn_key, 'affinity_node_id'), now_ms, node_ttl_ms, rand, old_node, near, locality_slack, instances_key)
 end
 if not chosen then
   return redis.error_reply(err .. ' no node to take job ' .. job_id)

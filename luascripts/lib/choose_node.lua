@@ -23,12 +23,12 @@ local function declared_candidates(key_base, arg_base)
   return pools, nodes
 end
 
--- candidate_nodes(lang_key, session_key, pools, nodes): the node ids that may take a job of
+-- candidate_nodes(lang_key, preferred, pools, nodes): the node ids that may take a job of
 -- the pair, or nil and NO_POOL_FOR_LANG_PAIR / EMPTY_POOL / STALE_CANDIDATES. Read only.
--- Pool choice: the session's preferred_pool when it serves the pair, else every pool of the pair.
-local function candidate_nodes(lang_key, session_key, pools, nodes)
+-- Pool choice: the session's preferred pool (`preferred`, its session hash's preferred_pool;
+-- nil or '' for none) when it serves the pair, else every pool of the pair.
+local function candidate_nodes(lang_key, preferred, pools, nodes)
   local names
-  local preferred = redis.call('HGET', session_key, 'preferred_pool')
   if preferred and preferred ~= '' and redis.call('HEXISTS', lang_key, preferred) == 1 then
     names = {preferred}
   else
@@ -58,8 +58,8 @@ local function candidate_nodes(lang_key, session_key, pools, nodes)
   return list
 end
 
--- choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
--- turn's affinity node if it is in list and eligible; else the least-loaded eligible node (load:
+-- choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
+-- turn's affinity node (`affinity`, its turn hash's affinity_node_id; nil or '' for none) if it is in list and eligible; else the least-loaded eligible node (load:
 -- current_jobs / max_jobs, or the node's load score when that is higher), ties broken by rand, preferring nodes held by instance `near`
 -- (their info's owner; '' prefers none): the least loaded of those wins when its load is at
 -- most `slack` above the least loaded of all (locality first: no job crosses instances for
@@ -71,7 +71,7 @@ end
 -- lapsed (the one liveness rule, scheduler/store/liveness.py: an owner not listed counts as alive,
 -- as after Redis lost its data; a collected or stopped one is listed with a negative score, dead).
 -- Returns the node id, or nil and NO_AVAILABLE_NODE.
-local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key)
+local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key)
   -- load and owner of an eligible node, nil otherwise
   local function eligible_load(node)
     if node == exclude then return nil end
@@ -91,7 +91,6 @@ local function choose_node(list, nodes, turn_key, now_ms, node_ttl_ms, rand, exc
   end
   local in_list = {}
   for _, node in ipairs(list) do in_list[node] = true end
-  local affinity = redis.call('HGET', turn_key, 'affinity_node_id')
   if affinity and in_list[affinity] and eligible_load(affinity) then
     return affinity
   end

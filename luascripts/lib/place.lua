@@ -1,0 +1,36 @@
+-- place (library, inlined where a script says "-- @include place"; needs choose_node and slots).
+--
+-- The shard's side of placing a new job: choose a node, take its slot, create the job hash.
+
+-- place_job(j): j holds job (the job hash key), lang_key, leases_key, instances_key, preferred,
+-- affinity, pools, nodes (declared_candidates), the job's fields (job_id, job_key, session_id,
+-- utterance_index, src_lang, tgt_lang, turn_id, placed_by, audio, sample_rate, deadline_ms)
+-- and the placement's (now_ms, lease_ms, node_ttl_ms, key_ttl_s, rand, locality_slack).
+-- Returns the chosen node and its connection id, or nil and the error text.
+local function place_job(j)
+  local list, err = candidate_nodes(j.lang_key, j.preferred, j.pools, j.nodes)
+  local chosen
+  if list then
+    chosen, err = choose_node(list, j.nodes, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
+                              j.locality_slack, j.instances_key)
+  end
+  if not chosen then
+    return nil, err .. ' ' .. j.src_lang .. '->' .. j.tgt_lang
+  end
+  local nodes = j.nodes
+  take_slot(nodes[chosen].runtime, nodes[chosen].jobs, j.job_id, j.leases_key, j.now_ms + j.lease_ms)
+  local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
+  redis.call('HSET', j.job,
+    'job_id', j.job_id, 'job_key', j.job_key, 'node_id', chosen, 'attempt', 1,
+    'session_id', j.session_id, 'utterance_index', j.utterance_index,
+    'src_lang', j.src_lang, 'tgt_lang', j.tgt_lang, 'turn_id', j.turn_id,
+    'status', 'dispatched', 'created_ts', j.now_ms, 'lease_deadline_ts', j.now_ms + j.lease_ms,
+    'placed_by', j.placed_by, 'sample_rate', j.sample_rate, 'deadline_ms', j.deadline_ms, 'conn_id', conn_id)
+  if j.audio ~= '' then
+    redis.call('HSET', j.job, 'audio', j.audio)
+  end
+  redis.call('EXPIRE', j.job, j.key_ttl_s)
+  -- leases of jobs nobody will complete (their instance died long ago) do not pile up
+  redis.call('ZREMRANGEBYSCORE', j.leases_key, '-inf', j.now_ms - j.key_ttl_s * 1000)
+  return chosen, conn_id
+end
