@@ -10,7 +10,8 @@
 -- KEYS[2] {scheduler}:node:runtime:<node_id>     hash of the node holding the job
 -- KEYS[3] {scheduler}:node:jobs:<node_id>        set of the node holding the job
 -- KEYS[4] {scheduler}:leases                   zset
--- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s)
+-- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s); layout 2
+--         leaves it out (the claim is in the session's slot and is kept until its own TTL)
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
@@ -27,13 +28,15 @@ local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status')
 if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
 end
-local mapped = redis.call('GET', jobkey_key)
+local mapped = jobkey_key and redis.call('GET', jobkey_key)
 if mapped and mapped ~= job_id then
   return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
 end
 redis.call('HSET', job_key_hash, 'status', 'cancelled', 'finished_ts', now_ms)
 redis.call('HDEL', job_key_hash, 'audio')  -- no longer needed by anyone
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
-redis.call('EXPIRE', jobkey_key, done_ttl_s)
+if jobkey_key then
+  redis.call('EXPIRE', jobkey_key, done_ttl_s)
+end
 release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job is in no set: no slot
 return {'OK', j[3] == 'dispatched' and j[1] or '', tonumber(j[2])}

@@ -3,7 +3,7 @@
 -- Sets status to "finished" or "failed", takes the job out of the node's job set and the
 -- leases, and releases the node's slot exactly once (by job-set membership; never below
 -- zero). Completing a job that is not "dispatched" changes nothing.
--- The accepted answer (ARGV[7], the outcome JSON the session will get) is kept at KEYS[6] for
+-- The accepted answer (ARGV[7], the outcome JSON the session will get) is kept at KEYS[5] for
 -- ARGV[8] seconds (at least the result deadline): until the client was sent its result, any
 -- instance that owns or resumes the session can take it from there (relay.py), so an answer
 -- never dies with the process that received it. An empty ARGV[7] stores nothing.
@@ -12,21 +12,22 @@
 -- as the lost call did, and changes nothing; a node sending its answer twice (no ARGV[9])
 -- still gets ALREADY_COMPLETED.
 -- Reply: {"OK", session_id, job_key, utterance_index, tgt_lang}.
--- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED, JOBKEY_MISMATCH (KEYS[5] is not
+-- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED, JOBKEY_MISMATCH (KEYS[6] is not
 -- this job's job key: caller bug; nothing changed).
 --
 -- KEYS[1] {scheduler}:job:<job_id>                hash
 -- KEYS[2] {scheduler}:node:runtime:<node_id>      hash of the answering node
 -- KEYS[3] {scheduler}:node:jobs:<node_id>         set of the answering node
 -- KEYS[4] {scheduler}:leases                    zset
--- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s)
--- KEYS[6] {scheduler}:answer:<job_key>     string: the accepted answer (outcome JSON)
+-- KEYS[5] {scheduler}:answer:<job_key>     string: the accepted answer (outcome JSON)
+-- KEYS[6] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s); layout 2
+--         leaves it out (the claim is in the session's slot and is kept until its own TTL)
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
-local jobkey_key = KEYS[5]
-local answer_key = KEYS[6]
+local answer_key = KEYS[5]
+local jobkey_key = KEYS[6]
 -- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
 -- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone),
 -- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s, ARGV[9] '1' for a repeated call
@@ -58,14 +59,16 @@ end
 if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
-local mapped = redis.call('GET', jobkey_key)
+local mapped = jobkey_key and redis.call('GET', jobkey_key)
 if mapped and mapped ~= job_id then
   return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
 end
 redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
 redis.call('HDEL', job_key_hash, 'audio')  -- no longer needed by anyone
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
-redis.call('EXPIRE', jobkey_key, done_ttl_s)
+if jobkey_key then
+  redis.call('EXPIRE', jobkey_key, done_ttl_s)
+end
 release_slot(runtime_key, jobs_key, leases_key, job_id)
 if answer ~= '' and answer_ttl_s > 0 then
   redis.call('SET', answer_key, answer, 'EX', answer_ttl_s)

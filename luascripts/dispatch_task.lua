@@ -99,6 +99,6 @@ local chosen, conn_id = place_job({
 if not chosen then
   return redis.error_reply(conn_id)
 end
-claim_record(jobkey_key, job_id, session_key, turn_id, utterance_index, key_ttl_s)
+claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s)
 claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

@@ -18,11 +18,11 @@ local function claim_fenced(session_key, session_id, epoch)
   return nil
 end
 
--- claim_record(jobkey_key, claim, session_key, turn_id, utterance_index, key_ttl_s): the job
--- key names `claim` (the job's id); the session's current turn follows, and its next index
--- is never lowered.
-local function claim_record(jobkey_key, claim, session_key, turn_id, utterance_index, key_ttl_s)
-  redis.call('SET', jobkey_key, claim, 'EX', key_ttl_s)
+-- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s):
+-- the job key names `claim` (the job's id) for claim_ttl_s; the session's current turn
+-- follows, and its next index is never lowered.
+local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s)
+  redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
   redis.call('HSET', session_key, 'current_turn_id', turn_id)
   if tonumber(redis.call('HGET', session_key, 'next_utterance_index') or '0') <= tonumber(utterance_index) then
     redis.call('HSET', session_key, 'next_utterance_index', tonumber(utterance_index) + 1)

@@ -10,9 +10,18 @@ different cluster slots, and a script can touch only one. With one tag, all sche
 is on one slot, and every script declares each key it touches in KEYS (see
 ``luascripts/lib/choose_node.lua`` for how candidates are declared). docs/redis.md explains
 this choice and what it costs.
+
+Layout 2 (docs/redis.md, "Scheduling shards") spreads these keys over several slots: every
+function of a scheduling key takes the ``tag`` of its slot, and :class:`KeySpace` says which
+tag a session, a node or a job has. The default tag is layout 1's ``{scheduler}``.
 """
 
 from __future__ import annotations
+
+import zlib
+from functools import cached_property
+
+from scheduler.store import shards as shard_tags
 
 PREFIX = "scheduler"
 TAG = "{scheduler}"  # the Redis Cluster hash tag shared by every scheduling key
@@ -26,64 +35,124 @@ KEY_TTL_S = 3600
 DONE_TTL_S = 120
 
 
-def node_info(node_id: str) -> str:
-    return f"{TAG}:node:info:{node_id}"
+class KeySpace:
+    """Which hash tag each key carries: the slot a scheduling key lives on.
+
+    Layout 1 (``shards`` = 1, the only one the daemon runs today) gives every scheduling key
+    the one tag ``{scheduler}``. Layout 2 (docs/redis.md, "Scheduling shards") gives a
+    session's own keys (session hash, turns, job-key claims) the session's tag
+    ``{s:<session_id>}`` and a node's keys, pools, jobs, leases and answers the tag of one of
+    ``shards`` placement shards (``scheduler/store/shards.py``). With one shard both are
+    ``{scheduler}``: layout 1, byte for byte.
+    """
+
+    def __init__(self, shards: int = 1) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, not {shards}")
+        self.shards = shards
+
+    @cached_property
+    def _shard_tags(self) -> tuple[str, ...]:
+        if self.shards == 1:
+            return (TAG,)
+        return tuple("{" + t + "}" for t in shard_tags.shard_tags(self.shards))
+
+    def shard_tag(self, k: int) -> str:
+        """The hash tag (with braces) of placement shard ``k``."""
+        return self._shard_tags[k]
+
+    def node_shard(self, node_id: str) -> int:
+        """The shard a node belongs to: CRC-32 of its id mod the shard count (every daemon
+        computes the same), so that the nodes of a pool spread over the shards."""
+        return zlib.crc32(node_id.encode()) % self.shards
+
+    def node_tag(self, node_id: str) -> str:
+        return self.shard_tag(self.node_shard(node_id))
+
+    def job_id(self, shard: int, n: int) -> str:
+        """Job number ``n`` of shard ``shard``: ``"<n>"`` in layout 1, ``"<shard>.<n>"`` in
+        layout 2, so that a job id names the shard its job lives in."""
+        return str(n) if self.shards == 1 else f"{shard}.{n}"
+
+    def job_shard(self, job_id: str) -> int:
+        """The shard a job id names; ValueError for an id this key space did not make (a
+        peer's word: the caller answers it as an unknown job)."""
+        if self.shards == 1:
+            return 0
+        head, dot, tail = job_id.partition(".")
+        if not (dot and head.isdigit() and tail.isdigit() and int(head) < self.shards):
+            raise ValueError(f"not a job id of {self.shards} shards")
+        return int(head)
+
+    def job_tag(self, job_id: str) -> str:
+        return self.shard_tag(self.job_shard(job_id))
+
+    def session_tag(self, session_id: str) -> str:
+        """The hash tag of a session's own keys (session ids hold no braces: protocol.ID_PATTERN)."""
+        return TAG if self.shards == 1 else "{s:" + session_id + "}"
+
+    def __repr__(self) -> str:
+        return f"KeySpace(shards={self.shards})"
 
 
-def node_runtime(node_id: str) -> str:
-    return f"{TAG}:node:runtime:{node_id}"
+def node_info(node_id: str, *, tag: str = TAG) -> str:
+    return f"{tag}:node:info:{node_id}"
 
 
-def node_jobs(node_id: str) -> str:
+def node_runtime(node_id: str, *, tag: str = TAG) -> str:
+    return f"{tag}:node:runtime:{node_id}"
+
+
+def node_jobs(node_id: str, *, tag: str = TAG) -> str:
     """Set of the job ids a node holds (status dispatched); its size is the node's slots in use."""
-    return f"{TAG}:node:jobs:{node_id}"
+    return f"{tag}:node:jobs:{node_id}"
 
 
-def leases() -> str:
+def leases(*, tag: str = TAG) -> str:
     """Sorted set: job id -> lease deadline (epoch ms) of every dispatched job."""
-    return f"{TAG}:leases"
+    return f"{tag}:leases"
 
 
-def nodes_all() -> str:
+def nodes_all(*, tag: str = TAG) -> str:
     """Set of every node id ever registered (for listing and expiry scans)."""
-    return f"{TAG}:nodes"
+    return f"{tag}:nodes"
 
 
-def pool_members(pool: str) -> str:
-    return f"{TAG}:pool:{pool}:members"
+def pool_members(pool: str, *, tag: str = TAG) -> str:
+    return f"{tag}:pool:{pool}:members"
 
 
-def lang_pools(src: str, tgt: str) -> str:
+def lang_pools(src: str, tgt: str, *, tag: str = TAG) -> str:
     """Hash: pool name -> "1" for every pool that serves ``src`` -> ``tgt``."""
-    return f"{TAG}:lang:{src}:{tgt}"
+    return f"{tag}:lang:{src}:{tgt}"
 
 
-def session(session_id: str) -> str:
-    return f"{TAG}:session:{session_id}"
+def session(session_id: str, *, tag: str = TAG) -> str:
+    return f"{tag}:session:{session_id}"
 
 
-def turn(turn_id: str) -> str:
-    return f"{TAG}:turn:{turn_id}"
+def turn(turn_id: str, *, tag: str = TAG) -> str:
+    return f"{tag}:turn:{turn_id}"
 
 
-def job(job_id: str) -> str:
-    return f"{TAG}:job:{job_id}"
+def job(job_id: str, *, tag: str = TAG) -> str:
+    return f"{tag}:job:{job_id}"
 
 
-def jobkey(job_key: str) -> str:
-    return f"{TAG}:jobkey:{job_key}"
+def jobkey(job_key: str, *, tag: str = TAG) -> str:
+    return f"{tag}:jobkey:{job_key}"
 
 
-def answer(job_key: str) -> str:
+def answer(job_key: str, *, tag: str = TAG) -> str:
     """String: a job's accepted answer (JSON: translation, source_text), written by complete_task
     and kept until past the result deadline, so that whoever owns the session can take it."""
-    return f"{TAG}:answer:{job_key}"
+    return f"{tag}:answer:{job_key}"
 
 
-def data_marker() -> str:
+def data_marker(*, tag: str = TAG) -> str:
     """String: a random id the first instance to see an empty Redis writes (SET NX). When it
     changes, Redis lost its data (restarted empty): instances write their journals again."""
-    return f"{TAG}:data_marker"
+    return f"{tag}:data_marker"
 
 
 def layout() -> str:
@@ -91,8 +160,8 @@ def layout() -> str:
     return f"{TAG}:layout"
 
 
-def job_id_seq() -> str:
-    return f"{TAG}:job:id_seq"
+def job_id_seq(*, tag: str = TAG) -> str:
+    return f"{tag}:job:id_seq"
 
 
 # ---------------------------------------------------------------- ownership (several instances)
@@ -105,9 +174,9 @@ def instance(instance_id: str) -> str:
     return f"{PREFIX}:instance:{{{instance_id}}}"
 
 
-def instances() -> str:
+def instances(*, tag: str = TAG) -> str:
     """Sorted set: instance id -> when its liveness lapses (epoch ms); for listing."""
-    return f"{TAG}:instances"
+    return f"{tag}:instances"
 
 
 def session_owner(session_id: str) -> str:

@@ -18,16 +18,19 @@ Call = tuple[str, list[str], list[Any]]
 
 
 def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs: int, now_ms: int, owner: str,
-                  capabilities: dict[str, Any] | None = None, conn_id: str = "", old_pools: list[str] | tuple = ()) -> Call:
+                  capabilities: dict[str, Any] | None = None, conn_id: str = "", old_pools: list[str] | tuple = (), *,
+                  tag: str = keys.TAG) -> Call:
     """``conn_id``: the id of the node's connection (dispatch_task returns it with each placement).
     ``old_pools``: the pools its info hash named when read (``'pools'``): the ones it no longer
-    serves, it leaves."""
+    serves, it leaves. ``tag``: the node's shard (KeySpace.node_tag)."""
+    t = tag
     return (
         "register_node",
-        [keys.node_info(node_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.nodes_all()]
-        + [keys.pool_members(pool) for pool, _, _ in pool_pairs]
-        + [keys.lang_pools(src, tgt) for _, src, tgt in pool_pairs]
-        + [keys.pool_members(pool) for pool in old_pools],
+        [keys.node_info(node_id, tag=t), keys.node_runtime(node_id, tag=t), keys.node_jobs(node_id, tag=t),
+         keys.nodes_all(tag=t)]
+        + [keys.pool_members(pool, tag=t) for pool, _, _ in pool_pairs]
+        + [keys.lang_pools(src, tgt, tag=t) for _, src, tgt in pool_pairs]
+        + [keys.pool_members(pool, tag=t) for pool in old_pools],
         [node_id, json.dumps(capabilities or {}), max_jobs, now_ms, owner, len(pool_pairs)] + [p for p, _, _ in pool_pairs]
         + [keys.KEY_TTL_S, conn_id, len(old_pools), *old_pools,
            json.dumps(sorted({(src, tgt) for _, src, tgt in pool_pairs}))],
@@ -35,15 +38,15 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
 
 
 def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, load_score: float | None = None,
-              saturated: bool = False, draining: bool = False, conn_id: str = "") -> Call:
-    return "heartbeat", [keys.node_info(node_id), keys.node_runtime(node_id)], [
+              saturated: bool = False, draining: bool = False, conn_id: str = "", *, tag: str = keys.TAG) -> Call:
+    return "heartbeat", [keys.node_info(node_id, tag=tag), keys.node_runtime(node_id, tag=tag)], [
         now_ms, json.dumps(load or {}), keys.KEY_TTL_S, "" if load_score is None else repr(float(load_score)),
         "1" if saturated else "0", "1" if draining else "", conn_id]
 
 
-def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "") -> Call:
+def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "", tag: str = keys.TAG) -> Call:
     """``conn_id``: only if the node is still on this connection ('': whichever)."""
-    return "node_state", [keys.node_info(node_id)], [owner, "1" if online else "0", "1" if draining else "0", conn_id]
+    return "node_state", [keys.node_info(node_id, tag=tag)], [owner, "1" if online else "0", "1" if draining else "0", conn_id]
 
 
 @attrs.frozen
@@ -57,21 +60,24 @@ class Candidates:
 
     pools: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
+    tag: str = keys.TAG  # the shard they belong to (layout 2; layout 1 has one)
 
     def keys(self) -> list[str]:
-        return [keys.pool_members(p) for p in self.pools] + [
-            k for n in self.nodes for k in (keys.node_info(n), keys.node_runtime(n), keys.node_jobs(n))]
+        t = self.tag
+        return [keys.pool_members(p, tag=t) for p in self.pools] + [
+            k for n in self.nodes for k in (keys.node_info(n, tag=t), keys.node_runtime(n, tag=t), keys.node_jobs(n, tag=t))]
 
     def args(self) -> list[Any]:
         return [len(self.pools), len(self.nodes), *self.pools, *self.nodes]
 
 
-def read_candidates(client: Any, src: str, tgt: str) -> Candidates:
-    """Read the pools of ``src -> tgt`` and their members with a synchronous redis-py client
-    (tests, benchmarks). The daemon reads them through the adapter (scheduling.py)."""
-    pools = sorted(client.hkeys(keys.lang_pools(src, tgt)))
-    members = {m for pool in pools for m in client.smembers(keys.pool_members(pool))}
-    return Candidates(tuple(pools), tuple(sorted(members)))
+def read_candidates(client: Any, src: str, tgt: str, *, tag: str = keys.TAG) -> Candidates:
+    """Read the pools of ``src -> tgt`` and their members (in the shard of ``tag``) with a
+    synchronous redis-py client (tests, benchmarks). The daemon reads them through the
+    adapter (scheduling.py)."""
+    pools = sorted(client.hkeys(keys.lang_pools(src, tgt, tag=tag)))
+    members = {m for pool in pools for m in client.smembers(keys.pool_members(pool, tag=tag))}
+    return Candidates(tuple(pools), tuple(sorted(members)), tag)
 
 
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
@@ -105,24 +111,66 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
 
 
 def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, now_ms: int,
-             done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0, again: bool = False) -> Call:
+             done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0, again: bool = False,
+             tag: str = keys.TAG, claim: bool = True) -> Call:
     """``answer``: the accepted answer's JSON, kept at ``keys.answer(job_key)`` for ``answer_ttl_s``.
     ``again``: this call repeats one whose outcome was not known (a timeout): if that one went
-    through, its reply comes back instead of ``ALREADY_COMPLETED``."""
+    through, its reply comes back instead of ``ALREADY_COMPLETED``. ``tag``: the job's shard;
+    ``claim``: the job key is in that slot too (layout 1) and is checked and cut to the done-TTL."""
     return (
         "complete_task",
-        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key),
-         keys.answer(job_key)],
+        [keys.job(job_id, tag=tag), keys.node_runtime(node_id, tag=tag), keys.node_jobs(node_id, tag=tag),
+         keys.leases(tag=tag), keys.answer(job_key, tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
         [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else ""],
     )
 
 
-def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S) -> Call:
+def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int = keys.DONE_TTL_S, *,
+           tag: str = keys.TAG, claim: bool = True) -> Call:
+    """``tag`` and ``claim`` as in :func:`complete`."""
     return (
         "cancel_task",
-        [keys.job(job_id), keys.node_runtime(node_id), keys.node_jobs(node_id), keys.leases(), keys.jobkey(job_key)],
+        [keys.job(job_id, tag=tag), keys.node_runtime(node_id, tag=tag), keys.node_jobs(node_id, tag=tag),
+         keys.leases(tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
         [now_ms, job_id, done_ttl_s],
     )
+
+
+def session_claim(job_key: str, job_id: str, session_id: str, utterance_index: int, turn_id: str, turn_action: str,
+                  turn_jobs: int = 1, *, epoch: int | None = None, affinity: str = "", replaces: str = "",
+                  claim_ttl_s: int = keys.KEY_TTL_S, tag: str = keys.TAG) -> Call:
+    """Layout 2's first step: claim ``job_key`` for ``job_id`` in the session's slot (``tag``);
+    ``affinity``: the node the turn's previous ("keep") job went to; ``replaces``: a claim the
+    caller found dead (luascripts/session_claim.lua)."""
+    return (
+        "session_claim",
+        [keys.session(session_id, tag=tag), keys.turn(turn_id, tag=tag), keys.jobkey(job_key, tag=tag)],
+        [job_key, job_id, session_id, utterance_index, turn_id, turn_action, keys.KEY_TTL_S, turn_jobs,
+         "" if epoch is None else epoch, affinity, replaces, claim_ttl_s],
+    )
+
+
+def shard_dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
+                   now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates, *,
+                   preferred: str = "", affinity: str = "", placed_by: str = "", audio_b64: str = "",
+                   sample_rate: int = 16000, deadline_ms: int = 0, locality_slack: float = 0.0) -> Call:
+    """Layout 2's second step: create the claimed job in the shard of ``candidates.tag`` and
+    place it there (luascripts/shard_dispatch.lua); ``preferred`` and ``affinity`` as
+    session_claim replied them."""
+    t = candidates.tag
+    return (
+        "shard_dispatch",
+        [keys.job(job_id, tag=t), keys.lang_pools(src, tgt, tag=t), keys.leases(tag=t), keys.instances(tag=t),
+         *candidates.keys()],
+        [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, now_ms, lease_ms, node_ttl_ms, keys.KEY_TTL_S,
+         rand, placed_by, audio_b64, sample_rate, deadline_ms, locality_slack, preferred, affinity, *candidates.args()],
+    )
+
+
+def job_burn(job_key: str, job_id: str, now_ms: int, *, tag: str) -> Call:
+    """Layout 2: take over a claimed job as it is, or burn its id if it was never made
+    (luascripts/job_burn.lua)."""
+    return "job_burn", [keys.job(job_id, tag=tag)], [job_key, job_id, now_ms, keys.KEY_TTL_S]
 
 
 def owner_claim(owner_key: str, instance_id: str) -> Call:
