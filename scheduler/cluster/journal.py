@@ -109,7 +109,7 @@ class Resumed:
 
 async def open_session(redis: RedisAdapter, session_id: str, instance_id: str, meta: Meta) -> int:
     """Start the journal of a new session; returns its epoch (1)."""
-    key = keys.session(session_id)
+    key = redis.space.session_key(session_id)
     await redis.commands_many([
         ("HSET", key, "epoch", 1, "meta", meta.to_json(), "owner", instance_id, "finalized", 0),
         ("EXPIRE", key, keys.KEY_TTL_S)], raise_errors=True)
@@ -129,7 +129,7 @@ async def resume(redis: RedisAdapter, session_id: str, instance_id: str, auth: s
     """Take the session over (epoch + 1) and read its journal, if ``auth`` (:func:`resume_digest`
     of the presented token and key) matches; :class:`ResumeRefused` if it does not, or there is
     no such session (never existed, expired, or closed for good)."""
-    reply = await redis.script(*lua.session_resume(session_id, instance_id, auth))
+    reply = await redis.script(*lua.session_resume(session_id, instance_id, auth, tag=redis.space.session_tag(session_id)))
     if reply[0] != "OK":
         raise ResumeRefused(session_id, str(reply[0]).lower())
     return parse(int(reply[1]), reply[2])
@@ -213,7 +213,8 @@ class Journal:
 
     async def _call(self, entries: list[tuple[str, int, str]]) -> list[Any]:
         assert self.epoch is not None
-        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries, self._finalized)
+        call = lua.session_journal(self.session_id, self.epoch, self._meta, self._keep, entries, self._finalized,
+                                   tag=self._redis.space.session_tag(self.session_id))
         logged = False
         while True:
             try:

@@ -29,7 +29,7 @@ async def locate(redis: RedisAdapter, ownership: Ownership, session_id: str) -> 
     """The session's location and state, or None when Redis knows no such session (never
     opened, expired, or opened without a journal: ``--resume-keep-results 0``). Raises
     ``RedisUnavailable`` when Redis cannot answer."""
-    key = keys.session(session_id)  # (its field names, not its values: the kept results may be large)
+    key = redis.space.session_key(session_id)  # (its field names, not its values: the kept results may be large)
     (epoch, meta_json, finalized, closed), names = await redis.commands_many(
         [("HMGET", key, "epoch", "meta", "finalized", "closed"), ("HKEYS", key)], raise_errors=True)
     if epoch is None:

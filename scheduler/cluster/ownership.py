@@ -144,12 +144,13 @@ class Ownership:
                     await self._redis.command("DEL", keys.instance(self.instance_id))
                     # dead from now on, not unlisted (liveness.py: unlisted counts as alive): jobs it
                     # leaves behind are orphans the others' sweep releases
-                    await self._redis.command("ZADD", keys.instances(), liveness.tombstone(now_ms()), self.instance_id)
+                    await liveness.mark(self._redis, self.instance_id, liveness.tombstone(now_ms()))
                 except RedisUnavailable:
                     pass
 
     async def refresh(self) -> None:
-        """This instance is alive for another ``ttl_ms``: two commands, whatever it holds.
+        """This instance is alive for another ``ttl_ms``: two commands (one more per shard in
+        layout 2), whatever it holds.
 
         When the record was gone (its liveness lapsed: a stall longer than ``ttl_ms``, a
         refresh that failed; or Redis lost its data), another instance may have collected
@@ -158,7 +159,7 @@ class Ownership:
         ``liveness_lapsed``."""
         info = json.dumps({"ws_url": self.ws_url, "pid": os.getpid(), "started_ms": self._started_ms, **self.stats()})
         previous = await self._redis.command("SET", keys.instance(self.instance_id), info, "PX", self.ttl_ms, "GET")
-        await self._redis.command("ZADD", keys.instances(), now_ms() + self.ttl_ms, self.instance_id)
+        await liveness.mark(self._redis, self.instance_id, now_ms() + self.ttl_ms)
         if previous is None and self._refreshed:
             sessions, nodes = self._held()
             event(log, "liveness_lapsed", logging.WARNING, sessions=len(sessions), nodes=len(nodes))
@@ -174,8 +175,8 @@ class Ownership:
         await self._write_owner_keys([keys.session_owner(s) for s in session_ids] + [keys.node_owner(n) for n, _, _ in nodes],
                                      only_free=True)
         if nodes:
-            await self._redis.script_many([lua.node_state(n, self.instance_id, online=True, draining=draining, conn_id=conn)
-                                           for n, draining, conn in nodes])
+            await self._redis.script_many([lua.node_state(n, self.instance_id, online=True, draining=draining, conn_id=conn,
+                                                          tag=self._redis.space.node_tag(n)) for n, draining, conn in nodes])
 
     async def _write_owner_keys(self, owner_keys: list[str], *, only_free: bool) -> None:
         """Name this instance in ``owner_keys`` (owner_claim: whoever held them), or with
@@ -210,9 +211,9 @@ class Ownership:
         for instance in dead:
             owned, nodes = await self._drop_records(instance)
             # listed as dead from now on (liveness.py): its orphaned jobs are still known as such
-            await self._redis.command("ZADD", keys.instances(), "XX", liveness.tombstone(now_ms()), instance)
+            await liveness.mark(self._redis, instance, liveness.tombstone(now_ms()), only_listed=True)
             event(log, "instance_collected", logging.WARNING, instance_id=instance, owned=owned, nodes=nodes)
-        await self._redis.command("ZREMRANGEBYSCORE", keys.instances(), *liveness.expired_tombstones(now_ms()))
+        await liveness.drop_expired_tombstones(self._redis, now_ms())
         return len(dead)
 
     async def _drop_records(self, instance: str) -> tuple[int, int]:
@@ -224,7 +225,8 @@ class Ownership:
         if owned:
             await self._redis.script_many([lua.owner_release(k, instance) for k in owned])
         if nodes:
-            await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False) for n in nodes])
+            await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False,
+                                                          tag=self._redis.space.node_tag(n)) for n in nodes])
         await self._redis.command("DEL", keys.owned(instance))
         return len(owned), len(nodes)
 

@@ -52,7 +52,7 @@ from scheduler.jobs import JobOutcome, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.protocol import JobAssign, JobCancel, Translation, converter, encode
-from scheduler.store import keys
+from scheduler.store import keys, scheduling
 from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, connect
 from scheduler.store.resilient import every
 
@@ -265,10 +265,9 @@ class Relay:
         wanted = {session_id: missing for session_id, missing in wanted.items() if missing}
         if not wanted:
             return 0
-        # one MGET per session: every answer key carries the {scheduler} tag (one cluster slot)
-        stored = await self._redis.commands_many(
-            [("MGET", *(keys.answer(job_key_for(session_id, index, tgt)) for index, tgt in missing))
-             for session_id, missing in wanted.items()])
+        stored = await scheduling.stored_answers(  # (layout 1: one MGET per session)
+            self._redis, [(session_id, [job_key_for(session_id, index, tgt) for index, tgt in missing])
+                          for session_id, missing in wanted.items()])
         handed = 0
         for (session_id, missing), texts in zip(wanted.items(), stored, strict=True):
             if isinstance(texts, RedisUnavailable):

@@ -64,7 +64,7 @@ from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.fairqueue import FairQueue
 from scheduler.placement.recovery import Recovery
 from scheduler.protocol import JobAssign, JobCancel, Translation
-from scheduler.store import keys, lua
+from scheduler.store import lua
 from scheduler.store.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -146,7 +146,7 @@ class Dispatcher:
         self._owed_releases: dict[str, tuple[str, str, int | None, bool]] = {}  # job id -> (job key, node id,
         # attempt to cancel on its node once released or None, counted): cancel_task to retry
         self._lost_releases: set[str] = set()  # owed releases of which one try may have gone through (a timeout)
-        self.recovery = Recovery(self, redis=redis, nodes=nodes, metrics=metrics, instance_id=instance_id,
+        self.recovery = Recovery(self, redis=redis, scheduling=scheduling, nodes=nodes, metrics=metrics, instance_id=instance_id,
                                  orphan_grace_ms=orphan_grace_ms, watch_interval=watch_interval)
         self._owed_cancels: dict[tuple[str, int], str] = {}  # (job id, attempt) -> node id: job_cancel to send again
 
@@ -524,11 +524,9 @@ class Dispatcher:
         Redis unavailable: the release is owed and retried every second
         (:meth:`_retry_releases`); returns None then."""
         try:
-            if not node_id:  # a lost dispatch (_abandon_tried) whose node is not known yet
-                node_id = await self._redis.command("HGET", keys.job(job_id), "node_id")
-                if node_id is None:
-                    return None  # it never went through
-            reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms()))
+            reply = await self._scheduling.cancel(job_id, job_key, node_id)  # (node '': a lost dispatch (_abandon_tried)
+            if reply is None:  # whose node is not known yet; None: it never went through)
+                return None
         except RedisUnavailable as exc:
             again = exc.ambiguous or job_id in self._lost_releases
             self._owed_releases[job_id] = (job_key, node_id, attempt, counted)

@@ -40,12 +40,13 @@ from scheduler.jobs import JobRequest, job_key_for
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement.books import Books, Placement
-from scheduler.store import keys, liveness
+from scheduler.store import liveness
 from scheduler.store.redis_adapter import RedisAdapter, ScriptError, now_ms
 from scheduler.store.resilient import every
 
 if TYPE_CHECKING:
     from scheduler.placement.nodes import NodeRegistry
+    from scheduler.store.scheduling import SchedulingClient
 
 log = logging.getLogger("scheduler.dispatcher")  # (its events are the dispatcher's, as before the split)
 
@@ -53,10 +54,11 @@ log = logging.getLogger("scheduler.dispatcher")  # (its events are the dispatche
 class Recovery:
     """Takes the dispatcher's jobs back when their node, lease, instance or data is gone."""
 
-    def __init__(self, books: Books, *, redis: RedisAdapter, nodes: NodeRegistry, metrics: Metrics,
-                 instance_id: str, orphan_grace_ms: int, watch_interval: float) -> None:
+    def __init__(self, books: Books, *, redis: RedisAdapter, scheduling: SchedulingClient, nodes: NodeRegistry,
+                 metrics: Metrics, instance_id: str, orphan_grace_ms: int, watch_interval: float) -> None:
         self._books = books  # the placements and how to move, release or cancel one (dispatcher.py)
         self._redis = redis
+        self._scheduling = scheduling
         self._nodes = nodes
         self._metrics = metrics
         self._instance_id = instance_id
@@ -79,14 +81,12 @@ class Recovery:
         this instance, when its node or node connection or node instance is gone), a
         waiting one is placed again. ``placed_by`` becomes this instance, so the orphan sweep
         leaves it alone. Returns how many were adopted."""
-        job_keys = [job_key_for(session_id, index, tgt) for index, tgt in missing]
-        ids = await self._redis.commands_many([("GET", keys.jobkey(k)) for k in job_keys])
-        found = [(k, index, str(job_id)) for k, (index, _), job_id in zip(job_keys, missing, ids, strict=True)
-                 if job_id and not isinstance(job_id, BaseException) and not self._books.holds(k)]
-        jobs = await self._redis.commands_many([("HGETALL", keys.job(job_id)) for _, _, job_id in found])
+        index_of = {job_key_for(session_id, index, tgt): index for index, tgt in missing}
+        found = await self._scheduling.claimed_jobs(session_id, [k for k in index_of if not self._books.holds(k)])
         adopted = []
-        for (job_key, index, job_id), job in zip(found, jobs, strict=True):
-            if isinstance(job, BaseException) or job.get("status") not in ("dispatched", "waiting") or not job.get("audio"):
+        for job_key, job_id, job in found:
+            index = index_of[job_key]
+            if self._books.holds(job_key) or job.get("status") not in ("dispatched", "waiting") or not job.get("audio"):
                 continue
             placement = self._adopted(job_key, job_id, index, session_id, epoch, job)
             self._books.placed[job_key] = placement
@@ -95,7 +95,7 @@ class Recovery:
                 self._books.move(placement, "ADOPTED_WAITING")
             adopted.append(job_id)
         if adopted:
-            await self._redis.commands_many([("HSET", keys.job(job_id), "placed_by", self._instance_id) for job_id in adopted])
+            await self._scheduling.set_placed_by(adopted, self._instance_id)
             event(log, "jobs_adopted", session_id=session_id, jobs=len(adopted))
         return len(adopted)
 
@@ -156,10 +156,8 @@ class Recovery:
         if not remote:
             return
         node_ids = sorted({p.node_id for p in remote})
-        replies = await self._redis.commands_many(
-            [("HMGET", keys.job(p.job_id), "status", "attempt") for p in remote]
-            + [("HMGET", keys.node_info(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
-        jobs, infos = replies[:len(remote)], dict(zip(node_ids, replies[len(remote):], strict=True))
+        jobs, node_infos = await self._scheduling.watch([p.job_id for p in remote], node_ids)
+        infos = dict(zip(node_ids, node_infos, strict=True))
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         lapsed_by_outage = self._liveness_unsure()
         alive = await liveness.alive(self._redis, owners, unsure=lapsed_by_outage)
@@ -187,7 +185,7 @@ class Recovery:
         a new id), and its node is told ``job_cancel`` for the old one (Redis no longer counts
         it in the node's slots)."""
         placed = list(self._books.placed.values())
-        replies = await self._redis.commands_many([("EXISTS", keys.job(p.job_id)) for p in placed])
+        replies = await self._scheduling.jobs_exist([p.job_id for p in placed])
         await self._take_back([p for p, exists in zip(placed, replies, strict=True)  # (unless answered meanwhile)
                                if exists == 0 and self._books.placed.get(p.request.job_key) is p], "JOB_LOST")
 
@@ -209,8 +207,7 @@ class Recovery:
         instances' liveness TTL) after it came back: a long outage lets every instance's
         liveness lapse, because their refreshes failed (``OutageClock.recent``; the look at the
         leases is still made: it is how this instance sees Redis come back)."""
-        expired = await self._redis.command("ZRANGEBYSCORE", keys.leases(), "-inf", now_ms() - self._orphan_grace_ms,
-                                            "LIMIT", 0, limit)
+        expired = await self._scheduling.expired_leases(now_ms() - self._orphan_grace_ms, limit)
         if self._liveness_unsure():
             return
         for job_id in expired:
@@ -227,10 +224,9 @@ class Recovery:
         return self._redis.outage.recent(trio.current_time(), self._orphan_grace_ms / 1000)
 
     async def _release_orphan(self, job_id: str) -> None:
-        job_key, session_id, node_id, attempt, placed_by = await self._redis.command(
-            "HMGET", keys.job(job_id), "job_key", "session_id", "node_id", "attempt", "placed_by")
+        job_key, session_id, node_id, attempt, placed_by = await self._scheduling.orphan(job_id)
         if job_key is None:  # the job hash is gone: only the lease entry is left
-            await self._redis.command("ZREM", keys.leases(), job_id)
+            await self._scheduling.drop_lease(job_id)
             return
         previous_life = placed_by == self._instance_id
         if previous_life:

@@ -91,6 +91,34 @@ class KeySpace:
         """The hash tag of a session's own keys (session ids hold no braces: protocol.ID_PATTERN)."""
         return TAG if self.shards == 1 else "{s:" + session_id + "}"
 
+    @property
+    def shard_tags(self) -> tuple[str, ...]:
+        return self._shard_tags
+
+    # the keys whose tag follows from their own ids
+    def session_key(self, session_id: str) -> str:
+        return session(session_id, tag=self.session_tag(session_id))
+
+    def jobkey_key(self, session_id: str, job_key: str) -> str:
+        """The claim of a job key (in its session's slot)."""
+        return jobkey(job_key, tag=self.session_tag(session_id))
+
+    def job_key(self, job_id: str) -> str:
+        """The hash of a job (in its shard); ValueError for an id of no shard (job_shard)."""
+        return job(job_id, tag=self.job_tag(job_id))
+
+    def node_info_key(self, node_id: str) -> str:
+        return node_info(node_id, tag=self.node_tag(node_id))
+
+    def all_leases(self) -> list[str]:
+        """Every shard's leases set."""
+        return [leases(tag=t) for t in self._shard_tags]
+
+    def all_instances(self) -> list[str]:
+        """Where an instance's liveness is written: the one list (``{scheduler}``) that
+        instances read, and in layout 2 a copy in every shard, for node choice there."""
+        return [instances()] + ([instances(tag=t) for t in self._shard_tags] if self.shards > 1 else [])
+
     def __repr__(self) -> str:
         return f"KeySpace(shards={self.shards})"
 

@@ -12,25 +12,33 @@ from __future__ import annotations
 from scheduler.ops.redis_policy import UnsafeRedis
 from scheduler.ops.secrets import redacted
 from scheduler.store import keys
+from scheduler.store.keys import KeySpace
 from scheduler.store.redis_adapter import RedisAdapter
 
 LAYOUT = "1"
 """1: every scheduling key under the one hash tag ``{scheduler}`` (docs/redis.md, "Keys")."""
 
 
+def layout_value(space: KeySpace) -> str:
+    """What ``{scheduler}:layout`` holds for this key space: ``1``, or ``2:S`` for S shards
+    (docs/redis.md, "Scheduling shards"; daemons sharing a Redis must agree on S too)."""
+    return LAYOUT if space.shards == 1 else f"2:{space.shards}"
+
+
 async def check(redis: RedisAdapter, url: str) -> None:
     """Raise :class:`UnsafeRedis` when Redis holds scheduling state of another key layout.
     A Redis that refuses writes now (full, loading) is only read: the layout is written by
     the health check once it takes writes (``SchedulingClient.data_marker``)."""
-    set_reply, found = await redis.commands_many([("SET", keys.layout(), LAYOUT, "NX"), ("GET", keys.layout())])
+    wanted = layout_value(redis.space)
+    set_reply, found = await redis.commands_many([("SET", keys.layout(), wanted, "NX"), ("GET", keys.layout())])
     if isinstance(found, BaseException):
         raise found
     if found is None and isinstance(set_reply, BaseException):
         return  # nothing recorded, and nothing can be now: written later
-    _refuse_other(str(found), url)
+    _refuse_other(str(found), url, wanted)
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, space: KeySpace | None = None) -> None:
     """:func:`check` with a short-lived synchronous client, for a ``--workers`` supervisor
     before it starts any worker (N workers exiting 2 in turn would be restarted forever).
     Redis out of reach now: nothing to say (the workers check again once they reach it)."""
@@ -38,22 +46,24 @@ def check_url(url: str) -> None:
 
     from scheduler.ops.redis_client import client as redis_client
 
+    wanted = layout_value(space or KeySpace())
     try:
         client = redis_client(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
         try:
-            client.set(keys.layout(), LAYOUT, nx=True)
+            client.set(keys.layout(), wanted, nx=True)
             found = client.get(keys.layout())
         finally:
             client.close()
     except (redis_py.exceptions.RedisError, OSError):
         return
-    _refuse_other(str(found), url)
+    _refuse_other(str(found), url, wanted)
 
 
-def _refuse_other(found: str, url: str) -> None:
-    if found != LAYOUT:
+def _refuse_other(found: str, url: str, wanted: str) -> None:
+    if found != wanted:
         raise UnsafeRedis(
             f"Redis at {redacted(url)} holds scheduling state in key layout {found}, and this daemon uses layout "
-            f"{LAYOUT}: the two cannot share it. Run daemons of one version against it, or give this one another "
+            f"{wanted}: the two cannot share it. Run daemons of one version and one --redis-shards against it, "
+            f"or give this one another "
             f"Redis (or database); once no daemon of layout {found} runs, delete the key {keys.layout()} to let "
             f"this one start (the old layout's keys then expire with their TTLs)")

@@ -44,6 +44,20 @@ async def alive(redis: RedisAdapter, instance_ids: Iterable[str], *, unsure: boo
     return {i for i, score in zip(ids, scores, strict=True) if is_alive(score, now, unsure)}
 
 
+async def mark(redis: RedisAdapter, instance_id: str, score: int, *, only_listed: bool = False) -> None:
+    """List ``instance_id`` with ``score`` (its lapse time, or a :func:`tombstone`) in the
+    instance list and, in layout 2, in every shard's copy (node choice reads the copy in its
+    own slot: luascripts/lib/choose_node.lua). ``only_listed``: where it is listed already."""
+    flags = ("XX",) if only_listed else ()
+    await redis.commands_many([("ZADD", key, *flags, score, instance_id) for key in redis.space.all_instances()],
+                              raise_errors=True)
+
+
+async def drop_expired_tombstones(redis: RedisAdapter, now: int) -> None:
+    await redis.commands_many([("ZREMRANGEBYSCORE", key, *expired_tombstones(now)) for key in redis.space.all_instances()],
+                              raise_errors=True)
+
+
 def tombstone(now: int) -> int:
     """The score a collected instance keeps: negative, so it is dead and never collected again."""
     return -now

@@ -182,13 +182,14 @@ def owner_release(owner_key: str, instance_id: str) -> Call:
 
 
 def session_journal(session_id: str, epoch: int, meta: str, keep: int, entries: list[tuple[str, int, str]],
-                    finalized: int | None = None) -> Call:
+                    finalized: int | None = None, *, tag: str = keys.TAG) -> Call:
     """``entries``: (kind, utterance index, payload) with kind "u" (finalized), "r" (result), "c" (closed);
-    ``finalized``: the writer's count of finalized utterances (the journal's never goes below it)."""
-    return ("session_journal", [keys.session(session_id)],
+    ``finalized``: the writer's count of finalized utterances (the journal's never goes below it);
+    ``tag``: the session's (KeySpace.session_tag)."""
+    return ("session_journal", [keys.session(session_id, tag=tag)],
             [epoch, keys.KEY_TTL_S, meta, keep, "" if finalized is None else finalized, *(x for entry in entries for x in entry)])
 
 
-def session_resume(session_id: str, instance_id: str, auth: str) -> Call:
+def session_resume(session_id: str, instance_id: str, auth: str, *, tag: str = keys.TAG) -> Call:
     """``auth``: the digest of the presented resume token (and API key), journal.resume_digest."""
-    return "session_resume", [keys.session(session_id)], [instance_id, keys.KEY_TTL_S, auth]
+    return "session_resume", [keys.session(session_id, tag=tag)], [instance_id, keys.KEY_TTL_S, auth]

@@ -41,6 +41,7 @@ from scheduler.ops import redis_client, redis_url
 from scheduler.ops.logs import event
 from scheduler.ops.redis_policy import memory_policies
 from scheduler.ops.secrets import redacted
+from scheduler.store.keys import KeySpace
 from scheduler.store.outage import OutageClock
 
 log = logging.getLogger("scheduler.redis")
@@ -225,8 +226,10 @@ class RedisAdapter:
         on_error: Callable[[str], None] | None = None,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        space: KeySpace | None = None,
     ) -> None:
         self.url = url
+        self.space = space or KeySpace()  # the key layout this Redis holds: which tag each key takes (keys.py)
         self.wait_replicas = wait_replicas  # >0: WAIT for this many replicas after each batch with a durable write
         self.wait_timeout_ms = wait_timeout_ms
         self.pool_size = pool_size

@@ -34,8 +34,8 @@ from typing import Any
 
 from scheduler.protocol import Register
 from scheduler.store import keys, lua
-from scheduler.store.layout import LAYOUT
-from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, now_ms
+from scheduler.store.layout import layout_value
+from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, UnknownJob, now_ms
 
 STALE_RETRIES = 3
 
@@ -43,6 +43,7 @@ STALE_RETRIES = 3
 class SchedulingClient:
     def __init__(self, redis: RedisAdapter, *, id_block: int = 256) -> None:
         self._redis = redis
+        self._space = redis.space
         self._id_block = id_block
         self._ids: deque[str] = deque()
         self._candidates: dict[tuple[str, str], lua.Candidates] = {}
@@ -73,7 +74,7 @@ class SchedulingClient:
             members: set[str] = set()
             for pool in pools:
                 members.update(await self._redis.command("SMEMBERS", keys.pool_members(pool)))
-            self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))
+            self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))  # (layout 1: one shard)
         return self._candidates[pair]
 
     async def run_many(self, src: str, tgt: str, builders: list[Callable[[lua.Candidates], lua.Call]]) -> list[Any]:
@@ -100,10 +101,11 @@ class SchedulingClient:
         connection empties the job set of the one before), in the pools it serves now and in
         no other (register_node.lua: the pools it served before are read first)."""
         for attempt in range(STALE_RETRIES + 1):
-            old = await self._redis.command("HGET", keys.node_info(reg.node_id), "pools")
+            old = await self._redis.command("HGET", self._space.node_info_key(reg.node_id), "pools")
             try:
                 await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(), instance_id,
-                                                            reg.capabilities, conn_id, json.loads(old) if old else []))
+                                                            reg.capabilities, conn_id, json.loads(old) if old else [],
+                                                            tag=self._space.node_tag(reg.node_id)))
                 return
             except StaleCandidates:
                 if attempt == STALE_RETRIES:
@@ -116,27 +118,32 @@ class SchedulingClient:
         (on its connection ``conn_id``), in case its drain never reached Redis. False when
         ``conn_id`` is not the node's connection in Redis (it reconnected since, or this one
         was closed): nothing was written (heartbeat.lua)."""
-        reply = await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated, draining, conn_id))
+        reply = await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated, draining, conn_id,
+                                                        tag=self._space.node_tag(node_id)))
         return str(reply[0]) == "OK"
 
     async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool, conn_id: str = "") -> None:
         """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance);
         with ``conn_id``, only while the node is still on that connection."""
         if node_ids:
-            await self._redis.script_many([lua.node_state(n, instance_id, online=online, draining=draining, conn_id=conn_id)
-                                           for n in node_ids])
+            await self._redis.script_many([lua.node_state(n, instance_id, online=online, draining=draining, conn_id=conn_id,
+                                                          tag=self._space.node_tag(n)) for n in node_ids])
 
     async def jobs_held(self, node_ids: list[str]) -> int:
         """How many jobs these nodes hold in all (a node whose count cannot be read counts 0)."""
-        held = await self._redis.commands_many([("SCARD", keys.node_jobs(n)) for n in node_ids])
+        held = await self._redis.commands_many([("SCARD", keys.node_jobs(n, tag=self._space.node_tag(n))) for n in node_ids])
         return sum(n for n in held if not isinstance(n, BaseException))
 
     async def nodes_status(self) -> list[dict[str, Any]]:
         """Every registered node (any instance): id, state, capacity, load, owner, capabilities,
         language pairs; two round trips, however many nodes."""
-        node_ids = sorted(await self._redis.command("SMEMBERS", keys.nodes_all()))
+        space = self._space
+        listed = await self._redis.commands_many([("SMEMBERS", keys.nodes_all(tag=t)) for t in space.shard_tags],
+                                                 raise_errors=True)
+        node_ids = sorted({n for members in listed for n in members})
         replies = await self._redis.commands_many(
-            [c for n in node_ids for c in (("HGETALL", keys.node_info(n)), ("HGET", keys.node_runtime(n), "current_jobs"))],
+            [c for n in node_ids for c in (("HGETALL", space.node_info_key(n)),
+                                           ("HGET", keys.node_runtime(n, tag=space.node_tag(n)), "current_jobs"))],
             raise_errors=True)
         nodes = []
         for node_id, info, current in zip(node_ids, replies[::2], replies[1::2], strict=True):
@@ -157,29 +164,103 @@ class SchedulingClient:
     async def data_marker(self, mark: str) -> str:
         """Set the data marker to ``mark`` unless one is set; return the one set. A different
         one than last time means Redis restarted without its data. The key layout is written
-        too, unless recorded (store/layout.py: after data loss, or a start on a full Redis)."""
-        _, seen, _ = await self._redis.commands_many([("SET", keys.data_marker(), mark, "NX"), ("GET", keys.data_marker()),
-                                                      ("SET", keys.layout(), LAYOUT, "NX")])  # (store/layout.py)
-        if isinstance(seen, BaseException):
-            raise seen
-        return seen
+        too, unless recorded (store/layout.py: after data loss, or a start on a full Redis).
+        Layout 2 keeps a marker in every shard too (so on every primary of a cluster whose
+        primaries each own a shard: docs/redis.md) and returns them joined: any primary that
+        restarted empty changes it."""
+        markers = [keys.data_marker()] + ([keys.data_marker(tag=t) for t in self._space.shard_tags]
+                                          if self._space.shards > 1 else [])
+        replies = await self._redis.commands_many([*(("SET", m, mark, "NX") for m in markers), *(("GET", m) for m in markers),
+                                                   ("SET", keys.layout(), layout_value(self._space), "NX")])
+        seen = replies[len(markers):2 * len(markers)]
+        for reply in seen:
+            if isinstance(reply, BaseException):
+                raise reply
+        return "|".join(seen)
 
     # ------------------------------------------------------------ jobs
 
     async def serves(self, src: str, tgt: str) -> bool:
-        """Does any pool serve this language pair (a node registered it, ever)?"""
-        return bool(await self._redis.command("EXISTS", keys.lang_pools(src, tgt)))
+        """Does any pool serve this language pair (a node registered it, ever, in any shard)?"""
+        found = await self._redis.commands_many([("EXISTS", keys.lang_pools(src, tgt, tag=t)) for t in self._space.shard_tags],
+                                                raise_errors=True)
+        return any(found)
 
     async def job_key_of(self, job_id: str) -> str | None:
-        return await self._redis.command("HGET", keys.job(job_id), "job_key")
+        """The job key of a job (None if unknown, or an id that names no shard: a peer's word)."""
+        try:
+            key = self._space.job_key(job_id)
+        except ValueError:
+            return None
+        return await self._redis.command("HGET", key, "job_key")
 
     async def complete(self, job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, *, answer: str,
                        answer_ttl_s: int, again: bool = False) -> Any:
         """complete_task: accept the answer of the node holding the current attempt, once,
         and keep it for ``answer_ttl_s``; refusals raise the adapter's typed errors. ``again``:
         a repeat of a call whose outcome was not known (its reply, if it went through)."""
+        try:
+            tag = self._space.job_tag(job_id)
+        except ValueError:  # (a node's word: an id of no shard is a job nobody made)
+            raise UnknownJob(f"UNKNOWN_JOB no such job {job_id[:64]}") from None
         return await self._redis.script(*lua.complete(job_id, job_key, node_id, attempt, ok, now_ms(), answer=answer,
-                                                      answer_ttl_s=answer_ttl_s, again=again))
+                                                      answer_ttl_s=answer_ttl_s, again=again, tag=tag,
+                                                      claim=self._space.shards == 1))
+
+    async def cancel(self, job_id: str, job_key: str, node_id: str) -> Any:
+        """cancel_task in the job's shard; with ``node_id`` '' (not known: a dispatch whose
+        reply was lost), the node is read from the job first, and None is returned when there
+        is no such job (that dispatch never went through)."""
+        tag = self._space.job_tag(job_id)
+        if not node_id:
+            node_id = await self._redis.command("HGET", keys.job(job_id, tag=tag), "node_id")
+            if node_id is None:
+                return None
+        return await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms(), tag=tag,
+                                                    claim=self._space.shards == 1))
+
+    # ------------------------------------------------------------ recovery's reads and writes (placement/recovery.py)
+
+    async def claimed_jobs(self, session_id: str, job_keys: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+        """(job key, job id, job hash) of each of ``job_keys`` whose job Redis holds (two
+        pipelined round trips: the claims, then the jobs in their shards)."""
+        space = self._space
+        ids = await self._redis.commands_many([("GET", space.jobkey_key(session_id, k)) for k in job_keys])
+        found = [(k, str(job_id)) for k, job_id in zip(job_keys, ids, strict=True)
+                 if job_id and not isinstance(job_id, BaseException)]
+        jobs = await self._redis.commands_many([("HGETALL", space.job_key(job_id)) for _, job_id in found])
+        return [(k, job_id, job) for (k, job_id), job in zip(found, jobs, strict=True)
+                if job and not isinstance(job, BaseException)]
+
+    async def set_placed_by(self, job_ids: list[str], instance_id: str) -> None:
+        await self._redis.commands_many([("HSET", self._space.job_key(j), "placed_by", instance_id) for j in job_ids])
+
+    async def watch(self, job_ids: list[str], node_ids: list[str]) -> tuple[list[list], list[list]]:
+        """One pipelined round trip: (status, attempt) of each job, (online, owner, conn_id)
+        of each node."""
+        space = self._space
+        replies = await self._redis.commands_many(
+            [("HMGET", space.job_key(j), "status", "attempt") for j in job_ids]
+            + [("HMGET", space.node_info_key(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
+        return replies[:len(job_ids)], replies[len(job_ids):]
+
+    async def jobs_exist(self, job_ids: list[str]) -> list[Any]:
+        """EXISTS of each job's hash (1, 0, or the exception its read raised)."""
+        return await self._redis.commands_many([("EXISTS", self._space.job_key(j)) for j in job_ids])
+
+    async def expired_leases(self, before_ms: int, limit: int) -> list[str]:
+        """Ids of jobs whose lease ran out before ``before_ms``, up to ``limit`` per shard."""
+        found = await self._redis.commands_many([("ZRANGEBYSCORE", key, "-inf", before_ms, "LIMIT", 0, limit)
+                                                 for key in self._space.all_leases()], raise_errors=True)
+        return [str(job_id) for ids in found for job_id in ids]
+
+    async def orphan(self, job_id: str) -> list[str | None]:
+        """job_key, session_id, node_id, attempt and placed_by of a job (each None if gone)."""
+        return await self._redis.command("HMGET", self._space.job_key(job_id), "job_key", "session_id", "node_id", "attempt",
+                                         "placed_by")
+
+    async def drop_lease(self, job_id: str) -> None:
+        await self._redis.command("ZREM", keys.leases(tag=self._space.job_tag(job_id)), job_id)
 
     # ------------------------------------------------------------ placement
 
@@ -195,6 +276,33 @@ class SchedulingClient:
                          tgt: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int) -> Any:
         return _raised(await self.run_many(src, tgt, [lambda c: lua.redispatch(
             job_id, old_node, expected_attempt, session_id, turn_id, src, tgt, now_ms, lease_ms, node_ttl_ms, rand, c)]))
+
+
+async def stored_answers(redis: RedisAdapter, wanted: list[tuple[str, list[str]]]) -> list[list[str | None] | BaseException]:
+    """The answers complete_task keeps for these (session id, job keys), per session: the
+    answer's text or None, or the exception its read raised. Layout 1: one MGET per session
+    (every answer key is on the one slot). Layout 2: the job keys' claims first (one MGET per
+    session, in its slot), then each claimed job's answer in that job's shard."""
+    space = redis.space
+    if space.shards == 1:
+        return await redis.commands_many([("MGET", *(keys.answer(k) for k in job_keys)) for _, job_keys in wanted])
+    claims = await redis.commands_many([("MGET", *(space.jobkey_key(s, k) for k in job_keys)) for s, job_keys in wanted])
+    reads: list[tuple[int, int, str]] = []  # (session's place, job key's place, answer key)
+    for i, ((_, job_keys), claimed) in enumerate(zip(wanted, claims, strict=True)):
+        if isinstance(claimed, BaseException):
+            continue
+        for j, (job_key, job_id) in enumerate(zip(job_keys, claimed, strict=True)):
+            if job_id:
+                reads.append((i, j, keys.answer(job_key, tag=space.job_tag(job_id))))
+    texts = await redis.commands_many([("GET", key) for _, _, key in reads])
+    out: list[list[str | None] | BaseException] = [c if isinstance(c, BaseException) else [None] * len(c) for c in claims]
+    for (i, j, _), text in zip(reads, texts, strict=True):
+        row = out[i]
+        if isinstance(text, BaseException):
+            out[i] = text
+        elif not isinstance(row, BaseException):
+            row[j] = text
+    return out
 
 
 def _raised(results: list[Any]) -> Any:
