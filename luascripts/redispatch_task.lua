@@ -46,34 +46,12 @@ local locality_slack = tonumber(ARGV[9])
 
 -- @include choose_node
 -- @include slots
+-- @include move
 
-local j = redis.call('HMGET', job_hash_key, 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
-if not j[3] then
-  return redis.error_reply('UNKNOWN_JOB no such job')
-end
-local attempt = tonumber(j[2])
-if attempt ~= expected_attempt or (j[3] ~= 'dispatched' and j[3] ~= 'waiting') then
-  return {'NOOP', j[3], attempt, j[1] or '', j[4] or '', tonumber(j[5] or '0')}
-end
-local pools, nodes = declared_candidates(8, 9)
-local list, err = candidate_nodes(lang_key, redis.call('HGET', session_key, 'preferred_pool'), pools, nodes)
-if err == 'STALE_CANDIDATES' then
-  return redis.error_reply(err .. ' job ' .. job_id)
-end
-if j[3] == 'dispatched' then
-  release_slot(old_runtime_key, old_jobs_key, leases_key, job_id)
-  redis.call('HSET', job_hash_key, 'status', 'waiting', 'left_node_id', j[1])
-end
-
-local chosen
-if list then
-  chosen, err = choose_node(list, nodes, redis.call('HGET', turn_key, 'affinity_node_id'), now_ms, node_ttl_ms, rand, old_node, near, locality_slack, instances_key)
-end
-if not chosen then
-  return redis.error_reply(err .. ' no node to take job ' .. job_id)
-end
-take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)
-local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
-redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
-  'lease_deadline_ts', now_ms + lease_ms, 'conn_id', conn_id)
-return {'OK', job_id, chosen, attempt + 1, conn_id}
+return move_job({
+  job = job_hash_key, old_runtime = old_runtime_key, old_jobs = old_jobs_key, leases_key = leases_key,
+  lang_key = lang_key, instances_key = instances_key, job_id = job_id, expected_attempt = expected_attempt,
+  now_ms = now_ms, lease_ms = lease_ms, node_ttl_ms = node_ttl_ms, rand = rand, old_node = old_node, near = near,
+  locality_slack = locality_slack, candidates_at = {8, 9},
+  preferred = function() return redis.call('HGET', session_key, 'preferred_pool') end,
+  affinity = function() return redis.call('HGET', turn_key, 'affinity_node_id') end})
