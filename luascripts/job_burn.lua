@@ -3,13 +3,13 @@
 -- the two steps, or its shard_dispatch may still land. This settles which, atomically in the
 -- job's shard: if the job exists, it is replied as it is (the new owner takes it over);
 -- otherwise the id is burned (a job hash of status "burned" with the job key, kept for
--- key_ttl_s), so that a late shard_dispatch of that id finds it and places nothing, and the
+-- ARGV[4] seconds: the done-TTL, longer than a late call can take), so that a late shard_dispatch of that id finds it and places nothing, and the
 -- new owner may claim the job key again under another id (session_claim's `replaces`).
 --
 -- Reply: {"BURNED"} or {"EXISTS", job_id, node_id, attempt, status, conn_id, lease_deadline_ts}.
 --
 -- KEYS[1] {scheduler:<k>.<i>}:job:<job_id>  hash
--- ARGV[1] job_key, ARGV[2] job_id, ARGV[3] now_ms, ARGV[4] key_ttl_s
+-- ARGV[1] job_key, ARGV[2] job_id, ARGV[3] now_ms, ARGV[4] how long a burned id is kept (s)
 local job = KEYS[1]
 local made = redis.call('HMGET', job, 'job_key', 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
 if made[4] then

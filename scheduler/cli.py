@@ -157,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     from scheduler.ops.supervisor import supervise, worker_count
     from scheduler.server import serve
     from scheduler.store import layout
+    from scheduler.store.keys import KeySpace
 
     settings = _settings(args)
     if settings is None:
@@ -170,7 +171,8 @@ def _serve(args: argparse.Namespace) -> int:
     unsafe: UnsafeRedis | None = None
     try:
         if worker_count(settings.workers) > 1:
-            trio.run(functools.partial(supervise, preflight=layout.check_url), settings)
+            preflight = functools.partial(layout.check_url, space=KeySpace(settings.redis_shards))
+            trio.run(functools.partial(supervise, preflight=preflight), settings)
         else:
             trio.run(serve, settings)
     except* UnsafeRedis as group:

@@ -55,6 +55,7 @@ from scheduler.session.admission import AdmissionControl, watch_loop_lag
 from scheduler.session.lag import watch_session_lag
 from scheduler.session.registry import SessionRegistry
 from scheduler.store import layout
+from scheduler.store.keys import KeySpace
 from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable
 from scheduler.store.scheduling import SchedulingClient
 
@@ -134,13 +135,14 @@ async def serve(
         url = embedded.start()
     try:
         async with RedisAdapter(url, pool_size=settings.redis_pool_size, wait_replicas=settings.redis_wait_replicas,
-                                wait_timeout_ms=settings.redis_wait_timeout_ms) as redis:
+                                wait_timeout_ms=settings.redis_wait_timeout_ms, space=KeySpace(settings.redis_shards)) as redis:
             if redis.cluster and settings.redis_wait_replicas:
                 raise UnsafeRedis("--redis-wait-replicas needs one primary (with Sentinel or plain replicas): on a Redis "
                                   "Cluster WAIT would cover one shard's writes only. Unset it, or use a Sentinel URL")
             await _wait_for_redis(redis, url)
             check_policy(await redis.memory_policies(), url, settings.allow_evicting_redis)
             await layout.check(redis, url)
+            event(log, "key_layout", **layout.describe(redis))
             await _serve(settings, redis, url, embedded, handle_signals, task_status)
     finally:
         if embedded is not None:
@@ -215,6 +217,7 @@ def _build(settings: Settings, redis: RedisAdapter, url: str) -> _Parts:
     redis.outage.on_end.append(lambda seconds: _outage_ended(seconds, sessions, metrics))
     nodes = NodeRegistry(metrics)
     scheduling = SchedulingClient(redis)
+    scheduling.on_placement_event(lambda what: metrics.placement_shard_events_total.labels(what).inc())
     ownership = Ownership(redis, settings.instance_id, settings.owner_ttl_ms,  # (its counts: GET /cluster)
                           stats=lambda: {"sessions": len(sessions), "nodes": len(nodes),
                                          "jobs_in_flight": len(dispatcher.placed), "jobs_waiting": dispatcher.waiting},

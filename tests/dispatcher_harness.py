@@ -41,7 +41,8 @@ from scheduler.ops.metrics import Metrics
 from scheduler.placement.dispatcher import Dispatcher
 from scheduler.placement.nodes import NodeConnection, NodeRegistry
 from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode, parse_from_daemon
-from scheduler.store import keys
+from scheduler.store import keys, liveness
+from scheduler.store.keys import KeySpace
 from scheduler.store.redis_adapter import RedisAdapter, now_ms
 from scheduler.store.scheduling import SchedulingClient
 
@@ -177,13 +178,13 @@ class Instance:
     def _inject_crash(self) -> None:
         """While ``crash_next`` > 0, the next placement rounds raise (a bug in a lane). Every
         round places at most ``place_batch`` jobs in one pipeline."""
-        place, run_many = self.dispatcher._place, self.dispatcher._scheduling.run_many
+        place, place_many = self.dispatcher._place, self.dispatcher._scheduling.place_many
 
-        async def bounded(src, tgt, builders):
-            assert len(builders) <= self.h.place_batch, f"{len(builders)} placements in one round"
-            return await run_many(src, tgt, builders)
+        async def bounded(src, tgt, items, ctx):
+            assert len(items) <= self.h.place_batch, f"{len(items)} placements in one round"
+            return await place_many(src, tgt, items, ctx)
 
-        self.dispatcher._scheduling.run_many = bounded
+        self.dispatcher._scheduling.place_many = bounded
 
         async def crashing(lane, batch):
             if self.crash_next > 0:
@@ -256,11 +257,44 @@ class Instance:
         router.relay.send_outcome = send_outcome
 
 
+class SpaceKeys:
+    """The keys the checks read, with the tags of the harness' key space (layout 1 or 2)."""
+
+    def __init__(self, space: KeySpace) -> None:
+        self.space = space
+
+    def job(self, job_id: str) -> str:
+        return self.space.job_key(job_id)
+
+    def node_info(self, node_id: str) -> str:
+        return keys.node_info(node_id, tag=self.space.node_tag(node_id))
+
+    def node_jobs(self, node_id: str) -> str:
+        return keys.node_jobs(node_id, tag=self.space.node_tag(node_id))
+
+    def node_runtime(self, node_id: str) -> str:
+        return keys.node_runtime(node_id, tag=self.space.node_tag(node_id))
+
+    def session(self, session_id: str) -> str:
+        return self.space.session_key(session_id)
+
+    def jobkey(self, job_key: str) -> str:
+        return self.space.jobkey_key(keys.session_of(job_key), job_key)
+
+    def lease_ids(self, r, low="-inf", high="+inf") -> list[str]:
+        """Ids of the jobs with a lease between ``low`` and ``high``, in every shard."""
+        return [j for key in self.space.all_leases() for j in r.zrangebyscore(key, low, high)]
+
+    def lease_of(self, r, job_id: str) -> float | None:
+        return r.zscore(keys.leases(tag=self.space.job_tag(job_id)), job_id)
+
+
 class DispatcherHarness:
     """Owns the parts inside a Trio run; every method runs there."""
 
-    def __init__(self, url: str, *, queue_size: int, place_batch: int, wall_base: float) -> None:
+    def __init__(self, url: str, *, queue_size: int, place_batch: int, wall_base: float, shards: int = 1) -> None:
         self.url = url
+        self.space = KeySpace(shards)  # layout 1, or layout 2 with this many shards
         self.wall_base = wall_base  # VirtualWall.base: Trio time 0 in epoch seconds
         self.queue_size = queue_size
         self.place_batch = place_batch
@@ -295,7 +329,8 @@ class DispatcherHarness:
         return self.instances[instance_id]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with RedisAdapter(self.url, pool_size=1) as redis:  # one batcher: Redis sees the calls in Trio's order
+        async with RedisAdapter(self.url, pool_size=1, space=self.space) as redis:  # one batcher: Redis sees the calls in
+            # Trio's order
             self.redis = redis
             self._count_calls(redis)
             async with trio.open_nursery() as nursery:
@@ -458,7 +493,7 @@ class DispatcherHarness:
         for node_id in [n for n, i in self.where.items() if i == instance_id]:
             self._drop(node_id, instance.nodes.get(node_id).conn_id)
         await self.redis.command("DEL", keys.instance(instance_id))
-        await self.redis.command("ZADD", keys.instances(), now_ms() - 1, instance_id)
+        await liveness.mark(self.redis, instance_id, now_ms() - 1)
 
     def lives(self) -> list[Instance]:
         """Every instance process there has been: the current ones and the killed ones started again."""
@@ -572,7 +607,7 @@ class DispatcherHarness:
         gateway does: the session's epoch (session_resume.lua moves it on), the owner record,
         the answers Redis kept, then adopt. Returns how many jobs were adopted."""
         instance = self.instances[instance_id]
-        await self.redis.command("HSET", keys.session(session_id), "epoch", epoch)
+        await self.redis.command("HSET", self.space.session_key(session_id), "epoch", epoch)
         await instance.ownership.claim_session(session_id)
         instance.inbox.sessions.add(session_id)  # the new actor, registered at its epoch
         instance.inbox.epochs[session_id] = epoch

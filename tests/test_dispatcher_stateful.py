@@ -59,11 +59,28 @@ from scheduler.store import keys
 from scheduler.store import redis_adapter as redis_adapter_module
 from scheduler.store.redis_adapter import connect
 
-from .dispatcher_harness import ORPHAN_GRACE_MS, PAIRS, RETRY_S, SAMPLE_RATES, SESSIONS, DispatcherHarness, Journal, VirtualWall, job_audio
+from .dispatcher_harness import (
+    ORPHAN_GRACE_MS,
+    PAIRS,
+    RETRY_S,
+    SAMPLE_RATES,
+    SESSIONS,
+    DispatcherHarness,
+    Journal,
+    SpaceKeys,
+    VirtualWall,
+    job_audio,
+)
 from .session_rules import step_limit
 from .trio_thread import TrioThread
 
 NODES = ("n0", "n1", "n2")
+
+
+def placed_order(job_id: str) -> int:
+    """Where a job's first placement came in its instance's order: the number it was given
+    (a layout-2 id is ``<shard>.<number>``)."""
+    return int(job_id.rpartition(".")[2])
 JOB_FIELDS = ("job_key", "session_id", "utterance_index", "src_lang", "tgt_lang", "turn_id", "sample_rate", "audio",
               "placed_by", "conn_id", "deadline_ms", "lease_deadline_ts")
 EPS = 1e-6
@@ -83,6 +100,7 @@ EVENTS = {  # dispatcher event -> its level
     # the periodic tasks during a Redis outage (resilient.every)
     "orphan_sweep_failed": logging.WARNING, "orphan_sweep_recovered": logging.INFO,
     "remote_watch_failed": logging.WARNING, "remote_watch_recovered": logging.INFO,
+    "claim_burned": logging.INFO,  # layout 2: a claim whose job never came (store/placing.py)
 }
 
 
@@ -111,6 +129,8 @@ class Job:
 
 class DispatcherMachine(RuleBasedStateMachine):
     url: str = ""
+    SHARDS = 1  # key layout 1; TwoShardMachine runs layout 2
+    NODES = NODES
 
     @initialize(queue_size=st.sampled_from([4, 6]), place_batch=st.sampled_from([1, 2, 32]),
                 layout=st.sampled_from(["none", "i1", "i2", "both"]))
@@ -133,7 +153,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.seen_records = 0
         self.trio = TrioThread()
         self.h = self.trio.call_sync(lambda: DispatcherHarness(self.url, queue_size=queue_size, place_batch=place_batch,
-                                                                   wall_base=self._wall.base))
+                                                                   wall_base=self._wall.base, shards=self.SHARDS))
+        self.k = SpaceKeys(self.h.space)
         self.trio.call(lambda: self.trio.nursery.start(self.h.run))
         self.jobs: dict[str, Job] = {}
         self.next_index = 0
@@ -198,10 +219,10 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rules: nodes
 
-    @precondition(lambda self: len(self.h.held) < len(NODES))
+    @precondition(lambda self: len(self.h.held) < len(self.NODES))
     @rule(data=st.data(), max_jobs=st.integers(1, 3), pairs=st.sampled_from([PAIRS, PAIRS[:1], PAIRS[1:]]))
     def connect_node(self, data, max_jobs, pairs):
-        node = data.draw(st.sampled_from([n for n in NODES if n not in self.h.held]))
+        node = data.draw(st.sampled_from([n for n in self.NODES if n not in self.h.held]))
         instance = data.draw(st.sampled_from(self.alive))
         self.max_jobs[node] = max_jobs
         self.do("connect", self.h.connect, node, max_jobs, list(pairs), instance)
@@ -230,11 +251,11 @@ class DispatcherMachine(RuleBasedStateMachine):
         node = data.draw(st.sampled_from(self.connected))
         self.do("load", self.h.report_load, node, score)
         if not (self.h.down or self.h.replies_lost):
-            assert self.r.hget(keys.node_info(node), "saturated") == ("1" if score == 0.9 else "0")
+            assert self.r.hget(self.k.node_info(node), "saturated") == ("1" if score == 0.9 else "0")
             if node in self.h.draining():  # a drain Redis missed is written by the node's next heartbeat
-                assert self.r.hget(keys.node_info(node), "draining") == "1", f"{node} drains, Redis does not know"
+                assert self.r.hget(self.k.node_info(node), "draining") == "1", f"{node} drains, Redis does not know"
         if node in self.h.saturated():
-            self.held_when_saturated.setdefault(node, set(self.r.smembers(keys.node_jobs(node))))
+            self.held_when_saturated.setdefault(node, set(self.r.smembers(self.k.node_jobs(node))))
 
     @precondition(lambda self: self.h.held)
     @rule(data=st.data())
@@ -261,10 +282,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         for key in [k for k in self.held_when_draining if draining.get(k[0]) != k[1]]:
             del self.held_when_draining[key]
         for node, conn_id in draining.items():
-            if (node, conn_id) not in self.held_when_draining and self.r.hget(keys.node_info(node), "draining") == "1":
-                self.held_when_draining[(node, conn_id)] = set(self.r.smembers(keys.node_jobs(node)))
+            if (node, conn_id) not in self.held_when_draining and self.r.hget(self.k.node_info(node), "draining") == "1":
+                self.held_when_draining[(node, conn_id)] = set(self.r.smembers(self.k.node_jobs(node)))
         for (node, _), before in self.held_when_draining.items():
-            new = set(self.r.smembers(keys.node_jobs(node))) - before
+            new = set(self.r.smembers(self.k.node_jobs(node))) - before
             assert not new, f"jobs {sorted(new)} placed on {node}, which is draining"
 
     def _check_saturated_nodes(self):
@@ -274,12 +295,12 @@ class DispatcherMachine(RuleBasedStateMachine):
         for node in [n for n in self.held_when_saturated if n not in saturated]:
             del self.held_when_saturated[node]
         for node, before in self.held_when_saturated.items():
-            new = set(self.r.smembers(keys.node_jobs(node))) - before
+            new = set(self.r.smembers(self.k.node_jobs(node))) - before
             assert not new, f"jobs {sorted(new)} placed on {node}, whose load score is above the threshold"
 
     def _answer(self, node, job_id, attempt, ok):
         """The answer of what ``node`` holds: the job's answer, if Redis has that attempt live there."""
-        status, holder, current, key = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
+        status, holder, current, key = self.r.hmget(self.k.job(job_id), "status", "node_id", "attempt", "job_key")
         if (status, holder, current) != ("dispatched", node, str(attempt)):
             return
         job = self.jobs[key]
@@ -314,13 +335,13 @@ class DispatcherMachine(RuleBasedStateMachine):
         node, (job_id, attempt) = data.draw(st.sampled_from(
             [(n, (j, a)) for n, j, a in self._held()] + [(n, o) for n in self.connected for o in self.h.old.get(n, [])]))
         live = ["dispatched", node, str(attempt)]
-        before = self.r.hmget(keys.job(job_id), "status", "node_id", "attempt", "job_key")
+        before = self.r.hmget(self.k.job(job_id), "status", "node_id", "attempt", "job_key")
 
         steps = [lambda: self.h.answer(node, job_id, attempt, True), lambda: self.h.advance(seconds)]
         with step_limit("answer_racing"):
             self.trio.call(self._one_tick(steps, midway))
             self.trio.call(self.h.settle)
-            if before[:3] == live and self.r.hmget(keys.job(job_id), "status", "node_id", "attempt") == ["finished", *live[1:]]:
+            if before[:3] == live and self.r.hmget(self.k.job(job_id), "status", "node_id", "attempt") == ["finished", *live[1:]]:
                 job = self.jobs[before[3]]  # the lost attempt's answer won: it is the job's
                 job.answer, job.stored = ("SUCCESS", f"{job_id}:{attempt}"), self._orphaned(before[3].split(":")[0])
             self.check()
@@ -491,7 +512,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.lapsed = True  # 0.9 s after Redis came back (within the grace, 1 s): until then none counts as dead
             for instance in self._live():
                 self.r.delete(keys.instance(instance.id))
-                self.r.zadd(keys.instances(), {instance.id: self.h.wall_ms(self.now) - 1})
+                for listed in self.h.space.all_instances():
+                    self.r.zadd(listed, {instance.id: self.h.wall_ms(self.now) - 1})
             self.do("advance", self.h.advance, 0.9)
             for instance in self._live():
                 self.trio.call(instance.ownership.refresh)
@@ -527,7 +549,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for job in self.jobs.values():
             if job.key.startswith(session + ":") and job.key not in handed:
                 job.fenced = True
-        self.r.hset(keys.session(session), "epoch", 2)
+        self.r.hset(self.k.session(session), "epoch", 2)
         self.do("fence", self.trio_sync(lambda: None))
 
     @precondition(lambda self: self.h["i2"].alive and (self.h["i2"].dispatcher.placed or any(
@@ -560,9 +582,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         kept: dict[str, dict] = {}  # job key -> its job hash, for each job i1 should adopt
         for index, tgt in missing:
             key = job_key_for("s2", index, tgt)
-            job_id = self.r.get(keys.jobkey(key))
+            job_id = self.r.get(self.k.jobkey(key))
             if job_id and key not in stored:
-                job = self.r.hgetall(keys.job(job_id))
+                job = self.r.hgetall(self.k.job(job_id))
                 if job.get("status") in ("dispatched", "waiting") and job.get("audio"):
                     kept[key] = job
         for job in self.jobs.values():
@@ -596,7 +618,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for key, job in kept.items():
             p, original = d.placed.get(key) or d._moving.get(key), self.jobs[key]
             if p is None:  # adopted and done with at once (dropped at its deadline), or not adopted at all
-                status = self.r.hget(keys.job(job["job_id"]), "status")
+                status = self.r.hget(self.k.job(job["job_id"]), "status")
                 assert status not in ("dispatched", "waiting") or original.deadline <= self.now + EPS, f"{key} not adopted"
                 continue
             r = p.request
@@ -605,7 +627,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 (key, "s2", original.seq, *original.pair, "s2:t", SAMPLE_RATES["s2"], job_audio(key), self.epochs["s2"],
                  "none", 1), (key, r)
             assert abs(r.deadline - original.deadline) < 0.01, (key, r.deadline, original.deadline)
-            assert self.r.hget(keys.job(job["job_id"]), "placed_by") == "i1", key
+            assert self.r.hget(self.k.job(job["job_id"]), "placed_by") == "i1", key
             if p.attempt == int(job["attempt"]):  # (not placed again since)
                 assert (p.job_id, p.node_id, p.conn_id) == (job["job_id"], job["node_id"], job.get("conn_id", "")), (key, p, job)
                 lease = (int(job["lease_deadline_ts"]) / 1000 - base)
@@ -676,7 +698,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             return
         for node in self.connected:
             conn = self.h[self.h.where[node]].nodes.get(node)
-            online, conn_id = self.r.hmget(keys.node_info(node), "online", "conn_id")
+            online, conn_id = self.r.hmget(self.k.node_info(node), "online", "conn_id")
             if online is not None:
                 assert (online, conn_id) == ("1", conn.conn_id), (node, online, conn_id, conn.conn_id)
 
@@ -762,7 +784,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 if job_id not in unnoticed]
         pipe = self.r.pipeline(transaction=False)
         for _, job_id, _ in held:
-            pipe.hmget(keys.job(job_id), "status", "node_id", "attempt")
+            pipe.hmget(self.k.job(job_id), "status", "node_id", "attempt")
         for (node, job_id, attempt), live in zip(held, pipe.execute(), strict=True):
             # moved, cancelled or released by its instance or the orphan sweep: told job_cancel
             assert live == ["dispatched", node, str(attempt)], f"{node} still holds job {job_id} attempt {attempt}: {live}"
@@ -820,7 +842,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for handed in self.h.generations():
             for key, job_id, attempt, _, by in handed:
                 if attempt == 1 and self.jobs[key].instance == by and key not in before:  # (an adopted job too)
-                    first.setdefault((by, self.jobs[key].pair, key.split(":")[0]), {})[key] = int(job_id)
+                    first.setdefault((by, self.jobs[key].pair, key.split(":")[0]), {})[key] = placed_order(job_id)
             before |= {key for key, *_ in handed}
         for (by, pair, session), ids in first.items():
             seqs = [self.jobs[k].seq for k in sorted(ids, key=ids.get)]
@@ -843,12 +865,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             job = self.jobs[key]
             if job.ahead is None:
                 continue
-            session, job_id = key.split(":")[0], int(handed[pos][1])
+            session, job_id = key.split(":")[0], placed_order(handed[pos][1])
             others: dict[str, int] = {}
             for i in range(job.mark, len(handed)):  # (handed after it was submitted, placed before it)
                 other = handed[i][0]
                 if first_at.get(other) == i and other.split(":")[0] != session and handed[i][4] == job.instance \
-                        and self.jobs[other].pair == job.pair and int(handed[i][1]) < job_id:
+                        and self.jobs[other].pair == job.pair and placed_order(handed[i][1]) < job_id:
                     others[other.split(":")[0]] = others.get(other.split(":")[0], 0) + 1
             worst = max(others.values(), default=0)
             assert worst <= job.ahead + 1, (f"{key} ({job.ahead} of its own ahead) waited behind {worst} jobs of another "
@@ -858,16 +880,16 @@ class DispatcherMachine(RuleBasedStateMachine):
         nodes = sorted(self.max_jobs)
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
-            pipe.smembers(keys.node_jobs(node))
-            pipe.hget(keys.node_runtime(node), "current_jobs")
+            pipe.smembers(self.k.node_jobs(node))
+            pipe.hget(self.k.node_runtime(node), "current_jobs")
         unnoticed = self._unnoticed()
         live = [p for i in self._live() for p in i.dispatcher.placed.values()
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard]
         moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
         for p in live + moving:
-            pipe.hmget(keys.job(p.job_id), "status", "node_id", "attempt")
+            pipe.hmget(self.k.job(p.job_id), "status", "node_id", "attempt")
         for p in live:
-            pipe.hmget(keys.job(p.job_id), *JOB_FIELDS)
+            pipe.hmget(self.k.job(p.job_id), *JOB_FIELDS)
         replies = iter(pipe.execute())
         dispatched: set[str] = set()
         for node in nodes:
@@ -888,17 +910,18 @@ class DispatcherMachine(RuleBasedStateMachine):
             # a lease left behind (its instance died, or its hash is gone) goes within one orphan
             # sweep of the lease + the grace; every other one is moved or renewed by its placer (the sweep
             # waits while Redis is out and one grace after its calls go through again: liveness lapses then)
-            lapsed = self.r.zrangebyscore(keys.leases(), "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
+            lapsed = self.k.lease_ids(self.r, "-inf", self.h.wall_ms(self.now) - ORPHAN_GRACE_MS - SWEEP_S * 1000 - 1)
             mine = {p.job_id for i in self._live() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
             for job_id in lapsed:
-                placed_by = self.r.hget(keys.job(job_id), "placed_by")  # a previous life's job: its restarted
+                placed_by = self.r.hget(self.k.job(job_id), "placed_by")  # a previous life's job: its restarted
                 if self.now < self.h.restarted_at.get(placed_by, float("-inf")) + SWEEP_S + EPS:  # instance's first sweep
                     continue
-                assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(keys.job(job_id))}"
+                assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(self.k.job(job_id))}"
         books = {p.job_id for i in self.h.lives() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.lives() for job_id in i.dispatcher._owed_releases}  # (an outage)
-        books |= {job_id for i in self.h.lives() for _, job_id in i.dispatcher._tried.values()}  # (a lost reply)
-        assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"
+        books |= {job_id for i in self.h.lives() for _, job_id in i.dispatcher._tried.values()}  # (a lost reply; in
+        dispatched = {d for d in dispatched if str(placed_order(d)) not in books}  # layout 2 its number: the shard was
+        assert dispatched <= books, f"Redis holds {sorted(dispatched)}, the books {sorted(books)}"  # chosen in the call)
         for handed in self.h.generations():  # (a job Redis lost is created again)
             ids: dict[str, str] = {}
             for key, job_id, *_ in handed:
@@ -947,13 +970,16 @@ class DispatcherMachine(RuleBasedStateMachine):
             elif name == "job_failed":
                 assert f["error"] in CODES, r.getMessage()
             elif name == "duplicate_job_blocked":
-                assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(keys.jobkey(f["job_key"])), r.getMessage()
+                assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(self.k.jobkey(f["job_key"])), r.getMessage()
+            elif name == "claim_burned":  # never placed: no node ever got it, and Redis keeps it burned
+                assert self.SHARDS > 1 and f["job_id"] not in {job_id for _, job_id, *_ in self.h.handed}, r.getMessage()
+                assert self.r.hget(self.k.job(f["job_id"]), "status") in ("burned", None), r.getMessage()
             elif name == "jobs_adopted":
                 assert f["session_id"] == "s2" and f["jobs"] > 0, r.getMessage()
             elif name == "orphan_release_refused":  # (orphan_key_mismatch) cancel_task refused a dead instance's job
                 assert f["job_id"] in {job_id for _, job_id, *_ in self.h.handed} and f["code"] == "JOBKEY_MISMATCH", f
             elif name == "orphan_job_released":  # a job of a dead instance whose lease lapsed more than the grace ago
-                job = self.r.hmget(keys.job(f["job_id"]), "job_key", "node_id", "session_id", "status", "lease_deadline_ts",
+                job = self.r.hmget(self.k.job(f["job_id"]), "job_key", "node_id", "session_id", "status", "lease_deadline_ts",
                                    "placed_by")
                 assert job[:4] == [f["job_key"], f["node_id"], f["session_id"], "cancelled"], (r.getMessage(), job)
                 assert int(job[4]) <= self.h.wall_ms(self.now) - ORPHAN_GRACE_MS, job
@@ -963,7 +989,7 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     def lose_data(self, noticed: bool = True):
         """Redis loses its data (the finished jobs it forgets are counted first)."""
-        self.finished_lost += sum(self.r.hget(keys.job(job_id), "status") == "finished"
+        self.finished_lost += sum(self.r.hget(self.k.job(job_id), "status") == "finished"
                                   for job_id in {job_id for _, job_id, *_ in self.h.handed})
         self.do("lose_data", self.h.lose_data)
         if noticed:
@@ -996,8 +1022,8 @@ class DispatcherMachine(RuleBasedStateMachine):
     def _free_slots(self) -> dict[str, int]:
         """Connected node -> its free slots in Redis (none while its load score is above the
         threshold, or while Redis knows it drains)."""
-        closed = self.h.saturated() | {n for n in self.connected if self.r.hget(keys.node_info(n), "draining") == "1"}
-        return {node: 0 if node in closed else self.max_jobs[node] - int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0)
+        closed = self.h.saturated() | {n for n in self.connected if self.r.hget(self.k.node_info(n), "draining") == "1"}
+        return {node: 0 if node in closed else self.max_jobs[node] - int(self.r.hget(self.k.node_runtime(node), "current_jobs") or 0)
                 for node in self.connected}
 
     def check_no_idle_slot(self, free_before: dict[str, int]):
@@ -1039,12 +1065,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.answer_all()
             books = [d for i in self._live() for d in [i.dispatcher] if d.waiting or d.placed or d._moving or d._owed_releases
                      or d._owed_cancels]
-            if not books and not self.r.zrange(keys.leases(), 0, -1):
+            if not books and not self.k.lease_ids(self.r):
                 break
             self.trio.call(self.h.advance, RETRY_S)
         else:
-            raise AssertionError(f"no end: books {books}, leases {self.r.zrange(keys.leases(), 0, -1)}")
-        finished = self.finished_lost + sum(self.r.hget(keys.job(job_id), "status") == "finished"
+            raise AssertionError(f"no end: books {books}, leases {self.k.lease_ids(self.r)}")
+        finished = self.finished_lost + sum(self.r.hget(self.k.job(job_id), "status") == "finished"
                                             for job_id in {job_id for _, job_id, *_ in self.h.handed})
         assert sum(i.metrics.jobs_total.labels("finished")._value.get() for i in self.h.lives()) == finished
         got = {job_key_for(s, o.utterance_index, o.tgt_lang) for s, o, _ in self.h.got if isinstance(o, JobOutcome)}
@@ -1053,7 +1079,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                      or job.deadline <= self.now + EPS or not self.h[job.instance].alive or job.owner_killed)
             assert ended, f"{key} never ended"
         for node in self.max_jobs:
-            assert int(self.r.hget(keys.node_runtime(node), "current_jobs") or 0) == 0, node
+            assert int(self.r.hget(self.k.node_runtime(node), "current_jobs") or 0) == 0, node
 
 
 # a Redis round trip or more per step: 40 examples of 25 steps keep CI near 6 s (docs/testing.md);
@@ -1065,6 +1091,21 @@ def test_dispatcher_state_machine(flushed_single_url):
     DispatcherMachine.url = flushed_single_url
     run_state_machine_as_test(DispatcherMachine, settings=settings(settings(), max_examples=min(settings().max_examples, EXAMPLES),
                                                                     stateful_step_count=25))
+
+
+class TwoShardMachine(DispatcherMachine):
+    """The same rules and checks on key layout 2 with two shards (docs/redis.md, "Scheduling
+    shards"): the node directory puts the first node to register in shard 0, the second in
+    shard 1, the third in shard 0, so a job finds no slot in one shard while the other has
+    one, a node is lost in one shard, and a session's turns move between shards."""
+
+    SHARDS = 2
+
+
+def test_dispatcher_state_machine_two_shards(flushed_single_url):
+    TwoShardMachine.url = flushed_single_url
+    run_state_machine_as_test(TwoShardMachine, settings=settings(settings(), max_examples=min(settings().max_examples, EXAMPLES),
+                                                                 stateful_step_count=25))
 
 
 def _path(machine: DispatcherMachine, name: str) -> None:
@@ -1082,7 +1123,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.restart_i2()
         for _ in range(3):
             m.do("advance", h.advance, 3.1)
-        assert not m.r.zrange(keys.leases(), 0, -1) and not h.held["n0"], h.held  # released by the new i2's sweep
+        assert not m.k.lease_ids(m.r) and not h.held["n0"], h.held  # released by the new i2's sweep
     elif name == "fair_turns":  # s0 floods a lane with no node; s1 submits one job; then a node comes
         m.do("disconnect", h.disconnect, "n0")
         m.burst(_Draws("s0"), PAIRS[0], 4, 30.0)
@@ -1135,6 +1176,26 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.max_jobs["n2"] = 1
         m.do("connect", h.connect, "n2", 1, list(PAIRS), "i2")
         assert [(k, n) for k, _, _, n, _ in h.handed] == [("s2:0:translate:en", "n2")], h.handed
+    elif name == "crash_after_lost_move":  # a move's reply is lost and acting on that raises: the job is released from
+        m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))  # the node Redis moved it to (not the one it left)
+        m.max_jobs["n1"] = 2
+        m.do("connect", h.connect, "n1", 2, [PAIRS[0]], "i2")
+        instance = h.owner("s2")
+        instance.act_crash = (1, False)
+        scheduling = instance.dispatcher._scheduling
+        candidates = scheduling.candidates
+        m.trio.call(lambda: candidates(*PAIRS[0], refresh=True))  # (n1 among them: the move is not STALE_CANDIDATES)
+
+        async def lose_move_reply(*args, **kwargs):
+            found = await candidates(*args, **kwargs)
+            h.replies_lost = True
+            return found
+
+        scheduling.candidates = lose_move_reply
+        m.do("disconnect", h.disconnect, "n0")  # the job moves to n1; the reply of its redispatch_task is lost
+        scheduling.candidates = candidates
+        m._outage(0.25, None, lost=True)
+        assert int(m.r.hget(m.k.node_runtime("n1"), "current_jobs") or 0) == 0
     elif name == "crash_after_lost_reply":  # a dispatch's reply is lost and acting on that raises: what it made is undone
         instance = h.owner("s2")
         instance.act_crash = (1, False)
@@ -1150,8 +1211,8 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         scheduling.candidates = candidates
         m._outage(0.25, None, lost=True)  # (then a second with Redis back: the release went through)
-        job_id = m.r.get(keys.jobkey("s2:0:translate:en"))
-        assert job_id and m.r.hget(keys.job(job_id), "status") == "cancelled" and not h.handed, (job_id, h.handed)
+        job_id = m.r.get(m.k.jobkey("s2:0:translate:en"))
+        assert job_id and m.r.hget(m.k.job(job_id), "status") == "cancelled" and not h.handed, (job_id, h.handed)
         assert [o.translation.error for _, o, _ in h.got if isinstance(o, JobOutcome)] == ["INTERNAL"], h.got
     elif name == "outage_lease":  # i1's job on i2's node: Redis is down past its lease, which counts the outage out
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
@@ -1216,10 +1277,10 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m.do("kill", h.kill, "i2")
         job_id = h.handed[0][1]
-        m.r.delete(keys.job(job_id))
+        m.r.delete(m.k.job(job_id))
         m.do("advance", h.advance, 3.1)
         m.do("advance", h.advance, 3.1)
-        assert m.r.zscore(keys.leases(), job_id) is None
+        assert m.k.lease_of(m.r, job_id) is None
         m.do("connect", h.connect, "n0", 2, list(PAIRS), "i1")  # (its node comes back: a new connection holds no job)
     elif name == "data_loss":  # Redis loses its data under a job of each instance on i2's node
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
@@ -1252,7 +1313,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("submit", m.trio_sync(m._submit("s0", PAIRS[0], 30.0)))
         m.do("advance", h.advance, 3.1)  # both move; the first finds no other node: the lane waits, the second untried
         d = h["i1"].dispatcher
-        untried = [p for p in d._moving.values() if m.r.hget(keys.job(p.job_id), "status") == "dispatched"]
+        untried = [p for p in d._moving.values() if m.r.hget(m.k.job(p.job_id), "status") == "dispatched"]
         assert len(d._moving) == 2 and len(untried) == 1, (d._moving, untried)
         p = untried[0]  # its node answers it (it was told job_cancel, but had finished): Redis takes it
         m._answer(p.node_id, p.job_id, p.attempt, True)
@@ -1264,23 +1325,23 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         d = h["i2"].dispatcher
         assert list(d._moving) == ["s2:0:translate:en"], d._moving
         m.do("advance", h.advance, 1.0)  # dropped at its deadline: what it still holds is released
-        assert not d._moving and not d.waiting and m.r.hget(keys.job(h.handed[0][1]), "status") == "cancelled"
+        assert not d._moving and not d.waiting and m.r.hget(m.k.job(h.handed[0][1]), "status") == "cancelled"
     elif name == "orphan_key_mismatch":  # i2 dies holding two jobs; cancel_task refuses the first: the second is released
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
         m.do("kill", h.kill, "i2")
         (first_key, first_id, *_), (_, second_id, *_) = h.handed
-        m.r.set(keys.jobkey(first_key), "1")  # its job key now names another job (a record gone astray)
+        m.r.set(m.k.jobkey(first_key), "1")  # its job key now names another job (a record gone astray)
         m.astray.add(first_id)
         m.do("advance", h.advance, 3.1)
         m.do("advance", h.advance, 3.1)
         refused = [r.fields for r in m.journal.records if getattr(r, "event", None) == "orphan_release_refused"]
         assert refused and {f["job_id"] for f in refused} == {first_id}, refused
-        assert m.r.hget(keys.job(second_id), "status") == "cancelled" and m.r.hget(keys.job(first_id), "status") == "dispatched"
-        m.r.set(keys.jobkey(first_key), first_id)  # set right: the next sweep releases it
+        assert m.r.hget(m.k.job(second_id), "status") == "cancelled" and m.r.hget(m.k.job(first_id), "status") == "dispatched"
+        m.r.set(m.k.jobkey(first_key), first_id)  # set right: the next sweep releases it
         m.astray.clear()
         m.do("advance", h.advance, 3.1)
-        assert m.r.hget(keys.job(first_id), "status") == "cancelled"
+        assert m.r.hget(m.k.job(first_id), "status") == "cancelled"
     elif name == "node_not_reading":  # the chosen node's outbox is full: the job goes back to its lane's head
         h.not_reading.add("n0")
         m.do("submit", m.trio_sync(m._submit("s2", PAIRS[0], 30.0)))
@@ -1347,7 +1408,7 @@ def test_the_machine_finds_a_first_come_first_served_lane(flushed_single_url, mo
                                   "relay_unreachable", "resume_here_queued", "answer_while_moving",
                                   "moving_past_deadline", "orphan_key_mismatch", "node_not_reading",
                                   "copy_while_moving", "late_bounce_here", "lost_replies", "outage_waiting",
-                                  "crash_after_lost_reply", "orphan_of_previous_life"])
+                                  "crash_after_lost_reply", "crash_after_lost_move", "orphan_of_previous_life"])
 def test_dispatcher_paths(flushed_single_url, name):
     DispatcherMachine.url = flushed_single_url
     machine = DispatcherMachine()

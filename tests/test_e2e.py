@@ -20,6 +20,9 @@ import pytest
 
 from scheduler.reference.client import write_wav
 from scheduler.session.audio import silence, tone
+from scheduler.store import keys
+from scheduler.store.keys import KeySpace
+from scheduler.store.redis_adapter import connect
 
 pytestmark = pytest.mark.slow
 CMD = [sys.executable, "-m", "scheduler"]
@@ -99,11 +102,16 @@ def check_transcript(lines: list[str], pcm: bytes, expected_utterances: int) -> 
     assert len(rest) < 1000 * BYTES_PER_MS and rest == bytes(len(rest))
 
 
-@pytest.mark.parametrize("redis", ["embedded", "cluster"])
+@pytest.mark.parametrize("redis", ["embedded", "cluster", "sharded"])
 def test_three_clients_two_nodes_real_processes(tmp_path, request, redis):
-    """``cluster``: the same on the suite's 3-master Valkey cluster (``--redis-url``)."""
-    cluster = redis == "cluster"
-    daemon = Daemon(tmp_path, *(["--redis-url", request.getfixturevalue("flushed_cluster_url")] if cluster else []))
+    """``cluster``: the same on the suite's 3-master Valkey cluster (``--redis-url``);
+    ``sharded``: there with key layout 2 (``--redis-shards 3``: the node directory puts the
+    two nodes in two shards, on two primaries), and the scheduling state is found on every
+    primary."""
+    cluster = redis != "embedded"
+    url = request.getfixturevalue("flushed_cluster_url") if cluster else None
+    daemon = Daemon(tmp_path, *(["--redis-url", url] if cluster else []),
+                    *(["--redis-shards", "3"] if redis == "sharded" else []))
     nodes, clients = [], []
     try:
         for name in ("node-a", "node-b"):
@@ -138,6 +146,33 @@ def test_three_clients_two_nodes_real_processes(tmp_path, request, redis):
     assert "Traceback" not in log and '"level": "error"' not in log, log
     # the relay stops (its reader threads returned) before the embedded Valkey does
     assert '"logger": "scheduler.relay"' not in log, log
+    if redis == "sharded":
+        assert events["key_layout"]["layout"] == "2:3" and sorted(events["key_layout"]["shards_per_primary"].values()) == [1, 1, 1]
+        assert_spread(url)
+
+
+def assert_spread(url: str) -> None:
+    """Layout 2 on the 3-master cluster: the layout key says so, the three sessions' own keys
+    carry their own tags, both nodes' shards hold finished jobs, and every primary holds
+    scheduling keys."""
+    client = connect(url, decode_responses=True)
+    try:
+        assert client.get(keys.layout()) == "2:3"
+        space = KeySpace(3)
+        assert len(list(client.scan_iter("{s:*}:session:*"))) == 3
+        node_shards = {int(client.hget(keys.node_directory(), n)) for n in ("node-a", "node-b")}
+        assert len(node_shards) == 2, node_shards
+        for shard in range(3):
+            jobs = list(client.scan_iter(keys.job("[0-9]*", tag=space.shard_tag(shard))))
+            statuses = [client.hget(j, "status") for j in jobs]
+            if shard in node_shards:
+                assert statuses and set(statuses) <= {"finished", "cancelled"}, (shard, statuses)
+            else:
+                assert not jobs, f"no node in shard {shard}"
+        per_primary = [n.redis_connection.dbsize() for n in client.get_primaries()]
+        assert len(per_primary) == 3 and all(per_primary), per_primary
+    finally:
+        client.close()
 
 
 def test_sigint_twice_exits_and_leaves_no_valkey(tmp_path):

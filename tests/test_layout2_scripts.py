@@ -28,8 +28,9 @@ async def adapter(redis_url):
 
 
 def node_in(shard: int, name: str = "n") -> str:
-    """A node id that KeySpace(3) puts in ``shard``."""
-    return next(f"{name}{i}" for i in range(1000) if SPACE.node_shard(f"{name}{i}") == shard)
+    """A node in ``shard`` (as the node directory would have said: the daemon learns it)."""
+    SPACE.learn(f"{name}-s{shard}", shard)
+    return f"{name}-s{shard}"
 
 
 async def register(a, node_id: str, max_jobs: int = 2, pool: str = "zh-en") -> str:
@@ -89,6 +90,22 @@ def test_every_call_touches_one_slot(count):
     assert space.session_tag("s1") != space.session_tag("s2")
 
 
+async def test_the_node_directory_spreads_nodes_and_keeps_them(adapter):
+    order = [0, 2, 1]  # (the daemon orders shards round robin over the primaries)
+    given = [await adapter.script(*lua.node_shard(f"d{i}", order)) for i in range(6)]
+    assert given == [0, 2, 1, 0, 2, 1], "the emptiest shard, ties in the caller's order"
+    assert await adapter.script(*lua.node_shard("d1", order)) == 2, "a node keeps its shard"
+    assert await adapter.script(*lua.node_shard("d9", order, known=1)) == 1, "a shard it was known in (directory lost)"
+
+
+def test_new_sessions_spread_over_the_slot_ranges():
+    space = KeySpace(3)
+    ids = [space.new_session_id() for _ in range(30)]
+    ranges = [key_slot(space.session_tag(i).encode()) * 3 // 16384 for i in ids]
+    assert ranges == [0, 1, 2] * 10 and len(set(ids)) == 30 and all(len(i) == 32 for i in ids)
+    assert len(KeySpace(1).new_session_id()) == 32
+
+
 def test_job_ids_of_a_peer_are_checked():
     for bad in ["7", "3.7", "-1.7", "a.7", "1.", ".7", "1.7.1", "².7"]:
         with pytest.raises(ValueError):
@@ -102,7 +119,7 @@ async def test_claim_then_place_in_the_nodes_shard(adapter, redis_client):
     job_id = SPACE.job_id(1, 100)
     assert await claim(adapter, "s1:0:translate:en", job_id) == ["CLAIMED", job_id, "", ""]
     reply = await place(adapter, "s1:0:translate:en", job_id)
-    assert reply[:4] == ["OK", job_id, node, 1]
+    assert reply[:4] == ["OK", job_id, node, 1] and reply[5] == 1, "one of two slots left"
     assert redis_client.hget(keys.job(job_id, tag=tag), "status") == "dispatched"
     assert redis_client.zscore(keys.leases(tag=tag), job_id) is not None
     assert redis_client.hget(keys.node_runtime(node, tag=tag), "current_jobs") == "1"

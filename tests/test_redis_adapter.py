@@ -114,3 +114,23 @@ async def test_shielded_cleanup_gets_replies_when_everything_is_cancelled(redis_
                     await trio.sleep(0.05)
                     everything.cancel()
     assert got == ["cleanup"]
+
+
+async def test_scripts_in_a_cluster_pipeline_cost_no_getkeys(valkey_cluster_url):
+    """redis-py's cluster pipeline would ask ``COMMAND GETKEYS`` of one node before every
+    EVALSHA (it cannot tell a movable-keys command's routing): one extra round trip per script
+    call, on one primary. The adapter routes scripts by their declared keys instead."""
+    from scheduler.store.redis_adapter import connect
+
+    cluster = connect(valkey_cluster_url, decode_responses=True)
+    nodes = [node.redis_connection for node in cluster.get_primaries()]
+
+    def getkeys() -> int:
+        return sum(int(n.info("commandstats").get("cmdstat_command|getkeys", {}).get("calls", 0)) for n in nodes)
+
+    async with RedisAdapter(valkey_cluster_url) as adapter:
+        before = getkeys()
+        replies = await adapter.script_many([lua.heartbeat(f"gk{i}", 1, tag=f"{{scheduler:{i}}}") for i in range(12)])
+        assert getkeys() == before, "a GETKEYS per script call"
+    assert all(isinstance(r, BaseException) for r in replies)  # (UNKNOWN_NODE: they ran, on their slots)
+    cluster.close()

@@ -5,14 +5,15 @@
 -- place_job(j): j holds job (the job hash key), lang_key, leases_key, instances_key, preferred,
 -- affinity, pools, nodes (declared_candidates), the job's fields (job_id, job_key, session_id,
 -- utterance_index, src_lang, tgt_lang, turn_id, placed_by, audio, sample_rate, deadline_ms)
--- and the placement's (now_ms, lease_ms, node_ttl_ms, key_ttl_s, rand, locality_slack).
+-- and the placement's (now_ms, lease_ms, node_ttl_ms, key_ttl_s, rand, locality_slack); `stats`
+-- (optional, a table with free = 0) gets the free slots of the eligible nodes (choose_node).
 -- Returns the chosen node and its connection id, or nil and the error text.
 local function place_job(j)
   local list, err = candidate_nodes(j.lang_key, j.preferred, j.pools, j.nodes)
   local chosen
   if list then
     chosen, err = choose_node(list, j.nodes, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
-                              j.locality_slack, j.instances_key)
+                              j.locality_slack, j.instances_key, j.stats)
   end
   if not chosen then
     return nil, err .. ' ' .. j.src_lang .. '->' .. j.tgt_lang

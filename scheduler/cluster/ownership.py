@@ -40,7 +40,7 @@ from collections.abc import Callable
 import trio
 
 from scheduler.ops.logs import event
-from scheduler.store import keys, liveness, lua
+from scheduler.store import keys, liveness, lua, scheduling
 from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 from scheduler.store.resilient import every
 
@@ -224,9 +224,10 @@ class Ownership:
         nodes = [k[len(node_prefix):].strip("{}") for k in owned if k.startswith(node_prefix)]
         if owned:
             await self._redis.script_many([lua.owner_release(k, instance) for k in owned])
-        if nodes:
+        known = await scheduling.learn_node_shards(self._redis, nodes)  # (layout 2: their shards)
+        if known:
             await self._redis.script_many([lua.node_state(n, instance, online=False, draining=False,
-                                                          tag=self._redis.space.node_tag(n)) for n in nodes])
+                                                          tag=self._redis.space.node_tag(n)) for n in known])
         await self._redis.command("DEL", keys.owned(instance))
         return len(owned), len(nodes)
 

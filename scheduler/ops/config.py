@@ -108,6 +108,11 @@ class Settings:
                                        "0: no WAIT (asynchronous replication)", group="redis")
     redis_wait_timeout_ms: int = _opt(1000, "how long one WAIT may take before the writes count as not replicated",
                                       group="redis")
+    redis_shards: int = _opt(1, "scheduling shards (key layout 2, for a Redis Cluster): sessions get their own hash tag "
+                                "and nodes, jobs and leases are split over this many shards, so that every primary "
+                                "carries its share (a multiple of the primary count, e.g. 12). 1: one hash tag for all "
+                                "scheduling state (layout 1). Every daemon sharing a Redis must use the same value "
+                                "(checked at start-up)", group="redis")
     allow_evicting_redis: bool = _opt(False, "start even when Redis has an evicting maxmemory-policy (it then deletes "
                                              "session, job and answer keys silently when it fills; a warning at every "
                                              "start); without it such a Redis makes serve exit 2", group="redis")
@@ -230,6 +235,8 @@ def validate(s: Settings) -> list[str]:
     for name in ("resume_keep_results", "max_sessions", "overload_lag_ms", "max_jobs_per_session"):
         if getattr(s, name) < 0:
             errors.append(f"{name} must be >= 0 (got {getattr(s, name)})")
+    if not 1 <= s.redis_shards <= 1024:
+        errors.append(f"redis_shards must be between 1 and 1024 (got {s.redis_shards})")
     if s.redis_wait_replicas < 0:
         errors.append(f"redis_wait_replicas must be >= 0 (got {s.redis_wait_replicas})")
     elif s.redis_wait_replicas and not s.redis_url:

@@ -142,6 +142,10 @@ class Metrics:
         self.liveness_lapses_total = Counter(
             p + "liveness_lapses_total", "Times this instance found its liveness record gone at a refresh (a stall or "
             "failed refreshes longer than owner_ttl_ms, or Redis lost its data) and took its records back", registry=r)
+        self.placement_shard_events_total = Counter(
+            p + "placement_shard_events_total", "Key layout 2 (--redis-shards): claims moved to another shard after a "
+            "shard had no free node (moved), and claims of jobs that never came, burned and claimed again (burned)",
+            ["event"], registry=r)
         self.redis_retries_total = Counter(
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "
             "by what", ["what"], registry=r)

@@ -64,7 +64,7 @@ from scheduler.placement.deadlines import JobDeadlines
 from scheduler.placement.fairqueue import FairQueue
 from scheduler.placement.recovery import Recovery
 from scheduler.protocol import JobAssign, JobCancel, Translation
-from scheduler.store import lua
+from scheduler.store import placing
 from scheduler.store.redis_adapter import (
     EmptyPool,
     Fenced,
@@ -358,8 +358,9 @@ class Dispatcher:
         try:
             fresh_ids = iter(await self._scheduling.job_ids(sum(m is None and t is None for m, t in zip(movings, tried, strict=True))))
             ids = [None if m else t or next(fresh_ids) for m, t in zip(movings, tried, strict=True)]
-            builders = [self._builder(r, m, i) for r, m, i in zip(batch, movings, ids, strict=True)]
-            replies = await self._scheduling.run_many(lane.pair[0], lane.pair[1], builders)
+            items = [self._item(r, m, i) for r, m, i in zip(batch, movings, ids, strict=True)]
+            ctx = placing.Context(now_ms(), self._job_lease_ms, self._node_ttl_ms, self._instance_id, self._locality_slack)
+            replies = await self._scheduling.place_many(lane.pair[0], lane.pair[1], items, ctx)
         except RedisUnavailable as exc:
             replies = [exc] * len(batch)
         replies = [self._resolve(r, m, i, reply) for r, m, i, reply in zip(batch, movings, ids, replies, strict=True)]
@@ -424,8 +425,9 @@ class Dispatcher:
         the relay list; what Redis holds for it is added to ``crashed``, to be released once
         the round is through: the placement Redis made (a slot would leak otherwise: no
         instance's books hold the job, so no lease expiry or sweep would ever free it), or
-        else the job a refused move left waiting (a resumed session would adopt it), or the
-        job a dispatch whose reply was lost may have made (``_tried``)."""
+        else the job a move left (waiting, or on the node a move whose reply was lost put it:
+        released from the node Redis names), or the job a dispatch whose reply was lost may
+        have made (``_tried``)."""
         job_key = request.job_key
         if moving is not None:
             self._moving.pop(job_key, None)
@@ -440,8 +442,8 @@ class Dispatcher:
             del self._tried[job_key]
         if isinstance(reply, list) and len(reply) >= 4 and reply[0] == "OK" and str(reply[3]).isdigit():
             crashed.append((str(reply[1]), job_key, str(reply[2]), int(reply[3])))
-        elif moving is not None:
-            crashed.append((moving.job_id, job_key, moving.node_id, None))
+        elif moving is not None:  # its node as Redis has it: a move whose reply was lost may have put it on another
+            crashed.append((moving.job_id, job_key, "", None))
         elif tried is not None:  # a dispatch whose reply was lost may have placed it: undone (its node never got it)
             crashed.append((tried, job_key, "", None))
 
@@ -451,20 +453,17 @@ class Dispatcher:
         if not await self._router.to_node(placement.node_id, assign):
             self.move(placement, "NODE_UNREACHABLE")
 
-    def _builder(self, request: JobRequest, moving: Placement | None, job_id: str | None) -> Callable[[lua.Candidates], lua.Call]:
-        rand, now = self._rand(), now_ms()
+    def _item(self, request: JobRequest, moving: Placement | None, job_id: str | None) -> placing.Item:
+        """What the store is asked to place: a new job under ``job_id``, or a move."""
         if moving is None:
             assert job_id is not None
             audio_b64 = base64.b64encode(request.audio).decode("ascii") if self._keep_audio else ""
-            return lambda c: lua.dispatch(
+            return placing.NewJob(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
-                request.turn_id, request.turn_action, now, self._job_lease_ms, self._node_ttl_ms, rand, c, request.turn_jobs,
-                epoch=self._epoch(request), placed_by=self._instance_id, audio_b64=audio_b64, sample_rate=request.sample_rate,
-                deadline_ms=_epoch_ms(request.deadline), locality_slack=self._locality_slack)
-        return lambda c: lua.redispatch(
-            moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id, request.src_lang,
-            request.tgt_lang, now, self._job_lease_ms, self._node_ttl_ms, rand, c, near=self._instance_id,
-            locality_slack=self._locality_slack)
+                request.turn_id, request.turn_action, request.turn_jobs, self._epoch(request), audio_b64,
+                request.sample_rate, _epoch_ms(request.deadline), self._rand())
+        return placing.MoveJob(moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id,
+                               request.src_lang, request.tgt_lang, self._rand())
 
     def _epoch(self, request: JobRequest) -> int | None:
         """The epoch a job is placed under: its session's as held here now, when newer than

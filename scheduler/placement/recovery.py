@@ -156,7 +156,8 @@ class Recovery:
         if not remote:
             return
         node_ids = sorted({p.node_id for p in remote})
-        jobs, node_infos = await self._scheduling.watch([p.job_id for p in remote], node_ids)
+        holding = {p.node_id: p.job_id for p in remote}  # (a job of each node: it names the node's shard)
+        jobs, node_infos = await self._scheduling.watch([p.job_id for p in remote], [(n, holding[n]) for n in node_ids])
         infos = dict(zip(node_ids, node_infos, strict=True))
         owners = sorted({str(info[1]) for info in infos.values() if info[1]})
         lapsed_by_outage = self._liveness_unsure()

@@ -22,7 +22,6 @@ a connection a session is here, in the order it happens:
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -171,7 +170,7 @@ class SessionLifecycle:
         init, resumed = admission.init, admission.resumed
         if resumed is None:
             meta = Meta(init.src_lang, tuple(init.tgt_langs), init.sample_rate, admission.auth)
-            session_id, next_index, owed = uuid.uuid4().hex, 0, []
+            session_id, next_index, owed = self._redis.space.new_session_id(), 0, []
         else:
             session_id, meta, next_index = init.session_id, resumed.meta, resumed.next_index
             owed = list(resumed.owed_from(init.resume_from or 0))

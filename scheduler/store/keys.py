@@ -18,7 +18,8 @@ tag a session, a node or a job has. The default tag is layout 1's ``{scheduler}`
 
 from __future__ import annotations
 
-import zlib
+import itertools
+import uuid
 from functools import cached_property
 
 from scheduler.store import shards as shard_tags
@@ -42,7 +43,8 @@ class KeySpace:
     the one tag ``{scheduler}``. Layout 2 (docs/redis.md, "Scheduling shards") gives a
     session's own keys (session hash, turns, job-key claims) the session's tag
     ``{s:<session_id>}`` and a node's keys, pools, jobs, leases and answers the tag of one of
-    ``shards`` placement shards (``scheduler/store/shards.py``). With one shard both are
+    ``shards`` placement shards (``scheduler/store/shards.py``); which shard a node is in, the
+    node directory in Redis says (``luascripts/node_shard.lua``), and the key space remembers. With one shard both are
     ``{scheduler}``: layout 1, byte for byte.
     """
 
@@ -50,6 +52,8 @@ class KeySpace:
         if shards < 1:
             raise ValueError(f"shards must be at least 1, not {shards}")
         self.shards = shards
+        self._node_shards: dict[str, int] = {}  # node id -> its shard, as the node directory said (layout 2)
+        self._session_turn = itertools.count()  # the slot range of the next new session (layout 2)
 
     @cached_property
     def _shard_tags(self) -> tuple[str, ...]:
@@ -62,9 +66,18 @@ class KeySpace:
         return self._shard_tags[k]
 
     def node_shard(self, node_id: str) -> int:
-        """The shard a node belongs to: CRC-32 of its id mod the shard count (every daemon
-        computes the same), so that the nodes of a pool spread over the shards."""
-        return zlib.crc32(node_id.encode()) % self.shards
+        """The shard a node belongs to, as the node directory gave it (layout 2: the store
+        learns it at registration, or reads it: :meth:`learn`); KeyError for a node not
+        learnt yet (a caller bug: every path learns a node's shard before it uses it)."""
+        return 0 if self.shards == 1 else self._node_shards[node_id]
+
+    def learn(self, node_id: str, shard: int) -> None:
+        """The node directory (``node_shard.lua``) put ``node_id`` in ``shard``."""
+        if self.shards > 1:
+            self._node_shards[node_id] = shard
+
+    def knows(self, node_id: str) -> bool:
+        return self.shards == 1 or node_id in self._node_shards
 
     def node_tag(self, node_id: str) -> str:
         return self.shard_tag(self.node_shard(node_id))
@@ -86,6 +99,21 @@ class KeySpace:
 
     def job_tag(self, job_id: str) -> str:
         return self.shard_tag(self.job_shard(job_id))
+
+    def new_session_id(self) -> str:
+        """A new session's id: 128 random bits in hex. In layout 2 drawn again until its tag's
+        slot lies in the next of ``shards`` equal slot ranges, round robin, so that the
+        sessions of a daemon spread over the primaries as evenly as the shard tags do (about
+        ``shards`` draws; the id keeps about 124 random bits, and the resume token, not the
+        id, is the session's secret)."""
+        if self.shards == 1:
+            return uuid.uuid4().hex
+        k = next(self._session_turn) % self.shards
+        low, high = k * shard_tags.SLOTS // self.shards, (k + 1) * shard_tags.SLOTS // self.shards
+        while True:
+            session_id = uuid.uuid4().hex
+            if low <= shard_tags.slot_of_tag("s:" + session_id) < high:
+                return session_id
 
     def session_tag(self, session_id: str) -> str:
         """The hash tag of a session's own keys (session ids hold no braces: protocol.ID_PATTERN)."""
@@ -121,6 +149,12 @@ class KeySpace:
 
     def __repr__(self) -> str:
         return f"KeySpace(shards={self.shards})"
+
+
+def session_of(job_key: str) -> str:
+    """The session id a job key names (``<session_id>:<index>:<job type>``; a session id holds
+    no colon: protocol.ID_PATTERN)."""
+    return job_key.split(":", 1)[0]
 
 
 def node_info(node_id: str, *, tag: str = TAG) -> str:
@@ -181,6 +215,16 @@ def data_marker(*, tag: str = TAG) -> str:
     """String: a random id the first instance to see an empty Redis writes (SET NX). When it
     changes, Redis lost its data (restarted empty): instances write their journals again."""
     return f"{tag}:data_marker"
+
+
+def node_directory() -> str:
+    """Hash (layout 2): node id -> the shard it belongs to (node_shard.lua)."""
+    return f"{TAG}:node_shards"
+
+
+def node_directory_counts() -> str:
+    """Hash (layout 2): shard -> how many nodes the directory gave it."""
+    return f"{TAG}:node_shard_counts"
 
 
 def layout() -> str:

@@ -38,6 +38,16 @@ async def check(redis: RedisAdapter, url: str) -> None:
     _refuse_other(str(found), url, wanted)
 
 
+def describe(redis: RedisAdapter) -> dict[str, object]:
+    """What the start-up log says of the key layout (``key_layout``): its value, the shard
+    count and how many shards each primary owns (from the cluster client's slot map)."""
+    space = redis.space
+    per_primary: dict[str, int] = {}
+    for primary in redis.primaries_of([f"{tag}:probe" for tag in space.shard_tags]):
+        per_primary[primary] = per_primary.get(primary, 0) + 1
+    return {"layout": layout_value(space), "shards": space.shards, "shards_per_primary": per_primary}
+
+
 def check_url(url: str, space: KeySpace | None = None) -> None:
     """:func:`check` with a short-lived synchronous client, for a ``--workers`` supervisor
     before it starts any worker (N workers exiting 2 in turn would be restarted forever).

@@ -167,10 +167,32 @@ def shard_dispatch(job_key: str, job_id: str, session_id: str, utterance_index: 
     )
 
 
+def shard_redispatch(job_id: str, old_node: str, expected_attempt: int, src: str, tgt: str, now_ms: int, lease_ms: int,
+                     node_ttl_ms: int, rand: int, candidates: Candidates, *, near: str = "", locality_slack: float = 0.0,
+                     preferred: str = "", affinity: str = "") -> Call:
+    """Layout 2's move, in the job's shard (``candidates.tag``): luascripts/shard_redispatch.lua."""
+    t = candidates.tag
+    return (
+        "shard_redispatch",
+        [keys.job(job_id, tag=t), keys.node_runtime(old_node, tag=t), keys.node_jobs(old_node, tag=t), keys.leases(tag=t),
+         keys.lang_pools(src, tgt, tag=t), keys.instances(tag=t), *candidates.keys()],
+        [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, near, locality_slack, preferred, affinity,
+         *candidates.args()],
+    )
+
+
 def job_burn(job_key: str, job_id: str, now_ms: int, *, tag: str) -> Call:
     """Layout 2: take over a claimed job as it is, or burn its id if it was never made
     (luascripts/job_burn.lua)."""
-    return "job_burn", [keys.job(job_id, tag=tag)], [job_key, job_id, now_ms, keys.KEY_TTL_S]
+    return "job_burn", [keys.job(job_id, tag=tag)], [job_key, job_id, now_ms, keys.DONE_TTL_S]
+
+
+def node_shard(node_id: str, order: list[int], known: int | None = None) -> Call:
+    """Layout 2: the node's shard from the node directory, given now if it has none
+    (luascripts/node_shard.lua); ``order``: every shard, ties broken in this order; ``known``:
+    the shard the caller knew it in (given again if the directory lost it)."""
+    return "node_shard", [keys.node_directory(), keys.node_directory_counts()], [
+        node_id, "" if known is None else known, *order]
 
 
 def owner_claim(owner_key: str, instance_id: str) -> Call:

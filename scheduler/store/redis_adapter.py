@@ -36,6 +36,7 @@ import attrs
 import redis
 import trio
 from redis.commands.core import Script
+from redis.commands.policies import BasePolicyResolver, CommandPolicies, RequestPolicy, ResponsePolicy, StaticPolicyResolver
 
 from scheduler.ops import redis_client, redis_url
 from scheduler.ops.logs import event
@@ -180,7 +181,7 @@ def load_script_sources() -> dict[str, str]:
 
 _KEYLESS = {"PING", "INFO", "DBSIZE", "TIME"}
 DURABLE_SCRIPTS = frozenset({"dispatch_task", "redispatch_task", "complete_task", "cancel_task", "session_journal",
-                             "session_resume", "owner_claim", "session_claim", "shard_dispatch", "job_burn"})
+                             "session_resume", "owner_claim", "session_claim", "shard_dispatch", "shard_redispatch", "job_burn"})
 """Writes that must survive a failover (a job, its answer, its end, a session's journal and
 owner): with ``--redis-wait-replicas`` a batch holding one ends with ``WAIT``, and so does
 one holding an ``XADD`` (a job handed to another instance). Everything else is refreshed or
@@ -259,6 +260,13 @@ class RedisAdapter:
         self._client = client
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
         event(log, "redis_connected", url=redacted(self.url), cluster=self.cluster)
+
+    def primaries_of(self, keys: list[str]) -> list[str]:
+        """The primary (``host:port``) each key lives on, from the cluster client's slot map
+        (no round trip); one server: its redacted URL for each."""
+        if not self.cluster:
+            return [redacted(self.url)] * len(keys)
+        return [self._client.get_node_from_key(key).name for key in keys]
 
     @property
     def script_names(self) -> list[str]:
@@ -430,6 +438,7 @@ class RedisAdapter:
         """A ClusterPipeline groups the calls by the node owning their slot (and follows
         MOVED/ASK). Commands without a key (PING) cannot be routed in it: they run alone."""
         pipe = self._client.pipeline()
+        pipe._policy_resolver = _SCRIPTS_KEYED  # (RedisCluster.pipeline() does not pass its own on: see below)
         keyed: list[int] = []
         results: list[Any] = [None] * len(calls)
         for i, call in enumerate(calls):
@@ -517,7 +526,22 @@ def connect(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
     if not cluster:
         return client
     client.close()
-    return redis.RedisCluster.from_url(url, **options)
+    return redis.RedisCluster.from_url(url, policy_resolver=_SCRIPTS_KEYED, **options)
+
+
+# redis-py 8's cluster pipeline asks a server ``COMMAND GETKEYS`` for every command whose
+# routing policy it does not know and whose keys move (EVALSHA among them), one round trip to
+# one node before each call: measured, 500 a second on one primary at 200 sessions, a quarter
+# of its commands. EVAL and EVALSHA name their keys (numkeys), so they are routed by key
+# (tests/test_redis_adapter.py counts the GETKEYS a cluster pipeline of scripts costs: none).
+class _ScriptsKeyed(BasePolicyResolver):
+    def with_fallback(self, fallback: Any) -> Any:
+        return self
+
+
+_SCRIPTS_KEYED = StaticPolicyResolver(fallback=_ScriptsKeyed({"core": {
+    name: CommandPolicies(request_policy=RequestPolicy.DEFAULT_KEYED, response_policy=ResponsePolicy.DEFAULT_KEYED)
+    for name in ("eval", "evalsha")}}))
 
 
 def now_ms() -> int:

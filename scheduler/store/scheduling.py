@@ -30,14 +30,18 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import trio
+
 from scheduler.protocol import Register
-from scheduler.store import keys, lua
+from scheduler.store import keys, lua, placing
 from scheduler.store.layout import layout_value
 from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, UnknownJob, now_ms
 
 STALE_RETRIES = 3
+SERVING_REFRESH_S = 2.0  # layout 2: how often the shards serving a language pair are read again
 
 
 class SchedulingClient:
@@ -47,7 +51,29 @@ class SchedulingClient:
         self._id_block = id_block
         self._ids: deque[str] = deque()
         self._candidates: dict[tuple[str, str], lua.Candidates] = {}
+        self._shard_candidates: dict[tuple[str, str, int], lua.Candidates] = {}  # layout 2
+        self._serving_read: dict[tuple[str, str], tuple[list[int], float]] = {}  # layout 2: pair -> (shards, when read)
+        self._sharded = placing.ShardedPlacer(redis, self._space, self.shard_candidates)
+        self._order: list[int] | None = None  # layout 2: shards in the node directory's tie order
         self.candidate_refreshes = 0
+
+    def _shard_order(self) -> list[int]:
+        """Every shard, ordered so that consecutive ones are on different primaries (round
+        robin over the primaries, from the cluster client's slot map): the node directory
+        gives new nodes the emptiest shard, ties in this order."""
+        if self._order is None:
+            owners = self._redis.primaries_of([f"{t}:probe" for t in self._space.shard_tags])
+            by_primary: dict[str, list[int]] = {}
+            for shard, owner in enumerate(owners):
+                by_primary.setdefault(owner, []).append(shard)
+            columns = list(by_primary.values())
+            self._order = [col[i] for i in range(max(map(len, columns))) for col in columns if i < len(col)]
+        return self._order
+
+    def on_placement_event(self, count: Callable[[str], None]) -> None:
+        """Layout 2: ``count("moved")`` when a claim moves to another shard, ``count("burned")``
+        when a claim whose job never came is burned (the metric)."""
+        self._sharded.on_event = count
 
     async def job_ids(self, n: int) -> list[str]:
         """``n`` unused job ids (one round trip per ``id_block`` ids)."""
@@ -77,6 +103,43 @@ class SchedulingClient:
             self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))  # (layout 1: one shard)
         return self._candidates[pair]
 
+    async def place_many(self, src: str, tgt: str, items: list[placing.Item], ctx: placing.Context) -> list[Any]:
+        """Place these new jobs and moves of one language pair, oldest first: one reply per
+        item, as layout 1's scripts reply, or the exception a refusal raised (placing.py)."""
+        if self._space.shards == 1:
+            return await self.run_many(src, tgt, [partial(placing.layout1_call, item, ctx) for item in items])
+        serving = await self._serving(src, tgt)
+        replies = await self._sharded.place(src, tgt, items, ctx, serving)
+        if any(isinstance(r, placing.REFUSALS) for r in replies):  # every shard we knew of refused: a shard that
+            fresh = await self._serving(src, tgt, refresh=True)  # gained its first node for the pair since may not
+            if set(fresh) - set(serving):
+                again = [i for i, r in enumerate(replies) if isinstance(r, placing.REFUSALS)]
+                for i, reply in zip(again, await self._sharded.place(src, tgt, [items[i] for i in again], ctx, fresh),
+                                    strict=True):
+                    replies[i] = reply
+        return replies
+
+    async def _serving(self, src: str, tgt: str, *, refresh: bool = False) -> list[int]:
+        """The shards with a pool of the pair, as read at most ``SERVING_REFRESH_S`` ago."""
+        pair = (src, tgt)
+        seen = self._serving_read.get(pair)
+        if refresh or seen is None or trio.current_time() - seen[1] >= SERVING_REFRESH_S:
+            found = [k for k in range(self._space.shards) if (await self.shard_candidates(src, tgt, k, True)).pools]
+            seen = self._serving_read[pair] = (found, trio.current_time())
+        return seen[0]
+
+    async def shard_candidates(self, src: str, tgt: str, shard: int, refresh: bool = False) -> lua.Candidates:
+        """The pools of a pair in one shard and their members (layout 2), cached."""
+        entry = (src, tgt, shard)
+        if refresh or entry not in self._shard_candidates:
+            self.candidate_refreshes += 1
+            tag = self._space.shard_tag(shard)
+            pools = sorted(await self._redis.command("HKEYS", keys.lang_pools(src, tgt, tag=tag)))
+            listed = await self._redis.commands_many([("SMEMBERS", keys.pool_members(p, tag=tag)) for p in pools],
+                                                     raise_errors=True)
+            self._shard_candidates[entry] = lua.Candidates(tuple(pools), tuple(sorted({n for m in listed for n in m})), tag)
+        return self._shard_candidates[entry]
+
     async def run_many(self, src: str, tgt: str, builders: list[Callable[[lua.Candidates], lua.Call]]) -> list[Any]:
         """dispatch_task / redispatch_task calls of one language pair, in this order, in one
         pipeline (so Redis places them in this order: FIFO per pool). Each builder makes its
@@ -100,6 +163,10 @@ class SchedulingClient:
         """The node is online, held by ``instance_id`` over connection ``conn_id`` (a new
         connection empties the job set of the one before), in the pools it serves now and in
         no other (register_node.lua: the pools it served before are read first)."""
+        space = self._space
+        if space.shards > 1:  # layout 2: its shard, from the node directory
+            known = space.node_shard(reg.node_id) if space.knows(reg.node_id) else None
+            space.learn(reg.node_id, int(await self._redis.script(*lua.node_shard(reg.node_id, self._shard_order(), known))))
         for attempt in range(STALE_RETRIES + 1):
             old = await self._redis.command("HGET", self._space.node_info_key(reg.node_id), "pools")
             try:
@@ -140,6 +207,10 @@ class SchedulingClient:
         space = self._space
         listed = await self._redis.commands_many([("SMEMBERS", keys.nodes_all(tag=t)) for t in space.shard_tags],
                                                  raise_errors=True)
+        for shard, members in enumerate(listed):
+            for n in members:
+                if not space.knows(n):
+                    space.learn(n, shard)
         node_ids = sorted({n for members in listed for n in members})
         replies = await self._redis.commands_many(
             [c for n in node_ids for c in (("HGETALL", space.node_info_key(n)),
@@ -210,7 +281,13 @@ class SchedulingClient:
     async def cancel(self, job_id: str, job_key: str, node_id: str) -> Any:
         """cancel_task in the job's shard; with ``node_id`` '' (not known: a dispatch whose
         reply was lost), the node is read from the job first, and None is returned when there
-        is no such job (that dispatch never went through)."""
+        is no such job (that dispatch never went through). In layout 2 such a job is named by
+        its number (the shard was chosen in the lost call): its claim says which job it is."""
+        if self._space.shards > 1 and "." not in job_id:  # layout 2: the number of a job whose claim says where it went
+            claimed = await self._redis.command("GET", self._space.jobkey_key(keys.session_of(job_key), job_key))
+            if not claimed or placing.number_of(claimed) != job_id:
+                return None  # its claim never went through (or is another job's)
+            job_id = claimed
         tag = self._space.job_tag(job_id)
         if not node_id:
             node_id = await self._redis.command("HGET", keys.job(job_id, tag=tag), "node_id")
@@ -235,13 +312,15 @@ class SchedulingClient:
     async def set_placed_by(self, job_ids: list[str], instance_id: str) -> None:
         await self._redis.commands_many([("HSET", self._space.job_key(j), "placed_by", instance_id) for j in job_ids])
 
-    async def watch(self, job_ids: list[str], node_ids: list[str]) -> tuple[list[list], list[list]]:
+    async def watch(self, job_ids: list[str], nodes: list[tuple[str, str]]) -> tuple[list[list], list[list]]:
         """One pipelined round trip: (status, attempt) of each job, (online, owner, conn_id)
-        of each node."""
+        of each node, named with a job it holds: ``(node id, job id)`` (a job lives in its
+        node's shard)."""
         space = self._space
         replies = await self._redis.commands_many(
             [("HMGET", space.job_key(j), "status", "attempt") for j in job_ids]
-            + [("HMGET", space.node_info_key(n), "online", "owner", "conn_id") for n in node_ids], raise_errors=True)
+            + [("HMGET", keys.node_info(n, tag=space.job_tag(j)), "online", "owner", "conn_id") for n, j in nodes],
+            raise_errors=True)
         return replies[:len(job_ids)], replies[len(job_ids):]
 
     async def jobs_exist(self, job_ids: list[str]) -> list[Any]:
@@ -303,6 +382,19 @@ async def stored_answers(redis: RedisAdapter, wanted: list[tuple[str, list[str]]
         elif not isinstance(row, BaseException):
             row[j] = text
     return out
+
+
+async def learn_node_shards(redis: RedisAdapter, node_ids: list[str]) -> list[str]:
+    """Layout 2: learn the shards of these nodes from the node directory (one HMGET for those
+    not known yet); returns the ones whose shard is known (a node the directory does not
+    hold has no state in any shard)."""
+    space = redis.space
+    unknown = [n for n in node_ids if not space.knows(n)]
+    if unknown:
+        for node_id, shard in zip(unknown, await redis.command("HMGET", keys.node_directory(), *unknown), strict=True):
+            if shard is not None:
+                space.learn(node_id, int(shard))
+    return [n for n in node_ids if space.knows(n)]
 
 
 def _raised(results: list[Any]) -> Any:

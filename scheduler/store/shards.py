@@ -13,7 +13,7 @@ gets S / P shards on each primary; S = 12 covers 1, 2, 3, 4 and 6 primaries even
 cluster resharded unevenly gets what its ranges say: :func:`spread` counts it, for the
 start-up log.
 
-Nothing places jobs by shard yet: this is the first piece of layout 2 (not built).
+The daemon places by these shards with `--redis-shards S` (store/placing.py).
 """
 
 from __future__ import annotations

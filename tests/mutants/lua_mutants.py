@@ -1,5 +1,6 @@
 """Lua mutants: realistic one-line bugs in the scheduling scripts, each run against the Lua
-state machine alone (``tests/test_lua_stateful.py``, real Valkey, single and cluster).
+state machine alone (``tests/test_lua_stateful.py``, or layout 2's two-step machine
+``tests/test_layout2_stateful.py``; real Valkey, single and cluster).
 
 ``just mutants`` runs this after mutmut. Each mutant is a literal text replacement in one
 script; the script must contain the text exactly once (a mutant that no longer applies is
@@ -32,6 +33,7 @@ class Mutant:
     find: str
     replace: str
     bug: str
+    test: str = "tests/test_lua_stateful.py"  # the machine that must catch it
 
 
 MUTANTS = [
@@ -46,12 +48,12 @@ MUTANTS = [
            "a slot is released whether or not the node still held the job (a waiting job's cancel frees it twice)"),
     Mutant("cancel_after_complete", "cancel_task.lua", "if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then",
            "if not j[3] then", "a cancel after the answer marks the finished job cancelled"),
-    Mutant("redispatch_keeps_old_lease", "redispatch_task.lua",
-           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, now_ms + lease_ms)",
-           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, leases_key, "
-           "tonumber(redis.call('HGET', job_hash_key, 'lease_deadline_ts') or now_ms))",
+    Mutant("redispatch_keeps_old_lease", "lib/move.lua",
+           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)",
+           "take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, j.leases_key, "
+           "tonumber(redis.call('HGET', job_hash_key, 'lease_deadline_ts') or j.now_ms))",
            "a redispatched job keeps its old lease: it expires again at once"),
-    Mutant("redispatch_same_attempt", "redispatch_task.lua", "'node_id', chosen, 'attempt', attempt + 1,",
+    Mutant("redispatch_same_attempt", "lib/move.lua", "'node_id', chosen, 'attempt', attempt + 1,",
            "'node_id', chosen, 'attempt', attempt,", "a move does not fence the old attempt's answer"),
     Mutant("complete_any_attempt", "complete_task.lua", "if tonumber(j[2]) ~= attempt then", "if false then",
            "an answer of an old attempt is accepted"),
@@ -70,6 +72,16 @@ MUTANTS = [
     Mutant("cancel_keeps_slot", "cancel_task.lua",
            "release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job", "-- a waiting job",
            "a cancelled job keeps its slot"),
+    Mutant("burn_writes_nothing", "job_burn.lua",
+           "redis.call('HSET', job, 'job_id', ARGV[2], 'job_key', ARGV[1], 'status', 'burned', 'finished_ts', ARGV[3])", "",
+           "a burned id is not recorded: a stale owner's late step 2 places a job the new owner replaced",
+           "tests/test_layout2_stateful.py"),
+    Mutant("claim_not_fenced", "session_claim.lua", "local fenced = claim_fenced(session_key, session_id, epoch)",
+           "local fenced = nil", "a stale owner's claim moves on after the session was resumed elsewhere",
+           "tests/test_layout2_stateful.py"),
+    Mutant("claim_overwrites", "session_claim.lua",
+           "if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) then", "if false then",
+           "a claim replaces another job's claim: two jobs for one job key", "tests/test_layout2_stateful.py"),
 ]
 
 
@@ -89,7 +101,7 @@ def run(mutant: Mutant) -> tuple[bool, float, str]:
         apply(mutant, target)
         env = {**os.environ, "LUA_MUTANT_DIR": str(target), "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "mutants")}
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_lua_stateful.py", "-x", "-q", "-p", "no:cacheprovider",
+        proc = subprocess.run([sys.executable, "-m", "pytest", mutant.test, "-x", "-q", "-p", "no:cacheprovider",
                                "-p", "tests.mutants.lua_dir"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         elapsed = time.monotonic() - t0
     why = next((line.strip() for line in proc.stdout.splitlines() if line.lstrip().startswith("E ")), "")

@@ -1,0 +1,183 @@
+"""Hypothesis state machine over layout 2's two-step placement (docs/redis.md, "Scheduling
+shards"), against real Valkey (one server, and the 3-master cluster: a script touching two
+slots fails CROSSSLOT there): session_claim in the session's slot, then shard_dispatch in one
+of two shards, with resumes, late second steps, burns and answers in between.
+
+Rules: an owner claims a job key (step 1) in a shard, and runs the step 2 of any claim it
+made later, possibly after the session was resumed by a new owner (a late step 2 of a stale
+owner); a shard that refuses moves the claim to the other shard (compare-and-set); the
+session is resumed (the epoch moves on, the old owner's pending claims go stale); the new
+owner settles a claim it finds without a job (job_burn, then claims again under its own id);
+nodes take jobs, answer them, and fill up. After every step:
+
+- a job key has at most one job that is not burned, and its claim names it (or a pending
+  step 2 of the current owner, or a claim refused by every shard);
+- a burned id never holds a slot: a late step 2 after a burn places nothing;
+- a stale owner creates no job after its claim was burned, and its claims are FENCED;
+- per node: current_jobs == |job set| == dispatched jobs on it, within max_jobs;
+- a session's state and its claims live in its own slot, a job in its node's shard.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from scheduler.store import keys, lua
+from scheduler.store.keys import KeySpace
+from scheduler.store.redis_adapter import connect, load_script_sources
+
+SPACE = KeySpace(2)
+NODES = {"n0": 0, "n4": 1}  # node -> its shard
+SESSION = "s1"
+KEYS_ = [f"{SESSION}:{i}:translate:en" for i in range(4)]
+
+
+class TwoStepMachine(RuleBasedStateMachine):
+    url: str = ""
+
+    def __init__(self):
+        super().__init__()
+        for node, shard in NODES.items():  # (as the node directory gives them: the daemon learns it)
+            SPACE.learn(node, shard)
+        self.r = connect(self.url, decode_responses=True)
+        self.r.flushall()
+        self.s = {name: self.r.register_script(src) for name, src in load_script_sources().items()}
+        self.now = 1_000_000
+        self.number = 0
+        self.epoch = 1  # the current owner's epoch
+        self.r.hset(SPACE.session_key(SESSION), mapping={"epoch": 1})
+        self.pending: list[tuple[str, str, int]] = []  # (job key, job id, epoch of its claimer): step 2 not run yet
+        self.burned: set[str] = set()
+        self.made: dict[str, set[str]] = {k: set() for k in KEYS_}  # job key -> the ids of jobs created for it
+        self.answered: set[str] = set()
+        self.max_jobs = {}
+        for node, max_jobs in (("n0", 1), ("n4", 2)):
+            self.max_jobs[node] = max_jobs
+            tag = SPACE.node_tag(node)
+            self._call(*lua.register_node(node, [("zh-en", "zh", "en")], max_jobs, self.now, "i1", conn_id=f"c-{node}", tag=tag))
+
+    def teardown(self):
+        self.r.close()
+
+    def _call(self, name, keys_, args):
+        try:
+            return self.s[name](keys=keys_, args=args)
+        except redis.exceptions.ResponseError as exc:
+            return ["ERR", str(exc).split(" ", 1)[0]]
+
+    def _claim(self, job_key, job_id, epoch, replaces=""):
+        return self._call(*lua.session_claim(job_key, job_id, SESSION, KEYS_.index(job_key), "t1", "none", epoch=epoch,
+                                             replaces=replaces, tag=SPACE.session_tag(SESSION)))
+
+    def _step2(self, job_key, job_id):
+        shard = SPACE.job_shard(job_id)
+        tag = SPACE.shard_tag(shard)
+        cand = lua.read_candidates(self.r, "zh", "en", tag=tag)
+        return self._call(*lua.shard_dispatch(job_key, job_id, SESSION, KEYS_.index(job_key), "zh", "en", "t1", self.now,
+                                              30_000, 600_000, 0, cand, placed_by="i1"))
+
+    # ------------------------------------------------------------ rules
+
+    @rule(key=st.sampled_from(KEYS_), shard=st.sampled_from([0, 1]))
+    def claim(self, key, shard):
+        """The current owner claims a job key for a fresh id (step 1 only)."""
+        self.number += 1
+        job_id = SPACE.job_id(shard, self.number)
+        reply = self._claim(key, job_id, self.epoch)
+        if reply[0] == "CLAIMED":
+            self.pending.append((key, job_id, self.epoch))
+        else:
+            assert reply[0] == "EXISTS", reply
+
+    @precondition(lambda self: self.pending)
+    @rule(pick=st.integers(min_value=0, max_value=9))
+    def step2(self, pick):
+        """A claim's step 2, perhaps late (its claimer may be stale by now); a refusal moves
+        the claim to the other shard when its claimer is still the owner."""
+        key, job_id, epoch = self.pending.pop(pick % len(self.pending))
+        reply = self._step2(key, job_id)
+        if reply[0] == "OK":
+            assert job_id not in self.burned, f"a burned id {job_id} was placed"
+            self.made[key].add(job_id)
+        elif reply[0] == "EXISTS":
+            assert reply[4] == "burned" and job_id in self.burned, reply
+        elif reply[:2] == ["ERR", "NO_AVAILABLE_NODE"]:
+            other = SPACE.job_id(1 - SPACE.job_shard(job_id), int(job_id.split(".")[1]))
+            moved = self._claim(key, other, epoch, replaces=job_id)
+            if epoch != self.epoch:
+                assert moved[:2] == ["ERR", "FENCED"], moved
+            elif moved[0] == "CLAIMED":
+                self.pending.append((key, other, epoch))
+        else:
+            raise AssertionError(reply)
+
+    @rule()
+    def resume(self):
+        """The session is resumed elsewhere: the epoch moves on; claims made before stay."""
+        self.epoch = self.r.hincrby(SPACE.session_key(SESSION), "epoch", 1)
+
+    @rule(key=st.sampled_from(KEYS_))
+    def new_owner_settles(self, key):
+        """The owner finds a claim whose job it does not see: job_burn in its shard, then,
+        if burned, a claim under its own id."""
+        claimed = self.r.get(SPACE.jobkey_key(SESSION, key))
+        if not claimed or any(p[1] == claimed and p[2] == self.epoch for p in self.pending):
+            return  # (its own pending claim: it does not burn that)
+        reply = self._call(*lua.job_burn(key, claimed, self.now, tag=SPACE.job_tag(claimed)))
+        if reply[0] == "BURNED":
+            self.burned.add(claimed)
+            self.number += 1
+            mine = SPACE.job_id(self.number % 2, self.number)
+            assert self._claim(key, mine, self.epoch, replaces=claimed)[0] == "CLAIMED"
+            self.pending.append((key, mine, self.epoch))
+        else:
+            assert reply[0] == "EXISTS" and (reply[4] == "burned" or claimed in self.made[key]), (reply, self.made[key])
+
+    @rule(pick=st.integers(min_value=0, max_value=9))
+    def answer(self, pick):
+        live = sorted(j for ids in self.made.values() for j in ids if j not in self.answered)
+        if not live:
+            return
+        job_id = live[pick % len(live)]
+        tag = SPACE.job_tag(job_id)
+        node = self.r.hget(keys.job(job_id, tag=tag), "node_id")
+        key = self.r.hget(keys.job(job_id, tag=tag), "job_key")
+        reply = self._call(*lua.complete(job_id, key, node, 1, True, self.now, tag=tag, claim=False))
+        assert reply[0] == "OK", reply
+        self.answered.add(job_id)
+
+    # ------------------------------------------------------------ checks
+
+    @invariant()
+    def one_job_per_key_and_the_claim_names_it(self):
+        for key, ids in self.made.items():
+            live = [j for j in ids]
+            assert len(live) <= 1, f"{key}: jobs {sorted(live)}"
+            claimed = self.r.get(SPACE.jobkey_key(SESSION, key))
+            if live:
+                assert claimed == live[0] or any(p[0] == key and p[1] == claimed for p in self.pending), (key, claimed, live)
+
+    @invariant()
+    def slots_match_the_jobs(self):
+        for node, shard in NODES.items():
+            tag = SPACE.shard_tag(shard)
+            held = self.r.smembers(keys.node_jobs(node, tag=tag))
+            current = int(self.r.hget(keys.node_runtime(node, tag=tag), "current_jobs") or 0)
+            dispatched = {j for ids in self.made.values() for j in ids
+                          if j not in self.answered and self.r.hget(keys.job(j, tag=SPACE.job_tag(j)), "node_id") == node}
+            assert current == len(held) and held == dispatched and current <= self.max_jobs[node], (node, held, dispatched)
+            assert not held & self.burned
+
+
+EXAMPLES = {"single": 150, "cluster": 40}
+
+
+@pytest.mark.parametrize("backend", ["single", "cluster"])
+def test_two_step_placement_state_machine(backend, request):
+    TwoStepMachine.url = request.getfixturevalue("flushed_cluster_url" if backend == "cluster" else "flushed_single_url")
+    examples = min(settings().max_examples, EXAMPLES[backend])
+    run_state_machine_as_test(TwoStepMachine, settings=settings(max_examples=examples, stateful_step_count=30))
