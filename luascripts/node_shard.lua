@@ -13,7 +13,9 @@
 -- KEYS[2] {scheduler}:node_shard_counts  hash shard -> nodes given to it
 -- ARGV[1] node id, ARGV[2] the shard the caller knew it in ('' none), ARGV[3...] every shard,
 -- in the order ties are broken
-local given = redis.call('HGET', KEYS[1], ARGV[1])
+local directory = KEYS[1]
+local counts = KEYS[2]
+local given = redis.call('HGET', directory, ARGV[1])
 if given then
   return tonumber(given)
 end
@@ -21,12 +23,12 @@ local best = ARGV[2]
 if best == '' then
   local fewest = math.huge
   for i = 3, #ARGV do
-    local n = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+    local n = tonumber(redis.call('HGET', counts, ARGV[i]) or '0')
     if n < fewest then
       best, fewest = ARGV[i], n
     end
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], best)
-redis.call('HINCRBY', KEYS[2], best, 1)
+redis.call('HSET', directory, ARGV[1], best)
+redis.call('HINCRBY', counts, best, 1)
 return tonumber(best)

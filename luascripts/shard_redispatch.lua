@@ -2,6 +2,9 @@
 -- redispatch_task's contract (lib/move.lua), within the shard, with the session's preferred
 -- pool and the turn's affinity node in ARGV instead of read from the session's slot.
 --
+-- Reply: as redispatch_task's ({"OK", job_id, node_id, attempt, conn_id} or {"NOOP", ...});
+-- errors UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES.
+--
 -- KEYS[1] {scheduler:<k>.<i>}:job:<job_id>                 hash
 -- KEYS[2] {scheduler:<k>.<i>}:node:runtime:<old_node_id>   hash of the node it leaves
 -- KEYS[3] {scheduler:<k>.<i>}:node:jobs:<old_node_id>      set of the node it leaves
@@ -12,13 +15,14 @@
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms, ARGV[5] node_ttl_ms,
 -- ARGV[6] rand, ARGV[7] old node id, ARGV[8] the moving instance, ARGV[9] locality slack,
 -- ARGV[10] preferred pool, ARGV[11] affinity node ('' for none)
+local job_hash_key = KEYS[1]
 
 -- @include choose_node
 -- @include slots
 -- @include move
 
 return move_job({
-  job = KEYS[1], old_runtime = KEYS[2], old_jobs = KEYS[3], leases_key = KEYS[4], lang_key = KEYS[5],
+  job = job_hash_key, old_runtime = KEYS[2], old_jobs = KEYS[3], leases_key = KEYS[4], lang_key = KEYS[5],
   instances_key = KEYS[6], job_id = ARGV[1], expected_attempt = tonumber(ARGV[2]), now_ms = tonumber(ARGV[3]),
   lease_ms = tonumber(ARGV[4]), node_ttl_ms = tonumber(ARGV[5]), rand = tonumber(ARGV[6]), old_node = ARGV[7],
   near = ARGV[8], locality_slack = tonumber(ARGV[9]), candidates_at = {6, 11},

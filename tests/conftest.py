@@ -75,6 +75,22 @@ def redis_url(flushed_single_url):
     return flushed_single_url
 
 
+@pytest.fixture(params=["single", "cluster"])
+def single_and_cluster_url(request):
+    """The shared Valkey, then the 3-master Valkey cluster, emptied: a module that runs every
+    test on both says ``redis_url = single_and_cluster_url`` (with the adapter below)."""
+    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
+
+
+@pytest.fixture
+async def adapter(redis_url):
+    """The batching adapter on ``redis_url`` (layout 1)."""
+    from scheduler.store.redis_adapter import RedisAdapter
+
+    async with RedisAdapter(redis_url) as a:
+        yield a
+
+
 @pytest.fixture
 def redis_client(redis_url):
     client = connect(redis_url, decode_responses=True)

@@ -14,9 +14,9 @@ from scheduler.store.scheduling import SchedulingClient
 SPACE = KeySpace(3)
 
 
-@pytest.fixture(params=["single", "cluster"])
-def redis_url(request):
-    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
+@pytest.fixture
+def redis_url(single_and_cluster_url):
+    return single_and_cluster_url
 
 
 @pytest.fixture

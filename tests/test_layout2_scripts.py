@@ -11,20 +11,15 @@ from redis.crc import key_slot
 
 from scheduler.store import keys, lua
 from scheduler.store.keys import KeySpace
-from scheduler.store.redis_adapter import Fenced, JobIdTaken, NoAvailableNode, RedisAdapter, now_ms
+from scheduler.store.redis_adapter import Fenced, JobIdTaken, NoAvailableNode, now_ms
 
 SPACE = KeySpace(3)
 
 
-@pytest.fixture(params=["single", "cluster"])
-def redis_url(request):
-    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
-
-
 @pytest.fixture
-async def adapter(redis_url):
-    async with RedisAdapter(redis_url) as a:
-        yield a
+def redis_url(single_and_cluster_url):
+    """Every test here runs on one Valkey and on a 3-master Valkey cluster, both emptied."""
+    return single_and_cluster_url
 
 
 def node_in(shard: int, name: str = "n") -> str:

@@ -16,7 +16,6 @@ from scheduler.store.redis_adapter import (
     NoAvailableNode,
     NodeMismatch,
     NoPoolForLangPair,
-    RedisAdapter,
     StaleAttempt,
     StaleCandidates,
     UnknownJob,
@@ -27,16 +26,10 @@ from scheduler.store.redis_adapter import (
 from scheduler.store.scheduling import SchedulingClient
 
 
-@pytest.fixture(params=["single", "cluster"])
-def redis_url(request):
-    """Every test here runs on one Valkey and on a 3-master Valkey cluster, both emptied."""
-    return request.getfixturevalue("flushed_cluster_url" if request.param == "cluster" else "flushed_single_url")
-
-
 @pytest.fixture
-async def adapter(redis_url):
-    async with RedisAdapter(redis_url) as a:
-        yield a
+def redis_url(single_and_cluster_url):
+    """Every test here runs on one Valkey and on a 3-master Valkey cluster, both emptied."""
+    return single_and_cluster_url
 
 
 async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1", conn_id=""):
@@ -438,7 +431,7 @@ def test_scripts_never_compute_a_key_name():
 
 async def test_backend_is_what_the_parameter_says(adapter, request):
     """The cluster runs really go through RedisCluster, to all three masters' slots."""
-    cluster = request.node.callspec.params["redis_url"] == "cluster"
+    cluster = request.node.callspec.params["single_and_cluster_url"] == "cluster"
     assert adapter.cluster is cluster
     if cluster:
         # keys of other tags live on other masters and still work through the adapter
