@@ -16,9 +16,9 @@
 -- A shard that cannot take the job changes nothing (NO_AVAILABLE_NODE, ...): the caller
 -- claims again in another shard that serves the pair (session_claim's `replaces`).
 --
--- Reply: {"OK", job_id, node_id, 1, conn_id, free} (free: the slots the shard's eligible nodes
--- for the pair had left, as far as node choice looked: the daemon's hint for choosing a
--- shard) or the long {"EXISTS", ...} above.
+-- Reply: {"OK", job_id, node_id, 1, conn_id, free, slots} (free: the slots the shard's
+-- eligible nodes for the pair had left, of slots, as far as node choice looked: the daemon's
+-- hint for choosing a shard) or the long {"EXISTS", ...} above.
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES, JOB_ID_TAKEN.
 --
 -- KEYS[1] {scheduler:<k>.<i>}:job:<job_id>          hash of the job to create
@@ -48,7 +48,7 @@ if made[1] then
   return {'EXISTS', job_id, made[2] or '', tonumber(made[3] or '0'), made[4] or '', made[5] or '', tonumber(made[6] or '0')}
 end
 local pools, nodes = declared_candidates(4, 19)
-local stats = {free = 0}
+local stats = {free = 0, slots = 0}
 local chosen, conn_id = place_job({
   job = job, lang_key = KEYS[2], leases_key = KEYS[3], instances_key = KEYS[4],
   preferred = ARGV[18], affinity = ARGV[19],
@@ -60,4 +60,4 @@ local chosen, conn_id = place_job({
 if not chosen then
   return redis.error_reply(conn_id)
 end
-return {'OK', job_id, chosen, 1, conn_id, stats.free - 1}
+return {'OK', job_id, chosen, 1, conn_id, stats.free - 1, stats.slots}

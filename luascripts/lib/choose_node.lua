@@ -74,7 +74,8 @@ end
 -- before the others are looked at (stats then counts only it).
 local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
   -- load and owner of an eligible node, nil otherwise (with `stats`, a table, its free slots
-  -- are added to stats.free: layout 2 reports a shard's free slots to the placing daemon)
+  -- and its slots are added to stats.free and stats.slots: layout 2 reports a shard's free
+  -- share to the placing daemon)
   local function eligible_load(node)
     if node == exclude then return nil end
     local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner',
@@ -89,7 +90,7 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
       if lapses and tonumber(lapses) < now_ms then return nil end
     end
     local score = tonumber(info[7] or '') or 0
-    if stats then stats.free = stats.free + (max_jobs - current) end
+    if stats then stats.free, stats.slots = stats.free + (max_jobs - current), stats.slots + max_jobs end
     return math.max(current / max_jobs, score), info[5]
   end
   local in_list = {}

@@ -6,7 +6,8 @@
 -- affinity, pools, nodes (declared_candidates), the job's fields (job_id, job_key, session_id,
 -- utterance_index, src_lang, tgt_lang, turn_id, placed_by, audio, sample_rate, deadline_ms)
 -- and the placement's (now_ms, lease_ms, node_ttl_ms, key_ttl_s, rand, locality_slack); `stats`
--- (optional, a table with free = 0) gets the free slots of the eligible nodes (choose_node).
+-- (optional, a table with free = 0, slots = 0) gets the free slots and the slots of the
+-- eligible nodes (choose_node).
 -- Returns the chosen node and its connection id, or nil and the error text.
 local function place_job(j)
   local list, err = candidate_nodes(j.lang_key, j.preferred, j.pools, j.nodes)

@@ -12,8 +12,8 @@ Layout 2 (:class:`ShardedPlacer`, docs/redis.md "Scheduling shards"): a new job 
 its session's slot (session_claim), then created in a shard (shard_dispatch); a move runs in
 its job's shard (shard_redispatch). The shard of a new job: the shard of the node its turn's
 previous job went to (affinity), else the batch's shard: the better of two random shards that
-serve the pair by their free slots as last reported (an old report counts as unknown, tried
-first). A shard that refuses (no free node) changes nothing, and the claim moves to the next
+serve the pair by the free share of their slots as last reported (an old report counts as
+unknown, tried first). A shard that refuses (no free node) changes nothing, and the claim moves to the next
 shard (compare-and-set), the same one for every job of the batch that was refused, so the
 batch stays in order; only when every shard serving the pair refused does the item get the
 refusal, and the lane waits. Job ids name their shard: ``<shard>.<n>``, where ``n`` is the
@@ -138,7 +138,8 @@ class ShardedPlacer:
         self._redis = redis
         self._space = space
         self._candidates = candidates
-        self._free: dict[tuple[str, str, int], tuple[int, float]] = {}  # (src, tgt, shard) -> (free slots, when)
+        self._free: dict[tuple[str, str, int], tuple[float, float]] = {}  # (src, tgt, shard) -> (free share of its
+        # slots as last reported, when)
         self._turn_node: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()  # (session, turn) -> the node
         # of its last "keep" job, and that node's shard
         self._refused: OrderedDict[str, str] = OrderedDict()  # job key -> the id its claim names, refused by every
@@ -185,13 +186,15 @@ class ShardedPlacer:
 
     def _better_of_two(self, src: str, tgt: str, shards: list[int], rand: int) -> int:
         """Of two shards drawn by ``rand`` (the caller's random number: replayable), the one
-        with more free slots as last reported; the first drawn on a tie."""
+        with the larger free share of its slots as last reported (a share, not a count: a
+        shard of more nodes would win every draw, and one of fewer would wait until the others
+        are full); the first drawn on a tie."""
         first = shards[rand % len(shards)]
         rest = [k for k in shards if k != first]
         picks = [first, rest[(rand // len(shards)) % len(rest)]] if rest else [first]
-        return max(picks, key=lambda k: self._free_slots(src, tgt, k))
+        return max(picks, key=lambda k: self._free_share(src, tgt, k))
 
-    def _free_slots(self, src: str, tgt: str, shard: int) -> float:
+    def _free_share(self, src: str, tgt: str, shard: int) -> float:
         free, when = self._free.get((src, tgt, shard), (0, -FREE_FRESH_S))
         return free if trio.current_time() - when < FREE_FRESH_S else float("inf")
 
@@ -326,7 +329,7 @@ class ShardedPlacer:
             return
         self._refused.pop(p.job.job_key, None)
         if reply[0] == "OK":
-            self._free[(src, tgt, p.shard)] = (int(reply[5]), trio.current_time())
+            self._free[(src, tgt, p.shard)] = (int(reply[5]) / max(1, int(reply[6])), trio.current_time())
             reply = reply[:5]
             if p.job.turn_action == "keep":
                 self._remember(self._turn_node, (p.job.session_id, p.job.turn_id), (str(reply[2]), p.shard))
