@@ -42,6 +42,7 @@ from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, Unknown
 
 STALE_RETRIES = 3
 SERVING_REFRESH_S = 2.0  # layout 2: how often the shards serving a language pair are read again
+SERVING_RECHECK_S = 0.5  # ... and at most how often when every shard known to serve it refused a job
 
 
 class SchedulingClient:
@@ -111,7 +112,7 @@ class SchedulingClient:
         serving = await self._serving(src, tgt)
         replies = await self._sharded.place(src, tgt, items, ctx, serving)
         if any(isinstance(r, placing.REFUSALS) for r in replies):  # every shard we knew of refused: a shard that
-            fresh = await self._serving(src, tgt, refresh=True)  # gained its first node for the pair since may not
+            fresh = await self._serving(src, tgt, max_age=SERVING_RECHECK_S)  # gained its first node for the pair may not
             if set(fresh) - set(serving):
                 again = [i for i, r in enumerate(replies) if isinstance(r, placing.REFUSALS)]
                 for i, reply in zip(again, await self._sharded.place(src, tgt, [items[i] for i in again], ctx, fresh),
@@ -119,11 +120,12 @@ class SchedulingClient:
                     replies[i] = reply
         return replies
 
-    async def _serving(self, src: str, tgt: str, *, refresh: bool = False) -> list[int]:
-        """The shards with a pool of the pair, as read at most ``SERVING_REFRESH_S`` ago."""
+    async def _serving(self, src: str, tgt: str, *, max_age: float = SERVING_REFRESH_S) -> list[int]:
+        """The shards with a pool of the pair, as read at most ``max_age`` seconds ago (a
+        blocked lane retries often: it reads them again at most every ``SERVING_RECHECK_S``)."""
         pair = (src, tgt)
         seen = self._serving_read.get(pair)
-        if refresh or seen is None or trio.current_time() - seen[1] >= SERVING_REFRESH_S:
+        if seen is None or trio.current_time() - seen[1] >= max_age:
             found = [k for k in range(self._space.shards) if (await self.shard_candidates(src, tgt, k, True)).pools]
             seen = self._serving_read[pair] = (found, trio.current_time())
         return seen[0]
