@@ -43,7 +43,7 @@ def describe(redis: RedisAdapter) -> dict[str, object]:
     count and how many shards each primary owns (from the cluster client's slot map)."""
     space = redis.space
     per_primary: dict[str, int] = {}
-    for primary in redis.primaries_of([f"{tag}:probe" for tag in space.shard_tags]):
+    for primary in redis.shard_primaries():
         per_primary[primary] = per_primary.get(primary, 0) + 1
     return {"layout": layout_value(space), "shards": space.shards, "shards_per_primary": per_primary}
 

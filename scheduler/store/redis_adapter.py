@@ -261,12 +261,13 @@ class RedisAdapter:
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
         event(log, "redis_connected", url=redacted(self.url), cluster=self.cluster)
 
-    def primaries_of(self, keys: list[str]) -> list[str]:
-        """The primary (``host:port``) each key lives on, from the cluster client's slot map
-        (no round trip); one server: its redacted URL for each."""
+    def shard_primaries(self) -> list[str]:
+        """The primary (``host:port``) each scheduling shard's tag lives on, from the cluster
+        client's slot map (no round trip); one server: its redacted URL for each."""
+        tags = self.space.shard_tags
         if not self.cluster:
-            return [redacted(self.url)] * len(keys)
-        return [self._client.get_node_from_key(key).name for key in keys]
+            return [redacted(self.url)] * len(tags)
+        return [self._client.get_node_from_key(f"{tag}:probe").name for tag in tags]
 
     @property
     def script_names(self) -> list[str]:

@@ -51,8 +51,7 @@ class SchedulingClient:
         self._space = redis.space
         self._id_block = id_block
         self._ids: deque[str] = deque()
-        self._candidates: dict[tuple[str, str], lua.Candidates] = {}
-        self._shard_candidates: dict[tuple[str, str, int], lua.Candidates] = {}  # layout 2
+        self._shard_candidates: dict[tuple[str, str, int], lua.Candidates] = {}  # (src, tgt, shard) -> as last read
         self._serving_read: dict[tuple[str, str], tuple[list[int], float]] = {}  # layout 2: pair -> (shards, when read)
         self._sharded = placing.ShardedPlacer(redis, self._space, self.shard_candidates)
         self._order: list[int] | None = None  # layout 2: shards in the node directory's tie order
@@ -63,7 +62,7 @@ class SchedulingClient:
         robin over the primaries, from the cluster client's slot map): the node directory
         gives new nodes the emptiest shard, ties in this order."""
         if self._order is None:
-            owners = self._redis.primaries_of([f"{t}:probe" for t in self._space.shard_tags])
+            owners = self._redis.shard_primaries()
             by_primary: dict[str, list[int]] = {}
             for shard, owner in enumerate(owners):
                 by_primary.setdefault(owner, []).append(shard)
@@ -94,15 +93,8 @@ class SchedulingClient:
         return (await self.job_ids(1))[0]
 
     async def candidates(self, src: str, tgt: str, *, refresh: bool = False) -> lua.Candidates:
-        pair = (src, tgt)
-        if refresh or pair not in self._candidates:
-            self.candidate_refreshes += 1
-            pools = sorted(await self._redis.command("HKEYS", keys.lang_pools(src, tgt)))
-            members: set[str] = set()
-            for pool in pools:
-                members.update(await self._redis.command("SMEMBERS", keys.pool_members(pool)))
-            self._candidates[pair] = lua.Candidates(tuple(pools), tuple(sorted(members)))  # (layout 1: one shard)
-        return self._candidates[pair]
+        """The pools of a pair and their members (layout 1: its one shard), cached."""
+        return await self.shard_candidates(src, tgt, 0, refresh)
 
     async def place_many(self, src: str, tgt: str, items: list[placing.Item], ctx: placing.Context) -> list[Any]:
         """Place these new jobs and moves of one language pair, oldest first: one reply per
@@ -131,7 +123,7 @@ class SchedulingClient:
         return seen[0]
 
     async def shard_candidates(self, src: str, tgt: str, shard: int, refresh: bool = False) -> lua.Candidates:
-        """The pools of a pair in one shard and their members (layout 2), cached."""
+        """The pools of a pair in one shard and their members, cached (layout 1 has shard 0 only)."""
         entry = (src, tgt, shard)
         if refresh or entry not in self._shard_candidates:
             self.candidate_refreshes += 1
