@@ -3,7 +3,9 @@
 -- Used when the answer is no longer wanted (session ended) or the job could not be handed
 -- to its node. A job that is finished, failed or cancelled is left as it is.
 -- Reply: {"OK", node_id, attempt} when cancelled (node_id "" for a waiting job),
--- {"NOOP", status} otherwise (also for an unknown job, status "").
+-- {"NOOP", status} otherwise (also for an unknown job, status ""); a job that moved to another
+-- shard (layout 2, job_move_out.lua) replies {"NOOP", "moved", the job id it became}: the
+-- caller releases that one.
 -- Errors: JOBKEY_MISMATCH (KEYS[5] is not this job's job key: caller bug; nothing changed).
 --
 -- KEYS[1] {scheduler}:job:<job_id>               hash
@@ -25,6 +27,9 @@ local done_ttl_s = tonumber(ARGV[3])
 -- @include slots
 
 local j = redis.call('HMGET', job_key_hash, 'node_id', 'attempt', 'status')
+if j[3] == 'moved' then
+  return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}
+end
 if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then
   return {'NOOP', j[3] or ''}
 end

@@ -203,6 +203,8 @@ class Instance:
             a refusal may have resolved the job already, which acting never does before raising)."""
             left, after = self.act_crash
             placed = isinstance(reply, list) and reply[0] == "OK"
+            if placed:  # (the order the dispatcher acts on placements: its lane's order, also for an id it reused)
+                self.h.placed_seq.setdefault(str(reply[1]), len(self.h.placed_seq))
             if left > 0 and (placed or isinstance(reply, BaseException) and not after):
                 self.act_crash = (left - 1, after)
                 self.act_crashed_at = trio.current_time()
@@ -310,6 +312,7 @@ class DispatcherHarness:
         self._inflight = 0
         self.handed: list[tuple[str, str, int, str, str]] = []  # placements: (job key, job id, attempt, node id, by instance)
         self.flushes: list[int] = []  # len(handed) each time Redis lost its data
+        self.placed_seq: dict[str, int] = {}  # job id -> when the dispatcher acted on its placement (0, 1, ...)
         self.lose_outcomes = 0  # relayed answers to lose (Pub/Sub drops a message)
         self.not_reading: set[str] = set()  # nodes whose outbox is full: a hand-over here fails
         self.acts_crashed: list[str] = []  # job keys whose placement's handling raised (Instance.act_crash)

@@ -78,9 +78,10 @@ NODES = ("n0", "n1", "n2")
 
 
 def placed_order(job_id: str) -> int:
-    """Where a job's first placement came in its instance's order: the number it was given
-    (a layout-2 id is ``<shard>.<number>``)."""
+    """The number of a job id (a layout-2 id is ``<shard>.<number>``)."""
     return int(job_id.rpartition(".")[2])
+
+
 JOB_FIELDS = ("job_key", "session_id", "utterance_index", "src_lang", "tgt_lang", "turn_id", "sample_rate", "audio",
               "placed_by", "conn_id", "deadline_ms", "lease_deadline_ts")
 EPS = 1e-6
@@ -101,6 +102,7 @@ EVENTS = {  # dispatcher event -> its level
     "orphan_sweep_failed": logging.WARNING, "orphan_sweep_recovered": logging.INFO,
     "remote_watch_failed": logging.WARNING, "remote_watch_recovered": logging.INFO,
     "claim_burned": logging.INFO,  # layout 2: a claim whose job never came (store/placing.py)
+    "job_relocated": logging.INFO,  # layout 2: a move its shard could not take went to another shard (store/placing.py)
 }
 
 
@@ -164,6 +166,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         # once Redis knew of the drain (no new one since)
         self.fenced: set[str] = set()
         self.act_failures: list[str] = []  # job keys of the placement_crashed records (act_crash)
+        self.killed_moving: tuple[set[str], float] = (set(), 0.0)  # (job ids i2 was moving, when) at its kill
         self.astray: set[str] = set()  # job ids whose records a path set astray on purpose (orphan_key_mismatch)
         self.epochs = dict.fromkeys(SESSIONS, 1)  # each session's epoch as its owner knows it
         self.blocked: dict[tuple[str, str], int] = {}  # pair -> dispatch_blocked minus dispatch_unblocked events
@@ -559,6 +562,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         """kill -9 of i2 while it holds something: jobs it placed, or nodes with jobs."""
         for job in self.jobs.values():
             job.owner_killed = job.owner_killed or job.instance == "i2"
+        # its moves still queued (behind a blocked lane's head) never reached Redis: their leases lapsed
+        # there while it held them; the orphan sweep releases them once its liveness lapsed (the lease check)
+        self.killed_moving = ({p.job_id for p in self.h["i2"].dispatcher._moving.values()}, self.now)
         self.do("kill", self.h.kill, "i2")
 
     @precondition(lambda self: not self.h["i2"].alive)
@@ -628,8 +634,10 @@ class DispatcherMachine(RuleBasedStateMachine):
                  "none", 1), (key, r)
             assert abs(r.deadline - original.deadline) < 0.01, (key, r.deadline, original.deadline)
             assert self.r.hget(self.k.job(job["job_id"]), "placed_by") == "i1", key
-            if p.attempt == int(job["attempt"]):  # (not placed again since)
-                assert (p.job_id, p.node_id, p.conn_id) == (job["job_id"], job["node_id"], job.get("conn_id", "")), (key, p, job)
+            if p.attempt == int(job["attempt"]):  # (not placed again since; in layout 2 it may have moved across shards,
+                moved = p.job_id in self._moved_chain(job["job_id"])  # waiting, under the id it became)
+                assert (p.job_id if not moved else job["job_id"], p.node_id, p.conn_id) == \
+                    (job["job_id"], job["node_id"], job.get("conn_id", "")), (key, p, job)
                 lease = (int(job["lease_deadline_ts"]) / 1000 - base)
                 assert abs(p.lease_deadline - lease) < 0.01 or job["status"] == "waiting", (key, p.lease_deadline, lease)
 
@@ -773,6 +781,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 if key in h.unheard:
                     continue  # answered; its placer learns it at its next remote watch
                 conn = instance.nodes.get(p.node_id) or (h.where.get(p.node_id) and h[h.where[p.node_id]].nodes.get(p.node_id))
+                if p.job_id in self.killed_moving[0] and p.attempt == int(self.r.hget(self.k.job(p.job_id), "attempt") or 0):
+                    continue  # adopted from the killed i2, which was moving it (its hand-over failed): its node never got it
                 if conn and conn.conn_id == p.conn_id:  # placed on this very connection: it has the job
                     got = h.held[p.node_id].get(p.job_id)
                     assert got is not None and (got.job_key, got.attempt) == (key, p.attempt), \
@@ -789,6 +799,23 @@ class DispatcherMachine(RuleBasedStateMachine):
             # moved, cancelled or released by its instance or the orphan sweep: told job_cancel
             assert live == ["dispatched", node, str(attempt)], f"{node} still holds job {job_id} attempt {attempt}: {live}"
 
+    def _origin(self, job_id: str) -> str:
+        """Layout 2: the id a job had before it moved across shards while waiting (``moved_from``,
+        job_move_in.lua; the last one handed to a node), else its own."""
+        for _ in range(16):
+            before = self.r.hget(self.k.job(job_id), "moved_from")
+            if not before or self.r.hget(self.k.job(job_id), "attempt") != self.r.hget(self.k.job(before), "attempt"):
+                break
+            job_id = before
+        return job_id
+
+    def _moved_chain(self, job_id: str) -> list[str]:
+        """Layout 2: the ids a job took moving across shards (``moved_to``, job_move_out.lua), in order."""
+        chain = []
+        while len(chain) < 16 and (nxt := self.r.hget(self.k.job(job_id), "moved_to")):
+            chain.append(job_id := nxt)
+        return chain
+
     def _check_sessions(self):
         outcomes: dict[str, list[tuple[int, JobOutcome]]] = {}
         told: dict[tuple[str, str], list[str | None]] = {}
@@ -804,8 +831,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         for key, job in self.jobs.items():
             got = outcomes.get(key, [])
             if key in self.h.acts_crashed:  # handling its placement raised: it failed INTERNAL, once
-                if key in self.resubmitted:  # (and a copy may fail FENCED, or be blocked as a duplicate)
-                    got = [(n, o) for n, o in got if o.translation.error != "FENCED"]
+                if key in self.resubmitted:  # (and a copy may fail FENCED, or be blocked as a duplicate; or the copy
+                    got = [(n, o) for n, o in got if o.translation.error != "FENCED"]  # crashed, and the original was
+                    got = [(n, o) for n, o in got if (o.translation.status, o.translation.text) != job.answer]  # answered)
                 assert [(o.translation.status, o.translation.error) for _, o in got] == [("FAILED", "INTERNAL")], (key, got)
                 continue
             if key in self.resubmitted and key.split(":")[0] in self.fenced:  # the copy may fail FENCED
@@ -833,16 +861,16 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert codes[0] is not None, f"{key}: 'placed' before 'waiting': {codes}"
 
     def _check_order(self):
-        """Per instance, language pair and session, first placements in submission order:
-        fresh jobs take their ids in the order they are placed (one ordered pipeline per
-        batch), so the ids of a session's first attempts, in order, must name its jobs in
-        submission order (sessions take turns: fairqueue.py)."""
+        """Per instance, language pair and session, first placements in submission order (the
+        order the dispatcher acted on them, ``placed_seq``: its lanes' order; not their ids: a
+        dispatch whose reply was lost is repeated under the id it took before) (sessions take
+        turns: fairqueue.py)."""
         first: dict[tuple[str, tuple[str, str], str], dict[str, int]] = {}
         before: set[str] = set()  # keys placed before Redis lost its data: placed again out of turn
         for handed in self.h.generations():
             for key, job_id, attempt, _, by in handed:
-                if attempt == 1 and self.jobs[key].instance == by and key not in before:  # (an adopted job too)
-                    first.setdefault((by, self.jobs[key].pair, key.split(":")[0]), {})[key] = placed_order(job_id)
+                if attempt == 1 and self.jobs[key].instance == by and key not in before and job_id in self.h.placed_seq:
+                    first.setdefault((by, self.jobs[key].pair, key.split(":")[0]), {})[key] = self.h.placed_seq[job_id]
             before |= {key for key, *_ in handed}
         for (by, pair, session), ids in first.items():
             seqs = [self.jobs[k].seq for k in sorted(ids, key=ids.get)]
@@ -853,8 +881,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         """Sessions take turns in a lane: a job submitted at a quiet point with ``ahead`` jobs
         of its own session queued before it waits behind at most ``ahead + 1`` first
         placements of any other session (same instance and pair) until it is placed itself.
-        Placement order is job id order (an instance takes its ids in the order it places),
-        not hand-over order: a job placed on another instance's node is handed over later,
+        Placement order is the order the dispatcher acted on them (``placed_seq``), not
+        hand-over order: a job placed on another instance's node is handed over later,
         through the relay, than one placed after it on a node here."""
         if self.h.flushes:
             return  # (job ids and placements start afresh after Redis lost its data)
@@ -865,12 +893,14 @@ class DispatcherMachine(RuleBasedStateMachine):
             job = self.jobs[key]
             if job.ahead is None:
                 continue
-            session, job_id = key.split(":")[0], placed_order(handed[pos][1])
+            session, job_id = key.split(":")[0], self.h.placed_seq.get(handed[pos][1])
+            if job_id is None:
+                continue  # (adopted: not placed by this instance's lanes)
             others: dict[str, int] = {}
             for i in range(job.mark, len(handed)):  # (handed after it was submitted, placed before it)
                 other = handed[i][0]
                 if first_at.get(other) == i and other.split(":")[0] != session and handed[i][4] == job.instance \
-                        and self.jobs[other].pair == job.pair and placed_order(handed[i][1]) < job_id:
+                        and self.jobs[other].pair == job.pair and self.h.placed_seq.get(handed[i][1], job_id) < job_id:
                     others[other.split(":")[0]] = others.get(other.split(":")[0], 0) + 1
             worst = max(others.values(), default=0)
             assert worst <= job.ahead + 1, (f"{key} ({job.ahead} of its own ahead) waited behind {worst} jobs of another "
@@ -886,6 +916,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         live = [p for i in self._live() for p in i.dispatcher.placed.values()
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard]
         moving = [m for i in self._live() for m in i.dispatcher._moving.values()]
+        relocating = {job_id for i in self._live() for job_id in i.dispatcher._scheduling._sharded._moves._relocating}
         for p in live + moving:
             pipe.hmget(self.k.job(p.job_id), "status", "node_id", "attempt")
         for p in live:
@@ -901,7 +932,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         for m in moving:  # still on the node it leaves, or waiting (its slot released) for a new one, or (a move whose
             status, node, attempt = next(replies)  # reply was lost) on a new node at attempt + 1, until the move is repeated
             assert (status, attempt) == ("dispatched", str(m.attempt)) and node == m.node_id or status == "waiting" \
-                or m.uncertain and (status, attempt) == ("dispatched", str(m.attempt + 1)), (m, status)
+                or m.uncertain and (status, attempt) == ("dispatched", str(m.attempt + 1)) \
+                or self.SHARDS > 1 and status == "moved" and m.job_id in relocating, (m, status)  # (layout 2: it left its
+        # shard, and stopped half way to the other: its placer goes on at its next try)
         for i in self._live():
             for p in i.dispatcher.placed.values():
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard:
@@ -916,6 +949,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 placed_by = self.r.hget(self.k.job(job_id), "placed_by")  # a previous life's job: its restarted
                 if self.now < self.h.restarted_at.get(placed_by, float("-inf")) + SWEEP_S + EPS:  # instance's first sweep
                     continue
+                if job_id in self.killed_moving[0] and self.now < self.killed_moving[1] + ORPHAN_GRACE_MS / 1000 + SWEEP_S + EPS:
+                    continue  # (moving on its killed placer's books: the sweep's, once its liveness lapsed)
                 assert job_id in mine | self.astray, f"lease of job {job_id} lapsed long ago: {self.r.hgetall(self.k.job(job_id))}"
         books = {p.job_id for i in self.h.lives() for p in [*i.dispatcher.placed.values(), *i.dispatcher._moving.values()]}
         books |= {job_id for i in self.h.lives() for job_id in i.dispatcher._owed_releases}  # (an outage)
@@ -925,6 +960,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         for handed in self.h.generations():  # (a job Redis lost is created again)
             ids: dict[str, str] = {}
             for key, job_id, *_ in handed:
+                if ids.get(key, job_id) != job_id and job_id in self._moved_chain(ids[key]):
+                    ids[key] = job_id  # (layout 2: it moved across shards, job_move_out naming the id it became)
                 assert ids.setdefault(key, job_id) == job_id, f"{key} created twice: jobs {ids[key]} and {job_id}"
 
     def _check_job_hash(self, instance_id, p, job):
@@ -959,8 +996,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert f.get("job_key") in self.jobs, r.getMessage()
             if name == "job_moving":  # (an instance whose liveness lapsed in an outage is not dead)
                 assert f["reason"] != "NODE_INSTANCE_LOST" or not self.lapsed, r.getMessage()
-                assert f["reason"] in REASONS and (f["job_key"], f["job_id"], f["attempt"], f["from_node"]) in handed, \
-                    r.getMessage()
+                assert f["reason"] in REASONS and (f["job_key"], self._origin(f["job_id"]), f["attempt"], f["from_node"]) \
+                    in handed, r.getMessage()  # (a job made waiting by a move across shards: its node was its origin's)
             elif name in ("dispatch_blocked", "dispatch_unblocked"):
                 assert (f["src_lang"], f["tgt_lang"]) in PAIRS and isinstance(f["waiting"], int), r.getMessage()
                 pair = (f["src_lang"], f["tgt_lang"])
@@ -970,10 +1007,15 @@ class DispatcherMachine(RuleBasedStateMachine):
             elif name == "job_failed":
                 assert f["error"] in CODES, r.getMessage()
             elif name == "duplicate_job_blocked":
-                assert f["job_key"] in self.resubmitted and f["job_id"] == self.r.get(self.k.jobkey(f["job_key"])), r.getMessage()
+                claim = self.r.get(self.k.jobkey(f["job_key"]))  # (or the job it became, moving across shards since)
+                assert f["job_key"] in self.resubmitted and claim in [f["job_id"], *self._moved_chain(f["job_id"])], r.getMessage()
             elif name == "claim_burned":  # never placed: no node ever got it, and Redis keeps it burned
                 assert self.SHARDS > 1 and f["job_id"] not in {job_id for _, job_id, *_ in self.h.handed}, r.getMessage()
                 assert self.r.hget(self.k.job(f["job_id"]), "status") in ("burned", None), r.getMessage()
+            elif name == "job_relocated":  # left its shard "moved" for the id it became, made there waiting or later
+                old = self.r.hmget(self.k.job(f["job_id"]), "status", "moved_to", "attempt")
+                assert self.SHARDS > 1 and old[:2] == ["moved", f["to_job_id"]] and old[2] == str(f["attempt"]), (r.getMessage(), old)
+                assert self.r.hget(self.k.job(f["to_job_id"]), "moved_from") in (f["job_id"], None), r.getMessage()
             elif name == "jobs_adopted":
                 assert f["session_id"] == "s2" and f["jobs"] > 0, r.getMessage()
             elif name == "orphan_release_refused":  # (orphan_key_mismatch) cancel_task refused a dead instance's job
@@ -1027,8 +1069,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                 for node in self.connected}
 
     def check_no_idle_slot(self, free_before: dict[str, int]):
-        """After time moved: no lane of fresh jobs waits while a node of its pair has had room
-        for a whole retry interval (a slot freed by another instance, e.g. by a lease running
+        """After time moved: no lane waits while a node of its pair has had room (other than a
+        node one of its moves leaves) for a whole retry interval (a slot freed by another instance, e.g. by a lease running
         out there, is not announced: the lane sees it at its next retry)."""
         free_now = self._free_slots()
         if max(i.act_crashed_at for i in self.h.lives()) >= self.now - RETRY_S - EPS:
@@ -1038,11 +1080,12 @@ class DispatcherMachine(RuleBasedStateMachine):
             if instance.crashed_at >= self.now - RETRY_S - EPS:
                 continue  # a lane crashed within the interval: it pauses one retry interval
             for pair, lane in d._lanes.items():
-                if not lane.queue or any(r.job_key in d._moving for r in lane.queue):
+                if not lane.queue:
                     continue
-                for node, free in free_now.items():
+                left = {d._moving[r.job_key].node_id for r in lane.queue if r.job_key in d._moving}  # (a move avoids
+                for node, free in free_now.items():  # the node it leaves; in layout 2 it goes to another shard too)
                     conn = self.h[self.h.where[node]].nodes.get(node)
-                    if list(pair) in conn.registration.lang_pairs and min(free, free_before.get(node, 0)) > 0:
+                    if node not in left and list(pair) in conn.registration.lang_pairs and min(free, free_before.get(node, 0)) > 0:
                         raise AssertionError(f"{instance.id} {pair}: {len(lane.queue)} jobs wait while {node} has {free} free")
 
     # ------------------------------------------------------------ the end

@@ -408,6 +408,34 @@ async def test_daemon_on_a_redis_cluster_dispatches_moves_and_answers(start_daem
             assert status == 200 and {n["node_id"] for n in json.loads(body)["nodes"]} == {"n1", "n2"}
 
 
+async def test_sharded_daemon_moves_a_job_across_shards_when_its_shard_has_no_node(start_daemon, flushed_cluster_url):
+    """Key layout 2 on the cluster (``--redis-shards 2``): the node directory puts n1 and n2 in
+    two shards; n1 is lost with a job, and its shard has no other node: the job moves across
+    shards (a new id in n2's shard, attempt 2), is answered there, and the session gets it; the
+    move is counted and logged."""
+    daemon = await start_daemon(redis_url=flushed_cluster_url, redis_shards=2)
+    async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
+        await n1.register("n1", max_jobs=2)
+        async with session(daemon) as s:
+            await s.send_raw(SPEECH_100MS)
+            await s.send(type="finalize")
+            with trio.fail_after(5):
+                job = await n1.recv()
+            await n2.register("n2", max_jobs=2)
+            space = daemon.redis.space
+            assert space.node_shard("n1") != space.node_shard("n2")
+            await n1.ws.aclose()
+            with trio.fail_after(5):
+                again = await n2.recv()
+            assert again["type"] == "job_assign" and again["attempt"] == 2 and again["job_key"] == job["job_key"]
+            assert space.job_shard(again["job_id"]) == space.node_shard("n2") != space.job_shard(job["job_id"])
+            await n2.send(type="job_result", job_id=again["job_id"], attempt=2, status="ok", source_text="s", text="moved")
+            result, _ = await s.recv_until("result")
+            assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "moved"
+            _, body = await trio.to_thread.run_sync(http_get, daemon.admin_port, "/metrics")
+            assert 'scheduler_placement_shard_events_total{event="relocated"} 1.0' in body
+
+
 async def test_a_waiting_backlog_is_placed_in_shared_pipelines(daemon):
     """Jobs queued while no node was free are placed together once one is: their
     dispatch_task calls share Redis pipelines instead of one round trip each (a serial lane

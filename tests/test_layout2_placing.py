@@ -152,3 +152,62 @@ async def test_a_lost_dispatch_is_cancelled_through_its_claim(client, redis_clie
     assert await client.cancel(number, "s1:0:translate:en", "") == ["OK", node, 1]
     assert redis_client.hget(keys.job(placed[1], tag=SPACE.shard_tag(0)), "status") == "cancelled"
     assert await client.cancel("999", "s1:1:translate:en", "") is None, "never claimed: nothing to cancel"
+
+
+async def test_a_move_its_shard_cannot_take_moves_across_shards(client, redis_client):
+    """The only node of shard 1 is lost; shard 2 serves the pair: the job leaves shard 1
+    ("moved", with the id it became), its claim follows, and it runs in shard 2 at attempt 2."""
+    a, b = node_in(1, "a"), node_in(2, "b")
+    await register(client, a)
+    (number,) = await client.job_ids(1)
+    placed = (await place(client, new_job(number, 0)))[0]
+    assert placed[1] == f"1.{number}"
+    await register(client, b)
+    client._serving_read.clear()  # (shard 2 serves the pair since: read again)
+    move = placing.MoveJob(placed[1], a, 1, "s1", "t1", "zh", "en", 0)
+    moved = (await place(client, move))[0]
+    new = client.relocated(placed[1])
+    assert new is not None and new.startswith("2."), new
+    assert moved[:4] == ["OK", new, b, 2]
+    old_hash = redis_client.hgetall(keys.job(placed[1], tag=SPACE.shard_tag(1)))
+    assert (old_hash["status"], old_hash["moved_to"]) == ("moved", new)
+    new_hash = redis_client.hgetall(keys.job(new, tag=SPACE.shard_tag(2)))
+    assert (new_hash["status"], new_hash["attempt"], new_hash["moved_from"]) == ("dispatched", "2", placed[1])
+    assert new_hash["job_key"] == "s1:0:translate:en" and new_hash["deadline_ms"] == old_hash["deadline_ms"]
+    assert redis_client.get(SPACE.jobkey_key("s1", "s1:0:translate:en")) == new, "the claim follows the job"
+    assert client.relocated(placed[1]) is None, "told once"
+    # a release of the old id follows it to the job it became
+    assert await client.cancel(placed[1], "s1:0:translate:en", a) == ["OK", b, 2]
+    assert redis_client.hget(keys.job(new, tag=SPACE.shard_tag(2)), "status") == "cancelled"
+    assert redis_client.hget(keys.node_runtime(b, tag=SPACE.shard_tag(2)), "current_jobs") == "0"
+
+
+async def test_a_release_racing_a_move_across_shards_burns_the_job_it_becomes(client, redis_client):
+    """The old job left its shard but the new one is not made yet: a release that follows
+    ``moved_to`` burns the new id, and the move then creates nothing."""
+    a, b = node_in(1, "a"), node_in(2, "b")
+    await register(client, a)
+    await register(client, b)
+    (number,) = await client.job_ids(1)
+    job = new_job(number, 0)
+    old = f"1.{number}"
+    await client._redis.script(*lua.session_claim(job.job_key, old, "s1", 0, "t1", "none", tag=SPACE.session_tag("s1")))
+    cand = await client.shard_candidates("zh", "en", 1, True)
+    await client._redis.script(*lua.shard_dispatch(job.job_key, old, "s1", 0, "zh", "en", "t1", now_ms(), 30_000, 6_000,
+                                                   0, cand, deadline_ms=job.deadline_ms))
+    await client._redis.command("HSET", keys.job(old, tag=SPACE.shard_tag(1)), "status", "waiting")
+    new = f"2.{number}9"
+    out = await client._redis.script(*lua.job_move_out(old, 1, new, now_ms(), tag=SPACE.shard_tag(1)))
+    assert out[0] == "OK"
+    again = await client._redis.script(*lua.job_move_out(old, 1, new, now_ms(), tag=SPACE.shard_tag(1)))
+    assert again[0] == "OK" and dict(zip(again[1::2], again[2::2], strict=True)).get("job_key") == job.job_key, "a repeat replies again"
+    assert (await client._redis.script(*lua.job_move_out(old, 1, "2.77", now_ms(), tag=SPACE.shard_tag(1))))[0] == "NOOP"
+    assert await client.cancel(old, job.job_key, a) == ["NOOP", "burned"]
+    assert redis_client.hget(keys.job(new, tag=SPACE.shard_tag(2)), "status") == "burned"
+    fields = dict(zip(out[1::2], out[2::2], strict=True))
+    claim = SPACE.jobkey_key("s1", job.job_key)
+    assert await client._redis.script(*lua.claim_move(claim, old, new, 300)) == ["MOVED"]
+    assert await client._redis.script(*lua.claim_move(claim, old, new, 300)) == ["MOVED"], "idempotent"
+    assert await client._redis.script(*lua.claim_move(claim, old, "2.5", 300)) == ["EXISTS", new]
+    got = await client._redis.script(*lua.job_move_in(new, job.job_key, old, fields, tag=SPACE.shard_tag(2)))
+    assert got == ["EXISTS", "burned", 0], "burned first: the move creates nothing"

@@ -144,7 +144,8 @@ class Metrics:
             "failed refreshes longer than owner_ttl_ms, or Redis lost its data) and took its records back", registry=r)
         self.placement_shard_events_total = Counter(
             p + "placement_shard_events_total", "Key layout 2 (--redis-shards): claims moved to another shard after a "
-            "shard had no free node (moved), and claims of jobs that never came, burned and claimed again (burned)",
+            "shard had no free node (moved), claims of jobs that never came, burned and claimed again (burned), and jobs "
+            "that moved across shards because theirs had no free node when they had to move (relocated)",
             ["event"], registry=r)
         self.redis_retries_total = Counter(
             p + "redis_retries_total", "Writes repeated after an ambiguous or refused outcome (node answers, slot releases), "

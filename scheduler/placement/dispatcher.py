@@ -363,6 +363,9 @@ class Dispatcher:
             replies = await self._scheduling.place_many(lane.pair[0], lane.pair[1], items, ctx)
         except RedisUnavailable as exc:
             replies = [exc] * len(batch)
+        for moving in movings:  # (layout 2: a job that moved across shards has a new id there; placing.py)
+            if moving is not None and (new_id := self._scheduling.relocated(moving.job_id)) is not None:
+                moving.job_id = new_id
         replies = [self._resolve(r, m, i, reply) for r, m, i, reply in zip(batch, movings, ids, replies, strict=True)]
         codes: list[str | None] = []
         remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances

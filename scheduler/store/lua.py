@@ -187,6 +187,37 @@ def job_burn(job_key: str, job_id: str, now_ms: int, *, tag: str) -> Call:
     return "job_burn", [keys.job(job_id, tag=tag)], [job_key, job_id, now_ms, keys.DONE_TTL_S]
 
 
+MOVE_IN_SKIPS = frozenset({"job_id", "job_key", "status", "finished_ts", "moved_to", "moved_from"})
+"""Fields of a job leaving its shard that are not copied to the job it becomes (the rest, its
+node, attempt and lease included, are what a job waiting in its shard keeps in layout 1)."""
+
+
+def job_move_out(job_id: str, expected_attempt: int, moved_to: str, now_ms: int, *, tag: str) -> Call:
+    """Layout 2: a waiting job leaves its shard for ``moved_to`` in another (luascripts/job_move_out.lua)."""
+    return "job_move_out", [keys.job(job_id, tag=tag)], [expected_attempt, moved_to, now_ms, keys.DONE_TTL_S]
+
+
+def claim_move(claim_key: str, from_id: str, to_id: str, claim_ttl_s: int) -> Call:
+    """Layout 2: the job key's claim (``claim_key``, in the session's slot) follows its job
+    to another shard (luascripts/claim_move.lua)."""
+    return "claim_move", [claim_key], [from_id, to_id, claim_ttl_s]
+
+
+def job_move_in(job_id: str, job_key: str, moved_from: str, fields: dict[str, str], *, tag: str) -> Call:
+    """Layout 2: the job that left ``moved_from`` is created as ``job_id``, waiting, in its new
+    shard (luascripts/job_move_in.lua); ``fields``: the old job's hash."""
+    kept = [x for name, value in sorted(fields.items()) if name not in MOVE_IN_SKIPS for x in (name, value)]
+    return "job_move_in", [keys.job(job_id, tag=tag)], [job_id, job_key, moved_from, keys.KEY_TTL_S, *kept]
+
+
+def shard_free(src: str, tgt: str, now_ms: int, node_ttl_ms: int, leaving: str, candidates: Candidates) -> Call:
+    """Layout 2, read only: the free slots and slots of the eligible nodes for a pair in the
+    shard of ``candidates.tag``, not counting ``leaving`` (luascripts/shard_free.lua)."""
+    t = candidates.tag
+    return ("shard_free", [keys.lang_pools(src, tgt, tag=t), keys.instances(tag=t), *candidates.keys()],
+            [now_ms, node_ttl_ms, leaving, *candidates.args()])
+
+
 def node_shard(node_id: str, order: list[int], known: int | None = None) -> Call:
     """Layout 2: the node's shard from the node directory, given now if it has none
     (luascripts/node_shard.lua); ``order``: every shard, ties broken in this order; ``known``:

@@ -21,6 +21,9 @@ number the dispatcher allocated; a claim found under the same ``n`` in another s
 job's own (a repeat after a lost reply), any other is settled with job_burn: a job that
 exists (whatever its status: as in layout 1, a job key is placed once) makes the item a
 duplicate (``EXISTS``); one that never came, or was burned, is claimed again.
+
+A move stays in its job's shard while that shard has a free node; when it has none and
+another shard serving the pair has one, the job moves across shards (store/relocating.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import trio
 
 from scheduler.ops.logs import event
 from scheduler.store import lua
+from scheduler.store.items import Context, Item, MoveJob, NewJob
 from scheduler.store.keys import KeySpace
 from scheduler.store.redis_adapter import (
     EmptyPool,
@@ -45,62 +49,15 @@ from scheduler.store.redis_adapter import (
     StaleCandidates,
     now_ms,
 )
+from scheduler.store.relocating import Relocator, remember
 
 log = logging.getLogger("scheduler.dispatcher")  # (placement's events are the dispatcher's)
 
 STALE_RETRIES = 3
 FREE_FRESH_S = 1.0  # a shard's free-slot report older than this counts as unknown
-TURNS_KEPT = 10_000  # turns whose last "keep" node is remembered (affinity; oldest forgotten first)
 REFUSALS = (NoAvailableNode, EmptyPool, NoPoolForLangPair)
 
 
-@attrs.frozen
-class Context:
-    """What every placement of one call shares."""
-
-    now_ms: int
-    lease_ms: int
-    node_ttl_ms: int
-    placed_by: str
-    locality_slack: float
-
-
-@attrs.frozen
-class NewJob:
-    """A job to create and place. ``number``: the id the dispatcher allocated (layout 1: the
-    job id; layout 2: the ``n`` of ``<shard>.<n>``)."""
-
-    job_key: str
-    number: str
-    session_id: str
-    utterance_index: int
-    src: str
-    tgt: str
-    turn_id: str
-    turn_action: str
-    turn_jobs: int
-    epoch: int | None
-    audio_b64: str
-    sample_rate: int
-    deadline_ms: int
-    rand: int  # ties among equally loaded nodes
-
-
-@attrs.frozen
-class MoveJob:
-    """A placed job to move off ``old_node`` (attempt + 1)."""
-
-    job_id: str
-    old_node: str
-    expected_attempt: int
-    session_id: str
-    turn_id: str
-    src: str
-    tgt: str
-    rand: int
-
-
-Item = NewJob | MoveJob
 
 
 def layout1_call(item: Item, ctx: Context, candidates: lua.Candidates) -> lua.Call:
@@ -133,8 +90,9 @@ class ShardedPlacer:
     reads a shard's candidates for a pair (cached by the caller)."""
 
     def __init__(self, redis: RedisAdapter, space: KeySpace,
-                 candidates: Callable[[str, str, int, bool], Awaitable[lua.Candidates]]) -> None:
-        self.on_event: Callable[[str], None] = lambda event: None  # "moved", "burned": the metric (server.py)
+                 candidates: Callable[[str, str, int, bool], Awaitable[lua.Candidates]],
+                 numbers: Callable[[int], Awaitable[list[str]]]) -> None:
+        self.on_event: Callable[[str], None] = lambda event: None  # "moved", "burned", "relocated": the metric
         self._redis = redis
         self._space = space
         self._candidates = candidates
@@ -144,6 +102,11 @@ class ShardedPlacer:
         # of its last "keep" job, and that node's shard
         self._refused: OrderedDict[str, str] = OrderedDict()  # job key -> the id its claim names, refused by every
         # shard: the next try claims over it (compare-and-set) instead of burning it (a burn is for others' claims)
+        self._moves = Relocator(redis, space, candidates, numbers, self._free, lambda what: self.on_event(what))
+
+    def relocated(self, job_id: str) -> str | None:
+        """The id a job moving from here took in another shard, if it did since last asked."""
+        return self._moves.relocated(job_id)
 
     async def place(self, src: str, tgt: str, items: list[Item], ctx: Context, serving: list[int]) -> list[Any]:
         """One reply per item (module docstring); ``serving``: the shards with a pool of the pair."""
@@ -159,10 +122,15 @@ class ShardedPlacer:
                 shard = self._first_shard(item, serving, batch_shard)
                 placing[i] = _Placing(item, shard, self._space.job_id(shard, int(item.number)), {shard},
                                       replaces=self._refused.pop(item.job_key, ""))
-        moves = {i: (item, 0) for i, item in enumerate(items) if isinstance(item, MoveJob)}
+        moves = {i: (self._moves.followed(item), 0) for i, item in enumerate(items) if isinstance(item, MoveJob)}
+        leaving = [(i, m) for i, (m, _) in moves.items() if self._moves.under_way(m.job_id)]  # (a move across shards that
+        for i, _ in leaving:  # stopped half way: it goes on)
+            del moves[i]
+        if leaving:
+            await self._moves.relocate(src, tgt, leaving, replies, moves, serving, ctx)
         claiming = dict(placing)
-        for _ in range(len(serving) + STALE_RETRIES + 2):  # a claim per shard tried, stale candidates, one burn
-            if claiming:
+        for _ in range(len(serving) + STALE_RETRIES + 3):  # a claim per shard tried, stale candidates, one burn, a move
+            if claiming:  # across shards
                 await self._claim(claiming, replies, list(placing.values()))
             dispatching = {i: p for i, p in claiming.items() if replies[i] is None}
             claiming, moves = await self._dispatch(src, tgt, dispatching, moves, ctx, replies, serving)
@@ -208,6 +176,8 @@ class ShardedPlacer:
         for (i, p), reply in zip(order, got, strict=True):
             if isinstance(reply, BaseException):
                 replies[i] = reply
+                if p.replaces:  # (the claim it was to take over is still its own to take over next time)
+                    remember(self._refused, p.job.job_key, p.replaces)
             elif reply[0] == "CLAIMED":
                 p.hints = (str(reply[2]), str(reply[3]))
             elif str(reply[1]) in in_batch:  # a copy of a job key placed in this same batch: a duplicate
@@ -290,6 +260,7 @@ class ShardedPlacer:
         again: dict[int, _Placing] = {}
         moves_again: dict[int, tuple[MoveJob, int]] = {}
         next_shard: dict[frozenset[int], int] = {}  # shards tried -> the next one (the same for all: in order)
+        leaving: list[tuple[int, MoveJob]] = []
         for i, reply in zip(order, got, strict=True):
             if i not in moves:
                 self._placed(src, tgt, i, dispatching[i], reply, replies, again, serving, next_shard)
@@ -297,6 +268,13 @@ class ShardedPlacer:
                 moves_again[i] = (moves[i][0], moves[i][1] + 1)
             else:
                 replies[i] = reply
+                if isinstance(reply, REFUSALS):
+                    self._free[(src, tgt, self._space.job_shard(moves[i][0].job_id))] = (0, trio.current_time())
+                    leaving.append((i, moves[i][0]))
+        crossed = self._moves.crossed()  # (a job moves across shards once per call: not back again)
+        leaving = [(i, m) for i, m in leaving if m.job_id not in crossed]
+        if leaving:
+            await self._moves.relocate(src, tgt, leaving, replies, moves_again, serving, ctx)
         return again, moves_again
 
     def _placed(self, src: str, tgt: str, i: int, p: _Placing, reply: Any, replies: list[Any],
@@ -310,7 +288,7 @@ class ShardedPlacer:
             self._free[(src, tgt, p.shard)] = (0, trio.current_time())
             left = [k for k in serving if k not in p.tried]
             if not left:
-                self._remember(self._refused, p.job.job_key, p.job_id)
+                remember(self._refused, p.job.job_key, p.job_id)
                 replies[i] = reply
                 return
             tried = frozenset(p.tried)
@@ -321,7 +299,7 @@ class ShardedPlacer:
             again[i] = p
             return
         if isinstance(reply, BaseException):  # (Redis out, a lost reply, an id in use...): the claim stays; the next
-            self._remember(self._refused, p.job.job_key, p.job_id)  # try takes it over (or repeats it: same number)
+            remember(self._refused, p.job.job_key, p.job_id)  # try takes it over (or repeats it: same number)
             replies[i] = reply
             return
         if reply[0] == "EXISTS" and reply[4] == "burned":  # the session's new owner gave this claim up
@@ -332,19 +310,10 @@ class ShardedPlacer:
             self._free[(src, tgt, p.shard)] = (int(reply[5]) / max(1, int(reply[6])), trio.current_time())
             reply = reply[:5]
             if p.job.turn_action == "keep":
-                self._remember(self._turn_node, (p.job.session_id, p.job.turn_id), (str(reply[2]), p.shard))
+                remember(self._turn_node, (p.job.session_id, p.job.turn_id), (str(reply[2]), p.shard))
             elif p.job.turn_action == "end":
                 self._turn_node.pop((p.job.session_id, p.job.turn_id), None)
         replies[i] = reply
-
-    @staticmethod
-    def _remember(table: OrderedDict, key: Any, value: Any) -> None:
-        """Bounded: the oldest entry goes first (both tables are hints: affinity, and a claim a
-        later try would otherwise burn)."""
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > TURNS_KEPT:
-            table.popitem(last=False)
 
 
 def number_of(job_id: str) -> str:

@@ -181,7 +181,8 @@ def load_script_sources() -> dict[str, str]:
 
 _KEYLESS = {"PING", "INFO", "DBSIZE", "TIME"}
 DURABLE_SCRIPTS = frozenset({"dispatch_task", "redispatch_task", "complete_task", "cancel_task", "session_journal",
-                             "session_resume", "owner_claim", "session_claim", "shard_dispatch", "shard_redispatch", "job_burn"})
+                             "session_resume", "owner_claim", "session_claim", "shard_dispatch", "shard_redispatch", "job_burn",
+                             "job_move_out", "claim_move", "job_move_in"})
 """Writes that must survive a failover (a job, its answer, its end, a session's journal and
 owner): with ``--redis-wait-replicas`` a batch holding one ends with ``WAIT``, and so does
 one holding an ``XADD`` (a job handed to another instance). Everything else is refreshed or

@@ -42,7 +42,8 @@ from scheduler.store.redis_adapter import RedisAdapter, StaleCandidates, Unknown
 
 STALE_RETRIES = 3
 SERVING_REFRESH_S = 2.0  # layout 2: how often the shards serving a language pair are read again
-SERVING_RECHECK_S = 0.5  # ... and at most how often when every shard known to serve it refused a job
+MOVED_HOPS = 16  # layout 2: moves across shards a release follows at most (each one a refused move of its own)
+SERVING_RECHECK_S = 0.2  # ... and at most how often when every shard known to serve it refused a job
 
 
 class SchedulingClient:
@@ -53,7 +54,7 @@ class SchedulingClient:
         self._ids: deque[str] = deque()
         self._shard_candidates: dict[tuple[str, str, int], lua.Candidates] = {}  # (src, tgt, shard) -> as last read
         self._serving_read: dict[tuple[str, str], tuple[list[int], float]] = {}  # layout 2: pair -> (shards, when read)
-        self._sharded = placing.ShardedPlacer(redis, self._space, self.shard_candidates)
+        self._sharded = placing.ShardedPlacer(redis, self._space, self.shard_candidates, self.job_ids)
         self._order: list[int] | None = None  # layout 2: shards in the node directory's tie order
         self.candidate_refreshes = 0
 
@@ -72,8 +73,14 @@ class SchedulingClient:
 
     def on_placement_event(self, count: Callable[[str], None]) -> None:
         """Layout 2: ``count("moved")`` when a claim moves to another shard, ``count("burned")``
-        when a claim whose job never came is burned (the metric)."""
+        when a claim whose job never came is burned, ``count("relocated")`` when a job moves
+        across shards (the metric)."""
         self._sharded.on_event = count
+
+    def relocated(self, job_id: str) -> str | None:
+        """Layout 2: the id a job that was moving took in another shard (a move across
+        shards, placing.py), if it did since last asked; None otherwise."""
+        return self._sharded.relocated(job_id) if self._space.shards > 1 else None
 
     async def job_ids(self, n: int) -> list[str]:
         """``n`` unused job ids (one round trip per ``id_block`` ids)."""
@@ -167,6 +174,8 @@ class SchedulingClient:
                 await self._redis.script(*lua.register_node(reg.node_id, reg.pool_pairs(), reg.max_jobs, now_ms(), instance_id,
                                                             reg.capabilities, conn_id, json.loads(old) if old else [],
                                                             tag=self._space.node_tag(reg.node_id)))
+                for src, tgt in reg.lang_pairs:  # (layout 2: its shard may serve a pair for the first time: a lane
+                    self._serving_read.pop((src, tgt), None)  # blocked on it reads the shards serving it again now)
                 return
             except StaleCandidates:
                 if attempt == STALE_RETRIES:
@@ -287,8 +296,28 @@ class SchedulingClient:
             node_id = await self._redis.command("HGET", keys.job(job_id, tag=tag), "node_id")
             if node_id is None:
                 return None
-        return await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms(), tag=tag,
-                                                    claim=self._space.shards == 1))
+        reply = await self._redis.script(*lua.cancel(job_id, job_key, node_id, now_ms(), tag=tag,
+                                                     claim=self._space.shards == 1))
+        for _ in range(MOVED_HOPS if self._space.shards > 1 else 0):
+            if reply[0] == "NOOP" and reply[1] == "moved" and len(reply) > 2 and reply[2]:
+                job_id = str(reply[2])  # it moved across shards (job_move_out): the job it became is released
+            elif reply[0] != "NOOP" or reply[1] != "":
+                break  # (an unknown id is burned: a creation on its way, a move's or a late placer's, makes nothing)
+            reply = await self._cancel_or_burn(job_key, job_id)
+            if reply[0] == "NOOP" and reply[1] == "burned":
+                break
+        return reply
+
+    async def _cancel_or_burn(self, job_key: str, job_id: str) -> Any:
+        """Layout 2: a job a release followed across shards (``moved_to``), or that did not
+        exist: its id is burned if it still does not (its creation, on its way, then makes
+        nothing: job_move_in, shard_dispatch), and ``NOOP burned`` replied; else it is cancelled
+        as it is (and may have moved on: its reply says so)."""
+        tag = self._space.job_tag(job_id)
+        burned = await self._redis.script(*lua.job_burn(job_key, job_id, now_ms(), tag=tag))
+        if burned[0] == "BURNED":
+            return ["NOOP", "burned"]
+        return await self._redis.script(*lua.cancel(job_id, job_key, str(burned[2]), now_ms(), tag=tag, claim=False))
 
     # ------------------------------------------------------------ recovery's reads and writes (placement/recovery.py)
 

@@ -45,7 +45,8 @@ MUTANTS = [
            "a second dispatch of one key makes a second job"),
     Mutant("release_without_membership", "lib/slots.lua",
            "if redis.call('SREM', jobs_key, job_id) == 1 then", "if redis.call('SREM', jobs_key, job_id) >= 0 then",
-           "a slot is released whether or not the node still held the job (a waiting job's cancel frees it twice)"),
+           "a slot is released whether or not the node still held the job (a waiting job's cancel frees it twice)",
+           "tests/test_layout2_stateful.py"),  # (its machine cancels waiting jobs, and jobs that left their node)
     Mutant("cancel_after_complete", "cancel_task.lua", "if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then",
            "if not j[3] then", "a cancel after the answer marks the finished job cancelled"),
     Mutant("redispatch_keeps_old_lease", "lib/move.lua",
@@ -82,6 +83,16 @@ MUTANTS = [
     Mutant("claim_overwrites", "session_claim.lua",
            "if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) then", "if false then",
            "a claim replaces another job's claim: two jobs for one job key", "tests/test_layout2_stateful.py"),
+    Mutant("move_in_over_burned", "job_move_in.lua", "if made[1] then", "if false then",
+           "a job moving across shards is made over the id a release burned: it runs after its release",
+           "tests/test_layout2_stateful.py"),
+    Mutant("moved_names_nothing", "cancel_task.lua",
+           "return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}", "return {'NOOP', 'moved', ''}",
+           "a release of a job that moved across shards does not follow it: the job it became runs on",
+           "tests/test_layout2_stateful.py"),
+    Mutant("claim_move_overwrites", "claim_move.lua", "if current and current ~= ARGV[1] then", "if false then",
+           "a move across shards takes a claim another job holds now: two jobs answer one job key",
+           "tests/test_layout2_stateful.py"),
 ]
 
 
