@@ -110,8 +110,8 @@ class Settings:
                                       group="redis")
     redis_shards: int = _opt(1, "scheduling shards (key layout 2, for a Redis Cluster): sessions get their own hash tag "
                                 "and nodes, jobs and leases are split over this many shards, so that every primary "
-                                "carries its share: the primary count (a multiple of it while every shard keeps two "
-                                "nodes of each language pair: a job moves only within its shard). 1: one hash tag for "
+                                "carries its share: the primary count, or a multiple of it (a job whose shard has no "
+                                "free node when it must move goes to another shard). 1: one hash tag for "
                                 "all scheduling state (layout 1). Every daemon sharing a Redis must use the same value "
                                 "(checked at start-up)", group="redis")
     allow_evicting_redis: bool = _opt(False, "start even when Redis has an evicting maxmemory-policy (it then deletes "
