@@ -236,6 +236,9 @@ async def test_job_and_answer_cross_instances(start_daemon, redis_url):
         assert job["session_id"] == s.ready["session_id"] and job["attempt"] == 1
         assert result["status"] == "SUCCESS" and result["translations"]["en"]["text"] == "over there"
         assert result["translations"]["en"]["node_id"] == "far"
+        with trio.fail_after(5):  # (on a busy box the remote watch may bring the answer first; the Pub/Sub
+            while 'scheduler_relay_messages_total{kind="outcome_received"} 1.0' not in a.metrics.render().decode():
+                await trio.sleep(0.01)  # message still comes while the session is open)
     sent_a = a.metrics.render().decode()
     sent_b = b.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="job_sent"} 1.0' in sent_a
