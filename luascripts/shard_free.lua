@@ -10,19 +10,19 @@
 --
 -- KEYS[1] {scheduler:<k>.<i>}:lang:<src>:<tgt>   hash pool -> "1"
 -- KEYS[2] {scheduler:<k>.<i>}:instances          zset instance id -> liveness lapse (ms)
--- KEYS[3...] candidates of this shard, ARGV[4...] their counts and names (lib/choose_node.lua)
--- ARGV[1] now_ms, ARGV[2] node_ttl_ms, ARGV[3] the node the job leaves (never counted)
+-- KEYS[3...] candidates of this shard, ARGV[3...] their counts and names (lib/choose_node.lua)
+-- ARGV[1] now_ms, ARGV[2] node_ttl_ms
 local lang_key = KEYS[1]
 
 -- @include choose_node
 
-local pools, nodes = declared_candidates(2, 3)
+local pools, nodes = declared_candidates(2, 2)
 local list, err = candidate_nodes(lang_key, '', pools, nodes)
 if err == 'STALE_CANDIDATES' then
   return redis.error_reply(err)
 end
 local stats = {free = 0, slots = 0}
 if list then
-  choose_node(list, nodes, '', tonumber(ARGV[1]), tonumber(ARGV[2]), 0, ARGV[3], '', 0, KEYS[2], stats)
+  choose_node(list, nodes, '', tonumber(ARGV[1]), tonumber(ARGV[2]), 0, '', '', 0, KEYS[2], stats)
 end
 return {stats.free, stats.slots}

@@ -210,12 +210,12 @@ def job_move_in(job_id: str, job_key: str, moved_from: str, fields: dict[str, st
     return "job_move_in", [keys.job(job_id, tag=tag)], [job_id, job_key, moved_from, keys.KEY_TTL_S, *kept]
 
 
-def shard_free(src: str, tgt: str, now_ms: int, node_ttl_ms: int, leaving: str, candidates: Candidates) -> Call:
+def shard_free(src: str, tgt: str, now_ms: int, node_ttl_ms: int, candidates: Candidates) -> Call:
     """Layout 2, read only: the free slots and slots of the eligible nodes for a pair in the
-    shard of ``candidates.tag``, not counting ``leaving`` (luascripts/shard_free.lua)."""
+    shard of ``candidates.tag`` (luascripts/shard_free.lua)."""
     t = candidates.tag
     return ("shard_free", [keys.lang_pools(src, tgt, tag=t), keys.instances(tag=t), *candidates.keys()],
-            [now_ms, node_ttl_ms, leaving, *candidates.args()])
+            [now_ms, node_ttl_ms, *candidates.args()])
 
 
 def node_shard(node_id: str, order: list[int], known: int | None = None) -> Call:

@@ -58,8 +58,6 @@ FREE_FRESH_S = 1.0  # a shard's free-slot report older than this counts as unkno
 REFUSALS = (NoAvailableNode, EmptyPool, NoPoolForLangPair)
 
 
-
-
 def layout1_call(item: Item, ctx: Context, candidates: lua.Candidates) -> lua.Call:
     rand = item.rand
     if isinstance(item, NewJob):

@@ -118,7 +118,7 @@ class Relocator:
         shares: dict[int, float] = {}
         for refresh in (False, True):  # (a node registered since the candidates were read: once more, fresh)
             ask = [k for k in shards if k not in shares]
-            calls = [lua.shard_free(src, tgt, ctx.now_ms, ctx.node_ttl_ms, "", await self._candidates(src, tgt, k, refresh))
+            calls = [lua.shard_free(src, tgt, ctx.now_ms, ctx.node_ttl_ms, await self._candidates(src, tgt, k, refresh))
                      for k in ask]
             for k, reply in zip(ask, await self._redis.script_many(calls) if calls else [], strict=True):
                 if not isinstance(reply, StaleCandidates):
