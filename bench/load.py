@@ -1,19 +1,25 @@
 """Load harness: N real-time clients and M simulated nodes against a real daemon process.
 
-Everything runs over real sockets on loopback: the daemon is a `scheduler serve` child
-process on its own Valkey (a valkey-server child of this harness, so that its counters can
-be read); clients and nodes are Trio tasks in this process.
+Everything runs over real sockets on loopback, in separate processes: the daemon is a
+`scheduler serve` child process on its own Valkey (a valkey-server child of this harness, so
+that its counters can be read); the clients are bench/loadgen.py, a child process that writes
+pre-encoded, pre-masked frames to plain sockets and parses only what comes back; the nodes
+are Trio tasks in this process. Unless ``--no-pin`` (or ``--workers``), the daemon runs on
+CPU 0 and everything else (generator, nodes, Valkey) on the other CPUs, so the load
+generator's CPU is not the daemon's; the generator's own CPU and schedule lag are reported,
+and a run where it fell behind its schedule is marked ``"valid": false``.
 
 Phases, in one run:
 1. Baselines: EVALSHA calls/s through the Trio adapter (64 callers) and one caller's round
-   trip; bare trio-websocket echo frames/s against an echo server process.
+   trip; a bare trio-websocket server process (on the daemon's CPU) fed the same real-time
+   schedule of frames by the generator, answering each with 2 bytes: its frames per CPU-second.
 2. Idle: N sessions connect and initialise; the daemon's RSS with them, minus its RSS
    before, over N is the RSS per idle session.
 3. Active, `--duration` seconds: every session streams real-time PCM (`--chunk-ms` frames
    on an absolute schedule): speech segments of 0.6-3 s, each ended either by `is_final`
    (probability `--final-prob`) or by enough silence for the daemon's pause finalize, then
-   silence. Nodes answer after a log-normal service time (`--service-ms` median) and fail
-   a fraction `--failure-rate` of jobs with status error.
+   silence (``--silence-only``: silence throughout). Nodes answer after a log-normal service
+   time (`--service-ms` median) and fail a fraction `--failure-rate` of jobs with status error.
 
 Measured per utterance (clocks of this process):
 - finalize: when the client sent `is_final`, or (pause finalize) when it received
@@ -24,8 +30,9 @@ Measured per utterance (clocks of this process):
   long the answer had to wait for the previous utterance's result (results are delivered in
   order; that wait is the contract, not daemon work). `e2e_minus_service` is reported too.
 Also: results/s, the daemon's CPU (% of one core) per session, Redis commands and EVALSHA
-per result, harness send lag (how late this process was; if it is large, the harness, not
-the daemon, was the limit).
+per result, the generator's CPU and send lag (how late it was against its schedule), and
+``ratios``: the daemon's frames per CPU-second, and that over the bare server's
+(``daemon_frames_per_cpu_s_vs_echo``).
 
 With ``--redis-cluster 3`` the daemon runs on a 3-master Valkey cluster (children of this
 harness) instead, and commands, EVALSHA and Valkey CPU are reported per master
@@ -50,7 +57,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import spread  # noqa: E402
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
 
-from scheduler.client import SessionFailed, connect  # noqa: E402
 from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster  # noqa: E402
-from scheduler.protocol import Busy, Error, Result, UtteranceFinalized  # noqa: E402
-from scheduler.session.audio import silence, tone  # noqa: E402
 
 RATE = 16000
 PAIR = ("en", "de")
@@ -105,39 +108,88 @@ async def handler(request):
     ws = await request.accept()
     try:
         while True:
-            await ws.send_message(await ws.get_message())
+            await ws.get_message()
+            await ws.send_message(b"ok")
     except ConnectionClosed:
         pass
 trio.run(lambda: serve_websocket(handler, "127.0.0.1", int(sys.argv[1]), ssl_context=None))
 """
 
 
-async def echo_baseline(seconds: float, connections: int = 16, frame: int = 6400) -> float:
-    """Frames/s a bare trio-websocket echo server process turns around (one frame in flight per connection)."""
+class LoadGen:
+    """bench/loadgen.py as a child process (module docstring there): its control lines, its report."""
+
+    def __init__(self, process: trio.Process, report: Path) -> None:
+        self._process, self._report, self._buffer = process, report, b""
+
+    async def event(self, name: str) -> dict[str, Any]:
+        """The next control line, which must be event ``name``."""
+        while b"\n" not in self._buffer:
+            chunk = await self._process.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError(f"the load generator ended before {name!r} (exit {await self._process.wait()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        event = json.loads(line)
+        if event.get("event") != name:
+            raise RuntimeError(f"the load generator said {event}, expected {name!r}")
+        return event
+
+    async def go(self) -> dict[str, Any]:
+        await self._process.stdin.send_all(b"go\n")
+        return await self.event("active")
+
+    async def finish(self) -> dict[str, Any]:
+        """Its report, once it has closed every session."""
+        await self.event("done")
+        await self._process.wait()
+        return json.loads(self._report.read_text())
+
+    def kill(self) -> None:
+        if self._process.returncode is None:
+            self._process.kill()
+
+
+async def open_loadgen(args: argparse.Namespace, url: str, mode: str, duration: float, report: Path) -> LoadGen:
+    """Start bench/loadgen.py against ``url`` with the run's sessions, audio and seed."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "loadgen.py"), "--url", url, "--mode", mode,
+           "--sessions", str(args.sessions), "--duration", str(duration), "--chunk-ms", str(args.chunk_ms),
+           "--pause-ms", str(args.pause_ms), "--final-prob", str(args.final_prob), "--seed", str(args.seed),
+           "--src", PAIR[0], "--tgt", PAIR[1], "--rate", str(RATE),
+           "--drain-s", str(args.service_ms / 1000 * 20 + 10), "--report", str(report)]
+    if getattr(args, "silence_only", False):
+        cmd.append("--silence-only")
+    process = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return LoadGen(process, report)
+
+
+async def echo_baseline(args: argparse.Namespace, cpus: set[int] | None, seconds: float) -> dict[str, Any]:
+    """A bare trio-websocket server process (on the daemon's CPUs) that answers every frame with
+    2 bytes, fed the same real-time schedule of frames by the load generator in another process:
+    frames it handles per CPU-second of its own process."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)])
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)],
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
                 break
             await trio.sleep(0.05)
-        payload = b"\x01" * frame
-        count = 0
-        deadline = trio.current_time() + seconds
-
-        async def one() -> None:
-            nonlocal count
-            async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
-                while trio.current_time() < deadline:
-                    await ws.send_message(payload)
-                    await ws.get_message()
-                    count += 1
-
-        start = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(connections):
-                nursery.start_soon(one)
-        return count / (time.perf_counter() - start)
+        gen = await open_loadgen(args, f"ws://127.0.0.1:{port}", "echo", seconds, Path(args.out).with_suffix(".echo-gen.json"))
+        try:
+            idle = await gen.event("idle")
+            cpu0 = proc_stats(server.pid)[0]
+            active = await gen.go()
+            await trio.sleep(max(0.0, active["t"] + seconds - time.perf_counter()))
+            cpu1 = proc_stats(server.pid)[0]
+            streamed = await gen.event("streamed")
+            await gen.finish()
+        finally:
+            gen.kill()
+        return {"echo_connections": idle["held"], "echo_frames_per_s": round(streamed["frames_sent"] / seconds),
+                "echo_cpu_pct_of_core": round((cpu1 - cpu0) / seconds * 100, 1),
+                "echo_frames_per_cpu_s": round(streamed["frames_sent"] / max(1e-9, cpu1 - cpu0)),
+                "echo_generator_cpu_pct_of_core": streamed["cpu_pct_of_core"], "echo_generator_behind": streamed["behind"]}
     finally:
         server.terminate()
         server.wait()
@@ -215,79 +267,6 @@ async def sim_node(url: str, node_id: str, max_jobs: int, service_ms: float, sig
                 nursery.cancel_scope.cancel()
 
 
-# ---------------------------------------------------------------- simulated clients
-
-
-class Audio:
-    def __init__(self, chunk_ms: int) -> None:
-        self.speech = tone(chunk_ms, RATE, amplitude=0.3)
-        self.silence = silence(chunk_ms, RATE)
-
-
-async def client(url: str, n: int, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
-                 stop_at: list[float], rng: random.Random, reconnects: int = 0,
-                 on_ready: Callable[[], None] = lambda: None) -> None:
-    """One real-time client, on the client library (scheduler.client; by default no resume:
-    a broken session counts as an error; with ``reconnects`` a refused one waits the daemon's
-    retry_after_ms and tries again, that many times)."""
-    chunk = args.chunk_ms / 1000
-    try:
-        asked = trio.current_time()
-        async with connect(url, src_lang=PAIR[0], tgt_langs=[PAIR[1]], sample_rate=RATE, reconnects=reconnects) as session:
-            sid = session.session_id
-            rec.ready += 1
-            rec.admit_wait.append(trio.current_time() - asked)
-            on_ready()
-
-            async def receive() -> None:
-                async for msg in session:
-                    now = time.perf_counter()
-                    if isinstance(msg, UtteranceFinalized):
-                        rec.final.setdefault((sid, msg.utterance_index), (now, msg.reason))
-                    elif isinstance(msg, Result):
-                        rec.result[(sid, msg.utterance_index)] = (now, msg.status)
-                        rec.result_times.append(now)
-                    elif isinstance(msg, Busy):
-                        rec.busy += 1
-                    elif isinstance(msg, Error):
-                        rec.error(msg.code)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(receive)
-                await _talk(session, sid, args, audio, rec, start_active, stop_at, rng, chunk)
-                # close: the daemon delivers the outstanding results, then session_closed ends
-                # receive(); give up after a generous bound
-                await session.close()
-                nursery.cancel_scope.deadline = trio.current_time() + args.service_ms / 1000 * 20 + 10
-    except SessionFailed as exc:
-        rec.error(exc.error.code if exc.error else "CONNECTION_LOST")
-
-
-async def _talk(session, sid: str, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
-                stop_at: list[float], rng: random.Random, chunk: float) -> None:
-    """Utterances of 0.6-3 s of speech until ``stop_at``, each ended by is_final or a pause."""
-    index = 0  # next utterance index this client will finalize
-    await start_active.wait()
-    await trio.sleep(rng.random() * 1.0)  # spread the phase of the frames
-    t = trio.current_time()
-    while t < stop_at[0]:
-        speech = int(rng.uniform(0.6, 3.0) / chunk)
-        final = rng.random() < args.final_prob
-        for k in range(speech):
-            t += chunk
-            await trio.sleep_until(t)
-            rec.send_lag.append(trio.current_time() - t)
-            if final and k == speech - 1:
-                rec.final[(sid, index)] = (time.perf_counter(), "is_final")
-            await session.send_audio(audio.speech, is_final=final and k == speech - 1)
-        index += 1
-        gap = rng.uniform(0.2, 1.0) if final else (args.pause_ms / 1000 + rng.uniform(0.3, 1.0))
-        for _ in range(max(1, int(gap / chunk))):
-            t += chunk
-            await trio.sleep_until(t)
-            await session.send_audio(audio.silence)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -315,20 +294,29 @@ DAEMON_CPUS = {0}
 
 
 @contextlib.contextmanager
-def harness_off_the_daemon(pin: bool = True):
-    """This harness (and the Valkey it starts) on the CPUs other than :data:`DAEMON_CPUS`
-    (``start_daemon(..., cpus=DAEMON_CPUS)`` pins the daemon there), given back on exit.
-    Yields (the Valkey's URL, the harness's CPUs)."""
+def off_the_daemon(pin: bool = True):
+    """This harness (and every process it starts from now: Valkey, the load generator) on the
+    CPUs other than :data:`DAEMON_CPUS`, given back on exit. Yields the harness's CPUs."""
     before = os.sched_getaffinity(0)
     others = set(range(os.cpu_count() or 1)) - DAEMON_CPUS
     if pin and others:
         os.sched_setaffinity(0, others)
-    valkey = EmbeddedValkey()
     try:
-        yield valkey.start(), sorted(others if pin and others else before)
+        yield sorted(others if pin and others else before)
     finally:
-        valkey.stop()
         os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def harness_off_the_daemon(pin: bool = True):
+    """:func:`off_the_daemon` with a Valkey started there (``start_daemon(..., cpus=DAEMON_CPUS)``
+    pins the daemon on the rest). Yields (the Valkey's URL, the harness's CPUs)."""
+    with off_the_daemon(pin) as cpus:
+        valkey = EmbeddedValkey()
+        try:
+            yield valkey.start(), cpus
+        finally:
+            valkey.stop()
 
 
 def redis_counters(client: redis.Redis) -> dict[str, int]:
@@ -380,40 +368,60 @@ def loop_lag_ms(admin_port: int) -> float | None:
     return None
 
 
+def pinning(args: argparse.Namespace) -> bool:
+    """Pin the daemon to :data:`DAEMON_CPUS` and the rest elsewhere, unless told not to, the box
+    has one CPU, or the daemon runs several workers (they need every core)."""
+    workers = any(a.startswith("--workers") for a in args.daemon_arg)
+    return not args.no_pin and not workers and (os.cpu_count() or 1) > 1
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"args": vars(args), "host": {"cpus": os.cpu_count()}}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon child inherits it
-    servers = Servers(args.redis_cluster)
-    redis_url = servers.start()
-    try:
-        if not args.skip_baselines and not args.redis_cluster:
-            print("baselines ...", file=sys.stderr)
-            many = await adapter_throughput(redis_url, 20_000, 64, args.redis_pool_size)
-            out["baselines"] = {
-                "adapter_evalsha_per_s_64_callers": round(many["ops_per_s"]),
-                "adapter_evalsha_round_trip_ms": ms(await evalsha_round_trip(redis_url)),
-                "trio_websocket_echo_frames_per_s": round(await echo_baseline(3.0)),
-            }
-        daemon, url, admin_port = start_daemon(args, redis_url)
+    pin = pinning(args)
+    with off_the_daemon(pin) as harness_cpus:
+        out["host"]["daemon_cpus"] = sorted(DAEMON_CPUS) if pin else None
+        out["host"]["harness_cpus"] = harness_cpus  # nodes, load generator, Valkey
+        servers = Servers(args.redis_cluster)
+        redis_url = servers.start()
         try:
-            out.update(await drive(args, url, daemon.pid, servers, admin_port))
-            if "baselines" in out:
-                # frames the daemon handles per second of its CPU (all its work: audio, jobs,
-                # results) against frames a bare trio-websocket echo server turns around per
-                # second of one core
-                active = out["active"]
-                per_core_s = active["frames_per_s_in"] / max(1e-9, active["daemon_cpu_pct_of_core"] / 100)
-                out["ratios"] = {
-                    "daemon_frames_per_cpu_s": round(per_core_s),
-                    "daemon_frames_per_cpu_s_vs_echo": round(per_core_s / out["baselines"]["trio_websocket_echo_frames_per_s"], 3),
+            if not args.skip_baselines and not args.redis_cluster:
+                print("baselines ...", file=sys.stderr)
+                many = await adapter_throughput(redis_url, 20_000, 64, args.redis_pool_size)
+                out["baselines"] = {
+                    "adapter_evalsha_per_s_64_callers": round(many["ops_per_s"]),
+                    "adapter_evalsha_round_trip_ms": ms(await evalsha_round_trip(redis_url)),
+                    **await echo_baseline(args, DAEMON_CPUS if pin else None, args.echo_seconds),
                 }
+                redis.Redis.from_url(redis_url).flushall()
+            daemon, url, admin_port = start_daemon(args, redis_url, cpus=DAEMON_CPUS if pin else None)
+            try:
+                out.update(await drive(args, url, daemon.pid, servers, admin_port))
+                out["ratios"] = ratios(out)
+            finally:
+                daemon.terminate()
+                daemon.wait(timeout=20)
         finally:
-            daemon.terminate()
-            daemon.wait(timeout=20)
-    finally:
-        servers.stop()
+            servers.stop()
+    generator = out["active"]["generator"]
+    out["valid"] = not generator["behind"]
+    if not out["valid"]:
+        out["invalid_reason"] = (f"the load generator fell behind its schedule (send lag p99 "
+                                 f"{generator['send_lag_ms']['p99']} ms): it, not the daemon, was the limit")
     return out
+
+
+def ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """Frames the daemon handles per second of its CPU (all its work: audio, jobs, results),
+    and against the bare server's frames per second of its own CPU, same schedule, same run."""
+    active = out["active"]
+    per_cpu_s = active["frames_in"] / max(1e-9, active["daemon_cpu_s"])
+    found = {"daemon_frames_per_cpu_s": round(per_cpu_s)}
+    echo = out.get("baselines", {}).get("echo_frames_per_cpu_s")
+    if echo:
+        found["daemon_frames_per_cpu_s_vs_echo"] = round(per_cpu_s / echo, 3)
+    return found
 
 
 async def drive(args: argparse.Namespace, url: str, daemon_pid: int, servers: Servers, admin_port: int) -> dict[str, Any]:
@@ -427,75 +435,81 @@ async def drive(args: argparse.Namespace, url: str, daemon_pid: int, servers: Se
             node_nursery.start_soon(sim_node, url, f"sim-{i}", args.max_jobs, args.service_ms, args.service_sigma,
                                     args.failure_rate, rec, random.Random(rng.random()))
         await trio.sleep(1.0)
-        async with trio.open_nursery() as nursery:
-            await _sessions(args, url, (daemon_pid, admin_port), servers, rec, rng, nursery, result, timeline)
+        gen = await open_loadgen(args, url, "session", args.duration, Path(args.out).with_suffix(".gen.json"))
+        try:
+            await _sessions(args, gen, (daemon_pid, admin_port), servers, rec, result, timeline)
+        finally:
+            gen.kill()
         node_nursery.cancel_scope.cancel()  # every client is done: stop the nodes
     return _report(args, rec, result, timeline)
 
 
-async def _sessions(args, url, daemon, servers, rec, rng, nursery, result, timeline) -> None:
-    """Open the sessions (idle phase), stream (active phase); the clients drain in ``nursery``.
+async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) -> None:
+    """Open the sessions (idle phase), stream (active phase), take the generator's report.
     ``daemon`` is its (pid, admin port): the timeline samples its CPU, RSS and event-loop lag."""
     daemon_pid, admin_port = daemon
-    audio = Audio(args.chunk_ms)
-    start_active = trio.Event()
-    stop_at = [float("inf")]
-    profiler: subprocess.Popen | None = None
     _, rss_before = proc_stats(daemon_pid)
-
     print(f"idle: opening {args.sessions} sessions ...", file=sys.stderr)
-    t_open = time.perf_counter()
-    for n in range(args.sessions):
-        nursery.start_soon(client, url, n, args, audio, rec, start_active, stop_at, random.Random(rng.random()))
-        if n % 50 == 49:
-            await trio.sleep(0.05)
-    with trio.move_on_after(120):
-        while rec.ready + sum(rec.errors.values()) < args.sessions:
-            await trio.sleep(0.1)
-    open_s = time.perf_counter() - t_open
+    idle = await gen.event("idle")
+    rec.ready = idle["held"]
     await trio.sleep(3.0)  # settle
     _, rss_idle = proc_stats(daemon_pid)
     result["idle"] = {
         "sessions_held": rec.ready,
-        "open_seconds": round(open_s, 2),
+        "open_seconds": idle["open_seconds"],
         "daemon_rss_before_mib": round(rss_before / 2**20, 1),
         "daemon_rss_idle_mib": round(rss_idle / 2**20, 1),
         "rss_per_idle_session_kib": round((rss_idle - rss_before) / max(1, rec.ready) / 1024, 1),
-        "refused": dict(rec.errors),
+        "refused": idle["errors"],
     }
     print(json.dumps(result["idle"]), file=sys.stderr)
 
     print(f"active: {args.duration} s of real-time audio ...", file=sys.stderr)
     counters0 = servers.sample()
     cpu0, _ = proc_stats(daemon_pid)
-    t0 = time.perf_counter()
-    stop_at[0] = trio.current_time() + args.duration
-    start_active.set()
+    harness0 = _own_cpu_s()
+    t0 = (await gen.go())["t"]
+    stop_at = t0 + args.duration
+    profiler: subprocess.Popen | None = None
     if args.profile:
         profiler = subprocess.Popen(["py-spy", "record", "--pid", str(daemon_pid), "--duration", str(int(args.duration)),
                                      "--rate", "200", "--format", "raw", "--output",
                                      str(Path(args.out).with_suffix(".collapsed.txt"))],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last_cpu = cpu0
-    while trio.current_time() < stop_at[0]:
-        await trio.sleep(1.0)
+    while time.perf_counter() < stop_at:
+        await trio.sleep(min(1.0, max(0.0, stop_at - time.perf_counter())))
         cpu, rss = proc_stats(daemon_pid)
         timeline.append({"t": round(time.perf_counter() - t0, 2), "daemon_cpu_pct": round((cpu - last_cpu) * 100, 1),
-                         "daemon_rss_mib": round(rss / 2**20, 1), "results": len(rec.result_times),
+                         "daemon_rss_mib": round(rss / 2**20, 1), "answers": len(rec.answered),
                          "loop_lag_ms": await trio.to_thread.run_sync(loop_lag_ms, admin_port)})
         last_cpu = cpu
     cpu1, rss_active = proc_stats(daemon_pid)
     counters1 = servers.sample()
+    harness1 = _own_cpu_s()
     active_s = time.perf_counter() - t0
     per_server = [{k: b[k] - a[k] for k in a} for a, b in zip(counters0, counters1, strict=True)]
+    streamed = await gen.event("streamed")
+    report = await gen.finish()  # the sessions closed, their last results in
+    rec.final = {(s, i): (t, r) for s, i, t, r in report["final"]}
+    rec.result = {(s, i): (t, st) for s, i, t, st in report["result"]}
+    rec.result_times = sorted(t for t, _ in rec.result.values())
+    rec.busy = report["busy"]
+    for code, n in report["errors"].items():
+        rec.errors[code] = rec.errors.get(code, 0) + n
     result["_window"] = dict(cpu=cpu1 - cpu0, vcpu=sum(s["cpu"] for s in per_server), rss_active=rss_active,
                              rss_before=rss_before, active_s=active_s, per_server=per_server,
                              commands=sum(s["commands"] for s in per_server),
                              evalsha=sum(s["evalsha"] for s in per_server),
-                             results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]))
+                             results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]),
+                             harness_cpu=harness1 - harness0, streamed=streamed)
     if profiler is not None:
         await trio.to_thread.run_sync(profiler.wait)
-    # now the clients close their sessions and wait for the last answers
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def latencies(rec: Record) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -533,7 +547,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
     for _, reason in rec.final.values():
         reasons[reason] = reasons.get(reason, 0) + 1
     results = len(rec.result)
-    frames = (args.duration / (args.chunk_ms / 1000)) * rec.ready
+    streamed = w["streamed"]
     result["active"] = {
         "seconds": round(active_s, 1),
         "sessions": rec.ready,
@@ -541,12 +555,14 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "results_per_s": round(results_in_window / active_s, 1),
         "result_status": statuses,
         "finalize_reasons": reasons,
-        "frames_per_s_in": round(frames / args.duration),
+        "frames_in": streamed["frames_sent"],
+        "frames_per_s_in": round(streamed["frames_sent"] / active_s),
         "finalize_to_dispatch_ms": {"p50": ms(pct(dispatch, 50)), "p99": ms(pct(dispatch, 99)), "n": len(dispatch)},
         "e2e_minus_service_ms": {"p50": ms(pct(e2e_minus_service, 50)), "p99": ms(pct(e2e_minus_service, 99))},
         "order_wait_ms": {"p50": ms(pct(order_wait, 50)), "p99": ms(pct(order_wait, 99))},
         "daemon_overhead_ms": {"p50": ms(pct(overhead, 50)), "p99": ms(pct(overhead, 99)),
                                "mean": ms(statistics.fmean(overhead)) if overhead else None},
+        "daemon_cpu_s": round(w["cpu"], 3),
         "daemon_cpu_pct_of_core": round(w["cpu"] / active_s * 100, 1),
         "daemon_cpu_pct_per_session": round(w["cpu"] / active_s * 100 / max(1, rec.ready), 4),
         "valkey_cpu_pct_of_core": round(w["vcpu"] / active_s * 100, 1),
@@ -555,7 +571,8 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
         "redis_per_server": per_server_report(w["per_server"], active_s),
-        "harness_send_lag_ms": {"p50": ms(pct(rec.send_lag, 50)), "p99": ms(pct(rec.send_lag, 99))},
+        "generator": {k: streamed[k] for k in ("cpu_pct_of_core", "send_lag_ms", "behind", "backpressured_frames")},
+        "harness_cpu_pct_of_core": round(w["harness_cpu"] / active_s * 100, 1),  # the simulated nodes
         "daemon_loop_lag_ms": _lag_summary(timeline),
         "node_jobs": rec.node_jobs,
         "node_failed": rec.node_failed,
@@ -607,10 +624,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
     timeline = data["timeline"]
     ts = [p["t"] for p in timeline]
     ax = axes[1]
-    rates = [0.0] + [(b["results"] - a["results"]) / max(1e-9, b["t"] - a["t"]) for a, b in zip(timeline, timeline[1:], strict=False)]
-    ax.plot(ts, rates, label="results/s")
+    rates = [0.0] + [(b["answers"] - a["answers"]) / max(1e-9, b["t"] - a["t"]) for a, b in zip(timeline, timeline[1:], strict=False)]
+    ax.plot(ts, rates, label="node answers/s")
     ax.set_xlabel("s")
-    ax.set_title(f"{data['active']['sessions']} sessions: results/s")
+    ax.set_title(f"{data['active']['sessions']} sessions: node answers/s")
     ax = axes[2]
     ax.plot(ts, [p["daemon_cpu_pct"] for p in timeline], label="daemon CPU % of a core")
     ax.set_xlabel("s")
@@ -645,6 +662,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--failure-rate", type=float, default=0.02, help="share of jobs a node answers with error (default 0.02)")
     traffic_arguments(parser, nodes=8)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--echo-seconds", type=float, default=10.0,
+                        help="seconds of the bare-server baseline (same sessions and frames; default 10)")
+    parser.add_argument("--silence-only", action="store_true",
+                        help="clients send silence only: no utterance is cut (the per-frame cost alone)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the daemon to CPU 0 and the generator, nodes and Valkey to the others "
+                             "(never pinned with --workers)")
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
                         help="run the daemon on a Valkey cluster of this many masters (no replicas) instead of one "
                              "Valkey; commands and CPU are reported per master (`redis_per_server`); no baselines")

@@ -33,6 +33,7 @@ import resource
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import (  # noqa: E402
     DAEMON_CPUS,
-    Audio,
+    PAIR,
+    RATE,
     Record,
-    client,
     harness_off_the_daemon,
     latencies,
     loop_lag_ms,
@@ -56,8 +57,81 @@ from load import (  # noqa: E402
     traffic_arguments,
 )
 
+from scheduler.client import SessionFailed, connect  # noqa: E402
+from scheduler.protocol import Busy, Error, Result, UtteranceFinalized  # noqa: E402
+from scheduler.session.audio import silence, tone  # noqa: E402
+
 MODES = {"admission": lambda a: ["--max-sessions", str(a.max_sessions)],
          "open": lambda a: ["--max-sessions", "0", "--overload-lag-ms", "0"]}
+
+class Audio:
+    def __init__(self, chunk_ms: int) -> None:
+        self.speech = tone(chunk_ms, RATE, amplitude=0.3)
+        self.silence = silence(chunk_ms, RATE)
+
+
+async def client(url: str, n: int, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
+                 stop_at: list[float], rng: random.Random, reconnects: int = 0,
+                 on_ready: Callable[[], None] = lambda: None) -> None:
+    """One real-time client, on the client library (scheduler.client; by default no resume:
+    a broken session counts as an error; with ``reconnects`` a refused one waits the daemon's
+    retry_after_ms and tries again, that many times)."""
+    chunk = args.chunk_ms / 1000
+    try:
+        asked = trio.current_time()
+        async with connect(url, src_lang=PAIR[0], tgt_langs=[PAIR[1]], sample_rate=RATE, reconnects=reconnects) as session:
+            sid = session.session_id
+            rec.ready += 1
+            rec.admit_wait.append(trio.current_time() - asked)
+            on_ready()
+
+            async def receive() -> None:
+                async for msg in session:
+                    now = time.perf_counter()
+                    if isinstance(msg, UtteranceFinalized):
+                        rec.final.setdefault((sid, msg.utterance_index), (now, msg.reason))
+                    elif isinstance(msg, Result):
+                        rec.result[(sid, msg.utterance_index)] = (now, msg.status)
+                        rec.result_times.append(now)
+                    elif isinstance(msg, Busy):
+                        rec.busy += 1
+                    elif isinstance(msg, Error):
+                        rec.error(msg.code)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await _talk(session, sid, args, audio, rec, start_active, stop_at, rng, chunk)
+                # close: the daemon delivers the outstanding results, then session_closed ends
+                # receive(); give up after a generous bound
+                await session.close()
+                nursery.cancel_scope.deadline = trio.current_time() + args.service_ms / 1000 * 20 + 10
+    except SessionFailed as exc:
+        rec.error(exc.error.code if exc.error else "CONNECTION_LOST")
+
+
+async def _talk(session, sid: str, args: argparse.Namespace, audio: Audio, rec: Record, start_active: trio.Event,
+                stop_at: list[float], rng: random.Random, chunk: float) -> None:
+    """Utterances of 0.6-3 s of speech until ``stop_at``, each ended by is_final or a pause."""
+    index = 0  # next utterance index this client will finalize
+    await start_active.wait()
+    await trio.sleep(rng.random() * 1.0)  # spread the phase of the frames
+    t = trio.current_time()
+    while t < stop_at[0]:
+        speech = int(rng.uniform(0.6, 3.0) / chunk)
+        final = rng.random() < args.final_prob
+        for k in range(speech):
+            t += chunk
+            await trio.sleep_until(t)
+            rec.send_lag.append(trio.current_time() - t)
+            if final and k == speech - 1:
+                rec.final[(sid, index)] = (time.perf_counter(), "is_final")
+            await session.send_audio(audio.speech, is_final=final and k == speech - 1)
+        index += 1
+        gap = rng.uniform(0.2, 1.0) if final else (args.pause_ms / 1000 + rng.uniform(0.3, 1.0))
+        for _ in range(max(1, int(gap / chunk))):
+            t += chunk
+            await trio.sleep_until(t)
+            await session.send_audio(audio.silence)
 
 
 def refusals(admin_port: int) -> dict[str, int]:

@@ -29,6 +29,21 @@ async def test_small_load_run_reports_every_number(tmp_path):
     assert active["redis_evalsha_per_result"] >= 2  # dispatch + complete at least
     assert not active["errors"]
     assert data["timeline"] and len(data["_samples"]["overhead"]) == active["finalize_to_dispatch_ms"]["n"]
+    # the clients are bench/loadgen.py, a process of its own: its CPU and schedule are reported
+    generator = active["generator"]
+    assert generator["cpu_pct_of_core"] > 0 and generator["send_lag_ms"]["p99"] is not None
+    assert data["valid"] is (not generator["behind"])
+    assert active["frames_in"] > 0 and data["ratios"]["daemon_frames_per_cpu_s"] > 0
+
+
+async def test_echo_baseline_counts_frames_per_cpu_second_of_the_bare_server(tmp_path):
+    """The baseline of ``ratios.daemon_frames_per_cpu_s_vs_echo``: the generator feeds a bare
+    trio-websocket server process the run's schedule and every frame is answered."""
+    args = load.parser().parse_args(["--sessions", "10", "--out", str(tmp_path / "load.json")])
+    echo = await load.echo_baseline(args, None, 2.0)
+    assert echo["echo_connections"] == 10
+    assert 30 <= echo["echo_frames_per_s"] <= 50, echo  # 10 connections x 5 frames/s, starting within the first second
+    assert echo["echo_frames_per_cpu_s"] > echo["echo_frames_per_s"], echo  # the server idles most of the time
 
 
 async def test_load_run_on_a_cluster_reports_each_master(tmp_path):
