@@ -51,6 +51,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -472,7 +473,8 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     stop_at = t0 + args.duration
     profiler: subprocess.Popen | None = None
     if args.profile:
-        profiler = subprocess.Popen(["py-spy", "record", "--pid", str(daemon_pid), "--duration", str(int(args.duration)),
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # (in the venv, off PATH)
+        profiler = subprocess.Popen([py_spy, "record", "--pid", str(daemon_pid), "--duration", str(int(args.duration)),
                                      "--rate", "200", "--format", "raw", "--output",
                                      str(Path(args.out).with_suffix(".collapsed.txt"))],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
