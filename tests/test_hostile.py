@@ -200,3 +200,16 @@ def test_the_scanner_adds_up_fragments_and_resets_at_fin():
     assert FrameScanner(limit=1199).feed(ok) == CLOSE_TOO_BIG
     interleaved = _stream(frame(0x1, b"z" * 800, fin=False), frame(0x9, b"p" * 125), frame(0x0, b"z" * 300))
     assert FrameScanner(limit=1100).feed(interleaved) is None  # a ping between fragments is not counted
+
+
+async def test_the_guard_reads_a_whole_audio_frame_at_once():
+    """trio-websocket asks its stream for 4 KiB at a time; the guard reads up to RECEIVE_BYTES,
+    so a 200 ms frame (6,400 bytes of 16 kHz audio) is one read and one parse, not two
+    (docs/performance.md: 11 % more frames per daemon CPU-second)."""
+    from scheduler.edge.frames import RECEIVE_BYTES, FrameGuard
+
+    client, server = memory_stream_pair()
+    guard = FrameGuard(server, limit=1 << 20)
+    await client.send_all(b"GET / HTTP/1.1\r\n\r\n" + frame(0x2, b"\x00" * 6400))
+    got = await guard.receive_some(4096)
+    assert len(got) > 6400 and RECEIVE_BYTES >= 65536

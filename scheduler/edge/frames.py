@@ -44,6 +44,10 @@ CLOSE_INVALID_DATA = 1007
 LIBRARY_CLOSES_WITHOUT_FRAME = (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA)
 """Close codes that mean wsproto refused the peer's bytes (trio-websocket then sends no close frame)."""
 
+RECEIVE_BYTES = 65536
+"""What one read from the socket may return: trio-websocket asks for 4 KiB, so a 200 ms frame of
+16 kHz audio (6,400 bytes) took two reads and two trips through the library's parser."""
+
 GUARD_WRITE_TIMEOUT_S = 2.0
 MAX_REQUEST_BYTES = 16384
 """The upgrade request, headers included; past it: HTTP 431 (h11 lets a request that arrives whole run past its own limit)."""
@@ -169,7 +173,7 @@ class FrameGuard(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("the guard closed this connection")
-        data = await self.inner.receive_some(max_bytes)
+        data = await self.inner.receive_some(max(max_bytes or 0, RECEIVE_BYTES))
         if data and (code := self.scanner.feed(data)) is not None:
             await self.fail(code, "frame too large")
             return b""  # the library sees the end of the stream and stops reading
