@@ -24,6 +24,9 @@ class TokenBucket:
         self.waited = 0  # how many takes had to wait
 
     async def take(self) -> None:
+        """Take a token, sleeping until one accrues. No checkpoint when a token is there: the
+        gateways read a frame right after, which is one (an extra checkpoint per frame cost
+        ~4 % of the daemon's frames per CPU-second: docs/performance.md)."""
         now = trio.current_time()
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
@@ -32,8 +35,6 @@ class TokenBucket:
             await trio.sleep((1 - self._tokens) / self.rate)
             self._tokens = 1.0
             self._stamp = trio.current_time()
-        else:
-            await trio.lowlevel.checkpoint()
         self._tokens -= 1
 
 
