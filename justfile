@@ -41,6 +41,12 @@ bench-adapter *ARGS: sync
 bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
+# one `just bench` per session count, one after the other: overhead p99 and CPU against sessions,
+# JSON + PNG in bench/results/sweep.*
+# (just bench-sweep --sessions-list 100,200,400,600,800,1000 --daemon-arg=--workers=2; docs/performance.md)
+bench-sweep *ARGS: sync
+    uv run --frozen --group bench python bench/sweep.py {{ARGS}}
+
 # overload A/B: one daemon process offered about twice what it carries (clients arriving over 20 s),
 # with --max-sessions and without any limit, in one period; JSON in bench/results/overload.json
 # (just bench-overload --offered 300 --max-sessions 150 --rounds 2; docs/performance.md, "Overload, A/B")

@@ -89,6 +89,25 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
+def tree_stats(pid: int) -> tuple[float, int]:
+    """:func:`proc_stats` of a process and its children (``--workers``: the supervisor and
+    its worker processes), summed; a child that went away meanwhile is left out."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    cpu, rss, todo = 0.0, 0, [pid]
+    while todo:
+        one = todo.pop()
+        with contextlib.suppress(OSError):
+            c, r = proc_stats(one)
+            cpu, rss = cpu + c, rss + r
+        todo.extend(children.get(one, ()))
+    return cpu, rss
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -449,12 +468,12 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     """Open the sessions (idle phase), stream (active phase), take the generator's report.
     ``daemon`` is its (pid, admin port): the timeline samples its CPU, RSS and event-loop lag."""
     daemon_pid, admin_port = daemon
-    _, rss_before = proc_stats(daemon_pid)
+    _, rss_before = tree_stats(daemon_pid)
     print(f"idle: opening {args.sessions} sessions ...", file=sys.stderr)
     idle = await gen.event("idle")
     rec.ready = idle["held"]
     await trio.sleep(3.0)  # settle
-    _, rss_idle = proc_stats(daemon_pid)
+    _, rss_idle = tree_stats(daemon_pid)
     result["idle"] = {
         "sessions_held": rec.ready,
         "open_seconds": idle["open_seconds"],
@@ -467,7 +486,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
 
     print(f"active: {args.duration} s of real-time audio ...", file=sys.stderr)
     counters0 = servers.sample()
-    cpu0, _ = proc_stats(daemon_pid)
+    cpu0, _ = tree_stats(daemon_pid)
     harness0 = _own_cpu_s()
     t0 = (await gen.go())["t"]
     stop_at = t0 + args.duration
@@ -481,12 +500,12 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     last_cpu = cpu0
     while time.perf_counter() < stop_at:
         await trio.sleep(min(1.0, max(0.0, stop_at - time.perf_counter())))
-        cpu, rss = proc_stats(daemon_pid)
+        cpu, rss = tree_stats(daemon_pid)
         timeline.append({"t": round(time.perf_counter() - t0, 2), "daemon_cpu_pct": round((cpu - last_cpu) * 100, 1),
                          "daemon_rss_mib": round(rss / 2**20, 1), "answers": len(rec.answered),
                          "loop_lag_ms": await trio.to_thread.run_sync(loop_lag_ms, admin_port)})
         last_cpu = cpu
-    cpu1, rss_active = proc_stats(daemon_pid)
+    cpu1, rss_active = tree_stats(daemon_pid)
     counters1 = servers.sample()
     harness1 = _own_cpu_s()
     active_s = time.perf_counter() - t0

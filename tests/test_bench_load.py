@@ -3,6 +3,7 @@ real daemon process, real Valkey and simulated nodes, with every reported number
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -110,3 +111,21 @@ def test_shard_simulation_gives_each_shard_its_share(tmp_path):
         assert 4 <= run["evalsha_per_result"] < 5  # dispatch, complete, two journal writes, heartbeats
     assert len(three["shard_commands"]) == 3 and three["shard_commands_spread"] < 0.25
     assert abs(three["commands_per_result"] / one["commands_per_result"] - 1) < 0.1
+
+
+def test_tree_stats_adds_up_a_process_and_its_children():
+    """`--workers`: the daemon's CPU and RSS are the supervisor's and its workers'."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        _, own_rss = load.proc_stats(os.getpid())
+        _, child_rss = load.proc_stats(child.pid)
+        _, tree_rss = load.tree_stats(os.getpid())
+        assert tree_rss >= own_rss + child_rss > own_rss
+    finally:
+        child.kill()
+        child.wait()
