@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import random
 import re
@@ -563,7 +562,7 @@ def encode(msg: Any) -> str:
         # the base64 audio is JSON-safe ASCII: splice it in instead of having json scan and
         # copy ~100 KB per job (a visible share of the daemon's CPU in bench/load.py)
         audio = body.pop("audio")
-        head = json.dumps({"type": msg.TYPE, **body}, separators=(",", ":"), ensure_ascii=False)
+        head = orjson.dumps({"type": msg.TYPE, **body}).decode()
         return f'{head[:-1]},"audio":"{audio}"}}'
-    return json.dumps({"type": msg.TYPE, **body}, separators=(",", ":"), ensure_ascii=False)
+    return orjson.dumps({"type": msg.TYPE, **body}).decode()  # (compact, UTF-8 as is: what json.dumps gave, ~10x faster)
 
