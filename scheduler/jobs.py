@@ -13,6 +13,8 @@ relay and the session registry can name them without importing the actor.
 
 from __future__ import annotations
 
+import base64
+import functools
 from typing import Protocol
 
 import attrs
@@ -70,6 +72,11 @@ class JobRequest:
     @property
     def job_type(self) -> str:
         return job_type_for(self.tgt_lang)
+
+    @functools.cached_property
+    def audio_b64(self) -> str:
+        """The audio as base64, encoded once: the job keeps it in Redis and its job_assign carries it."""
+        return base64.b64encode(self.audio).decode("ascii")
 
 
 @attrs.frozen

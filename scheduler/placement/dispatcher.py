@@ -44,7 +44,6 @@ FAILED at once: an overloaded scheduler never stalls a session). :meth:`run` end
 
 from __future__ import annotations
 
-import base64
 import itertools
 import logging
 import random
@@ -460,7 +459,7 @@ class Dispatcher:
         """What the store is asked to place: a new job under ``job_id``, or a move."""
         if moving is None:
             assert job_id is not None
-            audio_b64 = base64.b64encode(request.audio).decode("ascii") if self._keep_audio else ""
+            audio_b64 = request.audio_b64 if self._keep_audio else ""
             return placing.NewJob(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                 request.turn_id, request.turn_action, request.turn_jobs, self._epoch(request), audio_b64,
@@ -635,7 +634,7 @@ def _assign(placement: Placement) -> JobAssign:
         job_id=placement.job_id, attempt=placement.attempt, job_key=request.job_key, session_id=request.session_id,
         utterance_index=request.utterance_index, job_type=request.job_type, src_lang=request.src_lang,
         tgt_lang=request.tgt_lang, turn_id=request.turn_id, sample_rate=request.sample_rate,
-        audio=base64.b64encode(request.audio).decode("ascii"), deadline_ms=_epoch_ms(request.deadline),
+        audio=request.audio_b64, deadline_ms=_epoch_ms(request.deadline),
     )
 
 
