@@ -73,6 +73,18 @@ end
 -- Returns the node id, or nil and NO_AVAILABLE_NODE. The affinity node, when chosen, is chosen
 -- before the others are looked at (stats then counts only it).
 local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
+  -- whether an owner's liveness lapsed, read once per owner per call (most nodes share a
+  -- handful of instances: one ZSCORE each instead of one per node)
+  local lapsed_owner = {}
+  local function lapsed(owner)
+    local known = lapsed_owner[owner]
+    if known == nil then
+      local lapses = redis.call('ZSCORE', instances_key, owner)
+      known = (lapses and tonumber(lapses) < now_ms) and true or false
+      lapsed_owner[owner] = known
+    end
+    return known
+  end
   -- load and owner of an eligible node, nil otherwise (with `stats`, a table, its free slots
   -- and its slots are added to stats.free and stats.slots: layout 2 reports a shard's free
   -- share to the placing daemon)
@@ -85,10 +97,7 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
     local max_jobs = tonumber(info[3] or '0')
     local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
     if current >= max_jobs then return nil end
-    if info[5] and info[5] ~= '' then
-      local lapses = redis.call('ZSCORE', instances_key, info[5])
-      if lapses and tonumber(lapses) < now_ms then return nil end
-    end
+    if info[5] and info[5] ~= '' and lapsed(info[5]) then return nil end
     local score = tonumber(info[7] or '') or 0
     if stats then stats.free, stats.slots = stats.free + (max_jobs - current), stats.slots + max_jobs end
     return math.max(current / max_jobs, score), info[5]
