@@ -119,6 +119,7 @@ class Dispatcher:
         rand: Callable[[], int] = lambda: random.getrandbits(30),
     ) -> None:
         self._redis = redis
+        self._quiet = StoreOutage()  # the last "no outage" answer of outage(), handed out again while it holds
         self._nodes = nodes
         self._router = router  # a job to its node: here, or over the relay (cluster/routing.py)
         self._sessions = sessions
@@ -233,7 +234,13 @@ class Dispatcher:
     def outage(self, now: float) -> StoreOutage:
         """Redis' outage as of ``now``, from the adapter's outage clock."""
         clock = self._redis.outage
-        return StoreOutage(clock.since(now), clock.last)
+        since = clock.since(now)
+        if since is None and clock.last is self._quiet.last:  # (the common answer, asked at every session wake)
+            return self._quiet
+        outage = StoreOutage(since, clock.last)
+        if since is None:
+            self._quiet = outage
+        return outage
 
     async def job_key_of(self, job_id: str) -> str | None:
         """The job key of a job: from the books when this instance placed it, else from its

@@ -242,6 +242,8 @@ class SessionCore:
         limit = self.settings.max_jobs_per_session
         if not limit or self.state is not State.IDLE and self.state is not State.OPEN:
             return True
+        if self.results.open_count() < limit:  # (one language's unanswered count is at most this: asked per event)
+            return True
         unanswered = collections.Counter(tgt for _, tgt in self.missing_answers())
         return all(n < limit for n in unanswered.values())
 

@@ -97,6 +97,10 @@ class ResultsSequencer:
     def open_indexes(self) -> list[int]:
         return sorted(self._open)
 
+    def open_count(self) -> int:
+        """How many utterances still wait for a translation (``len(open_indexes())``, without sorting)."""
+        return len(self._open)
+
     def expire(self, now: float, *, held_from: float | None = None, hold: float = 0.0) -> int:
         """Resolve every missing translation of utterances past their deadline: FAILED with the
         fallback error if one is set, else SKIPPED. Returns how many became SKIPPED. With

@@ -48,13 +48,18 @@ class OutageClock:
                 hook(length)
 
     def _stalled(self, now: float) -> float | None:
-        oldest = min(self._inflight.values(), default=None)
-        return oldest if oldest is not None and now - oldest > self.stall_s else None
+        if not self._inflight:
+            return None
+        oldest = min(self._inflight.values())
+        return oldest if now - oldest > self.stall_s else None
 
     def since(self, now: float) -> float | None:
-        """When the current outage started (None: Redis is doing its work)."""
-        starts = [t for t in (self._since, self._stalled(now)) if t is not None]
-        return min(starts) if starts else None
+        """When the current outage started (None: Redis is doing its work). Every session asks
+        at every wake: kept cheap."""
+        stalled = self._stalled(now)
+        if self._since is None or stalled is None:
+            return self._since if stalled is None else stalled
+        return min(self._since, stalled)
 
     def recent(self, now: float, within: float) -> bool:
         """Whether Redis is out, or came back less than ``within`` seconds ago. Liveness keys
