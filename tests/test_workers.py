@@ -271,8 +271,14 @@ def _alive(pid: int) -> bool:
 async def test_sigterm_drains_every_worker_as_one_daemon_drains(tmp_path):
     """systemctl stop (SIGTERM to the supervisor): every worker drains as a single daemon
     does: the open utterance of each session is finalized (reason close) and its result
-    arrives before session_closed (reason shutdown)."""
-    sup = Supervisor(tmp_path)
+    arrives before session_closed (reason shutdown).
+
+    Audio a worker has not read yet when it starts draining is not buffered and is not
+    finalized (a resumed client sends it again): so the test lets every worker read its
+    sessions' audio (a second; the pause finalize is 5 s away) before the SIGTERM. Without
+    that, on a box busy with other tests, the last session's frames could still be on the
+    wire when the drain began (seen on three xdist workers)."""
+    sup = Supervisor(tmp_path, "--pause-ms", "5000")
     try:
         with trio.fail_after(60):
             async with peer(sup.ws_url + "/v1/node") as node, trio.open_nursery() as nursery:
@@ -290,6 +296,7 @@ async def test_sigterm_drains_every_worker_as_one_daemon_drains(tmp_path):
                         await client.send(type="session_init", src_lang="zh", tgt_langs=["en"])
                         assert (await client.recv())["type"] == "session_ready"
                         await speak(client)  # an utterance left open
+                    await trio.sleep(1.0)  # (read by the workers: see the docstring)
                     sup.proc.send_signal(signal.SIGTERM)
                     for client in clients:
                         try:
