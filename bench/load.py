@@ -414,7 +414,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "adapter_evalsha_round_trip_ms": ms(await evalsha_round_trip(redis_url)),
                     **await echo_baseline(args, DAEMON_CPUS if pin else None, args.echo_seconds),
                 }
-                redis.Redis.from_url(redis_url).flushall()
             daemon, url, admin_port = start_daemon(args, redis_url, cpus=DAEMON_CPUS if pin else None)
             try:
                 out.update(await drive(args, url, daemon.pid, servers, admin_port))

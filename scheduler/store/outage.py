@@ -57,9 +57,9 @@ class OutageClock:
         """When the current outage started (None: Redis is doing its work). Every session asks
         at every wake: kept cheap."""
         stalled = self._stalled(now)
-        if self._since is None or stalled is None:
-            return self._since if stalled is None else stalled
-        return min(self._since, stalled)
+        if stalled is None:
+            return self._since
+        return stalled if self._since is None else min(self._since, stalled)
 
     def recent(self, now: float, within: float) -> bool:
         """Whether Redis is out, or came back less than ``within`` seconds ago. Liveness keys
