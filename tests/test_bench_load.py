@@ -103,14 +103,16 @@ def test_shard_simulation_gives_each_shard_its_share(tmp_path):
 
     out = tmp_path / "shards.json"
     subprocess.run([sys.executable, str(Path(load.__file__).parent / "shards.py"), "--sessions", "60", "--rate", "2",
-                    "--shards", "1,3", "--modes", "same-tick", "--rounds", "1", "--duration", "2", "--warmup", "1",
+                    "--shards", "1,3", "--modes", "same-tick", "--rounds", "1", "--duration", "4", "--warmup", "1",
                     "--idle", "0.2", "--out", str(out)], check=True, capture_output=True, timeout=120)
     one, three = json.loads(out.read_text())["runs"]
     for run in (one, three):
         assert run["results"] > 100 and run["failed_calls"] == 0
         assert 4 <= run["evalsha_per_result"] < 5  # dispatch, complete, two journal writes, heartbeats
     assert len(three["shard_commands"]) == 3 and three["shard_commands_spread"] < 0.25
-    assert abs(three["commands_per_result"] / one["commands_per_result"] - 1) < 0.1
+    # (K = 3 heartbeats three times the nodes for the same results: a 2 s window of ~230
+    # results once swung that to 10.0 % on a busy box; 4 s and ~470 results keep it within 3 %)
+    assert abs(three["commands_per_result"] / one["commands_per_result"] - 1) < 0.1, (one, three)
 
 
 def test_tree_stats_adds_up_a_process_and_its_children():
