@@ -68,6 +68,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import spread  # noqa: E402
 from adapter_throughput import adapter as adapter_throughput  # noqa: E402
+from loadgen import cpu_s, pct  # noqa: E402  (the generator's own helpers; pct is the benches' percentile)
 
 from scheduler.ops.embedded_redis import EmbeddedValkey, EmbeddedValkeyCluster  # noqa: E402
 
@@ -106,13 +107,6 @@ def tree_stats(pid: int) -> tuple[float, int]:
             cpu, rss = cpu + c, rss + r
         todo.extend(children.get(one, ()))
     return cpu, rss
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
 def ms(v: float | None) -> float | None:
@@ -486,7 +480,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     print(f"active: {args.duration} s of real-time audio ...", file=sys.stderr)
     counters0 = servers.sample()
     cpu0, _ = tree_stats(daemon_pid)
-    harness0 = _own_cpu_s()
+    harness0 = cpu_s()
     t0 = (await gen.go())["t"]
     stop_at = t0 + args.duration
     profiler: subprocess.Popen | None = None
@@ -506,7 +500,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
         last_cpu = cpu
     cpu1, rss_active = tree_stats(daemon_pid)
     counters1 = servers.sample()
-    harness1 = _own_cpu_s()
+    harness1 = cpu_s()
     active_s = time.perf_counter() - t0
     per_server = [{k: b[k] - a[k] for k in a} for a, b in zip(counters0, counters1, strict=True)]
     streamed = await gen.event("streamed")
@@ -525,11 +519,6 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
                              harness_cpu=harness1 - harness0, streamed=streamed)
     if profiler is not None:
         await trio.to_thread.run_sync(profiler.wait)
-
-
-def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def latencies(rec: Record) -> tuple[list[float], list[float], list[float], list[float]]:

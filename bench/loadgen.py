@@ -42,6 +42,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from scheduler.session.audio import tone
+
 MASK = b"\x5a\x17\xc3\x81"
 SPEECH, FINAL, SILENCE, START = 0, 1, 2, 3
 OPEN_AT_ONCE = 64  # handshakes in flight while the sessions open
@@ -66,18 +68,11 @@ def text(obj: dict[str, Any]) -> bytes:
     return ws_frame(0x1, json.dumps(obj).encode())
 
 
-def tone(ms: int, rate: int, amplitude: float = 0.3) -> bytes:
-    """A 440 Hz s16le tone (the same audio as scheduler.session.audio.tone, without importing the package)."""
-    n = rate * ms // 1000
-    peak = int(32767 * amplitude)
-    return b"".join(int(peak * math.sin(2 * math.pi * 440 * i / rate)).to_bytes(2, "little", signed=True) for i in range(n))
-
-
 class Frames:
     """Every frame a client sends, encoded and masked once."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        pcm = tone(args.chunk_ms, args.rate)
+        pcm = tone(args.chunk_ms, args.rate, amplitude=0.3)
         self.kinds = {
             SPEECH: ws_frame(0x2, pcm),
             FINAL: text({"type": "audio_chunk", "data": base64.b64encode(pcm).decode(), "is_final": True}),
