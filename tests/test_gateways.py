@@ -383,6 +383,14 @@ async def test_rate_limit_paces_a_flood_and_loses_nothing(start_daemon, nursery)
         assert trio.current_time() - start >= 1.0  # (40 + 2 messages - 20 burst) / 20 per second
 
 
+async def _one_job(s, node) -> dict:
+    """One utterance from session ``s``, finalized: the ``job_assign`` ``node`` gets for it."""
+    await s.send_raw(SPEECH_100MS)
+    await s.send(type="finalize")
+    with trio.fail_after(5):
+        return await node.recv()
+
+
 async def test_daemon_on_a_redis_cluster_dispatches_moves_and_answers(start_daemon, flushed_cluster_url):
     """The whole path on a 3-master Valkey cluster: register, dispatch, node loss -> attempt 2
     elsewhere, answer, result; /readyz and /status read the cluster too."""
@@ -391,10 +399,7 @@ async def test_daemon_on_a_redis_cluster_dispatches_moves_and_answers(start_daem
     async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
         await n1.register("n1", max_jobs=2)
         async with session(daemon) as s:
-            await s.send_raw(SPEECH_100MS)
-            await s.send(type="finalize")
-            with trio.fail_after(5):
-                job = await n1.recv()  # the only node so far
+            job = await _one_job(s, n1)  # the only node so far
             await n2.register("n2", max_jobs=2)  # joins later: the cached candidates go stale
             await n1.ws.aclose()
             with trio.fail_after(5):
@@ -417,10 +422,7 @@ async def test_sharded_daemon_moves_a_job_across_shards_when_its_shard_has_no_no
     async with peer(daemon.ws_url + "/v1/node") as n1, peer(daemon.ws_url + "/v1/node") as n2:
         await n1.register("n1", max_jobs=2)
         async with session(daemon) as s:
-            await s.send_raw(SPEECH_100MS)
-            await s.send(type="finalize")
-            with trio.fail_after(5):
-                job = await n1.recv()
+            job = await _one_job(s, n1)
             await n2.register("n2", max_jobs=2)
             space = daemon.redis.space
             assert space.node_shard("n1") != space.node_shard("n2")
