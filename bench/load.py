@@ -334,9 +334,11 @@ def harness_off_the_daemon(pin: bool = True):
 
 
 def redis_counters(client: redis.Redis) -> dict[str, int]:
+    """Commands so far (inside scripts included), EVALSHA, and each command's calls as ``cmd:<name>``."""
     stats = client.info("commandstats")
     return {"commands": int(client.info("stats")["total_commands_processed"]),
-            "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0))}
+            "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0)),
+            **{"cmd:" + name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}}
 
 
 class Servers:
@@ -502,7 +504,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     counters1 = servers.sample()
     harness1 = cpu_s()
     active_s = time.perf_counter() - t0
-    per_server = [{k: b[k] - a[k] for k in a} for a, b in zip(counters0, counters1, strict=True)]
+    per_server = [{k: b[k] - a.get(k, 0) for k in b} for a, b in zip(counters0, counters1, strict=True)]
     streamed = await gen.event("streamed")
     report = await gen.finish()  # the sessions closed, their last results in
     rec.final = {(s, i): (t, r) for s, i, t, r in report["final"]}
@@ -579,6 +581,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "daemon_rss_growth_per_session_kib": round((w["rss_active"] - w["rss_before"]) / max(1, rec.ready) / 1024, 1),
         "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
+        "redis_per_result_by_command": by_command(w["per_server"], results_in_window),
         "redis_per_server": per_server_report(w["per_server"], active_s),
         "generator": {k: streamed[k] for k in ("cpu_pct_of_core", "send_lag_ms", "behind", "backpressured_frames")},
         "harness_cpu_pct_of_core": round(w["harness_cpu"] / active_s * 100, 1),  # the simulated nodes
@@ -591,6 +594,17 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
     result["timeline"] = timeline
     result["_samples"] = {"dispatch": dispatch, "overhead": overhead, "e2e_minus_service": e2e_minus_service}
     return result
+
+
+def by_command(per_server: list[dict[str, float]], results: int) -> dict[str, float]:
+    """Each command's calls per result over all servers (those inside scripts included), the
+    largest first: where item 2's "commands per result" go."""
+    total: dict[str, float] = {}
+    for server in per_server:
+        for key, calls in server.items():
+            if key.startswith("cmd:") and calls:
+                total[key[4:]] = total.get(key[4:], 0) + calls
+    return {name: round(calls / max(1, results), 2) for name, calls in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 def per_server_report(per_server: list[dict[str, float]], active_s: float) -> dict[str, Any]:

@@ -26,34 +26,45 @@ local ttl_s = tonumber(ARGV[2])
 local keep = tonumber(ARGV[4])
 local floor = tonumber(ARGV[5])
 
-local function finalized_at_least(n)
-  if n and tonumber(redis.call('HGET', session_key, 'finalized') or '0') < n then
-    redis.call('HSET', session_key, 'finalized', n)
-  end
-end
-
 local reply = {'OK'}
-local current = redis.call('HGET', session_key, 'epoch')
+local state = redis.call('HMGET', session_key, 'epoch', 'finalized')
+local current = state[1]
 if not current then
   redis.call('HSET', session_key, 'epoch', epoch, 'meta', ARGV[3])
   reply = {'OK', 'NEW'}
 elseif current ~= epoch then
   return {'FENCED', current}
 end
-finalized_at_least(floor)
-
+-- one HSET of every field written and one HDEL of every field dropped (an "r" drops its
+-- utterance's "u" and the result `keep` places back; indexes only grow within a batch, so
+-- nothing dropped is written again by the same call)
+local finalized = tonumber(state[2] or '0')
+local target = math.max(finalized, floor or 0)
+local written, dropped = {}, {}
 for i = 6, #ARGV, 3 do
   local kind, index, payload = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  if kind == 'u' then
-    redis.call('HSET', session_key, 'u:' .. index, payload)
-    finalized_at_least(index + 1)
-  elseif kind == 'r' then
-    redis.call('HSET', session_key, 'r:' .. index, payload)
-    finalized_at_least(index + 1)
-    redis.call('HDEL', session_key, 'u:' .. index, 'r:' .. (index - keep))
+  if kind == 'u' or kind == 'r' then
+    written[#written + 1] = kind .. ':' .. index
+    written[#written + 1] = payload
+    target = math.max(target, index + 1)
+    if kind == 'r' then
+      dropped[#dropped + 1] = 'u:' .. index
+      dropped[#dropped + 1] = 'r:' .. (index - keep)
+    end
   elseif kind == 'c' then
-    redis.call('HSET', session_key, 'closed', payload)
+    written[#written + 1] = 'closed'
+    written[#written + 1] = payload
   end
+end
+if target > finalized then
+  written[#written + 1] = 'finalized'
+  written[#written + 1] = target
+end
+if #written > 0 then
+  redis.call('HSET', session_key, unpack(written))
+end
+if #dropped > 0 then
+  redis.call('HDEL', session_key, unpack(dropped))
 end
 redis.call('EXPIRE', session_key, ttl_s)
 return reply
