@@ -8,7 +8,8 @@
 -- Pool and node choice: lib/choose_node.lua (preferred pool, turn affinity, least loaded,
 -- nodes held by the placing instance (ARGV[16]) first within ARGV[20] of load, ties by ARGV rand). Takes one slot on the chosen node, adds the job to the node's job set
 -- and its lease to the leases set.
--- Session: current_turn_id and next_utterance_index (never lowered) follow the jobs created.
+-- Session: current_turn_id and next_utterance_index (never lowered) follow the jobs created;
+-- the first job of an utterance writes its resume-journal entry (ARGV[21], claim_record).
 -- Turn: turn_action "keep" (max_duration finalize) records the chosen node as the turn's
 -- affinity; "end" counts this job towards the end of the turn and deletes the turn key once
 -- turn_jobs jobs of the ending utterance have been placed.
@@ -37,7 +38,7 @@
 -- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
 -- KEYS[7] {scheduler}:instances            zset instance id -> liveness lapse (ms): no node of a dead instance
--- KEYS[8...] candidates, ARGV[21...] their counts and names (lib/choose_node.lua)
+-- KEYS[8...] candidates, ARGV[22...] their counts and names (lib/choose_node.lua)
 local jobkey_key = KEYS[1]
 local job = KEYS[2]
 local session_key = KEYS[3]
@@ -65,6 +66,7 @@ local audio = ARGV[17]        -- base64 PCM, '' for none
 local sample_rate = ARGV[18]
 local deadline_ms = ARGV[19]  -- the utterance's result deadline, epoch ms
 local locality_slack = tonumber(ARGV[20])  -- see choose_node: how much more load a node of this instance may carry
+local journal_entry = ARGV[21]  -- the utterance's resume-journal entry ('' none): lib/session_claim.lua, claim_record
 
 -- @include choose_node
 -- @include slots
@@ -88,7 +90,7 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(7, 20)
+local pools, nodes = declared_candidates(7, 21)
 local chosen, conn_id = place_job({
   job = job, lang_key = lang_key, leases_key = leases_key, instances_key = instances_key,
   preferred = redis.call('HGET', session_key, 'preferred_pool'), affinity = redis.call('HGET', turn_key, 'affinity_node_id'),
@@ -99,6 +101,6 @@ local chosen, conn_id = place_job({
 if not chosen then
   return redis.error_reply(conn_id)
 end
-claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s)
+claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry)
 claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

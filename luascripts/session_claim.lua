@@ -26,7 +26,8 @@
 -- ARGV[1] job_key, ARGV[2] job_id, ARGV[3] session_id, ARGV[4] utterance_index, ARGV[5] turn_id,
 -- ARGV[6] turn_action ("keep", "end" or ""), ARGV[7] key_ttl_s (the session's and turn's),
 -- ARGV[8] turn_jobs, ARGV[9] epoch ('' not fenced), ARGV[10] affinity node, ARGV[11] replaces,
--- ARGV[12] claim_ttl_s (how long the claim is kept: past the result deadline)
+-- ARGV[12] claim_ttl_s (how long the claim is kept: past the result deadline), ARGV[13] the
+-- utterance's resume-journal entry ('' none; a fresh claim writes it: lib/session_claim.lua, claim_record)
 local session_key = KEYS[1]
 local turn_key = KEYS[2]
 local jobkey_key = KEYS[3]
@@ -41,6 +42,7 @@ local epoch = ARGV[9]
 local affinity = ARGV[10]
 local replaces = ARGV[11]
 local claim_ttl_s = tonumber(ARGV[12])
+local journal_entry = ARGV[13] or ''
 
 -- @include session_claim
 
@@ -54,7 +56,7 @@ if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) 
 end
 local stored = redis.call('HGET', turn_key, 'affinity_node_id') or ''
 if existing ~= job_id then
-  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s)
+  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry)
   if affinity ~= '' then
     claim_turn(turn_key, 'keep', affinity, turn_jobs, key_ttl_s)
     stored = affinity

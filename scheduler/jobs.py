@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 from typing import Protocol
 
 import attrs
@@ -29,6 +30,13 @@ def job_key_for(session_id: str, utterance_index: int, tgt_lang: str) -> str:
 
 def job_type_for(tgt_lang: str) -> str:
     return f"translate:{tgt_lang}"
+
+
+def owed_entry(reason: str, turn_id: str, deadline_ms: int) -> str:
+    """The resume journal's entry of a finalized utterance still owed its result
+    (``u:<index>`` in the session hash): written by the creation of its first job
+    (:attr:`JobRequest.finalize_reason`), or else by the session's writer (journal.py)."""
+    return json.dumps({"reason": reason, "turn_id": turn_id, "deadline_ms": deadline_ms})
 
 
 @attrs.frozen
@@ -68,6 +76,8 @@ class JobRequest:
     audio: bytes
     deadline: float  # trio clock: after this the answer is no longer wanted
     epoch: int | None = None  # the session's fencing epoch (resume); None: not fenced
+    finalize_reason: str = ""  # the first job of an utterance: its finalize reason, so that the job's creation
+    # writes the utterance's resume-journal entry (docs/redis.md); '' for the others
 
     @property
     def job_type(self) -> str:
@@ -132,6 +142,11 @@ class SessionInbox(Protocol):
 
     def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
         """Into the session's inbox, never blocking; False when the session is not here or its inbox is full."""
+
+    def journaled(self, session_id: str, utterance_index: int, written: bool) -> None:
+        """The first placement try of the job that carries the utterance's journal entry
+        (:attr:`JobRequest.finalize_reason`) created it and so wrote the entry (``written``),
+        or did not (refused, Redis out, a duplicate): the session's writer writes it then."""
 
     def take_over(self, session_id: str) -> None:
         """The session was resumed on another instance: end its copy here, leaving its jobs."""

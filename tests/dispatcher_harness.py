@@ -82,11 +82,12 @@ class Inbox:
     """The sessions one instance holds; every outcome and waiting notice goes to ``got``,
     shared by the instances, in order (a SessionInbox)."""
 
-    def __init__(self, got: list, sessions: set[str], instance_id: str) -> None:
+    def __init__(self, got: list, sessions: set[str], instance_id: str, words: list) -> None:
         self.got = got
         self.sessions = sessions
         self.instance_id = instance_id
         self.epochs: dict[str, int] = {}  # the epoch of each session resumed here (as its actor's)
+        self.words = words  # the dispatcher's words for the journal writers, shared by the instances, in order
 
     def epoch(self, session_id: str) -> int | None:
         return self.epochs.get(session_id) if session_id in self.sessions else None
@@ -102,6 +103,9 @@ class Inbox:
 
     def take_over(self, session_id: str) -> None:
         self.sessions.discard(session_id)
+
+    def journaled(self, session_id: str, utterance_index: int, written: bool) -> None:
+        self.words.append((session_id, utterance_index, written))
 
 
 @attrs.define
@@ -140,7 +144,8 @@ class Instance:
         # its previous life left is dropped first (Ownership.drop_previous_life)
         self.metrics = Metrics()
         self.nodes = NodeRegistry(self.metrics)
-        self.inbox = Inbox(h.got, set() if restarted else {s for s, i in SESSIONS.items() if i == instance_id}, instance_id)
+        self.inbox = Inbox(h.got, set() if restarted else {s for s, i in SESSIONS.items() if i == instance_id}, instance_id,
+                           h.words)
         self.scope = trio.CancelScope()
         self.crash_next = self.crashed = 0  # placement rounds to crash, and crashed so far (_inject_crash)
         self.crashed_at = float("-inf")
@@ -301,6 +306,7 @@ class DispatcherHarness:
         self.queue_size = queue_size
         self.place_batch = place_batch
         self.got: list[tuple[str, JobOutcome | JobWaiting, str]] = []  # (session, outcome, delivered by)
+        self.words: list[tuple[str, int, bool]] = []  # (session, index, written): Inbox.journaled, every instance
         self.instances = {i: Instance(self, i) for i in INSTANCES}
         self.killed_at: dict[str, float] = {}  # instance id -> when it was last killed
         self.restarted_at: dict[str, float] = {}  # ... and started again
@@ -597,7 +603,8 @@ class DispatcherHarness:
         request = JobRequest(job_key=job_key_for(session_id, index, pair[1]), session_id=session_id, utterance_index=index,
                              src_lang=pair[0], tgt_lang=pair[1], turn_id=f"{session_id}:t", turn_action="none", turn_jobs=1,
                              sample_rate=SAMPLE_RATES[session_id], audio=job_audio(job_key_for(session_id, index, pair[1])),
-                             deadline=trio.current_time() + ttl_s, epoch=epoch)
+                             deadline=trio.current_time() + ttl_s, epoch=epoch,
+                             finalize_reason="pause" if pair == PAIRS[0] else "")  # (one lane: an utterance's first job)
         self.queued_since[request.job_key] = trio.current_time()
         self.requests.setdefault(request.job_key, []).append(request)
         return self.owner(session_id).dispatcher.submit_nowait(request)

@@ -42,6 +42,7 @@ its instance), no slot or lease is left in Redis, and the live instances' books 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 
@@ -698,6 +699,23 @@ class DispatcherMachine(RuleBasedStateMachine):
         self._check_draining_nodes()
         self._check_logs()
         self._check_counters()
+        self._check_journal_words()
+
+    words_seen = flushes_seen = 0
+
+    def _check_journal_words(self):
+        """The word that a job's creation wrote its utterance's resume-journal entry (the
+        writer then writes none: cluster/journal.py) is true: the session hash holds the entry,
+        as the job's request describes it. Only first jobs of utterances (one lane here) carry one."""
+        new, self.words_seen = self.h.words[self.words_seen:], len(self.h.words)
+        flushed, self.flushes_seen = len(self.h.flushes) != self.flushes_seen, len(self.h.flushes)
+        for session, index, written in new:
+            requests = self.h.requests[job_key_for(session, index, PAIRS[0][1])]
+            assert all(r.finalize_reason for r in requests), (session, index)
+            if written and not flushed and not self.h.down:  # (a flush since may have taken it)
+                entry = self.r.hget(self.k.session(session), f"u:{index}")
+                assert entry is not None, f"{session}:{index} said journaled, the journal lacks it"
+                assert json.loads(entry)["reason"] == "pause" and json.loads(entry)["turn_id"] == f"{session}:t", entry
 
     def _check_nodes(self):
         """Every connected node is, in Redis (where Redis still has it), online on its current

@@ -90,6 +90,8 @@ async def test_pair_gauges_and_overhead_leave_the_node_time_out(daemon, nursery)
     assert _sample(body, 'scheduler_pair_slots_free{pair="zh-en"}') == 4
     assert _sample(body, "scheduler_result_overhead_seconds_count") == 1
     assert _sample(body, "scheduler_result_overhead_seconds_sum") < 0.3  # the node's 600 ms are left out
+    # the utterance's resume-journal entry was written by its job's creation, not by a call of its own
+    assert _sample(body, 'scheduler_journal_finalize_entries_total{written_by="job"}') == 1
 
 
 async def test_bad_messages_keep_the_session_alive(daemon, nursery):
@@ -237,6 +239,10 @@ async def test_no_node_free_until_deadline_gives_failed(start_daemon, nursery):
                     results.append(msg)
             assert [(r["utterance_index"], r["status"]) for r in results] == [(0, "SKIPPED"), (1, "FAILED")]
             assert results[1]["translations"]["en"]["error"] == "NO_AVAILABLE_NODE"
+    # utterance 0's job was created and journaled it; utterance 1's found no slot: the writer journaled it
+    body = daemon.metrics.render().decode()
+    for by in ("job", "writer"):
+        assert f'scheduler_journal_finalize_entries_total{{written_by="{by}"}} 1.0' in body, by
 
 
 async def test_lost_node_job_is_dispatched_again_to_another_node(daemon, redis_client):

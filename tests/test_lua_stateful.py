@@ -62,6 +62,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.score: dict[str, float] = {}  # each node's last reported load score (a registration clears it)
         self.lapse: dict[str, float | None] = {}  # instance -> its score in {scheduler}:instances (None: unlisted)
         self.closed: set[str] = set()  # nodes whose connection closed (node_state cleared its conn_id)
+        self.finalized = 0  # session "s": the utterances its resume journal counts (a fresh claim with an entry raises it)
+        self.entries: dict[int, str] = {}  # ... and the "u:<index>" entries the claims wrote
 
     def teardown(self):
         for job_id in list(self.jobs):
@@ -260,26 +262,37 @@ class ScriptsMachine(RuleBasedStateMachine):
         assert self._call(*lua.node_state(node, OWNER[node], online=False, draining=False, conn_id="gone"))[0] in (
             "STALE_CONN", "NOT_OWNER")
 
-    @rule(action=st.sampled_from(["none", "keep", "end"]), which=st.sampled_from(["new", "live", "ended", "refused"]),
+    @rule(action=st.sampled_from(["none", "keep", "end"]), which=st.sampled_from(["new", "live", "ended", "refused", "late"]),
           pick=st.integers(0, 99), rand=st.integers(0, 100), near=st.sampled_from(["", "i1", "i2"]),
-          slack=st.sampled_from([0.0, 0.25, 0.5]))
-    def dispatch(self, action, which, pick, rand, near, slack):
+          slack=st.sampled_from([0.0, 0.25, 0.5]), journal=st.booleans())
+    def dispatch(self, action, which, pick, rand, near, slack, journal):
         """A new key, or again the key of a live job, of an ended one, or of a refused dispatch;
-        placed by instance ``near`` (or none), whose nodes win within ``slack`` of load."""
+        placed by instance ``near`` (or none), whose nodes win within ``slack`` of load. Key
+        ``s:<n>:...`` is utterance n; with ``journal`` it is the utterance's first job and
+        carries its resume-journal entry: a job created writes it unless the journal counts
+        the utterance already (refused keys come back after later ones; ``late``: a new key of
+        an utterance before the last one counted, e.g. a job created after its result was sent)."""
         known = {j["key"]: job_id for job_id, j in [*self.jobs.items(), *self.ended.items()]}
         pool = {"live": [j["key"] for j in self.jobs.values()], "ended": [j["key"] for j in self.ended.values()],
                 "refused": [k for k in self.refused if k not in known]}.get(which)
         if pool:
             key = sorted(pool)[pick % len(pool)]
+        elif which == "late" and self.finalized:
+            key = f"s:{pick % self.finalized}:translate:late{self.next_key}"
+            self.next_key += 1
         else:
             key = f"s:{self.next_key}:translate:en"
             self.next_key += 1
         self.next_id += 1
         job_id = str(self.next_id)
         loads, affinity = self._loads(), self.r.hget(keys.turn("t"), "affinity_node_id")
+        index = int(key.split(":")[1])
+        entry = f'{{"reason": "pause", "turn_id": "t", "n": {self.next_id}}}' if journal else ""
         reply = self._with_candidates(
-            lambda c: lua.dispatch(key, job_id, "s", 0, "zh", "en", "t", action, self.now, 30_000, 6_000, rand, c,
-                                   placed_by=near, locality_slack=slack))
+            lambda c: lua.dispatch(key, job_id, "s", index, "zh", "en", "t", action, self.now, 30_000, 6_000, rand, c,
+                                   placed_by=near, locality_slack=slack, journal_entry=entry))
+        if reply[0] == "OK" and entry and index >= self.finalized:
+            self.entries[index], self.finalized = entry, index + 1
         if reply[0] == "OK":
             assert key not in known, "a second job for one key"
             assert str(reply[1]) == job_id, reply
@@ -367,6 +380,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         for job_id in self.ended:
             pipe.hget(keys.job(job_id), "status")
         pipe.zrange(keys.leases(), 0, -1)
+        pipe.hgetall(keys.session("s"))
         replies = iter(pipe.execute())
 
         dispatched: dict[str, set[str]] = {}
@@ -389,6 +403,9 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert next(replies) == job["status"], (job_id, job)
         leased = set(next(replies))
         assert leased == set().union(*dispatched.values()) if dispatched else not leased
+        session = next(replies)
+        assert int(session.get("finalized", 0)) == self.finalized, (session.get("finalized"), self.finalized)
+        assert {int(f[2:]): v for f, v in session.items() if f.startswith("u:")} == self.entries, (session, self.entries)
 
 
 # CI keeps the machines under a minute together (docs/testing.md): the single server takes

@@ -12,7 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from scheduler.cluster import journal
-from scheduler.protocol import Busy, SessionClosed
+from scheduler.protocol import Busy, SessionClosed, UtteranceFinalized
 from scheduler.store import keys, lua
 from scheduler.store.redis_adapter import Fenced, RedisAdapter
 
@@ -236,3 +236,30 @@ async def test_journal_script_keeps_the_last_results_and_fences_a_stale_epoch(re
         assert (s1["finalized"], s1.get("r:0"), s1["r:1"], s1["r:2"]) == ("3", None, "R1", "R2")  # last 2 kept
         assert not [f for f in s1 if f.startswith("u:")]
         assert "u:0" not in redis_client.hgetall(keys.session("s2"))
+
+
+async def test_the_writer_journals_an_utterance_only_when_its_job_did_not(redis_url, redis_client):
+    """An utterance's first job writes its journal entry when it is created (dispatch_task /
+    session_claim); the dispatcher's word tells the writer, which then makes no call of its
+    own. Without that word (the job was refused, or the word did not come in time) the
+    writer journals the utterance itself before the client gets it."""
+    meta, counts = journal.Meta("zh", ("en",), 16000), []
+    async with RedisAdapter(redis_url) as redis:
+        await journal.open_session(redis, "s1", "i1", meta)
+        writer = journal.Journal(redis, "s1", 1, meta, keep=2, result_deadline_ms=1000, jobs_write_ahead=True,
+                                 count=counts.append)
+
+        def finalized(index):
+            return UtteranceFinalized(utterance_index=index, reason="pause", turn_id="t", audio_ms=300)
+
+        writer.ahead(0, True)  # (the job wrote u:0; here nobody did, so the writer's silence shows)
+        writer.ahead(1, False)  # refused: the writer writes u:1
+        await writer.write([finalized(0)])
+        await writer.write([finalized(1)])
+        started = trio.current_time()
+        await writer.write([finalized(2)])  # no word: after AHEAD_WAIT_S, the writer writes u:2
+        assert trio.current_time() - started >= journal.AHEAD_WAIT_S
+        writer.ahead(2, True)  # (a late word changes nothing)
+        stored = redis_client.hgetall(keys.session("s1"))
+        assert ("u:0" in stored, "u:1" in stored, "u:2" in stored, stored["finalized"]) == (False, True, True, "3")
+        assert counts == ["job", "writer", "writer"]

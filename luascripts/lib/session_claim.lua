@@ -18,15 +18,31 @@ local function claim_fenced(session_key, session_id, epoch)
   return nil
 end
 
--- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s):
+-- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry):
 -- the job key names `claim` (the job's id) for claim_ttl_s; the session's current turn
--- follows, and its next index is never lowered.
-local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s)
+-- follows, and its next index is never lowered. `entry` (the first job of an utterance: its
+-- resume-journal entry, session_journal.lua's "u:<index>" JSON; '' for none) is written with
+-- `finalized` raised to index + 1 when the journal has not counted this utterance yet
+-- (finalized <= index), so that the client's utterance_finalized needs no journal call of its
+-- own (docs/redis.md, "The utterance's journal entry, written by its job's creation"); an
+-- utterance counted already was journaled by the session's writer, or its result was sent
+-- (and maybe trimmed since): it is never written again.
+local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry)
   redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
-  redis.call('HSET', session_key, 'current_turn_id', turn_id)
-  if tonumber(redis.call('HGET', session_key, 'next_utterance_index') or '0') <= tonumber(utterance_index) then
-    redis.call('HSET', session_key, 'next_utterance_index', tonumber(utterance_index) + 1)
+  local index = tonumber(utterance_index)
+  local counts = redis.call('HMGET', session_key, 'next_utterance_index', 'finalized')
+  local fields = {'current_turn_id', turn_id}
+  if tonumber(counts[1] or '0') <= index then
+    fields[#fields + 1] = 'next_utterance_index'
+    fields[#fields + 1] = index + 1
   end
+  if entry and entry ~= '' and tonumber(counts[2] or '0') <= index then
+    fields[#fields + 1] = 'u:' .. index
+    fields[#fields + 1] = entry
+    fields[#fields + 1] = 'finalized'
+    fields[#fields + 1] = index + 1
+  end
+  redis.call('HSET', session_key, unpack(fields))
   redis.call('EXPIRE', session_key, key_ttl_s)
 end
 

@@ -12,6 +12,14 @@ Write-ahead: the client gateway's writer hands each batch of outgoing messages t
 adapter), so the client never holds an ``utterance_finalized`` or ``result`` the journal
 lacks. Audio that was not finalized yet is not journaled: the client resends it.
 
+An ``utterance_finalized`` usually costs no call of its own: the creation of the utterance's
+first job writes its entry in the same script (``dispatch_task`` / ``session_claim``, see
+``lib/session_claim.lua``), and the dispatcher says so (:meth:`Journal.ahead`, through the
+session registry) once that placement's reply is in. The writer waits for that word up to
+:data:`AHEAD_WAIT_S` and writes the entry itself when the job was not created (a full pool, a
+duplicate, Redis out) or the word did not come in time; an entry written twice is the same
+entry, and the script never writes one for an utterance the journal counted already.
+
 Resume secret: a new session gets a resume token (:func:`new_resume_token`, 192 random bits)
 in its ``session_ready``; the journal keeps only its digest (``Meta.auth``, with the API key
 that opened the session folded in: :func:`resume_digest`), and :func:`resume` passes the
@@ -30,11 +38,13 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
+from scheduler.jobs import owed_entry
 from scheduler.ops.logs import event
 from scheduler.protocol import CLOSE_POLICY, UNKNOWN_SESSION, ProtocolError, Result, SessionClosed, UtteranceFinalized, encode
 from scheduler.store import keys, lua
@@ -43,6 +53,10 @@ from scheduler.store.redis_adapter import RedisAdapter, RedisUnavailable, now_ms
 log = logging.getLogger("scheduler.journal")
 
 RETRY_S = 0.5
+AHEAD_WAIT_S = 0.25
+"""How long the writer waits for the word that an utterance's first job wrote its journal entry."""
+AHEAD_KEPT = 64
+"""Words about utterances the writer has not asked for yet, kept per session (the oldest go)."""
 FINAL_CLOSE_REASONS = ("client_close", "idle_timeout")  # not resumable; "shutdown" and lost sockets are
 
 
@@ -158,9 +172,13 @@ class Journal:
     """The write-ahead journal of one session held here (used by its writer task only)."""
 
     def __init__(self, redis: RedisAdapter, session_id: str, epoch: int | None, meta: Meta, *, keep: int,
-                 result_deadline_ms: int, finalized: int = 0, owed: list[Owed] | tuple[Owed, ...] = ()) -> None:
+                 result_deadline_ms: int, finalized: int = 0, owed: list[Owed] | tuple[Owed, ...] = (),
+                 jobs_write_ahead: bool = False, count: Callable[[str], None] = lambda written_by: None) -> None:
         """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes.
-        ``finalized`` and ``owed`` continue a resumed session's journal."""
+        ``finalized`` and ``owed`` continue a resumed session's journal. ``jobs_write_ahead``:
+        the session's jobs write their utterance's entry (module docstring), so the writer
+        waits for :meth:`ahead` before it writes one itself; ``count`` gets who wrote each
+        (``job`` or ``writer``), for the metric."""
         self._redis = redis
         self.session_id = session_id
         self.epoch = epoch
@@ -170,14 +188,40 @@ class Journal:
         # what this writer knows the journal must hold: the count of finalized utterances and
         # the "u" entry of each one still owed a result (written again if Redis loses them)
         self._finalized = finalized
-        self._owed: dict[int, str] = {
-            o.index: json.dumps({"reason": o.reason, "turn_id": o.turn_id, "deadline_ms": o.deadline_ms}) for o in owed}
+        self._owed: dict[int, str] = {o.index: owed_entry(o.reason, o.turn_id, o.deadline_ms) for o in owed}
+        self._jobs_write_ahead = jobs_write_ahead and epoch is not None
+        self._count = count
+        self._ahead: dict[int, bool] = {}  # utterance index -> whether its job wrote its entry (the dispatcher's word)
+        self._awaited: tuple[int, trio.Event] | None = None  # the word the writer waits for now
+
+    def ahead(self, index: int, written: bool) -> None:
+        """The dispatcher's word about utterance ``index``: the creation of its first job wrote
+        its journal entry (``written``), or did not. The first word counts."""
+        if index in self._ahead:
+            return
+        self._ahead[index] = written
+        if len(self._ahead) > AHEAD_KEPT:
+            del self._ahead[next(iter(self._ahead))]
+        if self._awaited is not None and self._awaited[0] == index:
+            self._awaited[1].set()
+
+    async def _written_ahead(self, index: int) -> bool:
+        """Whether utterance ``index``'s entry is in the journal already (its job wrote it);
+        waits for the word up to :data:`AHEAD_WAIT_S`."""
+        if index not in self._ahead:
+            self._awaited = (index, trio.Event())
+            with trio.move_on_after(AHEAD_WAIT_S):
+                await self._awaited[1].wait()
+            self._awaited = None
+        written = self._ahead.pop(index, False)
+        self._count("job" if written else "writer")
+        return written
 
     def entries(self, msgs: list[Any], texts: list[str]) -> list[tuple[str, int, str]]:
         out = []
         for msg, text in zip(msgs, texts, strict=True):
             if isinstance(msg, UtteranceFinalized):
-                owed = json.dumps({"reason": msg.reason, "turn_id": msg.turn_id, "deadline_ms": now_ms() + self._deadline_ms})
+                owed = owed_entry(msg.reason, msg.turn_id, now_ms() + self._deadline_ms)
                 out.append(("u", msg.utterance_index, owed))
                 self._owed[msg.utterance_index] = owed
                 self._finalized = max(self._finalized, msg.utterance_index + 1)
@@ -193,6 +237,8 @@ class Journal:
         to send. Retries while Redis is unavailable; raises ``Fenced`` once resumed elsewhere."""
         texts = [encode(m) for m in msgs]
         entries = self.entries(msgs, texts) if self.epoch is not None else []
+        if self._jobs_write_ahead:
+            entries = [e for e in entries if e[0] != "u" or not await self._written_ahead(e[1])]
         if entries:
             await self._write(entries)
         return texts

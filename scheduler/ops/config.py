@@ -150,8 +150,8 @@ class Settings:
     drain_timeout_ms: int = _opt(10000, "on SIGTERM, how long to wait for outstanding results before closing", group="session")
     resume_keep_results: int = _opt(
         256, "results kept in Redis per session for a resume (session_init with session_id + resume_from): "
-             "the last this many; 0 turns the resume journal off (no resume, two Redis calls less per "
-             "utterance)", group="session")
+             "the last this many; 0 turns the resume journal off (no resume, one Redis call less per "
+             "result: an utterance's entry is written by its first job's creation)", group="session")
 
     # Nodes
     heartbeat_interval_ms: int = _opt(2000, "interval nodes are told to heartbeat at", group="nodes")

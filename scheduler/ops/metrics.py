@@ -73,6 +73,10 @@ class Metrics:
         self.session_input_held_total = Counter(
             p + "session_input_held_total", "Times a session stopped taking input because it held --max-jobs-per-session "
             "unanswered translations of a language", registry=r)
+        self.journal_finalize_entries_total = Counter(
+            p + "journal_finalize_entries_total", "Resume-journal entries of finalized utterances, by who wrote them: "
+            "job (the creation of the utterance's first job, no call of its own) or writer (the session's writer, "
+            "when the job was not created in time: a full pool, Redis out)", ["written_by"], registry=r)
 
     def _nodes_and_jobs(self, p: str, r: CollectorRegistry) -> None:
         """Nodes, jobs, the relay and results."""

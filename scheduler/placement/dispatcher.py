@@ -37,6 +37,11 @@ kept and sent again the same way; the periodic tasks log and retry (``resilient.
 Outcomes that are not a node's answer (no pool, nowhere to send it) go back to the session
 as a ``FAILED`` :class:`~scheduler.jobs.JobOutcome` through the session registry.
 
+Journal: the first job of an utterance (``JobRequest.finalize_reason``) writes the
+utterance's resume-journal entry with its claim; after its first placement try the
+dispatcher tells the session (``SessionInbox.journaled``) whether it did, so that the
+session's writer journals the utterance itself only when not (cluster/journal.py).
+
 Bounds: at most ``queue_size`` jobs wait in all lanes together; past that
 :meth:`submit_nowait` refuses with ``OVERLOADED`` (the session records the translation as
 FAILED at once: an overloaded scheduler never stalls a session). :meth:`run` ends when cancelled.
@@ -55,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage
+from scheduler.jobs import JobOutcome, JobRequest, JobWaiting, SessionInbox, StoreOutage, owed_entry
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.placement.books import Placed, Placement
@@ -155,6 +160,8 @@ class Dispatcher:
     def submit_nowait(self, request: JobRequest) -> str | None:
         if self._queued >= self._queue_size:
             self._metrics.dispatch_errors_total.labels("OVERLOADED").inc()
+            if _journals(request):
+                self._sessions.journaled(request.session_id, request.utterance_index, False)
             return "OVERLOADED"
         self._queued += 1
         lane = self._lane(request)
@@ -373,6 +380,10 @@ class Dispatcher:
             if moving is not None and (new_id := self._scheduling.relocated(moving.job_id)) is not None:
                 moving.job_id = new_id
         replies = [self._resolve(r, m, i, reply) for r, m, i, reply in zip(batch, movings, ids, replies, strict=True)]
+        for request, moving, reply in zip(batch, movings, replies, strict=True):
+            if moving is None and _journals(request):  # its session's writer waits for this word (journal.py)
+                self._sessions.journaled(request.session_id, request.utterance_index,
+                                         isinstance(reply, list) and reply[0] == "OK")
         codes: list[str | None] = []
         remote: list[tuple[Placement, JobAssign]] = []  # placed on nodes of other instances
         crashed: list[tuple[str, str, str, int | None]] = []  # what Redis holds for jobs whose handling crashed
@@ -467,10 +478,12 @@ class Dispatcher:
         if moving is None:
             assert job_id is not None
             audio_b64 = request.audio_b64 if self._keep_audio else ""
+            deadline_ms = _epoch_ms(request.deadline)
+            entry = owed_entry(request.finalize_reason, request.turn_id, deadline_ms) if _journals(request) else ""
             return placing.NewJob(
                 request.job_key, job_id, request.session_id, request.utterance_index, request.src_lang, request.tgt_lang,
                 request.turn_id, request.turn_action, request.turn_jobs, self._epoch(request), audio_b64,
-                request.sample_rate, _epoch_ms(request.deadline), self._rand())
+                request.sample_rate, deadline_ms, self._rand(), entry)
         return placing.MoveJob(moving.job_id, moving.node_id, moving.attempt, request.session_id, request.turn_id,
                                request.src_lang, request.tgt_lang, self._rand())
 
@@ -643,6 +656,12 @@ def _assign(placement: Placement) -> JobAssign:
         tgt_lang=request.tgt_lang, turn_id=request.turn_id, sample_rate=request.sample_rate,
         audio=request.audio_b64, deadline_ms=_epoch_ms(request.deadline),
     )
+
+
+def _journals(request: JobRequest) -> bool:
+    """Whether placing ``request`` writes its utterance's resume-journal entry: the first job of
+    an utterance, of a session whose journal is on (fenced by an epoch)."""
+    return bool(request.finalize_reason) and request.epoch is not None
 
 
 def _epoch_ms(deadline: float) -> int:

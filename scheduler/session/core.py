@@ -412,7 +412,7 @@ class SessionCore:
                 job_key=job_key_for(self.session_id, index, tgt), session_id=self.session_id, utterance_index=index,
                 src_lang=self.src_lang, tgt_lang=tgt, turn_id=turn_id, turn_action=turn_action,
                 turn_jobs=len(self.tgt_langs), sample_rate=self.sample_rate, audio=pcm, deadline=deadline,
-                epoch=self.epoch)))
+                epoch=self.epoch, finalize_reason=reason if tgt == self.tgt_langs[0] else "")))
         self._out.append(Finalized(index, reason, audio_ms, turn_id))
         return True
 

@@ -76,6 +76,12 @@ class SessionRegistry:
             "translations": {lang: t.status for lang, t in result.translations.items()},
         })
 
+    def journaled(self, session_id: str, utterance_index: int, written: bool) -> None:
+        """To the session's journal writer (:meth:`Journal.ahead`), if the session is here."""
+        writer = self.journals.get(session_id)
+        if writer is not None:
+            writer.ahead(utterance_index, written)
+
     def deliver(self, session_id: str, outcome: JobOutcome | JobWaiting) -> bool:
         """Hand an outcome to its session without blocking; False (counted, logged) if it cannot."""
         actor = self._actors.get(session_id)

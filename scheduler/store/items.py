@@ -36,6 +36,7 @@ class NewJob:
     sample_rate: int
     deadline_ms: int
     rand: int  # ties among equally loaded nodes
+    journal_entry: str = ""  # the utterance's resume-journal entry, written with a fresh claim ('' none)
 
 
 @attrs.frozen

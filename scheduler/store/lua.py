@@ -83,17 +83,19 @@ def read_candidates(client: Any, src: str, tgt: str, *, tag: str = keys.TAG) -> 
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,
              turn_action: str, now_ms: int, lease_ms: int, node_ttl_ms: int, rand: int, candidates: Candidates,
              turn_jobs: int = 1, *, epoch: int | None = None, placed_by: str = "", audio_b64: str = "",
-             sample_rate: int = 16000, deadline_ms: int = 0, locality_slack: float = 0.0) -> Call:
+             sample_rate: int = 16000, deadline_ms: int = 0, locality_slack: float = 0.0, journal_entry: str = "") -> Call:
     """``epoch``: the session's fencing epoch (None: not fenced); ``placed_by``: the placing instance,
     whose nodes are preferred within ``locality_slack`` of load (lib/choose_node.lua);
-    ``audio_b64``, ``sample_rate``, ``deadline_ms``: kept with the job until it is answered (adoption)."""
+    ``audio_b64``, ``sample_rate``, ``deadline_ms``: kept with the job until it is answered (adoption);
+    ``journal_entry``: the utterance's resume-journal entry, written with a fresh claim
+    (lib/session_claim.lua, claim_record; '' none)."""
     return (
         "dispatch_task",
         [keys.jobkey(job_key), keys.job(job_id), keys.session(session_id), keys.turn(turn_id), keys.lang_pools(src, tgt),
          keys.leases(), keys.instances(), *candidates.keys()],
         [job_key, job_id, session_id, utterance_index, src, tgt, turn_id, turn_action, now_ms, lease_ms, node_ttl_ms,
          keys.KEY_TTL_S, rand, turn_jobs, "" if epoch is None else epoch, placed_by, audio_b64, sample_rate, deadline_ms,
-         locality_slack, *candidates.args()],
+         locality_slack, journal_entry, *candidates.args()],
     )
 
 
@@ -138,15 +140,15 @@ def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int
 
 def session_claim(job_key: str, job_id: str, session_id: str, utterance_index: int, turn_id: str, turn_action: str,
                   turn_jobs: int = 1, *, epoch: int | None = None, affinity: str = "", replaces: str = "",
-                  claim_ttl_s: int = keys.KEY_TTL_S, tag: str = keys.TAG) -> Call:
+                  claim_ttl_s: int = keys.KEY_TTL_S, tag: str = keys.TAG, journal_entry: str = "") -> Call:
     """Layout 2's first step: claim ``job_key`` for ``job_id`` in the session's slot (``tag``);
     ``affinity``: the node the turn's previous ("keep") job went to; ``replaces``: a claim the
-    caller found dead (luascripts/session_claim.lua)."""
+    caller found dead; ``journal_entry``: as for :func:`dispatch` (luascripts/session_claim.lua)."""
     return (
         "session_claim",
         [keys.session(session_id, tag=tag), keys.turn(turn_id, tag=tag), keys.jobkey(job_key, tag=tag)],
         [job_key, job_id, session_id, utterance_index, turn_id, turn_action, keys.KEY_TTL_S, turn_jobs,
-         "" if epoch is None else epoch, affinity, replaces, claim_ttl_s],
+         "" if epoch is None else epoch, affinity, replaces, claim_ttl_s, journal_entry],
     )
 
 

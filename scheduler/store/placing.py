@@ -64,7 +64,8 @@ def layout1_call(item: Item, ctx: Context, candidates: lua.Candidates) -> lua.Ca
         return lua.dispatch(item.job_key, item.number, item.session_id, item.utterance_index, item.src, item.tgt,
                             item.turn_id, item.turn_action, ctx.now_ms, ctx.lease_ms, ctx.node_ttl_ms, rand, candidates,
                             item.turn_jobs, epoch=item.epoch, placed_by=ctx.placed_by, audio_b64=item.audio_b64,
-                            sample_rate=item.sample_rate, deadline_ms=item.deadline_ms, locality_slack=ctx.locality_slack)
+                            sample_rate=item.sample_rate, deadline_ms=item.deadline_ms, locality_slack=ctx.locality_slack,
+                            journal_entry=item.journal_entry)
     return lua.redispatch(item.job_id, item.old_node, item.expected_attempt, item.session_id, item.turn_id, item.src,
                           item.tgt, ctx.now_ms, ctx.lease_ms, ctx.node_ttl_ms, rand, candidates, near=ctx.placed_by,
                           locality_slack=ctx.locality_slack)
@@ -228,7 +229,7 @@ class ShardedPlacer:
         return lua.session_claim(job.job_key, p.job_id, job.session_id, job.utterance_index, job.turn_id, job.turn_action,
                                  job.turn_jobs, epoch=job.epoch, affinity=affinity, replaces=p.replaces,
                                  claim_ttl_s=max(120, (job.deadline_ms - now_ms()) // 1000 + 180),
-                                 tag=self._space.session_tag(job.session_id))
+                                 tag=self._space.session_tag(job.session_id), journal_entry=job.journal_entry)
 
     async def _dispatch(self, src: str, tgt: str, dispatching: dict[int, _Placing], moves: dict[int, tuple[MoveJob, int]],
                         ctx: Context, replies: list[Any],

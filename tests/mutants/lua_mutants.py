@@ -94,6 +94,13 @@ MUTANTS = [
            "return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}", "return {'NOOP', 'moved', ''}",
            "a release of a job that moved across shards does not follow it: the job it became runs on",
            "tests/test_layout2_stateful.py"),
+    Mutant("claim_journals_counted", "lib/session_claim.lua",
+           "if entry and entry ~= '' and tonumber(counts[2] or '0') <= index then", "if entry and entry ~= '' then",
+           "a job created late writes the journal entry of an utterance the journal counted already (its result may "
+           "be sent and trimmed: a resume would owe it again)"),
+    Mutant("claim_journal_uncounted", "lib/session_claim.lua",
+           "    fields[#fields + 1] = 'finalized'\n    fields[#fields + 1] = index + 1\n", "",
+           "a job's creation writes its utterance's entry without counting it: a resume numbers it again"),
     Mutant("claim_move_overwrites", "claim_move.lua", "if current and current ~= ARGV[1] then", "if false then",
            "a move across shards takes a claim another job holds now: two jobs answer one job key",
            "tests/test_layout2_stateful.py"),
