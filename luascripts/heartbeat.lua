@@ -36,11 +36,15 @@ local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
 if conn_id ~= '' and current_conn ~= conn_id then
   return {'STALE_CONN', current_conn}
 end
-redis.call('HSET', info_key, 'online', '1', 'last_heartbeat_ts', now_ms, 'load_json', load_json,
-  'load_score', load_score, 'saturated', saturated)
+local fields = {'online', '1', 'last_heartbeat_ts', now_ms, 'load_score', load_score, 'saturated', saturated}
 if draining == '1' then
-  redis.call('HSET', info_key, 'draining', '1')
+  fields[#fields + 1] = 'draining'
+  fields[#fields + 1] = '1'
 end
+redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)
+fields[#fields + 1] = 'load_json'
+fields[#fields + 1] = load_json
+redis.call('HSET', info_key, unpack(fields))
 redis.call('EXPIRE', info_key, key_ttl_s)
 redis.call('EXPIRE', runtime_key, key_ttl_s)
 return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}

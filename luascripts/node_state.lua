@@ -12,8 +12,12 @@
 -- keeps it: the node's next heartbeat on that connection brings it back online.
 -- Reply: {"OK"}, {"NOT_OWNER", current_owner} or {"STALE_CONN", current conn_id}.
 --
+-- The runtime hash keeps a copy of these fields (node choice reads it: register_node.lua).
+--
 -- KEYS[1] {scheduler}:node:info:<node_id>  hash
+-- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
 local info_key = KEYS[1]
+local runtime_key = KEYS[2]
 -- ARGV[1] owner instance id, ARGV[2] online ("0"/"1"), ARGV[3] draining ("0"/"1"), ARGV[4] conn_id ('' or absent: any)
 local owner = ARGV[1]
 local online = ARGV[2]
@@ -28,8 +32,13 @@ local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
 if conn_id ~= '' and current_conn ~= conn_id then
   return {'STALE_CONN', current_conn}
 end
-redis.call('HSET', info_key, 'online', online, 'draining', draining)
+local fields = {'online', online, 'draining', draining}
 if online == '0' and conn_id ~= '' then
-  redis.call('HSET', info_key, 'conn_id', '')
+  fields[#fields + 1] = 'conn_id'
+  fields[#fields + 1] = ''
+end
+redis.call('HSET', info_key, unpack(fields))
+if redis.call('EXISTS', runtime_key) == 1 then  -- (an expired runtime is not made again without its TTL)
+  redis.call('HSET', runtime_key, unpack(fields))
 end
 return {'OK'}

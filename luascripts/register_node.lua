@@ -1,4 +1,7 @@
 -- register_node: write a node's info, reset its runtime, join its pools, index pools by lang pair.
+-- The runtime hash holds current_jobs and a copy of the info fields node choice reads (online,
+-- draining, max_jobs, last_heartbeat_ts, owner, saturated, load_score, conn_id); every script
+-- that writes one of them in the info writes the copy too (heartbeat, node_state).
 --
 -- Contract: after this script the node is online, its current_jobs equals the jobs it still
 -- holds (its job set), it is a member of every pool it serves, and every (src, tgt) pair it
@@ -84,7 +87,11 @@ redis.call('HSET', info_key,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
   'load_json', '{}', 'load_score', '', 'saturated', '0', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names),
   'lang_pairs', pairs_json)
-redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key))
+-- the runtime hash: the slot count, and the copy of the info fields choose_node reads (one
+-- HMGET per candidate: lib/choose_node.lua), written wherever the info's are
+redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key),
+  'online', '1', 'draining', '0', 'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'load_score', '', 'saturated', '0',
+  'owner', owner, 'conn_id', conn_id)
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)
 redis.call('EXPIRE', runtime_key, node_ttl_s)

@@ -727,6 +727,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             online, conn_id = self.r.hmget(self.k.node_info(node), "online", "conn_id")
             if online is not None:
                 assert (online, conn_id) == ("1", conn.conn_id), (node, online, conn_id, conn.conn_id)
+                # ... and so in the copy node choice reads (luascripts/register_node.lua)
+                assert self.r.hmget(self.k.node_runtime(node), "online", "conn_id") == [online, conn_id], node
 
     def _live(self):
         return [i for i in self.h.instances.values() if i.alive]

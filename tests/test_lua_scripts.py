@@ -32,9 +32,10 @@ def redis_url(single_and_cluster_url):
     return single_and_cluster_url
 
 
-async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1", conn_id=""):
+async def register(a, node_id, max_jobs=2, pairs=(("zh", "en"),), pools=None, owner="i1", conn_id="", at_ms=None):
     entries = [(pool, s, t) for pool in pools for s, t in pairs] if pools else [(f"{s}-{t}", s, t) for s, t in pairs]
-    await a.script(*lua.register_node(node_id, entries, max_jobs, now_ms(), owner, conn_id=conn_id))
+    await a.script(*lua.register_node(node_id, entries, max_jobs, now_ms() if at_ms is None else at_ms, owner,
+                                      conn_id=conn_id))
 
 
 async def dispatch(a, job_key, turn_id="t1", turn_action="none", src="zh", tgt="en", session_id="s1", rand=0, turn_jobs=1):
@@ -163,10 +164,11 @@ async def test_a_heartbeat_of_a_closed_or_replaced_connection_changes_nothing(ad
 
 
 async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
-    await register(adapter, "a", max_jobs=4)
-    redis_client.hset(keys.node_info("a"), "last_heartbeat_ts", now_ms() - 60_000)
+    await register(adapter, "a", max_jobs=4, at_ms=now_ms() - 60_000)  # silent since, its keys still there
     with pytest.raises(NoAvailableNode):
         await dispatch(adapter, "k0")
+    assert await adapter.script(*lua.heartbeat("a", now_ms(), None))  # heard from again
+    assert (await dispatch(adapter, "k0"))[2] == "a"
 
 
 async def test_a_saturated_node_gets_no_new_job_even_of_its_turn(adapter, redis_client):

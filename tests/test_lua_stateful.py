@@ -37,6 +37,8 @@ from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
 OWNER = {"n0": "i1", "n1": "i2", "n2": "i1", "n3": "i2"}  # the instance holding each node's socket (locality)
+RUNTIME_COPY = ("online", "draining", "max_jobs", "last_heartbeat_ts", "owner", "saturated", "load_score", "conn_id")
+"""The info fields node choice reads from the runtime hash's copy (luascripts/register_node.lua)."""
 
 
 class ScriptsMachine(RuleBasedStateMachine):
@@ -377,6 +379,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         for node in self.max_jobs:
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.node_runtime(node), "current_jobs")
+            pipe.hmget(keys.node_info(node), *RUNTIME_COPY)
+            pipe.hmget(keys.node_runtime(node), *RUNTIME_COPY)
         for job_id in self.ended:
             pipe.hget(keys.job(job_id), "status")
         pipe.zrange(keys.leases(), 0, -1)
@@ -396,6 +400,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert mapped == job_id
         for node, max_jobs in self.max_jobs.items():
             held, current = next(replies), int(next(replies))
+            info, copy = next(replies), next(replies)
+            assert copy == info, f"{node}: node choice reads {dict(zip(RUNTIME_COPY, copy, strict=True))}, its info holds {info}"
             assert held == dispatched.get(node, set()), (node, held, dispatched.get(node))
             assert current == len(held), (node, current, held)
             assert 0 <= current <= max_jobs

@@ -70,7 +70,7 @@ end
 -- its liveness in instances_key ({scheduler}:instances, id -> lapse time in epoch ms) has not
 -- lapsed (the one liveness rule, scheduler/store/liveness.py: an owner not listed counts as alive,
 -- as after Redis lost its data; a collected or stopped one is listed with a negative score, dead).
--- Returns the node id, or nil and NO_AVAILABLE_NODE. The affinity node, when chosen, is chosen
+-- Returns the node id, nil and its connection id (register_node), or nil and NO_AVAILABLE_NODE. The affinity node, when chosen, is chosen
 -- before the others are looked at (stats then counts only it).
 local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
   -- whether an owner's liveness lapsed, read once per owner per call (most nodes share a
@@ -87,16 +87,20 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
   end
   -- load and owner of an eligible node, nil otherwise (with `stats`, a table, its free slots
   -- and its slots are added to stats.free and stats.slots: layout 2 reports a shard's free
-  -- share to the placing daemon)
+  -- share to the placing daemon). One HMGET of the node's runtime hash, which holds its slot
+  -- count and a copy of what choose_node needs of its info (register_node.lua; written with the
+  -- info by register_node, heartbeat and node_state), so a candidate costs one read, not two.
+  local conn_of = {}
   local function eligible_load(node)
     if node == exclude then return nil end
-    local info = redis.call('HMGET', nodes[node].info, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner',
-                            'saturated', 'load_score')
+    local info = redis.call('HMGET', nodes[node].runtime, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner',
+                            'saturated', 'load_score', 'current_jobs', 'conn_id')
     if info[1] ~= '1' or info[2] == '1' or info[6] == '1' then return nil end
     if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
     local max_jobs = tonumber(info[3] or '0')
-    local current = tonumber(redis.call('HGET', nodes[node].runtime, 'current_jobs') or '0')
+    local current = tonumber(info[8] or '0')
     if current >= max_jobs then return nil end
+    conn_of[node] = info[9] or ''
     if info[5] and info[5] ~= '' and lapsed(info[5]) then return nil end
     local score = tonumber(info[7] or '') or 0
     if stats then stats.free, stats.slots = stats.free + (max_jobs - current), stats.slots + max_jobs end
@@ -105,7 +109,7 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
   local in_list = {}
   for _, node in ipairs(list) do in_list[node] = true end
   if affinity and in_list[affinity] and eligible_load(affinity) then
-    return affinity
+    return affinity, nil, conn_of[affinity]
   end
   -- the least loaded of all, and of those held by `near`, each with its ties
   local best, ties, best_near, ties_near = math.huge, {}, math.huge, {}
@@ -132,5 +136,6 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
   if #ties == 0 then
     return nil, 'NO_AVAILABLE_NODE'
   end
-  return ties[(rand % #ties) + 1]
+  local chosen = ties[(rand % #ties) + 1]
+  return chosen, nil, conn_of[chosen]
 end

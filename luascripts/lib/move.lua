@@ -27,16 +27,16 @@ local function move_job(j)
     redis.call('HSET', job_hash_key, 'status', 'waiting', 'left_node_id', v[1])
   end
 
-  local chosen
+  local chosen, conn_id
   if list then
-    chosen, err = choose_node(list, nodes, j.affinity(), j.now_ms, j.node_ttl_ms, j.rand, j.old_node, j.near,
+    chosen, err, conn_id = choose_node(list, nodes, j.affinity(), j.now_ms, j.node_ttl_ms, j.rand, j.old_node, j.near,
                               j.locality_slack, j.instances_key)
   end
   if not chosen then
     return redis.error_reply(err .. ' no node to take job ' .. job_id)
   end
   take_slot(nodes[chosen].runtime, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)
-  local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
+  conn_id = conn_id or ''
   redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
     'lease_deadline_ts', j.now_ms + j.lease_ms, 'conn_id', conn_id)
   return {'OK', job_id, chosen, attempt + 1, conn_id}

@@ -11,9 +11,9 @@
 -- Returns the chosen node and its connection id, or nil and the error text.
 local function place_job(j)
   local list, err = candidate_nodes(j.lang_key, j.preferred, j.pools, j.nodes)
-  local chosen
+  local chosen, conn_id
   if list then
-    chosen, err = choose_node(list, j.nodes, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
+    chosen, err, conn_id = choose_node(list, j.nodes, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
                               j.locality_slack, j.instances_key, j.stats)
   end
   if not chosen then
@@ -21,7 +21,7 @@ local function place_job(j)
   end
   local nodes = j.nodes
   take_slot(nodes[chosen].runtime, nodes[chosen].jobs, j.job_id, j.leases_key, j.now_ms + j.lease_ms)
-  local conn_id = redis.call('HGET', nodes[chosen].info, 'conn_id') or ''
+  conn_id = conn_id or ''
   redis.call('HSET', j.job,
     'job_id', j.job_id, 'job_key', j.job_key, 'node_id', chosen, 'attempt', 1,
     'session_id', j.session_id, 'utterance_index', j.utterance_index,

@@ -46,7 +46,8 @@ def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, loa
 
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "", tag: str = keys.TAG) -> Call:
     """``conn_id``: only if the node is still on this connection ('': whichever)."""
-    return "node_state", [keys.node_info(node_id, tag=tag)], [owner, "1" if online else "0", "1" if draining else "0", conn_id]
+    return ("node_state", [keys.node_info(node_id, tag=tag), keys.node_runtime(node_id, tag=tag)],
+            [owner, "1" if online else "0", "1" if draining else "0", conn_id])
 
 
 @attrs.frozen

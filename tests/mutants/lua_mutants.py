@@ -94,6 +94,12 @@ MUTANTS = [
            "return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}", "return {'NOOP', 'moved', ''}",
            "a release of a job that moved across shards does not follow it: the job it became runs on",
            "tests/test_layout2_stateful.py"),
+    Mutant("heartbeat_copy_forgotten", "heartbeat.lua",
+           "redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)\n", "",
+           "a heartbeat updates the node's info, not the copy node choice reads: a node seen silent, or saturated, "
+           "after its heartbeat said otherwise"),
+    Mutant("node_state_copy_forgotten", "node_state.lua", "  redis.call('HSET', runtime_key, unpack(fields))\n", "",
+           "a node that went offline or draining is still online and not draining for node choice"),
     Mutant("claim_journals_counted", "lib/session_claim.lua",
            "if entry and entry ~= '' and tonumber(counts[2] or '0') <= index then", "if entry and entry ~= '' then",
            "a job created late writes the journal entry of an utterance the journal counted already (its result may "
