@@ -24,10 +24,10 @@ node *ARGS: sync
 client *ARGS: sync
     uv run --frozen scheduler client {{ARGS}}
 
-# run the whole test suite on three pytest-xdist workers, idle ones taking queued tests from busy ones
+# run the whole test suite on four pytest-xdist workers, idle ones taking queued tests from busy ones
 # (extra pytest flags pass through; -n 0: one process)
 test *ARGS: sync
-    uv run --frozen pytest -n 3 --dist worksteal {{ARGS}}
+    uv run --frozen pytest -n 4 --dist worksteal {{ARGS}}
 
 # refresh uv.lock after editing pyproject.toml
 lock:
