@@ -73,7 +73,8 @@ local journal_entry = ARGV[21]  -- the utterance's resume-journal entry ('' none
 -- @include place
 -- @include session_claim
 
-local fenced = claim_fenced(session_key, session_id, epoch)
+local session = claim_read(session_key)
+local fenced = claim_fenced(session, session_id, epoch)
 if fenced then
   return redis.error_reply(fenced)
 end
@@ -93,7 +94,7 @@ end
 local pools, nodes = declared_candidates(7, 21)
 local chosen, conn_id = place_job({
   job = job, lang_key = lang_key, leases_key = leases_key, instances_key = instances_key,
-  preferred = redis.call('HGET', session_key, 'preferred_pool'), affinity = redis.call('HGET', turn_key, 'affinity_node_id'),
+  preferred = session[2], affinity = redis.call('HGET', turn_key, 'affinity_node_id'),
   pools = pools, nodes = nodes, job_id = job_id, job_key = job_key, session_id = session_id,
   utterance_index = utterance_index, src_lang = src_lang, tgt_lang = tgt_lang, turn_id = turn_id, placed_by = placed_by,
   audio = audio, sample_rate = sample_rate, deadline_ms = deadline_ms, now_ms = now_ms, lease_ms = lease_ms,
@@ -101,6 +102,6 @@ local chosen, conn_id = place_job({
 if not chosen then
   return redis.error_reply(conn_id)
 end
-claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry)
+claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
 claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

@@ -46,7 +46,8 @@ local journal_entry = ARGV[13] or ''
 
 -- @include session_claim
 
-local fenced = claim_fenced(session_key, session_id, epoch)
+local session = claim_read(session_key)
+local fenced = claim_fenced(session, session_id, epoch)
 if fenced then
   return redis.error_reply(fenced)
 end
@@ -56,7 +57,7 @@ if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) 
 end
 local stored = redis.call('HGET', turn_key, 'affinity_node_id') or ''
 if existing ~= job_id then
-  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry)
+  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
   if affinity ~= '' then
     claim_turn(turn_key, 'keep', affinity, turn_jobs, key_ttl_s)
     stored = affinity
@@ -65,4 +66,4 @@ if existing ~= job_id then
     claim_turn(turn_key, 'end', '', turn_jobs, key_ttl_s)
   end
 end
-return {'CLAIMED', job_id, redis.call('HGET', session_key, 'preferred_pool') or '', stored}
+return {'CLAIMED', job_id, session[2] or '', stored}

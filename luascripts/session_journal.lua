@@ -10,8 +10,9 @@
 --   closed       set when the session ended for good (client_close, idle_timeout)
 -- The owner writes the journal before sending, so the client never holds a message the
 -- journal lacks; the "u" entry of an utterance is usually written (with `finalized`) by the
--- creation of its first job instead (lib/session_claim.lua, claim_record), and then not here. A writer whose epoch is not the current one (its session was resumed
--- elsewhere) changes nothing. A hash without epoch (Redis lost its data) is taken over by
+-- creation of its first job instead (lib/session_claim.lua, claim_record), and then not here.
+-- A writer whose epoch is not the current one (its session was resumed elsewhere) changes
+-- nothing. A hash without epoch (Redis lost its data) is taken over by
 -- the caller's epoch and meta, and the reply says so ("NEW"): the caller then writes again
 -- what it still owes (journal.py, Journal.reassert). `finalized` never goes down: it is at
 -- least ARGV[5] (the writer's own count, '' for none) and one past every index written.

@@ -22,15 +22,17 @@ local function place_job(j)
   local nodes = j.nodes
   take_slot(nodes[chosen].runtime, nodes[chosen].jobs, j.job_id, j.leases_key, j.now_ms + j.lease_ms)
   conn_id = conn_id or ''
-  redis.call('HSET', j.job,
+  local fields = {
     'job_id', j.job_id, 'job_key', j.job_key, 'node_id', chosen, 'attempt', 1,
     'session_id', j.session_id, 'utterance_index', j.utterance_index,
     'src_lang', j.src_lang, 'tgt_lang', j.tgt_lang, 'turn_id', j.turn_id,
     'status', 'dispatched', 'created_ts', j.now_ms, 'lease_deadline_ts', j.now_ms + j.lease_ms,
-    'placed_by', j.placed_by, 'sample_rate', j.sample_rate, 'deadline_ms', j.deadline_ms, 'conn_id', conn_id)
+    'placed_by', j.placed_by, 'sample_rate', j.sample_rate, 'deadline_ms', j.deadline_ms, 'conn_id', conn_id}
   if j.audio ~= '' then
-    redis.call('HSET', j.job, 'audio', j.audio)
+    fields[#fields + 1] = 'audio'
+    fields[#fields + 1] = j.audio
   end
+  redis.call('HSET', j.job, unpack(fields))
   redis.call('EXPIRE', j.job, j.key_ttl_s)
   -- leases of jobs nobody will complete (their instance died long ago) do not pile up
   redis.call('ZREMRANGEBYSCORE', j.leases_key, '-inf', j.now_ms - j.key_ttl_s * 1000)

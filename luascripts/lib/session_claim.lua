@@ -5,20 +5,24 @@
 -- session's own hash tag in layout 2 (docs/redis.md, "Scheduling shards"); in layout 1 they
 -- share the one tag with everything else, and dispatch_task runs this with the placement.
 
--- claim_fenced(session_key, session_id, epoch): the FENCED error text when the session hash
--- holds another epoch than `epoch` (the session was resumed elsewhere), nil otherwise or
--- when `epoch` is '' (not fenced).
-local function claim_fenced(session_key, session_id, epoch)
-  if epoch ~= '' then
-    local current = redis.call('HGET', session_key, 'epoch')
-    if current and current ~= epoch then
-      return 'FENCED session ' .. session_id .. ' is at epoch ' .. current
-    end
+-- claim_read(session_key): what a claim reads of the session hash, in one HMGET:
+-- {epoch, preferred_pool, next_utterance_index, finalized}.
+local function claim_read(session_key)
+  return redis.call('HMGET', session_key, 'epoch', 'preferred_pool', 'next_utterance_index', 'finalized')
+end
+
+-- claim_fenced(session, session_id, epoch): the FENCED error text when the session hash
+-- (`session`, claim_read) holds another epoch than `epoch` (the session was resumed
+-- elsewhere), nil otherwise or when `epoch` is '' (not fenced).
+local function claim_fenced(session, session_id, epoch)
+  local current = session[1]
+  if epoch ~= '' and current and current ~= epoch then
+    return 'FENCED session ' .. session_id .. ' is at epoch ' .. current
   end
   return nil
 end
 
--- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry):
+-- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry, session):
 -- the job key names `claim` (the job's id) for claim_ttl_s; the session's current turn
 -- follows, and its next index is never lowered. `entry` (the first job of an utterance: its
 -- resume-journal entry, session_journal.lua's "u:<index>" JSON; '' for none) is written with
@@ -27,10 +31,11 @@ end
 -- own (docs/redis.md, "The utterance's journal entry, written by its job's creation"); an
 -- utterance counted already was journaled by the session's writer, or its result was sent
 -- (and maybe trimmed since): it is never written again.
-local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry)
+local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry,
+                            session)
   redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
   local index = tonumber(utterance_index)
-  local counts = redis.call('HMGET', session_key, 'next_utterance_index', 'finalized')
+  local counts = {session[3], session[4]}  -- (claim_read, earlier in this same script)
   local fields = {'current_turn_id', turn_id}
   if tonumber(counts[1] or '0') <= index then
     fields[#fields + 1] = 'next_utterance_index'

@@ -81,7 +81,7 @@ MUTANTS = [
            "redis.call('HSET', job, 'job_id', ARGV[2], 'job_key', ARGV[1], 'status', 'burned', 'finished_ts', ARGV[3])", "",
            "a burned id is not recorded: a stale owner's late step 2 places a job the new owner replaced",
            "tests/test_layout2_stateful.py"),
-    Mutant("claim_not_fenced", "session_claim.lua", "local fenced = claim_fenced(session_key, session_id, epoch)",
+    Mutant("claim_not_fenced", "session_claim.lua", "local fenced = claim_fenced(session, session_id, epoch)",
            "local fenced = nil", "a stale owner's claim moves on after the session was resumed elsewhere",
            "tests/test_layout2_stateful.py"),
     Mutant("claim_overwrites", "session_claim.lua",
