@@ -372,16 +372,34 @@ class Servers:
             self._single.stop()
 
 
-def loop_lag_ms(admin_port: int) -> float | None:
-    """The daemon's smoothed event-loop lag (``scheduler_event_loop_lag_seconds``), in ms."""
+def metric_lines(admin_port: int, prefix: str) -> dict[str, float]:
+    """The daemon's /metrics series whose name starts with ``prefix`` (labels included), or {}."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("scheduler_event_loop_lag_seconds "):
-                    return round(float(line.split()[1]) * 1000, 1)
+            lines = resp.read().decode().splitlines()
     except OSError:
-        pass
-    return None
+        return {}
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in lines)
+            if name.startswith(prefix) and not name.startswith("#")}
+
+
+def loop_lag_ms(admin_port: int) -> float | None:
+    """The daemon's smoothed event-loop lag (``scheduler_event_loop_lag_seconds``), in ms."""
+    lag = metric_lines(admin_port, "scheduler_event_loop_lag_seconds").get("scheduler_event_loop_lag_seconds")
+    return None if lag is None else round(lag * 1000, 1)
+
+
+def journal_wait_summary(series: dict[str, float]) -> dict[str, Any]:
+    """``scheduler_journal_ahead_wait_seconds`` as the bench reports it: how many
+    utterance_finalized the writers held back for the dispatcher's word, the mean wait, and the
+    bucket bounds (ms) under which half and 99 % of the waits fell (docs/redis.md)."""
+    name = "scheduler_journal_ahead_wait_seconds"
+    count = series.get(name + "_count", 0.0)
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in series.items() if k.startswith(name + "_bucket"))
+    out: dict[str, Any] = {"n": int(count), "mean": round(series.get(name + "_sum", 0.0) / count * 1000, 2) if count else None}
+    for q in (50, 99):
+        out[f"p{q}_le"] = next((le * 1000 for le, v in buckets if count and v >= count * q / 100), None)
+    return out
 
 
 def pinning(args: argparse.Namespace) -> bool:
@@ -502,6 +520,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
         last_cpu = cpu
     cpu1, rss_active = tree_stats(daemon_pid)
     counters1 = servers.sample()
+    journal_wait = await trio.to_thread.run_sync(metric_lines, admin_port, "scheduler_journal_ahead_wait_seconds")
     harness1 = cpu_s()
     active_s = time.perf_counter() - t0
     per_server = [{k: b[k] - a.get(k, 0) for k in b} for a, b in zip(counters0, counters1, strict=True)]
@@ -518,7 +537,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
                              commands=sum(s["commands"] for s in per_server),
                              evalsha=sum(s["evalsha"] for s in per_server),
                              results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]),
-                             harness_cpu=harness1 - harness0, streamed=streamed)
+                             harness_cpu=harness1 - harness0, streamed=streamed, journal_wait=journal_wait)
     if profiler is not None:
         await trio.to_thread.run_sync(profiler.wait)
 
@@ -582,6 +601,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "redis_commands_per_result": round(w["commands"] / max(1, results_in_window), 2),
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
         "redis_per_result_by_command": by_command(w["per_server"], results_in_window),
+        "journal_ahead_wait_ms": journal_wait_summary(w["journal_wait"]),
         "redis_per_server": per_server_report(w["per_server"], active_s),
         "generator": {k: streamed[k] for k in ("cpu_pct_of_core", "send_lag_ms", "behind", "backpressured_frames")},
         "harness_cpu_pct_of_core": round(w["harness_cpu"] / active_s * 100, 1),  # the simulated nodes

@@ -4,9 +4,10 @@ No daemon and no WebSocket: this process drives the scripts directly at the job 
 rate of ``--sessions`` real-time sessions, split over K shards (one valkey-server each,
 sessions spread by index, ``--nodes-per-shard`` nodes registered in every shard). Per
 utterance, as the daemon does it (docs/performance.md): one ``dispatch_task`` carrying the
-audio (base64 of ``--utterance-s`` seconds of 16 kHz PCM) and a journal write of the
-finalized utterance; after ``--service-ms``, one ``complete_task`` storing the answer and a
-journal write of the result. Every node heartbeats once a second. Each shard's due calls go
+audio (base64 of ``--utterance-s`` seconds of 16 kHz PCM) and the finalized utterance's
+journal entry (docs/redis.md, "The utterance's journal entry, written by its job's
+creation"); after ``--service-ms``, one ``complete_task`` storing the answer and a journal
+write of the result. Every node heartbeats once a second. Each shard's due calls go
 in one pipeline per tick (``--tick-ms``; with ``--modes same-batch`` the tick is K times
 longer, so that a shard's pipelines are as large as the one server's at K = 1: what a
 server pays per batch, not per command, then stays out of the comparison).
@@ -146,12 +147,10 @@ class Driver:
     def _utterance(self, now: float, shard: Shard, s: int) -> None:
         index, self.next_index[s] = self.next_index[s], self.next_index[s] + 1
         sid, job_id = f"s{s}", f"{shard.k}.{next(shard.ids)}"
-        shard.queue.append(("journal", lua.session_journal(
-            sid, 1, META, 256, [("u", index, '{"reason":"pause","turn_id":"t","deadline_ms":0}')]), None))
         shard.queue.append(("dispatch", lua.dispatch(
             f"{sid}:{index}:en", job_id, sid, index, "zh", "en", f"{sid}.t{index}", "end", now_ms(), 30000, 10000,
             self.rng.randrange(1 << 30), shard.candidates, epoch=1, placed_by="bench", audio_b64=self.audio,
-            deadline_ms=now_ms() + 10000), (sid, index)))
+            deadline_ms=now_ms() + 10000, journal_entry='{"reason":"pause","turn_id":"t","deadline_ms":0}'), (sid, index)))
         self.at(now + self.rng.uniform(0.5, 1.5) / self.args.rate, "utterance", shard.k, s)
 
     def _answer(self, now: float, shard: Shard, job: tuple) -> None:

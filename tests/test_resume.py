@@ -247,7 +247,7 @@ async def test_the_writer_journals_an_utterance_only_when_its_job_did_not(redis_
     async with RedisAdapter(redis_url) as redis:
         await journal.open_session(redis, "s1", "i1", meta)
         writer = journal.Journal(redis, "s1", 1, meta, keep=2, result_deadline_ms=1000, jobs_write_ahead=True,
-                                 count=counts.append)
+                                 observe=lambda by, waited: counts.append((by, waited >= journal.AHEAD_WAIT_S)))
 
         def finalized(index):
             return UtteranceFinalized(utterance_index=index, reason="pause", turn_id="t", audio_ms=300)
@@ -262,4 +262,4 @@ async def test_the_writer_journals_an_utterance_only_when_its_job_did_not(redis_
         writer.ahead(2, True)  # (a late word changes nothing)
         stored = redis_client.hgetall(keys.session("s1"))
         assert ("u:0" in stored, "u:1" in stored, "u:2" in stored, stored["finalized"]) == (False, True, True, "3")
-        assert counts == ["job", "writer", "writer"]
+        assert counts == [("job", False), ("writer", False), ("writer", True)]  # (who, waited the whole bound)

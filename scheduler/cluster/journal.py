@@ -173,12 +173,13 @@ class Journal:
 
     def __init__(self, redis: RedisAdapter, session_id: str, epoch: int | None, meta: Meta, *, keep: int,
                  result_deadline_ms: int, finalized: int = 0, owed: list[Owed] | tuple[Owed, ...] = (),
-                 jobs_write_ahead: bool = False, count: Callable[[str], None] = lambda written_by: None) -> None:
+                 jobs_write_ahead: bool = False,
+                 observe: Callable[[str, float], None] = lambda written_by, waited_s: None) -> None:
         """``epoch`` None (``keep`` 0): the journal is off, :meth:`write` only encodes.
         ``finalized`` and ``owed`` continue a resumed session's journal. ``jobs_write_ahead``:
         the session's jobs write their utterance's entry (module docstring), so the writer
-        waits for :meth:`ahead` before it writes one itself; ``count`` gets who wrote each
-        (``job`` or ``writer``), for the metric."""
+        waits for :meth:`ahead` before it writes one itself; ``observe`` gets who wrote each
+        (``job`` or ``writer``) and how long the writer waited for the word, for the metrics."""
         self._redis = redis
         self.session_id = session_id
         self.epoch = epoch
@@ -190,7 +191,7 @@ class Journal:
         self._finalized = finalized
         self._owed: dict[int, str] = {o.index: owed_entry(o.reason, o.turn_id, o.deadline_ms) for o in owed}
         self._jobs_write_ahead = jobs_write_ahead and epoch is not None
-        self._count = count
+        self._observe = observe
         self._ahead: dict[int, bool] = {}  # utterance index -> whether its job wrote its entry (the dispatcher's word)
         self._awaited: tuple[int, trio.Event] | None = None  # the word the writer waits for now
 
@@ -208,13 +209,16 @@ class Journal:
     async def _written_ahead(self, index: int) -> bool:
         """Whether utterance ``index``'s entry is in the journal already (its job wrote it);
         waits for the word up to :data:`AHEAD_WAIT_S`."""
+        waited = 0.0
         if index not in self._ahead:
+            started = trio.current_time()
             self._awaited = (index, trio.Event())
             with trio.move_on_after(AHEAD_WAIT_S):
                 await self._awaited[1].wait()
             self._awaited = None
+            waited = trio.current_time() - started
         written = self._ahead.pop(index, False)
-        self._count("job" if written else "writer")
+        self._observe("job" if written else "writer", waited)
         return written
 
     def entries(self, msgs: list[Any], texts: list[str]) -> list[tuple[str, int, str]]:

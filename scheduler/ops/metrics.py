@@ -77,6 +77,10 @@ class Metrics:
             p + "journal_finalize_entries_total", "Resume-journal entries of finalized utterances, by who wrote them: "
             "job (the creation of the utterance's first job, no call of its own) or writer (the session's writer, "
             "when the job was not created in time: a full pool, Redis out)", ["written_by"], registry=r)
+        self.journal_ahead_wait_seconds = Histogram(
+            p + "journal_ahead_wait_seconds", "How long a session's writer held an utterance_finalized back, waiting for "
+            "the word that the utterance's first job was created (and wrote its journal entry); at most 0.25 s",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25), registry=r)
 
     def _nodes_and_jobs(self, p: str, r: CollectorRegistry) -> None:
         """Nodes, jobs, the relay and results."""

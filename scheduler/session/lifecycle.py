@@ -193,13 +193,14 @@ class SessionLifecycle:
         )
         writer = journal.Journal(self._redis, session_id, epoch, meta, keep=self.settings.resume_keep_results,
                                  result_deadline_ms=self.settings.result_deadline_ms, finalized=next_index, owed=owed,
-                                 jobs_write_ahead=True, count=self._count_journal_entry)
+                                 jobs_write_ahead=True, observe=self._observe_journal_entry)
         if resumed:
             await self._router.session_taken_over(previous_owner, session_id)
         return OpenSession(admission, actor, writer, len(pending))
 
-    def _count_journal_entry(self, written_by: str) -> None:
+    def _observe_journal_entry(self, written_by: str, waited_s: float) -> None:
         self._metrics.journal_finalize_entries_total.labels(written_by).inc()
+        self._metrics.journal_ahead_wait_seconds.observe(waited_s)
 
     # ------------------------------------------------------------ 3. hold, recover, release
 
