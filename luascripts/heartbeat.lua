@@ -12,7 +12,8 @@
 -- current connection by another instance (it took this one for dead) is online again.
 --
 -- Reply: {"OK", current_jobs} or {"STALE_CONN", conn_id}. Errors: UNKNOWN_NODE (never
--- registered, or its info expired).
+-- registered, or its info expired). heartbeats.lua does the same for several nodes in one call
+-- (the daemon's node gateway batches its nodes' heartbeats); both run lib/beat.lua.
 --
 -- KEYS[1] {scheduler}:node:info:<node_id>     hash
 -- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
@@ -29,22 +30,10 @@ local saturated = ARGV[5] or '0'
 local draining = ARGV[6] or ''
 local conn_id = ARGV[7] or ''
 
-if redis.call('EXISTS', info_key) == 0 then
+-- @include beat
+
+local reply = beat(info_key, runtime_key, now_ms, load_json, key_ttl_s, load_score, saturated, draining, conn_id)
+if not reply then
   return redis.error_reply('UNKNOWN_NODE node is not registered')
 end
-local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
-if conn_id ~= '' and current_conn ~= conn_id then
-  return {'STALE_CONN', current_conn}
-end
-local fields = {'online', '1', 'last_heartbeat_ts', now_ms, 'load_score', load_score, 'saturated', saturated}
-if draining == '1' then
-  fields[#fields + 1] = 'draining'
-  fields[#fields + 1] = '1'
-end
-redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)
-fields[#fields + 1] = 'load_json'
-fields[#fields + 1] = load_json
-redis.call('HSET', info_key, unpack(fields))
-redis.call('EXPIRE', info_key, key_ttl_s)
-redis.call('EXPIRE', runtime_key, key_ttl_s)
-return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}
+return reply

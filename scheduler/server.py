@@ -310,6 +310,7 @@ async def _serve(
     async with parts.router, trio.open_nursery() as nursery:
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
+        await nursery.start(parts.node_gw.heartbeats.run)
         context = tls.server_context(settings.tls_cert, settings.tls_key)
         boundary = Boundary(parts.metrics.connections_failed_total)
         ws_server = WebSocketListener(

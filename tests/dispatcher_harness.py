@@ -433,12 +433,14 @@ class DispatcherHarness:
         instance.dispatcher.slot_freed()
 
     async def report_load(self, node_id: str, score: float | None) -> None:
-        """The node's heartbeat with a load score, through the node gateway's own handler
-        (above ``--node-load-threshold``: saturated, no new jobs; back below: lanes retry)."""
+        """The node's heartbeat with a load score, through the node gateway's heartbeat writer
+        (above ``--node-load-threshold``: saturated, no new jobs; back below: lanes retry),
+        in one batch with the heartbeats of the instance's other nodes (their values unchanged)."""
         instance = self.instances[self.where[node_id]]
         conn = instance.nodes.get(node_id)
         conn.load_score = score
-        await instance.gateway._heartbeat(conn)
+        others = [c for c in instance.nodes.all() if c is not conn]
+        await instance.gateway.heartbeats.write([conn, *others])
 
     async def drain(self, node_id: str) -> None:
         """The node sends ``drain``, through the node gateway's own handler (no new jobs from

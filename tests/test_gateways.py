@@ -545,3 +545,24 @@ async def test_audio_faster_than_the_realtime_factor_is_read_more_slowly(start_d
             paced = daemon.metrics.sessions_paced_total._value.get()
             assert paced == (1 if slower else 0)
     assert sum(getattr(r, "event", "") == "client_paced" for r in caplog.records) == 1
+
+
+async def test_heartbeats_that_arrive_together_are_written_in_one_batch(daemon, redis_client):
+    """Three nodes' heartbeats within one window (a quarter of the heartbeat interval) are
+    written with one heartbeats.lua call (edge/heartbeats.py), each with its own load score."""
+    async with peer(daemon.ws_url + "/v1/node") as a, peer(daemon.ws_url + "/v1/node") as b, \
+            peer(daemon.ws_url + "/v1/node") as c:
+        for p, node in ((a, "hb-a"), (b, "hb-b"), (c, "hb-c")):
+            await p.register(node, max_jobs=4)
+        await trio.sleep(0.8)  # (the registrations' own writes are not heartbeats)
+        before = _sample(daemon.metrics.render().decode(), "scheduler_node_heartbeat_batches_total") or 0.0
+        for p, score in ((a, 0.1), (b, 0.2), (c, 0.3)):
+            await p.send(type="heartbeat", load={"gpu": score}, load_score=score)
+        with trio.fail_after(5):
+            while _sample(daemon.metrics.render().decode(), "scheduler_node_heartbeats_written_total") != 3:
+                await trio.sleep(0.05)
+        body = daemon.metrics.render().decode()
+        assert _sample(body, "scheduler_node_heartbeat_batches_total") == before + 1
+        for node, score in (("hb-a", "0.1"), ("hb-b", "0.2"), ("hb-c", "0.3")):
+            assert redis_client.hget(keys.node_info(node), "load_score") == score
+            assert redis_client.hget(keys.node_runtime(node), "load_score") == score  # (node choice's copy)

@@ -86,6 +86,21 @@ async def test_heartbeat_needs_registration(adapter, redis_client):
     assert redis_client.hget(keys.node_info("n1"), "load_json") == '{"cpu": 0.5}'
 
 
+async def test_heartbeats_of_several_nodes_in_one_call_answer_each(adapter, redis_client):
+    """heartbeats.lua (the node gateway's batches): each node as heartbeat.lua would take it,
+    one reply each; a node Redis lost or a stale connection spoils nothing for the others."""
+    await register(adapter, "n1", conn_id="c1")
+    await register(adapter, "n2", conn_id="c2")
+    beats = [lua.Beat("n1", {"cpu": 0.1}, 0.1, conn_id="c1"), lua.Beat("n2", {"cpu": 0.9}, 0.9, True, conn_id="old"),
+             lua.Beat("ghost"), lua.Beat("n2", {"cpu": 0.2}, 0.2, draining=True, conn_id="c2")]
+    assert await SchedulingClient(adapter).heartbeats(beats) == ["OK", "STALE_CONN", "UNKNOWN_NODE", "OK"]
+    fields = ("load_score", "saturated", "draining")
+    assert redis_client.hmget(keys.node_info("n1"), *fields) == ["0.1", "0", "0"]
+    assert redis_client.hmget(keys.node_info("n2"), *fields) == ["0.2", "0", "1"]  # (not the stale connection's 0.9)
+    assert redis_client.hmget(keys.node_runtime("n2"), *fields) == ["0.2", "0", "1"]
+    assert not redis_client.exists(keys.node_info("ghost"))
+
+
 async def test_dispatch_errors(adapter, redis_client):
     with pytest.raises(NoPoolForLangPair):
         await dispatch(adapter, "s1:0:translate:en")

@@ -204,6 +204,26 @@ class ScriptsMachine(RuleBasedStateMachine):
         saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
         reply = self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said,
                                           f"old-{node}" if old_conn else f"c-{node}"))
+        self._heard(node, reply, score, saturated, old_conn)
+
+    @precondition(lambda self: len(self.max_jobs) >= 2)
+    @rule(picks=st.lists(st.integers(0, 9), min_size=2, max_size=4), dt=st.integers(min_value=0, max_value=8000),
+          scores=st.lists(st.one_of(st.none(), st.sampled_from([0.5, 1.0])), min_size=4, max_size=4),
+          old_conns=st.lists(st.booleans(), min_size=4, max_size=4))
+    def heartbeats(self, picks, dt, scores, old_conns):
+        """The node gateway's batch: several nodes' heartbeats (the same node twice, maybe) in
+        one heartbeats.lua call, each taken as its own heartbeat would be."""
+        self.now += dt
+        nodes = [sorted(self.max_jobs)[p % len(self.max_jobs)] for p in picks]
+        beats = [lua.Beat(node, None, score, score is not None and score > 0.75, node in self.drain_said,
+                          f"old-{node}" if old else f"c-{node}") for node, score, old in zip(nodes, scores, old_conns, strict=False)]
+        replies = self._call(*lua.heartbeats(beats, self.now))
+        assert len(replies) == len(beats), replies
+        for beat, reply, old in zip(beats, replies, old_conns, strict=False):
+            self._heard(beat.node_id, reply, beat.load_score, beat.saturated, old)
+
+    def _heard(self, node, reply, score, saturated, old_conn):
+        """A heartbeat's reply, and what the model takes from it."""
         if old_conn or node in self.closed:
             assert reply[0] == "STALE_CONN", f"a heartbeat of a connection {node} no longer has was taken: {reply}"
             return

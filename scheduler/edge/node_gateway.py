@@ -6,8 +6,9 @@ Per connection: the first message must be ``register`` (token checked in constan
 
 * the reader: reads and parses frames and never waits for Redis, so the node's liveness is
   measured from frames arriving at its socket, not from the daemon's own Redis work. A
-  heartbeat only records the node's load and load score (coalesced: one Redis write is
-  queued at a time, with the newest values); ``job_result`` and ``drain`` go to the worker's queue (capacity
+  heartbeat only records the node's load and load score and tells the heartbeat writer
+  (edge/heartbeats.py: the nodes' heartbeats are written in batches, one Redis call per node
+  shard, with each node's newest values); ``job_result`` and ``drain`` go to the worker's queue (capacity
   ``2 * max_jobs + 16``; when it is full the reader waits, and that wait is the daemon's,
   not the node's silence);
 * the worker: does the Redis work of those messages in order. An answer is kept until
@@ -35,6 +36,7 @@ from trio_websocket import WebSocketConnection
 
 from scheduler.cluster.relay import encode_answer
 from scheduler.edge import wsutil
+from scheduler.edge.heartbeats import HeartbeatWriter
 from scheduler.jobs import JobOutcome
 from scheduler.ops import secrets
 from scheduler.ops.logs import event
@@ -56,7 +58,8 @@ from scheduler.protocol import (
     parse_node,
     redis_unavailable,
 )
-from scheduler.store.redis_adapter import RedisUnavailable, ScriptError, UnknownJob, UnknownNode
+from scheduler.store import lua
+from scheduler.store.redis_adapter import RedisUnavailable, ScriptError, UnknownJob
 from scheduler.store.resilient import until_known
 
 log = logging.getLogger("scheduler.node_gateway")
@@ -75,6 +78,9 @@ class NodeGateway(wsutil.Gateway):
         # at a time, and the clean-up knows whether a newer connection registered meanwhile
         self._locks: dict[str, trio.Lock] = {}
         self._latest: dict[str, str] = {}  # node id -> conn_id of the last registration written here
+        self.heartbeats = HeartbeatWriter(self._scheduling, self.settings.heartbeat_interval_ms / 4000, self._beat,
+                                          self._heartbeat_written, lambda conn: self._nodes.get(conn.node_id) is conn)
+        self.heartbeats.on_written = self._count_heartbeats
 
     async def handle(self, ws: WebSocketConnection) -> None:
         peer = wsutil.peer(ws)
@@ -85,7 +91,7 @@ class NodeGateway(wsutil.Gateway):
         conn = NodeConnection(reg.node_id, reg.max_jobs, reg, conn_id)
         # Close semantics: the reader owns the send side and closes it when it ends; the
         # worker then finishes what is queued (the node's last answers) and returns.
-        work_send, work = trio.open_memory_channel[Heartbeat | JobResult | Drain](2 * reg.max_jobs + 16)
+        work_send, work = trio.open_memory_channel[JobResult | Drain](2 * reg.max_jobs + 16)
         self._nodes.add(conn)
         event(log, "node_joined", node_id=reg.node_id, peer=peer, max_jobs=reg.max_jobs,
               pools=",".join(sorted({p for p, _, _ in reg.pool_pairs()})))
@@ -183,18 +189,13 @@ class NodeGateway(wsutil.Gateway):
             await trio.sleep_until(deadline)
 
     async def _reader(self, ws: WebSocketConnection, conn: NodeConnection,
-                      work: trio.MemorySendChannel[Heartbeat | JobResult | Drain]) -> str:
+                      work: trio.MemorySendChannel[JobResult | Drain]) -> str:
         """Node frames, until the node goes away or is refused fatally. No Redis here: the
         Redis work goes to :meth:`_worker` (module docstring)."""
 
         async def heartbeat(msg: Heartbeat) -> None:
             conn.load, conn.load_score = msg.load, msg.load_score
-            if not conn.heartbeat_queued:
-                try:
-                    work.send_nowait(msg)
-                    conn.heartbeat_queued = True
-                except trio.WouldBlock:
-                    pass  # the queue is full of answers: a later heartbeat carries the load
+            self.heartbeats.due(conn)
 
         async def queued(msg: JobResult | Drain) -> None:
             conn.held = True
@@ -217,14 +218,11 @@ class NodeGateway(wsutil.Gateway):
         return await self.read_frames(ws, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
 
     async def _worker(self, ws: WebSocketConnection, conn: NodeConnection,
-                      work: trio.MemoryReceiveChannel[Heartbeat | JobResult | Drain], done: trio.Event) -> None:
+                      work: trio.MemoryReceiveChannel[JobResult | Drain], done: trio.Event) -> None:
         """The Redis work of the node's messages, in order; closes a drained node."""
         try:
             async for msg in work:
-                if isinstance(msg, Heartbeat):
-                    conn.heartbeat_queued = False
-                    await self._heartbeat(conn)
-                elif isinstance(msg, JobResult):
+                if isinstance(msg, JobResult):
                     await self._job_result(conn, msg)
                 else:
                     await self._drain(conn)
@@ -241,26 +239,37 @@ class NodeGateway(wsutil.Gateway):
             return "drained"
         return None
 
-    async def _heartbeat(self, conn: NodeConnection) -> None:
-        """Store the newest load and load score. A score above ``--node-load-threshold`` makes
-        the node saturated: no instance places new jobs on it (choose_node.lua); when it falls
-        back, this instance's waiting lanes try again at once (others at their next retry). A
-        draining node's heartbeat writes its drain again (a drain sent while Redis was out)."""
+    def _count_heartbeats(self, count: int) -> None:
+        self._metrics.node_heartbeats_written_total.inc(count)
+        self._metrics.node_heartbeat_batches_total.inc()
+
+    def _beat(self, conn: NodeConnection) -> lua.Beat:
+        """What a node's heartbeat writes: its newest load and load score. A score above
+        ``--node-load-threshold`` makes the node saturated: no instance places new jobs on it
+        (choose_node.lua). A draining node's heartbeat writes its drain again (a drain sent
+        while Redis was out)."""
         score = conn.load_score
         saturated = score is not None and score > self.settings.node_load_threshold
-        try:
-            if not await self._scheduling.heartbeat(conn.node_id, conn.load, score, saturated, conn.draining, conn.conn_id):
-                self._metrics.node_heartbeats_stale_total.inc()
-                if not conn.heartbeat_stale:
-                    conn.heartbeat_stale = True
-                    event(log, "node_heartbeat_stale", logging.WARNING, node_id=conn.node_id)
-                return
-            if self._nodes.note_load(conn, score, saturated):
-                event(log, "node_saturated" if saturated else "node_unsaturated", logging.WARNING if saturated else logging.INFO,
-                      node_id=conn.node_id, load_score=score, threshold=self.settings.node_load_threshold)
-                if not saturated:
+        return lua.Beat(conn.node_id, conn.load, score, saturated, conn.draining, conn.conn_id)
+
+    async def _heartbeat_written(self, conn: NodeConnection, beat: lua.Beat, reply: Any) -> None:
+        """A node's heartbeat reply (HeartbeatWriter): a node no longer saturated makes this
+        instance's waiting lanes try again at once (others at their next retry); a heartbeat
+        on a connection Redis does not know as the node's is counted; a node Redis lost is
+        registered again."""
+        if reply == "STALE_CONN":
+            self._metrics.node_heartbeats_stale_total.inc()
+            if not conn.heartbeat_stale:
+                conn.heartbeat_stale = True
+                event(log, "node_heartbeat_stale", logging.WARNING, node_id=conn.node_id)
+        elif reply == "OK":
+            if self._nodes.note_load(conn, beat.load_score, beat.saturated):
+                event(log, "node_saturated" if beat.saturated else "node_unsaturated",
+                      logging.WARNING if beat.saturated else logging.INFO,
+                      node_id=conn.node_id, load_score=beat.load_score, threshold=self.settings.node_load_threshold)
+                if not beat.saturated:
                     self._dispatcher.slot_freed()
-        except UnknownNode:
+        elif reply == "UNKNOWN_NODE":
             # Redis lost the node (restarted without its data): register it again, as it is
             if conn.registration is not None:
                 event(log, "node_registered_again", logging.WARNING, node_id=conn.node_id)
@@ -269,8 +278,8 @@ class NodeGateway(wsutil.Gateway):
                     self._dispatcher.slot_freed()
                 except ProtocolError as exc:
                     event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=exc.message)
-        except (RedisUnavailable, ScriptError) as exc:
-            event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(exc))
+        else:  # (RedisUnavailable, ScriptError: the next heartbeat writes again)
+            event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(reply))
 
     async def _drain(self, conn: NodeConnection) -> None:
         conn.draining = True

@@ -97,6 +97,11 @@ class Metrics:
         self.redispatch_total = Counter(p + "redispatch_total", "Jobs dispatched again with attempt + 1", registry=r)
         self.stale_answers_dropped_total = Counter(
             p + "stale_answers_dropped_total", "Node answers dropped (wrong node, old attempt, unknown or finished job)", ["code"], registry=r)
+        self.node_heartbeats_written_total = Counter(
+            p + "node_heartbeats_written_total", "Node heartbeats written to Redis (in batches: one call per node shard "
+            "per batch, edge/heartbeats.py)", registry=r)
+        self.node_heartbeat_batches_total = Counter(
+            p + "node_heartbeat_batches_total", "Batches of node heartbeats written to Redis", registry=r)
         self.node_heartbeats_stale_total = Counter(
             p + "node_heartbeats_stale_total", "Node heartbeats Redis refused because they came on a connection that is not "
             "the node's current one (it reconnected, or that connection was closed); nothing was written", registry=r)

@@ -35,7 +35,6 @@ class NodeConnection:
         self.load: dict[str, Any] | None = None  # the newest heartbeat's load, written by the worker
         self.load_score: float | None = None  # ... and its load score (None: the node reports none)
         self.saturated = False  # its score above --node-load-threshold, as last written to Redis
-        self.heartbeat_queued = False  # a heartbeat is in the worker's queue (one at a time)
         self.heartbeat_stale = False  # Redis said this is not the node's connection (logged once)
         self.end_reason: str | None = None  # set by the worker when it closed the node ("drained")
         self.outbox_send, self.outbox = trio.open_memory_channel(2 * max_jobs + 16)

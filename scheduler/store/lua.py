@@ -44,6 +44,30 @@ def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, loa
         "1" if saturated else "0", "1" if draining else "", conn_id]
 
 
+@attrs.frozen
+class Beat:
+    """One node's heartbeat, as :func:`heartbeats` batches them."""
+
+    node_id: str
+    load: dict[str, Any] | None = None
+    load_score: float | None = None
+    saturated: bool = False
+    draining: bool = False
+    conn_id: str = ""
+
+
+def heartbeats(beats: list[Beat], now_ms: int, *, tag: str = keys.TAG) -> Call:
+    """The heartbeats of several nodes of one shard (``tag``) in one call
+    (luascripts/heartbeats.lua): one reply per node, in order."""
+    keys_: list[str] = []
+    args: list[Any] = [now_ms, keys.KEY_TTL_S]
+    for b in beats:
+        keys_ += [keys.node_info(b.node_id, tag=tag), keys.node_runtime(b.node_id, tag=tag)]
+        args += [json.dumps(b.load or {}), "" if b.load_score is None else repr(float(b.load_score)),
+                 "1" if b.saturated else "0", "1" if b.draining else "", b.conn_id]
+    return "heartbeats", keys_, args
+
+
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "", tag: str = keys.TAG) -> Call:
     """``conn_id``: only if the node is still on this connection ('': whichever)."""
     return ("node_state", [keys.node_info(node_id, tag=tag), keys.node_runtime(node_id, tag=tag)],

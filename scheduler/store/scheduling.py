@@ -192,6 +192,21 @@ class SchedulingClient:
                                                         tag=self._space.node_tag(node_id)))
         return str(reply[0]) == "OK"
 
+    async def heartbeats(self, beats: list[lua.Beat]) -> list[Any]:
+        """Several nodes' heartbeats: one heartbeats.lua call per node shard, all in one
+        pipeline. Per beat, in order: "OK", "STALE_CONN" (nothing written: see :meth:`heartbeat`),
+        "UNKNOWN_NODE" (Redis lost the node), or the exception its shard's call raised."""
+        by_tag: dict[str, list[int]] = {}
+        for i, beat in enumerate(beats):
+            by_tag.setdefault(self._space.node_tag(beat.node_id), []).append(i)
+        tags = list(by_tag)
+        replies = await self._redis.script_many([lua.heartbeats([beats[i] for i in by_tag[t]], now_ms(), tag=t) for t in tags])
+        out: list[Any] = [None] * len(beats)
+        for tag, reply in zip(tags, replies, strict=True):
+            for i, one in zip(by_tag[tag], reply if isinstance(reply, list) else [reply] * len(by_tag[tag]), strict=True):
+                out[i] = one if isinstance(one, BaseException) else str(one[0])
+        return out
+
     async def node_state(self, node_ids: list[str], instance_id: str, *, online: bool, draining: bool, conn_id: str = "") -> None:
         """Mark nodes held by ``instance_id`` offline, or draining (no new jobs from any instance);
         with ``conn_id``, only while the node is still on that connection."""

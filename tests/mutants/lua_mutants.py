@@ -94,10 +94,12 @@ MUTANTS = [
            "return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}", "return {'NOOP', 'moved', ''}",
            "a release of a job that moved across shards does not follow it: the job it became runs on",
            "tests/test_layout2_stateful.py"),
-    Mutant("heartbeat_copy_forgotten", "heartbeat.lua",
+    Mutant("heartbeat_copy_forgotten", "lib/beat.lua",
            "redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)\n", "",
            "a heartbeat updates the node's info, not the copy node choice reads: a node seen silent, or saturated, "
            "after its heartbeat said otherwise"),
+    Mutant("heartbeats_one_node_s_values", "heartbeats.lua", "local a = 2 + 5 * (i - 1)", "local a = 2",
+           "a batch writes its first node's load, score and connection for every node in it"),
     Mutant("node_state_copy_forgotten", "node_state.lua", "  redis.call('HSET', runtime_key, unpack(fields))\n", "",
            "a node that went offline or draining is still online and not draining for node choice"),
     Mutant("claim_journals_counted", "lib/session_claim.lua",

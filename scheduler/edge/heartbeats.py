@@ -1,0 +1,64 @@
+"""Node heartbeats, written to Redis in batches: one ``heartbeats.lua`` call per node shard per
+batch, instead of one ``heartbeat.lua`` call per heartbeat (docs/redis.md, "Heartbeats, batched").
+
+A node's reader hands each heartbeat over with :meth:`HeartbeatWriter.due` (never blocks, never
+waits for Redis); the newest load and load score of every node with a heartbeat due are written
+together, at most ``window_s`` (a quarter of ``--heartbeat-interval-ms``) after the first of them
+arrived. What a write says back (written, another connection's, Redis lost the node, Redis out)
+goes to ``settle`` per node, in the writer's task. A node whose connection closed meanwhile is
+left out (its close took it offline; a late heartbeat would only be refused).
+
+:meth:`run` is the writer's task (the daemon starts it beside the dispatcher); it ends when cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from scheduler.placement.nodes import NodeConnection
+from scheduler.store import lua
+from scheduler.store.scheduling import SchedulingClient
+
+
+class HeartbeatWriter:
+    def __init__(self, scheduling: SchedulingClient, window_s: float, beat: Callable[[NodeConnection], lua.Beat],
+                 settle: Callable[[NodeConnection, lua.Beat, Any], Awaitable[None]],
+                 live: Callable[[NodeConnection], bool]) -> None:
+        """``beat``: what to write for a node now; ``settle``: what to do with a node's reply
+        (or the exception its call raised), given what was written; ``live``: whether the
+        connection is still the node's here."""
+        self._scheduling = scheduling
+        self.window_s = window_s
+        self._beat = beat
+        self._settle = settle
+        self._live = live
+        self._due: dict[int, NodeConnection] = {}  # id(conn) -> conn, each at most once per batch
+        self._wake = trio.Event()
+        self.on_written: Callable[[int], None] = lambda count: None  # a batch of this many written (the metrics)
+
+    def due(self, conn: NodeConnection) -> None:
+        """``conn`` sent a heartbeat: write its newest values with the next batch."""
+        self._due[id(conn)] = conn
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            await trio.sleep(self.window_s)  # the heartbeats that come within the window join this batch
+            self._wake = trio.Event()
+            batch, self._due = [c for c in self._due.values() if self._live(c)], {}
+            if batch:
+                await self.write(batch)
+
+    async def write(self, conns: list[NodeConnection]) -> None:
+        """Write these nodes' heartbeats now (one call per node shard) and settle each reply."""
+        beats = [self._beat(c) for c in conns]
+        replies = await self._scheduling.heartbeats(beats)
+        self.on_written(len(conns))
+        for conn, beat, reply in zip(conns, beats, replies, strict=True):
+            if self._live(conn):
+                await self._settle(conn, beat, reply)
