@@ -194,30 +194,24 @@ class ScriptsMachine(RuleBasedStateMachine):
         self._register(node)
 
     @precondition(lambda self: self.max_jobs)
-    @rule(pick=st.integers(min_value=0, max_value=9), dt=st.integers(min_value=0, max_value=8000),
-          score=st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])), old_conn=st.booleans())
-    def heartbeat(self, pick, dt, score, old_conn):
-        """``old_conn``: the heartbeat came on a connection the node left (handled late, after
-        it reconnected); a node whose connection closed has only such heartbeats."""
-        self.now += dt
-        node = sorted(self.max_jobs)[pick % len(self.max_jobs)]
-        saturated = score is not None and score > 0.75  # (the gateway's judgement, --node-load-threshold 0.75)
-        reply = self._call(*lua.heartbeat(node, self.now, None, score, saturated, node in self.drain_said,
-                                          f"old-{node}" if old_conn else f"c-{node}"))
-        self._heard(node, reply, score, saturated, old_conn)
-
-    @precondition(lambda self: len(self.max_jobs) >= 2)
-    @rule(picks=st.lists(st.integers(0, 9), min_size=2, max_size=4), dt=st.integers(min_value=0, max_value=8000),
-          scores=st.lists(st.one_of(st.none(), st.sampled_from([0.5, 1.0])), min_size=4, max_size=4),
-          old_conns=st.lists(st.booleans(), min_size=4, max_size=4))
-    def heartbeats(self, picks, dt, scores, old_conns):
-        """The node gateway's batch: several nodes' heartbeats (the same node twice, maybe) in
-        one heartbeats.lua call, each taken as its own heartbeat would be."""
+    @rule(picks=st.lists(st.integers(0, 9), min_size=1, max_size=3), dt=st.integers(min_value=0, max_value=8000),
+          scores=st.lists(st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])), min_size=3, max_size=3),
+          old_conns=st.lists(st.booleans(), min_size=3, max_size=3))
+    def heartbeat(self, picks, dt, scores, old_conns):
+        """One node's heartbeat (heartbeat.lua), or the node gateway's batch of several (the
+        same node twice, maybe) in one heartbeats.lua call, each taken as its own would be.
+        ``old_conns``: a heartbeat came on a connection the node left (handled late, after it
+        reconnected); a node whose connection closed has only such heartbeats."""
         self.now += dt
         nodes = [sorted(self.max_jobs)[p % len(self.max_jobs)] for p in picks]
-        beats = [lua.Beat(node, None, score, score is not None and score > 0.75, node in self.drain_said,
-                          f"old-{node}" if old else f"c-{node}") for node, score, old in zip(nodes, scores, old_conns, strict=False)]
-        replies = self._call(*lua.heartbeats(beats, self.now))
+        beats = [lua.Beat(node, None, score, score is not None and score > 0.75,  # (--node-load-threshold 0.75)
+                          node in self.drain_said, f"old-{node}" if old else f"c-{node}")
+                 for node, score, old in zip(nodes, scores, old_conns, strict=False)]
+        if len(beats) == 1:
+            b = beats[0]
+            replies = [self._call(*lua.heartbeat(b.node_id, self.now, None, b.load_score, b.saturated, b.draining, b.conn_id))]
+        else:
+            replies = self._call(*lua.heartbeats(beats, self.now))
         assert len(replies) == len(beats), replies
         for beat, reply, old in zip(beats, replies, old_conns, strict=False):
             self._heard(beat.node_id, reply, beat.load_score, beat.saturated, old)
@@ -344,7 +338,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if right:
             assert reply[0] == "OK", reply
             del self.jobs[job_id]
-            self.ended[job_id] = {"key": job["key"], "status": "finished" if ok else "failed"}
+            self.ended[job_id] = {"key": job["key"], "status": "finished" if ok else "failed", "by": (node, attempt)}
         else:
             assert reply[0] == "ERR" and reply[1] in ("NODE_MISMATCH", "STALE_ATTEMPT", "ALREADY_COMPLETED"), reply
 
@@ -355,16 +349,18 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.ended)
     @rule(pick=st.integers(min_value=0, max_value=99), how=st.sampled_from(["cancel", "complete", "redispatch"]),
-          node=st.sampled_from(NODES))
+          node=st.one_of(st.just("answerer"), st.sampled_from(NODES)))
     def call_on_an_ended_job(self, pick, how, node):
-        """A late cancel, answer or lease expiry for a job already finished or cancelled: nothing changes."""
+        """A late cancel, answer or lease expiry for a job already finished or cancelled: nothing
+        changes. ``answerer``: the node that answered it, at its attempt (a second answer)."""
         job_id = sorted(self.ended)[pick % len(self.ended)]
         key = self.ended[job_id]["key"]
+        node, attempt = self.ended[job_id].get("by", (NODES[0], 1)) if node == "answerer" else (node, 1)
         if how == "cancel":
             reply = self._call(*lua.cancel(job_id, key, node, self.now))
             assert reply[0] == "NOOP", reply
         elif how == "complete":
-            reply = self._call(*lua.complete(job_id, key, node, 1, True, self.now))
+            reply = self._call(*lua.complete(job_id, key, node, attempt, True, self.now))
             assert reply[0] == "ERR", reply
         else:
             attempt = int(self.r.hget(keys.job(job_id), "attempt"))
