@@ -48,6 +48,11 @@ bench *ARGS: sync
 bench-sweep *ARGS: sync
     uv run --frozen --group bench python bench/sweep.py {{ARGS}}
 
+# a frame codec of our own against trio-websocket's on the receive path: two bare servers, the same
+# generator schedule, frames per CPU-second in interleaved rounds (JSON in bench/results/codec.json)
+bench-codec *ARGS: sync
+    uv run --frozen python bench/codec.py {{ARGS}}
+
 # overload A/B: one daemon process offered about twice what it carries (clients arriving over 20 s),
 # with --max-sessions and without any limit, in one period; JSON in bench/results/overload.json
 # (just bench-overload --offered 300 --max-sessions 150 --rounds 2; docs/performance.md, "Overload, A/B")

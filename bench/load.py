@@ -177,12 +177,14 @@ async def open_loadgen(args: argparse.Namespace, url: str, mode: str, duration: 
     return LoadGen(process, report)
 
 
-async def echo_baseline(args: argparse.Namespace, cpus: set[int] | None, seconds: float) -> dict[str, Any]:
+async def echo_baseline(args: argparse.Namespace, cpus: set[int] | None, seconds: float,
+                        server_code: str = ECHO_SERVER) -> dict[str, Any]:
     """A bare trio-websocket server process (on the daemon's CPUs) that answers every frame with
     2 bytes, fed the same real-time schedule of frames by the load generator in another process:
-    frames it handles per CPU-second of its own process."""
+    frames it handles per CPU-second of its own process. ``server_code``: another such server
+    (bench/codec.py: one that parses frames itself)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)],
+    server = subprocess.Popen([sys.executable, "-c", server_code, str(port)],
                               preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     try:
         for _ in range(100):
@@ -203,7 +205,8 @@ async def echo_baseline(args: argparse.Namespace, cpus: set[int] | None, seconds
         return {"echo_connections": idle["held"], "echo_frames_per_s": round(streamed["frames_sent"] / seconds),
                 "echo_cpu_pct_of_core": round((cpu1 - cpu0) / seconds * 100, 1),
                 "echo_frames_per_cpu_s": round(streamed["frames_sent"] / max(1e-9, cpu1 - cpu0)),
-                "echo_generator_cpu_pct_of_core": streamed["cpu_pct_of_core"], "echo_generator_behind": streamed["behind"]}
+                "echo_generator_cpu_pct_of_core": streamed["cpu_pct_of_core"], "echo_generator_behind": streamed["behind"],
+                "echo_answered": streamed["answers"] / max(1, streamed["frames_sent"])}
     finally:
         server.terminate()
         server.wait()

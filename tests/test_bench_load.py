@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import codec  # noqa: E402
 import fairness  # noqa: E402
 import load  # noqa: E402
 import overload  # noqa: E402
@@ -46,6 +47,17 @@ async def test_echo_baseline_counts_frames_per_cpu_second_of_the_bare_server(tmp
     assert echo["echo_connections"] == 10
     assert 30 <= echo["echo_frames_per_s"] <= 50, echo  # 10 connections x 5 frames/s, starting within the first second
     assert echo["echo_frames_per_cpu_s"] > echo["echo_frames_per_s"], echo  # the server idles most of the time
+    assert echo["echo_answered"] > 0.9, echo
+
+
+async def test_the_codec_experiment_s_own_server_answers_every_frame(tmp_path):
+    """bench/codec.py's server that parses frames itself speaks enough WebSocket for the
+    generator: the upgrade is accepted and every frame of the schedule is answered."""
+    args = load.parser().parse_args(["--sessions", "10", "--out", str(tmp_path / "load.json")])
+    echo = await load.echo_baseline(args, None, 2.0, codec.OWN_SERVER)
+    assert echo["echo_connections"] == 10 and not echo["echo_generator_behind"], echo
+    assert 30 <= echo["echo_frames_per_s"] <= 50, echo
+    assert echo["echo_answered"] > 0.9, echo  # (those sent in the last moment may be answered after the count)
 
 
 async def test_load_run_on_a_cluster_reports_each_master(tmp_path):
