@@ -566,3 +566,21 @@ async def test_heartbeats_that_arrive_together_are_written_in_one_batch(daemon, 
         for node, score in (("hb-a", "0.1"), ("hb-b", "0.2"), ("hb-c", "0.3")):
             assert redis_client.hget(keys.node_info(node), "load_score") == score
             assert redis_client.hget(keys.node_runtime(node), "load_score") == score  # (node choice's copy)
+
+
+async def test_an_utterance_whose_job_waits_for_a_node_is_journaled_without_waiting(start_daemon, nursery):
+    """A job queued in a lane that waits for a free slot is not created soon: the dispatcher
+    says so at once, and the session's writer journals the utterance itself instead of holding
+    its utterance_finalized back for the word (up to 250 ms, journal.py)."""
+    daemon = await start_daemon(result_deadline_ms=3000)
+    async with peer(daemon.ws_url + "/v1/node") as busy_node:
+        await busy_node.register("busy", max_jobs=1)
+        async with session(daemon) as s:
+            for _ in range(4):  # the first takes the only slot; the second finds none; then the lane waits
+                await s.send_raw(SPEECH_100MS)
+                await s.send(type="finalize")
+                await s.recv_until("utterance_finalized")
+            body = daemon.metrics.render().decode()
+    assert _sample(body, 'scheduler_journal_finalize_entries_total{written_by="writer"}') == 3
+    assert _sample(body, "scheduler_journal_ahead_wait_seconds_count") == 4
+    assert _sample(body, 'scheduler_journal_ahead_wait_seconds_bucket{le="0.1"}') == 4  # none waited the bound out

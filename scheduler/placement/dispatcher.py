@@ -516,6 +516,8 @@ class Dispatcher:
     def _tell_waiting(self, lane: _Lane, request: JobRequest, code: str | None) -> None:
         if code is not None:
             lane.told.add(request.job_key)
+            if _journals(request) and self._moving_of(request) is None:  # its first try waits for the lane: its
+                self._sessions.journaled(request.session_id, request.utterance_index, False)  # writer journals it now
         self._sessions.deliver(request.session_id, JobWaiting(request.utterance_index, request.tgt_lang, code))
 
     @property
