@@ -6,7 +6,7 @@
 -- one (it reconnected, to this same instance too) changes nothing either: the close of the
 -- old socket, handled after the new one registered, must not take the new one offline.
 -- Offline with a connection id means that connection closed for good: the node's conn_id is
--- cleared too, so that a heartbeat of that connection handled late (heartbeat.lua) or a move
+-- cleared too, so that a heartbeat of that connection handled late (heartbeats.lua) or a move
 -- check (recovery.py: the placement's conn_id no longer matches) sees it gone. Offline
 -- without one (another instance collecting this node's instance, which may yet be alive)
 -- keeps it: the node's next heartbeat on that connection brings it back online.

@@ -34,7 +34,7 @@ async def register(client: SchedulingClient, node_id: str, max_jobs: int = 1) ->
     shard = int(node_id.rpartition("-s")[2])
     await client._redis.command("HSET", keys.node_directory(), node_id, shard)
     await client.register_node(Register(node_id=node_id, lang_pairs=[["zh", "en"]], max_jobs=max_jobs), "i1", f"c-{node_id}")
-    await client.heartbeat(node_id, None, conn_id=f"c-{node_id}")
+    assert await client.heartbeats([lua.Beat(node_id, conn_id=f"c-{node_id}")]) == ["OK"]
 
 
 def new_job(number: str, index: int, *, session: str = "s1", turn: str = "t1", action: str = "none",

@@ -19,7 +19,6 @@ from scheduler.store.redis_adapter import (
     StaleAttempt,
     StaleCandidates,
     UnknownJob,
-    UnknownNode,
     load_script_sources,
     now_ms,
 )
@@ -78,11 +77,11 @@ async def test_register_writes_info_pools_and_lang_index(adapter, redis_client):
 
 
 async def test_heartbeat_needs_registration(adapter, redis_client):
-    with pytest.raises(UnknownNode):
-        await adapter.script(*lua.heartbeat("ghost", now_ms()))
+    assert await adapter.script(*lua.heartbeat("ghost", now_ms())) == [["UNKNOWN_NODE"]]
+    assert not redis_client.exists(keys.node_info("ghost"))  # (nothing made for it)
     await register(adapter, "n1")
     reply = await adapter.script(*lua.heartbeat("n1", now_ms(), {"cpu": 0.5}))
-    assert reply == ["OK", 0]
+    assert reply == [["OK", 0]]
     assert redis_client.hget(keys.node_info("n1"), "load_json") == '{"cpu": 0.5}'
 
 
@@ -166,15 +165,15 @@ async def test_a_heartbeat_of_a_closed_or_replaced_connection_changes_nothing(ad
     client = SchedulingClient(adapter)
     await register(adapter, "a", max_jobs=4, conn_id="c1")
     assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False, conn_id="c1")) == ["OK"]
-    assert not await client.heartbeat("a", {"late": 1}, conn_id="c1")
+    assert await client.heartbeats([lua.Beat("a", {"late": 1}, conn_id="c1")]) == ["STALE_CONN"]
     assert redis_client.hget(keys.node_info("a"), "online") == "0"
     with pytest.raises(NoAvailableNode):
         await dispatch(adapter, "k0")
     await register(adapter, "a", max_jobs=4, conn_id="c2")  # back, on a new connection
-    assert not await client.heartbeat("a", {"old": 1}, 0.9, saturated=True, conn_id="c1")
+    assert await client.heartbeats([lua.Beat("a", {"old": 1}, 0.9, saturated=True, conn_id="c1")]) == ["STALE_CONN"]
     assert redis_client.hget(keys.node_info("a"), "saturated") == "0"
     assert await adapter.script(*lua.node_state("a", "i1", online=False, draining=False)) == ["OK"]  # collected
-    assert await client.heartbeat("a", {"new": 1}, conn_id="c2")
+    assert await client.heartbeats([lua.Beat("a", {"new": 1}, conn_id="c2")]) == ["OK"]
     assert (await dispatch(adapter, "k1"))[2] == "a"
 
 
@@ -182,7 +181,7 @@ async def test_stale_heartbeat_makes_node_ineligible(adapter, redis_client):
     await register(adapter, "a", max_jobs=4, at_ms=now_ms() - 60_000)  # silent since, its keys still there
     with pytest.raises(NoAvailableNode):
         await dispatch(adapter, "k0")
-    assert await adapter.script(*lua.heartbeat("a", now_ms(), None))  # heard from again
+    assert (await adapter.script(*lua.heartbeat("a", now_ms(), None)))[0][0] == "OK"  # heard from again
     assert (await dispatch(adapter, "k0"))[2] == "a"
 
 

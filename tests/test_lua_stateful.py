@@ -198,8 +198,8 @@ class ScriptsMachine(RuleBasedStateMachine):
           scores=st.lists(st.one_of(st.none(), st.sampled_from([0.0, 0.5, 0.75, 0.76, 1.0])), min_size=3, max_size=3),
           old_conns=st.lists(st.booleans(), min_size=3, max_size=3))
     def heartbeat(self, picks, dt, scores, old_conns):
-        """One node's heartbeat (heartbeat.lua), or the node gateway's batch of several (the
-        same node twice, maybe) in one heartbeats.lua call, each taken as its own would be.
+        """One node's heartbeat, or the node gateway's batch of several (the same node twice,
+        maybe) in one heartbeats.lua call, each taken as its own would be.
         ``old_conns``: a heartbeat came on a connection the node left (handled late, after it
         reconnected); a node whose connection closed has only such heartbeats."""
         self.now += dt
@@ -207,11 +207,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         beats = [lua.Beat(node, None, score, score is not None and score > 0.75,  # (--node-load-threshold 0.75)
                           node in self.drain_said, f"old-{node}" if old else f"c-{node}")
                  for node, score, old in zip(nodes, scores, old_conns, strict=False)]
-        if len(beats) == 1:
-            b = beats[0]
-            replies = [self._call(*lua.heartbeat(b.node_id, self.now, None, b.load_score, b.saturated, b.draining, b.conn_id))]
-        else:
-            replies = self._call(*lua.heartbeats(beats, self.now))
+        replies = self._call(*lua.heartbeats(beats, self.now))
         assert len(replies) == len(beats), replies
         for beat, reply, old in zip(beats, replies, old_conns, strict=False):
             self._heard(beat.node_id, reply, beat.load_score, beat.saturated, old)

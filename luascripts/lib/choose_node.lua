@@ -65,7 +65,7 @@ end
 -- most `slack` above the least loaded of all (locality first: no job crosses instances for
 -- a small difference in load). `exclude` (may be '') is never chosen. A node is eligible when
 -- online = 1, draining = 0, not saturated (its last heartbeat's load score was above the
--- threshold: heartbeat.lua), its last heartbeat is at most node_ttl_ms old and
+-- threshold: heartbeats.lua), its last heartbeat is at most node_ttl_ms old and
 -- current_jobs < max_jobs, and the instance holding it (its info's owner) is not known dead:
 -- its liveness in instances_key ({scheduler}:instances, id -> lapse time in epoch ms) has not
 -- lapsed (the one liveness rule, scheduler/store/liveness.py: an owner not listed counts as alive,

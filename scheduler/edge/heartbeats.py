@@ -1,5 +1,5 @@
 """Node heartbeats, written to Redis in batches: one ``heartbeats.lua`` call per node shard per
-batch, instead of one ``heartbeat.lua`` call per heartbeat (docs/redis.md, "Heartbeats, batched").
+batch, instead of one call per heartbeat (docs/redis.md, "Heartbeats, batched").
 
 A node's reader hands each heartbeat over with :meth:`HeartbeatWriter.due` (never blocks, never
 waits for Redis); the newest load and load score of every node with a heartbeat due are written

@@ -37,13 +37,6 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
     )
 
 
-def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, load_score: float | None = None,
-              saturated: bool = False, draining: bool = False, conn_id: str = "", *, tag: str = keys.TAG) -> Call:
-    return "heartbeat", [keys.node_info(node_id, tag=tag), keys.node_runtime(node_id, tag=tag)], [
-        now_ms, json.dumps(load or {}), keys.KEY_TTL_S, "" if load_score is None else repr(float(load_score)),
-        "1" if saturated else "0", "1" if draining else "", conn_id]
-
-
 @attrs.frozen
 class Beat:
     """One node's heartbeat, as :func:`heartbeats` batches them."""
@@ -66,6 +59,12 @@ def heartbeats(beats: list[Beat], now_ms: int, *, tag: str = keys.TAG) -> Call:
         args += [json.dumps(b.load or {}), "" if b.load_score is None else repr(float(b.load_score)),
                  "1" if b.saturated else "0", "1" if b.draining else "", b.conn_id]
     return "heartbeats", keys_, args
+
+
+def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, load_score: float | None = None,
+              saturated: bool = False, draining: bool = False, conn_id: str = "", *, tag: str = keys.TAG) -> Call:
+    """One node's heartbeat: a :func:`heartbeats` call of one (its reply: a list of one)."""
+    return heartbeats([Beat(node_id, load, load_score, saturated, draining, conn_id)], now_ms, tag=tag)
 
 
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "", tag: str = keys.TAG) -> Call:

@@ -95,7 +95,6 @@ NodeMismatch = _error("NODE_MISMATCH")
 StaleAttempt = _error("STALE_ATTEMPT")
 UnknownJob = _error("UNKNOWN_JOB")
 AlreadyCompleted = _error("ALREADY_COMPLETED")
-UnknownNode = _error("UNKNOWN_NODE")
 StaleCandidates = _error("STALE_CANDIDATES")
 JobIdTaken = _error("JOB_ID_TAKEN")
 JobkeyMismatch = _error("JOBKEY_MISMATCH")
@@ -103,7 +102,7 @@ Fenced = _error("FENCED")
 
 SCRIPT_ERRORS: dict[str, type[ScriptError]] = {
     cls.code: cls
-    for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted, UnknownNode,
+    for cls in (NoPoolForLangPair, EmptyPool, NoAvailableNode, NodeMismatch, StaleAttempt, UnknownJob, AlreadyCompleted,
                 StaleCandidates, JobIdTaken, JobkeyMismatch, Fenced)
 }
 

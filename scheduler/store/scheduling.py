@@ -1,7 +1,7 @@
 """The daemon's client of the Lua scheduling core: every scheduling verb the daemon says to
 Redis, so that gateways and the server speak of nodes and jobs, never of keys and commands.
 
-Node lifecycle: :meth:`register_node`, :meth:`heartbeat`, :meth:`node_state` (offline or
+Node lifecycle: :meth:`register_node`, :meth:`heartbeats`, :meth:`node_state` (offline or
 draining), :meth:`jobs_held`. Jobs: :meth:`complete` (a node's answer), :meth:`job_key_of`,
 :meth:`serves` (is there a pool for a language pair), and placement (:meth:`run_many`,
 :meth:`dispatch`, :meth:`redispatch`). Status: :meth:`nodes_status`.
@@ -181,21 +181,13 @@ class SchedulingClient:
                 if attempt == STALE_RETRIES:
                     raise
 
-    async def heartbeat(self, node_id: str, load: dict[str, Any] | None, load_score: float | None = None,
-                        saturated: bool = False, draining: bool = False, conn_id: str = "") -> bool:
-        """Raises UnknownNode when Redis lost the node (restarted empty). A ``saturated`` node
-        gets no new jobs from any instance (choose_node.lua); a ``draining`` one says so again
-        (on its connection ``conn_id``), in case its drain never reached Redis. False when
-        ``conn_id`` is not the node's connection in Redis (it reconnected since, or this one
-        was closed): nothing was written (heartbeat.lua)."""
-        reply = await self._redis.script(*lua.heartbeat(node_id, now_ms(), load, load_score, saturated, draining, conn_id,
-                                                        tag=self._space.node_tag(node_id)))
-        return str(reply[0]) == "OK"
-
     async def heartbeats(self, beats: list[lua.Beat]) -> list[Any]:
         """Several nodes' heartbeats: one heartbeats.lua call per node shard, all in one
-        pipeline. Per beat, in order: "OK", "STALE_CONN" (nothing written: see :meth:`heartbeat`),
-        "UNKNOWN_NODE" (Redis lost the node), or the exception its shard's call raised."""
+        pipeline. Per beat, in order: "OK", "STALE_CONN" (not the node's connection in Redis: it
+        reconnected since, or this one was closed; nothing written), "UNKNOWN_NODE" (Redis lost
+        the node: register it again), or the exception its shard's call raised. A ``saturated``
+        node gets no new jobs from any instance (choose_node.lua); a ``draining`` one says so
+        again, in case its drain never reached Redis (luascripts/heartbeats.lua)."""
         by_tag: dict[str, list[int]] = {}
         for i, beat in enumerate(beats):
             by_tag.setdefault(self._space.node_tag(beat.node_id), []).append(i)

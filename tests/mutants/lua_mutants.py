@@ -94,7 +94,7 @@ MUTANTS = [
            "return {'NOOP', 'moved', redis.call('HGET', job_key_hash, 'moved_to') or ''}", "return {'NOOP', 'moved', ''}",
            "a release of a job that moved across shards does not follow it: the job it became runs on",
            "tests/test_layout2_stateful.py"),
-    Mutant("heartbeat_copy_forgotten", "lib/beat.lua",
+    Mutant("heartbeat_copy_forgotten", "heartbeats.lua",
            "redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)\n", "",
            "a heartbeat updates the node's info, not the copy node choice reads: a node seen silent, or saturated, "
            "after its heartbeat said otherwise"),
