@@ -584,3 +584,4 @@ async def test_an_utterance_whose_job_waits_for_a_node_is_journaled_without_wait
     assert _sample(body, 'scheduler_journal_finalize_entries_total{written_by="writer"}') == 3
     assert _sample(body, "scheduler_journal_ahead_wait_seconds_count") == 4
     assert _sample(body, 'scheduler_journal_ahead_wait_seconds_bucket{le="0.1"}') == 4  # none waited the bound out
+

@@ -6,6 +6,8 @@ import re
 import pytest
 import trio
 
+from scheduler.edge.heartbeats import HeartbeatWriter
+from scheduler.placement.nodes import NodeConnection
 from scheduler.protocol import Register
 from scheduler.store import keys, lua
 from scheduler.store.redis_adapter import (
@@ -98,6 +100,36 @@ async def test_heartbeats_of_several_nodes_in_one_call_answer_each(adapter, redi
     assert redis_client.hmget(keys.node_info("n2"), *fields) == ["0.2", "0", "1"]  # (not the stale connection's 0.9)
     assert redis_client.hmget(keys.node_runtime("n2"), *fields) == ["0.2", "0", "1"]
     assert not redis_client.exists(keys.node_info("ghost"))
+
+
+async def test_a_heartbeat_batch_that_fails_costs_that_batch_not_the_writer(adapter, caplog):
+    """The heartbeat writer's error boundary (edge/heartbeats.py): a bug while writing one
+    batch is logged at ERROR, and the next heartbeats are written as ever."""
+    await register(adapter, "n1", conn_id="c1")
+    conn = NodeConnection("n1", 2, conn_id="c1")
+    bugs, settled = [RuntimeError("a bug")], []
+
+    def beat(c):
+        if bugs:
+            raise bugs.pop()
+        return lua.Beat(c.node_id, {"cpu": 0.2}, 0.2, conn_id=c.conn_id)
+
+    async def settle(c, b, reply):
+        settled.append(reply)
+
+    writer = HeartbeatWriter(SchedulingClient(adapter), 0.01, beat, settle, lambda c: True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.due(conn)
+        with trio.fail_after(5):
+            while not any(getattr(r, "event", None) == "heartbeat_batch_failed" for r in caplog.records):
+                await trio.sleep(0.01)
+        writer.due(conn)
+        with trio.fail_after(5):
+            while not settled:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert settled == ["OK"]
 
 
 async def test_dispatch_errors(adapter, redis_client):

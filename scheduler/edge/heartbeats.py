@@ -8,19 +8,25 @@ arrived. What a write says back (written, another connection's, Redis lost the n
 goes to ``settle`` per node, in the writer's task. A node whose connection closed meanwhile is
 left out (its close took it offline; a late heartbeat would only be refused).
 
-:meth:`run` is the writer's task (the daemon starts it beside the dispatcher); it ends when cancelled.
+:meth:`run` is the writer's task (the daemon starts it beside the dispatcher); it ends when
+cancelled. An unexpected error costs one batch (logged ``heartbeat_batch_failed``, ERROR):
+the nodes' next heartbeats are written again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from scheduler.ops.logs import event
 from scheduler.placement.nodes import NodeConnection
 from scheduler.store import lua
 from scheduler.store.scheduling import SchedulingClient
+
+log = logging.getLogger("scheduler.node_gateway")  # (the heartbeats' events are the node gateway's)
 
 
 class HeartbeatWriter:
@@ -51,8 +57,11 @@ class HeartbeatWriter:
             await trio.sleep(self.window_s)  # the heartbeats that come within the window join this batch
             self._wake = trio.Event()
             batch, self._due = [c for c in self._due.values() if self._live(c)], {}
-            if batch:
-                await self.write(batch)
+            try:
+                if batch:
+                    await self.write(batch)
+            except Exception:  # a bug here must cost one batch of heartbeats (the next ones write again), never the daemon
+                event(log, "heartbeat_batch_failed", logging.ERROR, exc_info=True, nodes=len(batch))
 
     async def write(self, conns: list[NodeConnection]) -> None:
         """Write these nodes' heartbeats now (one call per node shard) and settle each reply."""

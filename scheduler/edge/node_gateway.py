@@ -278,6 +278,8 @@ class NodeGateway(wsutil.Gateway):
                     self._dispatcher.slot_freed()
                 except ProtocolError as exc:
                     event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=exc.message)
+                except ScriptError as exc:
+                    event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(exc))
         else:  # (RedisUnavailable, ScriptError: the next heartbeat writes again)
             event(log, "heartbeat_not_stored", logging.WARNING, node_id=conn.node_id, error=str(reply))
 
