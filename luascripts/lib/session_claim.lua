@@ -35,13 +35,12 @@ local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id
                             session)
   redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
   local index = tonumber(utterance_index)
-  local counts = {session[3], session[4]}  -- (claim_read, earlier in this same script)
-  local fields = {'current_turn_id', turn_id}
-  if tonumber(counts[1] or '0') <= index then
+  local fields = {'current_turn_id', turn_id}  -- (`session`: claim_read, earlier in this same script)
+  if tonumber(session[3] or '0') <= index then
     fields[#fields + 1] = 'next_utterance_index'
     fields[#fields + 1] = index + 1
   end
-  if entry and entry ~= '' and tonumber(counts[2] or '0') <= index then
+  if entry and entry ~= '' and tonumber(session[4] or '0') <= index then
     fields[#fields + 1] = 'u:' .. index
     fields[#fields + 1] = entry
     fields[#fields + 1] = 'finalized'

@@ -103,7 +103,7 @@ MUTANTS = [
     Mutant("node_state_copy_forgotten", "node_state.lua", "  redis.call('HSET', runtime_key, unpack(fields))\n", "",
            "a node that went offline or draining is still online and not draining for node choice"),
     Mutant("claim_journals_counted", "lib/session_claim.lua",
-           "if entry and entry ~= '' and tonumber(counts[2] or '0') <= index then", "if entry and entry ~= '' then",
+           "if entry and entry ~= '' and tonumber(session[4] or '0') <= index then", "if entry and entry ~= '' then",
            "a job created late writes the journal entry of an utterance the journal counted already (its result may "
            "be sent and trimmed: a resume would owe it again)"),
     Mutant("claim_journal_uncounted", "lib/session_claim.lua",
