@@ -24,8 +24,8 @@ node *ARGS: sync
 client *ARGS: sync
     uv run --frozen scheduler client {{ARGS}}
 
-# run the whole test suite on four pytest-xdist workers, idle ones taking queued tests from busy ones
-# (extra pytest flags pass through; -n 0: one process)
+# idle workers take queued tests from busy ones; extra pytest flags pass through (-n 0: one process)
+# run the whole test suite on four pytest-xdist workers
 test *ARGS: sync
     uv run --frozen pytest -n 4 --dist worksteal {{ARGS}}
 
@@ -37,36 +37,39 @@ lock:
 bench-adapter *ARGS: sync
     uv run --frozen python bench/adapter_throughput.py {{ARGS}}
 
-# load harness: N real-time clients + M simulated nodes against a daemon process; JSON + PNG in bench/results/
 # (just bench --sessions 200 --duration 20; --profile adds py-spy stacks of the daemon)
+# load harness: N real-time clients + M simulated nodes against a daemon process; JSON + PNG in bench/results/
 bench *ARGS: sync
     uv run --frozen --group bench python bench/load.py {{ARGS}}
 
-# one `just bench` per session count, one after the other: overhead p99 and CPU against sessions,
 # JSON + PNG in bench/results/sweep.*
 # (just bench-sweep --sessions-list 100,200,400,600,800,1000 --daemon-arg=--workers=2; docs/performance.md)
+# one `just bench` per session count, one after the other: overhead p99 and CPU against sessions
 bench-sweep *ARGS: sync
     uv run --frozen --group bench python bench/sweep.py {{ARGS}}
 
-# a frame codec of our own against trio-websocket's on the receive path: two bare servers, the same
-# generator schedule, frames per CPU-second in interleaved rounds (JSON in bench/results/codec.json)
+# two bare servers on one generator schedule, frames per CPU-second in interleaved rounds, JSON in bench/results/codec.json
+# frame codec A/B: a frame parser of our own against trio-websocket's (bench/codec.py)
 bench-codec *ARGS: sync
     uv run --frozen python bench/codec.py {{ARGS}}
 
-# overload A/B: one daemon process offered about twice what it carries (clients arriving over 20 s),
-# with --max-sessions and without any limit, in one period; JSON in bench/results/overload.json
-# (just bench-overload --offered 300 --max-sessions 150 --rounds 2; docs/performance.md, "Overload, A/B")
+# (clients arriving over 20 s), with --max-sessions and without any limit, in one period; JSON in
+# bench/results/overload.json (just bench-overload --offered 300 --max-sessions 150 --rounds 2;
+# docs/performance.md, "Overload, A/B")
+# overload A/B: one daemon process offered about twice what it carries, with and without admission limits
 bench-overload *ARGS: sync
     uv run --frozen --group bench python bench/overload.py {{ARGS}}
 
-# fair share: a real-time witness beside three flooding sessions, alone / flooded / flooded with the
-# session bounds off; JSON in bench/results/fairness.json (docs/performance.md, "Fair share")
+# (alone / flooded / flooded with the session bounds off; JSON in bench/results/fairness.json;
+# docs/performance.md, "Fair share")
+# fair share: a real-time witness beside three flooding sessions
 bench-fairness *ARGS: sync
     uv run --frozen --group bench python bench/fairness.py {{ARGS}}
 
-# the session core's Hypothesis state machine, 10,000 examples: two searches of 5,000 with fresh seeds,
-# one per core (docs/performance.md has the time); each prints its seed, to replay: --hypothesis-seed=N;
-# then the decode path's fuzz properties with 20,000 examples each (STRESS_EXAMPLES_DECODE)
+# two searches of 5,000 with fresh seeds, one per core (docs/performance.md has the time); each prints
+# its seed, to replay: --hypothesis-seed=N; then the decode path's fuzz properties with 20,000
+# examples each (STRESS_EXAMPLES_DECODE)
+# the session core's Hypothesis state machine with 10,000 examples, then the decode fuzz properties
 stress *ARGS: sync
     #!/usr/bin/env bash
     set -euo pipefail
@@ -83,9 +86,10 @@ stress *ARGS: sync
     HYPOTHESIS_PROFILE=stress STRESS_EXAMPLES=$STRESS_EXAMPLES_DECODE uv run --frozen pytest tests/test_decode.py -q -p no:cacheprovider --timeout 0 || status=1
     exit "$status"
 
-# mutation testing (docs/testing.md): mutmut on the session core, backlog, results and dispatcher with the
-# state machines alone as the test command, then the Lua mutants against the Lua machine; prints the caught
+# (docs/testing.md): mutmut on the session core, backlog, results and dispatcher with the state
+# machines alone as the test command, then the Lua mutants against the Lua machine; prints the caught
 # share per module and every survivor (mutants/ keeps mutmut's cache: delete it for a fresh run)
+# mutation testing: mutmut on the core modules, then the Lua mutants
 mutants *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -95,14 +99,15 @@ mutants *ARGS:
     HYPOTHESIS_PROFILE=mutants uv run --frozen python -m tests.mutants.lua_mutants
     uv sync --frozen
 
-# black-box fuzzing (docs/security.md): a real daemon, two nodes, three witness sessions, hostile frames, handshakes and raw
-# bytes on all three listeners; checks it never exits, answers every case as documented and serves the witnesses in order
+# (docs/security.md): a real daemon, two nodes, three witness sessions, hostile frames, handshakes and raw bytes on
+# all three listeners; checks it never exits, answers every case as documented and serves the witnesses in order
 # (just fuzz --seconds 600 --seed 7; a failure prints NAME:SEED, to replay: just fuzz --replay NAME:SEED; --help lists the knobs)
+# black-box fuzzing of a real daemon's three listeners
 fuzz *ARGS: sync
     uv run --frozen python -m tests.fuzz.blackbox {{ARGS}}
 
-# scheduling shards by simulation: the real scripts on K = 1, 2, 4 valkey-servers at the rate of
-# 2,000 real-time sessions; Valkey CPU per result and each shard's share (docs/scaling.md)
+# (at the rate of 2,000 real-time sessions; Valkey CPU per result and each shard's share; docs/scaling.md)
+# scheduling shards by simulation: the real scripts on K = 1, 2, 4 valkey-servers
 bench-shards *ARGS: sync
     uv run --frozen python bench/shards.py {{ARGS}}
 
@@ -118,9 +123,9 @@ bench-replicas *ARGS: sync
 bench-instances *ARGS: sync
     uv run --frozen python bench/instances.py {{ARGS}}
 
-# chaos: 3 instances on one Valkey, nodes, resuming clients; kill -9 / SIGTERM / node cuts every ~5 s (docs/scaling.md)
 # (just chaos --duration 120; add Redis faults with --faults node,kill,term,redis,stall,full; --workers 3 strikes the
 # workers of one supervisor instead, and there --faults ...,reload sends it SIGHUP too; --help lists the knobs)
+# chaos: 3 instances on one Valkey, nodes, resuming clients; kill -9 / SIGTERM / node cuts every ~5 s (docs/scaling.md)
 chaos *ARGS: sync
     uv run --frozen python bench/chaos.py {{ARGS}}
 
