@@ -188,10 +188,13 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.max_jobs["n0"] = 2
         self._register("n0")
 
-    @rule(node=st.sampled_from(NODES), max_jobs=st.integers(min_value=1, max_value=3))
-    def register(self, node, max_jobs):
-        self.max_jobs.setdefault(node, max_jobs)  # a reconnect keeps its capacity
-        self._register(node)
+    @rule(node=st.sampled_from(NODES), max_jobs=st.integers(min_value=1, max_value=3), sibling=st.booleans())
+    def register(self, node, max_jobs, sibling):
+        """``sibling``: the other node held by the same instance registers too (an instance's
+        nodes come and go together: node choice then meets two nodes of one owner)."""
+        for n in [node, *(m for m in NODES if sibling and m != node and OWNER[m] == OWNER[node])]:
+            self.max_jobs.setdefault(n, max_jobs)  # a reconnect keeps its capacity
+            self._register(n)
 
     @precondition(lambda self: self.max_jobs)
     @rule(picks=st.lists(st.integers(0, 9), min_size=1, max_size=3), dt=st.integers(min_value=0, max_value=8000),
