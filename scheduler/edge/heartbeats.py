@@ -4,8 +4,10 @@ batch, instead of one call per heartbeat (docs/redis.md, "Heartbeats, batched").
 A node's reader hands each heartbeat over with :meth:`HeartbeatWriter.due` (never blocks, never
 waits for Redis); the newest load and load score of every node with a heartbeat due are written
 together, at most ``window_s`` (a quarter of ``--heartbeat-interval-ms``) after the first of them
-arrived. What a write says back (written, another connection's, Redis lost the node, Redis out)
-goes to ``settle`` per node, in the writer's task. A node whose connection closed meanwhile is
+arrived; after a batch Redis did not take (an outage), the next one goes as soon as a heartbeat
+is due, so that the nodes do not look silent any longer than the outage made them. What a
+write says back (written, another connection's, Redis lost the node, Redis out) goes to
+``settle`` per node, in the writer's task. A node whose connection closed meanwhile is
 left out (its close took it offline; a late heartbeat would only be refused).
 
 :meth:`run` is the writer's task (the daemon starts it beside the dispatcher); it ends when
@@ -43,7 +45,9 @@ class HeartbeatWriter:
         self._live = live
         self._due: dict[int, NodeConnection] = {}  # id(conn) -> conn, each at most once per batch
         self._wake = trio.Event()
-        self.on_written: Callable[[int], None] = lambda count: None  # a batch of this many written (the metrics)
+        self._overdue = False  # the last batch was not written (Redis out): the next goes without waiting
+        self.on_written: Callable[[int], None] = lambda count: None  # a batch written, with this many heartbeats Redis
+        # took (the metrics)
 
     def due(self, conn: NodeConnection) -> None:
         """``conn`` sent a heartbeat: write its newest values with the next batch."""
@@ -54,9 +58,11 @@ class HeartbeatWriter:
         task_status.started()
         while True:
             await self._wake.wait()
-            await trio.sleep(self.window_s)  # the heartbeats that come within the window join this batch
+            if not self._overdue:
+                await trio.sleep(self.window_s)  # the heartbeats that come within the window join this batch
             self._wake = trio.Event()
             batch, self._due = [c for c in self._due.values() if self._live(c)], {}
+            self._overdue = False
             try:
                 if batch:
                     await self.write(batch)
@@ -67,7 +73,10 @@ class HeartbeatWriter:
         """Write these nodes' heartbeats now (one call per node shard) and settle each reply."""
         beats = [self._beat(c) for c in conns]
         replies = await self._scheduling.heartbeats(beats)
-        self.on_written(len(conns))
+        failed = sum(isinstance(r, BaseException) for r in replies)
+        self._overdue = failed > 0
+        if failed < len(conns):
+            self.on_written(len(conns) - failed)
         for conn, beat, reply in zip(conns, beats, replies, strict=True):
             if self._live(conn):
                 await self._settle(conn, beat, reply)
