@@ -11,7 +11,10 @@ echo mode, in its own process), their frames per CPU-second compared in interlea
   a few integer operations per frame (header, 16/64-bit lengths, the mask, unmasking the
   payload as wsproto does, with Python integers), answering each frame with a send of its own,
   as the baseline does. No validation beyond that (no UTF-8 check, no control frames but close): what a real
-  codec would add costs more, so the ratio is an upper bound.
+  codec would add costs more, so the ratio is an upper bound;
+- ``daemon``: the daemon's own codec as it serves since 2026-12-07 (scheduler/edge/wsconn.py
+  and wscodec.py: the upgrade through wsproto's handshake, every check of docs/security.md),
+  the same bare answer to each frame.
 
     uv run python bench/codec.py --sessions 200 --seconds 10 --rounds 3
 """
@@ -85,6 +88,30 @@ async def handler(stream):
 trio.run(trio.serve_tcp, handler, int(sys.argv[1]))
 """
 
+DAEMON_SERVER = r"""
+import sys, trio
+from trio_websocket import ConnectionClosed
+from scheduler.edge.frames import FrameGuard
+from scheduler.edge.wsconn import read_request
+
+async def handler(stream):
+    guard = FrameGuard(stream, "peer")
+    request = await read_request(guard, 1 << 20)
+    if request is None:
+        return
+    ws = await request.accept()
+    try:
+        while True:
+            await ws.get_message()
+            await ws.send_message(b"ok")
+    except ConnectionClosed:
+        pass
+    finally:
+        await guard.aclose()
+
+trio.run(trio.serve_tcp, handler, int(sys.argv[1]))
+"""
+
 
 async def main(args: argparse.Namespace) -> dict:
     load_args = load.parser().parse_args(["--sessions", str(args.sessions), "--chunk-ms", str(args.chunk_ms),
@@ -94,15 +121,18 @@ async def main(args: argparse.Namespace) -> dict:
         cpus = load.DAEMON_CPUS if not args.no_pin else None
         for _ in range(args.rounds):
             row = {}
-            for name, code in (("trio-websocket", load.ECHO_SERVER), ("own", OWN_SERVER)):
+            for name, code in (("trio-websocket", load.ECHO_SERVER), ("own", OWN_SERVER), ("daemon", DAEMON_SERVER)):
                 echo = await load.echo_baseline(load_args, cpus, args.seconds, code)
                 row[name] = {"frames_per_cpu_s": echo["echo_frames_per_cpu_s"], "cpu_pct_of_core": echo["echo_cpu_pct_of_core"],
                              "frames_per_s": echo["echo_frames_per_s"], "generator_behind": echo["echo_generator_behind"]}
-            row["own_vs_trio_websocket"] = round(row["own"]["frames_per_cpu_s"] / row["trio-websocket"]["frames_per_cpu_s"], 2)
+            base = row["trio-websocket"]["frames_per_cpu_s"]
+            row["own_vs_trio_websocket"] = round(row["own"]["frames_per_cpu_s"] / base, 2)
+            row["daemon_vs_trio_websocket"] = round(row["daemon"]["frames_per_cpu_s"] / base, 2)
             print(json.dumps(row), file=sys.stderr)
             rounds.append(row)
     return {"sessions": args.sessions, "chunk_ms": args.chunk_ms, "seconds": args.seconds, "rounds": rounds,
-            "own_vs_trio_websocket": [r["own_vs_trio_websocket"] for r in rounds]}
+            "own_vs_trio_websocket": [r["own_vs_trio_websocket"] for r in rounds],
+            "daemon_vs_trio_websocket": [r["daemon_vs_trio_websocket"] for r in rounds]}
 
 
 def parser() -> argparse.ArgumentParser:

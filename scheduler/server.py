@@ -27,7 +27,6 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest
 
 from scheduler.cluster.location import locate
 from scheduler.cluster.overview import overview
@@ -38,6 +37,7 @@ from scheduler.edge.client_gateway import ClientGateway
 from scheduler.edge.listen import open_listeners
 from scheduler.edge.node_gateway import NodeGateway
 from scheduler.edge.ws_listener import Connection, Limits, WebSocketListener
+from scheduler.edge.wsconn import ServerRequest
 from scheduler.ops import tls
 from scheduler.ops.admin import AdminServer, bad_session_id, no_such_path
 from scheduler.ops.boundary import Boundary
@@ -258,7 +258,7 @@ def _outage_ended(seconds: float, sessions: SessionRegistry, metrics: Metrics) -
 
 
 def _router(parts: _Parts, settings: Settings,
-            running: Callable[[], Running | None]) -> Callable[[WebSocketRequest, Connection], Awaitable[None]]:
+            running: Callable[[], Running | None]) -> Callable[[ServerRequest, Connection], Awaitable[None]]:
     """The WebSocket handler: the handshake policy first (edge/handshake.py: path, browser
     Origin, subprotocols; a refusal is an HTTP status and a log line), then ``/v1/session``
     to the client gateway and ``/v1/node`` to the node gateway; ``SHUTTING_DOWN`` while not
@@ -267,7 +267,7 @@ def _router(parts: _Parts, settings: Settings,
     listener's per-connection boundary: edge/ws_listener.py)."""
     policy = handshake.Policy.from_settings(settings.allowed_origins, settings.node_allowed_origins)
 
-    async def route(request: WebSocketRequest, conn: Connection) -> None:
+    async def route(request: ServerRequest, conn: Connection) -> None:
         decision = handshake.negotiate(request.path, request.headers, request.proposed_subprotocols, policy)
         if isinstance(decision, handshake.Refuse):
             parts.metrics.handshakes_refused_total.labels(decision.reason).inc()
@@ -320,7 +320,6 @@ async def _serve(
             limits=Limits(connection_limit(settings.max_connections), settings.max_connections_per_ip,
                           parts.metrics.connections_refused_total),
             max_message_size=2 * settings.max_frame_bytes,
-            message_queue_size=4,
             handshake_timeout=HANDSHAKE_TIMEOUT_S,
         )
         await nursery.start(ws_server.run)

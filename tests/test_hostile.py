@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from trio.testing import memory_stream_pair
-from trio_websocket import wrap_server_stream
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import Request, TextMessage
-from wsproto.utilities import LocalProtocolError
 
-from scheduler.edge.frames import FrameScanner
 from scheduler.protocol import CLOSE_TOO_BIG
 
 from .helpers import session, speak, start_node
@@ -142,31 +136,9 @@ async def test_the_admin_listener_contains_a_failing_request(daemon, monkeypatch
     assert _failed(daemon, "admin", "internal") == 1
 
 
-async def test_trio_websocket_still_raises_on_an_oversized_message_while_closing():
-    """Pins the library behaviour FrameGuard works around: a server connection that is
-    closing (LOCAL_CLOSING) and meets a message over ``max_message_size`` tries to send a
-    1009 close, which wsproto refuses with ``LocalProtocolError`` inside the library's own
-    reader task. When this test fails, trio-websocket fixed it upstream: say so in
-    docs/security.md (the guard's header check stays: it refuses before reading the payload)."""
-    server, client_stream = memory_stream_pair()
-    client = WSConnection(ConnectionType.CLIENT)
-    await client_stream.send_all(client.send(Request(host="x", target="/")))
-    with pytest.raises(BaseExceptionGroup) as info:
-        async with trio.open_nursery() as nursery:
-            ws_request = await wrap_server_stream(nursery, server, max_message_size=100)
-            ws = await ws_request.accept()
-            client.receive_data(await client_stream.receive_some())
-            nursery.start_soon(ws.aclose, 1000)
-            await trio.testing.wait_all_tasks_blocked()
-            await client_stream.send_all(client.send(TextMessage(data="x" * 200)))
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
-    assert info.group_contains(LocalProtocolError)
-
-
 async def test_log_lines_name_the_peer_by_address(daemon, nursery, caplog):
-    """The gateways log ``peer`` from the connection (trio-websocket asks the stream, which is
-    our guard now): it must still read ``address:port``."""
+    """The gateways log ``peer`` from the connection (the guard's name for it): it must read
+    ``address:port``."""
     import logging
     import re
 
@@ -176,40 +148,3 @@ async def test_log_lines_name_the_peer_by_address(daemon, nursery, caplog):
         pass
     peers = [r.fields["peer"] for r in caplog.records if getattr(r, "event", None) in ("session_started", "node_joined")]
     assert len(peers) == 2 and all(re.fullmatch(r"127\.0\.0\.1:\d+", p) for p in peers), peers
-
-
-# ---------------------------------------------------------------- the scanner alone
-
-
-def _stream(*frames: bytes) -> bytes:
-    return request() + b"".join(frames)
-
-
-@pytest.mark.parametrize("cut", [1, 2, 3, 5, 7, 64])
-def test_the_scanner_reads_headers_split_anywhere(cut):
-    data = _stream(frame(0x1, b"x" * 300), frame(0x9, b"p"), frame(0x2, b"y" * 70_000), frame(0x2, b"", length=5000))
-    scanner = FrameScanner(limit=4096)
-    results = [scanner.feed(data[i:i + cut]) for i in range(0, len(data), cut)]
-    assert results[-1] == CLOSE_TOO_BIG and results.count(None) < len(results)
-    assert FrameScanner(limit=100_000).feed(data) is None
-
-
-def test_the_scanner_adds_up_fragments_and_resets_at_fin():
-    ok = _stream(*(frame(0x1 if i == 0 else 0x0, b"z" * 400, fin=(i == 2)) for i in range(3)), frame(0x1, b"z" * 1000))
-    assert FrameScanner(limit=1200).feed(ok) is None
-    assert FrameScanner(limit=1199).feed(ok) == CLOSE_TOO_BIG
-    interleaved = _stream(frame(0x1, b"z" * 800, fin=False), frame(0x9, b"p" * 125), frame(0x0, b"z" * 300))
-    assert FrameScanner(limit=1100).feed(interleaved) is None  # a ping between fragments is not counted
-
-
-async def test_the_guard_reads_a_whole_audio_frame_at_once():
-    """trio-websocket asks its stream for 4 KiB at a time; the guard reads up to RECEIVE_BYTES,
-    so a 200 ms frame (6,400 bytes of 16 kHz audio) is one read and one parse, not two
-    (docs/performance.md: 11 % more frames per daemon CPU-second)."""
-    from scheduler.edge.frames import RECEIVE_BYTES, FrameGuard
-
-    client, server = memory_stream_pair()
-    guard = FrameGuard(server, limit=1 << 20)
-    await client.send_all(b"GET / HTTP/1.1\r\n\r\n" + frame(0x2, b"\x00" * 6400))
-    got = await guard.receive_some(4096)
-    assert len(got) > 6400 and RECEIVE_BYTES >= 65536

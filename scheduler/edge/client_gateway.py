@@ -14,11 +14,11 @@ import logging
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection
 
 from scheduler.cluster import journal
 from scheduler.edge import wsutil
 from scheduler.edge.ratelimit import AudioPacer
+from scheduler.edge.wsconn import ServerWebSocket
 from scheduler.ops.logs import event
 from scheduler.protocol import (
     BAD_MESSAGE,
@@ -56,7 +56,7 @@ class ClientGateway(wsutil.Gateway):
         super().__init__(**deps)
         self.lifecycle = SessionLifecycle(admission=admission, **deps)
 
-    async def handle(self, ws: WebSocketConnection, presented: str | None = None) -> None:
+    async def handle(self, ws: ServerWebSocket, presented: str | None = None) -> None:
         """Serve one client connection; ``presented`` is the API key its handshake carried
         (``Authorization: Bearer`` or the bearer subprotocol: edge/handshake.py), if any.
         Admitting, opening, holding and releasing the session: session/lifecycle.py."""
@@ -72,7 +72,7 @@ class ClientGateway(wsutil.Gateway):
                 return
             await self.lifecycle.hold(opened, peer, lambda session: self._serve(ws, session, peer))
 
-    async def _serve(self, ws: WebSocketConnection, opened: OpenSession, peer: str) -> str:
+    async def _serve(self, ws: ServerWebSocket, opened: OpenSession, peer: str) -> str:
         """``session_ready``, the results a resume sends again and what it is owed, then the
         session's frames both ways until it ends; returns why it ended."""
         actor = opened.actor
@@ -86,7 +86,7 @@ class ClientGateway(wsutil.Gateway):
                 await self.lifecycle.recover_owed(actor)
         return await self._run(ws, actor, opened.writer, peer)
 
-    async def _run(self, ws: WebSocketConnection, actor: SessionActor, writer: journal.Journal, peer: str) -> str:
+    async def _run(self, ws: ServerWebSocket, actor: SessionActor, writer: journal.Journal, peer: str) -> str:
         async with trio.open_nursery() as nursery:
             writer_done = trio.Event()
 
@@ -117,7 +117,7 @@ class ClientGateway(wsutil.Gateway):
             return reason
         return "disconnected"  # the reader cancelled the nursery: the client went away
 
-    async def _write(self, ws: WebSocketConnection, actor: SessionActor, writer: journal.Journal, peer: str) -> None:
+    async def _write(self, ws: ServerWebSocket, actor: SessionActor, writer: journal.Journal, peer: str) -> None:
         """Writer task: take what the actor emitted (up to ``WRITE_BATCH`` at a time), journal
         it (journal.py: write-ahead, one Redis call per batch), then send it, until the outbox
         is closed or the socket is. Fenced (resumed elsewhere): the actor is told to stop."""
@@ -141,7 +141,7 @@ class ClientGateway(wsutil.Gateway):
                 if isinstance(msg, Result):
                     self._sessions.note_result(actor.session_id, msg)
 
-    async def _reader(self, ws: WebSocketConnection, actor: SessionActor, scope: trio.CancelScope, peer: str) -> None:
+    async def _reader(self, ws: ServerWebSocket, actor: SessionActor, scope: trio.CancelScope, peer: str) -> None:
         """Client frames into the session's backlog, until the client goes away or is refused
         fatally; then the connection's nursery ends."""
 

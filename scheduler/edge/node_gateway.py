@@ -32,11 +32,11 @@ import uuid
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection
 
 from scheduler.cluster.relay import encode_answer
 from scheduler.edge import wsutil
 from scheduler.edge.heartbeats import HeartbeatWriter
+from scheduler.edge.wsconn import ServerWebSocket
 from scheduler.jobs import JobOutcome
 from scheduler.ops import secrets
 from scheduler.ops.logs import event
@@ -82,7 +82,7 @@ class NodeGateway(wsutil.Gateway):
                                           self._heartbeat_written, lambda conn: self._nodes.get(conn.node_id) is conn)
         self.heartbeats.on_written = self._count_heartbeats
 
-    async def handle(self, ws: WebSocketConnection) -> None:
+    async def handle(self, ws: ServerWebSocket) -> None:
         peer = wsutil.peer(ws)
         conn_id = uuid.uuid4().hex[:16]
         reg = await self.first_message(ws, peer, lambda message: self._accept_register(message, conn_id))
@@ -173,7 +173,7 @@ class NodeGateway(wsutil.Gateway):
         if previous and previous != self.settings.instance_id:
             event(log, "node_taken_over", node_id=reg.node_id, previous_owner=previous)
 
-    async def _watchdog(self, ws: WebSocketConnection, conn: NodeConnection, scope: trio.CancelScope) -> None:
+    async def _watchdog(self, ws: ServerWebSocket, conn: NodeConnection, scope: trio.CancelScope) -> None:
         """Close the node when nothing arrived from it for ``node_ttl_ms``. While the reader
         waits for room in the worker's queue (``conn.held``), the node is not silent: the
         daemon is not reading it."""
@@ -188,7 +188,7 @@ class NodeGateway(wsutil.Gateway):
                 return
             await trio.sleep_until(deadline)
 
-    async def _reader(self, ws: WebSocketConnection, conn: NodeConnection,
+    async def _reader(self, ws: ServerWebSocket, conn: NodeConnection,
                       work: trio.MemorySendChannel[JobResult | Drain]) -> str:
         """Node frames, until the node goes away or is refused fatally. No Redis here: the
         Redis work goes to :meth:`_worker` (module docstring)."""
@@ -217,7 +217,7 @@ class NodeGateway(wsutil.Gateway):
         handlers = {Heartbeat: heartbeat, JobResult: queued, Drain: queued, Register: register_again}
         return await self.read_frames(ws, handlers, on_bytes=binary, on_frame=seen, node_id=conn.node_id)
 
-    async def _worker(self, ws: WebSocketConnection, conn: NodeConnection,
+    async def _worker(self, ws: ServerWebSocket, conn: NodeConnection,
                       work: trio.MemoryReceiveChannel[JobResult | Drain], done: trio.Event) -> None:
         """The Redis work of the node's messages, in order; closes a drained node."""
         try:
@@ -232,7 +232,7 @@ class NodeGateway(wsutil.Gateway):
         finally:
             done.set()
 
-    async def _drained(self, ws: WebSocketConnection, conn: NodeConnection) -> str | None:
+    async def _drained(self, ws: ServerWebSocket, conn: NodeConnection) -> str | None:
         """A draining node that holds no job of this instance is closed: reason ``drained``."""
         if conn.draining and not self._dispatcher.placements_on(conn.node_id):
             await wsutil.close(ws, CLOSE_GOING_AWAY, "drained")

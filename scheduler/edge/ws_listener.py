@@ -1,22 +1,24 @@
-"""The WebSocket listener: our own accept loop over trio-websocket's public pieces.
+"""The WebSocket listener: our own accept loop, our own WebSocket (edge/wsconn.py).
 
-``trio.serve_listeners`` accepts; each connection gets a nursery of its own, owned here, in
-which ``trio_websocket.wrap_server_stream`` runs the library's reader task over a
-:class:`~scheduler.edge.frames.FrameGuard`, and then the handler (the handshake policy and
-a gateway) runs. The whole connection sits inside a :class:`~scheduler.ops.boundary.Boundary`:
-trio-websocket's own ``WebSocketServer`` runs the reader in a nursery nobody guards, so a
-library exception on one connection ended the listener and the daemon (issue 29).
+``trio.serve_listeners`` accepts; each connection runs in the accepting task: the upgrade
+request is read (:func:`~scheduler.edge.wsconn.read_request`) from a
+:class:`~scheduler.edge.frames.FrameGuard` around the transport, then the handler (the
+handshake policy and a gateway) runs. The whole connection sits inside a
+:class:`~scheduler.ops.boundary.Boundary`: an exception while serving one connection (ours,
+or a library's, such as wsproto's on a ``Host`` that is not IDNA) ends that connection
+only (issue 29: trio-websocket's own server let one end the daemon).
 
 Resource handling
     At most ``max_connections`` connections at once, and ``max_connections_per_ip`` from one
     peer address (0: no limit): past either, a new connection is answered HTTP 503 with
     ``Retry-After`` before anything is read, counted in
     ``scheduler_connections_refused_total{reason}``; nothing already connected is touched.
-    Per connection: the guard (the transport), the library's reader task and message queue
-    (``message_queue_size`` messages of at most ``max_message_size``), the handler. The
-    handshake must complete within ``handshake_timeout`` or the transport is closed. When
-    the handler returns, the WebSocket is closed (bounded by the library's close handshake,
-    at most :data:`CLOSE_TIMEOUT_S`), the reader is cancelled and the transport closed.
+    Per connection: the guard (the transport), the codec's buffer (at most one frame being
+    received, messages of at most ``max_message_size``: a larger one is refused at its
+    header with 1009), the handler's tasks; no reader task and no message queue of its own.
+    The upgrade request must arrive within ``handshake_timeout`` (TLS included) or the
+    transport is closed. When the handler returns, the WebSocket is closed (our close frame
+    and the peer's answer, at most :data:`CLOSE_TIMEOUT_S`) and the transport closed.
 
 Error handling
     See :mod:`scheduler.ops.boundary`: a failure is logged, counted, and the connection
@@ -30,10 +32,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
-import trio_websocket
-from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from scheduler.edge.frames import SERVICE_UNAVAILABLE, FrameGuard
+from scheduler.edge.wsconn import ServerRequest, ServerWebSocket, read_request
 from scheduler.ops.boundary import Boundary, peer_of
 from scheduler.ops.logs import event
 from scheduler.protocol import CLOSE_INTERNAL
@@ -51,16 +52,15 @@ class Connection:
     peer: str
     guard: FrameGuard
     listener: str = "websocket"
-    ws: WebSocketConnection | None = None
+    ws: ServerWebSocket | None = None
 
-    async def accept(self, request: WebSocketRequest, subprotocol: str | None) -> WebSocketConnection:
-        """Complete the handshake; from now on the guard can read the library's close reason."""
+    async def accept(self, request: ServerRequest, subprotocol: str | None) -> ServerWebSocket:
+        """Complete the handshake (the listener closes the WebSocket when the handler returns)."""
         self.ws = await request.accept(subprotocol=subprotocol)
-        self.guard.connection = self.ws
         return self.ws
 
 
-Handler = Callable[[WebSocketRequest, Connection], Awaitable[None]]
+Handler = Callable[[ServerRequest, Connection], Awaitable[None]]
 
 
 @attrs.define
@@ -102,13 +102,12 @@ class Limits:
 
 class WebSocketListener:
     def __init__(self, handler: Handler, listeners: Sequence[trio.abc.Listener], *, boundary: Boundary, limits: Limits,
-                 max_message_size: int, message_queue_size: int, handshake_timeout: float) -> None:
+                 max_message_size: int, handshake_timeout: float) -> None:
         self._handler = handler
         self.limits = limits
         self._listeners = list(listeners)
         self._boundary = boundary
         self._max_message_size = max_message_size
-        self._message_queue_size = message_queue_size
         self._handshake_timeout = handshake_timeout
 
     @property
@@ -127,7 +126,7 @@ class WebSocketListener:
     async def _connection(self, stream: trio.abc.Stream) -> None:
         peer = peer_of(stream)
         ip = peer.rpartition(":")[0]
-        guard = FrameGuard(stream, self._max_message_size, peer)
+        guard = FrameGuard(stream, peer)
         refused = self.limits.admit(ip)
         if refused is not None:
             self.limits.refused.labels(refused).inc()
@@ -143,15 +142,12 @@ class WebSocketListener:
             await guard.aclose()
 
     async def _serve(self, conn: Connection) -> None:
-        async with trio.open_nursery() as nursery:
-            request = None
-            with trio.move_on_after(self._handshake_timeout):  # TLS and the upgrade request
-                request = await trio_websocket.wrap_server_stream(
-                    nursery, conn.guard, message_queue_size=self._message_queue_size,
-                    max_message_size=self._max_message_size)
-            if request is not None:
-                await self._handler(request, conn)
-                if conn.ws is not None:
-                    with trio.move_on_after(CLOSE_TIMEOUT_S):
-                        await conn.ws.aclose()
-            nursery.cancel_scope.cancel()
+        request = None
+        with trio.move_on_after(self._handshake_timeout):  # TLS and the upgrade request
+            request = await read_request(conn.guard, self._max_message_size)
+        if request is None:
+            return
+        await self._handler(request, conn)
+        if conn.ws is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await conn.ws.aclose()

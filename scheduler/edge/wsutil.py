@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from scheduler.edge.ratelimit import TokenBucket
 from scheduler.ops.logs import event
@@ -17,6 +17,7 @@ from scheduler.protocol import BAD_MESSAGE, CLOSE_POLICY, INIT_TIMEOUT, Error, P
 if TYPE_CHECKING:
     from scheduler.cluster.ownership import Ownership
     from scheduler.cluster.routing import Router
+    from scheduler.edge.wsconn import ServerWebSocket
     from scheduler.ops.config import Settings
     from scheduler.ops.metrics import Metrics
     from scheduler.placement.dispatcher import Dispatcher
@@ -34,12 +35,12 @@ Handler = Callable[[Any], Awaitable[str | None]]
 CLOSE_TIMEOUT = 2.0
 
 
-def peer(ws: WebSocketConnection) -> str:
-    remote = ws.remote
-    return f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
+def peer(ws: ServerWebSocket) -> str:
+    """The peer's ``address:port``, as the connection's guard names it."""
+    return str(ws.remote)
 
 
-async def send(ws: WebSocketConnection, msg: Any) -> bool:
+async def send(ws: ServerWebSocket, msg: Any) -> bool:
     """Send one message; False if the socket is already closed."""
     try:
         await ws.send_message(encode(msg))
@@ -48,20 +49,20 @@ async def send(ws: WebSocketConnection, msg: Any) -> bool:
         return False
 
 
-async def close(ws: WebSocketConnection, code: int, reason: str | None = None) -> None:
+async def close(ws: ServerWebSocket, code: int, reason: str | None = None) -> None:
     """Close with ``code``, bounded in time and safe under cancellation."""
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
         await ws.aclose(code, (reason or "")[:120] or None)
 
 
-async def send_error(ws: WebSocketConnection, err: ProtocolError) -> None:
+async def send_error(ws: ServerWebSocket, err: ProtocolError) -> None:
     """Send an ``error``; when fatal, close with the error's close code afterwards."""
     await send(ws, Error(code=err.code, message=err.message, fatal=err.fatal, retry_after_ms=err.retry_after_ms))
     if err.fatal:
         await close(ws, err.close_code, err.code)
 
 
-async def pump(ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel, peer: str) -> None:
+async def pump(ws: ServerWebSocket, outbox: trio.MemoryReceiveChannel, peer: str) -> None:
     """Writer task: send everything from ``outbox`` until it is closed (or the socket is)."""
     async for msg in outbox:
         if not await send(ws, msg):
@@ -100,7 +101,7 @@ class Gateway:
         """A fresh per-connection bucket: ``max_messages_per_s``, bursts of as many."""
         return TokenBucket(self.settings.max_messages_per_s)
 
-    async def refuse(self, ws: WebSocketConnection, err: ProtocolError, **context: Any) -> None:
+    async def refuse(self, ws: ServerWebSocket, err: ProtocolError, **context: Any) -> None:
         """Count, log and send ``err`` (closing the socket when it is fatal)."""
         self._metrics.bad_messages_total.labels(self.side, err.code).inc()
         event(log, f"{self.side}_error", code=err.code, fatal=err.fatal, message=err.message, **context)
@@ -110,7 +111,7 @@ class Gateway:
         """The one decode path (protocol.decode): size, then audio bytes or a typed message."""
         return decode(message, limit=self.settings.max_frame_bytes, parse=self.parse)
 
-    async def first_message(self, ws: WebSocketConnection, peer: str,
+    async def first_message(self, ws: ServerWebSocket, peer: str,
                             accept: Callable[[Any], Awaitable[T]]) -> T | None:
         """Read frames until ``accept`` takes one (``session_init``, ``register``).
 
@@ -128,7 +129,7 @@ class Gateway:
                                             close_code=CLOSE_POLICY), peer=peer)
         return None
 
-    async def _first_message(self, ws: WebSocketConnection, peer: str, accept: Callable[[Any], Awaitable[T]]) -> T | None:
+    async def _first_message(self, ws: ServerWebSocket, peer: str, accept: Callable[[Any], Awaitable[T]]) -> T | None:
         bucket = self.rate_limit()
         while True:
             try:
@@ -141,7 +142,7 @@ class Gateway:
             except ConnectionClosed:
                 return None
 
-    async def read_frames(self, ws: WebSocketConnection, handlers: Mapping[type, Handler], *,
+    async def read_frames(self, ws: ServerWebSocket, handlers: Mapping[type, Handler], *,
                           on_bytes: Callable[[bytes], Awaitable[str | None]], on_frame: Callable[[], None] | None = None,
                           **context: Any) -> str:
         """The read loop of a connection after its first message (trio-websocket's
