@@ -62,13 +62,20 @@ class FrameGuard(trio.abc.Stream):
         return await self.inner.receive_some(max_bytes or RECEIVE_BYTES)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._lock:
+        lock = self._lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # the usual case: no second scheduler trip (the send checkpoints)
+        try:
             if not self._upgraded:
                 self._upgraded = bytes(data[:12]) == b"HTTP/1.1 101"
                 self._answered = True
             elif data and data[0] & 0x0F == 0x8:
                 self._close_sent = True  # the connection's own close frame (wsconn.py)
             await self.inner.send_all(data)
+        finally:
+            lock.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
