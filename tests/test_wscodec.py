@@ -167,6 +167,11 @@ def test_a_large_frame_in_many_reads_is_buffered_not_reparsed():
     assert events == [(wscodec.BINARY, bytes(range(256)) * 4000)]
 
 
+@given(st.binary(max_size=2000), st.binary(min_size=4, max_size=4))
+def test_unmasking_is_the_xor_of_the_mask_repeated(payload, mask):
+    assert wscodec._unmask(payload, mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 def test_nothing_is_read_after_a_close_or_a_failure():
     reader = wscodec.FrameReader(BIG)
     assert reader.feed(frame(0x8, struct.pack("!H", 1000) + b"bye") + frame(0x1, b"late")) == [(wscodec.CLOSE, (1000, "bye"))]
