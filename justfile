@@ -49,7 +49,7 @@ bench-sweep *ARGS: sync
     uv run --frozen --group bench python bench/sweep.py {{ARGS}}
 
 # two bare servers on one generator schedule, frames per CPU-second in interleaved rounds, JSON in bench/results/codec.json
-# frame codec A/B: a frame parser of our own against trio-websocket's (bench/codec.py)
+# frame codec A/B: the daemon's codec and a bare parser against trio-websocket's (bench/codec.py)
 bench-codec *ARGS: sync
     uv run --frozen python bench/codec.py {{ARGS}}
 

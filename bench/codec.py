@@ -1,10 +1,11 @@
-"""A frame codec of our own against trio-websocket's, on the receive path: is it worth building?
+"""The daemon's frame codec against trio-websocket's, on bare servers.
 
 Issue "Half the CPU per session", item 3: the WebSocket layer is most of a frame's cost, and
 an alternative frame codec is to be kept only for a large win (>= 1.5x on that layer). This
-measures the upper bound of that win before anything is built: two bare servers, each
-answering every frame with 2 bytes, fed the same real-time schedule by bench/loadgen.py (its
-echo mode, in its own process), their frames per CPU-second compared in interleaved rounds:
+measured the upper bound of that win before the codec was built, and measures the codec now:
+bare servers, each answering every frame with 2 bytes, fed the same real-time schedule by
+bench/loadgen.py (its echo mode, in its own process), their frames per CPU-second compared in
+interleaved rounds:
 
 - ``trio-websocket``: the baseline of ``just bench`` (bench/load.py, ``ECHO_SERVER``);
 - ``own``: a Trio TCP server that answers the upgrade itself and parses client frames with

@@ -321,6 +321,7 @@ async def _serve(
                           parts.metrics.connections_refused_total),
             max_message_size=2 * settings.max_frame_bytes,
             handshake_timeout=HANDSHAKE_TIMEOUT_S,
+            protocol_errors=parts.metrics.websocket_protocol_errors_total,
         )
         await nursery.start(ws_server.run)
         admin = AdminServer(parts.metrics, lambda: running.readiness() if running else (False, "starting"),

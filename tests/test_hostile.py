@@ -86,6 +86,8 @@ async def test_a_close_handshake_racing_an_oversized_message(daemon, nursery, or
 ], ids=["bad_utf8", "rsv", "unmasked", "fragmented_control", "long_control", "bad_close_code", "reserved_opcode",
         "header_3mb", "header_2e40"])
 async def test_protocol_errors_get_their_close_code(daemon, path, bytes_, expected):
+    counted = daemon.metrics.websocket_protocol_errors_total.labels(path.rsplit("/", 1)[1], str(expected))
+    before = counted._value.get()
     raw = await RawPeer.connect(daemon.ws_port)
     await raw.upgrade(path)
     await raw.send(bytes_)
@@ -93,6 +95,10 @@ async def test_protocol_errors_get_their_close_code(daemon, path, bytes_, expect
         code, _ = await raw.close_code()
     assert code == expected
     await raw.aclose()
+    with trio.fail_after(3):  # counted once the connection's handler is done
+        while counted._value.get() == before:
+            await trio.sleep(0.01)
+    assert counted._value.get() == before + 1
 
 
 @pytest.mark.parametrize(("kwargs", "status"), [

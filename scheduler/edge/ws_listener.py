@@ -19,6 +19,9 @@ Resource handling
     The upgrade request must arrive within ``handshake_timeout`` (TLS included) or the
     transport is closed. When the handler returns, the WebSocket is closed (our close frame
     and the peer's answer, at most :data:`CLOSE_TIMEOUT_S`) and the transport closed.
+    A connection the codec failed (1002, 1007, 1009) is counted in
+    ``scheduler_websocket_protocol_errors_total{listener,code}`` and logged
+    (``websocket_protocol_error``, at debug: a hostile peer can make many).
 
 Error handling
     See :mod:`scheduler.ops.boundary`: a failure is logged, counted, and the connection
@@ -102,13 +105,14 @@ class Limits:
 
 class WebSocketListener:
     def __init__(self, handler: Handler, listeners: Sequence[trio.abc.Listener], *, boundary: Boundary, limits: Limits,
-                 max_message_size: int, handshake_timeout: float) -> None:
+                 max_message_size: int, handshake_timeout: float, protocol_errors: object) -> None:
         self._handler = handler
         self.limits = limits
         self._listeners = list(listeners)
         self._boundary = boundary
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
+        self._protocol_errors = protocol_errors  # a prometheus Counter by listener and close code
 
     @property
     def port(self) -> int:
@@ -151,3 +155,8 @@ class WebSocketListener:
         if conn.ws is not None:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await conn.ws.aclose()
+            if conn.ws.failed is not None:
+                code, what = conn.ws.failed
+                self._protocol_errors.labels(conn.listener, str(code)).inc()
+                event(log, "websocket_protocol_error", logging.DEBUG, listener=conn.listener, code=code, detail=what,
+                      peer=conn.peer)

@@ -137,6 +137,7 @@ class ServerWebSocket:
         self._idle: trio.Event | None = None  # set when that task lets go
         self._close_sent: tuple[int, str | None] | None = None
         self.closed: CloseReason | None = None
+        self.failed: tuple[int, str] | None = None  # the codec failed the connection: (close code, what was wrong)
         self.remote = guard.peer
 
     def received(self, data: bytes) -> None:
@@ -232,6 +233,7 @@ class ServerWebSocket:
             self._set_closed(code, reason)
         elif kind == wscodec.FAIL:
             code, reason = value  # type: ignore[misc]
+            self.failed = (code, reason)
             await self._guard.fail(code, reason)
             self._set_closed(code, reason)
         elif kind == EOF:

@@ -112,6 +112,10 @@ class Metrics:
             "job_node_gone, cancel_sent, cancel_received, cancel_node_gone, outcome_sent, outcome_received, outcome_polled, "
             "outcome_session_gone, outcome_stored)", ["kind"], registry=r)
         self.bad_messages_total = Counter(p + "bad_messages_total", "Frames rejected with an error code", ["side", "code"], registry=r)
+        self.websocket_protocol_errors_total = Counter(
+            p + "websocket_protocol_errors_total", "WebSocket connections failed by the frame codec, by listener (session, "
+            "node) and close code (1002 protocol error, 1007 invalid UTF-8, 1009 message too large)", ["listener", "code"],
+            registry=r)
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
 
     def _sessions(self, r: CollectorRegistry, p: str) -> None:
