@@ -12,6 +12,7 @@ close while nobody reads, a close racing the reader.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import pytest
@@ -239,15 +240,18 @@ async def test_aclose_reads_the_answer_itself_when_nobody_reads():
     assert ws.closed.code == 1000
 
 
+async def _read_until_closed(ws: ServerWebSocket, seen: list[int]) -> None:
+    """A reader task: one get_message, which must end in ConnectionClosed (its code into ``seen``)."""
+    try:
+        await ws.get_message()
+    except ConnectionClosed as exc:
+        seen.append(exc.reason.code)
+
+
 async def test_aclose_while_the_reader_waits_lets_the_reader_take_the_answer():
     ws, client = await _accepted()
-    seen = []
-
-    async def reader():
-        try:
-            await ws.get_message()
-        except ConnectionClosed as exc:
-            seen.append(exc.reason.code)
+    seen: list[int] = []
+    reader = functools.partial(_read_until_closed, ws, seen)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
@@ -261,13 +265,8 @@ async def test_aclose_while_the_reader_waits_lets_the_reader_take_the_answer():
 
 async def test_a_reader_that_comes_back_while_aclose_drains_waits_for_it():
     ws, client = await _accepted()
-    seen = []
-
-    async def reader():
-        try:
-            await ws.get_message()
-        except ConnectionClosed as exc:
-            seen.append(exc.reason.code)
+    seen: list[int] = []
+    reader = functools.partial(_read_until_closed, ws, seen)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ws.aclose, 1000)
