@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from scheduler import __version__
-from scheduler.ops import config, logs, secrets
+from scheduler.ops import config, gcwatch, logs, secrets
 
 DESCRIPTION = """\
 Real-time speech job scheduler. Clients stream audio over WebSocket (/v1/session); the
@@ -165,9 +165,11 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(settings.log_level)
     # Everything loaded so far (modules, numpy, redis-py, ...) lives as long as the process:
     # keep it out of the cyclic GC's scans, which otherwise stop the event loop for tens of
-    # ms per full collection under load (bench/load.py, docs/performance.md).
+    # ms per full collection under load (bench/load.py, docs/performance.md); and collect
+    # less often (ops/gcwatch.py: each young collection costs ~2 ms however small).
     gc.collect()
     gc.freeze()
+    gcwatch.tune()
     unsafe: UnsafeRedis | None = None
     try:
         if worker_count(settings.workers) > 1:

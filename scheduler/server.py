@@ -43,6 +43,7 @@ from scheduler.ops.admin import AdminServer, bad_session_id, no_such_path
 from scheduler.ops.boundary import Boundary
 from scheduler.ops.config import Settings
 from scheduler.ops.embedded_redis import EmbeddedValkey
+from scheduler.ops.gcwatch import GcWatch
 from scheduler.ops.logs import event
 from scheduler.ops.metrics import Metrics
 from scheduler.ops.redis_policy import MemoryState, UnsafeRedis, check_policy, describe, embedded_args, evicting, memory_state
@@ -311,6 +312,7 @@ async def _serve(
         await nursery.start(parts.dispatcher.run)
         await nursery.start(parts.ownership.run)
         await nursery.start(parts.node_gw.heartbeats.run)
+        await nursery.start(GcWatch(parts.metrics).run)
         context = tls.server_context(settings.tls_cert, settings.tls_key)
         boundary = Boundary(parts.metrics.connections_failed_total)
         ws_server = WebSocketListener(

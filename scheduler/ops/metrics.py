@@ -139,7 +139,11 @@ class Metrics:
                                                  "Sessions held here that were resumed on another connection", registry=r)
 
     def _redis(self, r: CollectorRegistry, p: str) -> None:
-        """What the daemon sees of Redis."""
+        """What the daemon sees of Redis (and of its own garbage collector)."""
+        self.gc_pause_seconds = Histogram(
+            p + "gc_pause_seconds", "How long each cyclic garbage collection stopped the event loop, by generation "
+            "(0 young, 1 middle, 2 full; ops/gcwatch.py)", ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25), registry=r)
         self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health check succeeded", registry=r)
         self.redis_latency_seconds = Gauge(p + "redis_latency_seconds", "Round trip of the last Redis health check", registry=r)
         self.redis_errors_total = Counter(
