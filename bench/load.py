@@ -392,6 +392,18 @@ def loop_lag_ms(admin_port: int) -> float | None:
     return None if lag is None else round(lag * 1000, 1)
 
 
+def gc_summary(series: dict[str, float]) -> dict[str, Any]:
+    """``scheduler_gc_pause_seconds`` since the daemon started, per generation: collections,
+    their total in ms, and how many stopped the event loop for 20 ms or more."""
+    out = {}
+    for gen in ("0", "1", "2"):
+        count = series.get(f'scheduler_gc_pause_seconds_count{{generation="{gen}"}}', 0.0)
+        total = series.get(f'scheduler_gc_pause_seconds_sum{{generation="{gen}"}}', 0.0)
+        short = series.get(f'scheduler_gc_pause_seconds_bucket{{generation="{gen}",le="0.02"}}', 0.0)
+        out[gen] = {"count": int(count), "total_ms": round(total * 1000, 1), "over_20ms": int(count - short)}
+    return out
+
+
 def journal_wait_summary(series: dict[str, float]) -> dict[str, Any]:
     """``scheduler_journal_ahead_wait_seconds`` as the bench reports it: how many
     utterance_finalized the writers held back for the dispatcher's word, the mean wait, and the
@@ -524,6 +536,7 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
     cpu1, rss_active = tree_stats(daemon_pid)
     counters1 = servers.sample()
     journal_wait = await trio.to_thread.run_sync(metric_lines, admin_port, "scheduler_journal_ahead_wait_seconds")
+    gc_pauses = await trio.to_thread.run_sync(metric_lines, admin_port, "scheduler_gc_pause_seconds")
     harness1 = cpu_s()
     active_s = time.perf_counter() - t0
     per_server = [{k: b[k] - a.get(k, 0) for k in b} for a, b in zip(counters0, counters1, strict=True)]
@@ -540,7 +553,8 @@ async def _sessions(args, gen: LoadGen, daemon, servers, rec, result, timeline) 
                              commands=sum(s["commands"] for s in per_server),
                              evalsha=sum(s["evalsha"] for s in per_server),
                              results_in_window=len([x for x in rec.result_times if x <= t0 + active_s]),
-                             harness_cpu=harness1 - harness0, streamed=streamed, journal_wait=journal_wait)
+                             harness_cpu=harness1 - harness0, streamed=streamed, journal_wait=journal_wait,
+                             gc_pauses=gc_pauses)
     if profiler is not None:
         await trio.to_thread.run_sync(profiler.wait)
 
@@ -605,6 +619,7 @@ def _report(args: argparse.Namespace, rec: Record, result: dict[str, Any], timel
         "redis_evalsha_per_result": round(w["evalsha"] / max(1, results_in_window), 2),
         "redis_per_result_by_command": by_command(w["per_server"], results_in_window),
         "journal_ahead_wait_ms": journal_wait_summary(w["journal_wait"]),
+        "gc_pauses": gc_summary(w["gc_pauses"]),
         "redis_per_server": per_server_report(w["per_server"], active_s),
         "generator": {k: streamed[k] for k in ("cpu_pct_of_core", "send_lag_ms", "behind", "backpressured_frames")},
         "harness_cpu_pct_of_core": round(w["harness_cpu"] / active_s * 100, 1),  # the simulated nodes
