@@ -149,19 +149,14 @@ class ServerWebSocket:
         while True:
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
-            if self._receiving:  # aclose is draining the socket: wait for it, then see
-                await self._let_go()
+            got = await self._next()
+            if got is None:
                 continue
-            events = self._events
-            if events:
-                kind, value = events.popleft()
-                await trio.lowlevel.checkpoint_if_cancelled()
-            else:
-                kind, value = await self._receive()
+            kind, value = got
             if 0 < kind <= wscodec.BINARY:
                 if self._close_sent is None:
                     return value  # type: ignore[return-value]
-                continue
+                continue  # data after our close frame is dropped
             await self._control(kind, value)
 
     async def send_message(self, message: str | bytes) -> None:
@@ -182,13 +177,22 @@ class ServerWebSocket:
             except ConnectionClosed:
                 return
         while self.closed is None:
-            if self._receiving:
-                await self._let_go()
-                continue
-            kind, value = self._events.popleft() if self._events else await self._receive()
-            if not 0 < kind <= wscodec.BINARY:  # data after our close frame is dropped
-                await self._control(kind, value)
+            got = await self._next()
+            if got is not None and not 0 < got[0] <= wscodec.BINARY:  # data after our close frame is dropped
+                await self._control(*got)
         await trio.lowlevel.checkpoint()
+
+    async def _next(self) -> tuple[int, object] | None:
+        """The next event, parsed already or read now by this task; None after waiting for
+        another task that was reading (get_message or aclose's drain): look again."""
+        if self._receiving:
+            await self._let_go()
+            return None
+        if self._events:
+            got = self._events.popleft()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return got
+        return await self._receive()
 
     async def _receive(self) -> tuple[int, object]:
         """Read the socket until there is an event (this task holds :attr:`_receiving`)."""
