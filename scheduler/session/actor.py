@@ -9,8 +9,7 @@ owns the queues and the clock and performs the core's effects:
   when it goes from empty to non-empty arrive on the fixed-capacity inbox channel
   (:data:`INBOX_CAPACITY`); producers never block (a full inbox drops the item, and the
   caller counts it);
-- the loop waits for the next inbox item inside a cancel scope whose deadline is the core's
-  next deadline (one scope per deadline, moved only earlier, made again once it fired),
+- the loop waits for the next inbox item inside ``trio.move_on_at(core.next_deadline())``,
   hands it to the core, then up to :data:`CLIENT_BATCH` client events from the backlog (so
   answers and deadlines are never starved by a flood of audio), and then, if the core's next
   deadline has passed, a :class:`Tick`. Client events are taken only while the core
@@ -208,36 +207,22 @@ class SessionActor:
         self._perform(core.start(trio.current_time()))
         self._sync_outage()
         while not core.ended:
-            # One cancel scope per deadline, not one per item (making and leaving a scope per
-            # audio frame was ~8 % of the event loop): it moves only to an earlier deadline
-            # while items come in, and is made again once it fired; a later deadline is
-            # picked up then. Everything between two receives is synchronous, so only the
-            # receive sees the scope fire, and an item is never lost to it.
-            with trio.CancelScope(deadline=core.next_deadline()) as wait:
-                while not core.ended:
-                    self._step(await self._inbox.receive())
-                    if (deadline := core.next_deadline()) < wait.deadline:
-                        wait.deadline = deadline
-            if not core.ended:
-                self._step(None)  # the deadline passed (the outage as of the last wake: nothing awaited since)
+            item: object = None
+            with trio.move_on_at(core.next_deadline()):  # (the outage as of the last wake: nothing awaited since)
+                item = await self._inbox.receive()
+            self._sync_outage()
+            if self.taken_over:  # set by take_over_nowait, whose token may not have fit
+                item = TakenOverIn()
+            if item is not None and item is not _WAKE:
+                if isinstance(item, JobOutcome) and item.node_s is not None:
+                    self._observe_overhead(item.utterance_index, item.node_s)
+                self._perform(core.handle(item, trio.current_time()))
+            self._read_backlog()
+            if core.next_deadline() <= trio.current_time():  # after what was queued before it
+                self._perform(core.handle(Tick(), trio.current_time()))
+                if len(self.backlog) and core.takes_input():
+                    self._post_wake()  # a deadline resolved what held the input: read on
         return "taken_over" if core.taken_over else core.close_reason or "disconnected"
-
-    def _step(self, item: object) -> None:
-        """One wake: the inbox item (None when a deadline woke the loop), then the backlog,
-        then a Tick if the core's next deadline has passed."""
-        core = self.core
-        self._sync_outage()
-        if self.taken_over:  # set by take_over_nowait, whose token may not have fit
-            item = TakenOverIn()
-        if item is not None and item is not _WAKE:
-            if isinstance(item, JobOutcome) and item.node_s is not None:
-                self._observe_overhead(item.utterance_index, item.node_s)
-            self._perform(core.handle(item, trio.current_time()))
-        self._read_backlog()
-        if core.next_deadline() <= trio.current_time():  # after what was queued before it
-            self._perform(core.handle(Tick(), trio.current_time()))
-            if len(self.backlog) and core.takes_input():
-                self._post_wake()  # a deadline resolved what held the input: read on
 
     def _sync_outage(self) -> None:
         """Tell the core whether Redis is out (its result deadlines count an outage out)."""
