@@ -159,6 +159,26 @@ def test_fragments_add_up_and_a_ping_between_them_does_not_count():
     assert _ours(interleaved, [], limit=1100) == [("ping", b"p" * 125), ("text", "z" * 1100)]
 
 
+def test_tiny_fragments_cost_their_bytes_not_an_object_each():
+    """A peer that sends a message as 100,000 one-byte fragments holds 100 KB of it, not
+    100,000 objects (about 4 MB): the fragments go into one buffer as they come."""
+    import tracemalloc
+
+    reader = wscodec.FrameReader(BIG)
+    first = frame(0x2, b"a", fin=False, mask=b"\1\2\3\4")
+    more = frame(0x0, b"b", fin=False, mask=b"\1\2\3\4") * 10_000
+    tracemalloc.start()
+    try:
+        assert reader.feed(first) == []
+        for _ in range(10):
+            assert reader.feed(more) == []
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, held
+    assert reader.feed(frame(0x0, b"c", mask=b"\1\2\3\4")) == [(wscodec.BINARY, b"a" + b"b" * 100_000 + b"c")]
+
+
 def test_a_large_frame_in_many_reads_is_buffered_not_reparsed():
     reader = wscodec.FrameReader(BIG)
     data = frame(0x2, bytes(range(256)) * 4000, mask=b"\x01\x02\x03\x04")
