@@ -29,6 +29,8 @@ RECEIVE_BYTES = 65536
 """What one read from the socket may return: a 200 ms frame of 16 kHz audio (6,400 bytes) is one
 read (trio-websocket asked for 4 KiB: two reads and two trips through its parser)."""
 
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a transport raises when it is gone (the peer left, or it was closed here)."""
 GUARD_WRITE_TIMEOUT_S = 2.0
 MAX_REQUEST_BYTES = 16384
 """The upgrade request, headers included; past it: HTTP 431 (edge/wsconn.py reads it)."""
@@ -40,13 +42,11 @@ _HTTP_REFUSALS = {400: b"400 Bad Request", REQUEST_TOO_LARGE: b"431 Request Head
 
 
 class FrameGuard(trio.abc.Stream):
-    """The transport of one connection, wrapped (see the module docstring). ``closed_with``
-    is the close code :meth:`fail` sent, if any (for the connection's log line)."""
+    """The transport of one connection, wrapped (see the module docstring)."""
 
     def __init__(self, inner: trio.abc.Stream, peer: str = "unknown") -> None:
         self.inner = inner
         self.peer = peer
-        self.closed_with: int | None = None
         self._lock = trio.StrictFIFOLock()
         self._upgraded = False  # the 101 response went out: what follows are frames
         self._answered = False  # some response (101 or a refusal) went out
@@ -90,7 +90,6 @@ class FrameGuard(trio.abc.Stream):
             if self._upgraded and not self._close_sent:
                 last_words = close_frame(code, reason)
                 self._close_sent = True
-                self.closed_with = code
             elif not self._answered:
                 status = _HTTP_REFUSALS.get(code, _HTTP_REFUSALS[400])
                 last_words = b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -100,7 +99,7 @@ class FrameGuard(trio.abc.Stream):
                     async with self._lock:
                         try:
                             await self.inner.send_all(last_words)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        except BROKEN:
                             pass
             await self._close_inner()
 
@@ -114,5 +113,5 @@ class FrameGuard(trio.abc.Stream):
         with trio.CancelScope(shield=True), trio.move_on_after(GUARD_WRITE_TIMEOUT_S):
             try:
                 await self.inner.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except BROKEN:
                 pass

@@ -30,13 +30,14 @@ import struct
 
 import numpy as np
 
+from scheduler.protocol import CLOSE_TOO_BIG
+
 TEXT, BINARY, CLOSE, PING, PONG, FAIL = 1, 2, 8, 9, 10, -1
 _CONTINUATION = 0
 
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_NO_STATUS = 1005
 CLOSE_INVALID_DATA = 1007
-CLOSE_TOO_BIG = 1009
 _VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
 """Close codes a peer may send below 3000 (wsproto's list: 1004-1006 and 1015 are never sent)."""
 MAX_CONTROL_PAYLOAD = 125

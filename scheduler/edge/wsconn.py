@@ -35,13 +35,12 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from scheduler.edge import wscodec
-from scheduler.edge.frames import MAX_REQUEST_BYTES, RECEIVE_BYTES, REQUEST_TOO_LARGE, FrameGuard
+from scheduler.edge.frames import BROKEN, MAX_REQUEST_BYTES, RECEIVE_BYTES, REQUEST_TOO_LARGE, FrameGuard
 
 CLOSE_ABNORMAL = 1006
 EOF = 0
 """The event for the end of the stream (wscodec's kinds are all other numbers)."""
 _END_OF_REQUEST = b"\r\n\r\n"
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ServerRequest:
@@ -90,7 +89,7 @@ async def read_request(guard: FrameGuard, limit: int) -> ServerRequest | None:
             return None
         try:
             data = await guard.receive_some(RECEIVE_BYTES)
-        except _BROKEN:
+        except BROKEN:
             return None
         if not data:
             return None
@@ -122,7 +121,7 @@ async def _refuse(guard: FrameGuard, shake: H11Handshake, hint: object) -> None:
         return
     try:
         await guard.send_all(data)
-    except _BROKEN:
+    except BROKEN:
         pass
 
 
@@ -201,7 +200,7 @@ class ServerWebSocket:
             while not self._events:
                 try:
                     data = await self._guard.receive_some(RECEIVE_BYTES)
-                except _BROKEN:
+                except BROKEN:
                     data = b""
                 if not data:
                     return EOF, None
@@ -250,6 +249,6 @@ class ServerWebSocket:
     async def _send(self, data: bytes) -> None:
         try:
             await self._guard.send_all(data)
-        except _BROKEN as exc:
+        except BROKEN as exc:
             self._set_closed(CLOSE_ABNORMAL, "the transport broke")
             raise ConnectionClosed(self.closed) from exc
