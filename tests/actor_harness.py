@@ -98,6 +98,11 @@ class ActorHarness(SessionModel):
     def wake(self) -> None:
         self.actor.wake_nowait()
 
+    def occupy(self) -> None:
+        """A wake token in the inbox: the actor is no longer parked, so client input queues
+        (instead of being stepped inline, actor.py ``_client_wake``) until the actor runs."""
+        self.actor.wake_nowait()
+
     # ------------------------------------------------------------ time
 
     async def settle(self) -> None:

@@ -113,6 +113,9 @@ class CoreHarness(SessionModel):
         if self.alive:
             self._step(None)
 
+    def occupy(self) -> None:
+        """Nothing to do: this shell always queues client input until it settles."""
+
     def _step(self, item: object | None) -> None:
         """One turn of the shell's loop: what the store's outage is, an inbox item (if any), a
         batch of client events, then a tick if a deadline has passed."""

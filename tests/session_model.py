@@ -299,12 +299,13 @@ class SessionModel:
         unless that is final (or a finalize or close came after it): merged, never dropped."""
         if not len(self.backlog):
             self._tail_open_audio = False
-        before = len(self.backlog)
+        before, takes = len(self.backlog), len(self._take_marks)
         self.backlog.put_nowait(ev)
+        queued = len(self.backlog) + len(self._take_marks) - takes  # (the actor may take it at once: actor.py)
         if isinstance(ev, AudioIn) and before >= self.settings.max_pending_events and self._tail_open_audio:
-            assert len(self.backlog) == before, "a frame past the budget was queued on its own instead of merged"
+            assert queued == before, "a frame past the budget was queued on its own instead of merged"
         else:
-            assert len(self.backlog) == before + 1, "an event under the budget (or after a final one) was merged"
+            assert queued == before + 1, "an event under the budget (or after a final one) was merged"
         self._tail_open_audio = isinstance(ev, AudioIn) and not ev.is_final
 
     def put_frames(self, kinds: list[bool], is_final: bool = False) -> None:
@@ -360,6 +361,11 @@ class SessionModel:
     def wake(self) -> None:
         raise NotImplementedError
 
+    def occupy(self) -> None:
+        """Give the session something to take before client input (an inbox item), so that
+        the input that comes next queues in the backlog."""
+        raise NotImplementedError
+
     def due(self, utt: Owed) -> float:
         """When ``utt``'s result is due: its deadline, held while Redis is out (at most one more
         deadline) and later by the outage time it overlapped (at most one deadline), as
@@ -375,9 +381,11 @@ class SessionModel:
 
     def put_events(self, events: list[str]) -> None:
         """Queue a mixed sequence: "speech", "silence", "speech_final", "finalize", "empty" (a
-        binary frame of no bytes, which the daemon accepts and ignores)."""
+        binary frame of no bytes, which the daemon accepts and ignores), "occupy" (:meth:`occupy`)."""
         for ev in events:
-            if ev == "finalize":
+            if ev == "occupy":
+                self.occupy()
+            elif ev == "finalize":
                 self.put_finalize()
             elif ev == "empty":
                 if self.can_put():

@@ -92,11 +92,16 @@ class SessionRules(RuleBasedStateMachine):
 
     @rule(n=st.integers(min_value=9, max_value=40), then=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize",
                                                                                   "empty"]),
-                                                                  max_size=12))
-    def flood(self, n, then):
+                                                                  max_size=12),
+          occupied=st.booleans())
+    def flood(self, n, then, occupied):
         """Faster than the session takes them: merging, busy, early backlog finalize; what follows
-        the speech is merged too, across (never past) finalize and is_final."""
+        the speech is merged too, across (never past) finalize and is_final. ``occupied``: the
+        session has an inbox item to take first, so the flood queues from its first frame
+        (otherwise an idle actor steps input inline as it comes, until input is held)."""
         def put():
+            if occupied:
+                self.h.occupy()
             self.h.put_frames([True] * n)
             self.h.put_events(then)
         self._do(put)
@@ -133,10 +138,11 @@ class SessionRules(RuleBasedStateMachine):
         self._advance(seconds)
 
     @rule(events=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]), min_size=1, max_size=4),
-          seconds=DURATIONS)
-    def events_racing_the_clock(self, events, seconds):
-        """Events queued and the clock moved before the session takes them: deadlines race client events."""
-        self._race_with(events, seconds)
+          seconds=DURATIONS, occupied=st.booleans())
+    def events_racing_the_clock(self, events, seconds, occupied):
+        """Events queued and the clock moved before the session takes them: deadlines race
+        client events (``occupied``: see :meth:`flood`; an idle actor takes them inline first)."""
+        self._race_with(["occupy"] * occupied + events, seconds)
 
     # ------------------------------------------------------------ scheduler and nodes
     # (no preconditions: a rule with nothing to act on does nothing, which keeps rule drawing cheap)

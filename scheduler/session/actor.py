@@ -12,7 +12,11 @@ owns the queues and the clock and performs the core's effects:
 - the loop waits for the next inbox item inside ``trio.move_on_at(core.next_deadline())``,
   hands it to the core, then up to :data:`CLIENT_BATCH` client events from the backlog (so
   answers and deadlines are never starved by a flood of audio), and then, if the core's next
-  deadline has passed, a :class:`Tick`. Client events are taken only while the core
+  deadline has passed, a :class:`Tick`. While the loop is *parked* (waiting with nothing in
+  its inbox), a client event that finds the backlog empty is stepped at once by the reader's
+  task instead (:meth:`SessionActor._client_wake`): the same step the wake token would have
+  caused, minus a task switch, a channel round and a cancel scope per frame; the core still
+  has one owner at a time (the step never awaits). Client events are taken only while the core
   ``takes_input()``: at ``max_jobs_per_session`` unanswered translations for a language the
   backlog waits for one of the session's own answers or deadlines (which wake the loop), and
   the backlog's bound pushes back on that client alone. There are no timer tasks and no queued timer fires:
@@ -115,13 +119,16 @@ class SessionActor:
         self._metrics = metrics
         self.inbox_send, self._inbox = trio.open_memory_channel(INBOX_CAPACITY)
         max_utterance_bytes = int(settings.max_utterance_ms * sample_rate * audio.BYTES_PER_SAMPLE / 1000)
-        self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._post_wake)
+        self.backlog = ClientBacklog(settings.max_pending_events, 2 * max_utterance_bytes, self._client_wake)
         self.outbox_send, self.outbox = trio.open_memory_channel(outbox_size)
         self.started_at = trio.current_time()
         self.taken_over = False
         self.lagging = False  # a session_lagging episode is open (session/lag.py)
         self._input_held = self._held_logged = False  # input held at max_jobs_per_session now; logged once
         self._finalized_at: dict[int, float] = {}  # utterance index -> finalize time, for the overhead metric
+        self._parked = False  # the loop waits in its inbox with nothing buffered (_loop, _client_wake)
+        self._wait = trio.CancelScope()  # the scope of that wait: its deadline follows the core's
+        self._failure: SlowClient | None = None  # found by an inline step, raised by the loop
 
     # ------------------------------------------------------------ producers' API
 
@@ -150,6 +157,7 @@ class SessionActor:
         self._put_internal(_WAKE)  # a full inbox will be read anyway, and the backlog with it
 
     def _put_internal(self, ev: object) -> bool:
+        self._parked = False  # the loop has (or will find) an item: no inline step before it
         try:
             self.inbox_send.send_nowait(ev)
             return True
@@ -208,21 +216,53 @@ class SessionActor:
         self._sync_outage()
         while not core.ended:
             item: object = None
-            with trio.move_on_at(core.next_deadline()):  # (the outage as of the last wake: nothing awaited since)
-                item = await self._inbox.receive()
-            self._sync_outage()
-            if self.taken_over:  # set by take_over_nowait, whose token may not have fit
-                item = TakenOverIn()
-            if item is not None and item is not _WAKE:
-                if isinstance(item, JobOutcome) and item.node_s is not None:
-                    self._observe_overhead(item.utterance_index, item.node_s)
-                self._perform(core.handle(item, trio.current_time()))
-            self._read_backlog()
-            if core.next_deadline() <= trio.current_time():  # after what was queued before it
-                self._perform(core.handle(Tick(), trio.current_time()))
-                if len(self.backlog) and core.takes_input():
-                    self._post_wake()  # a deadline resolved what held the input: read on
+            with trio.move_on_at(core.next_deadline()) as self._wait:
+                # parked: nothing buffered, so the loop waits for a producer (each clears the
+                # flag) or the deadline; meanwhile client input is stepped inline (_client_wake)
+                self._parked = not self._inbox.statistics().current_buffer_used
+                try:
+                    item = await self._inbox.receive()
+                finally:
+                    self._parked = False
+            if self._failure is not None:  # (an inline step found the client not reading)
+                raise self._failure
+            self._step(item)
         return "taken_over" if core.taken_over else core.close_reason or "disconnected"
+
+    def _step(self, item: object) -> None:
+        """One turn of the loop: ``item`` (an inbox item, the wake token, or None when the
+        deadline woke the loop), then the backlog, then the core's deadline if it came due."""
+        core = self.core
+        self._sync_outage()  # (the outage as of the last wake: nothing awaited since)
+        if self.taken_over:  # set by take_over_nowait, whose token may not have fit
+            item = TakenOverIn()
+        if item is not None and item is not _WAKE:
+            if isinstance(item, JobOutcome) and item.node_s is not None:
+                self._observe_overhead(item.utterance_index, item.node_s)
+            self._perform(core.handle(item, trio.current_time()))
+        self._read_backlog()
+        if core.next_deadline() <= trio.current_time():  # after what was queued before it
+            self._perform(core.handle(Tick(), trio.current_time()))
+            if len(self.backlog) and core.takes_input():
+                self._post_wake()  # a deadline resolved what held the input: read on
+
+    def _client_wake(self) -> None:
+        """The backlog went from empty to non-empty. While the loop is parked (waiting, with
+        nothing in its inbox) the client's event is stepped here, in the producer's task,
+        exactly as the loop would step the wake token: one task switch, one channel round and
+        one cancel scope less per frame. Trio runs one task at a time and the step never
+        awaits, so the core still has one owner at a time. Otherwise the wake token is posted."""
+        if not self._parked:
+            self._post_wake()
+            return
+        try:
+            self._step(_WAKE)
+        except SlowClient as exc:  # raised by the loop, where the gateway waits for it
+            self._failure = exc
+        if self.core.ended or self._failure is not None:
+            self._post_wake()
+        else:
+            self._wait.deadline = self.core.next_deadline()
 
     def _sync_outage(self) -> None:
         """Tell the core whether Redis is out (its result deadlines count an outage out)."""
