@@ -315,3 +315,41 @@ async def test_a_bad_upgrade_request_gets_its_status(data, status):
     await client.send_all(data)
     assert await read_request(FrameGuard(server, "peer:1"), limit=1000) is None
     assert (await client.receive_some()).split(b" ")[1] == status
+
+
+# ---------------------------------------------------------------- the transport's reads
+
+
+async def test_a_plain_socket_is_read_by_descriptor_waiting_only_once_it_is_empty():
+    """FrameGuard reads a plain socket itself (frames.py ``_read``): what was sent comes in
+    order across short reads, a read after an empty one waits for the peer, the end is b"",
+    and a socket closed under a waiting or a later read raises, never reads a reused fd."""
+    a, b = trio.socket.socketpair()
+    guard, peer = FrameGuard(trio.SocketStream(a), "peer:1"), trio.SocketStream(b)
+    await peer.send_all(b"0123456789")
+    await trio.testing.wait_all_tasks_blocked()
+    assert [await guard.receive_some(4) for _ in range(3)] == [b"0123", b"4567", b"89"]
+    assert guard._drained
+
+    async def late():
+        await trio.sleep(0.05)
+        await peer.send_all(b"late")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late)
+        assert await guard.receive_some() == b"late"  # (waited for readability first)
+    await peer.aclose()
+    assert await guard.receive_some() == b""
+
+    c, d = trio.socket.socketpair()
+    guard, stream = FrameGuard(trio.SocketStream(c), "peer:2"), trio.SocketStream(c)
+    async with trio.open_nursery() as nursery:
+        async def waiting():
+            with pytest.raises(trio.ClosedResourceError):
+                await guard.receive_some()
+        nursery.start_soon(waiting)
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()  # closed by another task while the read waits
+    with pytest.raises(trio.ClosedResourceError):
+        await guard.receive_some()
+    d.close()

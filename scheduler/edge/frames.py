@@ -21,6 +21,8 @@ edge/wsconn.py) now refuses those itself.
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 from scheduler.edge.wscodec import close_frame
@@ -52,6 +54,9 @@ class FrameGuard(trio.abc.Stream):
         self._answered = False  # some response (101 or a refusal) went out
         self._close_sent = False
         self._closed = False
+        # plain TCP is read by its descriptor (_read); TLS and other streams by their own receive_some
+        self._sock = inner.socket if isinstance(inner, trio.SocketStream) else None
+        self._drained = False  # the last read left the socket empty
 
     def __repr__(self) -> str:
         return self.peer
@@ -59,7 +64,34 @@ class FrameGuard(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("the guard closed this connection")
-        return await self.inner.receive_some(max_bytes or RECEIVE_BYTES)
+        if self._sock is None:
+            return await self.inner.receive_some(max_bytes or RECEIVE_BYTES)
+        return await self._read(self._sock, max_bytes or RECEIVE_BYTES)
+
+    async def _read(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+        """One read of a plain TCP socket. Trio's ``recv`` tries the socket first and waits
+        for it only after a failed try; a client sends a frame every 100-200 ms, so nearly
+        every read after a frame failed once (a system call, an exception and a checkpoint
+        per frame). Here a read that returned less than asked left the socket empty, and the
+        next one waits for it first. Read by descriptor: looked up at every try (-1 once
+        closed), with no await between the look-up and the read."""
+        if self._drained:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the socket was closed")
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"read failed: {exc}") from exc
+            self._drained = len(data) < max_bytes
+            return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         lock = self._lock
