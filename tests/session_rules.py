@@ -127,6 +127,20 @@ class SessionRules(RuleBasedStateMachine):
         self._do({"close": self.h.put_close, "shutdown": self.h.shutdown, "disconnect": self.h.disconnect,
                   "take_over": self.h.take_over}[how])
 
+    @rule(first=st.sampled_from(["answer", "shutdown"]), ok=st.booleans(),
+          events=st.lists(st.sampled_from(["speech", "silence", "speech_final", "finalize"]), min_size=1, max_size=4))
+    def events_behind_an_inbox_item(self, first, ok, events):
+        """Client events that come while an inbox item (an answer; late in a run, the drain)
+        waits for the session: the item is taken first. (The actor steps client input inline
+        only while nothing waits in its inbox: frames sent after a drain must not slip in.)"""
+        def put():
+            if first == "shutdown" and self.steps >= 12:
+                self.h.shutdown()
+            elif keys := self.h.unanswered_keys():
+                self.h.answer(keys[0], ok)
+            self.h.put_events(events)
+        self._do(put)
+
     @rule(reading=st.booleans())
     def client_reads(self, reading):
         self.h.client_reading = reading

@@ -18,11 +18,11 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from hypothesis import event, given, settings
+from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, run_state_machine_as_test
 
-from scheduler.session.actor import SessionActor
+from scheduler.session.actor import _WAKE, SessionActor
 
 from .actor_harness import ActorHarness
 from .session_rules import RESUME, SessionRules, step_limit
@@ -87,6 +87,43 @@ def test_the_actor_machine_finds_input_left_waiting():
     with pytest.raises(AssertionError, match="queued while the actor waits"):
         run_state_machine_as_test(Broken, settings=settings(max_examples=200, stateful_step_count=10, deadline=None,
                                                             database=None, print_blob=False, report_multiple_bugs=False))
+
+
+class KeepsTheOldDeadline(SessionActor):
+    """An inline step (actor.py ``_client_wake``) that leaves the wait's deadline as it was."""
+
+    def _client_wake(self):
+        if not self._parked:
+            self._post_wake()
+            return
+        self._step(_WAKE)
+        if self.core.ended:
+            self._post_wake()
+
+
+class StepsEvenWithAnItemWaiting(SessionActor):
+    """Client input stepped inline even while an inbox item waits for the loop."""
+
+    def _client_wake(self):
+        self._step(_WAKE)
+        if self.core.ended:
+            self._post_wake()
+        else:
+            self._wait.deadline = self.core.next_deadline()
+
+
+@pytest.mark.parametrize(("broken", "found"), [(KeepsTheOldDeadline, "late by|missed"),
+                                               (StepsEvenWithAnItemWaiting, "sent after the close was taken")])
+def test_the_actor_machine_finds_a_broken_inline_step(broken, found):
+    """The checks can fail for the inline step: a wait left with an old deadline lets a result
+    go late or an utterance uncut; a step that does not wait for an inbox item lets frames sent after the drain in."""
+    class Broken(ActorMachine):
+        actor_class = broken
+
+    with pytest.raises(AssertionError, match=found):
+        run_state_machine_as_test(Broken, settings=settings(max_examples=300, stateful_step_count=30, deadline=None,
+                                                            database=None, print_blob=False, report_multiple_bugs=False,
+                                                            derandomize=True, phases=[Phase.generate]))
 
 
 # ---------------------------------------------------------------- named regressions (seed cases)
