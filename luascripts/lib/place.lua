@@ -34,7 +34,7 @@ local function place_job(j)
   end
   redis.call('HSET', j.job, unpack(fields))
   redis.call('EXPIRE', j.job, j.key_ttl_s)
-  -- leases of jobs nobody will complete (their instance died long ago) do not pile up
-  redis.call('ZREMRANGEBYSCORE', j.leases_key, '-inf', j.now_ms - j.key_ttl_s * 1000)
+  -- (leases of jobs nobody will complete, their instance dead or their hash expired, are
+  -- dropped by the orphan sweep, placement/recovery.py: not trimmed here at every placement)
   return chosen, conn_id
 end
