@@ -301,6 +301,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.next_id += 1
         job_id = str(self.next_id)
         loads, affinity = self._loads(), self.r.hget(keys.turn("t"), "affinity_node_id")
+        if action == "none":  # (a cut of a turn never kept: the caller's word, its affinity is not read)
+            affinity = None
         index = int(key.split(":")[1])
         entry = f'{{"reason": "pause", "turn_id": "t", "n": {self.next_id}}}' if journal else ""
         reply = self._with_candidates(

@@ -109,6 +109,10 @@ MUTANTS = [
     Mutant("claim_journal_uncounted", "lib/session_claim.lua",
            "    fields[#fields + 1] = 'finalized'\n    fields[#fields + 1] = index + 1\n", "",
            "a job's creation writes its utterance's entry without counting it: a resume numbers it again"),
+    Mutant("affinity_unread_at_turn_end", "dispatch_task.lua",
+           "local turn_kept = turn_action == 'keep' or turn_action == 'end'", "local turn_kept = turn_action == 'keep'",
+           "the last utterance of a kept turn (\"end\") does not follow the turn's node: its affinity is read only for "
+           "\"keep\" jobs"),
     Mutant("claim_move_overwrites", "claim_move.lua", "if current and current ~= ARGV[1] then", "if false then",
            "a move across shards takes a claim another job holds now: two jobs answer one job key",
            "tests/test_layout2_stateful.py"),
