@@ -215,6 +215,18 @@ class ScriptsMachine(RuleBasedStateMachine):
         for beat, reply, old in zip(beats, replies, old_conns, strict=False):
             self._heard(beat.node_id, reply, beat.load_score, beat.saturated, old)
 
+    @precondition(lambda self: self.max_jobs)
+    @rule(score=st.sampled_from([0.5, 0.75]))
+    def turn_node_gets_busier(self, score):
+        """The turn's affinity node reports more load than the others (its own connection, not
+        saturated): a keep or end job must still go to it, where least-loaded alone would not."""
+        node = self.r.hget(keys.turn("t"), "affinity_node_id")
+        if node is None or node not in self.max_jobs:
+            return
+        beat = lua.Beat(node, None, score, False, node in self.drain_said, f"c-{node}")
+        (reply,) = self._call(*lua.heartbeats([beat], self.now))
+        self._heard(node, reply, score, False, False)
+
     def _heard(self, node, reply, score, saturated, old_conn):
         """A heartbeat's reply, and what the model takes from it."""
         if old_conn or node in self.closed:
