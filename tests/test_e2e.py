@@ -65,6 +65,17 @@ def log_events(path: Path) -> dict[str, dict]:
     return events
 
 
+def wait_joined(daemon: Daemon, count: int, timeout: float = 30.0) -> None:
+    """Wait until ``count`` nodes registered (``node_joined`` lines: their pools are in Redis)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        joined = sum('"node_joined"' in line for line in daemon.log_path.read_text().splitlines())
+        if joined >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{count} nodes did not register:\n" + daemon.log_path.read_text())
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -118,7 +129,7 @@ def test_three_clients_two_nodes_real_processes(tmp_path, request, redis):
             nodes.append(subprocess.Popen([*CMD, "node", "--url", daemon.ws_url, "--node-id", name, "--max-jobs", "2",
                                            "--delay-ms", "50", "--jitter-ms", "100", "--log-level", "warning"],
                                           stdin=subprocess.DEVNULL))
-        time.sleep(1.0)  # let both register
+        wait_joined(daemon, 2)  # (a fixed second was not always enough on a busy CI: UNSUPPORTED_LANG_PAIR)
         plans = {"c0": ([700, 400, 900, 300], ["--fast"]), "c1": ([500] * 6, ["--fast"]), "c2": ([600, 800], [])}
         pcms = {}
         for name, (speech, extra) in plans.items():
