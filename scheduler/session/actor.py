@@ -214,9 +214,10 @@ class SessionActor:
         core = self.core
         self._perform(core.start(trio.current_time()))
         self._sync_outage()
+        deadline = core.next_deadline()
         while not core.ended:
             item: object = None
-            with trio.move_on_at(core.next_deadline()) as self._wait:
+            with trio.move_on_at(deadline) as self._wait:
                 # parked: nothing buffered, so the loop waits for a producer (each clears the
                 # flag) or the deadline; meanwhile client input is stepped inline (_client_wake)
                 self._parked = not self._inbox.statistics().current_buffer_used
@@ -226,12 +227,13 @@ class SessionActor:
                     self._parked = False
             if self._failure is not None:  # (an inline step found the client not reading)
                 raise self._failure
-            self._step(item)
+            deadline = self._step(item)
         return "taken_over" if core.taken_over else core.close_reason or "disconnected"
 
-    def _step(self, item: object) -> None:
+    def _step(self, item: object) -> float:
         """One turn of the loop: ``item`` (an inbox item, the wake token, or None when the
-        deadline woke the loop), then the backlog, then the core's deadline if it came due."""
+        deadline woke the loop), then the backlog, then the core's deadline if it came due.
+        Returns the core's next deadline (nothing changes it before the next step)."""
         core = self.core
         self._sync_outage()  # (the outage as of the last wake: nothing awaited since)
         if self.taken_over:  # set by take_over_nowait, whose token may not have fit
@@ -241,10 +243,13 @@ class SessionActor:
                 self._observe_overhead(item.utterance_index, item.node_s)
             self._perform(core.handle(item, trio.current_time()))
         self._read_backlog()
-        if core.next_deadline() <= trio.current_time():  # after what was queued before it
+        deadline = core.next_deadline()
+        if deadline <= trio.current_time():  # after what was queued before it
             self._perform(core.handle(Tick(), trio.current_time()))
             if len(self.backlog) and core.takes_input():
                 self._post_wake()  # a deadline resolved what held the input: read on
+            deadline = core.next_deadline()
+        return deadline
 
     def _client_wake(self) -> None:
         """The backlog went from empty to non-empty. While the loop is parked (waiting, with
@@ -256,13 +261,13 @@ class SessionActor:
             self._post_wake()
             return
         try:
-            self._step(_WAKE)
+            deadline = self._step(_WAKE)
         except SlowClient as exc:  # raised by the loop, where the gateway waits for it
             self._failure = exc
         if self.core.ended or self._failure is not None:
             self._post_wake()
         else:
-            self._wait.deadline = self.core.next_deadline()
+            self._wait.deadline = deadline
 
     def _sync_outage(self) -> None:
         """Tell the core whether Redis is out (its result deadlines count an outage out)."""
