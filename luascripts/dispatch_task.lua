@@ -93,12 +93,9 @@ if redis.call('EXISTS', job) == 1 then
 end
 
 local pools, nodes = declared_candidates(7, 21)
--- a turn has an affinity only after a "keep" job; the session's core sends "none" for a cut
--- of a turn never kept (scheduler/session/core.py, _cut), whose turn hash is not read
-local turn_kept = turn_action == 'keep' or turn_action == 'end'
 local chosen, conn_id = place_job({
   job = job, lang_key = lang_key, leases_key = leases_key, instances_key = instances_key,
-  preferred = session[2], affinity = turn_kept and redis.call('HGET', turn_key, 'affinity_node_id') or nil,
+  preferred = session[2], affinity = claim_affinity(turn_key, turn_action),
   pools = pools, nodes = nodes, job_id = job_id, job_key = job_key, session_id = session_id,
   utterance_index = utterance_index, src_lang = src_lang, tgt_lang = tgt_lang, turn_id = turn_id, placed_by = placed_by,
   audio = audio, sample_rate = sample_rate, deadline_ms = deadline_ms, now_ms = now_ms, lease_ms = lease_ms,

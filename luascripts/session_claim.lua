@@ -55,8 +55,7 @@ local existing = redis.call('GET', jobkey_key)
 if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) then
   return {'EXISTS', existing}
 end
--- (a turn has an affinity only after a "keep" job: "none" is a turn never kept, not read)
-local stored = (turn_action == 'keep' or turn_action == 'end') and redis.call('HGET', turn_key, 'affinity_node_id') or ''
+local stored = claim_affinity(turn_key, turn_action) or ''
 if existing ~= job_id then
   claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
   if affinity ~= '' then

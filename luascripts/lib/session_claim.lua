@@ -50,6 +50,17 @@ local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id
   redis.call('EXPIRE', session_key, key_ttl_s)
 end
 
+-- claim_affinity(turn_key, turn_action): the node the turn's jobs follow, or nil. A turn has
+-- one only after a "keep" job (a max_duration cut: claim_turn), so only "keep" and "end" jobs
+-- read it; the session's core sends "none" for a cut of a turn never kept
+-- (scheduler/session/core.py, _cut), whose turn hash is not read.
+local function claim_affinity(turn_key, turn_action)
+  if turn_action == 'keep' or turn_action == 'end' then
+    return redis.call('HGET', turn_key, 'affinity_node_id') or nil
+  end
+  return nil
+end
+
 -- claim_turn(turn_key, turn_action, node, turn_jobs, key_ttl_s): "keep" (a max_duration
 -- finalize: the turn goes on) records `node` as the turn's affinity; "end" counts this job
 -- towards the end of the turn and deletes the turn key once turn_jobs jobs of the ending

@@ -109,8 +109,8 @@ MUTANTS = [
     Mutant("claim_journal_uncounted", "lib/session_claim.lua",
            "    fields[#fields + 1] = 'finalized'\n    fields[#fields + 1] = index + 1\n", "",
            "a job's creation writes its utterance's entry without counting it: a resume numbers it again"),
-    Mutant("affinity_unread_at_turn_end", "dispatch_task.lua",
-           "local turn_kept = turn_action == 'keep' or turn_action == 'end'", "local turn_kept = turn_action == 'keep'",
+    Mutant("affinity_unread_at_turn_end", "lib/session_claim.lua",
+           "if turn_action == 'keep' or turn_action == 'end' then", "if turn_action == 'keep' then",
            "the last utterance of a kept turn (\"end\") does not follow the turn's node: its affinity is read only for "
            "\"keep\" jobs"),
     Mutant("claim_move_overwrites", "claim_move.lua", "if current and current ~= ARGV[1] then", "if false then",
