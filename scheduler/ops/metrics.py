@@ -119,7 +119,7 @@ class Metrics:
         self.results_total = Counter(p + "results_total", "Results sent to clients, by status", ["status"], registry=r)
 
     def _sessions(self, r: CollectorRegistry, p: str) -> None:
-        """Client sessions: held, started, resumed, refused, taken over."""
+        """Client sessions: held, started, resumed, refused, taken over; and what stops the event loop they share."""
         self.sessions_active = Gauge(p + "sessions_active", "Live client sessions on this instance", registry=r)
         self.sessions_total = Counter(p + "sessions_total", "Client sessions started", registry=r)
         self.sessions_refused_total = Counter(
@@ -129,6 +129,10 @@ class Metrics:
         self.event_loop_lag_seconds = Gauge(
             p + "event_loop_lag_seconds", "How late a periodic task wakes, smoothed over about a second: the time the "
             "event loop is too busy to run a ready task (the overload guard's measure)", registry=r)
+        self.gc_pause_seconds = Histogram(
+            p + "gc_pause_seconds", "How long each cyclic garbage collection stopped the event loop, by generation "
+            "(0 young, 1 middle, 2 full; ops/gcwatch.py)", ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25), registry=r)
         self.sessions_resumed_total = Counter(p + "sessions_resumed_total",
                                               "Client sessions resumed here (session_init with session_id)", registry=r)
         self.resume_refused_total = Counter(
@@ -139,11 +143,7 @@ class Metrics:
                                                  "Sessions held here that were resumed on another connection", registry=r)
 
     def _redis(self, r: CollectorRegistry, p: str) -> None:
-        """What the daemon sees of Redis (and of its own garbage collector)."""
-        self.gc_pause_seconds = Histogram(
-            p + "gc_pause_seconds", "How long each cyclic garbage collection stopped the event loop, by generation "
-            "(0 young, 1 middle, 2 full; ops/gcwatch.py)", ["generation"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25), registry=r)
+        """What the daemon sees of Redis."""
         self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health check succeeded", registry=r)
         self.redis_latency_seconds = Gauge(p + "redis_latency_seconds", "Round trip of the last Redis health check", registry=r)
         self.redis_errors_total = Counter(
