@@ -7,8 +7,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -18,6 +20,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from scheduler.ops.supervisor import _get
 from scheduler.reference.node import NodeOptions, ReferenceNode
 
 from .helpers import SPEECH_100MS, peer, speak, token_of
@@ -351,3 +354,27 @@ async def test_a_reload_replaces_the_workers_one_at_a_time_and_loses_nothing(tmp
             assert not before & after and all(w["ready"] for w in await sup.workers())
     finally:
         sup.close()
+
+
+def test_a_worker_that_dies_mid_answer_is_no_answer_not_a_crash():
+    """The supervisor reads its workers' admin paths; a worker killed while it answers cuts
+    the body short (http.client.IncompleteRead, no OSError), which once ended the supervisor
+    (chaos run, 2026-12-07). It is now "no answer", as a refused connection is."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_half():
+        for status in (b"200 OK", b"500 Internal Server Error"):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 21964\r\n\r\n{\"partial\":")
+
+    thread = threading.Thread(target=answer_half, daemon=True)
+    thread.start()
+    try:
+        assert _get(port, "/status") == (0, b"")  # a 200 cut short
+        assert _get(port, "/status") == (0, b"")  # an error status cut short
+    finally:
+        thread.join(timeout=5)
+        listener.close()

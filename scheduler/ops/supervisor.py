@@ -27,6 +27,7 @@ admin port on 127.0.0.1.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -150,12 +151,13 @@ def _get(port: int, path: str, tls: bool = False, token: str | None = None) -> t
     request = urllib.request.Request(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}",
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=2, context=context) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
+        try:
+            with urllib.request.urlopen(request, timeout=2, context=context) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+    except (OSError, http.client.HTTPException):  # refused, timed out, or cut off mid-answer (the worker died:
+        return 0, b""  # http.client.IncompleteRead is no OSError, and once ended the supervisor)
 
 
 async def _ask_a_worker(workers: list[Worker], token: str | None, path: str) -> tuple[int, dict]:
