@@ -80,15 +80,18 @@ if fenced then
   return redis.error_reply(fenced)
 end
 
-local existing = redis.call('GET', jobkey_key)
-if existing == job_id then  -- this very call ran before (its reply was lost): what it made
-  local made = redis.call('HMGET', job, 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
-  return {'EXISTS', existing, made[1] or '', tonumber(made[2] or '0'), made[3] or '', made[4] or '', tonumber(made[5] or '0')}
-end
-if existing then
+-- The job key is claimed first (SET NX: one command where a GET and a SET were) and let go
+-- again when no job is made, so a refusal still leaves nothing behind.
+if not redis.call('SET', jobkey_key, job_id, 'NX', 'EX', key_ttl_s) then
+  local existing = redis.call('GET', jobkey_key)
+  if existing == job_id then  -- this very call ran before (its reply was lost): what it made
+    local made = redis.call('HMGET', job, 'node_id', 'attempt', 'status', 'conn_id', 'lease_deadline_ts')
+    return {'EXISTS', existing, made[1] or '', tonumber(made[2] or '0'), made[3] or '', made[4] or '', tonumber(made[5] or '0')}
+  end
   return {'EXISTS', existing}
 end
 if redis.call('EXISTS', job) == 1 then
+  redis.call('DEL', jobkey_key)
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
@@ -101,8 +104,9 @@ local chosen, conn_id = place_job({
   audio = audio, sample_rate = sample_rate, deadline_ms = deadline_ms, now_ms = now_ms, lease_ms = lease_ms,
   node_ttl_ms = node_ttl_ms, key_ttl_s = key_ttl_s, rand = rand, locality_slack = locality_slack})
 if not chosen then
+  redis.call('DEL', jobkey_key)  -- refused: the claim is let go
   return redis.error_reply(conn_id)
 end
-claim_record(jobkey_key, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
+claim_record(nil, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
 claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

@@ -43,8 +43,10 @@ end
 local finalized = tonumber(state[2] or '0')
 local target = math.max(finalized, floor or 0)
 local written, dropped = {}, {}
+local results_only = #ARGV >= 6 and reply[2] ~= 'NEW'
 for i = 6, #ARGV, 3 do
   local kind, index, payload = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  results_only = results_only and kind == 'r'
   if kind == 'u' or kind == 'r' then
     written[#written + 1] = kind .. ':' .. index
     written[#written + 1] = payload
@@ -68,5 +70,10 @@ end
 if #dropped > 0 then
   redis.call('HDEL', session_key, unpack(dropped))
 end
-redis.call('EXPIRE', session_key, ttl_s)
+-- The TTL is renewed by every call but one that writes results alone: a result's utterance
+-- had its TTL renewed when it was journaled, by its job's creation (claim_record) or by a
+-- call here, one result deadline ago at most.
+if not results_only then
+  redis.call('EXPIRE', session_key, ttl_s)
+end
 return reply

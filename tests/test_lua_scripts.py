@@ -351,6 +351,37 @@ async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     assert redis_client.scard(keys.node_jobs("a")) == 0 and redis_client.zcard(keys.leases()) == 0
 
 
+async def test_a_release_never_brings_back_a_runtime_hash_nor_counts_below_zero(adapter, redis_client):
+    """The slot count is lowered by one HINCRBY: when the runtime hash expired meanwhile, it
+    stays gone (a hash made by the HINCRBY would have no TTL); when it was written anew at 0,
+    it stays at 0 with its TTL."""
+    await register(adapter, "a", max_jobs=2)
+    first, second = (await dispatch(adapter, "k0"))[1], (await dispatch(adapter, "k1"))[1]
+    redis_client.delete(keys.node_runtime("a"))  # expired
+    await complete(adapter, first, "a")
+    assert not redis_client.exists(keys.node_runtime("a"))
+    redis_client.hset(keys.node_runtime("a"), mapping={"current_jobs": 0, "online": 1})
+    redis_client.expire(keys.node_runtime("a"), 100)
+    await complete(adapter, second, "a")
+    assert slots(redis_client, "a") == 0 and 0 < redis_client.ttl(keys.node_runtime("a")) <= 100
+    assert redis_client.scard(keys.node_jobs("a")) == 0
+
+
+async def test_a_dispatch_under_a_taken_job_id_leaves_its_job_key_free(adapter, redis_client):
+    """dispatch_task claims the job key first (SET NX) and lets it go when it makes no job:
+    under an id that is taken (a caller bug), and when no node is free."""
+    await register(adapter, "n1", max_jobs=1)
+    scheduling = SchedulingClient(adapter, id_block=1)
+    (job_id,) = await scheduling.job_ids(1)
+    call = lambda key: lambda c: lua.dispatch(key, job_id, "s1", 0, "zh", "en", "t1", "none", now_ms(), 30000, 6000, 0, c)  # noqa: E731
+    assert (await scheduling.run_many("zh", "en", [call("k0")]))[0][0] == "OK"
+    assert isinstance((await scheduling.run_many("zh", "en", [call("k1")]))[0], JobIdTaken)
+    assert not redis_client.exists(keys.jobkey("k1"))
+    with pytest.raises(NoAvailableNode):
+        await dispatch(adapter, "k2")
+    assert not redis_client.exists(keys.jobkey("k2")) and slots(redis_client, "n1") == 1
+
+
 async def test_a_repeated_dispatch_learns_what_its_lost_call_made(adapter, redis_client):
     """Redis timed out on a dispatch_task that went through: the repeat (same key, same job
     id) is told the placement, not taken for a duplicate; another id is a duplicate as ever."""

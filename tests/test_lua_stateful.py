@@ -405,15 +405,20 @@ class ScriptsMachine(RuleBasedStateMachine):
             pipe.hgetall(keys.job(job_id))
             pipe.zscore(keys.leases(), job_id)
             pipe.get(keys.jobkey(job["key"]))
+            pipe.ttl(keys.job(job_id))
+            pipe.ttl(keys.jobkey(job["key"]))
         for node in self.max_jobs:
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.node_runtime(node), "current_jobs")
             pipe.hmget(keys.node_info(node), *RUNTIME_COPY)
             pipe.hmget(keys.node_runtime(node), *RUNTIME_COPY)
-        for job_id in self.ended:
+        for job_id, job in self.ended.items():
             pipe.hget(keys.job(job_id), "status")
+            pipe.ttl(keys.job(job_id))
+            pipe.ttl(keys.jobkey(job["key"]))
         pipe.zrange(keys.leases(), 0, -1)
         pipe.hgetall(keys.session("s"))
+        pipe.ttl(keys.session("s"))
         replies = iter(pipe.execute())
 
         dispatched: dict[str, set[str]] = {}
@@ -427,6 +432,8 @@ class ScriptsMachine(RuleBasedStateMachine):
                 dispatched.setdefault(job["node"], set()).add(job_id)
                 assert lease == job["lease"], f"job {job_id} leased until {lease}, placed at {job['lease'] - 30_000}"
             assert mapped == job_id
+            ttls = next(replies), next(replies)
+            assert min(ttls) > 0, f"job {job_id}: its hash and job key live on without a TTL ({ttls}): memory grows"
         for node, max_jobs in self.max_jobs.items():
             held, current = next(replies), int(next(replies))
             info, copy = next(replies), next(replies)
@@ -436,9 +443,13 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert 0 <= current <= max_jobs
         for job_id, job in self.ended.items():
             assert next(replies) == job["status"], (job_id, job)
+            ttls = next(replies), next(replies)  # (-2: gone already; the job key of a key used again is the new job's)
+            assert ttls[0] != -1 and 0 < ttls[0] <= keys.DONE_TTL_S, f"ended job {job_id} is kept {ttls[0]} s"
+            assert ttls[1] != -1, f"ended job {job_id}'s key has no TTL"
         leased = set(next(replies))
         assert leased == set().union(*dispatched.values()) if dispatched else not leased
-        session = next(replies)
+        session, session_ttl = next(replies), next(replies)
+        assert session_ttl != -1, "the session hash has no TTL: it is never collected"
         assert int(session.get("finalized", 0)) == self.finalized, (session.get("finalized"), self.finalized)
         assert {int(f[2:]): v for f, v in session.items() if f.startswith("u:")} == self.entries, (session, self.entries)
 

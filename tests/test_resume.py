@@ -238,6 +238,28 @@ async def test_journal_script_keeps_the_last_results_and_fences_a_stale_epoch(re
         assert "u:0" not in redis_client.hgetall(keys.session("s2"))
 
 
+async def test_journal_script_renews_the_ttl_except_for_results_alone(redis_url, redis_client):
+    """A batch of results alone leaves the session's TTL as its utterances' journaling (or
+    their jobs' creation) renewed it; anything else renews it, and a hash the call makes
+    (Redis lost the journal) always gets one."""
+    meta = journal.Meta("zh", ("en",), 16000)
+    u = json.dumps({"reason": "pause", "turn_id": "t", "deadline_ms": 0})
+    call = lambda entries: lua.session_journal("s1", 1, meta.to_json(), 2, entries)  # noqa: E731
+    async with RedisAdapter(redis_url) as redis:
+        await journal.open_session(redis, "s1", "i1", meta)
+        assert redis_client.ttl(keys.session("s1")) > keys.KEY_TTL_S - 10
+        redis_client.expire(keys.session("s1"), 100)
+        await redis.script(*call([("r", 0, "R0")]))
+        assert redis_client.ttl(keys.session("s1")) <= 100
+        for renewing in ([("u", 1, u)], [("r", 1, "R1"), ("c", 2, "client_close")], []):
+            redis_client.expire(keys.session("s1"), 100)
+            await redis.script(*call(renewing))
+            assert redis_client.ttl(keys.session("s1")) > keys.KEY_TTL_S - 10, renewing
+        redis_client.delete(keys.session("s1"))  # Redis lost it
+        assert await redis.script(*call([("r", 3, "R3")])) == ["OK", "NEW"]
+        assert redis_client.ttl(keys.session("s1")) > keys.KEY_TTL_S - 10
+
+
 async def test_the_writer_journals_an_utterance_only_when_its_job_did_not(redis_url, redis_client):
     """An utterance's first job writes its journal entry when it is created (dispatch_task /
     session_claim); the dispatcher's word tells the writer, which then makes no call of its

@@ -23,7 +23,8 @@ local function claim_fenced(session, session_id, epoch)
 end
 
 -- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry, session):
--- the job key names `claim` (the job's id) for claim_ttl_s; the session's current turn
+-- the job key names `claim` (the job's id) for claim_ttl_s (`jobkey_key` nil: the caller
+-- claimed it already, dispatch_task's SET NX); the session's current turn
 -- follows, and its next index is never lowered. `entry` (the first job of an utterance: its
 -- resume-journal entry, session_journal.lua's "u:<index>" JSON; '' for none) is written with
 -- `finalized` raised to index + 1 when the journal has not counted this utterance yet
@@ -33,7 +34,9 @@ end
 -- (and maybe trimmed since): it is never written again.
 local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry,
                             session)
-  redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
+  if jobkey_key then
+    redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
+  end
   local index = tonumber(utterance_index)
   local fields = {'current_turn_id', turn_id}  -- (`session`: claim_read, earlier in this same script)
   if tonumber(session[3] or '0') <= index then

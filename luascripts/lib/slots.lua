@@ -12,13 +12,16 @@ local function take_slot(runtime_key, jobs_key, job_id, leases_key, lease_deadli
 end
 
 -- release_slot: the job leaves its node: out of the leases and the node's job set, and the
--- slot released if (and only if) it was still in that set.
+-- slot released if (and only if) it was still in that set. One HINCRBY: the count goes below
+-- zero only when the runtime hash expired, or was written anew, since the slot was taken;
+-- then it is put back as it was (a hash made by the HINCRBY alone would have no TTL).
 local function release_slot(runtime_key, jobs_key, leases_key, job_id)
   redis.call('ZREM', leases_key, job_id)
-  if redis.call('SREM', jobs_key, job_id) == 1 then
-    local current = tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')
-    if current > 0 then
-      redis.call('HINCRBY', runtime_key, 'current_jobs', -1)
+  if redis.call('SREM', jobs_key, job_id) == 1 and redis.call('HINCRBY', runtime_key, 'current_jobs', -1) < 0 then
+    if redis.call('HLEN', runtime_key) == 1 then
+      redis.call('DEL', runtime_key)
+    else
+      redis.call('HSET', runtime_key, 'current_jobs', 0)
     end
   end
 end

@@ -37,10 +37,8 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("refused_dispatch_claims_key", "dispatch_task.lua",
-           "local pools, nodes = declared_candidates(7, 21)",
-           "redis.call('SET', jobkey_key, job_id, 'EX', key_ttl_s)\nlocal pools, nodes = declared_candidates(7, 21)",
-           "a refused dispatch leaves its job key claimed: the retry sees EXISTS for a job that does not exist"),
+    Mutant("refused_dispatch_claims_key", "dispatch_task.lua", "  redis.call('DEL', jobkey_key)  -- refused: the claim is let go\n",
+           "", "a refused dispatch leaves its job key claimed: the retry sees EXISTS for a job that does not exist"),
     Mutant("no_exists_check", "dispatch_task.lua", "if existing then", "if false then",
            "a second dispatch of one key makes a second job"),
     Mutant("release_without_membership", "lib/slots.lua",
