@@ -9,7 +9,7 @@
 -- Errors: JOBKEY_MISMATCH (KEYS[5] is not this job's job key: caller bug; nothing changed).
 --
 -- KEYS[1] {scheduler}:job:<job_id>               hash
--- KEYS[2] {scheduler}:node:runtime:<node_id>     hash of the node holding the job
+-- KEYS[2] {scheduler}:nodes:runtime              the runtime table (register_node.lua)
 -- KEYS[3] {scheduler}:node:jobs:<node_id>        set of the node holding the job
 -- KEYS[4] {scheduler}:leases                   zset
 -- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s); layout 2
@@ -19,10 +19,11 @@ local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
 local jobkey_key = KEYS[5]
--- ARGV[1] now_ms, ARGV[2] job_id, ARGV[3] done_ttl_s (as in complete_task)
+-- ARGV[1] now_ms, ARGV[2] job_id, ARGV[3] done_ttl_s (as in complete_task), ARGV[4] node_id (KEYS[3]'s node)
 local now_ms = ARGV[1]
 local job_id = ARGV[2]
 local done_ttl_s = tonumber(ARGV[3])
+local node_id = ARGV[4]
 
 -- @include slots
 
@@ -43,5 +44,5 @@ redis.call('EXPIRE', job_key_hash, done_ttl_s)
 if jobkey_key then
   redis.call('EXPIRE', jobkey_key, done_ttl_s)
 end
-release_slot(runtime_key, jobs_key, leases_key, job_id)  -- a waiting job is in no set: no slot
+release_slot(runtime_key, node_id, jobs_key, leases_key, job_id)  -- a waiting job is in no set: no slot
 return {'OK', j[3] == 'dispatched' and j[1] or '', tonumber(j[2])}

@@ -16,7 +16,7 @@
 -- this job's job key: caller bug; nothing changed).
 --
 -- KEYS[1] {scheduler}:job:<job_id>                hash
--- KEYS[2] {scheduler}:node:runtime:<node_id>      hash of the answering node
+-- KEYS[2] {scheduler}:nodes:runtime                the runtime table (register_node.lua)
 -- KEYS[3] {scheduler}:node:jobs:<node_id>         set of the answering node
 -- KEYS[4] {scheduler}:leases                    zset
 -- KEYS[5] {scheduler}:answer:<job_key>     string: the accepted answer (outcome JSON)
@@ -69,7 +69,7 @@ redis.call('EXPIRE', job_key_hash, done_ttl_s)
 if jobkey_key then
   redis.call('EXPIRE', jobkey_key, done_ttl_s)
 end
-release_slot(runtime_key, jobs_key, leases_key, job_id)
+release_slot(runtime_key, node_id, jobs_key, leases_key, job_id)
 if answer ~= '' and answer_ttl_s > 0 then
   redis.call('SET', answer_key, answer, 'EX', answer_ttl_s)
 end

@@ -14,23 +14,23 @@
 -- the node's), or that connection closed (node_state cleared it: a heartbeat handled late,
 -- after the close, must not bring the node back online). A node marked offline on its
 -- current connection by another instance (it took this one for dead) is online again. The
--- runtime hash gets the same fields as the info: the copy node choice reads (register_node.lua).
+-- runtime table gets the same fields as the info: the copy node choice reads (register_node.lua).
 --
 -- Reply: one entry per node, in order: {"OK", current_jobs}, {"STALE_CONN", conn_id} or
 -- {"UNKNOWN_NODE"} (never registered, or its info expired: the caller registers it again).
 --
--- KEYS[2i-1] {scheduler}:node:info:<node_i>     hash
--- KEYS[2i]   {scheduler}:node:runtime:<node_i>  hash, i = 1..n
--- ARGV[1] now_ms, ARGV[2] key TTL (s) of the nodes' keys (refreshed here), then 5 per node:
--- load_json, load score 0-1 ('' when the node sent none), saturated '1' / '0', draining '1' /
--- '' (nothing to say), the connection the heartbeat came on ('' any)
+-- KEYS[1]    {scheduler}:nodes:runtime          hash, the runtime table of the nodes' shard
+-- KEYS[1+i]  {scheduler}:node:info:<node_i>     hash, i = 1..n
+-- ARGV[1] now_ms, ARGV[2] key TTL (s) of the nodes' keys (refreshed here), then 6 per node:
+-- node_id, load_json, load score 0-1 ('' when the node sent none), saturated '1' / '0',
+-- draining '1' / '' (nothing to say), the connection the heartbeat came on ('' any)
 -- (every key of the call is in the first one's slot)
-local first_info = KEYS[1]
+local runtime_key = KEYS[1]
 local now_ms = ARGV[1]
 local key_ttl_s = tonumber(ARGV[2])
 
 -- one node's heartbeat: its reply entry
-local function beat(info_key, runtime_key, load_json, load_score, saturated, draining, conn_id)
+local function beat(info_key, node_id, load_json, load_score, saturated, draining, conn_id)
   if redis.call('EXISTS', info_key) == 0 then
     return {'UNKNOWN_NODE'}
   end
@@ -43,19 +43,25 @@ local function beat(info_key, runtime_key, load_json, load_score, saturated, dra
     fields[#fields + 1] = 'draining'
     fields[#fields + 1] = '1'
   end
-  redis.call('HSET', runtime_key, unpack(fields))  -- the copy node choice reads (register_node.lua)
+  local copy = {}
+  for i = 1, #fields, 2 do
+    copy[i], copy[i + 1] = node_id .. ':' .. fields[i], fields[i + 1]
+  end
+  redis.call('HSET', runtime_key, unpack(copy))  -- the copy node choice reads (register_node.lua)
   fields[#fields + 1] = 'load_json'
   fields[#fields + 1] = load_json
   redis.call('HSET', info_key, unpack(fields))
   redis.call('EXPIRE', info_key, key_ttl_s)
-  redis.call('EXPIRE', runtime_key, key_ttl_s)
-  return {'OK', tonumber(redis.call('HGET', runtime_key, 'current_jobs') or '0')}
+  return {'OK', tonumber(redis.call('HGET', runtime_key, node_id .. ':current_jobs') or '0')}
 end
 
-local replies = {}
-for i = 1, #KEYS / 2 do
-  local a = 2 + 5 * (i - 1)
-  local info_key = i == 1 and first_info or KEYS[2 * i - 1]
-  replies[i] = beat(info_key, KEYS[2 * i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
+local replies, live = {}, false
+for i = 1, #KEYS - 1 do
+  local a = 2 + 6 * (i - 1)
+  replies[i] = beat(KEYS[1 + i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  live = live or replies[i][1] == 'OK'
+end
+if live then  -- one TTL for the table, refreshed once per call
+  redis.call('EXPIRE', runtime_key, key_ttl_s)
 end
 return replies

@@ -12,10 +12,11 @@
 -- keeps it: the node's next heartbeat on that connection brings it back online.
 -- Reply: {"OK"}, {"NOT_OWNER", current_owner} or {"STALE_CONN", current conn_id}.
 --
--- The runtime hash keeps a copy of these fields (node choice reads it: register_node.lua).
+-- The runtime table keeps a copy of these fields (node choice reads it: register_node.lua).
 --
 -- KEYS[1] {scheduler}:node:info:<node_id>  hash
--- KEYS[2] {scheduler}:node:runtime:<node_id>  hash
+-- KEYS[2] {scheduler}:nodes:runtime        hash, the runtime table
+-- ARGV[5] node_id
 local info_key = KEYS[1]
 local runtime_key = KEYS[2]
 -- ARGV[1] owner instance id, ARGV[2] online ("0"/"1"), ARGV[3] draining ("0"/"1"), ARGV[4] conn_id ('' or absent: any)
@@ -23,6 +24,7 @@ local owner = ARGV[1]
 local online = ARGV[2]
 local draining = ARGV[3]
 local conn_id = ARGV[4] or ''
+local node_id = ARGV[5]
 
 local current = redis.call('HGET', info_key, 'owner')
 if current ~= owner then
@@ -38,7 +40,11 @@ if online == '0' and conn_id ~= '' then
   fields[#fields + 1] = ''
 end
 redis.call('HSET', info_key, unpack(fields))
-if redis.call('EXISTS', runtime_key) == 1 then  -- (an expired runtime is not made again without its TTL)
-  redis.call('HSET', runtime_key, unpack(fields))
+if redis.call('EXISTS', runtime_key) == 1 then  -- (an expired table is not made again without its TTL)
+  local copy = {}
+  for i = 1, #fields, 2 do
+    copy[i], copy[i + 1] = node_id .. ':' .. fields[i], fields[i + 1]
+  end
+  redis.call('HSET', runtime_key, unpack(copy))
 end
 return {'OK'}

@@ -15,7 +15,7 @@
 -- STALE_CANDIDATES (nothing changed: re-read the candidates and call again).
 --
 -- KEYS[1] {scheduler}:job:<job_id>                 hash
--- KEYS[2] {scheduler}:node:runtime:<old_node_id>   hash of the node it leaves
+-- KEYS[2] {scheduler}:nodes:runtime                 the runtime table (register_node.lua)
 -- KEYS[3] {scheduler}:node:jobs:<old_node_id>      set of the node it leaves
 -- KEYS[4] {scheduler}:leases                       zset
 -- KEYS[5] {scheduler}:session:<session_id>         hash

@@ -1,7 +1,12 @@
 -- register_node: write a node's info, reset its runtime, join its pools, index pools by lang pair.
--- The runtime hash holds current_jobs and a copy of the info fields node choice reads (online,
--- draining, max_jobs, last_heartbeat_ts, owner, saturated, load_score, conn_id); every script
--- that writes one of them in the info writes the copy too (heartbeat, node_state).
+-- The runtime table ({scheduler}:nodes:runtime, one hash per shard for all its nodes, fields
+-- `<node_id>:<field>`) holds each node's current_jobs and a copy of the info fields node
+-- choice reads (online, draining, max_jobs, last_heartbeat_ts, owner, saturated, load_score,
+-- conn_id), so that node choice reads every candidate with one HMGET (lib/choose_node.lua);
+-- every script that writes one of them in the info writes the copy too (heartbeats,
+-- node_state). Node ids hold no ':' (protocol.py, ID_PATTERN). A node gone for good leaves
+-- its fields behind, as it leaves its id in {scheduler}:nodes: bounded by the node ids ever
+-- seen; the table's TTL is refreshed by every registration and heartbeat.
 --
 -- Contract: after this script the node is online, its current_jobs equals the jobs it still
 -- holds (its job set), it is a member of every pool it serves, and every (src, tgt) pair it
@@ -21,7 +26,7 @@
 -- Reply: {"OK"}. Errors: STALE_CANDIDATES (the caller validates the rest of its input).
 --
 -- KEYS[1]            {scheduler}:node:info:<node_id>      hash
--- KEYS[2]            {scheduler}:node:runtime:<node_id>   hash
+-- KEYS[2]            {scheduler}:nodes:runtime            hash, the runtime table
 -- KEYS[3]            {scheduler}:node:jobs:<node_id>      set of job ids held
 -- KEYS[4]            {scheduler}:nodes                    set of node ids
 -- KEYS[4+i]          {scheduler}:pool:<pool_i>:members    set,  i = 1..n
@@ -87,11 +92,12 @@ redis.call('HSET', info_key,
   'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'registered_ts', now_ms,
   'load_json', '{}', 'load_score', '', 'saturated', '0', 'owner', owner, 'conn_id', conn_id, 'pools', cjson.encode(names),
   'lang_pairs', pairs_json)
--- the runtime hash: the slot count, and the copy of the info fields choose_node reads (one
--- HMGET per candidate: lib/choose_node.lua), written wherever the info's are
-redis.call('HSET', runtime_key, 'current_jobs', redis.call('SCARD', jobs_key),
-  'online', '1', 'draining', '0', 'max_jobs', max_jobs, 'last_heartbeat_ts', now_ms, 'load_score', '', 'saturated', '0',
-  'owner', owner, 'conn_id', conn_id)
+-- the runtime table: the slot count, and the copy of the info fields choose_node reads (one
+-- HMGET for every candidate: lib/choose_node.lua), written wherever the info's are
+local p = node_id .. ':'
+redis.call('HSET', runtime_key, p .. 'current_jobs', redis.call('SCARD', jobs_key),
+  p .. 'online', '1', p .. 'draining', '0', p .. 'max_jobs', max_jobs, p .. 'last_heartbeat_ts', now_ms,
+  p .. 'load_score', '', p .. 'saturated', '0', p .. 'owner', owner, p .. 'conn_id', conn_id)
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)
 redis.call('EXPIRE', runtime_key, node_ttl_s)

@@ -6,7 +6,7 @@
 -- errors UNKNOWN_JOB, NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES.
 --
 -- KEYS[1] {scheduler:<k>.<i>}:job:<job_id>                 hash
--- KEYS[2] {scheduler:<k>.<i>}:node:runtime:<old_node_id>   hash of the node it leaves
+-- KEYS[2] {scheduler:<k>.<i>}:nodes:runtime               the shard's runtime table (register_node.lua)
 -- KEYS[3] {scheduler:<k>.<i>}:node:jobs:<old_node_id>      set of the node it leaves
 -- KEYS[4] {scheduler:<k>.<i>}:leases                       zset
 -- KEYS[5] {scheduler:<k>.<i>}:lang:<src>:<tgt>             hash pool -> "1"

@@ -280,7 +280,8 @@ class SpaceKeys:
         return keys.node_jobs(node_id, tag=self.space.node_tag(node_id))
 
     def node_runtime(self, node_id: str) -> str:
-        return keys.node_runtime(node_id, tag=self.space.node_tag(node_id))
+        """The runtime table of the node's shard (its fields: keys.runtime_field)."""
+        return keys.nodes_runtime(tag=self.space.node_tag(node_id))
 
     def session(self, session_id: str) -> str:
         return self.space.session_key(session_id)

@@ -728,7 +728,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             if online is not None:
                 assert (online, conn_id) == ("1", conn.conn_id), (node, online, conn_id, conn.conn_id)
                 # ... and so in the copy node choice reads (luascripts/register_node.lua)
-                assert self.r.hmget(self.k.node_runtime(node), "online", "conn_id") == [online, conn_id], node
+                assert self.r.hmget(self.k.node_runtime(node), keys.runtime_field(node, "online"),
+                                   keys.runtime_field(node, "conn_id")) == [online, conn_id], node
 
     def _live(self):
         return [i for i in self.h.instances.values() if i.alive]
@@ -931,7 +932,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         pipe = self.r.pipeline(transaction=False)
         for node in nodes:
             pipe.smembers(self.k.node_jobs(node))
-            pipe.hget(self.k.node_runtime(node), "current_jobs")
+            pipe.hget(self.k.node_runtime(node), keys.runtime_field(node, "current_jobs"))
         unnoticed = self._unnoticed()
         live = [p for i in self._live() for p in i.dispatcher.placed.values()
                 if p.job_id not in unnoticed and p.request.job_key not in self.h.unheard]
@@ -1085,8 +1086,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         """Connected node -> its free slots in Redis (none while its load score is above the
         threshold, or while Redis knows it drains)."""
         closed = self.h.saturated() | {n for n in self.connected if self.r.hget(self.k.node_info(n), "draining") == "1"}
-        return {node: 0 if node in closed else self.max_jobs[node] - int(self.r.hget(self.k.node_runtime(node), "current_jobs") or 0)
+        used = {node: int(self.r.hget(self.k.node_runtime(node), keys.runtime_field(node, "current_jobs")) or 0)
                 for node in self.connected}
+        return {node: 0 if node in closed else self.max_jobs[node] - used[node] for node in self.connected}
 
     def check_no_idle_slot(self, free_before: dict[str, int]):
         """After time moved: no lane waits while a node of its pair has had room (other than a
@@ -1142,7 +1144,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                      or job.deadline <= self.now + EPS or not self.h[job.instance].alive or job.owner_killed)
             assert ended, f"{key} never ended"
         for node in self.max_jobs:
-            assert int(self.r.hget(self.k.node_runtime(node), "current_jobs") or 0) == 0, node
+            assert int(self.r.hget(self.k.node_runtime(node), keys.runtime_field(node, "current_jobs")) or 0) == 0, node
 
 
 # a Redis round trip or more per step: 40 examples of 25 steps keep CI near 6 s (docs/testing.md);
@@ -1258,7 +1260,7 @@ def _path(machine: DispatcherMachine, name: str) -> None:
         m.do("disconnect", h.disconnect, "n0")  # the job moves to n1; the reply of its redispatch_task is lost
         scheduling.candidates = candidates
         m._outage(0.25, None, lost=True)
-        assert int(m.r.hget(m.k.node_runtime("n1"), "current_jobs") or 0) == 0
+        assert int(m.r.hget(m.k.node_runtime("n1"), keys.runtime_field("n1", "current_jobs")) or 0) == 0
     elif name == "crash_after_lost_reply":  # a dispatch's reply is lost and acting on that raises: what it made is undone
         instance = h.owner("s2")
         instance.act_crash = (1, False)

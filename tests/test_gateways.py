@@ -321,10 +321,10 @@ async def test_client_disconnect_cancels_its_jobs_and_frees_slots(daemon, redis_
             await s.send(type="finalize")
             job = await node.recv()
             assert job["type"] == "job_assign"
-            assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "1"
+            assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field("n1", "current_jobs")) == "1"
         cancel = await node.recv()  # the client went away: the answer is no longer wanted
         assert cancel == {"type": "job_cancel", "job_id": job["job_id"], "attempt": 1}
-        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"
+        assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field("n1", "current_jobs")) == "0"
         assert redis_client.hget(keys.job(job["job_id"]), "status") == "cancelled"
         # a late answer for the cancelled job is refused, not delivered anywhere
         await node.send(type="job_result", job_id=job["job_id"], attempt=1, status="ok", text="late")
@@ -565,7 +565,7 @@ async def test_heartbeats_that_arrive_together_are_written_in_one_batch(daemon, 
         assert _sample(body, "scheduler_node_heartbeat_batches_total") == before + 1
         for node, score in (("hb-a", "0.1"), ("hb-b", "0.2"), ("hb-c", "0.3")):
             assert redis_client.hget(keys.node_info(node), "load_score") == score
-            assert redis_client.hget(keys.node_runtime(node), "load_score") == score  # (node choice's copy)
+            assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field(node, "load_score")) == score  # (node choice's copy)
 
 
 async def test_an_utterance_whose_job_waits_for_a_node_is_journaled_without_waiting(start_daemon, nursery):

@@ -101,7 +101,7 @@ async def test_a_dead_owners_claim_is_burned_and_its_late_dispatch_places_nothin
     late = await client._redis.script(*lua.shard_dispatch("s1:0:translate:en", dead, "s1", 0, "zh", "en", "t1", now_ms(),
                                                           30_000, 6_000, 0, cand))
     assert late[0] == "EXISTS" and late[4] == "burned"
-    assert redis_client.hget(keys.node_runtime(node, tag=SPACE.shard_tag(2)), "current_jobs") == "1"
+    assert redis_client.hget(keys.nodes_runtime(tag=SPACE.shard_tag(2)), keys.runtime_field(node, "current_jobs")) == "1"
 
 
 async def test_a_job_key_placed_before_is_a_duplicate_and_a_lost_reply_is_recovered(client):
@@ -179,7 +179,7 @@ async def test_a_move_its_shard_cannot_take_moves_across_shards(client, redis_cl
     # a release of the old id follows it to the job it became
     assert await client.cancel(placed[1], "s1:0:translate:en", a) == ["OK", b, 2]
     assert redis_client.hget(keys.job(new, tag=SPACE.shard_tag(2)), "status") == "cancelled"
-    assert redis_client.hget(keys.node_runtime(b, tag=SPACE.shard_tag(2)), "current_jobs") == "0"
+    assert redis_client.hget(keys.nodes_runtime(tag=SPACE.shard_tag(2)), keys.runtime_field(b, "current_jobs")) == "0"
 
 
 async def test_a_release_racing_a_move_across_shards_burns_the_job_it_becomes(client, redis_client):

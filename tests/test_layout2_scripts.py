@@ -117,7 +117,7 @@ async def test_claim_then_place_in_the_nodes_shard(adapter, redis_client):
     assert reply[:4] == ["OK", job_id, node, 1] and reply[5:] == [1, 2], "one of two slots left"
     assert redis_client.hget(keys.job(job_id, tag=tag), "status") == "dispatched"
     assert redis_client.zscore(keys.leases(tag=tag), job_id) is not None
-    assert redis_client.hget(keys.node_runtime(node, tag=tag), "current_jobs") == "1"
+    assert redis_client.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) == "1"
     session = keys.session("s1", tag=SPACE.session_tag("s1"))
     assert redis_client.hget(session, "next_utterance_index") == "1"
     assert not redis_client.exists(keys.job(job_id)), "nothing under layout 1's tag"
@@ -126,7 +126,7 @@ async def test_claim_then_place_in_the_nodes_shard(adapter, redis_client):
                                               answer_ttl_s=60, tag=tag, claim=False))
     assert done == ["OK", "s1", "s1:0:translate:en", 0, "en"]
     assert redis_client.get(keys.answer("s1:0:translate:en", tag=tag)) == '{"a": 1}'
-    assert redis_client.hget(keys.node_runtime(node, tag=tag), "current_jobs") == "0"
+    assert redis_client.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) == "0"
     claim_key = keys.jobkey("s1:0:translate:en", tag=SPACE.session_tag("s1"))
     assert redis_client.get(claim_key) == job_id, "the claim stays until its own TTL"
 
@@ -181,7 +181,7 @@ async def test_placement_is_idempotent_on_the_job_id(adapter, redis_client):
     first = await place(adapter, "k0", "1.5")
     again = await place(adapter, "k0", "1.5")
     assert again[:5] == ["EXISTS", "1.5", node, 1, "dispatched"] and again[5] == first[4]
-    assert redis_client.hget(keys.node_runtime(node, tag=SPACE.shard_tag(1)), "current_jobs") == "1"
+    assert redis_client.hget(keys.nodes_runtime(tag=SPACE.shard_tag(1)), keys.runtime_field(node, "current_jobs")) == "1"
     with pytest.raises(JobIdTaken):
         await place(adapter, "another key", "1.5")
 
@@ -196,7 +196,7 @@ async def test_a_claim_whose_job_never_came_is_burned(adapter, redis_client):
     assert await adapter.script(*lua.job_burn("k0", "1.7", now_ms(), tag=tag)) == ["BURNED"]
     late = await place(adapter, "k0", "1.7")
     assert late[0] == "EXISTS" and late[4] == "burned"
-    assert redis_client.hget(keys.node_runtime(node, tag=tag), "current_jobs") == "0"
+    assert redis_client.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) == "0"
     assert (await claim(adapter, "k0", "1.8", replaces="1.7"))[0] == "CLAIMED"
     assert (await place(adapter, "k0", "1.8"))[0] == "OK"
     landed = await adapter.script(*lua.job_burn("k0", "1.8", now_ms(), tag=tag))
@@ -209,4 +209,4 @@ async def test_cancel_in_the_jobs_shard(adapter, redis_client):
     await place(adapter, "k0", "2.1")
     assert await adapter.script(*lua.cancel("2.1", "k0", node, now_ms(), tag=tag, claim=False)) == ["OK", node, 1]
     assert redis_client.hget(keys.job("2.1", tag=tag), "status") == "cancelled"
-    assert redis_client.hget(keys.node_runtime(node, tag=tag), "current_jobs") == "0"
+    assert redis_client.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) == "0"

@@ -265,7 +265,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         tag = SPACE.job_tag(job_id)
         node = self.r.hget(keys.job(job_id, tag=tag), "node_id")
         return node in NODES and NODES[node] == SPACE.job_shard(job_id) and \
-            int(self.r.hget(keys.node_runtime(node, tag=tag), "current_jobs") or 0) > 0
+            int(self.r.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) or 0) > 0
 
     @precondition(lambda self: self.moving)
     @rule(pick=st.integers(min_value=0, max_value=9))
@@ -323,7 +323,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         for node, shard in NODES.items():
             tag = SPACE.shard_tag(shard)
             held = self.r.smembers(keys.node_jobs(node, tag=tag))
-            current = int(self.r.hget(keys.node_runtime(node, tag=tag), "current_jobs") or 0)
+            current = int(self.r.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) or 0)
             dispatched = {j for j in self._jobs("dispatched") if self.r.hget(keys.job(j, tag=SPACE.job_tag(j)), "node_id") == node}
             assert current == len(held) and held == dispatched and current <= self.max_jobs[node], (node, held, dispatched)
             assert not held & self.burned

@@ -66,7 +66,7 @@ def lease(redis_client, job_id):
 
 
 def slots(redis_client, node_id):
-    return int(redis_client.hget(keys.node_runtime(node_id), "current_jobs"))
+    return int(redis_client.hget(keys.nodes_runtime(), keys.runtime_field(node_id, "current_jobs")))
 
 
 async def test_register_writes_info_pools_and_lang_index(adapter, redis_client):
@@ -98,7 +98,7 @@ async def test_heartbeats_of_several_nodes_in_one_call_answer_each(adapter, redi
     fields = ("load_score", "saturated", "draining")
     assert redis_client.hmget(keys.node_info("n1"), *fields) == ["0.1", "0", "0"]
     assert redis_client.hmget(keys.node_info("n2"), *fields) == ["0.2", "0", "1"]  # (not the stale connection's 0.9)
-    assert redis_client.hmget(keys.node_runtime("n2"), *fields) == ["0.2", "0", "1"]
+    assert redis_client.hmget(keys.nodes_runtime(), *(keys.runtime_field("n2", f) for f in fields)) == ["0.2", "0", "1"]
     assert not redis_client.exists(keys.node_info("ghost"))
 
 
@@ -343,7 +343,7 @@ async def test_complete_keeps_the_answer_until_its_ttl(adapter, redis_client):
 async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     await register(adapter, "a", max_jobs=2)
     job_id = (await dispatch(adapter, "k0"))[1]
-    redis_client.hset(keys.node_runtime("a"), "current_jobs", 7)  # drifted
+    redis_client.hset(keys.nodes_runtime(), keys.runtime_field("a", "current_jobs"), 7)  # drifted
     await register(adapter, "a", max_jobs=2)  # reconnect: slots = jobs it still holds
     assert slots(redis_client, "a") == 1
     await complete(adapter, job_id, "a")
@@ -351,19 +351,19 @@ async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):
     assert redis_client.scard(keys.node_jobs("a")) == 0 and redis_client.zcard(keys.leases()) == 0
 
 
-async def test_a_release_never_brings_back_a_runtime_hash_nor_counts_below_zero(adapter, redis_client):
-    """The slot count is lowered by one HINCRBY: when the runtime hash expired meanwhile, it
-    stays gone (a hash made by the HINCRBY would have no TTL); when it was written anew at 0,
-    it stays at 0 with its TTL."""
+async def test_a_release_never_brings_back_a_runtime_table_nor_counts_below_zero(adapter, redis_client):
+    """The slot count is lowered by one HINCRBY: when the runtime table expired meanwhile, it
+    stays gone (a table made by the HINCRBY would have no TTL); when the node's count was
+    written anew at 0, it stays at 0 and the table keeps its TTL."""
     await register(adapter, "a", max_jobs=2)
     first, second = (await dispatch(adapter, "k0"))[1], (await dispatch(adapter, "k1"))[1]
-    redis_client.delete(keys.node_runtime("a"))  # expired
+    redis_client.delete(keys.nodes_runtime())  # expired
     await complete(adapter, first, "a")
-    assert not redis_client.exists(keys.node_runtime("a"))
-    redis_client.hset(keys.node_runtime("a"), mapping={"current_jobs": 0, "online": 1})
-    redis_client.expire(keys.node_runtime("a"), 100)
+    assert not redis_client.exists(keys.nodes_runtime())
+    redis_client.hset(keys.nodes_runtime(), mapping={keys.runtime_field("a", "current_jobs"): 0, "b:online": 1})
+    redis_client.expire(keys.nodes_runtime(), 100)
     await complete(adapter, second, "a")
-    assert slots(redis_client, "a") == 0 and 0 < redis_client.ttl(keys.node_runtime("a")) <= 100
+    assert slots(redis_client, "a") == 0 and 0 < redis_client.ttl(keys.nodes_runtime()) <= 100
     assert redis_client.scard(keys.node_jobs("a")) == 0
 
 

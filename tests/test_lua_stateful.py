@@ -72,7 +72,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             self._cancel(job_id)
         self.check_state()
         for node in self.max_jobs:
-            assert int(self.r.hget(keys.node_runtime(node), "current_jobs")) == 0
+            assert int(self.r.hget(keys.nodes_runtime(), keys.runtime_field(node, "current_jobs"))) == 0
         self.r.close()
 
     # ------------------------------------------------------------ helpers
@@ -409,9 +409,9 @@ class ScriptsMachine(RuleBasedStateMachine):
             pipe.ttl(keys.jobkey(job["key"]))
         for node in self.max_jobs:
             pipe.smembers(keys.node_jobs(node))
-            pipe.hget(keys.node_runtime(node), "current_jobs")
+            pipe.hget(keys.nodes_runtime(), keys.runtime_field(node, "current_jobs"))
             pipe.hmget(keys.node_info(node), *RUNTIME_COPY)
-            pipe.hmget(keys.node_runtime(node), *RUNTIME_COPY)
+            pipe.hmget(keys.nodes_runtime(), *(keys.runtime_field(node, f) for f in RUNTIME_COPY))
         for job_id, job in self.ended.items():
             pipe.hget(keys.job(job_id), "status")
             pipe.ttl(keys.job(job_id))

@@ -20,13 +20,14 @@ from scheduler.store.redis_adapter import connect, load_script_sources
 NODES = {f"n{i}": 3 for i in range(4)}
 
 # Read-only and atomic: for every node, current_jobs must equal its job set and stay within max_jobs.
+# KEYS: the runtime table, then per node its job set and info; ARGV: the node ids.
 CONSISTENT = """
-for i = 1, #KEYS, 3 do
-  local current = tonumber(redis.call('HGET', KEYS[i], 'current_jobs') or '0')
-  local held = redis.call('SCARD', KEYS[i + 1])
-  local max_jobs = tonumber(redis.call('HGET', KEYS[i + 2], 'max_jobs'))
+for i = 1, #ARGV do
+  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i] .. ':current_jobs') or '0')
+  local held = redis.call('SCARD', KEYS[2 * i])
+  local max_jobs = tonumber(redis.call('HGET', KEYS[2 * i + 1], 'max_jobs'))
   if current ~= held or current < 0 or current > max_jobs then
-    return {KEYS[i], current, held, max_jobs}
+    return {ARGV[i], current, held, max_jobs}
   end
 end
 return 'ok'
@@ -115,9 +116,9 @@ def test_sixteen_threads_keep_slots_exact(backend, request):
 
     def checker() -> None:
         client = connect(redis_url, decode_responses=True)
-        node_keys = [k for n in NODES for k in (keys.node_runtime(n), keys.node_jobs(n), keys.node_info(n))]
+        node_keys = [keys.nodes_runtime()] + [k for n in NODES for k in (keys.node_jobs(n), keys.node_info(n))]
         while not done.is_set():
-            samples.append(client.eval(CONSISTENT, len(node_keys), *node_keys))
+            samples.append(client.eval(CONSISTENT, len(node_keys), *node_keys, *NODES))
         client.close()
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
@@ -132,7 +133,7 @@ def test_sixteen_threads_keep_slots_exact(backend, request):
     assert not errors, errors[0]
     assert len(samples) > 10 and all(s == "ok" for s in samples), [s for s in samples if s != "ok"][:3]
     for node in NODES:
-        assert setup.hget(keys.node_runtime(node), "current_jobs") == "0", node
+        assert setup.hget(keys.nodes_runtime(), keys.runtime_field(node, "current_jobs")) == "0", node
         assert setup.scard(keys.node_jobs(node)) == 0
     assert setup.zcard(keys.leases()) == 0
     assert stats["placed"] > 500 and stats["full"] > 0 and stats["moved"] > 0, stats

@@ -194,12 +194,12 @@ async def test_jobs_of_a_killed_instance_are_released_by_another(tmp_path, redis
     b = await start_daemon(redis_url=redis_url, owner_ttl_ms=1000, instance_id="b", heartbeat_interval_ms=2000, node_ttl_ms=20_000)
     async with peer(b.ws_url + "/v1/node") as node:
         await node.register("n1", max_jobs=1)
-        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"  # A's job died with the old socket
+        assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field("n1", "current_jobs")) == "0"  # A's job died with the old socket
         assert redis_client.hget(keys.job(job["job_id"]), "status") == "dispatched"
         with trio.fail_after(10):
             cancel = await node.recv(timeout=10)
         assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
-        assert redis_client.hget(keys.node_runtime("n1"), "current_jobs") == "0"
+        assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field("n1", "current_jobs")) == "0"
         assert redis_client.hget(keys.job(job["job_id"]), "status") == "cancelled"
         assert redis_client.zscore(keys.leases(), job["job_id"]) is None
 
@@ -261,7 +261,7 @@ async def test_a_job_cancel_crosses_instances(start_daemon, redis_url, redis_cli
         with trio.fail_after(5):
             cancel = await node.recv(timeout=5)
         assert (cancel["type"], cancel["job_id"], cancel["attempt"]) == ("job_cancel", job["job_id"], 1)
-        assert redis_client.hget(keys.node_runtime("far"), "current_jobs") == "0"
+        assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field("far", "current_jobs")) == "0"
     with trio.fail_after(5):  # (a counts its send once the XADD's reply is back: b may deliver before that)
         while 'scheduler_relay_messages_total{kind="cancel_sent"} 1.0' not in a.metrics.render().decode():
             await trio.sleep(0.01)

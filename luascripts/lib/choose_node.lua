@@ -2,23 +2,24 @@
 --
 -- Every key a script touches is declared in KEYS (Redis Cluster: one slot, no computed key
 -- names). So the caller declares the candidates it knows of, after the script's fixed keys:
---   KEYS: npools pool member-set keys, then 3 keys per node: info, runtime, jobs
+--   KEYS: npools pool member-set keys, the shard's runtime table, then each node's job set
 --   ARGV: npools, nnodes, the pool names, then the node ids
 -- and the script checks that what it needs is among them. When a pool of the lang pair or a
 -- member of such a pool was not declared (a node registered since the caller last looked),
 -- the script changes nothing and fails with STALE_CANDIDATES: the caller re-reads the pools
 -- and members and calls again. Extra declared nodes are ignored.
 
--- declared_candidates(key_base, arg_base): {pool -> members key}, {node -> {info, runtime, jobs}}
+-- declared_candidates(key_base, arg_base): {pool -> members key}, {node -> {runtime, jobs}}
+-- (runtime: the shard's runtime table, {scheduler}:nodes:runtime, the same for every node)
 local function declared_candidates(key_base, arg_base)
   local np, nn = tonumber(ARGV[arg_base + 1]), tonumber(ARGV[arg_base + 2])
   local pools, nodes = {}, {}
   for i = 1, np do
     pools[ARGV[arg_base + 2 + i]] = KEYS[key_base + i]
   end
+  local runtime = KEYS[key_base + np + 1]
   for i = 1, nn do
-    local k = key_base + np + 3 * (i - 1)
-    nodes[ARGV[arg_base + 2 + np + i]] = {info = KEYS[k + 1], runtime = KEYS[k + 2], jobs = KEYS[k + 3]}
+    nodes[ARGV[arg_base + 2 + np + i]] = {runtime = runtime, jobs = KEYS[key_base + np + 1 + i]}
   end
   return pools, nodes
 end
@@ -58,6 +59,10 @@ local function candidate_nodes(lang_key, preferred, pools, nodes)
   return list
 end
 
+-- the fields of a node's runtime choose_node reads, in this order (eligible_load's info[i])
+local RUNTIME_READ = {'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner', 'saturated', 'load_score',
+                      'current_jobs', 'conn_id'}
+
 -- choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
 -- turn's affinity node (`affinity`, its turn hash's affinity_node_id; nil or '' for none) if it is in list and eligible; else the least-loaded eligible node (load:
 -- current_jobs / max_jobs, or the node's load score when that is higher), ties broken by rand, preferring nodes held by instance `near`
@@ -71,7 +76,7 @@ end
 -- lapsed (the one liveness rule, scheduler/store/liveness.py: an owner not listed counts as alive,
 -- as after Redis lost its data; a collected or stopped one is listed with a negative score, dead).
 -- Returns the node id, nil and its connection id (register_node), or nil and NO_AVAILABLE_NODE. The affinity node, when chosen, is chosen
--- before the others are looked at (stats then counts only it).
+-- before the others are weighed (stats then counts only it).
 local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
   -- whether an owner's liveness lapsed, read once per owner per call (most nodes share a
   -- handful of instances: one ZSCORE each instead of one per node)
@@ -85,16 +90,35 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
     end
     return known
   end
+  -- What choose_node needs of every node in `list`, read at once: one HMGET of the shard's
+  -- runtime table ({scheduler}:nodes:runtime), which holds each node's slot count and a copy
+  -- of what choose_node needs of its info (`<node>:<field>`; register_node.lua: written with
+  -- the info by register_node, heartbeats and node_state), so node choice costs one read
+  -- whatever the number of candidates (one per 100 candidates), not one per candidate.
+  local read = {}
+  if #list > 0 then
+    local runtime = nodes[list[1]].runtime
+    for first = 1, #list, 100 do
+      local fields = {}
+      for i = first, math.min(first + 99, #list) do
+        for _, f in ipairs(RUNTIME_READ) do
+          fields[#fields + 1] = list[i] .. ':' .. f
+        end
+      end
+      local values = redis.call('HMGET', runtime, unpack(fields))
+      for i = first, math.min(first + 99, #list) do
+        local at = (i - first) * #RUNTIME_READ
+        read[list[i]] = {unpack(values, at + 1, at + #RUNTIME_READ)}
+      end
+    end
+  end
   -- load and owner of an eligible node, nil otherwise (with `stats`, a table, its free slots
   -- and its slots are added to stats.free and stats.slots: layout 2 reports a shard's free
-  -- share to the placing daemon). One HMGET of the node's runtime hash, which holds its slot
-  -- count and a copy of what choose_node needs of its info (register_node.lua; written with the
-  -- info by register_node, heartbeat and node_state), so a candidate costs one read, not two.
+  -- share to the placing daemon).
   local conn_of = {}
   local function eligible_load(node)
     if node == exclude then return nil end
-    local info = redis.call('HMGET', nodes[node].runtime, 'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner',
-                            'saturated', 'load_score', 'current_jobs', 'conn_id')
+    local info = read[node]
     if info[1] ~= '1' or info[2] == '1' or info[6] == '1' then return nil end
     if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
     local max_jobs = tonumber(info[3] or '0')

@@ -161,8 +161,16 @@ def node_info(node_id: str, *, tag: str = TAG) -> str:
     return f"{tag}:node:info:{node_id}"
 
 
-def node_runtime(node_id: str, *, tag: str = TAG) -> str:
-    return f"{tag}:node:runtime:{node_id}"
+def nodes_runtime(*, tag: str = TAG) -> str:
+    """The runtime table of a shard's nodes (one hash): each node's ``current_jobs`` and the
+    copy of its info that node choice reads, as fields ``<node_id>:<field>``
+    (:func:`runtime_field`; luascripts/register_node.lua)."""
+    return f"{tag}:nodes:runtime"
+
+
+def runtime_field(node_id: str, field: str) -> str:
+    """A node's field in its shard's runtime table (node ids hold no ':': protocol.ID_PATTERN)."""
+    return f"{node_id}:{field}"
 
 
 def node_jobs(node_id: str, *, tag: str = TAG) -> str:

@@ -26,7 +26,7 @@ def register_node(node_id: str, pool_pairs: list[tuple[str, str, str]], max_jobs
     t = tag
     return (
         "register_node",
-        [keys.node_info(node_id, tag=t), keys.node_runtime(node_id, tag=t), keys.node_jobs(node_id, tag=t),
+        [keys.node_info(node_id, tag=t), keys.nodes_runtime(tag=t), keys.node_jobs(node_id, tag=t),
          keys.nodes_all(tag=t)]
         + [keys.pool_members(pool, tag=t) for pool, _, _ in pool_pairs]
         + [keys.lang_pools(src, tgt, tag=t) for _, src, tgt in pool_pairs]
@@ -52,11 +52,11 @@ class Beat:
 def heartbeats(beats: list[Beat], now_ms: int, *, tag: str = keys.TAG) -> Call:
     """The heartbeats of several nodes of one shard (``tag``) in one call
     (luascripts/heartbeats.lua): one reply per node, in order."""
-    keys_: list[str] = []
+    keys_: list[str] = [keys.nodes_runtime(tag=tag)]
     args: list[Any] = [now_ms, keys.KEY_TTL_S]
     for b in beats:
-        keys_ += [keys.node_info(b.node_id, tag=tag), keys.node_runtime(b.node_id, tag=tag)]
-        args += [json.dumps(b.load or {}), "" if b.load_score is None else repr(float(b.load_score)),
+        keys_.append(keys.node_info(b.node_id, tag=tag))
+        args += [b.node_id, json.dumps(b.load or {}), "" if b.load_score is None else repr(float(b.load_score)),
                  "1" if b.saturated else "0", "1" if b.draining else "", b.conn_id]
     return "heartbeats", keys_, args
 
@@ -69,8 +69,8 @@ def heartbeat(node_id: str, now_ms: int, load: dict[str, Any] | None = None, loa
 
 def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_id: str = "", tag: str = keys.TAG) -> Call:
     """``conn_id``: only if the node is still on this connection ('': whichever)."""
-    return ("node_state", [keys.node_info(node_id, tag=tag), keys.node_runtime(node_id, tag=tag)],
-            [owner, "1" if online else "0", "1" if draining else "0", conn_id])
+    return ("node_state", [keys.node_info(node_id, tag=tag), keys.nodes_runtime(tag=tag)],
+            [owner, "1" if online else "0", "1" if draining else "0", conn_id, node_id])
 
 
 @attrs.frozen
@@ -88,8 +88,8 @@ class Candidates:
 
     def keys(self) -> list[str]:
         t = self.tag
-        return [keys.pool_members(p, tag=t) for p in self.pools] + [
-            k for n in self.nodes for k in (keys.node_info(n, tag=t), keys.node_runtime(n, tag=t), keys.node_jobs(n, tag=t))]
+        return ([keys.pool_members(p, tag=t) for p in self.pools] + [keys.nodes_runtime(tag=t)]
+                + [keys.node_jobs(n, tag=t) for n in self.nodes])
 
     def args(self) -> list[Any]:
         return [len(self.pools), len(self.nodes), *self.pools, *self.nodes]
@@ -129,7 +129,7 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
     """``near``: the moving instance, whose nodes are preferred within ``locality_slack`` of load."""
     return (
         "redispatch_task",
-        [keys.job(job_id), keys.node_runtime(old_node), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
+        [keys.job(job_id), keys.nodes_runtime(), keys.node_jobs(old_node), keys.leases(), keys.session(session_id),
          keys.turn(turn_id), keys.lang_pools(src, tgt), keys.instances(), *candidates.keys()],
         [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, near, locality_slack,
          *candidates.args()],
@@ -145,7 +145,7 @@ def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, no
     ``claim``: the job key is in that slot too (layout 1) and is checked and cut to the done-TTL."""
     return (
         "complete_task",
-        [keys.job(job_id, tag=tag), keys.node_runtime(node_id, tag=tag), keys.node_jobs(node_id, tag=tag),
+        [keys.job(job_id, tag=tag), keys.nodes_runtime(tag=tag), keys.node_jobs(node_id, tag=tag),
          keys.leases(tag=tag), keys.answer(job_key, tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
         [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else ""],
     )
@@ -156,9 +156,9 @@ def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int
     """``tag`` and ``claim`` as in :func:`complete`."""
     return (
         "cancel_task",
-        [keys.job(job_id, tag=tag), keys.node_runtime(node_id, tag=tag), keys.node_jobs(node_id, tag=tag),
+        [keys.job(job_id, tag=tag), keys.nodes_runtime(tag=tag), keys.node_jobs(node_id, tag=tag),
          keys.leases(tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
-        [now_ms, job_id, done_ttl_s],
+        [now_ms, job_id, done_ttl_s, node_id],
     )
 
 
@@ -200,7 +200,7 @@ def shard_redispatch(job_id: str, old_node: str, expected_attempt: int, src: str
     t = candidates.tag
     return (
         "shard_redispatch",
-        [keys.job(job_id, tag=t), keys.node_runtime(old_node, tag=t), keys.node_jobs(old_node, tag=t), keys.leases(tag=t),
+        [keys.job(job_id, tag=t), keys.nodes_runtime(tag=t), keys.node_jobs(old_node, tag=t), keys.leases(tag=t),
          keys.lang_pools(src, tgt, tag=t), keys.instances(tag=t), *candidates.keys()],
         [job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms, rand, old_node, near, locality_slack, preferred, affinity,
          *candidates.args()],

@@ -224,7 +224,8 @@ class SchedulingClient:
         node_ids = sorted({n for members in listed for n in members})
         replies = await self._redis.commands_many(
             [c for n in node_ids for c in (("HGETALL", space.node_info_key(n)),
-                                           ("HGET", keys.node_runtime(n, tag=space.node_tag(n)), "current_jobs"))],
+                                           ("HGET", keys.nodes_runtime(tag=space.node_tag(n)),
+                                                   keys.runtime_field(n, "current_jobs")))],
             raise_errors=True)
         nodes = []
         for node_id, info, current in zip(node_ids, replies[::2], replies[1::2], strict=True):
