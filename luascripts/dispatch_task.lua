@@ -95,11 +95,11 @@ if redis.call('EXISTS', job) == 1 then
   return redis.error_reply('JOB_ID_TAKEN job ' .. job_id .. ' exists')
 end
 
-local pools, nodes = declared_candidates(7, 21)
+local pools, nodes, declared = declared_candidates(7, 21)
 local chosen, conn_id = place_job({
-  job = job, lang_key = lang_key, leases_key = leases_key, instances_key = instances_key,
+  job = job, leases_key = leases_key, instances_key = instances_key,
   preferred = session[2], affinity = claim_affinity(turn_key, turn_action),
-  pools = pools, nodes = nodes, job_id = job_id, job_key = job_key, session_id = session_id,
+  pools = pools, nodes = nodes, declared = declared, job_id = job_id, job_key = job_key, session_id = session_id,
   utterance_index = utterance_index, src_lang = src_lang, tgt_lang = tgt_lang, turn_id = turn_id, placed_by = placed_by,
   audio = audio, sample_rate = sample_rate, deadline_ms = deadline_ms, now_ms = now_ms, lease_ms = lease_ms,
   node_ttl_ms = node_ttl_ms, key_ttl_s = key_ttl_s, rand = rand, locality_slack = locality_slack})

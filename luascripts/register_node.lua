@@ -79,8 +79,20 @@ if stored then
     end
   end
 end
+-- whether the pool tables change (a pool's members, a pair's pools): then the runtime table
+-- gets a new version of them ('#pools', read with the candidates by node choice:
+-- lib/choose_node.lua): "<n>/<time>/<node>/<connection>", n one more than the last one's, so
+-- that a caller's list read before it is never taken for current, not even after the table
+-- expired and was made again (a table without a version gets one at the first registration)
+local pools_version = redis.call('HGET', runtime_key, '#pools')
+local pools_changed = not pools_version
 for _, members_key in ipairs(leave) do
-  redis.call('SREM', members_key, node_id)
+  pools_changed = redis.call('SREM', members_key, node_id) == 1 or pools_changed
+end
+for i = 1, n do
+  local pool = ARGV[6 + i]
+  pools_changed = redis.call('SADD', KEYS[4 + i], node_id) == 1 or pools_changed
+  pools_changed = redis.call('HSET', KEYS[4 + n + i], pool, '1') == 1 or pools_changed
 end
 
 local previous_conn = redis.call('HGET', info_key, 'conn_id')
@@ -95,15 +107,16 @@ redis.call('HSET', info_key,
 -- the runtime table: the slot count, and the copy of the info fields choose_node reads (one
 -- HMGET for every candidate: lib/choose_node.lua), written wherever the info's are
 local p = node_id .. ':'
-redis.call('HSET', runtime_key, p .. 'current_jobs', redis.call('SCARD', jobs_key),
+local fields = {p .. 'current_jobs', redis.call('SCARD', jobs_key),
   p .. 'online', '1', p .. 'draining', '0', p .. 'max_jobs', max_jobs, p .. 'last_heartbeat_ts', now_ms,
-  p .. 'load_score', '', p .. 'saturated', '0', p .. 'owner', owner, p .. 'conn_id', conn_id)
+  p .. 'load_score', '', p .. 'saturated', '0', p .. 'owner', owner, p .. 'conn_id', conn_id}
+if pools_changed then
+  fields[#fields + 1] = '#pools'
+  local n_before = tonumber((pools_version or ''):match('^(%d+)/') or '0')
+  fields[#fields + 1] = (n_before + 1) .. '/' .. now_ms .. '/' .. node_id .. '/' .. conn_id
+end
+redis.call('HSET', runtime_key, unpack(fields))
 redis.call('SADD', nodes_key, node_id)
 redis.call('EXPIRE', info_key, node_ttl_s)
 redis.call('EXPIRE', runtime_key, node_ttl_s)
-for i = 1, n do
-  local pool = ARGV[6 + i]
-  redis.call('SADD', KEYS[4 + i], node_id)
-  redis.call('HSET', KEYS[4 + n + i], pool, '1')
-end
 return {'OK'}

@@ -47,12 +47,12 @@ if made[1] then
   end
   return {'EXISTS', job_id, made[2] or '', tonumber(made[3] or '0'), made[4] or '', made[5] or '', tonumber(made[6] or '0')}
 end
-local pools, nodes = declared_candidates(4, 19)
+local pools, nodes, declared = declared_candidates(4, 19)
 local stats = {free = 0, slots = 0}
 local chosen, conn_id = place_job({
-  job = job, lang_key = KEYS[2], leases_key = KEYS[3], instances_key = KEYS[4],
+  job = job, leases_key = KEYS[3], instances_key = KEYS[4],
   preferred = ARGV[18], affinity = ARGV[19],
-  pools = pools, nodes = nodes, job_id = job_id, job_key = job_key, session_id = ARGV[3],
+  pools = pools, nodes = nodes, declared = declared, job_id = job_id, job_key = job_key, session_id = ARGV[3],
   utterance_index = ARGV[4], src_lang = ARGV[5], tgt_lang = ARGV[6], turn_id = ARGV[7], placed_by = ARGV[13],
   audio = ARGV[14], sample_rate = ARGV[15], deadline_ms = ARGV[16], now_ms = tonumber(ARGV[8]),
   lease_ms = tonumber(ARGV[9]), node_ttl_ms = tonumber(ARGV[10]), key_ttl_s = tonumber(ARGV[11]),

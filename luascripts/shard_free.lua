@@ -16,13 +16,13 @@ local lang_key = KEYS[1]
 
 -- @include choose_node
 
-local pools, nodes = declared_candidates(2, 2)
-local list, err = candidate_nodes(lang_key, '', pools, nodes)
+local pools, nodes, declared = declared_candidates(2, 2)
+local list, err, read = candidate_nodes('', pools, nodes, declared)
 if err == 'STALE_CANDIDATES' then
   return redis.error_reply(err)
 end
 local stats = {free = 0, slots = 0}
 if list then
-  choose_node(list, nodes, '', tonumber(ARGV[1]), tonumber(ARGV[2]), 0, '', '', 0, KEYS[2], stats)
+  choose_node(list, read, '', tonumber(ARGV[1]), tonumber(ARGV[2]), 0, '', '', 0, KEYS[2], stats)
 end
 return {stats.free, stats.slots}

@@ -37,11 +37,9 @@ async def register(a, node_id: str, max_jobs: int = 2, pool: str = "zh-en") -> s
 
 async def candidates(a, shard: int) -> lua.Candidates:
     tag = SPACE.shard_tag(shard)
-    pools = sorted(await a.command("HKEYS", keys.lang_pools("zh", "en", tag=tag)))
-    members: set[str] = set()
-    for pool in pools:
-        members |= set(await a.command("SMEMBERS", keys.pool_members(pool, tag=tag)))
-    return lua.Candidates(tuple(pools), tuple(sorted(members)), tag)
+    version = await a.command(*lua.pools_version_read(tag))
+    pools = list(await a.command("HKEYS", keys.lang_pools("zh", "en", tag=tag)))
+    return lua.candidates_from(version, pools, [await a.command("SMEMBERS", keys.pool_members(p, tag=tag)) for p in pools], tag)
 
 
 async def claim(a, job_key: str, job_id: str, *, index: int = 0, session: str = "s1", **kw):

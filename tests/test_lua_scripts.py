@@ -458,7 +458,7 @@ async def test_undeclared_candidates_are_refused_then_refreshed(adapter, redis_c
     await register(adapter, "a", max_jobs=4)
     client = SchedulingClient(adapter)
     cached = await client.candidates("zh", "en")
-    assert cached == lua.Candidates(("zh-en",), ("a",))
+    assert (cached.pools, cached.nodes, cached.members) == (("zh-en",), ("a",), (("a",),)) and cached.version
     await register(adapter, "b", max_jobs=4)  # joins after the read: not declared
     call = lua.dispatch("k0", "1", "s1", 0, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0, cached)
     with pytest.raises(StaleCandidates):
@@ -467,6 +467,35 @@ async def test_undeclared_candidates_are_refused_then_refreshed(adapter, redis_c
     # the client re-reads and retries: both nodes are candidates now, the empty one wins
     placed = [(await client.dispatch(f"k{i}", "s1", i, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0))[2] for i in range(2)]
     assert sorted(placed) == ["a", "b"] and client.candidate_refreshes == 2
+
+
+async def test_the_pool_tables_version_changes_with_them_and_never_comes_back(adapter, redis_client):
+    """Node choice trusts a caller's candidates while the runtime table's '#pools' is the one
+    they were read at: a registration that changes a pool's members or a pair's pools writes
+    a new one; one that changes neither keeps it (no refresh for every reconnect); a table
+    made again after it expired gets one never seen before."""
+    def version():
+        return redis_client.hget(keys.nodes_runtime(), "#pools")
+
+    await register(adapter, "a", max_jobs=2, conn_id="c1")
+    seen = [version()]
+    await register(adapter, "a", max_jobs=3, conn_id="c2")  # reconnects, same pools
+    assert version() == seen[-1]
+    await register(adapter, "b", max_jobs=2)  # joins the pool
+    seen.append(version())
+    await register(adapter, "a", max_jobs=2, pairs=(("zh", "en"), ("zh", "de")))  # a pair more
+    seen.append(version())
+    await adapter.script(*lua.register_node("a", [("other", "zh", "de")], 2, now_ms(), "i1",  # leaves its pools: a new one
+                                            old_pools=["zh-en", "zh-de"]))
+    seen.append(version())
+    assert len(set(seen)) == 4 and all(seen), seen
+    stale = lua.read_candidates(redis_client, "zh", "en")
+    redis_client.delete(keys.nodes_runtime())  # expired
+    await register(adapter, "b", max_jobs=2)
+    assert version() not in seen and version()
+    call = lua.dispatch("k0", "1", "s1", 0, "zh", "en", "t", "none", now_ms(), 30000, 6000, 0, stale)
+    with pytest.raises(StaleCandidates):
+        await adapter.script(*call)
 
 
 async def test_job_ids_come_in_blocks_and_are_never_reused(adapter, redis_client):

@@ -2,52 +2,89 @@
 --
 -- Every key a script touches is declared in KEYS (Redis Cluster: one slot, no computed key
 -- names). So the caller declares the candidates it knows of, after the script's fixed keys:
---   KEYS: npools pool member-set keys, the shard's runtime table, then each node's job set
---   ARGV: npools, nnodes, the pool names, then the node ids
--- and the script checks that what it needs is among them. When a pool of the lang pair or a
--- member of such a pool was not declared (a node registered since the caller last looked),
--- the script changes nothing and fails with STALE_CANDIDATES: the caller re-reads the pools
--- and members and calls again. Extra declared nodes are ignored.
+--   KEYS: the shard's runtime table ({scheduler}:nodes:runtime), then each node's job set
+--   ARGV: npools, nnodes, the version of the pool tables the caller read them at, the pool
+--         names, the node ids, each pool's member count, then each pool's members as
+--         1-based indexes into the node ids
+-- and the script trusts that list only if the version is still the one in the runtime table
+-- (field '#pools': register_node.lua writes a new one whenever it changes a pool's members or
+-- a pair's pools). Otherwise (a node registered since the caller last looked) it changes
+-- nothing and fails with STALE_CANDIDATES: the caller re-reads the version, the pools and
+-- their members, and calls again. The version is read with the candidates' fields, in one
+-- HMGET: node choice reads the pool tables themselves not at all.
 
--- declared_candidates(key_base, arg_base): {pool -> members key}, {node -> {runtime, jobs}}
--- (runtime: the shard's runtime table, {scheduler}:nodes:runtime, the same for every node)
+-- declared_candidates(key_base, arg_base): {pool -> {member ids}}, {node -> {runtime, jobs}},
+-- {version, runtime} (runtime: the shard's runtime table, the same for every node)
 local function declared_candidates(key_base, arg_base)
-  local np, nn = tonumber(ARGV[arg_base + 1]), tonumber(ARGV[arg_base + 2])
-  local pools, nodes = {}, {}
-  for i = 1, np do
-    pools[ARGV[arg_base + 2 + i]] = KEYS[key_base + i]
-  end
-  local runtime = KEYS[key_base + np + 1]
+  local a = arg_base
+  local np, nn, version = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local runtime = KEYS[key_base + 1]
+  local ids, nodes = {}, {}
   for i = 1, nn do
-    nodes[ARGV[arg_base + 2 + np + i]] = {runtime = runtime, jobs = KEYS[key_base + np + 1 + i]}
+    ids[i] = ARGV[a + 3 + np + i]
+    nodes[ids[i]] = {runtime = runtime, jobs = KEYS[key_base + 1 + i]}
   end
-  return pools, nodes
+  local pools, at = {}, a + 3 + np + nn + np
+  for i = 1, np do
+    local members = {}
+    for k = 1, tonumber(ARGV[a + 3 + np + nn + i]) do
+      members[k] = ids[tonumber(ARGV[at + k])]
+    end
+    at = at + #members
+    pools[ARGV[a + 3 + i]] = members
+  end
+  return pools, nodes, {version = version, runtime = runtime}
 end
 
--- candidate_nodes(lang_key, preferred, pools, nodes): the node ids that may take a job of
--- the pair, or nil and NO_POOL_FOR_LANG_PAIR / EMPTY_POOL / STALE_CANDIDATES. Read only.
+-- the fields of a node's runtime choose_node reads, in this order (eligible_load's info[i])
+local RUNTIME_READ = {'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner', 'saturated', 'load_score',
+                      'current_jobs', 'conn_id'}
+
+-- candidate_nodes(preferred, pools, nodes, declared): the node ids that may take a job of the
+-- pair, and what choose_node needs of them (`read`, node -> its RUNTIME_READ values); or nil
+-- and STALE_CANDIDATES / NO_POOL_FOR_LANG_PAIR / EMPTY_POOL. Read only: one HMGET of the
+-- runtime table (one per 100 nodes), which holds the pool tables' version, each node's slot
+-- count and the copy of what choose_node needs of its info (`<node>:<field>`;
+-- register_node.lua: written with the info by register_node, heartbeats and node_state).
 -- Pool choice: the session's preferred pool (`preferred`, its session hash's preferred_pool;
 -- nil or '' for none) when it serves the pair, else every pool of the pair.
-local function candidate_nodes(lang_key, preferred, pools, nodes)
-  local names
-  if preferred and preferred ~= '' and redis.call('HEXISTS', lang_key, preferred) == 1 then
+local function candidate_nodes(preferred, pools, nodes, declared)
+  local all = {}
+  for node in pairs(nodes) do
+    all[#all + 1] = node
+  end
+  local read, current = {}, nil
+  for first = 1, math.max(#all, 1), 100 do
+    local fields = {'#pools'}
+    for i = first, math.min(first + 99, #all) do
+      for _, f in ipairs(RUNTIME_READ) do
+        fields[#fields + 1] = all[i] .. ':' .. f
+      end
+    end
+    local values = redis.call('HMGET', declared.runtime, unpack(fields))
+    current = current or values[1] or ''
+    for i = first, math.min(first + 99, #all) do
+      local at = 1 + (i - first) * #RUNTIME_READ
+      read[all[i]] = {unpack(values, at + 1, at + #RUNTIME_READ)}
+    end
+  end
+  if current ~= declared.version then
+    return nil, 'STALE_CANDIDATES'
+  end
+  local names = {}
+  if preferred and preferred ~= '' and pools[preferred] then
     names = {preferred}
   else
-    names = redis.call('HKEYS', lang_key)
+    for pool in pairs(pools) do names[#names + 1] = pool end
+    table.sort(names)
   end
   if #names == 0 then
     return nil, 'NO_POOL_FOR_LANG_PAIR'
   end
   local seen, list = {}, {}
   for _, pool in ipairs(names) do
-    if not pools[pool] then
-      return nil, 'STALE_CANDIDATES'
-    end
-    for _, node in ipairs(redis.call('SMEMBERS', pools[pool])) do
+    for _, node in ipairs(pools[pool]) do
       if not seen[node] then
-        if not nodes[node] then
-          return nil, 'STALE_CANDIDATES'
-        end
         seen[node] = true
         list[#list + 1] = node
       end
@@ -56,14 +93,10 @@ local function candidate_nodes(lang_key, preferred, pools, nodes)
   if #list == 0 then
     return nil, 'EMPTY_POOL'
   end
-  return list
+  return list, nil, read
 end
 
--- the fields of a node's runtime choose_node reads, in this order (eligible_load's info[i])
-local RUNTIME_READ = {'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner', 'saturated', 'load_score',
-                      'current_jobs', 'conn_id'}
-
--- choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
+-- choose_node(list, read, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key): the
 -- turn's affinity node (`affinity`, its turn hash's affinity_node_id; nil or '' for none) if it is in list and eligible; else the least-loaded eligible node (load:
 -- current_jobs / max_jobs, or the node's load score when that is higher), ties broken by rand, preferring nodes held by instance `near`
 -- (their info's owner; '' prefers none): the least loaded of those wins when its load is at
@@ -77,7 +110,7 @@ local RUNTIME_READ = {'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'ow
 -- as after Redis lost its data; a collected or stopped one is listed with a negative score, dead).
 -- Returns the node id, nil and its connection id (register_node), or nil and NO_AVAILABLE_NODE. The affinity node, when chosen, is chosen
 -- before the others are weighed (stats then counts only it).
-local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
+local function choose_node(list, read, affinity, now_ms, node_ttl_ms, rand, exclude, near, slack, instances_key, stats)
   -- whether an owner's liveness lapsed, read once per owner per call (most nodes share a
   -- handful of instances: one ZSCORE each instead of one per node)
   local lapsed_owner = {}
@@ -89,28 +122,6 @@ local function choose_node(list, nodes, affinity, now_ms, node_ttl_ms, rand, exc
       lapsed_owner[owner] = known
     end
     return known
-  end
-  -- What choose_node needs of every node in `list`, read at once: one HMGET of the shard's
-  -- runtime table ({scheduler}:nodes:runtime), which holds each node's slot count and a copy
-  -- of what choose_node needs of its info (`<node>:<field>`; register_node.lua: written with
-  -- the info by register_node, heartbeats and node_state), so node choice costs one read
-  -- whatever the number of candidates (one per 100 candidates), not one per candidate.
-  local read = {}
-  if #list > 0 then
-    local runtime = nodes[list[1]].runtime
-    for first = 1, #list, 100 do
-      local fields = {}
-      for i = first, math.min(first + 99, #list) do
-        for _, f in ipairs(RUNTIME_READ) do
-          fields[#fields + 1] = list[i] .. ':' .. f
-        end
-      end
-      local values = redis.call('HMGET', runtime, unpack(fields))
-      for i = first, math.min(first + 99, #list) do
-        local at = (i - first) * #RUNTIME_READ
-        read[list[i]] = {unpack(values, at + 1, at + #RUNTIME_READ)}
-      end
-    end
   end
   -- load and owner of an eligible node, nil otherwise (with `stats`, a table, its free slots
   -- and its slots are added to stats.free and stats.slots: layout 2 reports a shard's free

@@ -17,8 +17,8 @@ local function move_job(j)
   if attempt ~= j.expected_attempt or (v[3] ~= 'dispatched' and v[3] ~= 'waiting') then
     return {'NOOP', v[3], attempt, v[1] or '', v[4] or '', tonumber(v[5] or '0')}
   end
-  local pools, nodes = declared_candidates(j.candidates_at[1], j.candidates_at[2])
-  local list, err = candidate_nodes(j.lang_key, j.preferred(), pools, nodes)
+  local pools, nodes, declared = declared_candidates(j.candidates_at[1], j.candidates_at[2])
+  local list, err, read = candidate_nodes(j.preferred(), pools, nodes, declared)
   if err == 'STALE_CANDIDATES' then
     return redis.error_reply(err .. ' job ' .. job_id)
   end
@@ -29,7 +29,7 @@ local function move_job(j)
 
   local chosen, conn_id
   if list then
-    chosen, err, conn_id = choose_node(list, nodes, j.affinity(), j.now_ms, j.node_ttl_ms, j.rand, j.old_node, j.near,
+    chosen, err, conn_id = choose_node(list, read, j.affinity(), j.now_ms, j.node_ttl_ms, j.rand, j.old_node, j.near,
                               j.locality_slack, j.instances_key)
   end
   if not chosen then

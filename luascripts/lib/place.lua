@@ -2,18 +2,18 @@
 --
 -- The shard's side of placing a new job: choose a node, take its slot, create the job hash.
 
--- place_job(j): j holds job (the job hash key), lang_key, leases_key, instances_key, preferred,
--- affinity, pools, nodes (declared_candidates), the job's fields (job_id, job_key, session_id,
+-- place_job(j): j holds job (the job hash key), leases_key, instances_key, preferred,
+-- affinity, pools, nodes, declared (declared_candidates), the job's fields (job_id, job_key, session_id,
 -- utterance_index, src_lang, tgt_lang, turn_id, placed_by, audio, sample_rate, deadline_ms)
 -- and the placement's (now_ms, lease_ms, node_ttl_ms, key_ttl_s, rand, locality_slack); `stats`
 -- (optional, a table with free = 0, slots = 0) gets the free slots and the slots of the
 -- eligible nodes (choose_node).
 -- Returns the chosen node and its connection id, or nil and the error text.
 local function place_job(j)
-  local list, err = candidate_nodes(j.lang_key, j.preferred, j.pools, j.nodes)
+  local list, err, read = candidate_nodes(j.preferred, j.pools, j.nodes, j.declared)
   local chosen, conn_id
   if list then
-    chosen, err, conn_id = choose_node(list, j.nodes, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
+    chosen, err, conn_id = choose_node(list, read, j.affinity, j.now_ms, j.node_ttl_ms, j.rand, '', j.placed_by,
                               j.locality_slack, j.instances_key, j.stats)
   end
   if not chosen then

@@ -75,33 +75,54 @@ def node_state(node_id: str, owner: str, *, online: bool, draining: bool, conn_i
 
 @attrs.frozen
 class Candidates:
-    """The pools of a language pair and their member nodes, as the caller last read them.
+    """The pools of a language pair and their member nodes, as the caller last read them,
+    with the version of the pool tables they were read at.
 
-    dispatch_task and redispatch_task take these as declared keys (Redis Cluster: a script
-    touches only keys named in KEYS). When Redis knows more than this (a node registered
-    since), the script fails with STALE_CANDIDATES and the caller reads them again.
+    dispatch_task and redispatch_task take the nodes' keys as declared keys (Redis Cluster: a
+    script touches only keys named in KEYS) and trust the list while the version is still
+    Redis's (lib/choose_node.lua). When it is not (a node registered since), the script fails
+    with STALE_CANDIDATES and the caller reads them again (:func:`candidates_from`).
     """
 
     pools: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
     tag: str = keys.TAG  # the shard they belong to (layout 2; layout 1 has one)
+    members: tuple[tuple[str, ...], ...] | None = None  # per pool, its members (None: every node in every pool)
+    version: str = ""  # the runtime table's '#pools' when they were read ('' none)
 
     def keys(self) -> list[str]:
         t = self.tag
-        return ([keys.pool_members(p, tag=t) for p in self.pools] + [keys.nodes_runtime(tag=t)]
-                + [keys.node_jobs(n, tag=t) for n in self.nodes])
+        return [keys.nodes_runtime(tag=t)] + [keys.node_jobs(n, tag=t) for n in self.nodes]
 
     def args(self) -> list[Any]:
-        return [len(self.pools), len(self.nodes), *self.pools, *self.nodes]
+        index = {n: i + 1 for i, n in enumerate(self.nodes)}
+        members = self.members if self.members is not None else tuple(self.nodes for _ in self.pools)
+        return [len(self.pools), len(self.nodes), self.version, *self.pools, *self.nodes,
+                *(len(m) for m in members), *(index[n] for m in members for n in m)]
+
+
+def candidates_from(version: str | None, pools: list[str], members: list[Any], tag: str = keys.TAG) -> Candidates:
+    """Candidates from what was read, in this order: the runtime table's ``'#pools'``
+    (:func:`pools_version_read`), the pair's pools (``HKEYS``), each pool's members
+    (``SMEMBERS``, in the order of ``pools``)."""
+    order = sorted(range(len(pools)), key=lambda i: pools[i])
+    per_pool = tuple(tuple(sorted(members[i])) for i in order)
+    nodes = tuple(sorted({n for m in per_pool for n in m}))
+    return Candidates(tuple(pools[i] for i in order), nodes, tag, per_pool, version or "")
+
+
+def pools_version_read(tag: str = keys.TAG) -> tuple[str, str, str]:
+    """The command that reads the pool tables' version: before the pools and members it stands for."""
+    return ("HGET", keys.nodes_runtime(tag=tag), "#pools")
 
 
 def read_candidates(client: Any, src: str, tgt: str, *, tag: str = keys.TAG) -> Candidates:
     """Read the pools of ``src -> tgt`` and their members (in the shard of ``tag``) with a
     synchronous redis-py client (tests, benchmarks). The daemon reads them through the
     adapter (scheduling.py)."""
-    pools = sorted(client.hkeys(keys.lang_pools(src, tgt, tag=tag)))
-    members = {m for pool in pools for m in client.smembers(keys.pool_members(pool, tag=tag))}
-    return Candidates(tuple(pools), tuple(sorted(members)), tag)
+    version = client.execute_command(*pools_version_read(tag))
+    pools = list(client.hkeys(keys.lang_pools(src, tgt, tag=tag)))
+    return candidates_from(version, pools, [client.smembers(keys.pool_members(p, tag=tag)) for p in pools], tag)
 
 
 def dispatch(job_key: str, job_id: str, session_id: str, utterance_index: int, src: str, tgt: str, turn_id: str,

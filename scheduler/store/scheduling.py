@@ -135,10 +135,11 @@ class SchedulingClient:
         if refresh or entry not in self._shard_candidates:
             self.candidate_refreshes += 1
             tag = self._space.shard_tag(shard)
-            pools = sorted(await self._redis.command("HKEYS", keys.lang_pools(src, tgt, tag=tag)))
+            version, pools = await self._redis.commands_many(  # the version first: it stands for what is read after it
+                [lua.pools_version_read(tag), ("HKEYS", keys.lang_pools(src, tgt, tag=tag))], raise_errors=True)
             listed = await self._redis.commands_many([("SMEMBERS", keys.pool_members(p, tag=tag)) for p in pools],
                                                      raise_errors=True)
-            self._shard_candidates[entry] = lua.Candidates(tuple(pools), tuple(sorted({n for m in listed for n in m})), tag)
+            self._shard_candidates[entry] = lua.candidates_from(version, list(pools), list(listed), tag)
         return self._shard_candidates[entry]
 
     async def run_many(self, src: str, tgt: str, builders: list[Callable[[lua.Candidates], lua.Call]]) -> list[Any]:

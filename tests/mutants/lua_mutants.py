@@ -101,6 +101,13 @@ MUTANTS = [
            "a batch writes its first node's load, score and connection for every node in it"),
     Mutant("node_state_copy_forgotten", "node_state.lua", "  redis.call('HSET', runtime_key, unpack(copy))\n", "",
            "a node that went offline or draining is still online and not draining for node choice"),
+    Mutant("pools_version_kept_on_join", "register_node.lua",
+           "pools_changed = redis.call('SADD', KEYS[4 + i], node_id) == 1 or pools_changed",
+           "redis.call('SADD', KEYS[4 + i], node_id)",
+           "a node joining a pool leaves the pool tables' version as it was: callers keep placing on the nodes "
+           "they knew of, never on the new one"),
+    Mutant("stale_candidates_trusted", "lib/choose_node.lua", "if current ~= declared.version then", "if false then",
+           "node choice trusts the caller's candidates whatever the version: a node registered since is never chosen"),
     Mutant("claim_journals_counted", "lib/session_claim.lua",
            "if entry and entry ~= '' and tonumber(session[4] or '0') <= index then", "if entry and entry ~= '' then",
            "a job created late writes the journal entry of an utterance the journal counted already (its result may "
