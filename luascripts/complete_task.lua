@@ -13,7 +13,8 @@
 -- still gets ALREADY_COMPLETED.
 -- Reply: {"OK", session_id, job_key, utterance_index, tgt_lang}.
 -- Errors: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT, ALREADY_COMPLETED, JOBKEY_MISMATCH (KEYS[6] is not
--- this job's job key: caller bug; nothing changed).
+-- this job's job key: caller bug; nothing changed, but the other job's key is given the key
+-- TTL, ARGV[10], again: the check and the cut of the TTL are one SET ... XX GET).
 --
 -- KEYS[1] {scheduler}:job:<job_id>                hash
 -- KEYS[2] {scheduler}:nodes:runtime                the runtime table (register_node.lua)
@@ -30,7 +31,8 @@ local answer_key = KEYS[5]
 local jobkey_key = KEYS[6]
 -- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
 -- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone),
--- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s, ARGV[9] '1' for a repeated call
+-- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s, ARGV[9] '1' for a repeated call,
+-- ARGV[10] key_ttl_s (a job key's TTL while its job runs)
 local node_id = ARGV[1]
 local attempt = tonumber(ARGV[2])
 local status = ARGV[3]
@@ -40,6 +42,7 @@ local done_ttl_s = tonumber(ARGV[6])
 local answer = ARGV[7] or ''
 local answer_ttl_s = tonumber(ARGV[8] or '0')
 local again = ARGV[9] == '1'
+local key_ttl_s = tonumber(ARGV[10])
 
 -- @include slots
 
@@ -59,16 +62,17 @@ end
 if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
-local mapped = jobkey_key and redis.call('GET', jobkey_key)
-if mapped and mapped ~= job_id then
-  return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
+if jobkey_key then  -- the job key is cut to the done TTL, and read back in the same command
+  local mapped = redis.call('SET', jobkey_key, job_id, 'XX', 'GET', 'EX', done_ttl_s)
+  if mapped and mapped ~= job_id then  -- another job's: put back as it was, but for its TTL
+    redis.call('SET', jobkey_key, mapped, 'EX', key_ttl_s)
+    return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
+  end
 end
-redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms)
-redis.call('HDEL', job_key_hash, 'audio')  -- no longer needed by anyone
+-- the audio is no longer needed by anyone: emptied in the same HSET (an empty audio is none,
+-- recovery.py), not deleted by a command of its own
+redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms, 'audio', '')
 redis.call('EXPIRE', job_key_hash, done_ttl_s)
-if jobkey_key then
-  redis.call('EXPIRE', jobkey_key, done_ttl_s)
-end
 release_slot(runtime_key, node_id, jobs_key, leases_key, job_id)
 if answer ~= '' and answer_ttl_s > 0 then
   redis.call('SET', answer_key, answer, 'EX', answer_ttl_s)

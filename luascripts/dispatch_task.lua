@@ -107,6 +107,6 @@ if not chosen then
   redis.call('DEL', jobkey_key)  -- refused: the claim is let go
   return redis.error_reply(conn_id)
 end
-claim_record(nil, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
+claim_record(nil, job_id, key_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session, now_ms)
 claim_turn(turn_key, turn_action, chosen, turn_jobs, key_ttl_s)
 return {'OK', job_id, chosen, 1, conn_id}

@@ -27,7 +27,8 @@
 -- ARGV[6] turn_action ("keep", "end" or ""), ARGV[7] key_ttl_s (the session's and turn's),
 -- ARGV[8] turn_jobs, ARGV[9] epoch ('' not fenced), ARGV[10] affinity node, ARGV[11] replaces,
 -- ARGV[12] claim_ttl_s (how long the claim is kept: past the result deadline), ARGV[13] the
--- utterance's resume-journal entry ('' none; a fresh claim writes it: lib/session_claim.lua, claim_record)
+-- utterance's resume-journal entry ('' none; a fresh claim writes it: lib/session_claim.lua, claim_record),
+-- ARGV[14] now_ms ('' or absent: the session's TTL is renewed at every claim, else once per half TTL)
 local session_key = KEYS[1]
 local turn_key = KEYS[2]
 local jobkey_key = KEYS[3]
@@ -43,6 +44,7 @@ local affinity = ARGV[10]
 local replaces = ARGV[11]
 local claim_ttl_s = tonumber(ARGV[12])
 local journal_entry = ARGV[13] or ''
+local now_ms = tonumber(ARGV[14] or '')  -- (nil: the session's TTL is renewed at every claim)
 
 -- @include session_claim
 
@@ -57,7 +59,8 @@ if existing and existing ~= job_id and (replaces == '' or existing ~= replaces) 
 end
 local stored = claim_affinity(turn_key, turn_action) or ''
 if existing ~= job_id then
-  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session)
+  claim_record(jobkey_key, job_id, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, journal_entry, session,
+               now_ms)
   if affinity ~= '' then
     claim_turn(turn_key, 'keep', affinity, turn_jobs, key_ttl_s)
     stored = affinity

@@ -382,6 +382,22 @@ async def test_a_dispatch_under_a_taken_job_id_leaves_its_job_key_free(adapter, 
     assert not redis_client.exists(keys.jobkey("k2")) and slots(redis_client, "n1") == 1
 
 
+async def test_a_claim_renews_the_session_s_ttl_once_per_half_ttl(adapter, redis_client):
+    """dispatch_task renews the session hash's TTL when its last renewal by a claim (ttl_at)
+    is half a TTL old or more: one EXPIRE per half hour of a live session, not one per job."""
+    await register(adapter, "n1", max_jobs=8)
+    await dispatch(adapter, "s1:0:translate:en")
+    assert redis_client.ttl(keys.session("s1")) > keys.KEY_TTL_S - 10
+    redis_client.expire(keys.session("s1"), 2000)
+    await dispatch(adapter, "s1:1:translate:en")  # renewed a moment ago: left as it is
+    assert redis_client.ttl(keys.session("s1")) <= 2000
+    renewed_at = int(redis_client.hget(keys.session("s1"), "ttl_at"))
+    redis_client.hset(keys.session("s1"), "ttl_at", renewed_at - keys.KEY_TTL_S * 500)  # half a TTL ago
+    await dispatch(adapter, "s1:2:translate:en")
+    assert redis_client.ttl(keys.session("s1")) > keys.KEY_TTL_S - 10
+    assert int(redis_client.hget(keys.session("s1"), "ttl_at")) >= renewed_at
+
+
 async def test_a_repeated_dispatch_learns_what_its_lost_call_made(adapter, redis_client):
     """Redis timed out on a dispatch_task that went through: the repeat (same key, same job
     id) is told the placement, not taken for a duplicate; another id is a duplicate as ever."""
@@ -516,12 +532,16 @@ async def test_job_ids_come_in_blocks_and_are_never_reused(adapter, redis_client
 async def test_complete_and_cancel_refuse_a_foreign_job_key(adapter, redis_client):
     await register(adapter, "a", max_jobs=4)
     one = (await dispatch(adapter, "k0"))[1]
-    await dispatch(adapter, "k1")
+    two = (await dispatch(adapter, "k1"))[1]
     with pytest.raises(JobkeyMismatch):
         await adapter.script(*lua.complete(one, "k1", "a", 1, True, now_ms()))
     with pytest.raises(JobkeyMismatch):
         await adapter.script(*lua.cancel(one, "k1", "a", now_ms()))
     assert slots(redis_client, "a") == 2 and redis_client.ttl(keys.jobkey("k1")) > 1000
+    assert redis_client.get(keys.jobkey("k1")) == two and redis_client.hget(keys.job(one), "status") == "dispatched"
+    await complete(adapter, one, "a")  # its own key: cut to the done TTL, the audio emptied
+    assert redis_client.get(keys.jobkey("k0")) == one and 0 < redis_client.ttl(keys.jobkey("k0")) <= keys.DONE_TTL_S
+    assert not redis_client.hget(keys.job(one), "audio")
 
 
 def test_scripts_never_compute_a_key_name():

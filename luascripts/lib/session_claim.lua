@@ -6,9 +6,9 @@
 -- share the one tag with everything else, and dispatch_task runs this with the placement.
 
 -- claim_read(session_key): what a claim reads of the session hash, in one HMGET:
--- {epoch, preferred_pool, next_utterance_index, finalized}.
+-- {epoch, preferred_pool, next_utterance_index, finalized, ttl_at}.
 local function claim_read(session_key)
-  return redis.call('HMGET', session_key, 'epoch', 'preferred_pool', 'next_utterance_index', 'finalized')
+  return redis.call('HMGET', session_key, 'epoch', 'preferred_pool', 'next_utterance_index', 'finalized', 'ttl_at')
 end
 
 -- claim_fenced(session, session_id, epoch): the FENCED error text when the session hash
@@ -22,7 +22,8 @@ local function claim_fenced(session, session_id, epoch)
   return nil
 end
 
--- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry, session):
+-- claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry, session,
+-- now_ms):
 -- the job key names `claim` (the job's id) for claim_ttl_s (`jobkey_key` nil: the caller
 -- claimed it already, dispatch_task's SET NX); the session's current turn
 -- follows, and its next index is never lowered. `entry` (the first job of an utterance: its
@@ -32,8 +33,12 @@ end
 -- own (docs/redis.md, "The utterance's journal entry, written by its job's creation"); an
 -- utterance counted already was journaled by the session's writer, or its result was sent
 -- (and maybe trimmed since): it is never written again.
+-- The session hash's TTL (key_ttl_s) is renewed when its last renewal by a claim (`ttl_at`,
+-- epoch ms, written with it) is half a TTL old or more, or unknown (`now_ms` nil: always): a
+-- live session's hash keeps at least half its TTL with one EXPIRE per half TTL, not one per
+-- job. Nothing else shortens it (the journal's and a resume's renewals are full ones).
 local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id, utterance_index, key_ttl_s, entry,
-                            session)
+                            session, now_ms)
   if jobkey_key then
     redis.call('SET', jobkey_key, claim, 'EX', claim_ttl_s)
   end
@@ -49,8 +54,15 @@ local function claim_record(jobkey_key, claim, claim_ttl_s, session_key, turn_id
     fields[#fields + 1] = 'finalized'
     fields[#fields + 1] = index + 1
   end
+  local renew = not now_ms or not session[5] or now_ms - tonumber(session[5]) >= key_ttl_s * 500
+  if renew and now_ms then
+    fields[#fields + 1] = 'ttl_at'
+    fields[#fields + 1] = now_ms
+  end
   redis.call('HSET', session_key, unpack(fields))
-  redis.call('EXPIRE', session_key, key_ttl_s)
+  if renew then
+    redis.call('EXPIRE', session_key, key_ttl_s)
+  end
 end
 
 -- claim_affinity(turn_key, turn_action): the node the turn's jobs follow, or nil. A turn has

@@ -168,7 +168,8 @@ def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, no
         "complete_task",
         [keys.job(job_id, tag=tag), keys.nodes_runtime(tag=tag), keys.node_jobs(node_id, tag=tag),
          keys.leases(tag=tag), keys.answer(job_key, tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
-        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else ""],
+        [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else "",
+         keys.KEY_TTL_S],
     )
 
 
@@ -185,15 +186,17 @@ def cancel(job_id: str, job_key: str, node_id: str, now_ms: int, done_ttl_s: int
 
 def session_claim(job_key: str, job_id: str, session_id: str, utterance_index: int, turn_id: str, turn_action: str,
                   turn_jobs: int = 1, *, epoch: int | None = None, affinity: str = "", replaces: str = "",
-                  claim_ttl_s: int = keys.KEY_TTL_S, tag: str = keys.TAG, journal_entry: str = "") -> Call:
+                  claim_ttl_s: int = keys.KEY_TTL_S, tag: str = keys.TAG, journal_entry: str = "",
+                  now_ms: int | None = None) -> Call:
     """Layout 2's first step: claim ``job_key`` for ``job_id`` in the session's slot (``tag``);
     ``affinity``: the node the turn's previous ("keep") job went to; ``replaces``: a claim the
-    caller found dead; ``journal_entry``: as for :func:`dispatch` (luascripts/session_claim.lua)."""
+    caller found dead; ``journal_entry``: as for :func:`dispatch` (luascripts/session_claim.lua);
+    ``now_ms``: the session's TTL is renewed once per half TTL (None: at every claim)."""
     return (
         "session_claim",
         [keys.session(session_id, tag=tag), keys.turn(turn_id, tag=tag), keys.jobkey(job_key, tag=tag)],
         [job_key, job_id, session_id, utterance_index, turn_id, turn_action, keys.KEY_TTL_S, turn_jobs,
-         "" if epoch is None else epoch, affinity, replaces, claim_ttl_s, journal_entry],
+         "" if epoch is None else epoch, affinity, replaces, claim_ttl_s, journal_entry, "" if now_ms is None else now_ms],
     )
 
 

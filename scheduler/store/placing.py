@@ -229,7 +229,8 @@ class ShardedPlacer:
         return lua.session_claim(job.job_key, p.job_id, job.session_id, job.utterance_index, job.turn_id, job.turn_action,
                                  job.turn_jobs, epoch=job.epoch, affinity=affinity, replaces=p.replaces,
                                  claim_ttl_s=max(120, (job.deadline_ms - now_ms()) // 1000 + 180),
-                                 tag=self._space.session_tag(job.session_id), journal_entry=job.journal_entry)
+                                 tag=self._space.session_tag(job.session_id), journal_entry=job.journal_entry,
+                                 now_ms=now_ms())
 
     async def _dispatch(self, src: str, tgt: str, dispatching: dict[int, _Placing], moves: dict[int, tuple[MoveJob, int]],
                         ctx: Context, replies: list[Any],

@@ -115,6 +115,9 @@ MUTANTS = [
     Mutant("claim_journal_uncounted", "lib/session_claim.lua",
            "    fields[#fields + 1] = 'finalized'\n    fields[#fields + 1] = index + 1\n", "",
            "a job's creation writes its utterance's entry without counting it: a resume numbers it again"),
+    Mutant("session_ttl_never_set", "lib/session_claim.lua",
+           "  if renew then\n    redis.call('EXPIRE', session_key, key_ttl_s)\n  end\n", "",
+           "a claim that makes the session hash gives it no TTL: it is never collected"),
     Mutant("affinity_unread_at_turn_end", "lib/session_claim.lua",
            "if turn_action == 'keep' or turn_action == 'end' then", "if turn_action == 'keep' then",
            "the last utterance of a kept turn (\"end\") does not follow the turn's node: its affinity is read only for "
