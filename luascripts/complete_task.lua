@@ -3,10 +3,12 @@
 -- Sets status to "finished" or "failed", takes the job out of the node's job set and the
 -- leases, and releases the node's slot exactly once (by job-set membership; never below
 -- zero). Completing a job that is not "dispatched" changes nothing.
--- The accepted answer (ARGV[7], the outcome JSON the session will get) is kept at KEYS[5] for
--- ARGV[8] seconds (at least the result deadline): until the client was sent its result, any
--- instance that owns or resumes the session can take it from there (relay.py), so an answer
--- never dies with the process that received it. An empty ARGV[7] stores nothing.
+-- The accepted answer (ARGV[7], the outcome JSON the session will get) is kept in the job hash
+-- (field `answer`), which is then kept ARGV[8] seconds (at least the result deadline) if that is
+-- longer than the done TTL, and so is its job key: until the client was sent its result, any
+-- instance that owns or resumes the session can take it from there, by the job key's claim
+-- (relay.py, scheduling.stored_answers), so an answer never dies with the process that
+-- received it. An empty ARGV[7] stores nothing.
 -- Idempotent for its caller: with ARGV[9] = '1' (this call repeats one whose reply was lost,
 -- a timeout), a job this same node and attempt already completed as ARGV[3] replies OK again,
 -- as the lost call did, and changes nothing; a node sending its answer twice (no ARGV[9])
@@ -20,15 +22,13 @@
 -- KEYS[2] {scheduler}:nodes:runtime                the runtime table (register_node.lua)
 -- KEYS[3] {scheduler}:node:jobs:<node_id>         set of the answering node
 -- KEYS[4] {scheduler}:leases                    zset
--- KEYS[5] {scheduler}:answer:<job_key>     string: the accepted answer (outcome JSON)
--- KEYS[6] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut to done_ttl_s); layout 2
+-- KEYS[5] {scheduler}:jobkey:<job_key>     the job's job key (its TTL is cut as the job's); layout 2
 --         leaves it out (the claim is in the session's slot and is kept until its own TTL)
 local job_key_hash = KEYS[1]
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local leases_key = KEYS[4]
-local answer_key = KEYS[5]
-local jobkey_key = KEYS[6]
+local jobkey_key = KEYS[5]
 -- ARGV[1] node_id, ARGV[2] attempt, ARGV[3] status ("finished"/"failed"), ARGV[4] now_ms, ARGV[5] job_id,
 -- ARGV[6] done_ttl_s: how long the finished job and its job key are kept (idempotency, then gone),
 -- ARGV[7] answer JSON ('' for none), ARGV[8] answer_ttl_s, ARGV[9] '1' for a repeated call,
@@ -62,19 +62,26 @@ end
 if j[3] ~= 'dispatched' then
   return redis.error_reply('ALREADY_COMPLETED job is ' .. j[3])
 end
-if jobkey_key then  -- the job key is cut to the done TTL, and read back in the same command
-  local mapped = redis.call('SET', jobkey_key, job_id, 'XX', 'GET', 'EX', done_ttl_s)
+-- how long the job (with its answer) and its job key are kept from now
+local kept_s = done_ttl_s
+if answer ~= '' and answer_ttl_s > kept_s then
+  kept_s = answer_ttl_s
+end
+if jobkey_key then  -- the job key's TTL is cut, and the key read back in the same command
+  local mapped = redis.call('SET', jobkey_key, job_id, 'XX', 'GET', 'EX', kept_s)
   if mapped and mapped ~= job_id then  -- another job's: put back as it was, but for its TTL
     redis.call('SET', jobkey_key, mapped, 'EX', key_ttl_s)
     return redis.error_reply('JOBKEY_MISMATCH ' .. jobkey_key .. ' names job ' .. mapped)
   end
 end
 -- the audio is no longer needed by anyone: emptied in the same HSET (an empty audio is none,
--- recovery.py), not deleted by a command of its own
-redis.call('HSET', job_key_hash, 'status', status, 'finished_ts', now_ms, 'audio', '')
-redis.call('EXPIRE', job_key_hash, done_ttl_s)
-release_slot(runtime_key, node_id, jobs_key, leases_key, job_id)
-if answer ~= '' and answer_ttl_s > 0 then
-  redis.call('SET', answer_key, answer, 'EX', answer_ttl_s)
+-- recovery.py), not deleted by a command of its own; the answer is written in it too
+local fields = {'status', status, 'finished_ts', now_ms, 'audio', ''}
+if answer ~= '' then
+  fields[#fields + 1] = 'answer'
+  fields[#fields + 1] = answer
 end
+redis.call('HSET', job_key_hash, unpack(fields))
+redis.call('EXPIRE', job_key_hash, kept_s)
+release_slot(runtime_key, node_id, jobs_key, leases_key, job_id)
 return {'OK', j[4], j[5], tonumber(j[6]), j[7]}

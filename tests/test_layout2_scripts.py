@@ -123,7 +123,7 @@ async def test_claim_then_place_in_the_nodes_shard(adapter, redis_client):
     done = await adapter.script(*lua.complete(job_id, "s1:0:translate:en", node, 1, True, now_ms(), answer='{"a": 1}',
                                               answer_ttl_s=60, tag=tag, claim=False))
     assert done == ["OK", "s1", "s1:0:translate:en", 0, "en"]
-    assert redis_client.get(keys.answer("s1:0:translate:en", tag=tag)) == '{"a": 1}'
+    assert redis_client.hget(keys.job(job_id, tag=tag), "answer") == '{"a": 1}'
     assert redis_client.hget(keys.nodes_runtime(tag=tag), keys.runtime_field(node, "current_jobs")) == "0"
     claim_key = keys.jobkey("s1:0:translate:en", tag=SPACE.session_tag("s1"))
     assert redis_client.get(claim_key) == job_id, "the claim stays until its own TTL"

@@ -24,7 +24,7 @@ from scheduler.store.redis_adapter import (
     load_script_sources,
     now_ms,
 )
-from scheduler.store.scheduling import SchedulingClient
+from scheduler.store.scheduling import SchedulingClient, stored_answers
 
 
 @pytest.fixture
@@ -333,11 +333,15 @@ async def test_complete_keeps_the_answer_until_its_ttl(adapter, redis_client):
     call = lua.complete(job_id, "s1:0:translate:en", "a", 2, True, now_ms(), answer='{"x": 1}', answer_ttl_s=40)
     with pytest.raises(StaleAttempt):
         await adapter.script(*call)
-    assert not redis_client.exists(keys.answer("s1:0:translate:en"))
-    call = lua.complete(job_id, "s1:0:translate:en", "a", 1, True, now_ms(), answer='{"x": 1}', answer_ttl_s=40)
+    assert not redis_client.hexists(keys.job(job_id), "answer")
+    call = lua.complete(job_id, "s1:0:translate:en", "a", 1, True, now_ms(), answer='{"x": 1}', answer_ttl_s=400)
     assert (await adapter.script(*call))[0] == "OK"
-    assert redis_client.get(keys.answer("s1:0:translate:en")) == '{"x": 1}'
-    assert 30 < redis_client.ttl(keys.answer("s1:0:translate:en")) <= 40
+    assert redis_client.hget(keys.job(job_id), "answer") == '{"x": 1}'  # in the job, kept as long as the answer
+    assert 390 < redis_client.ttl(keys.job(job_id)) <= 400 and 390 < redis_client.ttl(keys.jobkey("s1:0:translate:en")) <= 400
+    assert await stored_answers(adapter, [("s1", ["s1:0:translate:en", "s1:1:translate:en"])]) == [['{"x": 1}', None]]
+    short = (await dispatch(adapter, "s1:1:translate:en"))[1]  # an answer kept less than the done TTL: the done TTL
+    await adapter.script(*lua.complete(short, "s1:1:translate:en", "a", 1, True, now_ms(), answer='{"y": 2}', answer_ttl_s=40))
+    assert keys.DONE_TTL_S - 10 < redis_client.ttl(keys.job(short)) <= keys.DONE_TTL_S
 
 
 async def test_reconnect_keeps_held_jobs_counted(adapter, redis_client):

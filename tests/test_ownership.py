@@ -305,7 +305,8 @@ async def test_a_lost_answer_message_is_taken_from_redis(start_daemon, redis_url
         with trio.move_on_after(1.5):  # and only once, though the answer stays findable for a moment
             extra = await s.recv_until("result")
             raise AssertionError(f"second result {extra}")
-        kept = redis_client.get(keys.answer(job_key_for(s.ready["session_id"], 0, "en")))
+        job_id = redis_client.get(keys.jobkey(job_key_for(s.ready["session_id"], 0, "en")))
+        kept = redis_client.hget(keys.job(job_id), "answer")
         assert kept is not None and '"kept"' in kept  # kept until past the result deadline (a resume may want it)
     assert 'scheduler_relay_messages_total{kind="outcome_polled"} 1.0' in a.metrics.render().decode()
     assert 'scheduler_relay_messages_total{kind="outcome_received"}' not in a.metrics.render().decode()

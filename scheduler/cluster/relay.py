@@ -9,8 +9,9 @@ over Pub/Sub to that instance's channel, read by one subscriber connection per i
   ``job_cancel``; absent means ``job_assign``) and ``msg`` (its JSON); group ``relay``,
   consumer = the instance id; trimmed to ``STREAM_MAXLEN``.
 - ``scheduler:answers:{instance_id}``: Pub/Sub channel of JobOutcome JSON for its sessions.
-- ``{scheduler}:answer:<job_key>``: every accepted answer, written by ``complete_task`` in
-  the same step that accepts it (whichever instance holds the node) and kept until past the
+- the job hash's ``answer`` (``{scheduler}:job:<job_id>``, found by the job key's claim):
+  every accepted answer, written by ``complete_task`` in the same step that accepts it
+  (whichever instance holds the node) and kept, with its job and job key, until past the
   result deadline (:func:`encode_answer`). So an answer is retrievable until its result was
   sent, whatever dies meanwhile: a lost Pub/Sub message, the instance that received it, or
   the session's owner before it sent the result. The owner looks there, every
@@ -282,7 +283,7 @@ class Relay:
 
 
 def encode_answer(translation: Translation, source_text: str | None) -> str:
-    """An accepted answer as complete_task keeps it (``keys.answer(job_key)``)."""
+    """An accepted answer as complete_task keeps it (the job hash's ``answer``)."""
     return json.dumps({"translation": converter.unstructure(translation), "source_text": source_text})
 
 

@@ -213,12 +213,6 @@ def jobkey(job_key: str, *, tag: str = TAG) -> str:
     return f"{tag}:jobkey:{job_key}"
 
 
-def answer(job_key: str, *, tag: str = TAG) -> str:
-    """String: a job's accepted answer (JSON: translation, source_text), written by complete_task
-    and kept until past the result deadline, so that whoever owns the session can take it."""
-    return f"{tag}:answer:{job_key}"
-
-
 def data_marker(*, tag: str = TAG) -> str:
     """String: a random id the first instance to see an empty Redis writes (SET NX). When it
     changes, Redis lost its data (restarted empty): instances write their journals again."""

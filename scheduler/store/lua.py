@@ -160,14 +160,14 @@ def redispatch(job_id: str, old_node: str, expected_attempt: int, session_id: st
 def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, now_ms: int,
              done_ttl_s: int = keys.DONE_TTL_S, *, answer: str = "", answer_ttl_s: int = 0, again: bool = False,
              tag: str = keys.TAG, claim: bool = True) -> Call:
-    """``answer``: the accepted answer's JSON, kept at ``keys.answer(job_key)`` for ``answer_ttl_s``.
+    """``answer``: the accepted answer's JSON, kept in the job hash (field ``answer``) for ``answer_ttl_s``.
     ``again``: this call repeats one whose outcome was not known (a timeout): if that one went
     through, its reply comes back instead of ``ALREADY_COMPLETED``. ``tag``: the job's shard;
     ``claim``: the job key is in that slot too (layout 1) and is checked and cut to the done-TTL."""
     return (
         "complete_task",
         [keys.job(job_id, tag=tag), keys.nodes_runtime(tag=tag), keys.node_jobs(node_id, tag=tag),
-         keys.leases(tag=tag), keys.answer(job_key, tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
+         keys.leases(tag=tag)] + ([keys.jobkey(job_key, tag=tag)] if claim else []),
         [node_id, attempt, "finished" if ok else "failed", now_ms, job_id, done_ttl_s, answer, answer_ttl_s, "1" if again else "",
          keys.KEY_TTL_S],
     )

@@ -391,21 +391,19 @@ class SchedulingClient:
 
 async def stored_answers(redis: RedisAdapter, wanted: list[tuple[str, list[str]]]) -> list[list[str | None] | BaseException]:
     """The answers complete_task keeps for these (session id, job keys), per session: the
-    answer's text or None, or the exception its read raised. Layout 1: one MGET per session
-    (every answer key is on the one slot). Layout 2: the job keys' claims first (one MGET per
-    session, in its slot), then each claimed job's answer in that job's shard."""
+    answer's text or None, or the exception its read raised. The job keys' claims first (one
+    MGET per session, in its slot), then each claimed job's answer (its hash's ``answer``, in
+    the job's shard): two round trips, whatever the layout."""
     space = redis.space
-    if space.shards == 1:
-        return await redis.commands_many([("MGET", *(keys.answer(k) for k in job_keys)) for _, job_keys in wanted])
     claims = await redis.commands_many([("MGET", *(space.jobkey_key(s, k) for k in job_keys)) for s, job_keys in wanted])
-    reads: list[tuple[int, int, str]] = []  # (session's place, job key's place, answer key)
-    for i, ((_, job_keys), claimed) in enumerate(zip(wanted, claims, strict=True)):
+    reads: list[tuple[int, int, str]] = []  # (session's place, job key's place, job hash)
+    for i, claimed in enumerate(claims):
         if isinstance(claimed, BaseException):
             continue
-        for j, (job_key, job_id) in enumerate(zip(job_keys, claimed, strict=True)):
+        for j, job_id in enumerate(claimed):
             if job_id:
-                reads.append((i, j, keys.answer(job_key, tag=space.job_tag(job_id))))
-    texts = await redis.commands_many([("GET", key) for _, _, key in reads])
+                reads.append((i, j, space.job_key(job_id)))
+    texts = await redis.commands_many([("HGET", key, "answer") for _, _, key in reads])
     out: list[list[str | None] | BaseException] = [c if isinstance(c, BaseException) else [None] * len(c) for c in claims]
     for (i, j, _), text in zip(reads, texts, strict=True):
         row = out[i]
