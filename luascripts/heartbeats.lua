@@ -26,28 +26,29 @@
 -- draining '1' / '' (nothing to say), the connection the heartbeat came on ('' any)
 -- (every key of the call is in the first one's slot)
 local runtime_key = KEYS[1]
+-- @include runtime_table
 local now_ms = ARGV[1]
 local key_ttl_s = tonumber(ARGV[2])
 
 -- one node's heartbeat: its reply entry
 local function beat(info_key, node_id, load_json, load_score, saturated, draining, conn_id)
-  if redis.call('EXISTS', info_key) == 0 then
+  local info = redis.call('HMGET', info_key, unpack(RUNTIME_COPY_FIELDS))
+  if not info[4] then  -- (no max_jobs: never registered, or expired)
     return {'UNKNOWN_NODE'}
   end
-  local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
+  local current_conn = info[7] or ''
   if conn_id ~= '' and current_conn ~= conn_id then
     return {'STALE_CONN', current_conn}
   end
   local fields = {'online', '1', 'last_heartbeat_ts', now_ms, 'load_score', load_score, 'saturated', saturated}
+  info[1], info[5], info[6], info[3] = '1', now_ms, load_score, saturated
   if draining == '1' then
     fields[#fields + 1] = 'draining'
     fields[#fields + 1] = '1'
+    info[2] = '1'
   end
-  local copy = {}
-  for i = 1, #fields, 2 do
-    copy[i], copy[i + 1] = node_id .. ':' .. fields[i], fields[i + 1]
-  end
-  redis.call('HSET', runtime_key, unpack(copy))  -- the copy node choice reads (register_node.lua)
+  -- the copy node choice reads (register_node.lua), and the mark (the table may be made here: it expired)
+  redis.call('HSET', runtime_key, node_id, runtime_copy(info), RUNTIME_TABLE_MARK[1], RUNTIME_TABLE_MARK[2])
   fields[#fields + 1] = 'load_json'
   fields[#fields + 1] = load_json
   redis.call('HSET', info_key, unpack(fields))

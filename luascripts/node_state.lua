@@ -26,25 +26,26 @@ local draining = ARGV[3]
 local conn_id = ARGV[4] or ''
 local node_id = ARGV[5]
 
-local current = redis.call('HGET', info_key, 'owner')
+-- @include runtime_table
+
+local info = redis.call('HMGET', info_key, unpack(RUNTIME_COPY_FIELDS))
+local current = info[8]
 if current ~= owner then
   return {'NOT_OWNER', current or ''}
 end
-local current_conn = redis.call('HGET', info_key, 'conn_id') or ''
+local current_conn = info[7] or ''
 if conn_id ~= '' and current_conn ~= conn_id then
   return {'STALE_CONN', current_conn}
 end
 local fields = {'online', online, 'draining', draining}
+info[1], info[2] = online, draining
 if online == '0' and conn_id ~= '' then
   fields[#fields + 1] = 'conn_id'
   fields[#fields + 1] = ''
+  info[7] = ''
 end
 redis.call('HSET', info_key, unpack(fields))
 if redis.call('EXISTS', runtime_key) == 1 then  -- (an expired table is not made again without its TTL)
-  local copy = {}
-  for i = 1, #fields, 2 do
-    copy[i], copy[i + 1] = node_id .. ':' .. fields[i], fields[i + 1]
-  end
-  redis.call('HSET', runtime_key, unpack(copy))
+  redis.call('HSET', runtime_key, node_id, runtime_copy(info))
 end
 return {'OK'}

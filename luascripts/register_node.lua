@@ -1,12 +1,13 @@
 -- register_node: write a node's info, reset its runtime, join its pools, index pools by lang pair.
--- The runtime table ({scheduler}:nodes:runtime, one hash per shard for all its nodes, fields
--- `<node_id>:<field>`) holds each node's current_jobs and a copy of the info fields node
--- choice reads (online, draining, max_jobs, last_heartbeat_ts, owner, saturated, load_score,
--- conn_id), so that node choice reads every candidate with one HMGET (lib/choose_node.lua);
--- every script that writes one of them in the info writes the copy too (heartbeats,
--- node_state). Node ids hold no ':' (protocol.py, ID_PATTERN). A node gone for good leaves
--- its fields behind, as it leaves its id in {scheduler}:nodes: bounded by the node ids ever
--- seen; the table's TTL is refreshed by every registration and heartbeat.
+-- The runtime table ({scheduler}:nodes:runtime, one hash per shard for all its nodes) holds
+-- each node's current_jobs (field `<node_id>:current_jobs`) and a copy of the info fields node
+-- choice reads (field `<node_id>`: online, draining, saturated, max_jobs, last_heartbeat_ts,
+-- load_score, conn_id and owner packed, lib/runtime_table.lua), so that node choice reads
+-- every candidate with one HMGET (lib/choose_node.lua); every script that writes one of them
+-- in the info writes the copy too (heartbeats, node_state). Node ids hold no ':'
+-- (protocol.py, ID_PATTERN). A node gone for good leaves its two fields behind, as it leaves
+-- its id in {scheduler}:nodes: bounded by the node ids ever seen; the table's TTL is
+-- refreshed by every registration and heartbeat.
 --
 -- Contract: after this script the node is online, its current_jobs equals the jobs it still
 -- holds (its job set), it is a member of every pool it serves, and every (src, tgt) pair it
@@ -33,6 +34,7 @@
 -- KEYS[4+n+i]        {scheduler}:lang:<src_i>:<tgt_i>     hash, i = 1..n (pool -> "1")
 -- KEYS[4+2n+j]       {scheduler}:pool:<old_j>:members     set,  j = 1..m: the pools stored before
 local info_key = KEYS[1]
+-- @include runtime_table
 local runtime_key = KEYS[2]
 local jobs_key = KEYS[3]
 local nodes_key = KEYS[4]
@@ -106,10 +108,9 @@ redis.call('HSET', info_key,
   'lang_pairs', pairs_json)
 -- the runtime table: the slot count, and the copy of the info fields choose_node reads (one
 -- HMGET for every candidate: lib/choose_node.lua), written wherever the info's are
-local p = node_id .. ':'
-local fields = {p .. 'current_jobs', redis.call('SCARD', jobs_key),
-  p .. 'online', '1', p .. 'draining', '0', p .. 'max_jobs', max_jobs, p .. 'last_heartbeat_ts', now_ms,
-  p .. 'load_score', '', p .. 'saturated', '0', p .. 'owner', owner, p .. 'conn_id', conn_id}
+local fields = {node_id .. ':current_jobs', redis.call('SCARD', jobs_key),
+  node_id, runtime_copy({'1', '0', '0', max_jobs, now_ms, '', conn_id, owner}),
+  RUNTIME_TABLE_MARK[1], RUNTIME_TABLE_MARK[2]}
 if pools_changed then
   fields[#fields + 1] = '#pools'
   local n_before = tonumber((pools_version or ''):match('^(%d+)/') or '0')

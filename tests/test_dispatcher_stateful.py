@@ -56,7 +56,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from scheduler.jobs import JobOutcome, JobWaiting, job_key_for
 from scheduler.placement import dispatcher as dispatcher_module
-from scheduler.store import keys
+from scheduler.store import keys, lua
 from scheduler.store import redis_adapter as redis_adapter_module
 from scheduler.store.redis_adapter import connect
 
@@ -728,8 +728,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             if online is not None:
                 assert (online, conn_id) == ("1", conn.conn_id), (node, online, conn_id, conn.conn_id)
                 # ... and so in the copy node choice reads (luascripts/register_node.lua)
-                assert self.r.hmget(self.k.node_runtime(node), keys.runtime_field(node, "online"),
-                                   keys.runtime_field(node, "conn_id")) == [online, conn_id], node
+                copy = lua.runtime_copy(self.r.hget(self.k.node_runtime(node), node))
+                assert copy is not None and (copy["online"], copy["conn_id"]) == (online, conn_id), (node, copy)
 
     def _live(self):
         return [i for i in self.h.instances.values() if i.alive]

@@ -12,7 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from scheduler.reference.node import NodeFatal, NodeOptions, ReferenceNode
-from scheduler.store import keys
+from scheduler.store import keys, lua
 
 from .helpers import SPEECH_100MS, peer, session, speak, start_node
 
@@ -565,7 +565,7 @@ async def test_heartbeats_that_arrive_together_are_written_in_one_batch(daemon, 
         assert _sample(body, "scheduler_node_heartbeat_batches_total") == before + 1
         for node, score in (("hb-a", "0.1"), ("hb-b", "0.2"), ("hb-c", "0.3")):
             assert redis_client.hget(keys.node_info(node), "load_score") == score
-            assert redis_client.hget(keys.nodes_runtime(), keys.runtime_field(node, "load_score")) == score  # (node choice's copy)
+            assert lua.runtime_copy(redis_client.hget(keys.nodes_runtime(), node))["load_score"] == score  # (node choice's copy)
 
 
 async def test_an_utterance_whose_job_waits_for_a_node_is_journaled_without_waiting(start_daemon, nursery):

@@ -37,8 +37,8 @@ from scheduler.store.redis_adapter import connect, load_script_sources
 
 NODES = ["n0", "n1", "n2", "n3"]
 OWNER = {"n0": "i1", "n1": "i2", "n2": "i1", "n3": "i2"}  # the instance holding each node's socket (locality)
-RUNTIME_COPY = ("online", "draining", "max_jobs", "last_heartbeat_ts", "owner", "saturated", "load_score", "conn_id")
-"""The info fields node choice reads from the runtime hash's copy (luascripts/register_node.lua)."""
+RUNTIME_COPY = lua.RUNTIME_COPY_FIELDS
+"""The info fields node choice reads from the runtime table's copy (luascripts/lib/runtime_table.lua)."""
 
 
 class ScriptsMachine(RuleBasedStateMachine):
@@ -145,6 +145,7 @@ class ScriptsMachine(RuleBasedStateMachine):
     def _check_choice(self, node, loads, affinity, near, slack):
         """The turn's affinity node if it could take the job; else the least loaded node, or
         one of ``near``'s nodes when the least loaded of those is within ``slack`` of it."""
+        assert loads, f"job placed on {node}, yet no node had room for it (full, silent, draining or saturated)"
         if affinity in loads:
             assert node == affinity, f"{node} chosen, the turn's affinity {affinity} could take it"
             return
@@ -411,7 +412,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             pipe.smembers(keys.node_jobs(node))
             pipe.hget(keys.nodes_runtime(), keys.runtime_field(node, "current_jobs"))
             pipe.hmget(keys.node_info(node), *RUNTIME_COPY)
-            pipe.hmget(keys.nodes_runtime(), *(keys.runtime_field(node, f) for f in RUNTIME_COPY))
+            pipe.hget(keys.nodes_runtime(), node)
         for job_id, job in self.ended.items():
             pipe.hget(keys.job(job_id), "status")
             pipe.ttl(keys.job(job_id))
@@ -437,7 +438,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         for node, max_jobs in self.max_jobs.items():
             held, current = next(replies), int(next(replies))
             info, copy = next(replies), next(replies)
-            assert copy == info, f"{node}: node choice reads {dict(zip(RUNTIME_COPY, copy, strict=True))}, its info holds {info}"
+            info = dict(zip(RUNTIME_COPY, (v or "" for v in info), strict=True)) if any(info) else None
+            assert lua.runtime_copy(copy) == info, f"{node}: node choice reads {copy}, its info holds {info}"
             assert held == dispatched.get(node, set()), (node, held, dispatched.get(node))
             assert current == len(held), (node, current, held)
             assert 0 <= current <= max_jobs

@@ -36,16 +36,25 @@ local function declared_candidates(key_base, arg_base)
   return pools, nodes, {version = version, runtime = runtime}
 end
 
--- the fields of a node's runtime choose_node reads, in this order (eligible_load's info[i])
-local RUNTIME_READ = {'online', 'draining', 'max_jobs', 'last_heartbeat_ts', 'owner', 'saturated', 'load_score',
-                      'current_jobs', 'conn_id'}
+-- runtime_read(copy, current): a node's runtime as choose_node reads it, from its two fields
+-- in the runtime table: its packed copy of the info (lib/runtime_table.lua: online, draining,
+-- saturated, max_jobs, last_heartbeat_ts, load_score, conn_id, then the owner, the rest of
+-- the text) and its slot count; nil for a node without a copy
+local function runtime_read(copy, current)
+  if not copy then return nil end
+  local online, draining, saturated, max_jobs, heartbeat, score, conn, owner =
+    string.match(copy, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return {online = online, draining = draining, saturated = saturated, max_jobs = tonumber(max_jobs or '') or 0,
+          heartbeat = tonumber(heartbeat or '') or 0, score = tonumber(score or '') or 0, conn = conn or '',
+          owner = owner or '', current = tonumber(current or '0') or 0}
+end
 
 -- candidate_nodes(preferred, pools, nodes, declared): the node ids that may take a job of the
--- pair, and what choose_node needs of them (`read`, node -> its RUNTIME_READ values); or nil
--- and STALE_CANDIDATES / NO_POOL_FOR_LANG_PAIR / EMPTY_POOL. Read only: one HMGET of the
--- runtime table (one per 100 nodes), which holds the pool tables' version, each node's slot
--- count and the copy of what choose_node needs of its info (`<node>:<field>`;
--- register_node.lua: written with the info by register_node, heartbeats and node_state).
+-- pair, and what choose_node needs of them (`read`, node -> runtime_read); or nil and
+-- STALE_CANDIDATES / NO_POOL_FOR_LANG_PAIR / EMPTY_POOL. Read only: one HMGET of the runtime
+-- table (one per 200 nodes), which holds the pool tables' version, each node's slot count and
+-- its copy of what choose_node needs of its info (two fields per node; register_node.lua:
+-- written with the info by register_node, heartbeats and node_state).
 -- Pool choice: the session's preferred pool (`preferred`, its session hash's preferred_pool;
 -- nil or '' for none) when it serves the pair, else every pool of the pair.
 local function candidate_nodes(preferred, pools, nodes, declared)
@@ -54,18 +63,17 @@ local function candidate_nodes(preferred, pools, nodes, declared)
     all[#all + 1] = node
   end
   local read, current = {}, nil
-  for first = 1, math.max(#all, 1), 100 do
+  for first = 1, math.max(#all, 1), 200 do
     local fields = {'#pools'}
-    for i = first, math.min(first + 99, #all) do
-      for _, f in ipairs(RUNTIME_READ) do
-        fields[#fields + 1] = all[i] .. ':' .. f
-      end
+    for i = first, math.min(first + 199, #all) do
+      fields[#fields + 1] = all[i]
+      fields[#fields + 1] = all[i] .. ':current_jobs'
     end
     local values = redis.call('HMGET', declared.runtime, unpack(fields))
     current = current or values[1] or ''
-    for i = first, math.min(first + 99, #all) do
-      local at = 1 + (i - first) * #RUNTIME_READ
-      read[all[i]] = {unpack(values, at + 1, at + #RUNTIME_READ)}
+    for i = first, math.min(first + 199, #all) do
+      local at = 2 * (i - first) + 2
+      read[all[i]] = runtime_read(values[at], values[at + 1])
     end
   end
   if current ~= declared.version then
@@ -129,17 +137,14 @@ local function choose_node(list, read, affinity, now_ms, node_ttl_ms, rand, excl
   local conn_of = {}
   local function eligible_load(node)
     if node == exclude then return nil end
-    local info = read[node]
-    if info[1] ~= '1' or info[2] == '1' or info[6] == '1' then return nil end
-    if now_ms - tonumber(info[4] or '0') > node_ttl_ms then return nil end
-    local max_jobs = tonumber(info[3] or '0')
-    local current = tonumber(info[8] or '0')
-    if current >= max_jobs then return nil end
-    conn_of[node] = info[9] or ''
-    if info[5] and info[5] ~= '' and lapsed(info[5]) then return nil end
-    local score = tonumber(info[7] or '') or 0
-    if stats then stats.free, stats.slots = stats.free + (max_jobs - current), stats.slots + max_jobs end
-    return math.max(current / max_jobs, score), info[5]
+    local n = read[node]
+    if not n or n.online ~= '1' or n.draining == '1' or n.saturated == '1' then return nil end
+    if now_ms - n.heartbeat > node_ttl_ms then return nil end
+    if n.current >= n.max_jobs then return nil end
+    conn_of[node] = n.conn
+    if n.owner ~= '' and lapsed(n.owner) then return nil end
+    if stats then stats.free, stats.slots = stats.free + (n.max_jobs - n.current), stats.slots + n.max_jobs end
+    return math.max(n.current / n.max_jobs, n.score), n.owner
   end
   local in_list = {}
   for _, node in ipairs(list) do in_list[node] = true end

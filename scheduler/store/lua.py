@@ -101,6 +101,19 @@ class Candidates:
                 *(len(m) for m in members), *(index[n] for m in members for n in m)]
 
 
+RUNTIME_COPY_FIELDS = ("online", "draining", "saturated", "max_jobs", "last_heartbeat_ts", "load_score", "conn_id", "owner")
+"""A node's copy of its info in the runtime table (field ``<node_id>``), in this order, joined
+by '|', the owner (any text) last (luascripts/lib/runtime_table.lua)."""
+
+
+def runtime_copy(text: str | None) -> dict[str, str] | None:
+    """A node's packed copy (the runtime table's field ``<node_id>``) as a dict, None if none."""
+    if text is None:
+        return None
+    parts = text.split("|", len(RUNTIME_COPY_FIELDS) - 1)
+    return dict(zip(RUNTIME_COPY_FIELDS, parts, strict=True))
+
+
 def candidates_from(version: str | None, pools: list[str], members: list[Any], tag: str = keys.TAG) -> Candidates:
     """Candidates from what was read, in this order: the runtime table's ``'#pools'``
     (:func:`pools_version_read`), the pair's pools (``HKEYS``), each pool's members
