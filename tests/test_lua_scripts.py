@@ -2,6 +2,7 @@
 server and a 3-master cluster (the ``redis_url`` fixture below runs every test on both)."""
 
 import re
+from pathlib import Path
 
 import pytest
 import trio
@@ -547,6 +548,16 @@ async def test_complete_and_cancel_refuse_a_foreign_job_key(adapter, redis_clien
     await complete(adapter, one, "a")  # its own key: cut to the done TTL, the audio emptied
     assert redis_client.get(keys.jobkey("k0")) == one and 0 < redis_client.ttl(keys.jobkey("k0")) <= keys.DONE_TTL_S
     assert not redis_client.hget(keys.job(one), "audio")
+
+
+def test_every_lua_mutant_still_applies():
+    """tests/mutants/lua_mutants.py: each mutant's text occurs exactly once in its script, so
+    that `just mutants` runs them all; a change that moves a mutant's line moves the mutant."""
+    from tests.mutants.lua_mutants import MUTANTS
+
+    root = Path(__file__).resolve().parent.parent / "luascripts"
+    stale = {m.name: (root / m.script).read_text().count(m.find) for m in MUTANTS}
+    assert all(n == 1 for n in stale.values()), {name: n for name, n in stale.items() if n != 1}
 
 
 def test_scripts_never_compute_a_key_name():
