@@ -43,7 +43,7 @@ from scheduler.placement.nodes import NodeConnection, NodeRegistry
 from scheduler.protocol import Encoded, JobAssign, JobCancel, JobResult, Register, encode, parse_from_daemon
 from scheduler.store import keys, liveness
 from scheduler.store.keys import KeySpace
-from scheduler.store.redis_adapter import RedisAdapter, now_ms
+from scheduler.store.redis_adapter import RedisAdapter, connect, now_ms
 from scheduler.store.scheduling import SchedulingClient
 
 INSTANCES = ("i1", "i2")
@@ -333,6 +333,8 @@ class DispatcherHarness:
         self._quiet = trio.Event()
         self.down = False  # a Redis outage: every adapter call fails
         self.replies_lost = False  # Redis times out: every call runs, and its reply is lost
+        self.pools_churn = False  # the pool tables change before every placement (nodes registering in a burst)
+        self._churned = itertools.count(1)
         self.up_since = 0.0  # when the last outage ended
 
     def __getitem__(self, instance_id: str) -> Instance:
@@ -353,10 +355,18 @@ class DispatcherHarness:
         """Every adapter call counts as in flight until it returns (see :meth:`settle`); while
         ``down``, every batch fails as if Redis could not be reached; while ``replies_lost``,
         every batch of scripts (the writes) runs and then fails as a timeout would (an ambiguous
-        outcome), and every other batch fails as in an outage."""
+        outcome), and every other batch fails as in an outage; while ``pools_churn``, a new
+        version of the pool tables is written before every batch that places a job, as a node
+        registering would (so each placement, and each of its retries, is STALE_CANDIDATES)."""
         execute = redis._execute_sync
+        placing = {"dispatch_task", "redispatch_task", "shard_dispatch", "shard_redispatch"}
 
         def execute_or_fail(batch):
+            if self.pools_churn and any(call.script in placing for call in batch):
+                churn = f"churn/{next(self._churned)}"
+                with connect(self.url) as client:
+                    for tag in dict.fromkeys(self.space.shard_tags):
+                        client.hset(keys.nodes_runtime(tag=tag), "#pools", churn)
             if self.down:
                 raise redis_errors.ConnectionError("Redis is down (the test's outage)")
             if self.replies_lost:  # scripts (the writes) run; reads fail as in an outage

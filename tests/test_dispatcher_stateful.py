@@ -91,7 +91,7 @@ HOLD_S = 30.0  # the result deadline (dispatcher_harness: result_deadline_ms): a
 WATCH_S = 1.0  # the remote watch's interval (Dispatcher's default)
 SWEEP_S = 2.0  # the orphan sweep's
 CODES = {"NO_AVAILABLE_NODE", "EMPTY_POOL", "NO_POOL_FOR_LANG_PAIR", "REDIS_UNAVAILABLE", "NODE_UNREACHABLE",
-         "JOB_ID_TAKEN", "UNKNOWN_JOB", "FENCED", "OVERLOADED", "INTERNAL"}
+         "JOB_ID_TAKEN", "UNKNOWN_JOB", "FENCED", "OVERLOADED", "INTERNAL", "STALE_CANDIDATES"}
 SEEN_WITHIN_S = 2.0  # the orphan sweep's period: an outage is seen by a failing call at most this late
 REASONS = {"NODE_LOST", "LEASE_EXPIRED", "NODE_INSTANCE_LOST", "NODE_RECONNECTED", "JOB_LOST", "NODE_UNREACHABLE",
            "ADOPTED_WAITING"}
@@ -495,6 +495,20 @@ class DispatcherMachine(RuleBasedStateMachine):
         did not hear of is still handed to its node (or undone), an answer is stored once."""
         self._outage(seconds, data.draw(st.sampled_from(self._cancellable())) if cancel and self._cancellable() else None,
                      lost=True)
+
+    @rule(seconds=st.sampled_from([0.25, 1.0]))
+    def pools_churn(self, seconds):
+        """The pool tables change before every placement for a while (nodes registering in a
+        burst, as after Redis lost its data): each placement is refused STALE_CANDIDATES after
+        all its re-reads of the candidates; its job waits, never fails (no placement_crashed:
+        checked with the records), and is placed once the tables hold still (the checks after
+        the second that follows)."""
+        self.h.pools_churn = True
+        try:
+            self.do("pools_churn", self.h.advance, seconds)
+        finally:
+            self.h.pools_churn = False
+        self.do("advance", self.h.advance, 1.0)
 
     def _outage(self, seconds, cancel_key, lost=False):
         # what each instance holds before: a lease the outage falls in must not run out for it

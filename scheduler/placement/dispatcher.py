@@ -77,6 +77,7 @@ from scheduler.store.redis_adapter import (
     NoPoolForLangPair,
     RedisAdapter,
     RedisUnavailable,
+    StaleCandidates,
     UnknownJob,
     now_ms,
 )
@@ -586,6 +587,11 @@ class Dispatcher:
             # NO_POOL_FOR_LANG_PAIR too waits: session_init checked the pair, so Redis lost its
             # data and the nodes register again at their next heartbeat
             return code
+        if isinstance(reply, StaleCandidates):
+            # the pool tables changed again after every re-read of the candidates (nodes
+            # registering in a burst, as after Redis lost its data): wait, and try again
+            self._metrics.dispatch_errors_total.labels(reply.code).inc()
+            return reply.code
         if isinstance(reply, JobIdTaken):
             # Redis lost its data and the id sequence started again: new ids, and try again
             self._scheduling.drop_job_ids()
