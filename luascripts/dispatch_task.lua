@@ -36,7 +36,7 @@
 -- KEYS[2] {scheduler}:job:<job_id>          hash of the job to create
 -- KEYS[3] {scheduler}:session:<session_id>  hash
 -- KEYS[4] {scheduler}:turn:<turn_id>        hash
--- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1"
+-- KEYS[5] {scheduler}:lang:<src>:<tgt>      hash pool -> "1" (declared, not read: the candidates' version stands for it, lib/choose_node.lua)
 -- KEYS[6] {scheduler}:leases                zset job id -> lease deadline (ms)
 -- KEYS[7] {scheduler}:instances            zset instance id -> liveness lapse (ms): no node of a dead instance
 -- KEYS[8...] candidates, ARGV[22...] their counts and names (lib/choose_node.lua)

@@ -20,7 +20,7 @@
 -- KEYS[4] {scheduler}:leases                       zset
 -- KEYS[5] {scheduler}:session:<session_id>         hash
 -- KEYS[6] {scheduler}:turn:<turn_id>               hash
--- KEYS[7] {scheduler}:lang:<src>:<tgt>             hash pool -> "1"
+-- KEYS[7] {scheduler}:lang:<src>:<tgt>             hash pool -> "1" (declared, not read: the candidates' version stands for it, lib/choose_node.lua)
 -- KEYS[8] {scheduler}:instances                  zset instance id -> liveness lapse (ms)
 -- KEYS[9...] candidates, ARGV[10...] their counts and names (lib/choose_node.lua)
 local job_hash_key = KEYS[1]

@@ -22,7 +22,7 @@
 -- Errors: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE, STALE_CANDIDATES, JOB_ID_TAKEN.
 --
 -- KEYS[1] {scheduler:<k>.<i>}:job:<job_id>          hash of the job to create
--- KEYS[2] {scheduler:<k>.<i>}:lang:<src>:<tgt>      hash pool -> "1" (this shard's pools)
+-- KEYS[2] {scheduler:<k>.<i>}:lang:<src>:<tgt>      hash pool -> "1" (this shard's pools) (declared, not read: the candidates' version stands for it, lib/choose_node.lua)
 -- KEYS[3] {scheduler:<k>.<i>}:leases                zset job id -> lease deadline (ms)
 -- KEYS[4] {scheduler:<k>.<i>}:instances             zset instance id -> liveness lapse (ms)
 -- KEYS[5...] candidates of this shard, ARGV[20...] their counts and names (lib/choose_node.lua)

@@ -8,7 +8,7 @@
 -- slots (0, 0 when none is eligible, or the pair has no pool here).
 -- Errors: STALE_CANDIDATES (a node registered since the caller read the candidates).
 --
--- KEYS[1] {scheduler:<k>.<i>}:lang:<src>:<tgt>   hash pool -> "1"
+-- KEYS[1] {scheduler:<k>.<i>}:lang:<src>:<tgt>   hash pool -> "1" (declared, not read: the candidates' version stands for it, lib/choose_node.lua)
 -- KEYS[2] {scheduler:<k>.<i>}:instances          zset instance id -> liveness lapse (ms)
 -- KEYS[3...] candidates of this shard, ARGV[3...] their counts and names (lib/choose_node.lua)
 -- ARGV[1] now_ms, ARGV[2] node_ttl_ms

@@ -9,7 +9,7 @@
 -- KEYS[2] {scheduler:<k>.<i>}:nodes:runtime               the shard's runtime table (register_node.lua)
 -- KEYS[3] {scheduler:<k>.<i>}:node:jobs:<old_node_id>      set of the node it leaves
 -- KEYS[4] {scheduler:<k>.<i>}:leases                       zset
--- KEYS[5] {scheduler:<k>.<i>}:lang:<src>:<tgt>             hash pool -> "1"
+-- KEYS[5] {scheduler:<k>.<i>}:lang:<src>:<tgt>             hash pool -> "1" (declared, not read: the candidates' version stands for it, lib/choose_node.lua)
 -- KEYS[6] {scheduler:<k>.<i>}:instances                    zset instance id -> liveness lapse (ms)
 -- KEYS[7...] candidates of this shard, ARGV[12...] their counts and names (lib/choose_node.lua)
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms, ARGV[5] node_ttl_ms,

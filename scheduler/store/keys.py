@@ -162,9 +162,10 @@ def node_info(node_id: str, *, tag: str = TAG) -> str:
 
 
 def nodes_runtime(*, tag: str = TAG) -> str:
-    """The runtime table of a shard's nodes (one hash): each node's ``current_jobs`` and the
-    copy of its info that node choice reads, as fields ``<node_id>:<field>``
-    (:func:`runtime_field`; luascripts/register_node.lua)."""
+    """The runtime table of a shard's nodes (one hash): per node, ``<node_id>:current_jobs``
+    (:func:`runtime_field`) and ``<node_id>``, the packed copy of its info that node choice
+    reads (:func:`scheduler.store.lua.runtime_copy`); ``#pools``, the pool tables' version
+    (luascripts/register_node.lua, luascripts/lib/runtime_table.lua)."""
     return f"{tag}:nodes:runtime"
 
 

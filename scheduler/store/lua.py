@@ -176,7 +176,8 @@ def complete(job_id: str, job_key: str, node_id: str, attempt: int, ok: bool, no
     """``answer``: the accepted answer's JSON, kept in the job hash (field ``answer``) for ``answer_ttl_s``.
     ``again``: this call repeats one whose outcome was not known (a timeout): if that one went
     through, its reply comes back instead of ``ALREADY_COMPLETED``. ``tag``: the job's shard;
-    ``claim``: the job key is in that slot too (layout 1) and is checked and cut to the done-TTL."""
+    ``claim``: the job key is in that slot too (layout 1) and is checked and cut to the done TTL
+    (or to ``answer_ttl_s`` when that is longer, as the job is)."""
     return (
         "complete_task",
         [keys.job(job_id, tag=tag), keys.nodes_runtime(tag=tag), keys.node_jobs(node_id, tag=tag),
