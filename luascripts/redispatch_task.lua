@@ -29,7 +29,6 @@ local old_jobs_key = KEYS[3]
 local leases_key = KEYS[4]
 local session_key = KEYS[5]
 local turn_key = KEYS[6]
-local lang_key = KEYS[7]
 local instances_key = KEYS[8]
 -- ARGV[1] job_id, ARGV[2] expected_attempt, ARGV[3] now_ms, ARGV[4] lease_ms,
 -- ARGV[5] node_ttl_ms, ARGV[6] rand, ARGV[7] old node id, ARGV[8] the moving instance (its
@@ -50,7 +49,7 @@ local locality_slack = tonumber(ARGV[9])
 
 return move_job({
   job = job_hash_key, old_runtime = old_runtime_key, old_jobs = old_jobs_key, leases_key = leases_key,
-  lang_key = lang_key, instances_key = instances_key, job_id = job_id, expected_attempt = expected_attempt,
+  instances_key = instances_key, job_id = job_id, expected_attempt = expected_attempt,
   now_ms = now_ms, lease_ms = lease_ms, node_ttl_ms = node_ttl_ms, rand = rand, old_node = old_node, near = near,
   locality_slack = locality_slack, candidates_at = {8, 9},
   preferred = function() return redis.call('HGET', session_key, 'preferred_pool') end,

@@ -22,7 +22,7 @@ local job_hash_key = KEYS[1]
 -- @include move
 
 return move_job({
-  job = job_hash_key, old_runtime = KEYS[2], old_jobs = KEYS[3], leases_key = KEYS[4], lang_key = KEYS[5],
+  job = job_hash_key, old_runtime = KEYS[2], old_jobs = KEYS[3], leases_key = KEYS[4],
   instances_key = KEYS[6], job_id = ARGV[1], expected_attempt = tonumber(ARGV[2]), now_ms = tonumber(ARGV[3]),
   lease_ms = tonumber(ARGV[4]), node_ttl_ms = tonumber(ARGV[5]), rand = tonumber(ARGV[6]), old_node = ARGV[7],
   near = ARGV[8], locality_slack = tonumber(ARGV[9]), candidates_at = {6, 11},

@@ -2,7 +2,7 @@
 --
 -- The body of redispatch_task (layout 1) and shard_redispatch (layout 2): a job whose node was
 -- lost leaves it and goes to another node as attempt + 1 (see redispatch_task.lua for the
--- contract). `j` holds the keys (job, old_runtime, old_jobs, leases_key, lang_key,
+-- contract). `j` holds the keys (job, old_runtime, old_jobs, leases_key,
 -- instances_key), the call's values (job_id, expected_attempt, now_ms, lease_ms, node_ttl_ms,
 -- rand, old_node, near, locality_slack), candidates_at = {key base, arg base} of the declared
 -- candidates, and preferred / affinity: functions returning the session's preferred pool and
