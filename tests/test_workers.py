@@ -20,7 +20,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from scheduler.ops.supervisor import _get
+from scheduler.ops.supervisor import Worker, _free_port, _get, _run_worker
 from scheduler.reference.node import NodeOptions, ReferenceNode
 
 from .helpers import SPEECH_100MS, peer, speak, token_of
@@ -44,8 +44,11 @@ class Supervisor:
                     ev = json.loads(line)
                     self.ws_url, self.admin_port = ev["ws"], urllib.parse.urlsplit(ev["admin"]).port
                     return
-            assert self.proc.poll() is None, self.log_path.read_text()
+            if self.proc.poll() is not None:
+                self.close()
+                raise AssertionError(self.log_path.read_text())
             time.sleep(0.1)
+        self.close()  # (its workers would live on, and refresh their liveness in the next test's Redis)
         raise AssertionError("supervisor did not start:\n" + self.log_path.read_text())
 
     async def get(self, path: str) -> tuple[int, str]:
@@ -378,3 +381,23 @@ def test_a_worker_that_dies_mid_answer_is_no_answer_not_a_crash():
     finally:
         thread.join(timeout=5)
         listener.close()
+
+
+async def test_a_worker_that_exits_starts_again_on_another_admin_port():
+    """A worker that exits is started again on a new private admin port: its old one may be
+    taken by now (a worker that exited on EADDRINUSE would exit again on that port at every
+    restart, and the supervisor would never be ready: seen once on CI). Here the worker exits
+    at once (a setting it refuses), three times."""
+    worker, ports, stopping = Worker(0, "restarts-w0", _free_port()), [], trio.Event()
+
+    def env_for(w: Worker) -> dict[str, str]:
+        ports.append(w.admin_port)
+        if len(ports) == 3:
+            stopping.set()
+        return {**os.environ, "SCHEDULER_ADMIN_PORT": str(w.admin_port), "SCHEDULER_WS_PORT": "not-a-port"}
+
+    with trio.fail_after(60):
+        await _run_worker(worker, env_for, stopping)
+    assert len(ports) == 3 and len(set(ports)) == 3, ports
+    assert worker.restarts == 2
+

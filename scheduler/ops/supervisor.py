@@ -220,6 +220,10 @@ async def _run_worker(worker: Worker, env_for: Callable[[Worker], dict[str, str]
             return
         worker.restarts += 1
         event(log, "worker_exited", logging.WARNING, worker=worker.index, exit_code=code, restarts=worker.restarts)
+        # a new private admin port: the old one may be taken by now (another process bound it
+        # while this one was starting, and the worker exited on EADDRINUSE: on that port it
+        # would exit again at every restart, and the supervisor never be ready)
+        worker.admin_port = _free_port()
         await trio.sleep(RESTART_DELAY_S)
 
 
