@@ -13,7 +13,7 @@
 -- their members, and calls again. The version is read with the candidates' fields, in one
 -- HMGET: node choice reads the pool tables themselves not at all.
 
--- declared_candidates(key_base, arg_base): {pool -> {member ids}}, {node -> {runtime, jobs}},
+-- declared_candidates(key_base, arg_base): {pool -> {member ids}}, {node -> {jobs}},
 -- {version, runtime} (runtime: the shard's runtime table, the same for every node)
 local function declared_candidates(key_base, arg_base)
   local a = arg_base
@@ -22,7 +22,7 @@ local function declared_candidates(key_base, arg_base)
   local ids, nodes = {}, {}
   for i = 1, nn do
     ids[i] = ARGV[a + 3 + np + i]
-    nodes[ids[i]] = {runtime = runtime, jobs = KEYS[key_base + 1 + i]}
+    nodes[ids[i]] = {jobs = KEYS[key_base + 1 + i]}
   end
   local pools, at = {}, a + 3 + np + nn + np
   for i = 1, np do

@@ -35,7 +35,7 @@ local function move_job(j)
   if not chosen then
     return redis.error_reply(err .. ' no node to take job ' .. job_id)
   end
-  take_slot(nodes[chosen].runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)
+  take_slot(declared.runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)
   conn_id = conn_id or ''
   redis.call('HSET', job_hash_key, 'node_id', chosen, 'attempt', attempt + 1, 'status', 'dispatched',
     'lease_deadline_ts', j.now_ms + j.lease_ms, 'conn_id', conn_id)

@@ -20,7 +20,7 @@ local function place_job(j)
     return nil, err .. ' ' .. j.src_lang .. '->' .. j.tgt_lang
   end
   local nodes = j.nodes
-  take_slot(nodes[chosen].runtime, chosen, nodes[chosen].jobs, j.job_id, j.leases_key, j.now_ms + j.lease_ms)
+  take_slot(j.declared.runtime, chosen, nodes[chosen].jobs, j.job_id, j.leases_key, j.now_ms + j.lease_ms)
   conn_id = conn_id or ''
   local fields = {
     'job_id', j.job_id, 'job_key', j.job_key, 'node_id', chosen, 'attempt', 1,

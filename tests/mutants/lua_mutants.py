@@ -49,8 +49,8 @@ MUTANTS = [
     Mutant("cancel_after_complete", "cancel_task.lua", "if j[3] ~= 'dispatched' and j[3] ~= 'waiting' then",
            "if not j[3] then", "a cancel after the answer marks the finished job cancelled"),
     Mutant("redispatch_keeps_old_lease", "lib/move.lua",
-           "take_slot(nodes[chosen].runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)",
-           "take_slot(nodes[chosen].runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, "
+           "take_slot(declared.runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, j.now_ms + j.lease_ms)",
+           "take_slot(declared.runtime, chosen, nodes[chosen].jobs, job_id, j.leases_key, "
            "tonumber(redis.call('HGET', job_hash_key, 'lease_deadline_ts') or j.now_ms))",
            "a redispatched job keeps its old lease: it expires again at once"),
     Mutant("redispatch_same_attempt", "lib/move.lua", "'node_id', chosen, 'attempt', attempt + 1,",
