@@ -578,20 +578,17 @@ class Dispatcher:
     def _refused(self, request: JobRequest, moving: Placement | None, reply: BaseException) -> str | None:
         """A dispatch_task / redispatch_task call refused: the code to wait with (the lane
         retries), or None when the job is done with. Anything unexpected is raised."""
-        if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | Fenced | RedisUnavailable):
+        if isinstance(reply, NoAvailableNode | EmptyPool | NoPoolForLangPair | StaleCandidates | Fenced | RedisUnavailable):
             code = getattr(reply, "code", "REDIS_UNAVAILABLE")
             self._metrics.dispatch_errors_total.labels(code).inc()
             if isinstance(reply, Fenced):  # the session was resumed elsewhere: this owner places nothing more
                 self._fail(request, code)
                 return None
             # NO_POOL_FOR_LANG_PAIR too waits: session_init checked the pair, so Redis lost its
-            # data and the nodes register again at their next heartbeat
+            # data and the nodes register again at their next heartbeat; STALE_CANDIDATES: the
+            # pool tables changed again after every re-read of the candidates (nodes registering
+            # in a burst, as after Redis lost its data)
             return code
-        if isinstance(reply, StaleCandidates):
-            # the pool tables changed again after every re-read of the candidates (nodes
-            # registering in a burst, as after Redis lost its data): wait, and try again
-            self._metrics.dispatch_errors_total.labels(reply.code).inc()
-            return reply.code
         if isinstance(reply, JobIdTaken):
             # Redis lost its data and the id sequence started again: new ids, and try again
             self._scheduling.drop_job_ids()
