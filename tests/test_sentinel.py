@@ -99,7 +99,11 @@ def count(caplog, name: str) -> int:
 async def test_sessions_go_on_after_a_sentinel_failover(sentinel_group, start_daemon, nursery, caplog, wait_replicas):
     group, links = sentinel_group
     caplog.set_level(logging.INFO)
-    daemon = await start_daemon(redis_url=group.url, result_deadline_ms=20000, redis_wait_replicas=wait_replicas)
+    # lease 8 s: a job the failover forgot is placed again at its lease (its answer is refused:
+    # UNKNOWN_JOB), and a 15 s lease + the node's 3 s + a wait behind the session's 16 jobs in
+    # flight left no margin to the 20 s result deadline on a busy box
+    daemon = await start_daemon(redis_url=group.url, result_deadline_ms=20000, redis_wait_replicas=wait_replicas,
+                                job_lease_ms=8000)
     await start_node(nursery, daemon, node_id="n1", delay_ms=3000, max_jobs=64)
     streams, recovery = await fail_over(group, links, daemon)
     statuses = streams.statuses()
