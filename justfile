@@ -133,17 +133,21 @@ chaos *ARGS: sync
 failover: sync
     uv run --frozen python -m pytest -s -q tests/test_failover.py
 
-# the whole path in one command: daemon + a pocketsphinx node + the client streaming a bundled recording
+# (with Debian's apertium + apertium-eng-spa the Spanish is real; without them a tagged placeholder)
+# the whole path in one command: daemon + a pocketsphinx/Apertium node + the client streaming a bundled English recording
 demo: sync
     #!/usr/bin/env bash
     set -euo pipefail
     free_port() { uv run --frozen python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
     ws=$(free_port); admin=$(free_port)
+    mt=echo
+    if command -v apertium >/dev/null && apertium -l 2>/dev/null | grep -x ' *eng-spa' >/dev/null; then mt=apertium
+    else echo "no Apertium English-Spanish here: the translation is a placeholder (apt-get install apertium apertium-eng-spa)"; fi
     uv run --frozen scheduler serve --ws-port "$ws" --admin-port "$admin" --pause-ms 600 --log-level warning & daemon=$!
     node=""
     trap 'kill $node $daemon 2>/dev/null || true; wait 2>/dev/null || true' EXIT
     until uv run --frozen python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$admin/readyz')" 2>/dev/null; do sleep 0.2; done
-    uv run --frozen scheduler node --url "ws://127.0.0.1:$ws" --node-id demo-asr --lang-pair en:de --engine pocketsphinx --delay-ms 0 --log-level warning & node=$!
+    uv run --frozen scheduler node --url "ws://127.0.0.1:$ws" --node-id demo-asr --lang-pair en:es --asr pocketsphinx --mt "$mt" --delay-ms 0 --log-level warning & node=$!
     until uv run --frozen python -c "import json, urllib.request; assert json.load(urllib.request.urlopen('http://127.0.0.1:$admin/status'))['nodes']" 2>/dev/null; do sleep 0.2; done
-    echo "streaming tests/data/speech-en.wav in real time (status page: http://127.0.0.1:$admin/)"
-    uv run --frozen scheduler client --url "ws://127.0.0.1:$ws" --wav tests/data/speech-en.wav --src en --tgt de
+    echo "streaming tests/data/speech-en.wav in real time, English -> Spanish by $mt (web app: http://127.0.0.1:$admin/app, status page: http://127.0.0.1:$admin/)"
+    uv run --frozen scheduler client --url "ws://127.0.0.1:$ws" --wav tests/data/speech-en.wav --src en --tgt es

@@ -9,12 +9,11 @@ import json
 import ssl
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import trio
 
 from scheduler import __version__
-from scheduler.ops import config, gcwatch, logs, secrets
+from scheduler.ops import config, gcwatch, logs
 
 DESCRIPTION = """\
 Real-time speech job scheduler. Clients stream audio over WebSocket (/v1/session); the
@@ -24,7 +23,7 @@ scripts on Redis/Valkey, and streams results back in order.
 commands:
   serve    run the daemon (embedded Valkey unless --redis-url is given)
   status   print the cluster (instances, nodes, language pairs) from an admin port
-  node     run a reference worker node (fake transcription, for tests and demos)
+  node     run the reference worker node (fake, or pocketsphinx + Apertium: real speech and MT)
   client   stream a WAV file to the daemon and print the results
 
 Run 'scheduler COMMAND --help' for the options of each command.
@@ -66,33 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(check)
 
-    node = sub.add_parser("node", help="run a reference worker node",
-                          description="Reference worker node: answers each job after --delay-ms, with the audio "
-                                      "duration and CRC-32 (--engine fake) or a real English transcript (--engine "
-                                      "pocketsphinx). Reconnects with backoff when the daemon goes away.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    node.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon WebSocket URL (/v1/node is appended)")
-    node.add_argument("--node-id", default=None, help="node id (default: node-<random>)")
-    node.add_argument("--lang-pair", action="append", type=_lang_pair, metavar="SRC:TGT",
-                      help="a language pair served, repeatable (default: zh:en)")
-    node.add_argument("--pool", action="append", metavar="NAME",
-                      help="pool to join, repeatable (default: one pool per pair named SRC-TGT)")
-    node.add_argument("--max-jobs", type=int, default=4, help="jobs held at once")
-    node.add_argument("--engine", choices=["fake", "pocketsphinx"], default="fake",
-                      help="fake: answer with duration and CRC-32; pocketsphinx: transcribe English with the model "
-                           "bundled in the pocketsphinx package (pip install 'speech-scheduler[asr]'), translation "
-                           "is a placeholder (the transcript tagged with the target language)")
-    node.add_argument("--delay-ms", type=int, default=200, help="time to answer a job")
-    node.add_argument("--jitter-ms", type=int, default=0, help="random extra time per job, 0..JITTER")
-    node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error")
-    node.add_argument("--token", default=None, help="registration token (the daemon's --node-token); visible to "
-                                                     "other users in the process list: prefer --token-file")
-    node.add_argument("--token-file", default=None, metavar="FILE",
-                      help="read the registration token from FILE (the first of several comma-separated ones)")
-    node.add_argument("--cafile", default=None, metavar="PEM",
-                      help="for wss://: trust the certificates in this file instead of the system's trust store")
-    node.add_argument("--log-level", default="info", help="debug, info, warning, error")
-
+    _add_node_parser(sub)
     _add_client_parser(sub)
     _add_status_parser(sub)
     return parser
@@ -196,35 +169,54 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _add_node_parser(sub) -> None:
+    from scheduler.node import command as node_command
+
+    node = sub.add_parser("node", help="run the reference worker node",
+                          description="Reference worker node, built on the node library (scheduler.node, "
+                                      "docs/nodes.md) with two plug-ins: speech (--asr) and translation (--mt). "
+                                      "Real speech to real Spanish: --asr pocketsphinx --mt apertium --lang-pair "
+                                      "en:es. Reconnects with backoff over its --url list; SIGTERM drains.",
+                          epilog=node_command.EPILOG)
+    node_command.add_arguments(node, max_jobs=4)
+    node.add_argument("--lang-pair", action="append", type=_lang_pair, metavar="SRC:TGT",
+                      help="a language pair served, repeatable (default: zh:en)")
+    node.add_argument("--pool", action="append", metavar="NAME",
+                      help="pool to join, repeatable (default: one pool per pair named SRC-TGT)")
+    node.add_argument("--asr", "--engine", dest="asr", choices=["fake", "pocketsphinx"], default="fake",
+                      help="fake: answer with the audio's duration and CRC-32; pocketsphinx: transcribe English with "
+                           "the model bundled in the pocketsphinx package (pip install 'speech-scheduler[asr]') "
+                           "(default fake)")
+    node.add_argument("--mt", choices=["echo", "apertium"], default="echo",
+                      help="echo: the transcript tagged with the target language (a placeholder); apertium: real "
+                           "offline translation by Debian's Apertium (apt-get install apertium apertium-eng-spa; "
+                           "'apertium -l' lists the pairs installed) (default echo)")
+    node.add_argument("--delay-ms", type=int, default=200, help="wait this long before each job (tests, demos; default 200)")
+    node.add_argument("--jitter-ms", type=int, default=0, help="random extra wait per job, 0..JITTER (default 0)")
+    node.add_argument("--fail-rate", type=float, default=0.0, help="fraction of jobs answered with an error (default 0)")
+
+
 def _node(args: argparse.Namespace) -> int:
-    from scheduler.reference.node import NodeFatal, NodeOptions, ReferenceNode
+    from scheduler.node import from_arguments
+    from scheduler.reference.node import NodeOptions, ReferenceNode
 
     logs.setup(args.log_level)
-    kwargs = {"node_id": args.node_id} if args.node_id else {}
-    token = args.token
-    if args.token_file:
-        try:
-            token = (secrets.tokens(Path(args.token_file).read_text()) or [None])[0]
-        except OSError as exc:
-            print(f"scheduler node: cannot read --token-file: {exc.strerror}", file=sys.stderr)
-            return 2
-    options = NodeOptions(url=args.url, lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
-                          pools=tuple(args.pool) if args.pool else None, max_jobs=args.max_jobs,
+    common = from_arguments(args)
+    urls = common.pop("urls")
+    options = NodeOptions(url=urls[0], more_urls=tuple(urls[1:]), lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
+                          pools=tuple(args.pool) if args.pool else None, max_jobs=common["max_jobs"],
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
-                          token=token, engine=args.engine, ssl_context=_tls_client(args.cafile), **kwargs)
+                          token=common["token"], engine=args.asr, mt=args.mt, drain_timeout_s=common["drain_timeout_s"],
+                          ssl_context=common["ssl_context"], **({"node_id": common["node_id"]} if "node_id" in common else {}))
     try:
         node = ReferenceNode(options)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"scheduler node: {exc}", file=sys.stderr)
         return 2
-    try:
-        trio.run(node.run)
-    except NodeFatal as exc:
-        print(f"scheduler node: refused by the daemon: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    code = node.node.main()
+    if code == 2:
+        print("scheduler node: refused by the daemon (see the node_refused log line)", file=sys.stderr)
+    return code
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -125,14 +125,21 @@ async def daemon(start_daemon):
     return await start_daemon()
 
 
+def apt_install(*packages: str) -> None:
+    """``apt-get install`` Debian's ``packages`` when we are root and have apt-get (as on CI);
+    elsewhere nothing: the calling test checks what it needs and skips with the reason."""
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env, capture_output=True, timeout=900)
+
+
 def debian_tool(binary: str, package: str) -> str:
     """The path of ``binary`` from Debian's ``package``: installed with apt-get when it is
     missing and we are root (as on CI); elsewhere the calling test is skipped with the reason."""
     path = shutil.which(binary)
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, capture_output=True, timeout=900)
+    if path is None:
+        apt_install(package)
         path = shutil.which(binary)
     if path is None:
         pytest.skip(f"needs Debian's {package} (apt-get install {package}); CI installs it as root")

@@ -1,4 +1,4 @@
-"""The reference node with --engine pocketsphinx transcribes real speech through the daemon.
+"""The reference node with --asr pocketsphinx transcribes real speech through the daemon.
 
 tests/data/speech-en.wav was made with Debian's ``flite`` (voice ``rms``): "hello world, this is
 a test", one second of silence, "the weather is good today", as 16 kHz mono s16le (sox). An
@@ -44,4 +44,4 @@ async def test_pocketsphinx_node_transcribes_streamed_speech(start_daemon, nurse
     assert all(r.translations["de"].text == f"[de] {t}" for r, t in zip(transcript.results, texts, strict=True))
     # the node registered the engine it runs, not "fake"
     nodes = await daemon.scheduling.nodes_status()
-    assert [n["capabilities"] for n in nodes if n["node_id"] == "asr-1"] == [{"engine": "pocketsphinx"}]
+    assert [n["capabilities"] for n in nodes if n["node_id"] == "asr-1"] == [{"engine": "pocketsphinx", "mt": "echo"}]

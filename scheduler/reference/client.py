@@ -82,14 +82,22 @@ class Transcript:
         return self.closed is not None and indexes == list(range(self.closed.utterances))
 
 
-def _human(msg: Any, latency_ms: float | None) -> str:
+def _human(msg: Any, latency_ms: float | None, src_lang: str = "src") -> str:
     if isinstance(msg, Result):
-        texts = " ".join(f"{lang}={t.status}:{t.text or t.error!s}" for lang, t in msg.translations.items())
-        lat = f" latency_ms={latency_ms:.0f}" if latency_ms is not None else ""
-        return f"result #{msg.utterance_index} {msg.status} reason={msg.reason} source={msg.source_text!r} {texts}{lat}"
+        return human_result(msg, latency_ms, src_lang)
     if isinstance(msg, UtteranceFinalized):
         return f"finalized #{msg.utterance_index} reason={msg.reason} audio_ms={msg.audio_ms} turn={msg.turn_id}"
     return f"{msg.TYPE} " + json.dumps(converter.unstructure(msg))
+
+
+def human_result(msg: Result, latency_ms: float | None, src_lang: str) -> str:
+    """One line: the transcript and each translation side by side, then the latency from
+    ``utterance_finalized`` and the cut (``#0 SUCCESS  en: hello  |  es: hola  (812 ms, pause)``)."""
+    sides = [f"{src_lang}: {msg.source_text or ''}"]
+    for lang, t in msg.translations.items():
+        sides.append(f"{lang}: {t.text}" if t.status == "SUCCESS" else f"{lang}: {t.status} {t.error or ''}".rstrip())
+    latency = f"{latency_ms:.0f} ms, " if latency_ms is not None else ""
+    return f"#{msg.utterance_index} {msg.status}  " + "  |  ".join(sides) + f"  ({latency}{msg.reason})"
 
 
 @attrs.define
@@ -99,6 +107,7 @@ class _Options:
     fast: bool
     out: Callable[[str], None] | None
     as_json: bool
+    src_lang: str = "src"
 
     @property
     def chunk_bytes(self) -> int:
@@ -125,7 +134,7 @@ async def stream_session(
     ``out`` gets one line per message. The library resumes on the next of ``urls`` when the
     connection breaks or the daemon shuts down. A refusal (an ``error`` at ``session_init``)
     ends up in ``transcript.errors``; raises OSError when no daemon could be reached at all."""
-    opts = _Options(sample_rate, chunk_ms, fast, out, as_json)
+    opts = _Options(sample_rate, chunk_ms, fast, out, as_json, src_lang)
     transcript = Transcript()
     try:
         async with connect(urls, src_lang=src_lang, tgt_langs=tgt_langs, sample_rate=sample_rate, api_key=api_key,
@@ -150,7 +159,7 @@ async def stream_session(
 
 def _show(opts: _Options, msg: Any, latency_ms: float | None = None) -> None:
     if opts.out:
-        opts.out(encode(msg) if opts.as_json else _human(msg, latency_ms))
+        opts.out(encode(msg) if opts.as_json else _human(msg, latency_ms, opts.src_lang))
 
 
 async def _send_audio(session: Session, pcm: bytes, opts: _Options) -> None:

@@ -1,0 +1,272 @@
+"""The node library (scheduler.node) against a real daemon: answers, errors, threads, cancel,
+deadline, drain, a daemon restart and several URLs (docs/nodes.md).
+
+Each test runs a daemon in this process (the shared Valkey) and a :class:`Node` around a
+function of the test's, so the test controls when a job ends. The node's SIGTERM and the
+twenty-line example run as real processes in tests/test_node_processes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import trio
+
+from scheduler.node import Job, JobFailed, Node, Result, read_token
+
+from .helpers import session, speak
+
+
+async def started_node(nursery, handler, urls, **kwargs) -> tuple[Node, trio.Event]:
+    """A node serving ``handler``, registered; and an event set when its ``run`` returned."""
+    node = Node(handler, lang_pairs=[("en", "es")], urls=urls, node_id=kwargs.pop("node_id", "n1"), **kwargs)
+    ended = trio.Event()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await node.run(task_status=task_status)
+        finally:
+            ended.set()
+
+    await nursery.start(run)
+    return node, ended
+
+
+async def utterance(p, timeout: float = 10.0) -> dict:
+    """Speak, finalize, and return the utterance's result."""
+    await speak(p)
+    await p.send(type="finalize")
+    result, _ = await p.recv_until("result", timeout=timeout)
+    return result
+
+
+async def test_answers_errors_and_a_raising_function_cost_one_job(daemon, nursery):
+    calls: list[int] = []
+
+    async def handler(job: Job) -> Result | str:
+        calls.append(job.utterance_index)
+        assert job.src_lang == "en" and job.tgt_lang == "es" and job.sample_rate == 16000 and job.audio_ms == 300
+        if job.utterance_index == 0:
+            raise ValueError("a message a client must not see: /srv/models/secret")
+        if job.utterance_index == 1:
+            raise JobFailed("MODEL_OVERLOADED")
+        if job.utterance_index == 2:
+            return 42  # type: ignore[return-value]  (not a Result: an error, not a crash)
+        return "hola" if job.utterance_index == 3 else Result(text="buenos días", source_text="good morning")
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url], max_jobs=2)
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        results = [await utterance(p) for _ in range(5)]
+    errors = [r["translations"]["es"].get("error") for r in results[:3]]
+    assert errors == ["HANDLER_ERROR: ValueError", "MODEL_OVERLOADED", "HANDLER_ERROR: returned int, not Result or str"]
+    assert "secret" not in json.dumps(results)
+    assert [r["translations"]["es"]["status"] for r in results] == ["FAILED"] * 3 + ["SUCCESS"] * 2
+    assert results[3]["translations"]["es"]["text"] == "hola"
+    assert (results[4]["source_text"], results[4]["translations"]["es"]["text"]) == ("good morning", "buenos días")
+    assert calls == [0, 1, 2, 3, 4]
+    assert (node.stats.jobs_done, node.stats.jobs_failed) == (2, 3)
+
+
+async def test_a_blocking_function_runs_in_threads_under_its_limiter(daemon, nursery):
+    lock, inside, most = threading.Lock(), [0], [0]
+
+    def handler(job: Job) -> Result:  # blocking: a thread each, at most `threads` at once
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            threading.Event().wait(0.2)
+            return Result(text=f"#{job.utterance_index}")
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url], max_jobs=4, threads=1)
+    async with trio.open_nursery() as clients:
+        for _ in range(3):
+            async def one() -> None:
+                async with session(daemon, src="en", tgts=("es",)) as p:
+                    assert (await utterance(p))["translations"]["es"]["text"] == "#0"
+            clients.start_soon(one)
+    assert most[0] == 1 and node.stats.jobs_done == 3
+
+
+async def test_job_cancel_stops_the_function_and_nothing_is_answered(daemon, nursery):
+    began, saw_cancel = trio.Event(), threading.Event()
+
+    def handler(job: Job) -> Result:
+        trio.from_thread.run_sync(began.set)
+        if job.cancelled.wait(10):  # a blocking function sees the cancel on its job
+            saw_cancel.set()
+        return Result(text="too late")
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url])
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        await speak(p)
+        await p.send(type="finalize")
+        with trio.fail_after(5):
+            await began.wait()
+        await p.send(type="close_session")  # ... and goes before its result: the session ends
+        await p.ws.aclose()
+    with trio.fail_after(5):
+        while not node.stats.jobs_cancelled:
+            await trio.sleep(0.02)
+    await trio.to_thread.run_sync(saw_cancel.wait, 5)
+    assert saw_cancel.is_set() and (node.stats.jobs_done, node.stats.jobs_failed) == (0, 0)
+
+
+async def test_the_deadline_ends_a_job_with_an_error(start_daemon, nursery):
+    daemon = await start_daemon(result_deadline_ms=1500)
+
+    async def handler(job: Job) -> Result:
+        await trio.sleep_forever()
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url])
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        result = await utterance(p)
+    assert result["translations"]["es"]["status"] in ("FAILED", "SKIPPED")
+    with trio.fail_after(5):
+        while not node.stats.jobs_expired:
+            await trio.sleep(0.02)
+    assert node.stats.jobs_failed == 1
+
+
+async def test_drain_answers_the_jobs_held_then_leaves(daemon, nursery):
+    release = trio.Event()
+    running = trio.Event()
+
+    async def handler(job: Job) -> Result:
+        running.set()
+        await release.wait()
+        return Result(text="hecho")
+
+    node, ended = await started_node(nursery, handler, [daemon.ws_url], max_jobs=2)
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        await speak(p)
+        await p.send(type="finalize")
+        with trio.fail_after(5):
+            await running.wait()
+        node.stop()
+        with trio.fail_after(5):  # the daemon marks it draining: no new job goes to it
+            while not [n for n in await daemon.scheduling.nodes_status() if n["node_id"] == "n1" and n["draining"]]:
+                await trio.sleep(0.05)
+        assert not ended.is_set()
+        release.set()
+        result, _ = await p.recv_until("result")
+    assert result["translations"]["es"] == {"status": "SUCCESS", "text": "hecho", "node_id": "n1"} | {
+        k: v for k, v in result["translations"]["es"].items() if k not in ("status", "text", "node_id")}
+    with trio.fail_after(5):  # the daemon closed it (1001 drained) and it did not come back
+        await ended.wait()
+    assert "n1" not in daemon.nodes and node.stats.registrations == 1
+
+
+async def test_a_daemon_that_stops_gets_the_answers_held_and_the_node_moves_on(start_daemon, nursery):
+    first, second = await start_daemon(drain_timeout_ms=10_000), await start_daemon()
+    release, running = trio.Event(), trio.Event()
+
+    async def handler(job: Job) -> Result:
+        running.set()
+        await release.wait()
+        return Result(text="hecho")
+
+    node, _ = await started_node(nursery, handler, [first.ws_url, second.ws_url], max_jobs=2)
+    async with session(first, src="en", tgts=("es",)) as p:
+        await speak(p)
+        await p.send(type="finalize")
+        with trio.fail_after(5):
+            await running.wait()
+        first.shutdown()  # graceful: its sessions wait for their results, its nodes for their answers
+        await trio.sleep(0.3)
+        release.set()
+        result, _ = await p.recv_until("result")
+        closed, _ = await p.recv_until("session_closed")
+    assert result["translations"]["es"]["text"] == "hecho" and closed["reason"] == "shutdown"
+    with trio.fail_after(20):  # the node went on to the next URL
+        while "n1" not in second.nodes:
+            await trio.sleep(0.05)
+    assert (node.stats.jobs_done, node.stats.registrations) == (1, 2)
+
+
+def test_the_token_comes_from_the_flag_the_file_or_the_environment(tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file,older-one\n")
+    monkeypatch.setenv("SCHEDULER_NODE_TOKEN", "from-env")
+    assert read_token("from-flag", token_file) == "from-flag"
+    assert read_token(None, token_file) == "from-file"
+    assert read_token(None, None) == "from-env"
+    monkeypatch.delenv("SCHEDULER_NODE_TOKEN")
+    assert read_token(None, None) is None
+    assert "from-file" not in repr(Node(lambda job: "x", lang_pairs=[("en", "es")], token_file=token_file).register)
+
+
+async def test_the_node_comes_back_after_the_daemon_restarts(start_daemon, nursery):
+    first = await start_daemon()
+    port = int(first.ws_url.rsplit(":", 1)[1])
+
+    async def handler(job: Job) -> Result:
+        return Result(text="ok")
+
+    node, _ = await started_node(nursery, handler, [first.ws_url])
+    first.shutdown(immediate=True)
+    with trio.fail_after(10):  # its listener is gone
+        while True:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+            except OSError:
+                break
+            await trio.sleep(0.05)
+    second = await start_daemon(ws_port=port)  # the same address again: a restart
+    with trio.fail_after(20):
+        while "n1" not in second.nodes:
+            await trio.sleep(0.05)
+    async with session(second, src="en", tgts=("es",)) as p:
+        assert (await utterance(p))["translations"]["es"]["text"] == "ok"
+    assert node.stats.registrations == 2
+
+
+async def test_a_url_that_is_down_is_passed_over_for_the_next(daemon, nursery):
+    async def handler(job: Job) -> Result:
+        return Result(text="ok")
+
+    with trio.fail_after(10):  # nothing listens on port 9: the node goes on to the daemon's URL
+        node, _ = await started_node(nursery, handler, ["ws://127.0.0.1:9", daemon.ws_url])
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        assert (await utterance(p))["translations"]["es"]["text"] == "ok"
+    assert node.stats.registrations == 1
+
+
+@pytest.mark.parametrize("score", [None, "engine"])
+async def test_load_score_is_busy_slots_or_the_authors_and_falls_at_once(start_daemon, nursery, score):
+    daemon = await start_daemon(heartbeat_interval_ms=4000, node_ttl_ms=12000)  # (a fall must not wait 4 s)
+    release = trio.Event()
+    running = trio.Event()
+
+    async def handler(job: Job) -> Result:
+        running.set()
+        await release.wait()
+        return Result(text="x")
+
+    kwargs = {"load_score": lambda: 0.125} if score else {}
+    node, _ = await started_node(nursery, handler, [daemon.ws_url], max_jobs=1, **kwargs)
+
+    async def stored() -> float | None:
+        return next(n["load_score"] for n in await daemon.scheduling.nodes_status() if n["node_id"] == "n1")
+
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        await speak(p)
+        await p.send(type="finalize")
+        with trio.fail_after(10):
+            await running.wait()
+            while await stored() != (0.125 if score else 1.0):
+                await trio.sleep(0.05)
+        release.set()
+        released_at = trio.current_time()
+        await p.recv_until("result")
+        if not score:  # back to 0 at once, not at the next heartbeat (4 s after the one that said 1.0)
+            with trio.fail_after(5):
+                while await stored() != 0.0:
+                    await trio.sleep(0.02)
+            assert trio.current_time() - released_at < 2.5
+    assert node.stats.jobs_done == 1
