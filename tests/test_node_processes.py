@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import trio
 from scheduler.reference import mt
 from scheduler.reference.client import read_wav, stream_session
 
-from .conftest import apt_install, debian_tool
+from .conftest import apt_install
 from .helpers import session, speak
 
 pytestmark = pytest.mark.slow
@@ -155,11 +156,13 @@ def test_apertium_missing_exits_with_the_line_that_installs_it(tmp_path):
 @pytest.fixture(scope="session")
 def apertium():
     """Debian's apertium with its English-Spanish pair (apt-get as root when missing)."""
-    binary = debian_tool("apertium", "apertium")
-    if "eng-spa" not in mt.installed_modes(binary):
-        apt_install("apertium-eng-spa")
-    if "eng-spa" not in mt.installed_modes(binary):
-        pytest.skip("needs Debian's apertium-eng-spa (apt-get install apertium-eng-spa); CI installs it as root")
+    binary = shutil.which("apertium")
+    if binary is None or "eng-spa" not in mt.installed_modes(binary):
+        apt_install("apertium", "apertium-eng-spa")
+        binary = shutil.which("apertium")
+    if binary is None or "eng-spa" not in mt.installed_modes(binary):
+        pytest.skip("needs Debian's apertium and apertium-eng-spa (apt-get install apertium apertium-eng-spa); "
+                    "CI installs them as root")
     return binary
 
 
