@@ -42,6 +42,26 @@ async def utterance(p, timeout: float = 10.0) -> dict:
     return result
 
 
+class Held:
+    """A function (an object with an async ``__call__``) whose jobs run until the test
+    releases them."""
+
+    def __init__(self, text: str = "hecho") -> None:
+        self.text, self.running, self.release = text, trio.Event(), trio.Event()
+
+    async def __call__(self, job: Job) -> Result:
+        self.running.set()
+        await self.release.wait()
+        return Result(text=self.text)
+
+    async def started_by(self, p) -> None:
+        """Speak and finalize on session ``p``; return once its job runs here."""
+        await speak(p)
+        await p.send(type="finalize")
+        with trio.fail_after(5):
+            await self.running.wait()
+
+
 async def test_answers_errors_and_a_raising_function_cost_one_job(daemon, nursery):
     calls: list[int] = []
 
@@ -134,26 +154,17 @@ async def test_the_deadline_ends_a_job_with_an_error(start_daemon, nursery):
 
 
 async def test_drain_answers_the_jobs_held_then_leaves(daemon, nursery):
-    release = trio.Event()
-    running = trio.Event()
-
-    async def handler(job: Job) -> Result:
-        running.set()
-        await release.wait()
-        return Result(text="hecho")
+    handler = Held()
 
     node, ended = await started_node(nursery, handler, [daemon.ws_url], max_jobs=2)
     async with session(daemon, src="en", tgts=("es",)) as p:
-        await speak(p)
-        await p.send(type="finalize")
-        with trio.fail_after(5):
-            await running.wait()
+        await handler.started_by(p)
         node.stop()
         with trio.fail_after(5):  # the daemon marks it draining: no new job goes to it
             while not [n for n in await daemon.scheduling.nodes_status() if n["node_id"] == "n1" and n["draining"]]:
                 await trio.sleep(0.05)
         assert not ended.is_set()
-        release.set()
+        handler.release.set()
         result, _ = await p.recv_until("result")
     assert result["translations"]["es"] == {"status": "SUCCESS", "text": "hecho", "node_id": "n1"} | {
         k: v for k, v in result["translations"]["es"].items() if k not in ("status", "text", "node_id")}
@@ -164,22 +175,14 @@ async def test_drain_answers_the_jobs_held_then_leaves(daemon, nursery):
 
 async def test_a_daemon_that_stops_gets_the_answers_held_and_the_node_moves_on(start_daemon, nursery):
     first, second = await start_daemon(drain_timeout_ms=10_000), await start_daemon()
-    release, running = trio.Event(), trio.Event()
-
-    async def handler(job: Job) -> Result:
-        running.set()
-        await release.wait()
-        return Result(text="hecho")
+    handler = Held()
 
     node, _ = await started_node(nursery, handler, [first.ws_url, second.ws_url], max_jobs=2)
     async with session(first, src="en", tgts=("es",)) as p:
-        await speak(p)
-        await p.send(type="finalize")
-        with trio.fail_after(5):
-            await running.wait()
+        await handler.started_by(p)
         first.shutdown()  # graceful: its sessions wait for their results, its nodes for their answers
         await trio.sleep(0.3)
-        release.set()
+        handler.release.set()
         result, _ = await p.recv_until("result")
         closed, _ = await p.recv_until("session_closed")
     assert result["translations"]["es"]["text"] == "hecho" and closed["reason"] == "shutdown"
@@ -240,13 +243,7 @@ async def test_a_url_that_is_down_is_passed_over_for_the_next(daemon, nursery):
 @pytest.mark.parametrize("score", [None, "engine"])
 async def test_load_score_is_busy_slots_or_the_authors_and_falls_at_once(start_daemon, nursery, score):
     daemon = await start_daemon(heartbeat_interval_ms=4000, node_ttl_ms=12000)  # (a fall must not wait 4 s)
-    release = trio.Event()
-    running = trio.Event()
-
-    async def handler(job: Job) -> Result:
-        running.set()
-        await release.wait()
-        return Result(text="x")
+    handler = Held()
 
     kwargs = {"load_score": lambda: 0.125} if score else {}
     node, _ = await started_node(nursery, handler, [daemon.ws_url], max_jobs=1, **kwargs)
@@ -255,13 +252,11 @@ async def test_load_score_is_busy_slots_or_the_authors_and_falls_at_once(start_d
         return next(n["load_score"] for n in await daemon.scheduling.nodes_status() if n["node_id"] == "n1")
 
     async with session(daemon, src="en", tgts=("es",)) as p:
-        await speak(p)
-        await p.send(type="finalize")
+        await handler.started_by(p)
         with trio.fail_after(10):
-            await running.wait()
             while await stored() != (0.125 if score else 1.0):
                 await trio.sleep(0.05)
-        release.set()
+        handler.release.set()
         released_at = trio.current_time()
         await p.recv_until("result")
         if not score:  # back to 0 at once, not at the next heartbeat (4 s after the one that said 1.0)

@@ -71,8 +71,8 @@ class Job:
 class Result:
     """A job's answer: ``text`` in the target language, ``source_text`` the transcript."""
 
-    text: str
-    source_text: str | None = None
+    text: str = attrs.field(validator=attrs.validators.instance_of(str))
+    source_text: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
 
 
 class JobFailed(Exception):
