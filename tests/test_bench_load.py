@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import adapter_throughput  # noqa: E402
 import codec  # noqa: E402
 import fairness  # noqa: E402
 import load  # noqa: E402
@@ -145,3 +147,14 @@ def test_tree_stats_adds_up_a_process_and_its_children():
     finally:
         child.kill()
         child.wait()
+
+
+async def test_the_adapter_bench_reports_what_a_lone_call_costs(valkey_url):
+    """``just bench-adapter``'s lone-call figures (docs/performance.md, "What one utterance
+    cannot go below"): a lone call through the adapter costs CPU on both sides of its thread
+    hop, more than a raw redis-py call."""
+    lone = await adapter_throughput.adapter(valkey_url, 300, 1, 2)
+    _, raw_cpu_us = await trio.to_thread.run_sync(adapter_throughput.raw_round_trips, valkey_url, 300)
+    assert lone["mean_batch"] == 1.0 and lone["ops_per_s"] > 0, lone
+    assert 0 < lone["trio_thread_cpu_us_per_call"] < lone["cpu_us_per_call"], lone
+    assert raw_cpu_us > 0
