@@ -149,5 +149,5 @@ demo: sync
     until uv run --frozen python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$admin/readyz')" 2>/dev/null; do sleep 0.2; done
     uv run --frozen scheduler node --url "ws://127.0.0.1:$ws" --node-id demo-asr --lang-pair en:es --asr pocketsphinx --mt "$mt" --delay-ms 0 --log-level warning & node=$!
     until uv run --frozen python -c "import json, urllib.request; assert json.load(urllib.request.urlopen('http://127.0.0.1:$admin/status'))['nodes']" 2>/dev/null; do sleep 0.2; done
-    echo "streaming tests/data/speech-en.wav in real time, English -> Spanish by $mt (web app: http://127.0.0.1:$admin/app, status page: http://127.0.0.1:$admin/)"
+    echo "streaming tests/data/speech-en.wav in real time, English -> Spanish by $mt (web app: http://127.0.0.1:$admin/app?src=en&tgt=es, status page: http://127.0.0.1:$admin/)"
     uv run --frozen scheduler client --url "ws://127.0.0.1:$ws" --wav tests/data/speech-en.wav --src en --tgt es

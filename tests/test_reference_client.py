@@ -43,3 +43,15 @@ async def test_a_client_that_reaches_no_daemon_says_so(nursery):
     except OSError:
         return
     raise AssertionError("no OSError")
+
+
+def test_a_result_prints_the_transcript_and_each_translation_side_by_side():
+    from scheduler.protocol import Result, Translation
+    from scheduler.reference.client import human_result
+
+    result = Result(utterance_index=3, status="PARTIAL", reason="pause", turn_id="t", source_text="good morning",
+                    translations={"es": Translation(status="SUCCESS", text="buenos días", node_id="n1"),
+                                  "de": Translation(status="FAILED", error="NO_AVAILABLE_NODE")})
+    assert human_result(result, 812.4, "en") == (
+        "#3 PARTIAL  en: good morning  |  es: buenos días  |  de: FAILED NO_AVAILABLE_NODE  (812 ms, pause)")
+    assert human_result(result, None, "en").endswith("(pause)")
