@@ -198,16 +198,17 @@ def _add_node_parser(sub) -> None:
 
 def _node(args: argparse.Namespace) -> int:
     from scheduler.node import from_arguments
+    from scheduler.node.runner import DEFAULT_URL
     from scheduler.reference.node import NodeOptions, ReferenceNode
 
     logs.setup(args.log_level)
     common = from_arguments(args)
-    urls = common.pop("urls")
+    urls = common.get("urls") or [DEFAULT_URL]
     options = NodeOptions(url=urls[0], more_urls=tuple(urls[1:]), lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
                           pools=tuple(args.pool) if args.pool else None, max_jobs=common["max_jobs"],
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
-                          token=common["token"], engine=args.asr, mt=args.mt, drain_timeout_s=common["drain_timeout_s"],
-                          ssl_context=common["ssl_context"], **({"node_id": common["node_id"]} if "node_id" in common else {}))
+                          token=common.get("token"), engine=args.asr, mt=args.mt, drain_timeout_s=common["drain_timeout_s"],
+                          ssl_context=common.get("ssl_context"), **({"node_id": common["node_id"]} if "node_id" in common else {}))
     try:
         node = ReferenceNode(options)
     except (RuntimeError, ValueError) as exc:

@@ -356,3 +356,23 @@ async def test_a_node_id_in_use_is_fatal_only_at_the_first_registration(nursery)
 async def refuse_duplicate(ws) -> None:
     await ws.get_message()
     await ws.send_message(json.dumps({"type": "error", "code": "DUPLICATE_NODE_ID", "message": "taken", "fatal": True}))
+
+
+def test_flags_override_only_what_they_name(monkeypatch, tmp_path):
+    """run_node's flags: a URL list or token the node's code passes stays unless a flag or the
+    environment names one."""
+    import argparse
+
+    from scheduler.node import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, max_jobs=3)
+    monkeypatch.delenv("SCHEDULER_NODE_URLS", raising=False)
+    monkeypatch.delenv("SCHEDULER_NODE_TOKEN", raising=False)
+    assert from_arguments(parser.parse_args([])) == {"max_jobs": 3, "drain_timeout_s": 60.0}
+    monkeypatch.setenv("SCHEDULER_NODE_URLS", "ws://a:1, ws://b:2")
+    (tmp_path / "t").write_text("secret-token\n")
+    given = from_arguments(parser.parse_args(["--token-file", str(tmp_path / "t"), "--node-id", "x", "--max-jobs", "5"]))
+    assert given == {"max_jobs": 5, "drain_timeout_s": 60.0, "urls": ["ws://a:1", "ws://b:2"], "token": "secret-token",
+                     "node_id": "x"}
+    assert from_arguments(parser.parse_args(["--url", "ws://c:3"]))["urls"] == ["ws://c:3"]

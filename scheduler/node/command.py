@@ -43,16 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, max_jobs: int = 1) -> None
 
 
 def from_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """:class:`Node` keyword arguments from :func:`add_arguments`' flags (the token read here:
-    an unreadable --token-file exits with code 2 and the reason)."""
-    urls = args.url or [u for u in os.environ.get(URLS_ENV, "").split(",") if u.strip()] or [DEFAULT_URL]
+    """:class:`Node` keyword arguments from :func:`add_arguments`' flags: only those given (a
+    URL list or token the node's code passes stays unless a flag or the environment names
+    one). The token is read here: an unreadable --token-file exits with code 2 and the reason."""
+    kwargs: dict[str, Any] = {"max_jobs": args.max_jobs, "drain_timeout_s": args.drain_timeout}
+    urls = args.url or [u.strip() for u in os.environ.get(URLS_ENV, "").split(",") if u.strip()]
+    if urls:
+        kwargs["urls"] = urls
     try:
         token = read_token(args.token, args.token_file)
     except OSError as exc:
         _exit(f"cannot read --token-file: {exc.strerror}")
-    kwargs: dict[str, Any] = {"urls": [u.strip() for u in urls], "max_jobs": args.max_jobs, "token": token,
-                              "drain_timeout_s": args.drain_timeout,
-                              "ssl_context": ssl.create_default_context(cafile=args.cafile) if args.cafile else None}
+    if token:
+        kwargs["token"] = token
+    if args.cafile:
+        kwargs["ssl_context"] = ssl.create_default_context(cafile=args.cafile)
     if args.node_id:
         kwargs["node_id"] = args.node_id
     return kwargs
