@@ -208,7 +208,8 @@ def _node(args: argparse.Namespace) -> int:
                           pools=tuple(args.pool) if args.pool else None, max_jobs=common["max_jobs"],
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
                           token=common.get("token"), engine=args.asr, mt=args.mt, drain_timeout_s=common["drain_timeout_s"],
-                          ssl_context=common.get("ssl_context"), **({"node_id": common["node_id"]} if "node_id" in common else {}))
+                          ssl_context=common.get("ssl_context"),
+                          **{k: common[k] for k in ("node_id", "metrics_port", "metrics_host") if k in common})
     try:
         node = ReferenceNode(options)
     except (RuntimeError, ValueError) as exc:

@@ -376,3 +376,45 @@ def test_flags_override_only_what_they_name(monkeypatch, tmp_path):
     assert given == {"max_jobs": 5, "drain_timeout_s": 60.0, "urls": ["ws://a:1", "ws://b:2"], "token": "secret-token",
                      "node_id": "x"}
     assert from_arguments(parser.parse_args(["--url", "ws://c:3"]))["urls"] == ["ws://c:3"]
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def test_the_node_serves_its_metrics_and_readiness(daemon, nursery):
+    async def handler(job: Job) -> Result:
+        if job.utterance_index == 1:
+            raise JobFailed("NO_MODEL")
+        return Result(text="ok")
+
+    lonely = Node(handler, lang_pairs=[("en", "es")], urls=["ws://127.0.0.1:9"], metrics_port=0)
+    nursery.start_soon(lonely.run)
+    with trio.fail_after(5):
+        while lonely.metrics_port is None:
+            await trio.sleep(0.01)
+    assert (await http_get(lonely.metrics_port, "/readyz"))[0] == 503  # no daemon took it
+    lonely.stop()
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url], metrics_port=0)
+    async with session(daemon, src="en", tgts=("es",)) as p:
+        await utterance(p)
+        await utterance(p)
+    status, text = await http_get(node.metrics_port, "/metrics")
+    assert status == 200
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['speech_node_jobs_total{outcome="ok"}'] == 1 and values['speech_node_jobs_total{outcome="failed"}'] == 1
+    assert values["speech_node_connected"] == 1 and values["speech_node_registrations_total"] == 1
+    assert values["speech_node_jobs_in_flight"] == 0 and values["speech_node_job_seconds_count"] == 2
+    assert (await http_get(node.metrics_port, "/readyz"))[0] == 200
+    assert (await http_get(node.metrics_port, "/"))[0] == 404  # (the daemon's pages are not a node's)

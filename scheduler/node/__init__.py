@@ -15,7 +15,8 @@ job, and on SIGTERM (or :meth:`Node.stop`) a drain that answers the jobs held be
 
 from scheduler.node.command import add_arguments, from_arguments, run_node
 from scheduler.node.job import Job, JobFailed, Result
-from scheduler.node.link import NodeRefused, Stats
+from scheduler.node.link import NodeRefused
+from scheduler.node.metrics import Stats
 from scheduler.node.runner import Node, read_token
 
 __all__ = ["Job", "JobFailed", "Node", "NodeRefused", "Result", "Stats", "add_arguments", "from_arguments", "read_token", "run_node"]

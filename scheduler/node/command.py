@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, max_jobs: int = 1) -> None
     parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the jobs held before leaving anyway (their daemon then "
                              "gives them to another node; default 60)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus /metrics, /healthz and /readyz (200 while registered) on this port "
+                             "(0: any free one; default: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
 
 
@@ -60,6 +64,8 @@ def from_arguments(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["ssl_context"] = ssl.create_default_context(cafile=args.cafile)
     if args.node_id:
         kwargs["node_id"] = args.node_id
+    if args.metrics_port is not None:
+        kwargs["metrics_port"], kwargs["metrics_host"] = args.metrics_port, args.metrics_host
     return kwargs
 
 

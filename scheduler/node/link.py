@@ -22,6 +22,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from scheduler.node.job import DEADLINE_EXCEEDED, Handler, Job, answer, error
+from scheduler.node.metrics import Stats
 from scheduler.ops.logs import event
 from scheduler.protocol import Drain, Error, Heartbeat, JobAssign, JobCancel, JobResult, ProtocolError, Register, Registered, encode
 from scheduler.protocol import parse_from_daemon as parse
@@ -49,15 +50,6 @@ class TryLater(Exception):
     def __init__(self, code: str, retry_after_s: float | None) -> None:
         super().__init__(code)
         self.retry_after_s = retry_after_s
-
-
-@attrs.define
-class Stats:
-    registrations: int = 0
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    jobs_cancelled: int = 0
-    jobs_expired: int = 0
 
 
 @attrs.define
@@ -100,7 +92,7 @@ class Link:
             raise TryLater(reply.code, reply.retry_after_ms / 1000 if reply.retry_after_ms else None)
         if not isinstance(reply, Registered):
             raise TryLater("UNEXPECTED_REPLY", None)
-        self.config.stats.registrations += 1
+        self.config.stats.registered()
         return reply
 
     async def serve(self, registered: Registered) -> str:
@@ -152,28 +144,28 @@ class Link:
     async def _job(self, job: Job, bad_audio: bool) -> None:
         key = (job.job_id, job.attempt)
         running = self.jobs[key]
+        started, stats = trio.current_time(), self.config.stats
+        stats.held(len(self.jobs))
         try:
             result: JobResult | None = error(job, "BAD_AUDIO: not base64") if bad_audio else None
             with running.scope:
                 if result is None:
                     result = await answer(self.config.handler, job, self.config.limiter, self.node_id)
+            outcome = "ok" if result is not None and result.status == "ok" else "failed"
             if running.scope.cancelled_caught:
                 job.cancelled.set()
                 if running.unwanted:
-                    self.config.stats.jobs_cancelled += 1
+                    stats.ended("cancelled", trio.current_time() - started)
                     event(log, "job_cancelled", node_id=self.node_id, job_id=job.job_id, attempt=job.attempt)
                     return
-                self.config.stats.jobs_expired += 1
-                result = error(job, DEADLINE_EXCEEDED)
+                result, outcome = error(job, DEADLINE_EXCEEDED), "expired"
             assert result is not None
             await self._send(result)
-            if result.status == "ok":
-                self.config.stats.jobs_done += 1
-            else:
-                self.config.stats.jobs_failed += 1
+            stats.ended(outcome, trio.current_time() - started)
         finally:
             job.cancelled.set()  # (also when the socket closed under it: nobody wants its answer now)
             self.jobs.pop(key, None)
+            stats.held(len(self.jobs))
             if not self.jobs:
                 self._idle.set()
             self._maybe_beat_now()
@@ -211,6 +203,8 @@ class Link:
                 await self._beat_now.wait()
             self._beat_now = trio.Event()
             score = self._last_score = self.load_score()
+            if self.config.stats.metrics is not None and score is not None:
+                self.config.stats.metrics.load_score.set(score)
             await self._send(Heartbeat(load={"jobs": len(self.jobs)}, load_score=score))
 
     async def _drain_on_stop(self) -> None:

@@ -16,8 +16,10 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from scheduler.node.job import Handler
-from scheduler.node.link import Link, LinkConfig, NodeRefused, Stats, TryLater
+from scheduler.node.link import Link, LinkConfig, NodeRefused, TryLater
+from scheduler.node.metrics import NodeMetrics, Stats
 from scheduler.ops import secrets
+from scheduler.ops.admin import AdminServer
 from scheduler.ops.logs import event
 from scheduler.protocol import ProtocolError, Register
 
@@ -50,14 +52,16 @@ class Node:
     ``threads`` bounds the blocking function's threads (default ``max_jobs``; 1 for one GPU).
     ``load_score`` is called at each heartbeat for the engine's load, 0-1 (default: busy slots
     over ``max_jobs``). ``urls`` are tried in turn; the token comes from ``token``,
-    ``token_file`` or ``$SCHEDULER_NODE_TOKEN``.
+    ``token_file`` or ``$SCHEDULER_NODE_TOKEN``. ``metrics_port``: serve ``/metrics``,
+    ``/healthz`` and ``/readyz`` there (scheduler/node/metrics.py; 0 for any free port).
     """
 
     def __init__(self, handler: Handler, *, lang_pairs: Sequence[tuple[str, str]], max_jobs: int = 1,
                  urls: Sequence[str] = (DEFAULT_URL,), node_id: str | None = None, pools: Sequence[str] | None = None,
                  token: str | None = None, token_file: str | os.PathLike | None = None, threads: int | None = None,
                  load_score: Callable[[], float | None] | None = None, capabilities: dict | None = None,
-                 drain_timeout_s: float = 60.0, reconnect: bool = True, ssl_context: ssl.SSLContext | None = None) -> None:
+                 drain_timeout_s: float = 60.0, reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         if not urls:
             raise ValueError("give at least one daemon URL")
         self.handler = handler
@@ -71,12 +75,16 @@ class Node:
         self.drain_timeout_s = drain_timeout_s
         self.reconnect = reconnect
         self.ssl_context = ssl_context
-        self.stats = Stats()
+        self.stats = Stats(metrics=NodeMetrics() if metrics_port is not None else None)
+        self.metrics_address = (metrics_host, metrics_port)
+        self.metrics_port: int | None = None  # the bound port, once listening (metrics_port 0: any free one)
         self._stopping = trio.Event()
 
     def stop(self) -> None:
         """Drain: tell the daemon, answer the jobs held, leave; :meth:`run` then returns."""
         self._stopping.set()
+        if self.stats.metrics is not None:
+            self.stats.metrics.draining.set(1)
 
     @property
     def stopping(self) -> bool:
@@ -84,13 +92,29 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stopped (or refused for good: :class:`NodeRefused`); ``task_status``
-        fires at the first registration. Between connections: the next URL, after a jittered
-        backoff that doubles while no registration succeeds (``retry_after_ms`` when given)."""
+        fires at the first registration (and once the metrics listener is up, with ``metrics_port``)."""
+        if self.stats.metrics is None:
+            await self._serve_urls(task_status)
+            return
+        metrics = self.stats.metrics
+        server = AdminServer(metrics, lambda: (True, "registered") if self.stats.connected else (False, "not registered"),
+                             pages=False)
+        async with trio.open_nursery() as nursery:
+            self.metrics_port = await nursery.start(server.serve, *self.metrics_address)
+            event(log, "node_metrics_listening", node_id=self.node_id,
+                  url=f"http://{self.metrics_address[0]}:{self.metrics_port}/metrics")
+            await self._serve_urls(task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_urls(self, task_status: trio.TaskStatus[None]) -> None:
+        """Between connections: the next URL, after a jittered backoff that doubles while no
+        registration succeeds (``retry_after_ms`` when given)."""
         backoff, turn = BACKOFF_S[0], 0
         while True:
             url = self.urls[turn % len(self.urls)]
             turn += 1
             wait = await self._connect(url, task_status)
+            self.stats.disconnected()
             if self.stopping or not self.reconnect:
                 return
             if wait is None:  # (it was registered: a new outage starts from the shortest wait)

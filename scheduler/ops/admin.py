@@ -69,13 +69,14 @@ class AdminServer:
                  status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"), *, cors_origins: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, boundary: Boundary | None = None,
-                 tokens: list[str] | None = None, lookups: dict[str, Lookup] | None = None) -> None:
+                 tokens: list[str] | None = None, lookups: dict[str, Lookup] | None = None, pages: bool = True) -> None:
         """``metrics`` is anything with ``render() -> bytes``; ``health`` answers ``/healthz``
         (default: 200 while the process runs). Each connection runs inside ``boundary``
         (ops/boundary.py; a fresh one on ``metrics`` by default): whatever one request
         raises ends that connection, never the listener. ``lookups`` answers paths under a
         prefix (``/sessions/``: the location API) with ``(status, JSON object)`` for the rest
-        of the path; the lookup checks that rest itself."""
+        of the path; the lookup checks that rest itself. ``pages``: serve the status page and
+        the web app (a node's metrics listener does not)."""
         self._metrics = metrics
         self._readiness = readiness
         self._status = status
@@ -85,12 +86,13 @@ class AdminServer:
         self._boundary = boundary or Boundary(metrics.connections_failed_total)
         self._tokens = tokens or []
         self._lookups = lookups or {}
+        self._pages = pages
 
     async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
-        if path in PAGES:
+        if self._pages and path in PAGES:
             name, ctype = PAGES[path]
             return 200, ctype, (STATIC / name).read_bytes()
         if path == "/metrics":

@@ -45,6 +45,8 @@ class NodeOptions:
     engine: str = "fake"  # the speech plug-in (--asr)
     mt: str = "echo"
     drain_timeout_s: float = 60.0
+    metrics_port: int | None = None  # serve /metrics there (scheduler/node/metrics.py)
+    metrics_host: str = "127.0.0.1"
     ssl_context: ssl.SSLContext | None = None  # for wss:// (None: the system's trust store)
 
 
@@ -70,7 +72,8 @@ class ReferenceNode:
         self.node = Node(self.handle, lang_pairs=o.lang_pairs, max_jobs=o.max_jobs, urls=(o.url, *o.more_urls),
                          node_id=o.node_id, pools=o.pools, token=o.token, load_score=CpuLoad(),
                          capabilities={"engine": o.engine, "mt": o.mt}, drain_timeout_s=o.drain_timeout_s,
-                         reconnect=o.reconnect, ssl_context=o.ssl_context)
+                         reconnect=o.reconnect, ssl_context=o.ssl_context, metrics_port=o.metrics_port,
+                         metrics_host=o.metrics_host)
 
     @property
     def jobs_done(self) -> int:
