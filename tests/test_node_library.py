@@ -418,3 +418,32 @@ async def test_the_node_serves_its_metrics_and_readiness(daemon, nursery):
     assert values["speech_node_jobs_in_flight"] == 0 and values["speech_node_job_seconds_count"] == 2
     assert (await http_get(node.metrics_port, "/readyz"))[0] == 200
     assert (await http_get(node.metrics_port, "/"))[0] == 404  # (the daemon's pages are not a node's)
+
+
+async def test_a_job_assigned_while_the_node_drains_is_answered_before_it_leaves(nursery, monkeypatch):
+    from scheduler.node import link
+
+    monkeypatch.setattr(link, "DRAINED_CLOSE_WAIT_S", 0.3)  # (the wait for the daemon's close, shorter than the job)
+    seen: list[str] = []
+    node: Node | None = None
+
+    async def script(ws) -> None:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "registered", "node_id": "n1", "heartbeat_interval_ms": 60_000,
+                                          "node_ttl_ms": 180_000}))
+        assert node is not None
+        node.stop()
+        while json.loads(await ws.get_message())["type"] != "drain":
+            pass
+        await ws.send_message(assign("late"))  # sent before this "daemon" read the drain
+        while True:
+            seen.append(json.loads(await ws.get_message())["type"])
+
+    async def handler(job: Job) -> Result:
+        await trio.sleep(1.0)
+        return Result(text="late but answered")
+
+    node = Node(handler, lang_pairs=[("en", "es")], urls=[await scripted_daemon(nursery, script)], node_id="n1")
+    with trio.fail_after(10):
+        await node.run()  # it returns once it has left
+    assert "job_result" in seen and node.stats.jobs_done == 1

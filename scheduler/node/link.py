@@ -193,9 +193,9 @@ class Link:
         return round(float(score), 3)
 
     def _maybe_beat_now(self) -> None:
-        last = self._last_score
-        if self.config.load_score is None and last is not None and last >= EARLY_BEAT_FROM:
-            self._beat_now.set() if len(self.jobs) / self.config.register.max_jobs < last else None
+        last, now = self._last_score, len(self.jobs) / self.config.register.max_jobs
+        if self.config.load_score is None and last is not None and last >= EARLY_BEAT_FROM and now < last:
+            self._beat_now.set()
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
@@ -209,17 +209,24 @@ class Link:
 
     async def _drain_on_stop(self) -> None:
         """When the node is asked to stop: ``drain``, answer the jobs held (and any assigned
-        before the daemon saw the drain), then leave. Jobs still running at the drain timeout
-        are not answered: the socket closes and the daemon gives them to another node."""
+        before the daemon saw the drain), then leave once the daemon closes the socket
+        (``1001 drained``), or :data:`DRAINED_CLOSE_WAIT_S` after the last answer. Jobs still
+        running at the drain timeout are not answered: the socket closes and the daemon gives
+        them to another node."""
         await self.config.stopping.wait()
         await self._send(Drain())
         event(log, "node_draining", node_id=self.node_id, jobs=len(self.jobs))
-        with trio.move_on_after(self.config.drain_timeout_s) as waited:
-            await self._idle.wait()
-        if waited.cancelled_caught:
-            event(log, "node_drain_timeout", logging.WARNING, node_id=self.node_id, jobs=len(self.jobs),
-                  drain_timeout_s=self.config.drain_timeout_s)
-        else:
-            with trio.move_on_after(DRAINED_CLOSE_WAIT_S):  # the daemon closes a drained node (1001 drained)
-                await trio.sleep_forever()
+        deadline = trio.current_time() + self.config.drain_timeout_s
+        while True:
+            with trio.move_on_at(deadline) as waited:
+                await self._idle.wait()
+            if waited.cancelled_caught:
+                event(log, "node_drain_timeout", logging.WARNING, node_id=self.node_id, jobs=len(self.jobs),
+                      drain_timeout_s=self.config.drain_timeout_s)
+                break
+            with trio.move_on_after(DRAINED_CLOSE_WAIT_S):  # the daemon's close, unless a late job comes first
+                while not self.jobs:
+                    await trio.sleep(0.05)
+            if not self.jobs:
+                break
         await self.ws.aclose(1001, "node stopping")
