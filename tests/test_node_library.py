@@ -201,7 +201,11 @@ def test_the_token_comes_from_the_flag_the_file_or_the_environment(tmp_path, mon
     assert read_token(None, token_file) == "from-file"
     assert read_token(None, None) == "from-env"
     monkeypatch.delenv("SCHEDULER_NODE_TOKEN")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     assert read_token(None, None) is None
+    (tmp_path / "node_token").write_text("from-systemd\n")  # deploy/scheduler-node.service's LoadCredential
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_token(None, None) == "from-systemd"
     assert "from-file" not in repr(Node(lambda job: "x", lang_pairs=[("en", "es")], token_file=token_file).register)
 
 

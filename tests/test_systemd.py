@@ -75,3 +75,20 @@ def test_unit_file_is_type_notify_with_watchdog_and_hardening():
     for secret in ("node_token", "admin_token", "client_api_keys", "redis_url"):  # as credentials, never inline
         assert f"LoadCredential={secret}:/etc/scheduler/credentials/{secret}" in text
     assert "token=" not in service["ExecStart"].lower() and "redis://" not in text
+
+
+def test_the_node_unit_drains_on_sigterm_and_keeps_its_token_off_the_command_line():
+    """deploy/scheduler-node.service (docs/nodes.md): SIGTERM with time for the node's drain,
+    no restart when refused for good, the token as a systemd credential."""
+    from scheduler.cli import build_parser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "deploy" / "scheduler-node.service")
+    service = unit["Service"]
+    assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) > 60  # (the node's --drain-timeout)
+    assert service["RestartPreventExitStatus"] == "2" and service["Restart"] == "on-failure"
+    assert service["LoadCredential"] == "node_token:/etc/scheduler/credentials/node_token"
+    command = service["ExecStart"].replace("\\\n", " ").split()
+    assert command[:2] == ["/usr/local/bin/scheduler", "node"] and not any("token" in word for word in command)
+    build_parser().parse_args(command[1:])  # every flag is one the node knows

@@ -37,12 +37,17 @@ def node_url(url: str) -> str:
 
 
 def read_token(token: str | None, token_file: str | os.PathLike | None) -> str | None:
-    """The registration token: given, else the first in ``token_file``, else ``$SCHEDULER_NODE_TOKEN``."""
+    """The registration token: given, else the first in ``token_file``, else
+    ``$SCHEDULER_NODE_TOKEN``, else the systemd credential ``node_token``
+    (``$CREDENTIALS_DIRECTORY/node_token``, deploy/scheduler-node.service)."""
     if token:
         return token
     if token_file:
         return (secrets.tokens(Path(token_file).read_text()) or [None])[0]
-    return os.environ.get(TOKEN_ENV) or None
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    credential = Path(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent")) / "node_token"
+    return (secrets.tokens(credential.read_text()) or [None])[0] if credential.is_file() else None
 
 
 class Node:
