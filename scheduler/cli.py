@@ -180,7 +180,8 @@ def _add_node_parser(sub) -> None:
                           epilog=node_command.EPILOG)
     node_command.add_arguments(node, max_jobs=4)
     node.add_argument("--lang-pair", action="append", type=_lang_pair, metavar="SRC:TGT",
-                      help="a language pair served, repeatable (default: zh:en)")
+                      help="a language pair served, repeatable (default: en:es with --asr pocketsphinx or --mt "
+                           "apertium, whose models are English and English-Spanish here; zh:en otherwise)")
     node.add_argument("--pool", action="append", metavar="NAME",
                       help="pool to join, repeatable (default: one pool per pair named SRC-TGT)")
     node.add_argument("--asr", "--engine", dest="asr", choices=["fake", "pocketsphinx"], default="fake",
@@ -204,7 +205,9 @@ def _node(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     common = from_arguments(args)
     urls = common.get("urls") or [DEFAULT_URL]
-    options = NodeOptions(url=urls[0], more_urls=tuple(urls[1:]), lang_pairs=tuple(args.lang_pair or [("zh", "en")]),
+    real = args.asr == "pocketsphinx" or args.mt == "apertium"
+    options = NodeOptions(url=urls[0], more_urls=tuple(urls[1:]),
+                          lang_pairs=tuple(args.lang_pair or [("en", "es") if real else ("zh", "en")]),
                           pools=tuple(args.pool) if args.pool else None, max_jobs=common["max_jobs"],
                           delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, fail_rate=args.fail_rate,
                           token=common.get("token"), engine=args.asr, mt=args.mt, drain_timeout_s=common["drain_timeout_s"],

@@ -146,7 +146,7 @@ def test_apertium_missing_exits_with_the_line_that_installs_it(tmp_path):
     bare = tmp_path / "bin"
     bare.mkdir()
     (bare / "python").symlink_to(sys.executable)  # a PATH with no apertium on it
-    done = subprocess.run([sys.executable, "-m", "scheduler", "node", "--mt", "apertium", "--lang-pair", "en:es"],
+    done = subprocess.run([sys.executable, "-m", "scheduler", "node", "--mt", "apertium"],  # (its default pair: en:es)
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PATH": str(bare)}, timeout=60)
     assert done.returncode == 2, done
     assert done.stderr.strip().splitlines()[-1] == (
