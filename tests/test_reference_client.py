@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from scheduler.reference.client import stream_session
@@ -55,3 +56,18 @@ def test_a_result_prints_the_transcript_and_each_translation_side_by_side():
     assert human_result(result, 812.4, "en") == (
         "#3 PARTIAL  en: good morning  |  es: buenos días  |  de: FAILED NO_AVAILABLE_NODE  (812 ms, pause)")
     assert human_result(result, None, "en").endswith("(pause)")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_the_client_never_prints_the_resume_token(daemon, nursery, as_json):
+    from scheduler.reference.client import HIDDEN, stream_session
+
+    from .helpers import SPEECH_100MS, start_node
+
+    await start_node(nursery, daemon, node_id="n1", delay_ms=0)
+    lines: list[str] = []
+    transcript = await stream_session(daemon.ws_url, SPEECH_100MS * 3, src_lang="zh", tgt_langs=["en"], fast=True,
+                                      out=lines.append, as_json=as_json)
+    assert transcript.complete
+    ready = [line for line in lines if "session_ready" in line]
+    assert len(ready) == 1 and HIDDEN in ready[0], lines

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from scheduler.client import Session, SessionFailed, connect
-from scheduler.protocol import Error, Result, SessionClosed, UtteranceFinalized, converter, encode
+from scheduler.protocol import Error, Result, SessionClosed, SessionReady, UtteranceFinalized, converter, encode
 
 
 class WavError(ValueError):
@@ -157,7 +157,12 @@ async def stream_session(
     return transcript
 
 
+HIDDEN = "(kept, not shown)"
+
+
 def _show(opts: _Options, msg: Any, latency_ms: float | None = None) -> None:
+    if isinstance(msg, SessionReady) and msg.resume_token:  # a secret: whoever has it can take the session over
+        msg = attrs.evolve(msg, resume_token=HIDDEN)
     if opts.out:
         opts.out(encode(msg) if opts.as_json else _human(msg, latency_ms, opts.src_lang))
 
