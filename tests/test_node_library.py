@@ -451,3 +451,26 @@ async def test_a_job_assigned_while_the_node_drains_is_answered_before_it_leaves
     with trio.fail_after(10):
         await node.run()  # it returns once it has left
     assert "job_result" in seen and node.stats.jobs_done == 1
+
+
+async def test_a_long_utterance_at_48_khz_reaches_the_node(start_daemon, nursery):
+    """12 s of 48 kHz audio is a job_assign of 1.5 MB (base64): more than trio-websocket's
+    default 1 MiB message, which cut the node off at such a job and again at its next try."""
+    from scheduler.session.audio import tone
+
+    daemon = await start_daemon(max_utterance_ms=20_000)
+    sizes: list[int] = []
+
+    async def handler(job: Job) -> Result:
+        sizes.append(len(job.audio))
+        return Result(text="long")
+
+    node, _ = await started_node(nursery, handler, [daemon.ws_url])
+    frame = tone(100, 48_000)
+    async with session(daemon, src="en", tgts=("es",), sample_rate=48_000) as p:
+        for _ in range(120):
+            await p.send_raw(frame)
+        await p.send(type="finalize")
+        result, _ = await p.recv_until("result", timeout=20)
+    assert result["translations"]["es"]["text"] == "long" and sizes == [120 * len(frame)]
+    assert node.stats.registrations == 1  # never cut off

@@ -26,6 +26,12 @@ from scheduler.protocol import ProtocolError, Register
 log = logging.getLogger("scheduler.node")
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The largest message the node takes: a ``job_assign`` carries its utterance as base64, up to
+``max_utterance_ms`` x ``sample_rate`` x 2 x 4/3 bytes (10.3 MB at 192 kHz and the daemon's
+default 20 s; 2.6 MB at 48 kHz). trio-websocket's own default, 1 MiB, cut a node off at the
+first long utterance of a 48 kHz session."""
+CONNECT_TIMEOUT_S = 10.0  # (a URL that swallows packets is passed over for the next this soon)
 TOKEN_ENV = "SCHEDULER_NODE_TOKEN"
 BACKOFF_S = (0.2, 5.0)
 
@@ -66,7 +72,8 @@ class Node:
                  token: str | None = None, token_file: str | os.PathLike | None = None, threads: int | None = None,
                  load_score: Callable[[], float | None] | None = None, capabilities: dict | None = None,
                  drain_timeout_s: float = 60.0, reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
-                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         if not urls:
             raise ValueError("give at least one daemon URL")
         self.handler = handler
@@ -80,6 +87,7 @@ class Node:
         self.drain_timeout_s = drain_timeout_s
         self.reconnect = reconnect
         self.ssl_context = ssl_context
+        self.max_message_bytes = max_message_bytes
         self.stats = Stats(metrics=NodeMetrics() if metrics_port is not None else None)
         self.metrics_address = (metrics_host, metrics_port)
         self.metrics_port: int | None = None  # the bound port, once listening (metrics_port 0: any free one)
@@ -138,7 +146,9 @@ class Node:
                             first=self.stats.registrations == 0)
         registered, refused, later = False, None, None
         try:
-            async with open_websocket_url(url, ssl_context=self.ssl_context) as ws:
+            async with open_websocket_url(url, ssl_context=self.ssl_context, max_message_size=self.max_message_bytes,
+                                          connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=5,
+                                          receive_buffer_size=64 * 1024) as ws:
                 link = Link(ws, config)
                 answer = await link.register()
                 registered = True
