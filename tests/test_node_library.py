@@ -474,3 +474,28 @@ async def test_a_long_utterance_at_48_khz_reaches_the_node(start_daemon, nursery
         result, _ = await p.recv_until("result", timeout=20)
     assert result["translations"]["es"]["text"] == "long" and sizes == [120 * len(frame)]
     assert node.stats.registrations == 1  # never cut off
+
+
+async def test_a_peer_that_ignores_max_jobs_gets_node_full(nursery):
+    answers: list[dict] = []
+    done = trio.Event()
+
+    async def script(ws) -> None:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "registered", "node_id": "n1", "heartbeat_interval_ms": 60_000,
+                                          "node_ttl_ms": 180_000}))
+        for n in range(5):  # max_jobs 1: two may be held (one just cancelled may still be ending), not five
+            await ws.send_message(assign(f"j{n}"))
+        while len(answers) < 3:
+            answers.append(json.loads(await ws.get_message()))
+        done.set()
+        await trio.sleep_forever()
+
+    async def handler(job: Job) -> Result:
+        await trio.sleep_forever()
+
+    await started_node(nursery, handler, [await scripted_daemon(nursery, script)])
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted((a["job_id"], a["status"], a["error"]) for a in answers) == [
+        ("j2", "error", "NODE_FULL"), ("j3", "error", "NODE_FULL"), ("j4", "error", "NODE_FULL")]

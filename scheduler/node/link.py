@@ -33,6 +33,12 @@ REGISTER_TIMEOUT_S = 10.0
 DRAINED_CLOSE_WAIT_S = 5.0
 """After its last answer, how long a draining node waits for the daemon's ``drained`` close
 before it closes the socket itself."""
+OVERCOMMIT = 2
+NODE_FULL = "NODE_FULL"
+"""A daemon gives a node at most ``max_jobs`` jobs; one it has just cancelled may still be
+ending here when the next comes. Past ``OVERCOMMIT`` x ``max_jobs`` held, a job is answered
+``NODE_FULL`` at once instead of run: a daemon that ignores the bound (a bug, or not a
+daemon) cannot make the node hold unbounded audio and tasks."""
 EARLY_BEAT_FROM = 0.5
 """The default load score is sent again at once when it falls below the one last sent and
 that one was at least this: a node whose slots just freed is not kept saturated until its
@@ -117,8 +123,13 @@ class Link:
     def _take(self, msg: Any, nursery: trio.Nursery) -> None:
         if isinstance(msg, JobAssign):
             key = (msg.job_id, msg.attempt)
-            if key not in self.jobs:  # (the same assignment twice is one job: one answer)
-                self._start(msg, nursery)
+            if key in self.jobs:  # (the same assignment twice is one job: one answer)
+                return
+            if len(self.jobs) >= OVERCOMMIT * self.config.register.max_jobs:
+                event(log, "job_refused_node_full", logging.WARNING, node_id=self.node_id, job_id=msg.job_id, jobs=len(self.jobs))
+                nursery.start_soon(self._send, JobResult(job_id=msg.job_id, attempt=msg.attempt, status="error", error=NODE_FULL))
+                return
+            self._start(msg, nursery)
         elif isinstance(msg, JobCancel):
             running = self.jobs.get((msg.job_id, msg.attempt))
             if running is not None:
