@@ -104,7 +104,8 @@ class Link:
     async def serve(self, registered: Registered) -> str:
         """Serve until the socket closes; returns how it closed (``1001 drained`` ...)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeats, registered.heartbeat_interval_ms / 1000)
+            # (a peer's 0 would make a tight loop of heartbeats, a huge one none: kept within 0.1-300 s)
+            nursery.start_soon(self._heartbeats, min(max(registered.heartbeat_interval_ms / 1000, 0.1), 300.0))
             nursery.start_soon(self._drain_on_stop)
             try:
                 while True:
