@@ -58,6 +58,8 @@ def from_arguments(args: argparse.Namespace) -> dict[str, Any]:
         token = read_token(args.token, args.token_file)
     except OSError as exc:
         _exit(f"cannot read --token-file: {exc.strerror}")
+    except ValueError as exc:  # (secrets.SecretError: the systemd credential is unreadable or empty)
+        _exit(str(exc))
     if token:
         kwargs["token"] = token
     if args.cafile:

@@ -49,11 +49,15 @@ def read_token(token: str | None, token_file: str | os.PathLike | None) -> str |
     if token:
         return token
     if token_file:
-        return (secrets.tokens(Path(token_file).read_text()) or [None])[0]
+        return _first(Path(token_file).read_text())
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
-    credential = Path(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent")) / "node_token"
-    return (secrets.tokens(credential.read_text()) or [None])[0] if credential.is_file() else None
+    return _first(secrets.credential("node_token", os.environ))
+
+
+def _first(tokens: str | None) -> str | None:
+    """The first of comma-separated tokens (the daemon accepts several during a rotation)."""
+    return (secrets.tokens(tokens) or [None])[0]
 
 
 class Node:
