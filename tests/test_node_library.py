@@ -499,3 +499,38 @@ async def test_a_peer_that_ignores_max_jobs_gets_node_full(nursery):
         await done.wait()
     assert sorted((a["job_id"], a["status"], a["error"]) for a in answers) == [
         ("j2", "error", "NODE_FULL"), ("j3", "error", "NODE_FULL"), ("j4", "error", "NODE_FULL")]
+
+
+async def test_while_one_node_drains_another_takes_the_new_jobs_and_none_is_lost(daemon, nursery):
+    held = Held(text="from n1")
+
+    async def quick(job: Job) -> Result:
+        return Result(text="from n2")
+
+    first, first_ended = await started_node(nursery, held, [daemon.ws_url], max_jobs=4, node_id="n1")
+    async with trio.open_nursery() as clients:
+        results: dict[int, dict] = {}
+
+        async def talker(n: int, started: trio.Event) -> None:
+            async with session(daemon, src="en", tgts=("es",)) as p:
+                await speak(p)
+                await p.send(type="finalize")
+                started.set()
+                results[n] = (await p.recv_until("result"))[0]
+                results[n + 10] = await utterance(p)  # placed after n1 drains: on n2
+
+        for n in range(3):
+            started = trio.Event()
+            clients.start_soon(talker, n, started)
+            await started.wait()
+        with trio.fail_after(5):  # n1 holds all three
+            while not [n for n in await daemon.scheduling.nodes_status() if n["node_id"] == "n1" and n["current_jobs"] == 3]:
+                await trio.sleep(0.02)
+        first.stop()
+        await started_node(nursery, quick, [daemon.ws_url], node_id="n2")
+        held.release.set()  # n1 answers what it holds; the sessions' next utterances go to n2
+    texts = {n: r["translations"]["es"].get("text") for n, r in results.items()}
+    assert texts == {0: "from n1", 1: "from n1", 2: "from n1", 10: "from n2", 11: "from n2", 12: "from n2"}, results
+    with trio.fail_after(5):
+        await first_ended.wait()
+    assert first.stats.jobs_done == 3

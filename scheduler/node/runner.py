@@ -67,7 +67,8 @@ class Node:
     ``threads`` bounds the blocking function's threads (default ``max_jobs``; 1 for one GPU).
     ``load_score`` is called at each heartbeat for the engine's load, 0-1 (default: busy slots
     over ``max_jobs``). ``urls`` are tried in turn; the token comes from ``token``,
-    ``token_file`` or ``$SCHEDULER_NODE_TOKEN``. ``metrics_port``: serve ``/metrics``,
+    ``token_file``, ``$SCHEDULER_NODE_TOKEN`` or the systemd credential ``node_token``.
+    ``metrics_port``: serve ``/metrics``,
     ``/healthz`` and ``/readyz`` there (scheduler/node/metrics.py; 0 for any free port).
     """
 
